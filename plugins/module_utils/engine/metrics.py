@@ -1,0 +1,468 @@
+"""Prometheus metrics of backup runs: pushed to a Pushgateway or written for the textfile collector.
+
+One :class:`BackupMetrics` object describes one job on one instance. The runner records what
+happened (a backup, a verification, a restore drill, a retention pass) and then ships the
+values with :meth:`BackupMetrics.push` or :meth:`BackupMetrics.write_textfile`.
+
+Only the metrics recorded in this run are shipped, and both outputs *merge* them into what is
+already there instead of replacing it:
+
+* push uses the Pushgateway's POST ("pushadd") method, which replaces only the metric names
+  contained in the request. A failed run that pushes ``backup_last_failure_timestamp_seconds``
+  therefore leaves the previous ``backup_last_success_timestamp_seconds`` in place, which is
+  what the staleness and "job failing" alerts compare against. A PUT would wipe the group.
+* the textfile writer reads the current ``.prom`` file and keeps the families this run did
+  not record, then replaces the file atomically (write to a temporary file, rename).
+
+``backup_retention_pruned_total`` is a counter although each run only knows how many
+backups *it* pruned. Before shipping, the previous total is read back (from the gateway's
+``/metrics`` or from the old ``.prom`` file) and this run's count is added, so the value only
+grows and ``increase()`` works. If the gateway lost its state the total restarts from this
+run's count, which Prometheus treats as an ordinary counter reset.
+
+Basic-auth credentials for the gateway come from arguments, the environment
+(``BACKUP_PUSHGATEWAY_USERNAME``, ``BACKUP_PUSHGATEWAY_PASSWORD`` or
+``BACKUP_PUSHGATEWAY_PASSWORD_FILE``) or a file; they are never part of an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import math
+import os
+import tempfile
+import urllib.parse
+import urllib.request
+
+from .errors import BackupError, ConfigError, MissingDependencyError
+
+try:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.exposition import basic_auth_handler, default_handler, generate_latest
+    from prometheus_client.exposition import pushadd_to_gateway
+    from prometheus_client.parser import text_string_to_metric_families
+    HAS_PROMETHEUS_CLIENT = True
+    PROMETHEUS_CLIENT_IMPORT_ERROR = None
+except ImportError as exc:  # the engine stays importable; shipping metrics then fails clearly
+    HAS_PROMETHEUS_CLIENT = False
+    PROMETHEUS_CLIENT_IMPORT_ERROR = exc
+
+GAUGE = "gauge"
+COUNTER = "counter"
+
+# The labels that identify a series. On the Pushgateway they are the grouping key (the
+# gateway attaches them to every sample); in a textfile they are written on each sample.
+IDENTITY_LABELS = ("job", "kind", "instance")
+
+# name -> (type, help). Names follow the Prometheus conventions: base units (seconds, bytes),
+# ``_timestamp_seconds`` for Unix times, ``_total`` only on the counter.
+METRICS = {
+    "backup_duration_seconds": (
+        GAUGE, "Wall-clock duration of the last successful backup run."),
+    "backup_size_bytes": (
+        GAUGE, "Stored size of the last successful backup (after compression and encryption)."),
+    "backup_size_change_ratio": (
+        GAUGE, "Size of the last successful backup divided by the size of the one before it."),
+    "backup_last_success_timestamp_seconds": (
+        GAUGE, "Unix time at which the last successful backup finished."),
+    "backup_last_failure_timestamp_seconds": (
+        GAUGE, "Unix time at which the last failed backup attempt ended."),
+    "backup_schedule_interval_seconds": (
+        GAUGE, "Longest gap between two scheduled runs of the job; alerts derive staleness from it."),
+    "backup_last_verified_timestamp_seconds": (
+        GAUGE, "Unix time at which a stored backup of the job last passed verification."),
+    "backup_last_verification_failure_timestamp_seconds": (
+        GAUGE, "Unix time at which a stored backup of the job last failed verification."),
+    "backup_restore_drill_duration_seconds": (
+        GAUGE, "Recovery time of the last successful restore drill (restore plus checks)."),
+    "backup_restore_drill_last_success_timestamp_seconds": (
+        GAUGE, "Unix time at which the last successful restore drill finished."),
+    "backup_restore_drill_last_failure_timestamp_seconds": (
+        GAUGE, "Unix time at which the last failed restore drill ended."),
+    "backup_retention_kept": (
+        GAUGE, "Number of backups the last retention pass kept."),
+    "backup_retention_pruned_total": (
+        COUNTER, "Backups deleted by retention passes since the series started."),
+    "backup_retention_last_run_timestamp_seconds": (
+        GAUGE, "Unix time at which the last retention pass finished."),
+}
+
+COUNTER_METRICS = frozenset(name for name, (kind, _) in METRICS.items() if kind == COUNTER)
+
+ENV_USERNAME = "BACKUP_PUSHGATEWAY_USERNAME"
+ENV_PASSWORD = "BACKUP_PUSHGATEWAY_PASSWORD"
+ENV_PASSWORD_FILE = "BACKUP_PUSHGATEWAY_PASSWORD_FILE"
+
+
+class MetricsError(BackupError):
+    """Metrics could not be shipped (gateway unreachable, rejected, file not writable)."""
+
+
+def _require_client():
+    if not HAS_PROMETHEUS_CLIENT:
+        raise MissingDependencyError("prometheus_client", "shipping backup metrics")
+
+
+def unix_time(moment):
+    """Seconds since the epoch for a datetime (naive = UTC) or a number."""
+    if isinstance(moment, datetime.datetime):
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        return moment.timestamp()
+    if isinstance(moment, (int, float)) and not isinstance(moment, bool):
+        return float(moment)
+    raise ConfigError("expected a datetime or a Unix time, got %r" % (moment,))
+
+
+def _non_negative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ConfigError("%s must be a non-negative number, got %r" % (name, value))
+    return float(value)
+
+
+def schedule_interval_seconds(cron_expression, start=None, samples=500):
+    """The longest gap between consecutive runs of a cron schedule, in seconds.
+
+    Staleness alerts allow a multiple of this. Using the longest gap (not the first one)
+    keeps a weekday-only schedule from alerting every Monday. ``samples`` bounds the work:
+    500 consecutive runs cover a year for daily and a week for every-20-minutes schedules.
+    """
+    try:
+        from croniter import croniter
+    except ImportError:
+        raise MissingDependencyError("croniter", "deriving the schedule interval") from None
+    start = start or datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
+    try:
+        schedule = croniter(cron_expression, start)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError("invalid cron expression %r: %s" % (cron_expression, exc)) from None
+    previous = schedule.get_next(float)
+    longest = 0.0
+    for _ in range(samples):
+        current = schedule.get_next(float)
+        longest = max(longest, current - previous)
+        previous = current
+    return longest
+
+
+class BackupMetrics:
+    """The metrics of one backup job on one instance, recorded during a run and then shipped.
+
+    ``job`` is the backup job name, ``kind`` its source kind (postgres, redis, files, ...),
+    ``instance`` what was backed up (a database host, a cluster name); together they form the
+    Pushgateway grouping key and the labels of every series.
+    """
+
+    def __init__(self, job, kind, instance):
+        for label, value in (("job", job), ("kind", kind), ("instance", instance)):
+            if not isinstance(value, str) or not value:
+                raise ConfigError("metrics label %s must be a non-empty string, got %r" % (label, value))
+        self.job = job
+        self.kind = kind
+        self.instance = instance
+        self._values = {}
+        self._pruned_this_run = None
+
+    @property
+    def identity(self):
+        return {"job": self.job, "kind": self.kind, "instance": self.instance}
+
+    @property
+    def recorded(self):
+        """Metric name -> value of everything recorded so far (the counter as this run's increment)."""
+        values = dict(self._values)
+        if self._pruned_this_run is not None:
+            values["backup_retention_pruned_total"] = float(self._pruned_this_run)
+        return values
+
+    def _set(self, name, value):
+        if name not in METRICS:
+            raise ConfigError("unknown backup metric %s" % name)
+        self._values[name] = float(value)
+
+    # -- recording ---------------------------------------------------------------------
+
+    def record_backup_result(self, success, finished_at, duration_seconds=None, size_bytes=None,
+                             size_change_ratio=None):
+        """One backup attempt. Duration, size and ratio describe successful backups only:
+        a failed attempt just moves ``backup_last_failure_timestamp_seconds``."""
+        when = unix_time(finished_at)
+        if not success:
+            self._set("backup_last_failure_timestamp_seconds", when)
+            return
+        self._set("backup_last_success_timestamp_seconds", when)
+        if duration_seconds is not None:
+            self._set("backup_duration_seconds", _non_negative("duration_seconds", duration_seconds))
+        if size_bytes is not None:
+            self._set("backup_size_bytes", _non_negative("size_bytes", size_bytes))
+        if size_change_ratio is not None:
+            # +Inf is a legal ratio (the previous backup was empty); NaN is not.
+            self._set("backup_size_change_ratio", _non_negative("size_change_ratio", size_change_ratio))
+
+    def record_schedule(self, interval_seconds=None, cron_expression=None):
+        """The job's expected run interval, given directly or derived from its cron schedule."""
+        if (interval_seconds is None) == (cron_expression is None):
+            raise ConfigError("give exactly one of interval_seconds and cron_expression")
+        if cron_expression is not None:
+            interval_seconds = schedule_interval_seconds(cron_expression)
+        if _non_negative("interval_seconds", interval_seconds) == 0:
+            raise ConfigError("interval_seconds must be positive")
+        self._set("backup_schedule_interval_seconds", interval_seconds)
+
+    def record_verification(self, success, finished_at):
+        """A verification of a stored backup (checksum, decrypt, decompress, optional test restore)."""
+        name = ("backup_last_verified_timestamp_seconds" if success
+                else "backup_last_verification_failure_timestamp_seconds")
+        self._set(name, unix_time(finished_at))
+
+    def record_drill(self, success, finished_at, duration_seconds=None):
+        """A restore drill; ``duration_seconds`` (recovery time) is kept for successful drills only."""
+        when = unix_time(finished_at)
+        if not success:
+            self._set("backup_restore_drill_last_failure_timestamp_seconds", when)
+            return
+        self._set("backup_restore_drill_last_success_timestamp_seconds", when)
+        if duration_seconds is not None:
+            self._set("backup_restore_drill_duration_seconds",
+                      _non_negative("duration_seconds", duration_seconds))
+
+    def record_retention(self, kept, pruned, finished_at):
+        """A retention pass that kept ``kept`` backups and deleted ``pruned`` of them."""
+        for name, value in (("kept", kept), ("pruned", pruned)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError("retention %s must be a non-negative integer, got %r" % (name, value))
+        self._set("backup_retention_kept", kept)
+        self._set("backup_retention_last_run_timestamp_seconds", unix_time(finished_at))
+        self._pruned_this_run = (self._pruned_this_run or 0) + pruned
+
+    # -- building ----------------------------------------------------------------------
+
+    def registry(self, previous_pruned_total=0.0, with_identity_labels=True):
+        """A fresh ``CollectorRegistry`` holding exactly the recorded metrics.
+
+        ``previous_pruned_total`` is the counter value already published, to which this run's
+        pruned count is added. Without identity labels the exposition suits a Pushgateway,
+        which adds the grouping key itself.
+        """
+        _require_client()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_RecordedCollector(self, previous_pruned_total, with_identity_labels))
+        return registry
+
+    def exposition(self, previous_pruned_total=0.0, with_identity_labels=True):
+        """The recorded metrics in the Prometheus text format (bytes)."""
+        return generate_latest(self.registry(previous_pruned_total, with_identity_labels))
+
+    # -- shipping ----------------------------------------------------------------------
+
+    def push(self, gateway_url, timeout=10.0, username=None, password=None, password_file=None):
+        """Merge the recorded metrics into this job's group on a Pushgateway (HTTP POST).
+
+        Credentials default to the ``BACKUP_PUSHGATEWAY_*`` environment variables. Returns
+        the grouping key used.
+        """
+        _require_client()
+        url = _check_gateway_url(gateway_url)
+        credentials = resolve_credentials(username, password, password_file)
+        handler = _auth_handler(credentials)
+        previous = 0.0
+        if self._pruned_this_run is not None:
+            previous = self._published_pruned_total(url, timeout, credentials)
+        registry = self.registry(previous, with_identity_labels=False)
+        try:
+            pushadd_to_gateway(url, job=self.job, registry=registry,
+                               grouping_key={"kind": self.kind, "instance": self.instance},
+                               timeout=timeout, handler=handler)
+        except Exception as exc:  # urllib raises several unrelated types; none carry the password
+            raise MetricsError("pushing metrics of job %s to %s failed: %s"
+                               % (self.job, _redact_url(url), _describe(exc))) from None
+        return self.identity
+
+    def _published_pruned_total(self, url, timeout, credentials):
+        try:
+            text = _http_get_text(url.rstrip("/") + "/metrics", timeout, credentials)
+        except Exception as exc:
+            raise MetricsError("reading the current metrics from %s failed (needed to continue the "
+                               "pruned counter): %s" % (_redact_url(url), _describe(exc))) from None
+        return previous_counter_value(text, "backup_retention_pruned_total", self.identity)
+
+    def write_textfile(self, path):
+        """Merge the recorded metrics into a ``.prom`` file for node_exporter's textfile collector.
+
+        The file is replaced atomically so the collector never reads a half-written file.
+        Families recorded by earlier runs and not by this one are kept.
+        """
+        _require_client()
+        if not str(path).endswith(".prom"):
+            raise ConfigError("textfile collector files must end in .prom: %s" % path)
+        old_text = ""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                old_text = handle.read()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise MetricsError("cannot read %s: %s" % (path, exc)) from None
+        previous_total = previous_counter_value(old_text, "backup_retention_pruned_total", self.identity)
+        new_text = self.exposition(previous_total, with_identity_labels=True).decode("utf-8")
+        merged = merge_expositions(old_text, new_text)
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            handle, temp_path = tempfile.mkstemp(prefix=".backup-metrics-", suffix=".tmp", dir=directory)
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(merged)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(temp_path, 0o644)
+            os.replace(temp_path, path)
+        except OSError as exc:
+            raise MetricsError("cannot write %s: %s" % (path, exc)) from None
+        return path
+
+
+class _RecordedCollector:
+    """Yields one family per recorded metric; nothing for metrics the run did not record."""
+
+    def __init__(self, metrics, previous_pruned_total, with_identity_labels):
+        self._metrics = metrics
+        self._previous_pruned_total = float(previous_pruned_total or 0.0)
+        self._labels = dict(metrics.identity) if with_identity_labels else {}
+
+    def collect(self):
+        names = list(self._metrics.recorded)
+        label_names = list(self._labels)
+        label_values = [self._labels[name] for name in label_names]
+        for name in sorted(names):
+            kind, help_text = METRICS[name]
+            value = self._metrics.recorded[name]
+            if kind == COUNTER:
+                family = CounterMetricFamily(name, help_text, labels=label_names)
+                value += self._previous_pruned_total
+            else:
+                family = GaugeMetricFamily(name, help_text, labels=label_names)
+            family.add_metric(label_values, value)
+            yield family
+
+
+def previous_counter_value(exposition_text, sample_name, identity):
+    """The value of ``sample_name`` for the series whose labels include ``identity`` (0 if none)."""
+    if not exposition_text:
+        return 0.0
+    _require_client()
+    family_name = sample_name[:-len("_total")] if sample_name.endswith("_total") else sample_name
+    for family in text_string_to_metric_families(exposition_text):
+        if family.name not in (family_name, sample_name):
+            continue
+        for sample in family.samples:
+            if sample.name == sample_name and _labels_match(sample.labels, identity):
+                return float(sample.value)
+    return 0.0
+
+
+def _labels_match(labels, identity):
+    return all(labels.get(key) == value for key, value in identity.items())
+
+
+def merge_expositions(old_text, new_text):
+    """Text of ``old_text`` with every family present in ``new_text`` replaced by the new one.
+
+    Families are kept as text blocks (HELP, TYPE and samples) so nothing is re-formatted. Only
+    files this module wrote are expected (one file per job), so a family is recognised by its
+    ``# HELP`` line.
+    """
+    new_blocks = _split_families(new_text)
+    merged = dict(_split_families(old_text))
+    merged.update(new_blocks)
+    return "".join(merged[name] for name in sorted(merged))
+
+
+def _split_families(text):
+    blocks = {}
+    current = None
+    for line in text.splitlines(keepends=True):
+        if line.startswith("# HELP "):
+            current = line.split()[2]
+            blocks[current] = ""
+        if current is None:
+            continue  # stray lines before the first family: not written by us, dropped
+        blocks[current] += line
+    return blocks
+
+
+# -- gateway helpers --------------------------------------------------------------------
+
+def _check_gateway_url(gateway_url):
+    parsed = urllib.parse.urlsplit(str(gateway_url or ""))
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError("pushgateway URL must be http(s)://host[:port][/path], got %r"
+                          % _redact_url(str(gateway_url)))
+    if parsed.username or parsed.password:
+        raise ConfigError("do not put credentials in the pushgateway URL; use %s and %s or %s"
+                          % (ENV_USERNAME, ENV_PASSWORD, ENV_PASSWORD_FILE))
+    return str(gateway_url)
+
+
+def _redact_url(url):
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password or parsed.username:
+        netloc = parsed.hostname or ""
+        if parsed.port:
+            netloc += ":%d" % parsed.port
+        parsed = parsed._replace(netloc="***@" + netloc)
+    return urllib.parse.urlunsplit(parsed)
+
+
+def _describe(exc):
+    """A short reason for a failed HTTP call, without headers or bodies that might echo secrets."""
+    code = getattr(exc, "code", None)
+    if code is not None:
+        return "HTTP %s %s" % (code, getattr(exc, "reason", "") or "")
+    reason = getattr(exc, "reason", None)
+    return str(reason if reason is not None else exc.__class__.__name__)
+
+
+def resolve_credentials(username=None, password=None, password_file=None, environ=None):
+    """(username, password) for basic auth, or None. Explicit values win over the environment."""
+    environ = os.environ if environ is None else environ
+    username = username or environ.get(ENV_USERNAME) or None
+    if password is None and password_file is None:
+        password = environ.get(ENV_PASSWORD) or None
+        password_file = environ.get(ENV_PASSWORD_FILE) or None
+    if password is None and password_file:
+        try:
+            with open(password_file, encoding="utf-8") as handle:
+                password = handle.read().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError("cannot read the pushgateway password file %s: %s"
+                              % (password_file, exc.strerror)) from None
+    if username is None and password is None:
+        return None
+    if username is None or password is None:
+        raise ConfigError("pushgateway basic auth needs both a username and a password")
+    return username, password
+
+
+def _auth_handler(credentials):
+    if credentials is None:
+        return default_handler
+    username, password = credentials
+
+    def handler(url, method, timeout, headers, data):
+        return basic_auth_handler(url, method, timeout, headers, data, username, password)
+    return handler
+
+
+def _http_get_text(url, timeout, credentials):
+    request = urllib.request.Request(url, method="GET")
+    if credentials is not None:
+        token = base64.b64encode(("%s:%s" % credentials).encode("utf-8")).decode("ascii")
+        request.add_header("Authorization", "Basic " + token)
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (URL scheme checked)
+        return response.read().decode("utf-8")
+
+
+def metric_names():
+    """Every sample name this module can emit (what dashboards and alerts may query)."""
+    return frozenset(METRICS)
