@@ -1,0 +1,121 @@
+# biometrics.backup: one entry point for developers and CI. `make help` lists the targets.
+#
+# Everything runs from the repository itself: the collection is made importable by a
+# symlink build/collections/ansible_collections/biometrics/backup -> repo, and
+# kubernetes.core comes from the PyPI `ansible` bundle in .venv (Galaxy is not reachable).
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+# Two cores are shared by servers, builds and tests: stages run one after another.
+.NOTPARALLEL:
+MAKEFLAGS += --no-builtin-rules --no-builtin-variables
+
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+
+# Interpreter the virtualenv is created from (Debian 12 machines: pyenv's 3.11).
+PYTHON ?= python3.11
+VENV := $(ROOT)/.venv
+VENV_BIN := $(VENV)/bin
+# Written after a successful `pip install`; older than a requirements file => reinstall.
+VENV_STAMP := $(VENV)/.requirements-installed
+
+BUILD := $(ROOT)/build
+# Collection root for imports, ansible-playbook and ansible-lint: holds the symlink
+# ansible_collections/biometrics/backup -> repo (hack/collection-layout.sh link).
+COLLECTIONS_DIR := $(BUILD)/collections
+# ansible-test wants a real copy (hack/collection-layout.sh copy).
+SANITY_COPY := $(BUILD)/sanity/ansible_collections/biometrics/backup
+SANITY_PYTHON ?= 3.11
+
+# The bundle's site-packages holds ansible_collections/kubernetes/core. Expanded lazily
+# (recursive `=`), because .venv may only exist once `deps` has run.
+BUNDLE_SITE_PACKAGES = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages))
+
+PYTEST_ARGS ?=
+SANITY_ARGS ?=
+
+export PATH := $(VENV_BIN):$(PATH)
+export ANSIBLE_COLLECTIONS_PATH = $(COLLECTIONS_DIR):$(BUNDLE_SITE_PACKAGES)
+export PYTHONDONTWRITEBYTECODE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# CI=true: fixed Hypothesis examples and no example database (see tests/conftest.py).
+export HYPOTHESIS_PROFILE ?= $(if $(filter true,$(CI)),ci,dev)
+
+.PHONY: help
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s:\n", substr($$0, 5)} \
+		/^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo
+	@echo "Variables: PYTHON=$(PYTHON) SANITY_PYTHON=$(SANITY_PYTHON) PYTEST_ARGS='...' SANITY_ARGS='...'"
+
+##@ setup
+.PHONY: deps apt venv collections build-kube
+deps: apt venv ## Debian packages (hack/install-deps.sh) and the .venv with pinned requirements
+
+apt: ## only the Debian packages
+	bash hack/install-deps.sh
+
+venv: $(VENV_STAMP) ## only .venv (reinstalled when a requirements file changed)
+
+$(VENV_STAMP): requirements.txt requirements-test.txt
+	test -x $(VENV_BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(VENV_BIN)/python -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+collections: ## build/collections/ansible_collections/biometrics/backup -> repo
+	bash hack/collection-layout.sh link
+
+build-kube: ## kube-apiserver + kube-controller-manager from source (cached under ~/.cache)
+	bash hack/build-kube.sh
+
+##@ checks
+.PHONY: test sanity lint changelog-lint unit integration
+test: deps build-kube sanity lint changelog-lint unit integration ## everything CI runs, from a fresh machine
+
+sanity: venv ## ansible-test sanity on a copy under build/sanity (no ignore files)
+	bash hack/collection-layout.sh copy
+	bash hack/collection-layout.sh pip-bootstrap
+	cd $(SANITY_COPY) && ansible-test sanity --color no --python $(SANITY_PYTHON) --requirements $(SANITY_ARGS)
+
+lint: venv collections ## ansible-lint, production profile
+	ansible-lint --offline --profile production
+
+changelog-lint: venv ## antsibull-changelog lint (fragments and changelog.yaml)
+	antsibull-changelog lint
+	antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml
+
+unit: venv collections ## pytest tests/unit
+	python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: venv collections ## pytest tests/integration (real servers)
+	python -m pytest tests/integration $(PYTEST_ARGS)
+
+##@ run
+.PHONY: demo bench cluster-up cluster-down
+demo: venv collections ## the main backup job on embedded defaults (hack/demo.sh)
+	bash hack/demo.sh
+
+bench: venv collections ## benchmarks (bench/run.sh, else each bench/*.py)
+	if [[ -f bench/run.sh ]]; then \
+		bash bench/run.sh; \
+	else \
+		shopt -s nullglob; scripts=(bench/*.py); \
+		(( $${#scripts[@]} )) || { echo "bench: no bench/run.sh and no bench/*.py" >&2; exit 1; }; \
+		for script in "$${scripts[@]}"; do echo "== $$script"; python "$$script"; done; \
+	fi
+
+cluster-up: venv build-kube ## start the local etcd + kube-apiserver control plane
+	bash hack/control-plane.sh start
+
+cluster-down: ## stop the local control plane
+	bash hack/control-plane.sh stop
+
+##@ housekeeping
+.PHONY: clean distclean
+clean: ## remove build/ and test output
+	rm -rf $(BUILD) tests/output .pytest_cache .hypothesis
+
+distclean: clean ## also remove .venv
+	rm -rf $(VENV)
