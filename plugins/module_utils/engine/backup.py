@@ -1,0 +1,126 @@
+"""Taking one backup: options checked, source streamed, objects stored, manifest last."""
+
+import hashlib
+import platform
+
+from . import codecs
+from . import manifest as mf
+from .catalog import Catalog
+from .errors import BackupError, ConfigError, NotFoundError
+from .sources.base import BackupContext
+from .pipeline import PlaintextStream, Progress, store_stream
+from .timeutil import new_backup_id, to_iso, utc_now
+
+ENGINE_VERSION = "0.1.0"
+
+
+def _stored_name(payload_name, compression, encryption):
+    return payload_name + codecs.SUFFIX[compression["algorithm"]] + (".age" if encryption["mode"] == "age" else "")
+
+
+def open_payload(storage, manifest, payload_name, identities=None):
+    """A PlaintextStream of one payload of a stored backup (used by incrementals and restores)."""
+    for obj in manifest["objects"]:
+        if obj.get("payload") == payload_name:
+            key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
+            return PlaintextStream(storage, key, obj, manifest["compression"]["algorithm"], identities)
+    raise NotFoundError("backup %s has no payload %s" % (manifest["id"], payload_name))
+
+
+class BackupRun:
+    """One backup of one job. Construct (validates everything), then ``run()``."""
+
+    def __init__(self, job, source, storage, compression=None, encryption=None, progress=None,
+                 identities=None, extra_manifest=None):
+        self.job = mf.validate_job_name(job)
+        self.source = source
+        self.storage = storage
+        self.compression = codecs.compression_settings(compression)
+        self.encryption = codecs.encryption_settings(encryption)
+        if source.requires_encryption and self.encryption["mode"] == "none":
+            raise ConfigError("job %s (%s) stores secrets: refusing to back it up without encryption"
+                              % (job, source.kind))
+        self.progress = progress or Progress()
+        self.identities = identities  # for incrementals that must read their parent's state
+        self.extra_manifest = extra_manifest or {}
+        self.catalog = Catalog(storage)
+        self.backup_id = None
+
+    def plan(self):
+        """What would run, for check mode: no source is read and nothing is written."""
+        return {
+            "job": self.job, "kind": self.source.kind, "source": self.source.describe(),
+            "storage": self.storage.describe(), "compression": self.compression,
+            "encryption": codecs.public_encryption_info(self.encryption),
+        }
+
+    def run(self):
+        ensure_ready = getattr(self.storage, "ensure_ready", None)
+        if ensure_ready is not None:
+            ensure_ready()
+        self.source.preflight()
+        started = utc_now()
+        self.backup_id = new_backup_id(started)
+        objects = []
+        context = None
+        try:
+            context = self._context()
+            if self.encryption.get("_envelope"):
+                objects.append(self._store_bytes(codecs.ENVELOPE_OBJECT, self.encryption["_envelope"], role="key"))
+
+            def emit(payload_name, readable):
+                name = _stored_name(payload_name, self.compression, self.encryption)
+                if any(obj["name"] == name for obj in objects):
+                    raise BackupError("source %s emitted payload %s twice" % (self.source.kind, payload_name))
+                key = mf.object_key(self.job, self.backup_id, name)
+                result = store_stream(readable, self.storage, key, self.compression, self.encryption, self.progress)
+                objects.append({"name": name, "payload": payload_name, "size": result["size"],
+                                "sha256": result["sha256"], "raw_bytes": result["raw_bytes"]})
+                return result
+
+            stats = self.source.produce(emit, context)
+            if not any(obj.get("payload") for obj in objects):
+                raise BackupError("source %s produced no data" % self.source.kind)
+            finished = utc_now()
+            manifest = mf.build(
+                backup_id=self.backup_id, job=self.job, kind=self.source.kind,
+                started_at=to_iso(started), finished_at=to_iso(finished), objects=objects,
+                compression={"algorithm": self.compression["algorithm"], "level": self.compression["level"]},
+                encryption=codecs.public_encryption_info(self.encryption),
+                tool_versions=dict(self.source.tool_versions(), engine=ENGINE_VERSION,
+                                   python=platform.python_version()),
+                stats=stats or {}, parent=context.parent["id"] if context.parent else None,
+                source=self.source.describe(),
+                extra=dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
+                           raw_bytes=sum(obj.get("raw_bytes", 0) for obj in objects)),
+            )
+            self.catalog.publish(manifest)
+            return manifest
+        except BaseException:
+            self._discard()
+            raise
+
+    def _context(self):
+        context = BackupContext(self.job, self.storage, self.catalog, options=self.source.options,
+                                open_object=lambda manifest, name: open_payload(self.storage, manifest, name, self.identities))
+        context.parent = self.source.wants_parent(context)
+        return context
+
+    def _store_bytes(self, name, data, role):
+
+        key = mf.object_key(self.job, self.backup_id, name)
+        self.storage.put_bytes(key, data)
+        return {"name": name, "role": role, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def _discard(self):
+        """Best effort: remove what this run stored. Leftovers are orphans that prune removes."""
+        if self.backup_id is None:
+            return
+        try:
+            for info in self.storage.list("%s/%s/" % (self.job, self.backup_id)):
+                self.storage.delete(info.key)
+        except Exception:  # pylint: disable=broad-except  # the original error matters more
+            pass
+
+
+

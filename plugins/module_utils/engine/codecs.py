@@ -1,0 +1,216 @@
+"""Compression and age encryption settings, shared by the write and the read side.
+
+Stored bytes are ``age(compress(payload))`` so that ``age -d | zstd -d`` (or ``gzip -d``)
+recovers a payload without this collection.
+"""
+
+import zlib
+
+from .errors import ConfigError, DecryptionError, MissingDependencyError
+
+try:
+    import zstandard
+    HAS_ZSTD = True
+except ImportError:
+    HAS_ZSTD = False
+
+try:
+    import pyrage
+    from pyrage import x25519 as age_x25519
+    HAS_PYRAGE = True
+except ImportError:
+    HAS_PYRAGE = False
+
+ALGORITHMS = ("none", "gzip", "zstd")
+SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
+DEFAULT_LEVEL = {"none": 0, "gzip": 6, "zstd": 3}
+LEVEL_RANGE = {"none": (0, 0), "gzip": (1, 9), "zstd": (1, 19)}
+ENVELOPE_OBJECT = "key.age"
+
+
+def compression_settings(options):
+    """Normalise ``{algorithm, level, threads}``; the seed's ``{enabled, algorithm}`` is accepted."""
+    options = dict(options or {})
+    if options.get("enabled") is False:
+        return {"algorithm": "none", "level": 0, "threads": 0}
+    algorithm = options.get("algorithm") or "zstd"
+    if algorithm not in ALGORITHMS:
+        raise ConfigError("unknown compression algorithm %r: choose one of %s" % (algorithm, ", ".join(ALGORITHMS)))
+    level = options.get("level")
+    level = DEFAULT_LEVEL[algorithm] if level in (None, "") else int(level)
+    low, high = LEVEL_RANGE[algorithm]
+    if algorithm != "none" and not low <= level <= high:
+        raise ConfigError("compression level %d is outside %d..%d for %s" % (level, low, high, algorithm))
+    threads = int(options.get("threads", -1 if algorithm == "zstd" else 0))
+    if algorithm == "zstd" and not HAS_ZSTD:
+        raise MissingDependencyError("zstandard", "zstd compression")
+    return {"algorithm": algorithm, "level": level, "threads": threads}
+
+
+class _GzipWriter:
+    """Streaming gzip (RFC 1952) into ``sink``; ``gzip -d`` reads it."""
+
+    def __init__(self, sink, level):
+        self._sink = sink
+        self._zlib = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def write(self, data):
+        out = self._zlib.compress(data)
+        if out:
+            self._sink.write(out)
+
+    def close(self):
+        self._sink.write(self._zlib.flush())
+
+
+class _PlainWriter:
+    def __init__(self, sink):
+        self._sink = sink
+
+    def write(self, data):
+        self._sink.write(data)
+
+    def close(self):
+        pass
+
+
+class _ZstdWriter:
+    def __init__(self, sink, level, threads):
+        compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+        self._writer = compressor.stream_writer(sink, closefd=False, write_return_read=True)
+
+    def write(self, data):
+        self._writer.write(data)
+
+    def close(self):
+        self._writer.flush(zstandard.FLUSH_FRAME)
+        self._writer.close()
+
+
+def compressing_writer(sink, settings):
+    """A writer with write()/close() that compresses into ``sink`` (close does not close sink)."""
+    algorithm = settings["algorithm"]
+    if algorithm == "zstd":
+        return _ZstdWriter(sink, settings["level"], settings["threads"])
+    if algorithm == "gzip":
+        return _GzipWriter(sink, settings["level"])
+    return _PlainWriter(sink)
+
+
+class _GzipReader:
+    def __init__(self, source):
+        self._source = source
+        self._zlib = zlib.decompressobj(31)
+        self._eof = False
+
+    def read(self, size=-1):
+        size = 1 << 20 if size is None or size < 0 else size
+        while not self._eof:
+            chunk = self._zlib.decompress(self._zlib.unconsumed_tail, size) if self._zlib.unconsumed_tail else b""
+            if chunk:
+                return chunk
+            data = self._source.read(1 << 16)
+            if not data:
+                self._eof = True
+                tail = self._zlib.flush()
+                if not self._zlib.eof:
+                    raise zlib.error("gzip stream is truncated")
+                return tail
+            chunk = self._zlib.decompress(data, size)
+            if chunk:
+                return chunk
+        return b""
+
+
+def decompressing_reader(source, algorithm):
+    """A readable yielding the decompressed bytes of ``source``."""
+    if algorithm == "zstd":
+        if not HAS_ZSTD:
+            raise MissingDependencyError("zstandard", "zstd decompression")
+        return zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True, closefd=False)
+    if algorithm == "gzip":
+        return _GzipReader(source)
+    if algorithm == "none":
+        return source
+    raise ConfigError("unknown compression algorithm %r in manifest" % (algorithm,))
+
+
+def _require_pyrage(purpose):
+    if not HAS_PYRAGE:
+        raise MissingDependencyError("pyrage", purpose)
+
+
+def parse_recipient(text):
+    _require_pyrage("age encryption")
+    try:
+        return age_x25519.Recipient.from_str(text.strip())
+    except Exception:  # pylint: disable=broad-except  # pyrage raises its own types
+        raise ConfigError("invalid age recipient %r: expected an X25519 public key starting with 'age1'"
+                          % (text.strip()[:80],)) from None
+
+
+def parse_identities(text):
+    """AGE-SECRET-KEY-... lines (comments allowed), as written by ``age-keygen``."""
+    _require_pyrage("age decryption")
+    identities = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            identities.append(age_x25519.Identity.from_str(line))
+        except Exception:  # pylint: disable=broad-except
+            raise ConfigError("the age identity is not a valid X25519 secret key (AGE-SECRET-KEY-...)") from None
+    if not identities:
+        raise ConfigError("the age identity file holds no AGE-SECRET-KEY line")
+    return identities
+
+
+def encryption_settings(options):
+    """Normalise encryption options.
+
+    ``{recipients: [age1...]}`` encrypts to those public keys. ``{passphrase: ...}`` (or
+    ``passphrase_file``, resolved earlier) uses an envelope: the payload is encrypted to a
+    fresh X25519 key whose identity is stored beside it, itself age-encrypted with the
+    passphrase — because age's passphrase mode in pyrage works on whole buffers only and
+    would break the memory bound. Both layers decrypt with the stock ``age`` CLI.
+    """
+    options = dict(options or {})
+    if options.get("enabled") is False or not (options.get("recipients") or options.get("passphrase")):
+        if options.get("enabled") is True:
+            raise ConfigError("encryption is enabled but neither recipients nor a passphrase was given")
+        return {"mode": "none"}
+    _require_pyrage("age encryption")
+    if options.get("recipients") and options.get("passphrase"):
+        raise ConfigError("encryption: give recipients or a passphrase, not both")
+    if options.get("recipients"):
+        recipients = options["recipients"]
+        if isinstance(recipients, str):
+            recipients = [line for line in recipients.splitlines() if line.strip() and not line.strip().startswith("#")]
+        parsed = [parse_recipient(text) for text in recipients]
+        return {"mode": "age", "recipients": [str(r) for r in parsed], "_recipients": parsed}
+    identity = age_x25519.Identity.generate()
+    envelope = pyrage.passphrase.encrypt(str(identity).encode("ascii") + b"\n", options["passphrase"])
+    return {"mode": "age", "recipients": [str(identity.to_public())], "key_object": ENVELOPE_OBJECT,
+            "_recipients": [identity.to_public()], "_envelope": envelope}
+
+
+def public_encryption_info(settings):
+    """What the manifest records: recipients and the envelope object name, never keys."""
+    return {key: value for key, value in settings.items() if not key.startswith("_")}
+
+
+def identities_for(manifest_encryption, identity_text=None, passphrase=None, envelope_bytes=None):
+    """Identities able to decrypt a backup, from an identity file's text or the passphrase envelope."""
+    _require_pyrage("age decryption")
+    if identity_text:
+        return parse_identities(identity_text)
+    if passphrase is not None:
+        if not manifest_encryption.get("key_object") or envelope_bytes is None:
+            raise DecryptionError("this backup was encrypted to recipients, not a passphrase: give an identity file")
+        try:
+            text = pyrage.passphrase.decrypt(envelope_bytes, passphrase).decode("ascii")
+        except Exception:  # pylint: disable=broad-except
+            raise DecryptionError("the passphrase does not decrypt this backup's key envelope (wrong passphrase?)") from None
+        return parse_identities(text)
+    raise DecryptionError("this backup is encrypted: give encryption.identity_file (or identity) or a passphrase")

@@ -1,0 +1,126 @@
+"""What a backup is: the manifest written last into ``<prefix>/<job>/<backup-id>/``.
+
+A backup exists only when its manifest exists; everything else under a backup directory
+is garbage for the next prune. The manifest never holds key material or credentials.
+"""
+
+import json
+import re
+
+from .errors import ConfigError, IntegrityError
+from .timeutil import parse_iso
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+VERIFICATION_NAME = "verification.json"
+STATUS_COMPLETE = "complete"
+KINDS = ("postgres", "redis", "files", "directory_sync", "kubernetes", "config_git", "velero")
+_JOB_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_REQUIRED = ("schema", "id", "job", "kind", "status", "started_at", "finished_at", "objects",
+             "compression", "encryption", "tool_versions", "parent", "stats")
+# Words that must never appear as keys anywhere in a manifest: a last line of defence
+# against a source description that accidentally carries a credential.
+_SECRET_KEY_RE = re.compile(r"(password|passphrase|secret|token|private|identity)(?!_file|_env|_ref)",
+                            re.IGNORECASE)
+
+
+def validate_job_name(job):
+    """Job names become path segments and Kubernetes names: keep them DNS-label-like."""
+    if not isinstance(job, str) or not _JOB_RE.match(job):
+        raise ConfigError(
+            "invalid job name %r: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit" % (job,))
+    return job
+
+
+def backup_dir(job, backup_id):
+    return "%s/%s" % (job, backup_id)
+
+
+def object_key(job, backup_id, name):
+    return "%s/%s/%s" % (job, backup_id, name)
+
+
+def _check_no_secrets(value, path="manifest"):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _SECRET_KEY_RE.search(str(key)):
+                raise ConfigError("refusing to write a manifest with a secret-looking field %s.%s" % (path, key))
+            _check_no_secrets(item, "%s.%s" % (path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_no_secrets(item, "%s[%d]" % (path, index))
+
+
+def build(backup_id, job, kind, started_at, finished_at, objects, compression, encryption,
+          tool_versions, stats, parent=None, source=None, extra=None):
+    """Assemble a complete manifest and check it holds nothing secret-looking."""
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "id": backup_id,
+        "job": job,
+        "kind": kind,
+        "status": STATUS_COMPLETE,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "objects": objects,
+        "size_bytes": sum(obj["size"] for obj in objects),
+        "compression": compression,
+        "encryption": encryption,
+        "tool_versions": tool_versions,
+        "parent": parent,
+        "stats": stats,
+        "source": source or {},
+    }
+    if extra:
+        manifest.update(extra)
+    _check_no_secrets(manifest)
+    return manifest
+
+
+def dumps(manifest):
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def loads(data, where="manifest"):
+    """Parse and structurally validate a manifest; raise IntegrityError naming the problem."""
+    try:
+        manifest = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IntegrityError("%s is not valid JSON: %s" % (where, exc)) from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError("%s is not a JSON object" % where)
+    missing = [field for field in _REQUIRED if field not in manifest]
+    if missing:
+        raise IntegrityError("%s lacks required fields: %s" % (where, ", ".join(missing)))
+    if manifest["schema"] != SCHEMA_VERSION:
+        raise IntegrityError("%s has unsupported schema %r (this engine reads %d)"
+                             % (where, manifest["schema"], SCHEMA_VERSION))
+    for field in ("started_at", "finished_at"):
+        try:
+            parse_iso(manifest[field])
+        except ValueError:
+            raise IntegrityError("%s has an invalid %s: %r" % (where, field, manifest[field])) from None
+    objects = manifest["objects"]
+    if not isinstance(objects, list) or not objects:
+        raise IntegrityError("%s lists no stored objects" % where)
+    for obj in objects:
+        if not _is_object_entry(obj):
+            raise IntegrityError("%s has a malformed object entry: %r" % (where, obj))
+    return manifest
+
+
+def _is_object_entry(obj):
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return False
+    name = obj["name"]
+    relative = name and not name.startswith("/") and ".." not in name.split("/")
+    return bool(relative and isinstance(obj.get("size"), int) and obj["size"] >= 0
+                and re.match(r"^[0-9a-f]{64}$", str(obj.get("sha256"))))
+
+
+def summary(manifest):
+    """The fields the catalog index keeps for each backup (enough to list, filter and prune)."""
+    keys = ("id", "job", "kind", "status", "started_at", "finished_at", "size_bytes", "parent",
+            "compression", "encryption")
+    return {key: manifest.get(key) for key in keys}

@@ -1,0 +1,304 @@
+"""The streaming data path: source -> compress -> age -> SHA-256 -> storage, and back.
+
+Stages run in separate threads joined by OS pipes (64 KiB kernel buffers), so memory stays
+bounded whatever the backup size, and zstd (its own worker threads), age (Rust) and the
+storage writer overlap: each releases the GIL while it works on a chunk.
+"""
+
+import hashlib
+import os
+import threading
+import time
+
+from . import codecs
+from .errors import BackupError, DecryptionError, IntegrityError, SourceError, StorageError
+
+CHUNK = 1 << 20
+
+
+class _HashingSink:
+    """Counts and hashes the stored bytes on their way to the storage writer."""
+
+    def __init__(self, writer, progress=None):
+        self._writer = writer
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._progress = progress
+
+    def write(self, data):
+        self.sha256.update(data)
+        self._writer.write(data)
+        self.size += len(data)
+        if self._progress is not None:
+            self._progress.stored(len(data))
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+class Progress:
+    """Calls ``report(raw_bytes, stored_bytes, elapsed)`` at most every ``interval`` seconds."""
+
+    def __init__(self, report=None, interval=5.0):
+        self._report = report
+        self._interval = interval
+        self._start = time.monotonic()
+        self._last = self._start
+        self.raw_bytes = 0
+        self.stored_bytes = 0
+
+    def read(self, count):
+        self.raw_bytes += count
+        self._maybe_report()
+
+    def stored(self, count):
+        self.stored_bytes += count
+
+    def _maybe_report(self):
+        now = time.monotonic()
+        if self._report is not None and now - self._last >= self._interval:
+            self._last = now
+            self._report(self.raw_bytes, self.stored_bytes, now - self._start)
+
+
+class _Worker(threading.Thread):
+    """A stage thread that keeps its exception for the caller to re-raise."""
+
+    def __init__(self, target, name):
+        super().__init__(name=name, daemon=True)
+        self._work = target
+        self.error = None
+
+    def run(self):
+        try:
+            self._work()
+        except BaseException as exc:  # pylint: disable=broad-except  # re-raised by the caller
+            self.error = exc
+
+
+def _pump(source, compressor, progress):
+    while True:
+        try:
+            chunk = source.read(CHUNK)
+        except BackupError:
+            raise
+        except OSError as exc:
+            raise SourceError("reading the backup source failed: %s" % exc) from None
+        if not chunk:
+            break
+        progress.read(len(chunk))
+        compressor.write(chunk)
+    compressor.close()
+
+
+def store_stream(source, storage, key, compression, encryption, progress=None):
+    """Stream ``source`` (a readable) into ``storage`` under ``key``; publish only on success.
+
+    ``compression`` and ``encryption`` are settings from ``codecs``. Returns
+    ``{size, sha256, raw_bytes}``. On any failure the partial object is discarded and the
+    error re-raised; nothing becomes visible under ``key``.
+    """
+    progress = progress or Progress()
+    writer = storage.open_writer(key)
+    sink = _HashingSink(writer, progress)
+    try:
+        if encryption.get("mode") == "age":
+            _compress_then_encrypt(source, sink, compression, encryption, progress)
+        else:
+            _pump(source, codecs.compressing_writer(sink, compression), progress)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"size": sink.size, "sha256": sink.sha256.hexdigest(), "raw_bytes": progress.raw_bytes}
+
+
+def _compress_then_encrypt(source, sink, compression, encryption, progress):
+    read_fd, write_fd = os.pipe()
+    pipe_out = os.fdopen(write_fd, "wb", buffering=0)
+    pipe_in = os.fdopen(read_fd, "rb")
+
+    def compress():
+        try:
+            _pump(source, codecs.compressing_writer(pipe_out, compression), progress)
+        finally:
+            pipe_out.close()
+
+    worker = _Worker(compress, "compress")
+    worker.start()
+    encrypt_error = None
+    try:
+        codecs.pyrage.encrypt_io(pipe_in, sink, encryption["_recipients"])
+    except BaseException as exc:  # pylint: disable=broad-except
+        encrypt_error = exc
+    finally:
+        pipe_in.close()  # unblocks the compressor if encryption stopped early
+        worker.join()
+    # The compressor's error explains a broken pipe on our side, so it goes first.
+    if worker.error is not None and not isinstance(worker.error, BrokenPipeError):
+        raise worker.error
+    if encrypt_error is not None:
+        if isinstance(encrypt_error, (BackupError, KeyboardInterrupt, SystemExit)):
+            raise encrypt_error
+        raise StorageError("encrypting or storing the payload failed: %s" % encrypt_error) from None
+    if worker.error is not None:
+        raise worker.error
+
+
+class _HashingReader:
+    """Reads stored bytes, hashing and counting them for the integrity check."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size=-1):
+        data = self._raw.read(size)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readable(self):
+        return True
+
+    def close(self):
+        self._raw.close()
+
+
+class PlaintextStream:
+    """Readable plaintext of one stored object; ``finish()`` proves it matched the manifest.
+
+    Callers must read to EOF and then call ``finish()``; only then is the data known good.
+    Every failure (hash, size, decryption, decompression) surfaces as IntegrityError.
+    """
+
+    def __init__(self, storage, key, expected, compression, identities=None):
+        self._key = key
+        self._expected = expected
+        self._raw = _HashingReader(storage.open_reader(key))
+        self._worker = None
+        self._pipe_in = None
+        if identities:
+            read_fd, write_fd = os.pipe()
+            pipe_out = os.fdopen(write_fd, "wb", buffering=0)
+            self._pipe_in = os.fdopen(read_fd, "rb")
+
+            def decrypt():
+                try:
+                    codecs.pyrage.decrypt_io(self._raw, pipe_out, identities)
+                finally:
+                    pipe_out.close()
+
+            self._worker = _Worker(decrypt, "decrypt")
+            self._worker.start()
+            compressed = self._pipe_in
+        else:
+            compressed = self._raw
+        self._reader = codecs.decompressing_reader(compressed, compression)
+        self.plain_bytes = 0
+
+    def read(self, size=CHUNK):
+        try:
+            data = self._reader.read(size)
+        except BackupError:
+            raise
+        except Exception as exc:  # pylint: disable=broad-except  # zstd/zlib errors: corrupt payload
+            self._fail_from_worker()
+            raise IntegrityError("%s: the payload does not decompress (%s)" % (self._key, exc)) from None
+        if not data:
+            self._fail_from_worker()
+        self.plain_bytes += len(data)
+        return data
+
+    def _fail_from_worker(self):
+        if self._worker is None:
+            return
+        if self._pipe_in is not None and self._worker.is_alive():
+            # EOF on the decompressor while decryption still runs cannot be good: drain it.
+            self._pipe_in.close()
+        self._worker.join()
+        error = self._worker.error
+        if error is not None and not isinstance(error, BrokenPipeError):
+            if isinstance(error, BackupError):
+                raise error
+            raise DecryptionError("%s does not decrypt with the given key, or its ciphertext is damaged (%s)"
+                                  % (self._key, error))
+
+    def finish(self):
+        """Check size and SHA-256 of everything stored; raise IntegrityError on mismatch."""
+        # Stop the decrypt thread first (it reads _raw), then consume any trailing bytes so
+        # that the hash covers the whole object.
+        self._fail_from_worker()
+        while self._raw.read(CHUNK):
+            pass
+        if self._raw.size != self._expected["size"]:
+            raise IntegrityError("%s is %d bytes, the manifest says %d (truncated or replaced)"
+                                 % (self._key, self._raw.size, self._expected["size"]))
+        digest = self._raw.sha256.hexdigest()
+        if digest != self._expected["sha256"]:
+            raise IntegrityError("%s has SHA-256 %s, the manifest says %s (corrupted or swapped)"
+                                 % (self._key, digest, self._expected["sha256"]))
+        return {"name": self._expected["name"], "size": self._raw.size, "sha256": digest,
+                "plain_bytes": self.plain_bytes}
+
+    def close(self):
+        if self._pipe_in is not None:
+            self._pipe_in.close()
+        if self._worker is not None:
+            self._worker.join()
+        self._raw.close()
+
+
+def check_object(storage, key, expected, compression, identities=None):
+    """Full integrity pass of one object: hash, decrypt, decompress, discard."""
+    stream = PlaintextStream(storage, key, expected, compression, identities)
+    try:
+        while stream.read(CHUNK):
+            pass
+        return stream.finish()
+    finally:
+        stream.close()
+
+
+class ProducerStream:
+    """A readable fed by ``produce(writable)`` running in a thread (for tar and friends)."""
+
+    def __init__(self, produce, name="producer"):
+        read_fd, write_fd = os.pipe()
+        self._out = os.fdopen(write_fd, "wb")
+        self._in = os.fdopen(read_fd, "rb")
+
+        def run():
+            try:
+                produce(self._out)
+            finally:
+                try:
+                    self._out.close()
+                except BrokenPipeError:
+                    pass
+
+        self._worker = _Worker(run, name)
+        self._worker.start()
+        self.result = None
+
+    def read(self, size=-1):
+        data = self._in.read(size)
+        if not data:
+            self._worker.join()
+            if self._worker.error is not None:
+                error = self._worker.error
+                if isinstance(error, BackupError):
+                    raise error
+                raise SourceError("producing the backup stream failed: %s" % error) from None
+        return data
+
+    def close(self):
+        self._in.close()
+        self._worker.join()
