@@ -38,6 +38,7 @@ class MissingDependencyError(BackupError):
 
     def __init__(self, library, purpose):
         self.library = library
+        self.purpose = purpose
         super().__init__(
             "the Python library '%s' is required for %s but is not installed" % (library, purpose)
         )

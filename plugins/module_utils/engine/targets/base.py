@@ -1,0 +1,52 @@
+"""The contract every restore target implements (the restore side of ``sources``).
+
+The engine (``restore.py``) resolves the backup, verifies every object (checksum, decrypt,
+decompress) and only then hands the target a ``RestoreContext``. A target therefore never
+sees an unverified byte, and a target's ``restore`` must itself leave the destination as it
+was when it fails (restore next to it, then swap).
+"""
+
+from ..errors import ConfigError
+
+
+class RestoreContext:
+    """What a target gets: the chain of manifests and a way to read their payloads."""
+
+    def __init__(self, manifest, chain, open_payload, check_mode=False, options=None):
+        self.manifest = manifest        # the backup being restored
+        self.chain = chain              # [full, incr1, ..., manifest] oldest first (just [manifest] for fulls)
+        self.open_payload = open_payload  # open_payload(manifest, payload_name) -> PlaintextStream
+        self.check_mode = check_mode
+        self.options = options or {}
+
+
+class Target:
+    """Base class. Subclasses set ``kind`` (the source kind they restore) and implement below."""
+
+    kind = None
+
+    def __init__(self, options):
+        if not isinstance(options, dict):
+            raise ConfigError("target options for %s must be a dict" % self.kind)
+        self.options = options
+
+    def describe(self):
+        """Where data would go, for reports and check mode: never credentials."""
+        return {}
+
+    def preflight(self, manifest):
+        """Fail with ConfigError/SourceError before anything is written (unreachable, would clobber)."""
+
+    def restore(self, context):
+        """Restore ``context.manifest`` (with its chain); return the verification report dict.
+
+        The report holds at least ``changed`` (bool) and ``checks``: a list of
+        ``{what, expected, actual, ok}`` comparing the manifest's ``stats`` with the result.
+        Raise IntegrityError when a check fails.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def scratch(cls, manifest, options):
+        """Context manager yielding a throwaway Target for test restores (``backup_verify``)."""
+        raise NotImplementedError("%s has no scratch target" % cls.kind)
