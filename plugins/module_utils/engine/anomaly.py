@@ -1,9 +1,15 @@
 """Size anomaly: does a backup's size differ suspiciously from the job's previous good one?
 
 A sudden drop often means a dump that silently lost tables or a source that was emptied; a
-sudden jump, a runaway table or a wrong source. The check is pure: the caller passes the new
-size and the previous successful backup (or its size) and gets a verdict; recording the ratio
-in the manifest and in metrics, and failing the run, is the caller's business.
+sudden jump, a runaway table or a wrong source. :func:`evaluate_size` is pure: it takes the
+new size and the previous one and returns a verdict.
+
+For a backup run there is :func:`check_new_backup`: given the catalog and the manifest of a
+backup that is about to be published, it finds the baseline (the job's newest successful
+backup of the same sort, full or incremental, whose own size check did not fail) and judges
+the new size against it. :func:`manifest_fields` turns the verdict into the manifest's
+``size_change_ratio`` and ``size_check`` entries. Failing the run on a ``fail`` verdict and
+shipping ``backup_size_change_ratio`` is the runner's business.
 
 The ratio is ``current / previous``: 1.0 is unchanged, 0.5 half the size, 2.0 double.
 """
@@ -94,16 +100,21 @@ class SizeVerdict:
     current_bytes: int
     previous_bytes: int | None
     reason: str
+    previous_id: str | None = None   # the baseline backup, when the verdict came from a catalog
 
     @property
     def failed(self):
         return self.level == FAIL
 
+    @property
+    def json_ratio(self):
+        """The ratio as JSON allows it: an infinite ratio (growth from zero bytes) becomes None."""
+        return self.ratio if self.ratio is None or math.isfinite(self.ratio) else None
+
     def as_dict(self):
-        """The manifest's ``size_check`` entry (JSON-safe: an infinite ratio becomes null)."""
-        ratio = self.ratio if self.ratio is None or math.isfinite(self.ratio) else None
-        return {"level": self.level, "ratio": ratio, "previous_bytes": self.previous_bytes,
-                "reason": self.reason}
+        """JSON-safe summary (for module results and logs)."""
+        return {"level": self.level, "ratio": self.json_ratio, "previous_id": self.previous_id,
+                "previous_bytes": self.previous_bytes, "reason": self.reason}
 
 
 def evaluate_size(current_bytes, previous_bytes, policy=None):
@@ -132,21 +143,68 @@ def evaluate_size(current_bytes, previous_bytes, policy=None):
     return SizeVerdict(level, ratio, current_bytes, previous_bytes, reason)
 
 
-def previous_successful(summaries, job, before=None):
-    """The newest complete backup of ``job`` finished before ``before`` (a timestamp), or None.
+def previous_successful(summaries, job, before=None, incremental=None, exclude_id=None):
+    """The newest successful backup of ``job`` finished before ``before`` (a timestamp), or None.
 
     ``summaries`` are manifests or catalog summaries (dicts with ``job``, ``status``,
-    ``finished_at`` and ``size_bytes``), in any order.
+    ``finished_at`` and ``size_bytes``), in any order. A backup counts as successful when it
+    is complete and its own size check (``size_check.level``) did not fail: a suspiciously
+    small dump must not become the baseline that makes the next one look normal.
+    ``incremental`` (True/False) keeps only backups with/without a ``parent``, so that an
+    incremental is compared with incrementals and a full backup with full ones.
+    ``exclude_id`` skips one backup (the one being judged).
     """
     limit = parse_iso(before) if before is not None else None
     best, best_time = None, None
     for item in summaries:
         if item.get("job") != job or item.get("status") != _COMPLETE or item.get("size_bytes") is None:
             continue
+        if exclude_id is not None and item.get("id") == exclude_id:
+            continue
+        if (item.get("size_check") or {}).get("level") == FAIL:
+            continue
+        if incremental is not None and bool(item.get("parent")) != bool(incremental):
+            continue
         finished = parse_iso(item["finished_at"])
         if limit is not None and finished >= limit:
             continue
-        if best_time is None or finished > best_time:
-            best, best_time = item, finished
+        # Timestamps have whole seconds: ties go to the later start, then the larger id.
+        order = (finished, parse_iso(item.get("started_at") or item["finished_at"]), str(item.get("id")))
+        if best_time is None or order > best_time:
+            best, best_time = item, order
     return best
 
+
+
+def check_new_backup(catalog, manifest, policy=None):
+    """Judge the size of a backup about to be published against the job's previous good one.
+
+    ``catalog`` is an :class:`~.catalog.Catalog` (anything with ``scan(job, with_orphans=False)``
+    returning manifests); ``manifest`` the new backup's manifest (``id``, ``job``, ``parent``,
+    ``size_bytes``). ``policy`` is a :class:`SizePolicy`, a mapping for
+    :meth:`SizePolicy.from_mapping`, or None for the defaults. Returns a :class:`SizeVerdict`
+    whose ``previous_id`` names the baseline.
+    """
+    if not isinstance(policy, SizePolicy):
+        policy = SizePolicy.from_mapping(policy)
+    history = catalog.scan(manifest["job"], with_orphans=False)
+    previous = previous_successful(history, manifest["job"], incremental=bool(manifest.get("parent")),
+                                   exclude_id=manifest.get("id"))
+    verdict = evaluate_size(manifest["size_bytes"], previous["size_bytes"] if previous else None, policy)
+    if previous is None:
+        return verdict
+    return SizeVerdict(verdict.level, verdict.ratio, verdict.current_bytes, verdict.previous_bytes,
+                       verdict.reason, previous_id=previous.get("id"))
+
+
+def manifest_fields(verdict):
+    """The manifest entries recording a verdict: ``size_change_ratio`` and ``size_check``.
+
+    ``size_change_ratio`` is null for a first backup and for growth from an empty baseline
+    (JSON has no infinity; ``size_check.reason`` says which).
+    """
+    return {
+        "size_change_ratio": verdict.json_ratio,
+        "size_check": {"level": verdict.level, "previous_id": verdict.previous_id,
+                       "previous_bytes": verdict.previous_bytes, "reason": verdict.reason},
+    }
