@@ -1,10 +1,19 @@
+import io
+import json
 import math
+import time
 
 import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.anomaly import (
-    FAIL, OK, WARN, SizePolicy, evaluate_size, previous_successful, size_change_ratio)
+    FAIL, OK, WARN, SizePolicy, check_new_backup, evaluate_size, manifest_fields, previous_successful,
+    size_change_ratio)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.manifest import MANIFEST_NAME
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 
 @pytest.mark.parametrize("current, previous, expected", [
@@ -69,7 +78,9 @@ def test_disabled_bounds_never_trigger():
 def test_growth_from_empty_exceeds_any_upper_bound_and_serialises_as_null():
     verdict = evaluate_size(10, 0, SizePolicy(fail_above=100))
     assert verdict.level == FAIL
-    assert verdict.as_dict() == {"level": FAIL, "ratio": None, "previous_bytes": 0, "reason": verdict.reason}
+    assert verdict.as_dict() == {"level": FAIL, "ratio": None, "previous_id": None, "previous_bytes": 0,
+                                 "reason": verdict.reason}
+    assert manifest_fields(verdict)["size_change_ratio"] is None
     assert "inf" in verdict.reason
 
 
@@ -107,3 +118,83 @@ def test_previous_successful_picks_newest_complete_of_same_job_before_time():
     assert previous_successful(summaries, "pg")["size_bytes"] == 600
     assert previous_successful(summaries, "pg", before="2024-01-01T02:00:00Z") is None
     assert previous_successful(summaries, "files") is None
+
+
+def test_previous_successful_skips_failed_size_checks_and_matches_full_or_incremental():
+    summaries = [
+        {"id": "a", "job": "f", "status": "complete", "finished_at": "2024-01-01T00:00:00Z",
+         "size_bytes": 1000, "parent": None},
+        {"id": "b", "job": "f", "status": "complete", "finished_at": "2024-01-02T00:00:00Z",
+         "size_bytes": 10, "parent": "a"},
+        {"id": "c", "job": "f", "status": "complete", "finished_at": "2024-01-03T00:00:00Z",
+         "size_bytes": 1, "parent": None, "size_check": {"level": FAIL}},
+        {"id": "d", "job": "f", "status": "complete", "finished_at": "2024-01-04T00:00:00Z",
+         "size_bytes": 12, "parent": "a", "size_check": {"level": WARN}},
+    ]
+    assert previous_successful(summaries, "f", incremental=False)["id"] == "a"
+    assert previous_successful(summaries, "f", incremental=True)["id"] == "d"
+    assert previous_successful(summaries, "f", incremental=True, exclude_id="d")["id"] == "b"
+    assert previous_successful(summaries, "f")["id"] == "d"
+
+
+class _Bytes(Source):
+    """A source emitting ``options['size']`` incompressible bytes (optionally as an incremental)."""
+
+    kind = "files"
+
+    def wants_parent(self, context):
+        if not self.options.get("incremental"):
+            return None
+        return context.catalog.latest(context.job)
+
+    def produce(self, emit, context):
+        emit("data", io.BytesIO(bytes(range(256)) * (self.options["size"] // 256)))
+        return {"bytes": self.options["size"]}
+
+
+def _run(storage, size, policy, incremental=False):
+    # manifests carry whole seconds: start each backup in a new second so "previous" is unambiguous
+    second = int(time.time())
+    while int(time.time()) == second:
+        time.sleep(0.02)
+    run = BackupRun("pg", _Bytes({"size": size, "incremental": incremental}), storage,
+                    compression={"algorithm": "none"}, size_policy=policy)
+    return run, run.run()
+
+
+def test_backup_run_records_ratio_and_verdict_in_the_published_manifest(tmp_path):
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path)})
+    policy = {"warn_above": 1.5, "fail_below": 0.25}
+    first_run, first = _run(storage, 256 * 40, policy)
+    assert first_run.size_verdict.level == OK and first["size_change_ratio"] is None
+    assert first["size_check"]["previous_id"] is None
+
+    second_run, second = _run(storage, 256 * 80, policy)
+    assert second_run.size_verdict.level == WARN
+    assert second["size_change_ratio"] == pytest.approx(2.0)
+    assert second["size_check"] == {"level": WARN, "previous_id": first["id"],
+                                    "previous_bytes": first["size_bytes"],
+                                    "reason": second_run.size_verdict.reason}
+
+    third_run, third = _run(storage, 256 * 4, policy)
+    assert third_run.size_verdict.failed
+    stored = json.loads((tmp_path / "pg" / third["id"] / MANIFEST_NAME).read_text())
+    assert stored["size_check"]["level"] == FAIL and stored["size_change_ratio"] == pytest.approx(0.05)
+
+    # the failed one is not the baseline for the next backup: the second one is
+    fourth_run, _ = _run(storage, 256 * 80, policy)
+    assert fourth_run.size_verdict.previous_id == second["id"] and fourth_run.size_verdict.level == OK
+
+    # an incremental is compared with incrementals only (none yet)
+    inc_run, inc = _run(storage, 256, policy, incremental=True)
+    assert inc["parent"] is not None and inc_run.size_verdict.ratio is None
+    assert check_new_backup(Catalog(storage), dict(inc, id="x"), policy).previous_id == inc["id"]
+
+
+def test_backup_run_without_size_policy_leaves_the_manifest_alone(tmp_path):
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path)})
+    run, manifest = _run(storage, 256, None)
+    assert run.size_verdict is None
+    assert "size_check" not in manifest and "size_change_ratio" not in manifest
+    with pytest.raises(ConfigError):
+        BackupRun("pg", _Bytes({"size": 256}), storage, size_policy={"warn_above": 0.5})

@@ -3,6 +3,7 @@
 import hashlib
 import platform
 
+from . import anomaly
 from . import codecs
 from . import manifest as mf
 from .catalog import Catalog
@@ -31,7 +32,7 @@ class BackupRun:
     """One backup of one job. Construct (validates everything), then ``run()``."""
 
     def __init__(self, job, source, storage, compression=None, encryption=None, progress=None,
-                 identities=None, extra_manifest=None):
+                 identities=None, extra_manifest=None, size_policy=None):
         self.job = mf.validate_job_name(job)
         self.source = source
         self.storage = storage
@@ -43,6 +44,13 @@ class BackupRun:
         self.progress = progress or Progress()
         self.identities = identities  # for incrementals that must read their parent's state
         self.extra_manifest = extra_manifest or {}
+        # None: no size check. Otherwise a SizePolicy or its mapping ({} = defaults): the new
+        # size is judged against the previous good backup before the manifest is published,
+        # and the manifest records size_change_ratio and size_check (engine/anomaly.py).
+        self.size_policy = None if size_policy is None else (
+            size_policy if isinstance(size_policy, anomaly.SizePolicy)
+            else anomaly.SizePolicy.from_mapping(size_policy))
+        self.size_verdict = None
         self.catalog = Catalog(storage)
         self.backup_id = None
 
@@ -94,6 +102,9 @@ class BackupRun:
                 extra=dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
                            raw_bytes=sum(obj.get("raw_bytes", 0) for obj in objects)),
             )
+            if self.size_policy is not None:
+                self.size_verdict = anomaly.check_new_backup(self.catalog, manifest, self.size_policy)
+                manifest.update(anomaly.manifest_fields(self.size_verdict))
             self.catalog.publish(manifest)
             return manifest
         except BaseException:
