@@ -76,6 +76,16 @@ def test_failure_records_only_the_failure_timestamp():
     assert d.recorded == {"backup_restore_drill_last_failure_timestamp_seconds": float(T0)}
 
 
+def test_size_ratio_of_a_failed_run_is_recorded_on_its_own():
+    m = BackupMetrics("pg", "postgres", "db1")
+    m.record_backup_result(False, T0)
+    m.record_size_change_ratio(0.05)
+    m.record_size_change_ratio(None)
+    assert m.recorded == {"backup_last_failure_timestamp_seconds": float(T0), "backup_size_change_ratio": 0.05}
+    with pytest.raises(ConfigError):
+        m.record_size_change_ratio(-1)
+
+
 def test_push_exposition_leaves_identity_to_the_grouping_key():
     text = everything_recorded().exposition(with_identity_labels=False).decode()
     assert all(labels == frozenset() for (_, labels) in samples(text))

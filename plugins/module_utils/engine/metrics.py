@@ -201,6 +201,16 @@ class BackupMetrics:
             # +Inf is a legal ratio (the previous backup was empty); NaN is not.
             self._set("backup_size_change_ratio", _non_negative("size_change_ratio", size_change_ratio))
 
+    def record_size_change_ratio(self, ratio):
+        """The size ratio of a stored backup on its own, for a run the size policy failed.
+
+        Such a backup counts as a failed attempt (``record_backup_result(False, ...)``), but its
+        ratio must still reach ``backup_size_change_ratio`` so the size alert names the cause.
+        None (nothing to compare with) records nothing.
+        """
+        if ratio is not None:
+            self._set("backup_size_change_ratio", _non_negative("size_change_ratio", ratio))
+
     def record_schedule(self, interval_seconds=None, cron_expression=None):
         """The job's expected run interval, given directly or derived from its cron schedule."""
         if (interval_seconds is None) == (cron_expression is None):
