@@ -62,6 +62,18 @@ class Progress:
             self._report(self.raw_bytes, self.stored_bytes, now - self._start)
 
 
+def _pipe():
+    """An OS pipe as (reader, writer) file objects.
+
+    The writer is buffered on purpose: a raw ``FileIO.write`` on a pipe may write only part
+    of the data when a signal interrupts it, and zstandard, zlib's callers and pyrage ignore
+    the count it returns, which silently dropped bytes from the stored object. A
+    ``BufferedWriter`` retries until every byte is written (or buffered for the next flush).
+    """
+    read_fd, write_fd = os.pipe()
+    return os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
+
+
 class _Worker(threading.Thread):
     """A stage thread that keeps its exception for the caller to re-raise."""
 
@@ -115,9 +127,7 @@ def store_stream(source, storage, key, compression, encryption, progress=None):
 
 
 def _compress_then_encrypt(source, sink, compression, encryption, progress):
-    read_fd, write_fd = os.pipe()
-    pipe_out = os.fdopen(write_fd, "wb", buffering=0)
-    pipe_in = os.fdopen(read_fd, "rb")
+    pipe_in, pipe_out = _pipe()
 
     def compress():
         try:
@@ -186,9 +196,7 @@ class PlaintextStream:
         self._worker = None
         self._pipe_in = None
         if identities:
-            read_fd, write_fd = os.pipe()
-            pipe_out = os.fdopen(write_fd, "wb", buffering=0)
-            self._pipe_in = os.fdopen(read_fd, "rb")
+            self._pipe_in, pipe_out = _pipe()
 
             def decrypt():
                 try:
@@ -271,9 +279,7 @@ class ProducerStream:
     """A readable fed by ``produce(writable)`` running in a thread (for tar and friends)."""
 
     def __init__(self, produce, name="producer"):
-        read_fd, write_fd = os.pipe()
-        self._out = os.fdopen(write_fd, "wb")
-        self._in = os.fdopen(read_fd, "rb")
+        self._in, self._out = _pipe()
 
         def run():
             try:
