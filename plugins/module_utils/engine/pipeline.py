@@ -112,6 +112,7 @@ def store_stream(source, storage, key, compression, encryption, progress=None):
     error re-raised; nothing becomes visible under ``key``.
     """
     progress = progress or Progress()
+    raw_start = progress.raw_bytes  # one Progress may span several payloads of a run
     writer = storage.open_writer(key)
     sink = _HashingSink(writer, progress)
     try:
@@ -123,7 +124,7 @@ def store_stream(source, storage, key, compression, encryption, progress=None):
     except BaseException:
         writer.abort()
         raise
-    return {"size": sink.size, "sha256": sink.sha256.hexdigest(), "raw_bytes": progress.raw_bytes}
+    return {"size": sink.size, "sha256": sink.sha256.hexdigest(), "raw_bytes": progress.raw_bytes - raw_start}
 
 
 def _compress_then_encrypt(source, sink, compression, encryption, progress):
