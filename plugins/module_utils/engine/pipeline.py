@@ -24,10 +24,15 @@ class _HashingSink:
         self.sha256 = hashlib.sha256()
         self.size = 0
         self._progress = progress
+        self.error = None  # the storage's own error, when pyrage wrapped it on its way out
 
     def write(self, data):
         self.sha256.update(data)
-        self._writer.write(data)
+        try:
+            self._writer.write(data)
+        except BackupError as exc:
+            self.error = exc
+            raise
         self.size += len(data)
         if self._progress is not None:
             self._progress.stored(len(data))
@@ -152,6 +157,8 @@ def _compress_then_encrypt(source, sink, compression, encryption, progress):
     if encrypt_error is not None:
         if isinstance(encrypt_error, (BackupError, KeyboardInterrupt, SystemExit)):
             raise encrypt_error
+        if sink.error is not None:
+            raise sink.error  # e.g. "disk full", not pyrage's wrapping of it
         raise StorageError("encrypting or storing the payload failed: %s" % encrypt_error) from None
     if worker.error is not None:
         raise worker.error
