@@ -28,6 +28,17 @@ LEVEL_RANGE = {"none": (0, 0), "gzip": (1, 9), "zstd": (1, 19)}
 ENVELOPE_OBJECT = "key.age"
 
 
+def _int_option(options, name, default):
+    """An integer option; unset (None or '') means ``default``; anything else must be an integer."""
+    value = options.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError("compression %s must be an integer, got %r" % (name, value)) from None
+
+
 def compression_settings(options):
     """Normalise ``{algorithm, level, threads}``; the seed's ``{enabled, algorithm}`` is accepted."""
     options = dict(options or {})
@@ -36,12 +47,13 @@ def compression_settings(options):
     algorithm = options.get("algorithm") or "zstd"
     if algorithm not in ALGORITHMS:
         raise ConfigError("unknown compression algorithm %r: choose one of %s" % (algorithm, ", ".join(ALGORITHMS)))
-    level = options.get("level")
-    level = DEFAULT_LEVEL[algorithm] if level in (None, "") else int(level)
+    level = _int_option(options, "level", DEFAULT_LEVEL[algorithm])
     low, high = LEVEL_RANGE[algorithm]
-    if algorithm != "none" and not low <= level <= high:
+    if algorithm == "none":
+        level = 0
+    elif not low <= level <= high:
         raise ConfigError("compression level %d is outside %d..%d for %s" % (level, low, high, algorithm))
-    threads = int(options.get("threads", -1 if algorithm == "zstd" else 0))
+    threads = _int_option(options, "threads", -1 if algorithm == "zstd" else 0)
     if algorithm == "zstd" and not HAS_ZSTD:
         raise MissingDependencyError("zstandard", "zstd compression")
     return {"algorithm": algorithm, "level": level, "threads": threads}
