@@ -6,6 +6,7 @@ recovers a payload without this collection.
 
 import zlib
 
+from .config import read_secret_file, resolve_secret_refs
 from .errors import ConfigError, DecryptionError, MissingDependencyError
 
 try:
@@ -187,7 +188,17 @@ def encryption_settings(options):
     passphrase — because age's passphrase mode in pyrage works on whole buffers only and
     would break the memory bound. Both layers decrypt with the stock ``age`` CLI.
     """
+    # ``passphrase_file``/``passphrase_env`` and ``recipients_file`` are accepted here too:
+    # a caller that did not resolve them must not end up silently unencrypted.
     options = dict(options or {})
+    if options.get("enabled") is False:
+        return {"mode": "none"}
+    options = resolve_secret_refs(options, "encryption")
+    if options.get("recipients_file"):
+        recipients = options.get("recipients") or []
+        recipients = recipients.splitlines() if isinstance(recipients, str) else list(recipients)
+        options["recipients"] = recipients + read_secret_file(
+            options.pop("recipients_file"), "encryption.recipients_file").splitlines()
     if options.get("enabled") is False or not (options.get("recipients") or options.get("passphrase")):
         if options.get("enabled") is True:
             raise ConfigError("encryption is enabled but neither recipients nor a passphrase was given")
@@ -198,7 +209,10 @@ def encryption_settings(options):
     if options.get("recipients"):
         recipients = options["recipients"]
         if isinstance(recipients, str):
-            recipients = [line for line in recipients.splitlines() if line.strip() and not line.strip().startswith("#")]
+            recipients = recipients.splitlines()
+        recipients = [line for line in recipients if line.strip() and not line.strip().startswith("#")]
+        if not recipients:
+            raise ConfigError("encryption.recipients lists no age recipient")
         parsed = [parse_recipient(text) for text in recipients]
         return {"mode": "age", "recipients": [str(r) for r in parsed], "_recipients": parsed}
     identity = age_x25519.Identity.generate()
