@@ -1,0 +1,342 @@
+"""PostgreSQL source: ``pg_dump -Fc`` inside an exported snapshot, plus the cluster globals.
+
+Consistency: one REPEATABLE READ transaction exports its snapshot
+(``pg_export_snapshot()``); ``pg_dump --snapshot`` dumps exactly that snapshot, and the
+exact row count of every user table is taken in the same transaction while the dump
+streams. The counts in ``stats`` therefore describe the dump itself, and a restore can
+prove it got every row back.
+
+Payloads: ``database.dump`` (pg_dump custom format, uncompressed: the pipeline
+compresses) and, unless ``include_globals: false``, ``globals.sql``
+(``pg_dumpall --globals-only``: roles and tablespaces; role passwords only when the
+backup user may read them).
+
+The password reaches libpq (psycopg) as a connection parameter and the tools through
+``PGPASSWORD`` in their environment; never argv, logs or the manifest.
+"""
+
+import io
+import re
+import threading
+
+from ..config import resolve_secret_refs
+from ..errors import ConfigError, MissingDependencyError, SourceError
+from .. import procutil
+from .base import Source
+
+try:
+    import psycopg
+    from psycopg import sql
+    HAS_PSYCOPG = True
+except ImportError:
+    HAS_PSYCOPG = False
+
+DUMP_PAYLOAD = "database.dump"
+GLOBALS_PAYLOAD = "globals.sql"
+GLOBALS_MAX_BYTES = 64 << 20
+
+CONNECTION_KEYS = ("host", "port", "user", "password", "database", "dbname", "sslmode", "sslrootcert",
+                   "sslcert", "sslkey", "connect_timeout", "bin_dir")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+# pg_dump options that change neither which tables are dumped nor their rows, so that the
+# row counts in ``stats`` still describe the dump. Flags without a value:
+_DUMP_FLAGS = frozenset((
+    "--no-owner", "-O", "--no-privileges", "--no-acl", "-x", "--no-comments", "--no-publications",
+    "--no-subscriptions", "--no-security-labels", "--no-tablespaces", "--no-toast-compression",
+    "--no-table-access-method", "--quote-all-identifiers", "--enable-row-security",
+    "--load-via-partition-root", "--large-objects", "--blobs", "-b", "--no-blobs", "-B", "--verbose", "-v",
+))
+# ... and ``--name=value`` options with the shape their value must have.
+_DUMP_VALUE_OPTIONS = {
+    "--compress": re.compile(r"^(?:[0-9]|(?:gzip|lz4|zstd|none)(?::[a-z0-9=,]+)?)$"),
+    "--lock-wait-timeout": re.compile(r"^[0-9]+(?:\s*(?:ms|s|min|h))?$"),
+    "--extra-float-digits": re.compile(r"^-?[0-9]{1,2}$"),
+}
+
+# User tables whose rows a dump carries: ordinary and partitioned tables outside the
+# system schemas, not owned by an extension (pg_dump leaves those to CREATE EXTENSION).
+USER_TABLES_SQL = """
+SELECT n.nspname, c.relname
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p')
+   AND c.relpersistence <> 't'
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname !~ '^pg_toast'
+   AND n.nspname !~ '^pg_temp_'
+   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                      AND d.objid = c.oid AND d.deptype = 'e')
+ ORDER BY 1, 2
+"""
+
+
+def require_psycopg(purpose):
+    if not HAS_PSYCOPG:
+        raise MissingDependencyError("psycopg", purpose)
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+class PgConnection:
+    """Connection settings shared by the postgres source and target.
+
+    ``options`` may carry ``password`` or ``password_file`` / ``password_env`` (resolved
+    here). ``database`` (alias ``dbname``) names the database.
+    """
+
+    def __init__(self, options, where):
+        options = resolve_secret_refs(options, where)
+        self.where = where
+        if options.get("database") and options.get("dbname") and options["database"] != options["dbname"]:
+            raise ConfigError("%s: give database or dbname, not both" % where)
+        self.database = options.get("database") or options.get("dbname")
+        self.host = options.get("host")
+        self.port = options.get("port")
+        if self.port not in (None, ""):
+            try:
+                self.port = int(self.port)
+            except (TypeError, ValueError):
+                raise ConfigError("%s.port must be a number, got %r" % (where, self.port)) from None
+        self.user = options.get("user")
+        self.password = options.get("password")
+        self.sslmode = options.get("sslmode")
+        if self.sslmode not in (None, "") and self.sslmode not in SSLMODES:
+            raise ConfigError("%s.sslmode must be one of %s" % (where, ", ".join(SSLMODES)))
+        self.ssl_files = {key: options.get(key) for key in ("sslrootcert", "sslcert", "sslkey")}
+        self.connect_timeout = int(options.get("connect_timeout") or 10)
+        self.bin_dir = options.get("bin_dir")
+
+    @property
+    def secrets(self):
+        return (self.password,) if self.password else ()
+
+    def endpoint(self):
+        return "%s:%s" % (self.host or "local socket", self.port or 5432)
+
+    def connect(self, database=None, autocommit=False):
+        """A psycopg connection; failures become one clear SourceError without secrets."""
+        require_psycopg("PostgreSQL backups and restores")
+        dbname = database or self.database
+        params = dict(host=self.host, port=self.port, user=self.user, password=self.password, dbname=dbname,
+                      sslmode=self.sslmode, connect_timeout=self.connect_timeout,
+                      application_name="biometrics.backup", **self.ssl_files)
+        params = {key: value for key, value in params.items() if value not in (None, "")}
+        try:
+            return psycopg.connect(autocommit=autocommit, **params)
+        except psycopg.Error as exc:
+            message = procutil.scrub(_one_line(exc), self.secrets)
+            if "does not exist" in message and "database" in message:
+                raise SourceError("postgres: database %s does not exist on %s" % (dbname, self.endpoint())) from None
+            raise SourceError("postgres: cannot connect to database %s on %s as %s: %s"
+                              % (dbname, self.endpoint(), self.user or "(default user)", message)) from None
+
+    def tool_env(self, database=None):
+        """Environment for libpq tools: connection settings and PGPASSWORD, never argv."""
+        extra = {
+            "PGHOST": self.host, "PGPORT": self.port, "PGUSER": self.user, "PGDATABASE": database or self.database,
+            "PGPASSWORD": self.password, "PGSSLMODE": self.sslmode, "PGCONNECT_TIMEOUT": self.connect_timeout,
+            "PGSSLROOTCERT": self.ssl_files["sslrootcert"], "PGSSLCERT": self.ssl_files["sslcert"],
+            "PGSSLKEY": self.ssl_files["sslkey"], "PGAPPNAME": "biometrics.backup",
+        }
+        # A password we were given must win over one inherited from our own environment,
+        # and an inherited service definition must not redirect the tools elsewhere.
+        return procutil.tool_env({k: v for k, v in extra.items() if v not in (None, "")},
+                                 drop=("PGSERVICE", "PGSERVICEFILE"))
+
+    def tool(self, name):
+        return procutil.find_tool(name, self.bin_dir)
+
+    def describe(self):
+        return {"host": self.host or "local socket", "port": self.port or 5432, "user": self.user,
+                "database": self.database, "sslmode": self.sslmode or "prefer"}
+
+
+def count_rows(conn, cancelled=None):
+    """``{"schema.table": exact row count}`` of every user table, in ``conn``'s transaction."""
+    counts = {}
+    with conn.cursor() as cur:
+        cur.execute(USER_TABLES_SQL)
+        tables = cur.fetchall()
+        for schema, table in tables:
+            if cancelled is not None and cancelled.is_set():
+                break
+            cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table)))
+            counts["%s.%s" % (schema, table)] = cur.fetchone()[0]
+    return counts
+
+
+def server_version_text(num):
+    """150018 -> '15.18'; 90624 -> '9.6.24'."""
+    if num >= 100000:
+        return "%d.%d" % (num // 10000, num % 10000)
+    return "%d.%d.%d" % (num // 10000, num // 100 % 100, num % 100)
+
+
+def validate_dump_args(args):
+    """Check extra pg_dump arguments against the allow-list; return them as a list."""
+    if args in (None, ""):
+        return []
+    if isinstance(args, str):
+        args = args.split()
+    if not isinstance(args, list):
+        raise ConfigError("postgres source: pg_dump_args must be a list of strings")
+    checked = []
+    for arg in args:
+        arg = str(arg)
+        name, _, value = arg.partition("=")
+        if arg in _DUMP_FLAGS:
+            checked.append(arg)
+        elif name in _DUMP_VALUE_OPTIONS and value and _DUMP_VALUE_OPTIONS[name].match(value):
+            checked.append(arg)
+        elif name in _DUMP_VALUE_OPTIONS:
+            raise ConfigError("postgres source: pg_dump argument %s has an invalid value %r" % (name, value))
+        else:
+            raise ConfigError(
+                "postgres source: pg_dump argument %r is not allowed. Allowed: %s, and %s. Table or schema "
+                "selection and data exclusion are refused because the per-table row counts recorded for "
+                "verification cover the whole database; connection settings are options of the source."
+                % (arg, ", ".join(sorted(_DUMP_FLAGS)),
+                   ", ".join("%s=VALUE" % key for key in sorted(_DUMP_VALUE_OPTIONS))))
+    return checked
+
+
+class PostgresSource(Source):
+    kind = "postgres"
+    OPTIONS = CONNECTION_KEYS + ("include_globals", "pg_dump_args")
+
+    def __init__(self, options):
+        super().__init__(options)
+        unknown = sorted(set(options) - set(self.OPTIONS) - {"password_file", "password_env"})
+        if unknown:
+            raise ConfigError("postgres source: unknown option(s) %s (known: %s)"
+                              % (", ".join(unknown), ", ".join(self.OPTIONS)))
+        self.conn = PgConnection(options, "source")
+        if not self.conn.database:
+            raise ConfigError("postgres source: database (or dbname) is required")
+        self.include_globals = options.get("include_globals", True) not in (False, "false", "no", 0)
+        self.dump_args = validate_dump_args(options.get("pg_dump_args"))
+        self._versions = None
+
+    def describe(self):
+        return dict(self.conn.describe(), include_globals=self.include_globals, pg_dump_args=self.dump_args)
+
+    def tool_versions(self):
+        if self._versions is None:
+            self._versions = {}
+            for name in ("pg_dump", "pg_dumpall") if self.include_globals else ("pg_dump",):
+                self._versions[name] = procutil.tool_version(self.conn.tool(name))[0]
+        return dict(self._versions)
+
+    def preflight(self):
+        """Connect (credentials, database exists) and check that pg_dump can dump this server."""
+        dump_path = self.conn.tool("pg_dump")
+        if self.include_globals:
+            self.conn.tool("pg_dumpall")
+        _, (dump_major, _, _) = procutil.tool_version(dump_path)
+        with self.conn.connect() as conn:
+            server_num = conn.info.server_version
+        server_major = server_num // 10000 if server_num >= 100000 else server_num // 100
+        if dump_major < server_major:
+            raise ConfigError("postgres: pg_dump %d cannot dump a PostgreSQL %s server; install pg_dump %d or "
+                              "newer (or point bin_dir at it)" % (dump_major, server_version_text(server_num),
+                                                                   server_major))
+        self.tool_versions()
+
+    def produce(self, emit, context):
+        conn = self.conn.connect()
+        try:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_catalog.pg_export_snapshot(), "
+                            "(SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)")
+                snapshot, superuser = cur.fetchone()
+            server_num = conn.info.server_version
+            globals_info = None
+            if self.include_globals:
+                data, role_hashes = self._dump_globals(bool(superuser))
+                emit(GLOBALS_PAYLOAD, io.BytesIO(data))
+                globals_info = {"included": True, "role_hashes": role_hashes}
+            tables = self._dump_database(emit, conn, snapshot)
+            conn.rollback()
+        finally:
+            conn.close()
+        return {
+            "database": self.conn.database,
+            "server_version": server_version_text(server_num),
+            "server_version_num": server_num,
+            "tables": tables,
+            "table_count": len(tables),
+            "total_rows": sum(tables.values()),
+            "globals": globals_info or {"included": False, "role_hashes": False},
+        }
+
+    def _dump_database(self, emit, conn, snapshot):
+        """Stream pg_dump of ``snapshot`` into ``emit`` while counting rows in the same snapshot."""
+        argv = [self.conn.tool("pg_dump"), "--format=custom", "--snapshot=%s" % snapshot, "--no-password"]
+        if not any(arg.startswith("--compress") for arg in self.dump_args):
+            argv.append("--compress=0")
+        argv.extend(self.dump_args)
+        counted = {}
+        cancelled = threading.Event()
+
+        def count():
+            try:
+                counted["tables"] = count_rows(conn, cancelled)
+            except Exception as exc:  # pylint: disable=broad-except  # re-raised below
+                counted["error"] = exc
+
+        counter = threading.Thread(target=count, name="pg-count", daemon=True)
+        stream = procutil.ToolStream(argv, env=self.conn.tool_env(), what="pg_dump", secrets=self.conn.secrets)
+        counter.start()
+        try:
+            emit(DUMP_PAYLOAD, stream)
+        except BaseException:
+            cancelled.set()
+            try:
+                conn.cancel()
+            except Exception:  # pylint: disable=broad-except  # best effort while failing
+                pass
+            raise
+        finally:
+            stream.close()
+            counter.join()
+        if "error" in counted:
+            raise SourceError("postgres: counting rows in the dump's snapshot failed: %s"
+                              % procutil.scrub(_one_line(counted["error"]), self.conn.secrets))
+        return counted["tables"]
+
+    def _dump_globals(self, superuser):
+        """``pg_dumpall --globals-only`` (small: kept in memory so that it can be retried)."""
+        base = [self.conn.tool("pg_dumpall"), "--globals-only", "--no-password", "--database=%s" % self.conn.database]
+        env = self.conn.tool_env()
+        if superuser:
+            try:
+                return self._run_globals(base, env), True
+            except SourceError as exc:
+                # Managed services give a "superuser" that still may not read pg_authid.
+                if "permission denied" not in str(exc):
+                    raise
+        return self._run_globals(base + ["--no-role-passwords"], env), False
+
+    def _run_globals(self, argv, env):
+        stream = procutil.ToolStream(argv, env=env, what="pg_dumpall --globals-only", secrets=self.conn.secrets)
+        try:
+            chunks = []
+            size = 0
+            while True:
+                chunk = stream.read()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > GLOBALS_MAX_BYTES:
+                    raise SourceError("postgres: pg_dumpall --globals-only produced more than %d MiB"
+                                      % (GLOBALS_MAX_BYTES >> 20))
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            stream.close()

@@ -1,0 +1,369 @@
+"""PostgreSQL restore target: restore next to the live database, check, then swap by rename.
+
+1. ``CREATE DATABASE <new>`` (``restore_database``, default ``<database>_restore_<backup id>``);
+2. ``pg_restore`` reads the verified ``database.dump`` stream on stdin into it;
+3. exact row counts of every user table are compared with the manifest's ``stats.tables``;
+4. with ``swap: true``: connections to ``<database>`` are refused and terminated, it is
+   renamed to ``<database>_pre_restore_<UTC time>`` (kept for rollback) and ``<new>`` takes
+   its name; ``drop_old: true`` drops the kept database at once.
+
+Any failure before the swap drops ``<new>``; a failure inside the swap renames everything
+back. The live database is never written to; it only changes name in step 4.
+"""
+
+import contextlib
+import re
+import time
+
+from ..errors import ConfigError, IntegrityError, SourceError
+from .. import procutil
+from ..sources.postgres import (DUMP_PAYLOAD, GLOBALS_PAYLOAD, PgConnection, CONNECTION_KEYS, count_rows,
+                                require_psycopg)
+from ..timeutil import utc_now
+from .base import Target
+
+try:
+    from psycopg import sql
+except ImportError:  # require_psycopg() reports it when a connection is made
+    sql = None
+
+MAX_IDENTIFIER = 63
+KEPT_MARKER = "_pre_restore_"
+ROLLED_BACK_MARKER = "_rolled_back_"
+
+
+def _truthy(value):
+    return value not in (None, False, "false", "no", "0", 0, "")
+
+
+def database_name(base, suffix):
+    """``base + suffix`` within PostgreSQL's 63-byte identifier limit (``base`` is cut)."""
+    room = MAX_IDENTIFIER - len(suffix.encode("utf-8"))
+    cut = base.encode("utf-8")[:max(room, 1)].decode("utf-8", "ignore")
+    return cut + suffix
+
+
+def _id_suffix(backup_id):
+    return re.sub(r"[^a-z0-9]+", "_", backup_id.lower())
+
+
+class PostgresTarget(Target):
+    kind = "postgres"
+    OPTIONS = CONNECTION_KEYS + ("restore_database", "maintenance_database", "swap", "drop_old", "no_owner",
+                                 "no_privileges", "restore_globals", "swap_timeout")
+
+    def __init__(self, options):
+        super().__init__(options)
+        unknown = sorted(set(options) - set(self.OPTIONS) - {"password_file", "password_env"})
+        if unknown:
+            raise ConfigError("postgres target: unknown option(s) %s (known: %s)"
+                              % (", ".join(unknown), ", ".join(self.OPTIONS)))
+        self.conn = PgConnection(options, "target")
+        self.restore_database = options.get("restore_database")
+        self.maintenance_database = options.get("maintenance_database") or "postgres"
+        self.swap = _truthy(options.get("swap"))
+        self.drop_old = _truthy(options.get("drop_old"))
+        if self.drop_old and not self.swap:
+            raise ConfigError("postgres target: drop_old only makes sense with swap: true")
+        self.no_owner = _truthy(options.get("no_owner"))
+        self.no_privileges = _truthy(options.get("no_privileges"))
+        self.restore_globals = _truthy(options.get("restore_globals"))
+        self.swap_timeout = float(options.get("swap_timeout") or 30)
+        self._stamp = None
+        self._created = set()   # databases this object created (the only ones it may drop on failure)
+        for name in (self.restore_database, self.conn.database):
+            if name is not None and (not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_IDENTIFIER):
+                raise ConfigError("postgres target: %r is not a valid database name (1-63 bytes)" % (name,))
+
+    # -- names -------------------------------------------------------------------------
+    def names(self, manifest):
+        """``(target database, new database)`` for restoring ``manifest``."""
+        target = self.conn.database or (manifest.get("stats") or {}).get("database")
+        if not target:
+            raise ConfigError("postgres target: give database (the backup's stats name none)")
+        new = self.restore_database or database_name(target, "_restore_" + _id_suffix(manifest["id"]))
+        if new == target:
+            raise ConfigError("postgres target: restore_database must differ from database %s: the restore "
+                              "always goes into a new database first" % target)
+        return target, new
+
+    def describe(self):
+        return dict(self.conn.describe(), restore_database=self.restore_database, swap=self.swap,
+                    drop_old=self.drop_old)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _admin(self):
+        return self.conn.connect(self.maintenance_database, autocommit=True)
+
+    @staticmethod
+    def _exists(admin, name):
+        return admin.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+    def _error(self, what, exc):
+        return SourceError("postgres target: %s: %s" % (what, procutil.scrub(" ".join(str(exc).split()),
+                                                                              self.conn.secrets)))
+
+    def drop_database(self, name):
+        """DROP DATABASE ``name`` (forcing connections off); no error when it is absent."""
+        with self._admin() as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    # -- contract ----------------------------------------------------------------------
+    def preflight(self, manifest):
+        require_psycopg("PostgreSQL restores")
+        if manifest.get("kind") != self.kind:
+            raise ConfigError("postgres target cannot restore a %s backup" % manifest.get("kind"))
+        if not any(obj.get("payload") == DUMP_PAYLOAD for obj in manifest.get("objects", [])):
+            raise ConfigError("backup %s has no %s payload" % (manifest["id"], DUMP_PAYLOAD))
+        restore_path = self.conn.tool("pg_restore")
+        _, (restore_major, _, _) = procutil.tool_version(restore_path)
+        dumped_with = str((manifest.get("tool_versions") or {}).get("pg_dump") or "0")
+        dump_major = int(re.match(r"\d*", dumped_with).group(0) or 0)
+        if dump_major > restore_major:
+            raise ConfigError("postgres target: the dump was made by pg_dump %s; pg_restore %d cannot read it "
+                              "(install a newer pg_restore or set bin_dir)" % (dumped_with, restore_major))
+        if self.restore_globals:
+            self.conn.tool("psql")
+        target, new = self.names(manifest)
+        with self._admin() as admin:
+            if self._exists(admin, new):
+                raise ConfigError("postgres target: database %s already exists; drop it or choose another "
+                                  "restore_database" % new)
+            if self.swap and self._exists(admin, target):
+                kept = self._kept_name(target)
+                if self._exists(admin, kept):
+                    raise ConfigError("postgres target: database %s (for the old %s) already exists" % (kept, target))
+
+    def restore(self, context):
+        manifest = context.manifest
+        target, new = self.names(manifest)
+        started = time.monotonic()
+        if context.check_mode:
+            return self._plan(manifest, target, new)
+        with self._admin() as admin:
+            target_exists = self._exists(admin, target)
+            try:
+                admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(new)))
+            except Exception as exc:  # pylint: disable=broad-except  # psycopg errors, reported plainly
+                raise self._error("cannot create database %s" % new, exc) from None
+            self._created.add(new)
+        report = {"changed": True, "database": new, "target_database": target, "restored_into": new,
+                  "swapped": False, "kept_database": None, "dropped_old": False}
+        try:
+            if self.restore_globals:
+                report["globals_messages"] = self._restore_globals(context)
+            report["restore_bytes"] = self._pg_restore(context, new)
+            actual = self._count(new)
+            report["checks"] = compare_tables((manifest.get("stats") or {}).get("tables"), actual)
+            report["tables"] = len(actual)
+            report["rows"] = sum(actual.values())
+            failed = [check for check in report["checks"] if not check["ok"]]
+            if failed:
+                raise IntegrityError("postgres restore of %s: %d table check(s) failed, e.g. %s expected %s rows, "
+                                     "found %s; the restored copy was dropped"
+                                     % (manifest["id"], len(failed), failed[0]["what"], failed[0]["expected"],
+                                        failed[0]["actual"]))
+        except BaseException:
+            self._drop_quietly(new)
+            raise
+        if self.swap:
+            try:
+                report["kept_database"] = self._swap(target, new, target_exists)
+            except BaseException:
+                self._drop_quietly(new)
+                raise
+            report["swapped"] = True
+            report["database"] = target
+            if self.drop_old and report["kept_database"]:
+                self.drop_database(report["kept_database"])
+                report["dropped_old"] = True
+                report["kept_database"] = None
+        report["duration_seconds"] = round(time.monotonic() - started, 3)
+        return report
+
+    def _plan(self, manifest, target, new):
+        with self._admin() as admin:
+            target_exists = self._exists(admin, target)
+        plan = {"changed": True, "check_mode": True, "would_create": new, "target_database": target,
+                "would_restore": [DUMP_PAYLOAD] + ([GLOBALS_PAYLOAD] if self.restore_globals else []),
+                "would_rename": [], "would_drop": [], "checks": []}
+        if self.swap:
+            if target_exists:
+                kept = self._kept_name(target)
+                plan["would_rename"].append({"from": target, "to": kept})
+                if self.drop_old:
+                    plan["would_drop"].append(kept)
+            plan["would_rename"].append({"from": new, "to": target})
+        plan["expected_tables"] = len((manifest.get("stats") or {}).get("tables") or {})
+        return plan
+
+    # -- steps -------------------------------------------------------------------------
+    def _pg_restore(self, context, new):
+        argv = [self.conn.tool("pg_restore"), "--no-password", "--exit-on-error", "--dbname=%s" % new]
+        if self.no_owner:
+            argv.append("--no-owner")
+        if self.no_privileges:
+            argv.append("--no-privileges")
+        stream = context.open_payload(context.manifest, DUMP_PAYLOAD)
+        try:
+            procutil.feed_tool(argv, stream, env=self.conn.tool_env(new), what="pg_restore",
+                               secrets=self.conn.secrets)
+            return stream.finish()["plain_bytes"]
+        finally:
+            stream.close()
+
+    def _restore_globals(self, context):
+        """Roles and tablespaces into the server; "already exists" errors are expected and reported."""
+        argv = [self.conn.tool("psql"), "--no-password", "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=0",
+                "--dbname=%s" % self.maintenance_database, "--file=-"]
+        stream = context.open_payload(context.manifest, GLOBALS_PAYLOAD)
+        try:
+            lines = procutil.feed_tool(argv, stream, env=self.conn.tool_env(self.maintenance_database),
+                                       what="psql (globals.sql)", secrets=self.conn.secrets)
+            stream.finish()
+        finally:
+            stream.close()
+        return lines
+
+    def _count(self, database):
+        with self.conn.connect(database) as conn:
+            conn.read_only = True
+            return count_rows(conn)
+
+    def _kept_name(self, target):
+        if self._stamp is None:
+            self._stamp = utc_now().strftime("%Y%m%dt%H%M%Sz")
+        return database_name(target, KEPT_MARKER + self._stamp)
+
+    def _drop_quietly(self, name):
+        if name not in self._created:
+            return
+        try:
+            self.drop_database(name)
+        except Exception:  # pylint: disable=broad-except  # the original failure matters more
+            pass
+
+    def _rename(self, admin, old, new):
+        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+
+    def _allow_connections(self, admin, name, allow):
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+            sql.Identifier(name), sql.SQL("true" if allow else "false")))
+
+    def _evict(self, admin, name):
+        """Terminate every session on ``name``; wait until none is left (or time out)."""
+        deadline = time.monotonic() + self.swap_timeout
+        while True:
+            left = admin.execute(
+                "SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_catalog.pg_backend_pid()", (name,)).fetchone()[0]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise SourceError("postgres target: %d session(s) on %s could not be terminated within %ss "
+                                  "(missing pg_signal_backend rights?)" % (left, name, self.swap_timeout))
+            time.sleep(0.2)
+
+    def _swap(self, target, new, target_exists):
+        """Rename ``target`` aside (kept) and ``new`` into its place; undo on failure."""
+        with self._admin() as admin:
+            if not target_exists:
+                try:
+                    self._rename(admin, new, target)
+                except Exception as exc:  # pylint: disable=broad-except
+                    raise self._error("cannot rename %s to %s" % (new, target), exc) from None
+                return None
+            kept = self._kept_name(target)
+            step = "refuse new connections to %s" % target
+            renamed = False
+            try:
+                self._allow_connections(admin, target, False)
+                step = "terminate the sessions on %s" % target
+                self._evict(admin, target)
+                step = "rename %s to %s" % (target, kept)
+                self._rename(admin, target, kept)
+                renamed = True
+                step = "rename %s to %s" % (new, target)
+                self._rename(admin, new, target)
+            except BaseException as exc:
+                try:
+                    if renamed:
+                        self._rename(admin, kept, target)
+                    self._allow_connections(admin, target, True)
+                except Exception:  # pylint: disable=broad-except  # report the first failure
+                    pass
+                if isinstance(exc, SourceError) or not isinstance(exc, Exception):
+                    raise
+                raise SourceError("postgres target: swap failed at '%s' (%s); %s is unchanged"
+                                  % (step, procutil.scrub(" ".join(str(exc).split()), self.conn.secrets),
+                                     target)) from None
+            self._allow_connections(admin, kept, True)
+            return kept
+
+    # -- after a swap ------------------------------------------------------------------
+    def kept_databases(self, target=None):
+        """Databases kept for rollback by earlier swaps of ``target``, newest first."""
+        target = target or self.conn.database
+        with self._admin() as admin:
+            rows = admin.execute("SELECT datname FROM pg_catalog.pg_database WHERE datname LIKE %s",
+                                 (target.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+                                  + "\\_pre\\_restore\\_%",)).fetchall()
+        return sorted((row[0] for row in rows), reverse=True)
+
+    def drop_kept(self, kept):
+        """Drop a database kept by a swap (only names that a swap made are accepted)."""
+        if KEPT_MARKER not in kept:
+            raise ConfigError("postgres target: %s is not a database kept by a restore swap" % kept)
+        self.drop_database(kept)
+        return {"changed": True, "dropped": kept}
+
+    def rollback(self, kept=None, target=None):
+        """Put the kept database back under the target's name; the restored one is kept aside."""
+        target = target or self.conn.database
+        kept = kept or next(iter(self.kept_databases(target)), None)
+        if not kept or KEPT_MARKER not in kept:
+            raise ConfigError("postgres target: no database kept for rollback of %s" % target)
+        aside = database_name(target, ROLLED_BACK_MARKER + utc_now().strftime("%Y%m%dt%H%M%Sz"))
+        with self._admin() as admin:
+            if not self._exists(admin, kept):
+                raise ConfigError("postgres target: database %s does not exist" % kept)
+            self._allow_connections(admin, target, False)
+            try:
+                self._evict(admin, target)
+                self._rename(admin, target, aside)
+            except BaseException:
+                self._allow_connections(admin, target, True)
+                raise
+            self._rename(admin, kept, target)
+            self._allow_connections(admin, aside, True)
+        return {"changed": True, "database": target, "restored_from": kept, "set_aside": aside}
+
+    @classmethod
+    @contextlib.contextmanager
+    def scratch(cls, manifest, options):
+        """A throwaway database on the same server, dropped afterwards (for test restores)."""
+        options = dict(options or {})
+        for key in ("swap", "drop_old", "restore_globals", "restore_database"):
+            options.pop(key, None)
+        base = options.get("database") or options.get("dbname") or (manifest.get("stats") or {}).get("database") or "db"
+        options.pop("dbname", None)
+        options["database"] = base
+        options["restore_database"] = database_name(base, "_verify_" + _id_suffix(manifest["id"]))
+        options.setdefault("no_owner", True)
+        options.setdefault("no_privileges", True)
+        target = cls(options)
+        try:
+            yield target
+        finally:
+            target._drop_quietly(options["restore_database"])  # pylint: disable=protected-access
+
+
+def compare_tables(expected, actual):
+    """Checks ``{what, expected, actual, ok}``: one per table in either set, plus the table count."""
+    expected = expected or {}
+    checks = [{"what": "tables", "expected": len(expected), "actual": len(actual),
+               "ok": set(expected) == set(actual)}]
+    for name in sorted(set(expected) | set(actual)):
+        want, got = expected.get(name), actual.get(name)
+        checks.append({"what": "rows %s" % name, "expected": want, "actual": got, "ok": want == got})
+    return checks
