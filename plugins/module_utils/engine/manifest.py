@@ -18,10 +18,12 @@ KINDS = ("postgres", "redis", "files", "directory_sync", "kubernetes", "config_g
 _JOB_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 _REQUIRED = ("schema", "id", "job", "kind", "status", "started_at", "finished_at", "objects",
              "compression", "encryption", "tool_versions", "parent", "stats")
-# Words that must never appear as keys anywhere in a manifest: a last line of defence
-# against a source description that accidentally carries a credential.
-_SECRET_KEY_RE = re.compile(r"(password|passphrase|secret|token|private|identity)(?!_file|_env|_ref)",
-                            re.IGNORECASE)
+# Keys that must never hold a value in a manifest: a last line of defence against a source
+# description that accidentally carries a credential. Only text can be a credential, so a
+# number under such a key (a row count of table ``password_resets``, the number of exported
+# ``secret`` objects) is fine, and so is a reference to where a secret lives (``*_file``...).
+_SECRET_KEY_RE = re.compile(r"password|passphrase|secret|token|private|identity", re.IGNORECASE)
+_SECRET_REF_SUFFIXES = ("_file", "_env", "_ref")
 
 
 def validate_job_name(job):
@@ -41,10 +43,20 @@ def object_key(job, backup_id, name):
     return "%s/%s/%s" % (job, backup_id, name)
 
 
+def _holds_text(value):
+    if isinstance(value, (str, bytes)):
+        return value != "" and value != b""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_text(item) for item in value)
+    return False
+
+
 def _check_no_secrets(value, path="manifest"):
     if isinstance(value, dict):
         for key, item in value.items():
-            if _SECRET_KEY_RE.search(str(key)):
+            name = str(key)
+            if (_SECRET_KEY_RE.search(name) and not name.lower().endswith(_SECRET_REF_SUFFIXES)
+                    and _holds_text(item)):
                 raise ConfigError("refusing to write a manifest with a secret-looking field %s.%s" % (path, key))
             _check_no_secrets(item, "%s.%s" % (path, key))
     elif isinstance(value, list):
