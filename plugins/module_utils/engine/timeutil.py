@@ -35,9 +35,16 @@ def parse_iso(text):
 
 
 def new_backup_id(moment=None):
-    """Sortable, unique id: the UTC start time plus 24 random bits."""
-    moment = moment or utc_now()
-    return "%s-%s" % (moment.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ"), secrets.token_hex(3))
+    """Sortable, unique id: the UTC start time, its fraction of a second, 16 random bits.
+
+    The six hex digits after the dash are the sub-second part in 1/256 s (two digits) and
+    a random part (four). Ids of backups started within the same second therefore still
+    sort in start order, which the catalog relies on for ``latest`` (manifest times are
+    whole seconds).
+    """
+    moment = (moment or utc_now()).astimezone(UTC)
+    return "%s-%02x%s" % (moment.strftime("%Y%m%dT%H%M%SZ"), moment.microsecond * 256 // 1000000,
+                          secrets.token_hex(2))
 
 
 def is_backup_id(text):
