@@ -20,6 +20,8 @@ VENV := $(ROOT)/.venv
 VENV_BIN := $(VENV)/bin
 # Written after a successful `pip install`; older than a requirements file => reinstall.
 VENV_STAMP := $(VENV)/.requirements-installed
+# Exact versions of everything in .venv (`make constraints` regenerates it from the ranges).
+CONSTRAINTS := $(ROOT)/constraints.txt
 
 BUILD := $(ROOT)/build
 # Collection root for imports, ansible-playbook and ansible-lint: holds the symlink
@@ -51,18 +53,28 @@ help: ## list the targets
 	@echo "Variables: PYTHON=$(PYTHON) SANITY_PYTHON=$(SANITY_PYTHON) PYTEST_ARGS='...' SANITY_ARGS='...'"
 
 ##@ setup
-.PHONY: deps apt venv collections build-kube
+.PHONY: deps apt venv constraints collections build-kube
 deps: apt venv ## Debian packages (hack/install-deps.sh) and the .venv with pinned requirements
 
 apt: ## only the Debian packages
 	bash hack/install-deps.sh
 
-venv: $(VENV_STAMP) ## only .venv (reinstalled when a requirements file changed)
+venv: $(VENV_STAMP) ## only .venv, at the versions of constraints.txt (redone when a requirements file changed)
 
-$(VENV_STAMP): requirements.txt requirements-test.txt
+$(VENV_STAMP): requirements.txt requirements-test.txt $(CONSTRAINTS)
 	test -x $(VENV_BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(VENV_BIN)/python -m pip install --quiet -r requirements-test.txt
+	$(VENV_BIN)/python -m pip install --quiet -r requirements-test.txt -c $(CONSTRAINTS)
 	touch $@
+
+constraints: ## resolve requirements*.txt afresh in a scratch venv and pin the result in constraints.txt
+	rm -rf $(BUILD)/constraints-venv
+	$(PYTHON) -m venv $(BUILD)/constraints-venv
+	$(BUILD)/constraints-venv/bin/python -m pip install --quiet -r requirements-test.txt
+	{ echo '# Exact versions CI installs into .venv: `pip install -r requirements-test.txt -c constraints.txt`.'; \
+	  echo '# The ranges live in requirements*.txt; regenerate this file with `make constraints` after changing them.'; \
+	  $(BUILD)/constraints-venv/bin/python -m pip freeze; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(BUILD)/constraints-venv
 
 collections: ## build/collections/ansible_collections/biometrics/backup -> repo
 	bash hack/collection-layout.sh link
@@ -86,10 +98,12 @@ changelog-lint: venv ## antsibull-changelog lint (fragments and changelog.yaml)
 	antsibull-changelog lint
 	antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml
 
+# pytest's own exit code decides: 5 (nothing collected) fails like any other non-zero code,
+# and with CI=true tests/conftest.py fails skipped tests and runs in which nothing passed.
 unit: venv collections ## pytest tests/unit
 	python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: venv collections ## pytest tests/integration (real servers)
+integration: venv collections ## pytest tests/integration (real servers started by the fixtures)
 	python -m pytest tests/integration $(PYTEST_ARGS)
 
 ##@ run
