@@ -70,7 +70,7 @@ def free_ports(count=1):
     """``count`` distinct TCP ports free on loopback right now (held together while picking)."""
     sockets = []
     try:
-        for _ in range(count):
+        for dummy in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind((LOOPBACK, 0))
             sockets.append(sock)

@@ -65,7 +65,7 @@ def test_redis_set_get_and_snapshot(redis_server):
     assert client.incrby(key + ":n", 41) == 41 and client.incr(key + ":n") == 42
     # The data directory is the fixture's: a BGSAVE lands there as dump.rdb.
     client.bgsave()  # the fork happens before the reply: "in progress" is set from here on
-    for _ in range(600):
+    for dummy in range(600):
         if client.info("persistence")["rdb_bgsave_in_progress"] == 0:
             break
         time.sleep(0.05)

@@ -152,7 +152,7 @@ def test_stop_kills_the_whole_process_group(tmp_path):
     assert _alive(child)
     process.stop()
     assert process.proc.returncode == -signal.SIGKILL
-    for _ in range(50):
+    for dummy in range(50):
         if not _alive(child):
             break
         time.sleep(0.1)
