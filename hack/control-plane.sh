@@ -212,7 +212,7 @@ pid_of() { cat "$STATE_DIR/pids/$1.pid" 2>/dev/null || true; }
 is_ours() {
   local pid="$1"
   [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$STATE_DIR/"
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$STATE_DIR/"
 }
 
 spawn() { # spawn NAME CMD...: run CMD in its own session/process group, log to logs/NAME.log
@@ -220,7 +220,14 @@ spawn() { # spawn NAME CMD...: run CMD in its own session/process group, log to 
   shift
   # 9>&-: the child must not inherit our lock, or a later `stop` would wait on it forever.
   setsid "$@" >"$STATE_DIR/logs/$name.log" 2>&1 </dev/null 9>&- &
-  echo "$!" >"$STATE_DIR/pids/$name.pid"
+  local pid="$!" i
+  echo "$pid" >"$STATE_DIR/pids/$name.pid"
+  # Until the forked shell has exec'd the command, its cmdline is still this script's and
+  # is_ours would call it dead: wait for the exec (or for it to really exit).
+  for ((i = 0; i < 100; i++)); do
+    is_ours "$pid" || ! kill -0 "$pid" 2>/dev/null && break
+    sleep 0.05
+  done
 }
 
 stop_component() {
@@ -340,6 +347,11 @@ cmd_stop() {
 cmd_start() {
   local t0 admin_token kcm_token
   abs_state_dir
+  # `start` wipes the state dir: never do that to a directory this script did not make.
+  if [[ ! -e "$STATE_DIR/$STATE_MARKER" ]] &&
+    [[ -n "$(find "$STATE_DIR" -mindepth 1 -maxdepth 1 ! -name .lock -print -quit)" ]]; then
+    die "$STATE_DIR is not empty and not a control-plane state dir; refusing to wipe it"
+  fi
   exec 9>"$STATE_DIR/.lock"
   flock 9 # concurrent starts (parallel test workers) queue here; the later ones reuse
   if cmd_status >/dev/null 2>&1; then
@@ -353,11 +365,6 @@ cmd_start() {
   KUBECTL_BIN="$(find_kubectl)"
 
   t0=$(date +%s.%N)
-  # `start` wipes the state dir: never do that to a directory this script did not make.
-  if [[ ! -e "$STATE_DIR/$STATE_MARKER" ]] &&
-    [[ -n "$(find "$STATE_DIR" -mindepth 1 -maxdepth 1 ! -name .lock -print -quit)" ]]; then
-    die "$STATE_DIR is not empty and not a control-plane state dir; refusing to wipe it"
-  fi
   find "$STATE_DIR" -mindepth 1 -maxdepth 1 ! -name .lock ! -name "$STATE_MARKER" -exec rm -rf {} +
   : >"$STATE_DIR/$STATE_MARKER"
   mkdir -p "$STATE_DIR/logs" "$STATE_DIR/pids" "$STATE_DIR/etcd"
