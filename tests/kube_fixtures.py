@@ -3,7 +3,8 @@
 ``kube_cluster`` (session scope) either reuses a running control plane, when the
 environment names its kubeconfig in ``BIOMETRICS_KUBECONFIG`` (``eval "$(hack/control-plane.sh
 env)"`` sets it), or starts one with the script in its own state dir and stops it at the end
-of the session. It cannot start: under ``CI=true`` the test FAILS, elsewhere it is skipped.
+of the session. When it cannot start, ``require_or_skip`` (tests/conftest.py) decides: under
+``CI=true`` the test FAILS, elsewhere it is skipped.
 
 ``kube_namespace`` gives a test a fresh namespace (deleted afterwards) whose ``default``
 ServiceAccount already exists, so pods can be created in it straight away;
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_or_skip
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTROL_PLANE = REPO_ROOT / "hack" / "control-plane.sh"
 # Under the repository's build/ (ignored by git), apart from `make cluster-up`'s build/cluster,
@@ -32,10 +35,8 @@ NAMESPACE_READY_TIMEOUT = 60
 
 
 def unavailable(reason):
-    """The server a test needs is missing: FAIL under CI=true, skip elsewhere."""
-    if os.environ.get("CI", "").strip().lower() == "true":
-        pytest.fail("CI=true and the Kubernetes control plane is unavailable: %s" % reason, pytrace=False)
-    pytest.skip("Kubernetes control plane unavailable: %s" % reason)
+    """The control plane a test needs is missing: FAIL under CI=true, skip elsewhere."""
+    require_or_skip("Kubernetes control plane unavailable: %s" % reason)
 
 
 def _kubernetes():
