@@ -135,12 +135,136 @@ class _GzipReader:
         return b""
 
 
+class TruncatedStreamError(ValueError):
+    """The compressed stream ended inside a frame."""
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_FCS_SIZES = (0, 2, 4, 8)
+_DICT_ID_SIZES = (0, 1, 2, 4)
+
+
+class _ZstdFrameTracker:
+    """Follows zstd frame and block boundaries (RFC 8878) in the compressed bytes read.
+
+    zstandard's stream_reader returns short (even empty) output without an error when its
+    input stops in the middle of a frame, so a cut-off payload would decompress "fine".
+    The tracker only reads headers and skips block bodies, so it costs next to nothing;
+    ``at_boundary`` tells whether the input ended cleanly after at least one frame.
+    """
+
+    def __init__(self, source):
+        self._source = source
+        self._need = 4          # bytes still wanted for the current field or body
+        self._field = bytearray()
+        self._state = "magic"   # magic, descriptor, header, block, body, checksum, skip_size, skip
+        self._checksum = False
+        self._last_block = False
+        self.frames = 0
+
+    def read(self, size=-1):
+        data = self._source.read(size)
+        if data:
+            self._feed(memoryview(data))
+        return data
+
+    @property
+    def at_boundary(self):
+        return self._state == "magic" and not self._field and self.frames > 0
+
+    def _feed(self, view):
+        while len(view):
+            if self._state in ("body", "skip"):
+                take = min(self._need, len(view))
+                view = view[take:]
+                self._need -= take
+                if not self._need:
+                    self._end_of_body()
+                continue
+            take = min(self._need - len(self._field), len(view))
+            self._field += view[:take]
+            view = view[take:]
+            if len(self._field) == self._need:
+                field, self._field = bytes(self._field), bytearray()
+                self._field_done(field)
+
+    def _field_done(self, field):
+        state = self._state
+        if state == "magic":
+            magic = int.from_bytes(field, "little")
+            if magic == _ZSTD_MAGIC:
+                self._state, self._need = "descriptor", 1
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self._state, self._need = "skip_size", 4
+            else:
+                raise ValueError("not a zstd frame (magic %08x)" % magic)
+        elif state == "descriptor":
+            descriptor = field[0]
+            single_segment = bool(descriptor & 0x20)
+            self._checksum = bool(descriptor & 0x04)
+            fcs = _FCS_SIZES[descriptor >> 6] or (1 if single_segment else 0)
+            rest = (0 if single_segment else 1) + _DICT_ID_SIZES[descriptor & 0x03] + fcs
+            self._state, self._need = ("header", rest) if rest else ("block", 3)
+        elif state == "header":
+            self._state, self._need = "block", 3
+        elif state == "block":
+            header = int.from_bytes(field, "little")
+            self._last_block = bool(header & 1)
+            block_type, block_size = (header >> 1) & 3, header >> 3
+            if block_type == 3:
+                raise ValueError("corrupt zstd block header")
+            self._state, self._need = "body", (1 if block_type == 1 else block_size)
+            if not self._need:
+                self._end_of_body()
+        elif state == "checksum":
+            self._frame_done()
+        elif state == "skip_size":
+            self._state, self._need = "skip", int.from_bytes(field, "little")
+            if not self._need:
+                self._frame_done()
+
+    def _end_of_body(self):
+        if self._state == "skip":
+            self._frame_done()
+        elif not self._last_block:
+            self._state, self._need = "block", 3
+        elif self._checksum:
+            self._state, self._need = "checksum", 4
+        else:
+            self._frame_done()
+
+    def _frame_done(self):
+        self.frames += 1
+        self._state, self._need = "magic", 4
+
+
+class _ZstdReader:
+    """zstd decompression that fails on a cut-off stream instead of returning short data."""
+
+    def __init__(self, source):
+        self._tracker = _ZstdFrameTracker(source)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            self._tracker, read_across_frames=True, closefd=False)
+
+    def read(self, size=-1):
+        data = self._reader.read(size)
+        if not data and not self._tracker.at_boundary:
+            raise TruncatedStreamError("zstd stream is truncated (it ends inside a frame)")
+        return data
+
+    def readable(self):
+        return True
+
+    def close(self):
+        self._reader.close()
+
+
 def decompressing_reader(source, algorithm):
-    """A readable yielding the decompressed bytes of ``source``."""
+    """A readable yielding the decompressed bytes of ``source``; a cut-off stream raises."""
     if algorithm == "zstd":
         if not HAS_ZSTD:
             raise MissingDependencyError("zstandard", "zstd decompression")
-        return zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True, closefd=False)
+        return _ZstdReader(source)
     if algorithm == "gzip":
         return _GzipReader(source)
     if algorithm == "none":
