@@ -36,7 +36,7 @@ def resolve_secret_refs(options, where="options"):
             resolved[key] = value
     for key, value in list(resolved.items()):
         for suffix in ("_file", "_env"):
-            base = key[:-len(suffix)] if key.endswith(suffix) else None
+            base = key[:-len(suffix)] if isinstance(key, str) and key.endswith(suffix) else None
             if base not in SECRET_FIELDS or value in (None, ""):
                 continue
             if resolved.get(base) not in (None, ""):
