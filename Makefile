@@ -37,6 +37,9 @@ BUNDLE_SITE_PACKAGES = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages
 
 PYTEST_ARGS ?=
 SANITY_ARGS ?=
+# A test path in PYTEST_ARGS (tests/...) replaces the stage's default directory:
+# `make integration PYTEST_ARGS=tests/integration/test_servers.py` runs only that file.
+pytest_paths = $(if $(filter tests/%,$(PYTEST_ARGS)),,$(1))
 
 export PATH := $(VENV_BIN):$(PATH)
 export ANSIBLE_COLLECTIONS_PATH = $(COLLECTIONS_DIR):$(BUNDLE_SITE_PACKAGES)
@@ -101,10 +104,10 @@ changelog-lint: venv ## antsibull-changelog lint (fragments and changelog.yaml)
 # pytest's own exit code decides: 5 (nothing collected) fails like any other non-zero code,
 # and with CI=true tests/conftest.py fails skipped tests and runs in which nothing passed.
 unit: venv collections ## pytest tests/unit
-	python -m pytest tests/unit $(PYTEST_ARGS)
+	python -m pytest $(call pytest_paths,tests/unit) $(PYTEST_ARGS)
 
 integration: venv collections ## pytest tests/integration (real servers started by the fixtures)
-	python -m pytest tests/integration $(PYTEST_ARGS)
+	python -m pytest $(call pytest_paths,tests/integration) $(PYTEST_ARGS)
 
 ##@ run
 .PHONY: demo bench cluster-up cluster-down
