@@ -19,8 +19,11 @@ INDEX_SCHEMA = 1
 
 
 class Catalog:
-    def __init__(self, storage):
+    def __init__(self, storage, repair_index=True):
         self.storage = storage
+        # A scan that had to re-read manifests writes the index back (best effort), so a
+        # lost race between writers or a damaged index costs extra GETs once, not forever.
+        self.repair_index = repair_index
         self.junk = []       # [{key, reason}] seen by the last scan
         self.orphans = []    # [ObjectInfo] under backup directories without a manifest
 
@@ -34,8 +37,10 @@ class Catalog:
             self.junk.append({"key": "%s/%s" % (job, INDEX_NAME), "reason": "unreadable catalog index (rebuilt)"})
             return {}
         if not isinstance(data, dict) or data.get("schema") != INDEX_SCHEMA or not isinstance(data.get("backups"), dict):
+            self.junk.append({"key": "%s/%s" % (job, INDEX_NAME), "reason": "unexpected catalog index layout (rebuilt)"})
             return {}
-        return data["backups"]
+        # Entries are cached copies only: anything malformed is dropped and re-read from storage.
+        return {backup_id: entry for backup_id, entry in data["backups"].items() if isinstance(entry, dict)}
 
     def _load_json(self, key, loader):
         try:
@@ -69,23 +74,38 @@ class Catalog:
         backups = []
         for job_name, dirs in sorted(by_job.items()):
             backups.extend(self._scan_job(job_name, dirs, with_orphans))
-        backups.sort(key=lambda m: (m["started_at"], m["id"]), reverse=True)
+        # Parsed times, not strings: '...05Z' and '...05+00:00' are the same instant. Ids
+        # break ties within one second (they sort in start order, see timeutil.new_backup_id).
+        backups.sort(key=lambda m: (parse_iso(m["started_at"]), m["id"]), reverse=True)
         return backups
+
+    def _cached_manifest(self, entry, manifest_info, where):
+        """The index's copy of a manifest when it is still valid for the listed object, else None."""
+        manifest = entry.get("manifest")
+        if manifest is None or entry.get("manifest_size") != manifest_info.size:
+            return None
+        try:
+            return mf.validate(manifest, where)
+        except IntegrityError:
+            return None  # a damaged or foreign index entry: read the manifest itself
 
     def _scan_job(self, job, dirs, with_orphans):
         index = self._read_index(job) if dirs else {}
         found = []
+        fresh = {}  # what the index should hold after this scan
         for backup_id, infos in sorted(dirs.items()):
-            names = {info.key.rsplit("/", 1)[-1]: info for info in infos}
+            base = "%s/%s/" % (job, backup_id)
+            # Only direct children count: '<id>/sub/manifest.json' is not this backup's manifest.
+            names = {info.key[len(base):]: info for info in infos}
             manifest_info = names.get(mf.MANIFEST_NAME)
             if manifest_info is None:
                 if with_orphans:
                     self.orphans.extend(infos)
                 continue
             entry = index.get(backup_id) or {}
-            manifest = entry.get("manifest")
             key = mf.object_key(job, backup_id, mf.MANIFEST_NAME)
-            if manifest is None or entry.get("manifest_size") != manifest_info.size:
+            manifest = self._cached_manifest(entry, manifest_info, key)
+            if manifest is None:
                 try:
                     manifest, _ = self._load_json(key, lambda raw, k=key: mf.loads(raw, k))
                 except IntegrityError as exc:
@@ -107,9 +127,14 @@ class Catalog:
                 except (ValueError, UnicodeDecodeError):
                     self.junk.append({"key": vkey, "reason": "unreadable verification record"})
                     verification = None
+            fresh[backup_id] = {"manifest": manifest, "manifest_size": manifest_info.size}
+            if verification is not None:
+                fresh[backup_id].update(verification=verification, verification_size=ver_info.size)
             item = dict(manifest)
             item["verification"] = verification
             found.append(item)
+        if self.repair_index and fresh != index:
+            self._write_index(job, fresh)
         return found
 
     def jobs(self):
@@ -195,9 +220,16 @@ class Catalog:
                     entries[backup_id]["verification_size"] = size
             for backup_id in drop:
                 entries.pop(backup_id, None)
-            payload = {"schema": INDEX_SCHEMA, "job": job, "backups": entries}
+        except StorageError:
+            return  # could not read it: the next scan rebuilds it
+        self._write_index(job, entries)
+
+    def _write_index(self, job, entries):
+        payload = {"schema": INDEX_SCHEMA, "job": job, "backups": entries}
+        try:
             self.storage.put_bytes("%s/%s" % (job, INDEX_NAME),
                                    (json.dumps(payload, sort_keys=True) + "\n").encode("utf-8"))
         except StorageError:
-            # The index is only a cache: a failed refresh costs extra reads on the next scan.
+            # The index is only a cache: a failed refresh costs extra reads on the next scan
+            # (and read-only credentials simply never refresh it).
             pass

@@ -100,6 +100,11 @@ def loads(data, where="manifest"):
         manifest = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityError("%s is not valid JSON: %s" % (where, exc)) from None
+    return validate(manifest, where)
+
+
+def validate(manifest, where="manifest"):
+    """Structural check of a parsed manifest (also applied to the catalog index's cached copies)."""
     if not isinstance(manifest, dict):
         raise IntegrityError("%s is not a JSON object" % where)
     missing = [field for field in _REQUIRED if field not in manifest]

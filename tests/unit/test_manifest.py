@@ -1,0 +1,161 @@
+"""engine/manifest: what a backup is, and what a manifest may never hold."""
+
+import json
+
+import pytest
+
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError, IntegrityError
+
+SHA = "ab" * 32
+
+
+def sample(**overrides):
+    args = dict(
+        backup_id="20240115T020304Z-0a1b2c", job="pg-main", kind="postgres",
+        started_at="2024-01-15T02:03:04Z", finished_at="2024-01-15T02:05:00Z",
+        objects=[{"name": "dump.pgdump.zst.age", "payload": "dump.pgdump", "size": 1000, "sha256": SHA},
+                 {"name": "globals.sql.zst.age", "payload": "globals.sql", "size": 24, "sha256": "cd" * 32}],
+        compression={"algorithm": "zstd", "level": 3},
+        encryption={"mode": "age", "recipients": ["age1qqq"]},
+        tool_versions={"pg_dump": "15.5"},
+        stats={"tables": {"public.users": 10}},
+        parent=None, source={"host": "db", "dbname": "app", "password_file": "/run/secrets/pg"},
+    )
+    args.update(overrides)
+    return mf.build(**args)
+
+
+def test_build_holds_every_required_field_and_round_trips():
+    manifest = sample()
+    for field in ("schema", "id", "job", "kind", "status", "started_at", "finished_at", "objects",
+                  "compression", "encryption", "tool_versions", "parent", "stats"):
+        assert field in manifest
+    assert manifest["status"] == mf.STATUS_COMPLETE
+    assert manifest["size_bytes"] == 1024
+    data = mf.dumps(manifest)
+    assert data.endswith(b"\n")
+    assert mf.loads(data) == manifest
+    assert mf.loads(data.decode()) == manifest
+
+
+def test_dumps_is_deterministic():
+    assert mf.dumps(sample()) == mf.dumps(json.loads(mf.dumps(sample())))
+
+
+def test_extra_fields_are_merged():
+    manifest = sample(extra={"duration_seconds": 1.5, "raw_bytes": 4096})
+    assert manifest["duration_seconds"] == 1.5 and manifest["raw_bytes"] == 4096
+
+
+def test_keys_and_layout():
+    assert mf.object_key("job", "20240115T020304Z-0a1b2c", mf.MANIFEST_NAME) == "job/20240115T020304Z-0a1b2c/manifest.json"
+    assert mf.backup_dir("job", "x") == "job/x"
+
+
+@pytest.mark.parametrize("where, fields", [
+    ("source", {"source": {"host": "db", "password": "hunter2"}}),
+    ("source", {"source": {"Auth": {"DB_PASSWORD": "hunter2"}}}),
+    ("source", {"source": {"secret_key": "abc"}}),
+    ("source", {"source": {"token": "abc"}}),
+    ("source", {"source": {"identity": "AGE-SECRET-KEY-1XYZ"}}),
+    ("source", {"source": {"privateKey": "-----BEGIN"}}),
+    ("source", {"source": {"passphrase": b"bytes too"}}),
+    ("source", {"source": {"hosts": [{"name": "a", "password": "x"}]}}),
+    ("source", {"source": {"tokens": ["t1", "t2"]}}),
+    ("stats", {"stats": {"secret": "oops"}}),
+    ("extra", {"extra": {"keySecret": "backup-encryption-key"}}),
+])
+def test_secret_looking_text_is_refused_naming_the_field(where, fields):
+    with pytest.raises(ConfigError, match="secret-looking field"):
+        sample(**fields)
+
+
+def test_the_refusal_names_the_path():
+    with pytest.raises(ConfigError, match=r"manifest\.source\.hosts\[1\]\.password"):
+        sample(source={"hosts": [{"name": "a"}, {"name": "b", "password": "x"}]})
+
+
+@pytest.mark.parametrize("fields", [
+    # Counts keyed by names that merely contain a secret-looking word are data, not secrets.
+    {"stats": {"tables": {"public.password_resets": 12, "public.user_tokens": 3, "private_notes": 0}}},
+    {"stats": {"kinds": {"secret": 4, "configmap": 2}}},
+    {"stats": {"secret": {"ns1": 2, "ns2": 0}}},
+    # References to where a secret lives are fine.
+    {"source": {"password_file": "/run/secrets/pg", "secret_key_file": "/run/s3", "token_env": "TOKEN",
+                "passphrase_ref": "vault:x"}},
+    # Empty or missing values hold nothing.
+    {"source": {"password": None, "token": "", "secrets_exported": True}},
+])
+def test_harmless_fields_with_secret_words_pass(fields):
+    manifest = sample(**fields)
+    assert mf.loads(mf.dumps(manifest)) == manifest
+
+
+def test_loads_rejects_non_json_and_non_objects():
+    with pytest.raises(IntegrityError, match="where/manifest.json is not valid JSON"):
+        mf.loads(b"{nope", "where/manifest.json")
+    with pytest.raises(IntegrityError, match="not valid JSON"):
+        mf.loads(b"\xff\xfe")
+    with pytest.raises(IntegrityError, match="not a JSON object"):
+        mf.loads(b"[1, 2]")
+
+
+@pytest.mark.parametrize("field", ["schema", "id", "job", "kind", "status", "started_at", "finished_at",
+                                   "objects", "compression", "encryption", "tool_versions", "parent", "stats"])
+def test_loads_names_a_missing_required_field(field):
+    manifest = sample()
+    del manifest[field]
+    with pytest.raises(IntegrityError, match="lacks required fields: %s" % field):
+        mf.loads(json.dumps(manifest))
+
+
+def test_loads_rejects_other_schema_versions_and_bad_times():
+    with pytest.raises(IntegrityError, match="unsupported schema 2"):
+        mf.loads(json.dumps(dict(sample(), schema=2)))
+    with pytest.raises(IntegrityError, match="invalid finished_at: 'soon'"):
+        mf.loads(json.dumps(dict(sample(), finished_at="soon")))
+
+
+@pytest.mark.parametrize("objects", [
+    [],
+    "dump",
+    [{"name": "/etc/passwd", "size": 1, "sha256": SHA}],
+    [{"name": "../other/dump", "size": 1, "sha256": SHA}],
+    [{"name": "a/../../b", "size": 1, "sha256": SHA}],
+    [{"name": "", "size": 1, "sha256": SHA}],
+    [{"name": "dump", "size": -1, "sha256": SHA}],
+    [{"name": "dump", "size": "1", "sha256": SHA}],
+    [{"name": "dump", "size": 1, "sha256": "AB" * 32}],
+    [{"name": "dump", "size": 1, "sha256": "ab" * 31}],
+    [{"name": "dump", "size": 1}],
+    ["dump"],
+])
+def test_loads_rejects_malformed_object_lists(objects):
+    with pytest.raises(IntegrityError, match="no stored objects|malformed object entry"):
+        mf.loads(json.dumps(dict(sample(), objects=objects)))
+
+
+def test_validate_checks_a_parsed_manifest_as_loads_does():
+    assert mf.validate(sample()) == sample()
+    with pytest.raises(IntegrityError, match="index entry lacks required fields"):
+        mf.validate({"id": "x"}, "index entry")
+    with pytest.raises(IntegrityError, match="not a JSON object"):
+        mf.validate("manifest text")
+
+
+@pytest.mark.parametrize("job", ["pg-main", "a", "redis.cache_1", "x" * 63, "0job9"])
+def test_valid_job_names(job):
+    assert mf.validate_job_name(job) == job
+
+
+@pytest.mark.parametrize("job", ["", "-x", "x-", "UPPER", "with/slash", "..", "x" * 64, "sp ace", None, 5])
+def test_invalid_job_names_are_config_errors(job):
+    with pytest.raises(ConfigError, match="invalid job name"):
+        mf.validate_job_name(job)
+
+
+def test_summary_keeps_the_listing_fields():
+    summary = mf.summary(sample())
+    assert summary["id"] == "20240115T020304Z-0a1b2c" and summary["size_bytes"] == 1024
+    assert "objects" not in summary and "stats" not in summary
