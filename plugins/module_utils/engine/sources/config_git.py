@@ -155,9 +155,11 @@ class GitSession:
         return argv + ["-c", "core.hooksPath=%s" % os.devnull, "-c", "commit.gpgsign=false",
                        "-c", "credential.helper=", "-c", "core.autocrlf=false", "-c", "core.symlinks=true"]
 
-    def run(self, workdir, *args, **kwargs):
-        return run_tool(self.base(workdir) + list(args), env=self.env, what=kwargs.pop("what", "git %s" % args[0]),
-                        secrets=self.secrets, timeout=kwargs.pop("timeout", 600), **kwargs)
+    def run(self, workdir, *args, what=None, extra_env=None, timeout=600):
+        """Run git; its stdout as text. SourceError (stderr scrubbed of secrets) on failure."""
+        env = dict(self.env, **extra_env) if extra_env else self.env
+        return run_tool(self.base(workdir) + list(args), env=env, what=what or "git %s" % _subcommand(args),
+                        secrets=self.secrets, timeout=timeout)
 
     def status(self, workdir, *args):
         """Exit code of a git command whose answer is its status (diff --quiet, ls-remote --exit-code)."""
@@ -166,7 +168,8 @@ class GitSession:
         return done.returncode, done.stderr.decode("utf-8", "replace")
 
     def stream(self, workdir, *args):
-        return ToolStream(self.base(workdir) + list(args), env=self.env, what="git %s" % args[0], secrets=self.secrets)
+        return ToolStream(self.base(workdir) + list(args), env=self.env, what="git %s" % _subcommand(args),
+                          secrets=self.secrets)
 
     def version(self):
         return tool_version(self.git)[0]
@@ -341,6 +344,19 @@ class ConfigGitSource(Source):
         output = session.run(workdir, "diff", "--cached", "--name-status", "-z", "--no-renames")
         fields = output.split("\0")
         return [fields[i][:1] for i in range(0, len(fields) - 1, 2) if fields[i]]
+
+
+def _subcommand(args):
+    """The git subcommand of an argument list (for messages): the first word not an option or its value."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--git-dir", "--work-tree", "-C", "-c"):
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return "command"
 
 
 def _scrub(text, secrets):

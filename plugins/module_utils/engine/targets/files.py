@@ -214,6 +214,89 @@ class _Tree:
         os.utime(full, ns=(entry["mtime"], entry["mtime"]), follow_symlinks=False)
 
 
+class StagedDestination:
+    """A restore destination that is only touched once the restored data is verified.
+
+    ``make_staging()`` creates the staging directory next to the destination (inside it
+    when the destination is a mount point, where a rename cannot cross filesystems);
+    ``move_into_place()`` swaps it in. A non-empty destination is refused unless
+    ``overwrite`` is set, and then replaced as a whole.
+    """
+
+    def __init__(self, path, overwrite, what="restore destination"):
+        if not path or not isinstance(path, str) or not os.path.isabs(path):
+            raise ConfigError("%s must be an absolute directory path, got %r" % (what, path))
+        self.path = os.path.normpath(path)
+        if self.path == "/":
+            raise ConfigError("%s must not be / (restore into a directory below it)" % what)
+        self.overwrite = overwrite
+        self.what = what
+
+    def stage_inside(self):
+        return os.path.isdir(self.path) and not os.path.islink(self.path) and os.path.ismount(self.path)
+
+    def existing_entries(self, ignore=()):
+        """None when the destination does not exist, else its entries (lost+found of a volume ignored)."""
+        if not os.path.lexists(self.path):
+            return None
+        if os.path.islink(self.path) or not os.path.isdir(self.path):
+            raise ConfigError("%s %s exists and is not a directory" % (self.what, self.path))
+        ignore = set(ignore) | ({"lost+found"} if self.stage_inside() else set())
+        return sorted(name for name in os.listdir(self.path) if name not in ignore)
+
+    def preflight(self, ignore=()):
+        entries = self.existing_entries(ignore)
+        if entries and not self.overwrite:
+            raise ConfigError("%s %s is not empty (%d entries): set overwrite: true to replace it, or "
+                              "choose an empty or new directory" % (self.what, self.path, len(entries)))
+        probe = self.path if entries is not None else os.path.dirname(self.path)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError("%s %s: %s is not writable" % (self.what, self.path, probe))
+
+    def make_staging(self):
+        """``(staging directory, inside)``; ConfigError when it cannot be created."""
+        try:
+            if self.stage_inside():
+                return tempfile.mkdtemp(prefix=".restore-", dir=self.path), True
+            parent = os.path.dirname(self.path)
+            os.makedirs(parent, exist_ok=True)
+            return tempfile.mkdtemp(prefix=".%s.restore-" % os.path.basename(self.path), dir=parent), False
+        except OSError as exc:
+            raise ConfigError("cannot create a staging directory for %s: %s" % (self.path, exc.strerror)) from None
+
+    def move_into_place(self, staging, inside, finalize_root=None):
+        """Swap the verified staging tree in; ``finalize_root(path)`` sets the root's attributes."""
+        self.preflight(ignore=[os.path.basename(staging)])  # it may have changed while we restored
+        if inside:
+            keep = {os.path.basename(staging), "lost+found"}
+            if self.overwrite:
+                for name in os.listdir(self.path):
+                    if name not in keep:
+                        _remove(os.path.join(self.path, name))
+            for name in os.listdir(staging):
+                os.rename(os.path.join(staging, name), os.path.join(self.path, name))
+            os.rmdir(staging)
+            if finalize_root is not None:
+                finalize_root(self.path)
+            return
+        if finalize_root is not None:
+            finalize_root(staging)
+        if self.existing_entries():
+            old = tempfile.mkdtemp(prefix=".%s.old-" % os.path.basename(self.path), dir=os.path.dirname(self.path))
+            os.rmdir(old)
+            os.rename(self.path, old)
+            try:
+                os.rename(staging, self.path)
+            except OSError:
+                os.rename(old, self.path)
+                raise
+            force_rmtree(old)
+        else:
+            os.rename(staging, self.path)  # replaces an empty directory, or creates the destination
+
+
 class FilesTarget(Target):
     """Options: ``path`` (absolute destination directory), ``subpath`` (restore only this
     part of the tree, kept at its relative location), ``overwrite`` (replace a non-empty
@@ -224,14 +307,10 @@ class FilesTarget(Target):
 
     def __init__(self, options):
         super().__init__(options)
-        path = options.get("path")
-        if not path or not isinstance(path, str) or not os.path.isabs(path):
-            raise ConfigError("files target path must be an absolute directory path, got %r" % (path,))
-        self.path = os.path.normpath(path)
-        if self.path == "/":
-            raise ConfigError("files target path must not be / (restore into a directory below it)")
-        self.subpath = normalize_subpath(options.get("subpath"))
         self.overwrite = bool(options.get("overwrite", False))
+        self.destination = StagedDestination(options.get("path"), self.overwrite, "files target path")
+        self.path = self.destination.path
+        self.subpath = normalize_subpath(options.get("subpath"))
         ownership = options.get("ownership", "auto")
         if ownership in ("auto", None):
             ownership = os.geteuid() == 0
@@ -246,69 +325,6 @@ class FilesTarget(Target):
             desc["subpath"] = self.subpath
         return desc
 
-    # -- destination -------------------------------------------------------------------
-    def _stage_inside(self):
-        return os.path.isdir(self.path) and not os.path.islink(self.path) and os.path.ismount(self.path)
-
-    def _existing_entries(self):
-        if not os.path.lexists(self.path):
-            return None
-        if os.path.islink(self.path) or not os.path.isdir(self.path):
-            raise ConfigError("restore destination %s exists and is not a directory" % self.path)
-        ignore = {"lost+found"} if self._stage_inside() else set()
-        return sorted(name for name in os.listdir(self.path) if name not in ignore)
-
-    def preflight(self, manifest):
-        if manifest.get("kind") != self.kind:
-            raise ConfigError("backup %s is a %s backup, not files" % (manifest.get("id"), manifest.get("kind")))
-        if self.ownership and os.geteuid() != 0:
-            raise ConfigError("files target ownership: true needs root (or leave it at auto)")
-        entries = self._existing_entries()
-        if entries and not self.overwrite:
-            raise ConfigError("restore destination %s is not empty (%d entries): set overwrite: true to replace "
-                              "it, or choose an empty or new directory" % (self.path, len(entries)))
-        probe = self.path if entries is not None else os.path.dirname(self.path)
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise ConfigError("restore destination %s: %s is not writable" % (self.path, probe))
-
-    def _make_staging(self):
-        if self._stage_inside():
-            return tempfile.mkdtemp(prefix=".restore-", dir=self.path), True
-        parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        return tempfile.mkdtemp(prefix=".%s.restore-" % os.path.basename(self.path), dir=parent), False
-
-    def _move_into_place(self, staging, inside, root_entry):
-        if inside:
-            keep = {os.path.basename(staging), "lost+found"}
-            if self.overwrite:
-                for name in os.listdir(self.path):
-                    if name not in keep:
-                        _remove(os.path.join(self.path, name))
-            for name in os.listdir(staging):
-                os.rename(os.path.join(staging, name), os.path.join(self.path, name))
-            os.rmdir(staging)
-            if root_entry is not None:
-                _Tree(self.path, self.ownership).finalize_dir(root_entry, self.path)
-            return
-        if root_entry is not None:
-            _Tree(staging, self.ownership).finalize_dir(root_entry, staging)
-        entries = self._existing_entries()
-        if entries:
-            old = tempfile.mkdtemp(prefix=".%s.old-" % os.path.basename(self.path), dir=os.path.dirname(self.path))
-            os.rmdir(old)
-            os.rename(self.path, old)
-            try:
-                os.rename(staging, self.path)
-            except OSError:
-                os.rename(old, self.path)
-                raise
-            force_rmtree(old)
-        else:
-            os.rename(staging, self.path)  # replaces an empty directory, or creates the destination
-
     # -- restore -------------------------------------------------------------------------
     def restore(self, context):
         chain = context.chain or [context.manifest]
@@ -321,10 +337,7 @@ class FilesTarget(Target):
                 return {"changed": True, "destination": self.path, "subpath": self.subpath or None,
                         "chain": [m["id"] for m in chain], "checks": index_checks,
                         "plan": "would restore %d files (%d bytes) into %s" % (expected.files, expected.bytes, self.path)}
-            try:
-                staging, inside = self._make_staging()
-            except OSError as exc:
-                raise ConfigError("cannot create a staging directory for %s: %s" % (self.path, exc.strerror)) from None
+            staging, inside = self.destination.make_staging()
             try:
                 tree = _Tree(staging, self.ownership)
                 for position, manifest in enumerate(chain):
@@ -339,7 +352,7 @@ class FilesTarget(Target):
                     raise IntegrityError("restored tree of backup %s does not match it: %s" % (
                         final["id"], "; ".join("%s: expected %s, got %s" % (c["what"], c["expected"], c["actual"])
                                                for c in failed[:5])))
-                self._move_into_place(staging, inside, root_entry)
+                self.destination.move_into_place(staging, inside, _root_finalizer(tree, root_entry))
             except BaseException:
                 force_rmtree(staging)
                 raise
@@ -568,6 +581,15 @@ def _count_checks(expected, actual):
         want, got = getattr(expected, what), getattr(actual, what)
         checks.append({"what": what, "expected": want, "actual": got, "ok": want == got})
     return checks
+
+
+def _root_finalizer(tree, root_entry):
+    if root_entry is None:
+        return None
+
+    def finalize(path):
+        tree.finalize_dir(root_entry, path)
+    return finalize
 
 
 def _check_chain(chain, manifest):
