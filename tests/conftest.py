@@ -123,4 +123,6 @@ def pytest_sessionfinish(session, exitstatus):
     passed = len(reporter.stats.get("passed", [])) if reporter is not None else None
     if passed == 0 and session.testscollected > 0 and in_ci():
         # Tests were collected but none of them passed (all skipped or deselected).
+        reporter.write_line("CI=true: %d tests collected and none passed: failing the run"
+                            % session.testscollected, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
