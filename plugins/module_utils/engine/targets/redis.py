@@ -403,13 +403,22 @@ class RedisTarget(Target):
             dst.close()
 
     def _remove_copied(self, server, touched):
-        """Undo a partial copy: the backup's keys did not exist in the target before."""
+        """Undo a partial copy: the backup's keys did not exist in the target before.
+
+        Only keys that are present are deleted, so a key that was never written (and that
+        this user may not even be allowed to delete) is left alone.
+        """
         try:
             for db, dest in touched:
                 src, dst = server.client(db), self.conn.client(dest)
                 try:
                     for keys in self._batches(src):
-                        dst.delete(*keys)
+                        pipe = dst.pipeline(transaction=False)
+                        for key in keys:
+                            pipe.exists(key)
+                        present = [key for key, found in zip(keys, pipe.execute()) if found]
+                        if present:
+                            dst.delete(*present)
                 finally:
                     src.close()
                     dst.close()
