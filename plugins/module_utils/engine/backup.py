@@ -124,10 +124,16 @@ class BackupRun:
         return {"name": name, "role": role, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def _discard(self):
-        """Best effort: remove what this run stored. Leftovers are orphans that prune removes."""
+        """Best effort: remove what this run stored. Leftovers are orphans that prune removes.
+
+        Once the manifest is stored the backup is complete, and an error after that point
+        (an interrupt while the catalog index is refreshed) must not delete it.
+        """
         if self.backup_id is None:
             return
         try:
+            if self.storage.exists(mf.object_key(self.job, self.backup_id, mf.MANIFEST_NAME)):
+                return
             for info in self.storage.list("%s/%s/" % (self.job, self.backup_id)):
                 self.storage.delete(info.key)
         except Exception:  # pylint: disable=broad-except  # the original error matters more
