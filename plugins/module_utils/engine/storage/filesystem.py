@@ -33,6 +33,13 @@ class _FileWriter(ObjectWriter):
     def __init__(self, final_path):
         self._final = final_path
         directory, name = os.path.split(final_path)
+        # Directories this writer creates: their entries in their parents must be made
+        # durable too, or a crash can lose a whole new backup directory after commit.
+        self._created = []
+        missing = directory
+        while missing and not os.path.isdir(missing):
+            self._created.append(missing)
+            missing = os.path.dirname(missing)
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
@@ -64,6 +71,8 @@ class _FileWriter(ObjectWriter):
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise StorageError("publishing %s failed: %s" % (self._final, reason)) from None
         _fsync_dir(os.path.dirname(self._final))
+        for created in self._created:
+            _fsync_dir(os.path.dirname(created))
         return self._size
 
     def abort(self):
@@ -115,7 +124,14 @@ class FilesystemStorage(Storage):
     def list(self, prefix=""):
         base = self.root
         found = []
-        for directory, subdirs, files in os.walk(base):
+        # Walk only below the prefix's directory part ('job/' -> <root>/job), not the whole
+        # location: listing one job must not cost a walk over every job's backups.
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        parts = [p for p in head.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise StorageError("invalid listing prefix %r" % (prefix,))
+        start = os.path.join(base, *parts) if parts else base
+        for directory, subdirs, files in os.walk(start):
             subdirs.sort()
             for name in files:
                 full = os.path.join(directory, name)
