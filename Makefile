@@ -129,6 +129,15 @@ cluster-up: venv build-kube ## start the local etcd + kube-apiserver control pla
 cluster-down: ## stop the local control plane
 	bash hack/control-plane.sh stop
 
+.PHONY: molecule
+molecule: venv collections build-kube ## molecule test (default scenario) on the local control plane
+	started=0; \
+	bash hack/control-plane.sh status >/dev/null 2>&1 || { bash hack/control-plane.sh start; started=1; }; \
+	eval "$$(bash hack/control-plane.sh env)"; \
+	rc=0; molecule test || rc=$$?; \
+	if (( started )); then bash hack/control-plane.sh stop; fi; \
+	exit $$rc
+
 ##@ housekeeping
 .PHONY: clean distclean
 clean: ## remove build/ and test output
