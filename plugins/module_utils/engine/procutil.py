@@ -229,4 +229,3 @@ def tool_version(path):
         raise ConfigError("cannot read the version of %s from %r" % (path, output.strip()[:200]))
     text = match.group(0)
     return text, tuple(int(part or 0) for part in match.groups())
-

@@ -187,7 +187,7 @@ def validate_dump_args(args):
     checked = []
     for arg in args:
         arg = str(arg)
-        name, _, value = arg.partition("=")
+        name, dummy, value = arg.partition("=")
         if arg in _DUMP_FLAGS:
             checked.append(arg)
         elif name in _DUMP_VALUE_OPTIONS and value and _DUMP_VALUE_OPTIONS[name].match(value):
@@ -236,14 +236,14 @@ class PostgresSource(Source):
         dump_path = self.conn.tool("pg_dump")
         if self.include_globals:
             self.conn.tool("pg_dumpall")
-        _, (dump_major, _, _) = procutil.tool_version(dump_path)
+        dump_major = procutil.tool_version(dump_path)[1][0]
         with self.conn.connect() as conn:
             server_num = conn.info.server_version
         server_major = server_num // 10000 if server_num >= 100000 else server_num // 100
         if dump_major < server_major:
             raise ConfigError("postgres: pg_dump %d cannot dump a PostgreSQL %s server; install pg_dump %d or "
-                              "newer (or point bin_dir at it)" % (dump_major, server_version_text(server_num),
-                                                                   server_major))
+                              "newer (or point bin_dir at it)"
+                              % (dump_major, server_version_text(server_num), server_major))
         self.tool_versions()
 
     def produce(self, emit, context):

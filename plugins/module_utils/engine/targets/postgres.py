@@ -100,8 +100,8 @@ class PostgresTarget(Target):
         return admin.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", (name,)).fetchone() is not None
 
     def _error(self, what, exc):
-        return SourceError("postgres target: %s: %s" % (what, procutil.scrub(" ".join(str(exc).split()),
-                                                                              self.conn.secrets)))
+        detail = procutil.scrub(" ".join(str(exc).split()), self.conn.secrets)
+        return SourceError("postgres target: %s: %s" % (what, detail))
 
     def drop_database(self, name):
         """DROP DATABASE ``name`` (forcing connections off); no error when it is absent."""
@@ -116,7 +116,7 @@ class PostgresTarget(Target):
         if not any(obj.get("payload") == DUMP_PAYLOAD for obj in manifest.get("objects", [])):
             raise ConfigError("backup %s has no %s payload" % (manifest["id"], DUMP_PAYLOAD))
         restore_path = self.conn.tool("pg_restore")
-        _, (restore_major, _, _) = procutil.tool_version(restore_path)
+        restore_major = procutil.tool_version(restore_path)[1][0]
         dumped_with = str((manifest.get("tool_versions") or {}).get("pg_dump") or "0")
         dump_major = int(re.match(r"\d*", dumped_with).group(0) or 0)
         if dump_major > restore_major:

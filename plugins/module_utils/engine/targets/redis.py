@@ -245,7 +245,7 @@ class RedisTarget(Target):
             return plan
         client = self.conn.client()
         try:
-            current, _ = keyspace(client)
+            current = keyspace(client)[0]
         finally:
             client.close()
         plan["target"] = self.conn.endpoint()
@@ -274,7 +274,7 @@ class RedisTarget(Target):
     def _check_loaded(server, stats):
         client = server.client()
         try:
-            loaded, _ = keyspace(client)
+            loaded = keyspace(client)[0]
         finally:
             client.close()
         checks = []
@@ -301,7 +301,7 @@ class RedisTarget(Target):
         touched = []
         try:
             if self.flush:
-                for _, dest in plan:
+                for dest in sorted({item[1] for item in plan}):
                     client = self.conn.client(dest)
                     try:
                         client.flushdb()
