@@ -1,0 +1,56 @@
+"""The registry of backup kinds: kind name -> Source class and Target class.
+
+Imports here are deliberately static (``from .sources.x import XSource``): Ansible's module
+packer (AnsiballZ) only ships the module_utils a module imports visibly, so a registry built
+with ``importlib`` would work from a checkout and break inside a module run on a host.
+
+A kind's source and target modules guard their third-party imports themselves (psycopg,
+redis, kubernetes...), so importing every kind here stays cheap and never fails for a
+missing library; using a kind whose library is absent raises MissingDependencyError then.
+"""
+
+from .errors import ConfigError
+
+# kind -> Source subclass (the backup side)
+SOURCES = {}
+
+# kind -> Target subclass (the restore side)
+TARGETS = {}
+
+
+def known_kinds():
+    """Every kind with a source, sorted."""
+    return sorted(SOURCES)
+
+
+def _unknown(kind, what, table):
+    known = ", ".join(sorted(table)) or "none"
+    return ConfigError("unknown backup kind %r: %s kinds are %s" % (kind, what, known))
+
+
+def source_class(kind):
+    """The Source class of ``kind``; ConfigError naming the known kinds otherwise."""
+    try:
+        return SOURCES[kind]
+    except (KeyError, TypeError):
+        raise _unknown(kind, "the known", SOURCES) from None
+
+
+def target_class(kind):
+    """The Target class restoring ``kind``; ConfigError when the kind cannot be restored here."""
+    try:
+        return TARGETS[kind]
+    except (KeyError, TypeError):
+        if kind in SOURCES:
+            raise ConfigError("backups of kind %r cannot be restored by this collection; restorable "
+                              "kinds are %s" % (kind, ", ".join(sorted(TARGETS)) or "none")) from None
+        raise _unknown(kind, "the restorable", TARGETS) from None
+
+
+def make_source(kind, options):
+    """Instantiate the source of ``kind`` (the class validates its own options)."""
+    return source_class(kind)(options or {})
+
+
+def make_target(kind, options):
+    return target_class(kind)(options or {})

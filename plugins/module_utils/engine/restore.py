@@ -1,0 +1,384 @@
+"""Verified restore: resolve a backup, prove every stored byte good, only then touch the target.
+
+Order of a restore (the same for the module, the runner and the drill):
+
+1. resolve the backup: an id, ``latest``, an ISO-8601 time, or ``point_in_time`` (the newest
+   complete backup finished at or before it); for incrementals, the chain from the full;
+2. get the keys: an age identity, or a passphrase that opens each backup's ``key.age``
+   envelope (whose own SHA-256 is checked against the manifest first);
+3. verify the whole chain: every object named by the manifest is read to the end, its size
+   and SHA-256 compared with the manifest, decrypted and decompressed. Object names are
+   checked against the payload names, compression and encryption they claim. A corrupted,
+   truncated, swapped or foreign object, a missing object or a wrong key stops here, before
+   the target is asked to do anything but a read-only preflight;
+4. hand the target a RestoreContext whose streams re-check size and SHA-256 at their end
+   (a byte changed between step 3 and step 4 still fails the restore).
+
+Check mode stops after step 3 and reports what would be restored where.
+"""
+
+import hashlib
+import time
+
+from . import codecs
+from . import manifest as mf
+from .backup import open_payload
+from .catalog import Catalog
+from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError
+from .pipeline import check_object
+from .targets.base import RestoreContext
+from .timeutil import parse_iso
+
+
+class KeyMismatchError(DecryptionError):
+    """The given key cannot open the backup (wrong identity or passphrase): the backup itself may be fine."""
+
+
+# -- selecting a backup ----------------------------------------------------------------
+
+def select_backup(catalog, job, backup=None, point_in_time=None):
+    """The manifest chosen by ``backup`` (id | latest | ISO time) or ``point_in_time``.
+
+    Returns ``(manifest, selected_by)``. A backup that exists on storage but whose manifest
+    is junk (edited, copied from another job or location) is reported as such.
+    """
+    if backup not in (None, "") and point_in_time not in (None, ""):
+        raise ConfigError("give either backup or point_in_time, not both")
+    try:
+        if point_in_time not in (None, ""):
+            try:
+                parse_iso(point_in_time)
+            except ValueError:
+                raise ConfigError("point_in_time %r is not an ISO-8601 time" % (point_in_time,)) from None
+            return catalog.at_or_before(job, point_in_time), "point_in_time"
+        selector = backup or "latest"
+        manifest = catalog.resolve(job, selector)
+    except NotFoundError as exc:
+        wanted = backup or point_in_time or ""
+        for junk in catalog.junk:
+            if wanted and "/%s/" % wanted in "/" + junk["key"]:
+                raise IntegrityError("backup %s of job %s is not usable: %s: %s"
+                                     % (wanted, job, junk["key"], junk["reason"])) from None
+        raise exc
+    if selector in (None, "", "latest"):
+        return manifest, "latest"
+    return manifest, "id" if manifest["id"] == selector else "time"
+
+
+def reread_manifest(storage, manifest):
+    """The backup's ``manifest.json`` read from storage now, which must equal the catalog's copy.
+
+    Listings may serve manifests from the catalog index (a cache keyed by the manifest's
+    size). A manifest never changes after it is published, so a difference means it was
+    edited afterwards: the restore refuses instead of trusting either copy.
+    """
+    key = mf.object_key(manifest["job"], manifest["id"], mf.MANIFEST_NAME)
+    try:
+        fresh = mf.loads(storage.get_bytes(key), key)
+    except NotFoundError:
+        raise IntegrityError("%s disappeared while the restore was being prepared" % key) from None
+    listed = {k: v for k, v in manifest.items() if k != "verification"}
+    if fresh != listed:
+        raise IntegrityError("%s differs from the copy indexed when the backup was published "
+                             "(edited afterwards?)" % key)
+    return dict(fresh, verification=manifest.get("verification"))
+
+
+def backup_chain(catalog, manifest):
+    """``[full, ..., manifest]`` for incrementals (``[manifest]`` for a full), consistency-checked.
+
+    Every manifest of the chain is re-read from storage (see :func:`reread_manifest`).
+    """
+    chain = catalog.chain(manifest) if manifest.get("parent") else [manifest]
+    chain = [reread_manifest(catalog.storage, item) for item in chain]
+    for parent, child in zip(chain, chain[1:]):
+        if parent["job"] != child["job"] or parent["kind"] != child["kind"]:
+            raise IntegrityError("backup %s (%s/%s) claims parent %s of %s/%s: foreign chain"
+                                 % (child["id"], child["job"], child["kind"], parent["id"],
+                                    parent["job"], parent["kind"]))
+        if parse_iso(parent["finished_at"]) > parse_iso(child["started_at"]):
+            raise IntegrityError("backup %s claims parent %s, which finished after it started"
+                                 % (child["id"], parent["id"]))
+    return chain
+
+
+# -- keys --------------------------------------------------------------------------------
+
+def _object_entry(manifest, name):
+    for obj in manifest["objects"]:
+        if obj["name"] == name:
+            return obj
+    return None
+
+
+def _read_checked(storage, manifest, entry):
+    """A small object (the key envelope) read whole and checked against its manifest entry."""
+    key = mf.object_key(manifest["job"], manifest["id"], entry["name"])
+    try:
+        data = storage.get_bytes(key)
+    except NotFoundError:
+        raise IntegrityError("%s is listed in the manifest but missing from storage" % key) from None
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise IntegrityError("%s does not match its manifest entry (size or SHA-256): corrupted or swapped" % key)
+    return data
+
+
+def identities(storage, manifest, identity=None, passphrase=None):
+    """Identities that decrypt ``manifest``'s payloads (None for unencrypted backups).
+
+    With a passphrase the backup's ``key.age`` envelope is verified, then opened. With an
+    identity, its public key must be one of the backup's recipients, so a wrong key is named
+    as such instead of surfacing later as an undecryptable payload.
+    """
+    encryption = manifest.get("encryption") or {}
+    mode = encryption.get("mode", "none")
+    if mode == "none":
+        return None
+    if mode != "age":
+        raise IntegrityError("backup %s uses unknown encryption mode %r" % (manifest["id"], mode))
+    key_object = encryption.get("key_object")
+    if key_object and passphrase is not None:
+        entry = _object_entry(manifest, key_object)
+        if entry is None:
+            raise IntegrityError("backup %s names key envelope %s but its manifest does not list it"
+                                 % (manifest["id"], key_object))
+        envelope = _read_checked(storage, manifest, entry)
+        try:
+            found = codecs.identities_for(encryption, passphrase=passphrase, envelope_bytes=envelope)
+        except DecryptionError:
+            raise KeyMismatchError("the passphrase does not open the key envelope of backup %s "
+                                   "(wrong passphrase?)" % manifest["id"]) from None
+    elif identity:
+        found = codecs.identities_for(encryption, identity_text=identity)
+    elif passphrase is not None:
+        raise KeyMismatchError("backup %s was encrypted to age recipients, not with a passphrase: "
+                               "give encryption.identity_file (the matching AGE-SECRET-KEY)" % manifest["id"])
+    else:
+        raise KeyMismatchError("backup %s is encrypted: give encryption.identity_file (or identity) or "
+                               "the passphrase" % manifest["id"])
+    recipients = set(encryption.get("recipients") or [])
+    if recipients and not any(str(item.to_public()) in recipients for item in found):
+        raise KeyMismatchError(
+            "the given age identity is not a recipient of backup %s (it was encrypted to %s): wrong key"
+            % (manifest["id"], ", ".join(sorted(recipients))))
+    return found
+
+
+def chain_identities(storage, chain, identity=None, passphrase=None):
+    """``{backup id: identities}`` for every backup of a chain (passphrase envelopes differ per backup)."""
+    return {item["id"]: identities(storage, item, identity, passphrase) for item in chain}
+
+
+# -- verification ------------------------------------------------------------------------
+
+def _expected_name(obj, manifest):
+    algorithm = (manifest.get("compression") or {}).get("algorithm")
+    if algorithm not in codecs.SUFFIX:
+        raise IntegrityError("backup %s records unknown compression %r" % (manifest["id"], algorithm))
+    encrypted = (manifest.get("encryption") or {}).get("mode") == "age"
+    return obj["payload"] + codecs.SUFFIX[algorithm] + (".age" if encrypted else "")
+
+
+def _raise_stored_bytes_error(storage, key, obj, decode_error):
+    """After a decode failure: when the stored bytes themselves differ from the manifest, say so.
+
+    A flipped byte usually breaks decryption or decompression before the hash is complete;
+    the size/SHA-256 mismatch is the better diagnosis (storage damage or a swapped object,
+    rather than a wrong key or a broken tool), so it is the error raised.
+    """
+    if "SHA-256" in str(decode_error) or "manifest says" in str(decode_error):
+        return
+    try:
+        check_object(storage, key, obj, "none", None)
+    except IntegrityError as exc:
+        raise IntegrityError("%s; it does not decode either" % exc) from None
+
+
+def verify_objects(storage, manifest, backup_identities):
+    """Read every object of one backup to the end; return the per-object report.
+
+    Raises IntegrityError (DecryptionError for undecryptable payloads) on the first problem.
+    """
+    seen = set()
+    details = []
+    payloads = 0
+    for obj in manifest["objects"]:
+        name = obj["name"]
+        if name in seen:
+            raise IntegrityError("backup %s lists object %s twice" % (manifest["id"], name))
+        seen.add(name)
+        key = mf.object_key(manifest["job"], manifest["id"], name)
+        if obj.get("payload"):
+            if name != _expected_name(obj, manifest):
+                raise IntegrityError("backup %s: object %s does not carry payload %s as its name, compression "
+                                     "and encryption say (manifest edited?)" % (manifest["id"], name, obj["payload"]))
+            algorithm = manifest["compression"]["algorithm"]
+            ids = backup_identities
+            payloads += 1
+        else:
+            algorithm, ids = "none", None  # key envelope and other side objects: bytes only
+        try:
+            report = check_object(storage, key, obj, algorithm, ids)
+        except NotFoundError:
+            raise IntegrityError("%s is listed in the manifest but missing from storage" % key) from None
+        except IntegrityError as exc:
+            _raise_stored_bytes_error(storage, key, obj, exc)
+            raise
+        report["payload"] = obj.get("payload")
+        details.append(report)
+    if not payloads:
+        raise IntegrityError("backup %s lists no payload object" % manifest["id"])
+    _check_no_strays(storage, manifest, seen)
+    return details
+
+
+# Objects a backup directory may hold besides those its manifest lists.
+_SIDE_OBJECTS = (mf.MANIFEST_NAME, mf.VERIFICATION_NAME)
+
+
+def _check_no_strays(storage, manifest, listed):
+    """An object in the backup directory that the manifest does not list means the manifest
+    lost an entry (edited) or something foreign was put there: refuse rather than guess."""
+    prefix = "%s/%s/" % (manifest["job"], manifest["id"])
+    for info in storage.list(prefix):
+        name = info.key[len(prefix):]
+        if name in listed or name in _SIDE_OBJECTS or ".tmp-" in name.rsplit("/", 1)[-1]:
+            continue
+        raise IntegrityError("%s is stored in backup %s but not listed in its manifest "
+                             "(manifest edited, or a foreign object)" % (info.key, manifest["id"]))
+
+
+def verify_chain(storage, chain, keys_by_id, verified=None):
+    """Verify every backup of ``chain``; ``verified`` (a dict id -> summary) skips repeats."""
+    verified = {} if verified is None else verified
+    summary = {"backups": [], "objects": 0, "stored_bytes": 0, "plain_bytes": 0, "details": []}
+    for item in chain:
+        if item["id"] not in verified:
+            details = verify_objects(storage, item, keys_by_id.get(item["id"]))
+            verified[item["id"]] = details
+        details = verified[item["id"]]
+        summary["backups"].append(item["id"])
+        summary["objects"] += len(details)
+        summary["stored_bytes"] += sum(d["size"] for d in details)
+        summary["plain_bytes"] += sum(d["plain_bytes"] for d in details if d.get("payload"))
+        summary["details"].extend(dict(d, backup=item["id"]) for d in details)
+    return summary
+
+
+# -- restoring ---------------------------------------------------------------------------
+
+class _CheckedStream:
+    """A payload stream for targets: at EOF it checks size and SHA-256 once more."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._result = None
+
+    def read(self, size=-1):
+        data = self._stream.read(size if size and size > 0 else 1 << 20)
+        if not data and self._result is None:
+            self._result = self._stream.finish()
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readable(self):
+        return True
+
+    def finish(self):
+        if self._result is None:
+            while self.read(1 << 20):
+                pass
+        return self._result
+
+    @property
+    def plain_bytes(self):
+        return self._stream.plain_bytes
+
+    def close(self):
+        self._stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
+def restore_context(storage, manifest, chain, keys_by_id, check_mode=False, options=None):
+    allowed = {item["id"] for item in chain}
+
+    def opener(which, payload_name):
+        if which["id"] not in allowed:
+            raise ConfigError("target asked for backup %s, which is not part of the restored chain" % which["id"])
+        return _CheckedStream(open_payload(storage, which, payload_name, keys_by_id.get(which["id"])))
+
+    return RestoreContext(manifest, chain, opener, check_mode=check_mode, options=options)
+
+
+def _failed_checks(report):
+    return [check for check in (report or {}).get("checks") or [] if not check.get("ok")]
+
+
+def restore_verified(storage, manifest, chain, keys_by_id, target):
+    """Run ``target.restore`` for an already verified chain; raise IntegrityError on failed checks."""
+    report = target.restore(restore_context(storage, manifest, chain, keys_by_id, options=target.options)) or {}
+    failed = _failed_checks(report)
+    if failed:
+        raise IntegrityError("restore of %s into %s failed its checks: %s" % (
+            manifest["id"], target.kind, "; ".join("%s: expected %s, got %s" % (c.get("what"), c.get("expected"), c.get("actual"))
+                                                   for c in failed[:5])))
+    return report
+
+
+def restore(storage, job, target, backup=None, point_in_time=None, identity=None, passphrase=None,
+            check_mode=False, log=None):
+    """Verified restore of one backup of ``job`` into ``target`` (a Target instance).
+
+    Returns the verification report: what was selected, what was compared (objects, bytes,
+    the target's checks), and how long it took. Nothing is written in check mode.
+    """
+    log = log or (lambda message: None)
+    started = time.monotonic()
+    mf.validate_job_name(job)
+    catalog = Catalog(storage)
+    manifest, selected_by = select_backup(catalog, job, backup, point_in_time)
+    if target.kind != manifest["kind"]:
+        raise ConfigError("backup %s of job %s is a %s backup; the target restores %s"
+                          % (manifest["id"], job, manifest["kind"], target.kind))
+    chain = backup_chain(catalog, manifest)
+    manifest = chain[-1]
+    log("restoring %s backup %s of job %s (%s) into %s" % (
+        manifest["kind"], manifest["id"], job,
+        "chain of %d" % len(chain) if len(chain) > 1 else "full", target.describe()))
+    keys_by_id = chain_identities(storage, chain, identity, passphrase)
+    verification = verify_chain(storage, chain, keys_by_id)
+    verified_at = time.monotonic()
+    log("verified %d objects (%d stored bytes, %d plaintext bytes) in %.1fs" % (
+        verification["objects"], verification["stored_bytes"], verification["plain_bytes"],
+        verified_at - started))
+    target.preflight(manifest)
+    report = {
+        "job": job, "kind": manifest["kind"], "backup_id": manifest["id"], "selected_by": selected_by,
+        "point_in_time": point_in_time, "finished_at": manifest["finished_at"],
+        "chain": [item["id"] for item in chain], "target": target.describe(),
+        "verification": verification, "check_mode": bool(check_mode),
+    }
+    if check_mode:
+        report.update(changed=False, restore=None, checks=[],
+                      plan="would restore %s backup %s%s into %s" % (
+                          manifest["kind"], manifest["id"],
+                          " (with %d earlier backups of its chain)" % (len(chain) - 1) if len(chain) > 1 else "",
+                          target.describe()))
+    else:
+        result = restore_verified(storage, manifest, chain, keys_by_id, target)
+        report.update(changed=bool(result.get("changed", True)), restore=result,
+                      checks=result.get("checks") or [])
+    finished = time.monotonic()
+    report["verify_seconds"] = round(verified_at - started, 3)
+    report["duration_seconds"] = round(finished - started, 3)
+    return report
