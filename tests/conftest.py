@@ -116,6 +116,18 @@ def pytest_runtest_makereport(item, call):
     report.longrepr = "CI=true turns this skip into a failure: %s" % reason
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if not in_ci() or not report.skipped:
+        return
+    # A whole module skipped at import (pytest.importorskip, allow_module_level=True).
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = "CI=true turns this skipped collection of %s into a failure: %s" % (collector.nodeid, reason)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if exitstatus != 0 or session.config.option.collectonly:
         return

@@ -73,6 +73,22 @@ def test_plain_skip_fails_under_ci_unless_allowed(tmp_path):
     assert "CI=true turns this skip into a failure" in out and "not today" in out
 
 
+def test_module_level_skip_fails_under_ci(tmp_path):
+    source = """
+        import pytest
+
+        pytest.importorskip("no_such_module_anywhere")
+
+        def test_never_runs():
+            assert False
+    """
+    code, out = run_inner(tmp_path, source, ci=False)
+    assert "1 skipped" in out and code == 5, out  # 5: nothing collected
+    code, out = run_inner(tmp_path, source, ci=True)
+    assert code not in (0, 5), out
+    assert "no_such_module_anywhere" in out and "CI=true turns this skipped collection" in out
+
+
 def test_run_without_a_pass_fails_under_ci(tmp_path):
     source = """
         import pytest
