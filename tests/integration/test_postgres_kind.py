@@ -472,3 +472,24 @@ def test_s3_backup_restore_and_scratch_verification(postgres_server, filled, s3_
     report = rs.restore(storage, JOB, target, backup="latest")
     assert report["backup_id"] == manifest["id"]
     assert tables_state(postgres_server, filled.name + "_s3") == state
+
+
+def test_restore_globals_recreates_roles(postgres_server, postgres_database, storage, cleanup_databases):
+    role = "bb_glob_" + uuid.uuid4().hex[:8]
+    with postgres_server.connect(postgres_database.name) as conn:
+        conn.execute("CREATE ROLE %s LOGIN CONNECTION LIMIT 7" % role)
+        conn.execute("CREATE TABLE owned (x int)")
+        conn.execute("ALTER TABLE owned OWNER TO %s" % role)
+    manifest = backup(storage, source_options(postgres_server, postgres_database.name))
+    with postgres_server.connect(postgres_database.name) as conn:
+        conn.execute("REASSIGN OWNED BY %s TO postgres" % role)
+        conn.execute("DROP ROLE %s" % role)
+    target = PostgresTarget(target_options(postgres_server, postgres_database.name, restore_globals=True))
+    report = rs.restore(storage, JOB, target, backup=manifest["id"])["restore"]
+    assert any("already exists" in line for line in report["globals_messages"])  # role postgres
+    with postgres_server.connect(report["database"]) as conn:
+        assert conn.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (role,)).fetchone() == (7,)
+        assert conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'owned'").fetchone() == (role,)
+    with postgres_server.connect() as conn:
+        conn.execute("DROP DATABASE %s WITH (FORCE)" % report["database"])
+        conn.execute("DROP ROLE %s" % role)

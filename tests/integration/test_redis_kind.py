@@ -176,6 +176,17 @@ def test_backup_is_a_real_rdb_with_key_counts(redis_clean, storage, tmp_path, di
     assert SECRET not in json.dumps(manifest)
 
 
+def test_backup_over_the_unix_socket(redis_clean, storage):
+    server = redis_clean
+    populate(server)
+    manifest = backup(storage, {"unix_socket": server.unix_socket, "username": USER, "password": SECRET})
+    assert manifest["source"]["endpoint"] == server.unix_socket
+    assert manifest["stats"]["keys"] == {"db1": 309, "db2": 120}
+    with RedisTarget.scratch(manifest, {}) as target:
+        report = rs.restore(storage, JOB, target, backup=manifest["id"])
+    assert [check["actual"] for check in report["checks"]] == [309, 120]
+
+
 def test_key_counts_bracket_the_snapshot_under_writes(redis_clean, storage):
     server = redis_clean
     populate(server)

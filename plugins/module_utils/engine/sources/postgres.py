@@ -298,7 +298,7 @@ class PostgresSource(Source):
         except BaseException:
             cancelled.set()
             try:
-                conn.cancel()
+                getattr(conn, "cancel_safe", conn.cancel)()
             except Exception:  # pylint: disable=broad-except  # best effort while failing
                 pass
             raise

@@ -136,10 +136,10 @@ class PostgresTarget(Target):
 
     def restore(self, context):
         manifest = context.manifest
+        if context.check_mode:
+            return self.plan(manifest)
         target, new = self.names(manifest)
         started = time.monotonic()
-        if context.check_mode:
-            return self._plan(manifest, target, new)
         with self._admin() as admin:
             target_exists = self._exists(admin, target)
             try:
@@ -181,7 +181,9 @@ class PostgresTarget(Target):
         report["duration_seconds"] = round(time.monotonic() - started, 3)
         return report
 
-    def _plan(self, manifest, target, new):
+    def plan(self, manifest):
+        """What ``restore`` would create, rename and drop (check mode); reads, never writes."""
+        target, new = self.names(manifest)
         with self._admin() as admin:
             target_exists = self._exists(admin, target)
         plan = {"changed": True, "check_mode": True, "would_create": new, "target_database": target,

@@ -204,7 +204,7 @@ class RedisTarget(Target):
         stats = manifest.get("stats") or {}
         started = time.monotonic()
         if context.check_mode:
-            return self._plan(stats)
+            return self.plan(manifest)
         workdir = tempfile.mkdtemp(prefix="bb-redis-restore-", dir=self.temp_dir)
         os.chmod(workdir, 0o700)
         server = None
@@ -237,7 +237,9 @@ class RedisTarget(Target):
                 server.stop()
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _plan(self, stats):
+    def plan(self, manifest):
+        """What ``restore`` would load, write and flush (check mode); reads, never writes."""
+        stats = manifest.get("stats") or {}
         plan = {"changed": not self.scratch_only, "check_mode": True, "checks": [],
                 "would_load": dict(stats.get("keys") or {})}
         if self.scratch_only:
