@@ -7,6 +7,7 @@ the runner's job file.
 
 import os
 
+from ..config import resolve_secret_refs
 from ..errors import ConfigError
 from .filesystem import FilesystemStorage
 from .s3 import DEFAULT_PART_SIZE, S3Storage
@@ -17,6 +18,9 @@ BACKENDS = ("filesystem", "s3", "nfs")
 def open_storage(options):
     if not isinstance(options, dict):
         raise ConfigError("storage must be a dict with at least 'backend'")
+    # access_key_file / secret_key_env ... : unresolved, they were silently ignored and boto3
+    # fell back to whatever credentials the environment or instance happened to have.
+    options = resolve_secret_refs(options, "storage")
     backend = options.get("backend") or "filesystem"
     if backend not in BACKENDS:
         raise ConfigError("unknown storage backend %r: choose one of %s" % (backend, ", ".join(BACKENDS)))
