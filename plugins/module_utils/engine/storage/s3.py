@@ -26,6 +26,7 @@ except ImportError:  # reported by S3Storage() so that the rest of the engine wo
         pass
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's lower bound for every part but the last
+MAX_PARTS = 10000  # S3's upper bound on the parts of one multipart upload
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 
 
@@ -83,6 +84,11 @@ class _MultipartWriter(ObjectWriter):
         if self._upload_id is None:
             self._start_upload()
         number = len(self._threads) + 1
+        if number > MAX_PARTS:
+            raise StorageError(
+                "%s is larger than S3 allows with part_size %d (%d parts of at most %d MiB): "
+                "raise the storage option part_size" % (self._key, self._part_size, MAX_PARTS,
+                                                        self._part_size >> 20))
         self._slots.acquire()  # back-pressure: at most max_in_flight parts in memory
         thread = threading.Thread(target=self._send_part, args=(number, body), daemon=True)
         thread.start()
@@ -110,7 +116,7 @@ class _MultipartWriter(ObjectWriter):
             for thread in self._threads:
                 thread.join()
             if self._error is not None:
-                raise self._error
+                raise self._s3.wrap_error(self._error, "uploading %s" % self._key)
             parts = [{"PartNumber": n, "ETag": self._parts[n]} for n in sorted(self._parts)]
             self._s3.client.complete_multipart_upload(
                 Bucket=self._s3.bucket, Key=self._key, UploadId=self._upload_id,
@@ -247,7 +253,8 @@ class S3Storage(Storage):
         uploads = []
         try:
             paginator = self.client.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.full_key(prefix) if prefix else self.prefix):
+            full_prefix = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
                 for item in page.get("Uploads", []):
                     uploads.append((self._relative(item["Key"]), item["UploadId"], item["Initiated"]))
         except (BotoCoreError, ClientError) as exc:
@@ -273,6 +280,8 @@ class S3Storage(Storage):
         except ClientError as exc:
             if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return False
+            raise self.wrap_error(exc, "checking %s" % key) from None
+        except BotoCoreError as exc:
             raise self.wrap_error(exc, "checking %s" % key) from None
 
     def describe(self):

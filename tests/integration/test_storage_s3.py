@@ -1,0 +1,496 @@
+"""S3Storage and the catalog against a real S3 server (SeaweedFS, the ``s3_server`` fixture).
+
+Request counts come from botocore's own event hooks on the real client (instrumentation,
+nothing is replaced).
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pyrage
+import pytest
+
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun, open_payload
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
+    ConfigError, NotFoundError, SourceError, StorageError)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.pipeline import check_object, store_stream
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage import s3 as s3mod
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import UTC, new_backup_id, to_iso
+
+MiB = 1 << 20
+
+
+class Requests:
+    """Counts the S3 operations a client sends (botocore 'before-call' events) and their URLs."""
+
+    def __init__(self, client):
+        self.operations = []
+        self.urls = []
+        client.meta.events.register("before-call.s3", self._call)
+        client.meta.events.register("before-send.s3", self._send)
+
+    def _call(self, model, **kwargs):
+        self.operations.append(model.name)
+
+    def _send(self, request, **kwargs):
+        self.urls.append(request.url)
+
+    def reset(self):
+        self.operations, self.urls = [], []
+
+    def count(self, name):
+        return self.operations.count(name)
+
+
+class Generated:
+    def __init__(self, size, seed=0, fail_at=None):
+        self.size, self.pos, self.fail_at = size, 0, fail_at
+        self.block = hashlib.sha256(b"%d" % seed).digest() * (MiB // 32)
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n=-1):
+        if self.fail_at is not None and self.pos >= self.fail_at:
+            raise OSError(104, "Connection reset by peer")
+        n = min(self.size - self.pos if n is None or n < 0 else n, self.size - self.pos)
+        chunk = (b"%016x" % self.pos + self.block[16:n]) if n > 16 else self.block[:n]
+        self.pos += len(chunk)
+        self.sha256.update(chunk)
+        return chunk
+
+
+class Random(Generated):
+    def __init__(self, size, fail_at=None):
+        super().__init__(size, fail_at=fail_at)
+        self.block = os.urandom(MiB)
+
+
+class FilesSource(Source):
+    kind = "files"
+
+    def produce(self, emit, context):
+        self.source = Random(self.options["size"], self.options.get("fail_at"))
+        emit("data.tar", self.source)
+        return {"files": 1}
+
+
+@pytest.fixture
+def options(s3_server):
+    return s3_server.storage_options()  # a fresh prefix per test
+
+
+@pytest.fixture
+def storage(options):
+    return open_storage(dict(options, part_size=5 * MiB))
+
+
+def raw_keys(s3_server, prefix=""):
+    client = s3_server.client()
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    return keys
+
+
+def pending_uploads(s3_server, prefix):
+    response = s3_server.client().list_multipart_uploads(Bucket=s3_server.bucket, Prefix=prefix)
+    return [u["Key"] for u in response.get("Uploads", [])]
+
+
+# -- objects ---------------------------------------------------------------------------------
+
+def test_small_objects_round_trip_with_a_single_put(s3_server, storage, options):
+    requests = Requests(storage.client)
+    storage.put_bytes("j/b/manifest.json", b'{"x": 1}')
+    assert requests.operations == ["PutObject"]
+    assert storage.get_bytes("j/b/manifest.json") == b'{"x": 1}'
+    assert storage.exists("j/b/manifest.json") and not storage.exists("j/b/other")
+    assert raw_keys(s3_server, options["prefix"] + "/") == [options["prefix"] + "/j/b/manifest.json"]
+    storage.put_bytes("j/b/empty", b"")
+    assert storage.get_bytes("j/b/empty") == b""
+
+
+def test_large_objects_go_up_as_multipart_in_small_parts(s3_server, storage, options):
+    requests = Requests(storage.client)
+    source = Random(23 * MiB)
+    result = store_stream(source, storage, "j/b/data", codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})
+    assert requests.count("CreateMultipartUpload") == 1
+    assert requests.count("UploadPart") == 5  # 4 x 5 MiB + 3 MiB
+    assert requests.count("CompleteMultipartUpload") == 1 and requests.count("PutObject") == 0
+    head = s3_server.client().head_object(Bucket=s3_server.bucket, Key=options["prefix"] + "/j/b/data")
+    assert head["ContentLength"] == 23 * MiB == result["size"]
+    assert check_object(storage, "j/b/data", dict(result, name="data"), "none")["plain_bytes"] == 23 * MiB
+    assert pending_uploads(s3_server, options["prefix"]) == []
+
+
+def test_encrypted_compressed_stream_round_trip(s3_server, storage):
+    identity = pyrage.x25519.Identity.generate()
+    source = Generated(40 * MiB)
+    result = store_stream(source, storage, "j/b/data.zst.age", codecs.compression_settings({"algorithm": "zstd", "level": 3}),
+                          codecs.encryption_settings({"recipients": [str(identity.to_public())]}))
+    summary = check_object(storage, "j/b/data.zst.age", dict(result, name="data.zst.age"), "zstd", [identity])
+    assert summary["plain_bytes"] == 40 * MiB and summary["sha256"] == result["sha256"]
+
+
+def test_abort_leaves_no_object_and_no_pending_upload(s3_server, storage, options):
+    writer = storage.open_writer("j/b/data")
+    for _ in range(3):
+        writer.write(os.urandom(4 * MiB))  # two parts sent, one buffered
+    assert pending_uploads(s3_server, options["prefix"])  # the upload really started
+    writer.abort()
+    assert raw_keys(s3_server, options["prefix"] + "/") == []
+    assert pending_uploads(s3_server, options["prefix"]) == []
+
+
+def test_a_failing_source_leaves_no_object(s3_server, storage, options):
+    with pytest.raises(SourceError, match="Connection reset by peer"):
+        store_stream(Random(30 * MiB, fail_at=17 * MiB), storage, "j/b/data",
+                     codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})
+    assert raw_keys(s3_server, options["prefix"] + "/") == []
+    assert pending_uploads(s3_server, options["prefix"]) == []
+
+
+def test_too_many_parts_is_a_clear_error_and_aborts(s3_server, storage, options, monkeypatch):
+    monkeypatch.setattr(s3mod, "MAX_PARTS", 2)  # S3 allows 10000; reaching that needs 50 GB here
+    with pytest.raises(StorageError, match=r"larger than S3 allows with part_size 5242880 \(2 parts of at most 5 MiB\): raise the storage option part_size"):
+        store_stream(Random(16 * MiB), storage, "j/b/data", codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})
+    assert raw_keys(s3_server, options["prefix"] + "/") == []
+    assert pending_uploads(s3_server, options["prefix"]) == []
+
+
+def test_part_size_below_the_s3_minimum_is_refused(options):
+    with pytest.raises(StorageError, match="part_size must be at least 5242880"):
+        open_storage(dict(options, part_size=MiB))
+
+
+KILLED_UPLOAD = textwrap.dedent("""
+    import json, os, sys
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+
+    class Endless(Source):
+        kind = "files"
+        def produce(self, emit, context):
+            block = os.urandom(1 << 20)
+            class Reader:
+                def read(self, n=-1):
+                    return block[:n]
+            emit("data.tar", Reader())
+            return {}
+
+    print("started", flush=True)
+    BackupRun("killed", Endless({}), open_storage(json.loads(sys.argv[1])), {"algorithm": "none"}).run()
+""")
+
+
+def test_a_killed_upload_is_invisible_and_can_be_swept(s3_server, options):
+    storage = open_storage(dict(options, part_size=5 * MiB))
+    good = BackupRun("killed", FilesSource({"size": MiB}), storage).run()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_UPLOAD, json.dumps(dict(options, part_size=5 * MiB))],
+                            stdout=subprocess.PIPE, env=os.environ.copy())
+    try:
+        assert proc.stdout.readline().strip() == b"started"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not pending_uploads(s3_server, options["prefix"]):
+            time.sleep(0.1)
+        time.sleep(1.0)  # a few parts in
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    pending = storage.list_incomplete_uploads()
+    assert len(pending) == 1 and pending[0][0].startswith("killed/") and pending[0][0].endswith("/data.tar")
+    catalog = Catalog(storage)
+    assert [m["id"] for m in catalog.scan("killed")] == [good["id"]]
+    storage.abort_incomplete_upload(pending[0][0], pending[0][1])
+    assert storage.list_incomplete_uploads() == []
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+def test_listing_paginates_past_1000_keys(s3_server, storage, options):
+    keys = ["j/%s/obj-%04d" % ("a" if n % 2 else "b", n) for n in range(1105)]
+    client = s3_server.client()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=s3_server.bucket, Key=options["prefix"] + "/" + k, Body=b"x"), keys))
+    requests = Requests(storage.client)
+    listed = storage.list("j/")
+    assert [info.key for info in listed] == sorted(keys)
+    assert requests.count("ListObjectsV2") == 2  # 1000 + 105: one paginated listing
+    assert all(info.size == 1 and info.modified.tzinfo is not None for info in listed)
+    assert len(storage.list("j/a/")) == 552
+
+
+def test_prefixes_isolate_locations(s3_server, options):
+    base = options["prefix"]
+    outer = open_storage(dict(options, prefix=base))
+    inner = open_storage(dict(options, prefix="/%s/team/" % base))       # slashes are trimmed
+    sibling = open_storage(dict(options, prefix="%s/team2" % base, part_size=5 * MiB))
+    inner.put_bytes("j/x", b"inner")
+    sibling.put_bytes("j/x", b"sibling")
+    outer.put_bytes("top", b"outer")
+    assert [i.key for i in inner.list()] == ["j/x"]
+    assert [i.key for i in sibling.list()] == ["j/x"]
+    assert [i.key for i in outer.list()] == ["team/j/x", "team2/j/x", "top"]
+    assert [i.key for i in outer.list("team/")] == ["team/j/x"]
+    assert inner.get_bytes("j/x") == b"inner" and outer.get_bytes("team2/j/x") == b"sibling"
+    assert inner.describe() == {"backend": "s3", "bucket": s3_server.bucket, "prefix": base + "/team",
+                                "endpoint_url": s3_server.endpoint_url, "region": s3_server.region}
+    # Incomplete uploads are scoped the same way (team2 is not inside team).
+    writer = sibling.open_writer("j/big")
+    writer.write(os.urandom(6 * MiB))
+    try:
+        assert inner.list_incomplete_uploads() == []
+        assert [u[0] for u in sibling.list_incomplete_uploads()] == ["j/big"]
+    finally:
+        writer.abort()
+    inner.delete("j/x")
+    inner.delete("j/x")  # deleting a missing object is fine
+    assert inner.list() == []
+
+
+def test_no_prefix_uses_the_bucket_root(s3_server):
+    bucket = s3_server.create_bucket("root")
+    storage = open_storage(s3_server.storage_options(prefix="", bucket=bucket))
+    storage.put_bytes("j/x", b"1")
+    assert [i.key for i in storage.list()] == ["j/x"]
+    assert s3_server.client().get_object(Bucket=bucket, Key="j/x")["Body"].read() == b"1"
+
+
+def test_path_style_addressing_is_used_for_an_endpoint(s3_server, storage, options):
+    requests = Requests(storage.client)
+    storage.put_bytes("j/x", b"1")
+    storage.list("j/")
+    expected = "%s/%s/%s/j/x" % (s3_server.endpoint_url, s3_server.bucket, options["prefix"])
+    assert requests.urls[0] == expected
+    assert all(url.startswith("%s/%s" % (s3_server.endpoint_url, s3_server.bucket)) for url in requests.urls)
+    virtual = open_storage(dict(options, path_style=False))
+    assert virtual.client.meta.config.s3["addressing_style"] == "auto"
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"secret_key": "x" * 40}, "s3 refused .* check the access key and secret"),
+    ({"access_key": "AKNOSUCHKEY"}, "s3 refused .* check the access key and secret"),
+])
+def test_wrong_credentials_fail_clearly_everywhere(options, change, message):
+    storage = open_storage(dict(options, **change))
+    for call in (storage.ensure_ready, storage.list, lambda: storage.put_bytes("j/x", b"1"),
+                 lambda: storage.get_bytes("j/x"), lambda: storage.exists("j/x"),
+                 lambda: store_stream(Random(12 * MiB), open_storage(dict(options, part_size=5 * MiB, **change)), "j/y",
+                                      codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})):
+        with pytest.raises(StorageError, match=message) as info:
+            call()
+        assert options["secret_key"] not in str(info.value)
+
+
+def test_a_backup_to_a_missing_bucket_fails_before_reading_the_source(s3_server, options):
+    bucket = "missing-%s" % uuid.uuid4().hex[:8]
+    source = FilesSource({"size": MiB})
+    storage = open_storage(dict(options, bucket=bucket))
+    with pytest.raises(StorageError, match="s3 bucket '%s' does not exist at %s" % (bucket, s3_server.endpoint_url)):
+        BackupRun("j", source, storage).run()
+    assert not hasattr(source, "source")  # never read
+    assert bucket not in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.list()
+
+
+def test_an_unreachable_endpoint_fails_clearly(options):
+    storage = open_storage(dict(options, endpoint_url="http://127.0.0.1:9"))
+    storage.client.meta.config.retries["max_attempts"] = 1
+    for call, doing in ((storage.ensure_ready, "cannot reach s3 endpoint http://127.0.0.1:9"),
+                        (storage.list, "s3 error while listing"),
+                        (lambda: storage.exists("j/x"), "s3 error while checking j/x")):
+        with pytest.raises(StorageError, match=doing):
+            call()
+
+
+def test_missing_object_is_not_found(storage):
+    with pytest.raises(NotFoundError, match="object j/nope not found in s3://"):
+        storage.get_bytes("j/nope")
+
+
+def test_credentials_from_files_and_env(s3_server, options, tmp_path, monkeypatch):
+    key_file = tmp_path / "access_key"
+    key_file.write_text(options["access_key"] + "\n")
+    monkeypatch.setenv("BB_TEST_S3_SECRET", options["secret_key"])
+    resolved = dict(options, access_key_file=str(key_file), secret_key_env="BB_TEST_S3_SECRET")
+    del resolved["access_key"], resolved["secret_key"]
+    storage = open_storage(resolved)
+    storage.ensure_ready()
+    storage.put_bytes("j/x", b"1")
+    assert storage.get_bytes("j/x") == b"1"
+    assert "secret" not in json.dumps(storage.describe()).lower()
+
+
+def test_unknown_backend_and_missing_bucket_option():
+    with pytest.raises(ConfigError, match="storage backend s3 needs 'bucket'"):
+        open_storage({"backend": "s3", "endpoint_url": "http://127.0.0.1:9"})
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+S3_MEMORY_PROBE = textwrap.dedent("""
+    import json, os, resource, sys
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.pipeline import store_stream
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+
+    size = int(sys.argv[2])
+    block = os.urandom(1 << 20)
+
+    class Source:
+        pos = 0
+        def read(self, n=-1):
+            n = min(n, size - self.pos)
+            self.pos += n
+            return (b"%016x" % self.pos + block[16:n]) if n > 16 else block[:n]
+
+    storage = open_storage(json.loads(sys.argv[1]))
+    result = store_stream(Source(), storage, "mem/p", codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})
+    storage.delete("mem/p")
+    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "size": result["size"]}))
+""")
+
+
+def test_upload_memory_is_bounded_by_the_part_buffers(options):
+    """Peak RSS of a 320 MiB upload is that of a 32 MiB one: part_size x (in flight + 1)."""
+    settings = dict(options, part_size=8 * MiB)
+
+    def peak(size):
+        out = subprocess.run([sys.executable, "-c", S3_MEMORY_PROBE, json.dumps(settings), str(size)],
+                             check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
+        result = json.loads(out)
+        assert result["size"] == size
+        return result["maxrss_kib"]
+
+    low, high = peak(32 * MiB), peak(320 * MiB)
+    assert high < 256 * 1024
+    assert high - low < 24 * 1024, "peak RSS grew from %d to %d KiB" % (low, high)
+
+
+# -- the catalog on S3 ------------------------------------------------------------------------
+
+def publish_backup(catalog, job, started):
+    backup_id = new_backup_id(started)
+    catalog.storage.put_bytes(mf.object_key(job, backup_id, "data"), b"d")
+    manifest = mf.build(backup_id=backup_id, job=job, kind="files", started_at=to_iso(started),
+                        finished_at=to_iso(started + datetime.timedelta(seconds=5)),
+                        objects=[{"name": "data", "size": 1, "sha256": hashlib.sha256(b"d").hexdigest()}],
+                        compression={"algorithm": "none", "level": 0}, encryption={"mode": "none"},
+                        tool_versions={}, stats={}, parent=None)
+    catalog.publish(manifest)
+    return manifest
+
+
+def test_catalog_listing_is_one_paginated_list_and_one_get(storage):
+    catalog = Catalog(storage)
+    t0 = datetime.datetime(2024, 1, 1, tzinfo=UTC)
+    made = [publish_backup(catalog, "pg", t0 + datetime.timedelta(hours=h)) for h in range(30)]
+    requests = Requests(storage.client)
+    found = Catalog(storage).scan("pg")
+    assert [m["id"] for m in found] == [m["id"] for m in reversed(made)]
+    assert requests.operations == ["ListObjectsV2", "GetObject"]
+    # Lose the index: one scan pays a GET per manifest and repairs it, the next is cheap again.
+    storage.delete("pg/index.json")
+    requests.reset()
+    assert Catalog(storage).scan("pg") == found
+    # One GET that finds no index, one per manifest, one PUT of the rebuilt index.
+    assert requests.count("GetObject") == 31 and requests.count("PutObject") == 1
+    requests.reset()
+    assert Catalog(storage).latest("pg")["id"] == made[-1]["id"]
+    assert requests.operations == ["ListObjectsV2", "GetObject"]
+
+
+def test_catalog_reports_junk_and_orphans_on_s3(s3_server, storage, options):
+    catalog = Catalog(storage)
+    good = publish_backup(catalog, "j", datetime.datetime(2024, 1, 1, tzinfo=UTC))
+    orphan = new_backup_id(datetime.datetime(2024, 1, 2, tzinfo=UTC))
+    storage.put_bytes("j/%s/data" % orphan, b"x")
+    storage.put_bytes("j/%s/manifest.json" % new_backup_id(datetime.datetime(2024, 1, 3, tzinfo=UTC)), b"<html>")
+    storage.put_bytes("stray.txt", b"x")
+    assert [m["id"] for m in catalog.scan()] == [good["id"]]
+    assert {j["key"] for j in catalog.junk} >= {"stray.txt"}
+    assert any("not valid JSON" in j["reason"] for j in catalog.junk)
+    assert [i.key for i in catalog.orphans] == ["j/%s/data" % orphan]
+
+
+def test_backup_run_on_s3_end_to_end(s3_server, options):
+    storage = open_storage(dict(options, part_size=5 * MiB))
+    identity = pyrage.x25519.Identity.generate()
+    source = FilesSource({"size": 18 * MiB})
+    seen = {}
+    original = source.produce
+
+    def produce(emit, context):
+        stats = original(emit, context)
+        seen["keys"] = [i.key for i in context.storage.list("")]
+        return stats
+
+    source.produce = produce
+    manifest = BackupRun("s3-job", source, storage, {"algorithm": "zstd", "level": 3},
+                         {"recipients": [str(identity.to_public())]}).run()
+    prefix = "s3-job/%s/" % manifest["id"]
+    assert seen["keys"] == [prefix + "data.tar.zst.age"]  # payload stored, manifest not yet
+    assert storage.exists(prefix + "manifest.json")
+    assert Catalog(storage).resolve("s3-job", manifest["id"])["objects"] == manifest["objects"]
+    stream = open_payload(storage, manifest, "data.tar", [identity])
+    try:
+        digest = hashlib.sha256()
+        while True:
+            chunk = stream.read(MiB)
+            if not chunk:
+                break
+            digest.update(chunk)
+        stream.finish()
+    finally:
+        stream.close()
+    assert digest.hexdigest() == source.source.sha256.hexdigest()
+
+
+def test_a_failed_backup_run_leaves_nothing_on_s3(s3_server, options):
+    storage = open_storage(dict(options, part_size=5 * MiB))
+    with pytest.raises(SourceError, match="Connection reset by peer"):
+        BackupRun("j", FilesSource({"size": 30 * MiB, "fail_at": 12 * MiB}), storage, {"algorithm": "none"}).run()
+    assert raw_keys(s3_server, options["prefix"] + "/") == []
+    assert pending_uploads(s3_server, options["prefix"]) == []
+
+
+def test_concurrent_uploads_share_one_client(storage):
+    errors = []
+
+    def upload(n):
+        try:
+            data = os.urandom(6 * MiB + n)
+            storage.put_bytes("c/%d" % n, data) if n % 2 else None
+            writer = storage.open_writer("c/big-%d" % n)
+            writer.write(data)
+            writer.commit()
+            assert storage.get_bytes("c/big-%d" % n) == data
+        except Exception as exc:  # pylint: disable=broad-except
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len([i for i in storage.list("c/") if i.key.startswith("c/big-")]) == 4
