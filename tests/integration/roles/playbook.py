@@ -23,7 +23,9 @@ class PlaybookRun:
         self.failed = int(match.group(4)) if match else None
 
     def __repr__(self):
-        return "PlaybookRun(rc=%s, changed=%s)\n%s" % (self.returncode, self.changed, self.output[-6000:])
+        failures = [line for line in self.output.splitlines() if line.startswith(("fatal:", "failed:", "[ERROR]"))]
+        return "PlaybookRun(rc=%s, changed=%s)\n%s\n...\n%s" % (
+            self.returncode, self.changed, "\n".join(failures)[:4000], self.output[-3000:])
 
 
 def run_site(values, tmp_path, extra_vars=None, env=None, args=()):
