@@ -24,7 +24,9 @@ Layout (only ``job``, ``kind`` and ``storage`` are required)::
     metrics: {pushgateway_url: http://pushgateway:9091, instance: db-primary,
               username: push, password_file: /secrets/push/password}
     restore: {target: {...}}      # target options for `runner restore`
-    drill: {target: {...}}        # scratch target options for `runner drill` / test restores
+    drill: {job: nightly-db, target: {...}}  # the job whose backups a drill restores (default:
+                                  # this job) and scratch target options (default: derived
+                                  # from the source's connection options)
     verify: {backup: latest, test_restore: false}
     log_format: text              # or json (JSON lines on stderr)
 """
@@ -60,8 +62,7 @@ METRICS_KEYS = ("pushgateway_url", "instance", "username", "password", "timeout"
 RETENTION_KEYS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
                   "keep_yearly", "keep_within", "semantics", "timezone")
 # Options of the prune step itself (engine/prune.py), next to the policy.
-PRUNE_KEYS = ("min_keep", "keep_verified", "orphan_grace", "grace_period", "max_delete",
-              "dry_run", "protect_newest_verified")
+PRUNE_KEYS = ("min_keep", "max_delete", "force", "orphan_grace")
 VERIFY_KEYS = ("backup", "test_restore")
 RESTORE_KEYS = ("target", "backup", "point_in_time")
 LOG_FORMATS = ("text", "json")
@@ -198,7 +199,9 @@ class JobConfig:
         self.size_anomaly = _section(data, "size_anomaly")
         self.metrics = _section(data, "metrics", METRICS_KEYS)
         self.restore = _section(data, "restore", RESTORE_KEYS)
-        self.drill = _section(data, "drill", ("target",))
+        self.drill = _section(data, "drill", ("job", "target"))
+        if self.drill.get("job") is not None:
+            validate_job_name(self.drill["job"])
         self.verify = _section(data, "verify", VERIFY_KEYS)
         for name in ("source", "storage", "encryption", "metrics", "restore", "drill"):
             refuse_literal_secrets(data.get(name) or {}, name)
@@ -373,7 +376,8 @@ class JobConfig:
         if command == "backup":
             prepared["source"] = self.make_source()
             prepared["encryption"] = self.backup_encryption()
-            codecs.encryption_settings(prepared["encryption"])  # bad recipients_file entries fail here
+            for recipient in prepared["encryption"].get("recipients") or []:
+                codecs.parse_recipient(recipient)  # a bad line in recipients_file fails here
         if command in ("restore", "verify", "drill"):
             prepared["keys"] = self.read_keys()
             if self.encrypted and prepared["keys"] == (None, None):

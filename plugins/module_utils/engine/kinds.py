@@ -10,12 +10,23 @@ missing library; using a kind whose library is absent raises MissingDependencyEr
 """
 
 from .errors import ConfigError
+from .sources.config_git import ConfigGitSource
+from .sources.directory_sync import DirectorySyncSource
+from .sources.files import FilesSource
+from .sources.postgres import PostgresSource
+from .sources.redis import RedisSource
+from .targets.config_git import ConfigGitTarget
+from .targets.files import FilesTarget
+from .targets.postgres import PostgresTarget
+from .targets.redis import RedisTarget
 
 # kind -> Source subclass (the backup side)
-SOURCES = {}
+SOURCES = {cls.kind: cls for cls in (
+    PostgresSource, RedisSource, FilesSource, DirectorySyncSource, ConfigGitSource)}
 
-# kind -> Target subclass (the restore side)
-TARGETS = {}
+# kind -> Target subclass (the restore side). directory_sync is a mirror: the synced
+# directory itself is the copy, and its backups record what was transferred.
+TARGETS = {cls.kind: cls for cls in (PostgresTarget, RedisTarget, FilesTarget, ConfigGitTarget)}
 
 
 def known_kinds():
@@ -54,3 +65,19 @@ def make_source(kind, options):
 
 def make_target(kind, options):
     return target_class(kind)(options or {})
+
+
+def scratch_options_from_source(kind, source_options):
+    """Options for ``Target.scratch`` derived from a job's source options.
+
+    A restore drill runs with the backed-up job's source access: the scratch database of a
+    postgres drill lives on the same server, reached with the same credentials. Only the
+    options the kind's target knows are kept (``OPTIONS``); kinds whose scratch target
+    needs nothing from the source (files, config_git) get none.
+    """
+    cls = target_class(kind)
+    known = getattr(cls, "OPTIONS", None)
+    if not known:
+        return {}
+    keep = set(known) | {name + suffix for name in known for suffix in ("_file", "_env")}
+    return {key: value for key, value in (source_options or {}).items() if key in keep}

@@ -354,7 +354,8 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
     manifest = chain[-1]
     log("restoring %s backup %s of job %s (%s) into %s" % (
         manifest["kind"], manifest["id"], job,
-        "chain of %d" % len(chain) if len(chain) > 1 else "full", target.describe()))
+        "chain of %d" % len(chain) if len(chain) > 1 else "full",
+        " ".join("%s=%s" % item for item in sorted(target.describe().items()))))
     keys_by_id = chain_identities(storage, chain, identity, passphrase)
     verification = verify_chain(storage, chain, keys_by_id)
     verified_at = time.monotonic()

@@ -1,0 +1,500 @@
+"""The runner: what the CronJob containers execute.
+
+    python -m ansible_collections.biometrics.backup.plugins.module_utils.engine.runner \\
+        <backup|verify|restore|drill|prune|list> --config JOB_FILE [options]
+
+It reads a job file (engine/jobconfig.py; secrets only as ``*_file`` / ``*_env``), checks
+everything before it starts, runs the command with the same engine as the Ansible modules,
+pushes metrics when the job file asks for them, prints the result as one JSON document on
+stdout and logs to stderr (plain text or JSON lines, never a secret). ``prune``, ``verify``
+and ``list`` accept several ``--config`` (one job each).
+
+Exit codes:
+    0  success
+    1  the operation failed (source, storage or tool error; unexpected error)
+    2  configuration or usage error, detected before anything was written;
+       also a key that cannot open the backups, and prune refusing (max_delete)
+    3  integrity: verification failed, a restore or drill was refused or its checks failed
+    4  the backup was stored but its size broke the size-anomaly ``fail`` policy
+  130  interrupted (SIGINT); 143 terminated (SIGTERM) — nothing partial stays listed
+
+A metrics push that fails is logged as an error but does not change the exit code: the
+backup exists, and a missed push shows up as staleness in the alerts.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import signal
+import sys
+import time
+
+from . import kinds
+from .backup import BackupRun
+from .catalog import Catalog
+from .codecs import parse_identities
+from .config import SECRET_FIELDS, resolve_secret_refs
+from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyError
+from .jobconfig import JobConfig, parse_text
+from .pipeline import Progress
+from .restore import KeyMismatchError, identities as backup_identities, restore as run_restore
+from .timeutil import to_iso, utc_now
+from .verify import verify as run_verify
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_INTEGRITY = 3
+EXIT_SIZE = 4
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+COMMANDS = ("backup", "verify", "restore", "drill", "prune", "list")
+MULTI_CONFIG = ("prune", "verify", "list")
+PROGRESS_INTERVAL = 5.0
+
+
+class Terminated(BaseException):
+    """SIGTERM (Kubernetes stopping the pod): unwinds like Ctrl-C so partial objects are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+# -- logging ------------------------------------------------------------------------------
+
+def _human_bytes(count):
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
+        value /= 1024.0
+    return "%d B" % count
+
+
+class Log:
+    """Lines on stderr: ``<time> <LEVEL> <command> <job>: message`` or JSON objects.
+
+    Every line passes through ``scrub``: secret values read for this run are replaced,
+    a last line of defence behind error messages that are built not to hold them.
+    """
+
+    def __init__(self, fmt="text", stream=None):
+        self.format = fmt
+        self.stream = stream or sys.stderr
+        self.command = None
+        self.job = None
+        self._secrets = set()
+
+    def add_secrets(self, values):
+        self._secrets.update(value for value in values if isinstance(value, str) and len(value) >= 4)
+
+    def scrub(self, text):
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "********")
+        return text
+
+    def emit(self, level, message, **fields):
+        message = self.scrub(str(message))
+        if self.format == "json":
+            record = {"time": to_iso(utc_now()), "level": level, "command": self.command, "job": self.job,
+                      "message": message}
+            record.update({key: value for key, value in fields.items() if value is not None})
+            line = self.scrub(json.dumps(record, sort_keys=True, default=str))
+        else:
+            where = " ".join(part for part in (self.command, self.job) if part)
+            line = "%s %s %s: %s" % (to_iso(utc_now()), level.upper(), where or "runner", message)
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def info(self, message, **fields):
+        self.emit("info", message, **fields)
+
+    def warning(self, message, **fields):
+        self.emit("warning", message, **fields)
+
+    def error(self, message, **fields):
+        self.emit("error", message, **fields)
+
+
+def where(description):
+    """``backend=s3 bucket=b prefix=p`` from a describe() dict, for log lines."""
+    if not isinstance(description, dict):
+        return str(description)
+    return " ".join("%s=%s" % (key, value) for key, value in description.items() if value not in (None, "", [], {}))
+
+
+def secret_values(options):
+    """Every value of a secret field below ``options`` (resolved options)."""
+    found = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if key in SECRET_FIELDS and isinstance(value, str):
+                found.append(value)
+            else:
+                found.extend(secret_values(value))
+    elif isinstance(options, list):
+        for item in options:
+            found.extend(secret_values(item))
+    return found
+
+
+def exit_code_for(exc):
+    if isinstance(exc, KeyMismatchError):
+        return EXIT_CONFIG
+    if isinstance(exc, IntegrityError):
+        return EXIT_INTEGRITY
+    if isinstance(exc, (ConfigError, MissingDependencyError)):
+        return EXIT_CONFIG
+    return EXIT_FAILED
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+class Metrics:
+    """BackupMetrics when the job file configures them; a no-op otherwise. Shipping never raises."""
+
+    def __init__(self, config, log, job=None):
+        self.config = config
+        self.log = log
+        self.metrics = None
+        if config is not None and config.metrics_enabled:
+            from .metrics import BackupMetrics  # prometheus_client is only needed when configured
+            self.metrics = BackupMetrics(job or config.job, config.kind, config.instance)
+
+    def record(self, method, *args, **kwargs):
+        if self.metrics is not None:
+            getattr(self.metrics, method)(*args, **kwargs)
+
+    def ship(self):
+        if self.metrics is None or not self.metrics.recorded:
+            return
+        metrics = self.config.metrics
+        try:
+            if metrics.get("pushgateway_url"):
+                username, password = self.config.metrics_credentials()
+                self.log.add_secrets([password])
+                self.metrics.push(metrics["pushgateway_url"], timeout=float(metrics.get("timeout") or 10),
+                                  username=username, password=password)
+                self.log.info("metrics pushed to %s" % metrics["pushgateway_url"].split("@")[-1])
+            if metrics.get("textfile"):
+                self.metrics.write_textfile(metrics["textfile"])
+                self.log.info("metrics written to %s" % metrics["textfile"])
+        except BackupError as exc:
+            self.log.error("metrics were not shipped: %s" % exc)
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def _finite(value):
+    return value if value is None or math.isfinite(value) else None
+
+
+def _prepare(config, command, log):
+    prepared = config.prepare(command)
+    log.add_secrets(secret_values(config.storage_options()))
+    if command == "backup":
+        log.add_secrets(secret_values(config.source_options()))
+        log.add_secrets([prepared["encryption"].get("passphrase")])
+    if command in ("restore", "verify", "drill"):
+        log.add_secrets(list(prepared["keys"]))
+    return prepared
+
+
+def _parent_identities(storage, job, identity, passphrase):
+    """Identities an incremental backup needs to read its parent (None when none are given)."""
+    found = []
+    if identity:
+        found.extend(parse_identities(identity))
+    if passphrase is not None:
+        try:
+            latest = Catalog(storage).latest(job)
+            found.extend(backup_identities(storage, latest, passphrase=passphrase) or [])
+        except BackupError:
+            pass  # no parent, or not a passphrase backup: the source explains if it needs one
+    return found or None
+
+
+def cmd_backup(config, args, log):
+    metrics = Metrics(config, log)
+    started = time.monotonic()
+    try:
+        prepared = _prepare(config, "backup", log)
+        storage = prepared["storage"]
+        identity, passphrase = config.read_keys()
+        log.add_secrets([identity, passphrase])
+
+        def report(raw, stored, elapsed):
+            log.info("progress: %s read, %s stored, %s/s" % (
+                _human_bytes(raw), _human_bytes(stored), _human_bytes(raw / elapsed if elapsed else 0)),
+                raw_bytes=raw, stored_bytes=stored, elapsed_seconds=round(elapsed, 1))
+
+        run = BackupRun(config.job, prepared["source"], storage, compression=config.compression,
+                        encryption=prepared["encryption"],
+                        progress=Progress(report, interval=args.progress_interval),
+                        identities=_parent_identities(storage, config.job, identity, passphrase),
+                        size_policy=config.size_policy)
+        if args.check:
+            plan = run.plan()
+            log.info("check mode: would back up %s to %s" % (where(plan["source"]), where(plan["storage"])))
+            return EXIT_OK, {"changed": False, "check_mode": True, "plan": plan}
+        log.info("starting %s backup to %s" % (config.kind, where(storage.describe())))
+        manifest = run.run()
+    except BaseException as exc:
+        metrics.record("record_backup_result", False, utc_now())
+        if config.schedule:
+            metrics.record("record_schedule", cron_expression=config.schedule)
+        metrics.ship()
+        raise
+    verdict = run.size_verdict
+    finished = datetime.datetime.fromisoformat(manifest["finished_at"].replace("Z", "+00:00"))
+    ratio = _finite(manifest.get("size_change_ratio"))
+    failed_size = verdict is not None and verdict.failed
+    if failed_size:
+        metrics.record("record_backup_result", False, finished)
+        metrics.record("record_size_change_ratio", verdict.ratio)
+    else:
+        metrics.record("record_backup_result", True, finished,
+                       duration_seconds=manifest.get("duration_seconds", time.monotonic() - started),
+                       size_bytes=manifest["size_bytes"],
+                       size_change_ratio=verdict.ratio if verdict is not None else None)
+    if config.schedule:
+        metrics.record("record_schedule", cron_expression=config.schedule)
+    metrics.ship()
+    log.info("backup %s stored: %s in %d objects (%s before compression) in %.1fs" % (
+        manifest["id"], _human_bytes(manifest["size_bytes"]), len(manifest["objects"]),
+        _human_bytes(manifest.get("raw_bytes") or 0), manifest.get("duration_seconds") or 0),
+        backup_id=manifest["id"], size_bytes=manifest["size_bytes"])
+    if verdict is not None and verdict.level != "ok":
+        (log.error if failed_size else log.warning)("size anomaly: %s" % verdict.reason, size_change_ratio=ratio)
+    result = {"changed": True, "backup_id": manifest["id"], "job": manifest["job"], "kind": manifest["kind"],
+              "size_bytes": manifest["size_bytes"], "size_change_ratio": ratio,
+              "size_check": manifest.get("size_check"), "parent": manifest.get("parent"),
+              "duration_seconds": manifest.get("duration_seconds"), "stats": manifest.get("stats"),
+              "manifest": manifest}
+    if failed_size:
+        raise _SizeFailure(result, verdict.reason)
+    return EXIT_OK, result
+
+
+class _SizeFailure(Exception):
+    def __init__(self, result, reason):
+        super().__init__("backup %s was stored, but its size breaks the job's size policy: %s"
+                         % (result["backup_id"], reason))
+        self.result = result
+
+
+def _scratch_options(config):
+    if config.drill.get("target") is not None:
+        return config.target_options("drill")
+    return resolve_secret_refs(kinds.scratch_options_from_source(config.kind, config.source), "source")
+
+
+def cmd_verify(config, args, log):
+    prepared = _prepare(config, "verify", log)
+    identity, passphrase = prepared["keys"]
+    selector = args.backup or config.verify.get("backup") or "latest"
+    test_restore = bool(args.test_restore or config.verify.get("test_restore"))
+    scratch = _scratch_options(config) if test_restore else None
+    if scratch:
+        log.add_secrets(secret_values(scratch))
+    outcome = run_verify(prepared["storage"], config.job, backup=selector, identity=identity,
+                         passphrase=passphrase, test_restore=test_restore, scratch_options=scratch,
+                         record=not args.check, log=log.info)
+    metrics = Metrics(config, log)
+    if outcome["changed"]:
+        metrics.record("record_verification", outcome["failed"] == 0, utc_now())
+        metrics.ship()
+    if outcome["failed"]:
+        return EXIT_INTEGRITY, outcome
+    if outcome["errors"]:
+        return EXIT_CONFIG, outcome
+    return EXIT_OK, outcome
+
+
+def _load_override(path):
+    if not path:
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return parse_text(handle.read(), "target file %s" % path)
+    except OSError as exc:
+        raise ConfigError("cannot read target file %s: %s" % (path, exc.strerror)) from None
+
+
+def cmd_restore(config, args, log):
+    prepared = _prepare(config, "restore", log)
+    identity, passphrase = prepared["keys"]
+    options = config.target_options("restore", _load_override(args.target_file))
+    log.add_secrets(secret_values(options))
+    target = kinds.make_target(config.kind, options)
+    backup = args.backup or (None if args.point_in_time else config.restore.get("backup"))
+    point_in_time = args.point_in_time or (None if args.backup else config.restore.get("point_in_time"))
+    report = run_restore(prepared["storage"], config.job, target, backup=backup, point_in_time=point_in_time,
+                         identity=identity, passphrase=passphrase, check_mode=args.check, log=log.info)
+    log.info("%s %s backup %s: %d objects verified, %d checks passed" % (
+        "verified (check mode, nothing written)" if args.check else "restored",
+        report["kind"], report["backup_id"], report["verification"]["objects"],
+        sum(1 for check in report["checks"] if check.get("ok"))))
+    return EXIT_OK, report
+
+
+def cmd_drill(config, args, log):
+    """Restore the latest backup into a scratch target and check it: the weekly recovery drill."""
+    job = config.drill.get("job") or config.job
+    log.job = job
+    metrics = Metrics(config, log, job=job)
+    started = time.monotonic()
+    try:
+        prepared = _prepare(config, "drill", log)
+        identity, passphrase = prepared["keys"]
+        scratch = _scratch_options(config)
+        log.add_secrets(secret_values(scratch))
+        outcome = run_verify(prepared["storage"], job, backup=args.backup or "latest", identity=identity,
+                             passphrase=passphrase, test_restore=True, scratch_options=scratch,
+                             record=not args.check, log=log.info)
+    except BaseException:
+        metrics.record("record_drill", False, utc_now())
+        metrics.ship()
+        raise
+    duration = time.monotonic() - started
+    ok = outcome["ok"]
+    metrics.record("record_drill", ok, utc_now(), duration_seconds=duration)
+    if outcome["changed"]:
+        metrics.record("record_verification", outcome["failed"] == 0, utc_now())
+    metrics.ship()
+    outcome["duration_seconds"] = round(duration, 3)
+    result = outcome["results"][0]
+    if ok:
+        log.info("drill passed: backup %s restored into a scratch target and checked (%d checks) in %.1fs"
+                 % (result["id"], len(result["checks"]), duration))
+        return EXIT_OK, outcome
+    log.error("drill failed for backup %s: %s" % (result["id"], result["error"]))
+    return (EXIT_INTEGRITY if outcome["failed"] else EXIT_CONFIG), outcome
+
+
+def cmd_prune(config, args, log):
+    from .prune import prune as run_prune
+    prepared = _prepare(config, "prune", log)
+    options = config.prune_options()
+    metrics = Metrics(config, log)
+    result = run_prune(prepared["storage"], config.job, config.retention_policy,
+                       min_keep=options.get("min_keep", 1), max_delete=options.get("max_delete"),
+                       force=bool(args.force or options.get("force")), orphan_grace=options.get("orphan_grace"),
+                       dry_run=args.check, log=log.info)
+    counts = result["counts"]
+    if not args.check:
+        metrics.record("record_retention", counts["kept"], len(result["deleted"]), utc_now())
+        metrics.ship()
+    log.info("%s: kept %d, %s %d backups, %d orphans removed, %d junk objects reported" % (
+        "dry run" if args.check else "pruned", counts["kept"], "would prune" if args.check else "pruned",
+        counts["pruned"], counts["orphans_removed"], counts["junk"]))
+    return EXIT_OK, result
+
+
+def cmd_list(config, args, log):
+    storage = _prepare(config, "list", log)["storage"]
+    catalog = Catalog(storage)
+    job = args.job or config.job
+    backups = catalog.scan(job)
+    result = {"job": job, "storage": storage.describe(), "backups": backups,
+              "junk": list(catalog.junk),
+              "orphans": [{"key": info.key, "size": info.size, "modified": to_iso(info.modified)}
+                          for info in catalog.orphans]}
+    log.info("%d backups, %d junk objects, %d orphaned objects" % (len(backups), len(catalog.junk), len(catalog.orphans)))
+    return EXIT_OK, result
+
+
+HANDLERS = {"backup": cmd_backup, "verify": cmd_verify, "restore": cmd_restore, "drill": cmd_drill,
+            "prune": cmd_prune, "list": cmd_list}
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m ansible_collections.biometrics.backup.plugins.module_utils.engine.runner",
+        description="Run one biometrics.backup job command from a job file.")
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--config", "-c", action="append", required=True, metavar="JOB_FILE",
+                        help="job file (YAML or JSON); prune, verify and list accept several")
+    parser.add_argument("--log-format", choices=("text", "json"), help="default: the job file's log_format")
+    parser.add_argument("--check", action="store_true",
+                        help="plan / verify only: backup and prune report what they would do, restore "
+                             "verifies without writing, verify and drill record nothing")
+    parser.add_argument("--backup", help="latest (default), a backup id, an ISO-8601 time, or all (verify)")
+    parser.add_argument("--point-in-time", help="restore: the newest backup at or before this ISO-8601 time")
+    parser.add_argument("--target-file", help="restore: YAML/JSON of target options merged over restore.target")
+    parser.add_argument("--test-restore", action="store_true", help="verify: also restore into a scratch target")
+    parser.add_argument("--force", action="store_true", help="prune: delete more than max_delete")
+    parser.add_argument("--job", help="list: another job at the same storage location")
+    parser.add_argument("--progress-interval", type=float, default=PROGRESS_INTERVAL,
+                        help="seconds between progress lines of a backup (default %(default)s)")
+    return parser
+
+
+def _emit_result(result):
+    sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def run_one(command, path, args, log):
+    """Run ``command`` for one job file; returns (exit code, result or None)."""
+    log.command, log.job = command, None
+    config = None
+    try:
+        config = JobConfig.load(path)
+        log.job = config.job
+        if args.log_format is None:
+            log.format = config.log_format
+        code, result = HANDLERS[command](config, args, log)
+        return code, result
+    except _SizeFailure as exc:
+        log.error(str(exc))
+        return EXIT_SIZE, exc.result
+    except KeyboardInterrupt:
+        log.error("%s interrupted (SIGINT): nothing partial was published" % command)
+        return EXIT_SIGINT, None
+    except Terminated:
+        log.error("%s terminated (SIGTERM): nothing partial was published" % command)
+        return EXIT_SIGTERM, None
+    except BackupError as exc:
+        what = "%s of job %s" % (command, config.job) if config is not None else "%s (%s)" % (command, path)
+        log.error("%s failed: %s" % (what, exc), error=type(exc).__name__)
+        partial = getattr(exc, "result", None)
+        return exit_code_for(exc), partial
+    except Exception as exc:  # pylint: disable=broad-except  # one clear line, not a traceback
+        log.error("%s failed unexpectedly: %s: %s" % (command, type(exc).__name__, exc), error=type(exc).__name__)
+        return EXIT_FAILED, None
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if len(args.config) > 1 and args.command not in MULTI_CONFIG:
+        parser.error("%s takes exactly one --config" % args.command)
+    if args.point_in_time and args.command != "restore":
+        parser.error("--point-in-time is for restore only")
+    if args.backup and args.point_in_time:
+        parser.error("give --backup or --point-in-time, not both")
+    log = Log(args.log_format or "text")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    worst, results = EXIT_OK, []
+    try:
+        for path in args.config:
+            code, result = run_one(args.command, path, args, log)
+            worst = max(worst, code)
+            results.append(result)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if len(results) == 1:
+        if results[0] is not None:
+            _emit_result(results[0])
+    else:
+        _emit_result(results)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())
