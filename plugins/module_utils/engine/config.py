@@ -60,3 +60,18 @@ def redact(options):
     if isinstance(options, list):
         return [redact(item) for item in options]
     return options
+
+
+def check_known(options, known, where):
+    """ConfigError naming every key of ``options`` outside ``known`` (``x_file``/``x_env`` of known secrets allowed)."""
+    allowed = set(known) | {name + suffix for name in known if name in SECRET_FIELDS for suffix in ("_file", "_env")}
+    unknown = sorted(str(key) for key in options if key not in allowed)
+    if unknown:
+        raise ConfigError("%s: unknown option(s) %s (known: %s)" % (where, ", ".join(unknown), ", ".join(known)))
+
+
+def as_bool(value):
+    """Option values as booleans, also from strings of YAML-less sources ("false", "no", "0")."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "no", "0", "off")
+    return bool(value)
