@@ -19,7 +19,7 @@ import io
 import re
 import threading
 
-from ..config import resolve_secret_refs
+from ..config import as_bool, check_known, resolve_secret_refs
 from ..errors import ConfigError, MissingDependencyError, SourceError
 from .. import procutil
 from .base import Source
@@ -210,14 +210,11 @@ class PostgresSource(Source):
 
     def __init__(self, options):
         super().__init__(options)
-        unknown = sorted(set(options) - set(self.OPTIONS) - {"password_file", "password_env"})
-        if unknown:
-            raise ConfigError("postgres source: unknown option(s) %s (known: %s)"
-                              % (", ".join(unknown), ", ".join(self.OPTIONS)))
+        check_known(options, self.OPTIONS, "postgres source")
         self.conn = PgConnection(options, "source")
         if not self.conn.database:
             raise ConfigError("postgres source: database (or dbname) is required")
-        self.include_globals = options.get("include_globals", True) not in (False, "false", "no", 0)
+        self.include_globals = as_bool(options.get("include_globals", True))
         self.dump_args = validate_dump_args(options.get("pg_dump_args"))
         self._versions = None
 

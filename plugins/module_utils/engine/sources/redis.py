@@ -18,7 +18,7 @@ state at the fork, between the two; with writes in between the two counts differ
 
 import re
 
-from ..config import resolve_secret_refs
+from ..config import as_bool, check_known, resolve_secret_refs
 from ..errors import ConfigError, MissingDependencyError, SourceError
 from .. import procutil
 from .base import Source
@@ -42,10 +42,6 @@ def require_redis(purpose):
         raise MissingDependencyError("redis", purpose)
 
 
-def _truthy(value):
-    return value not in (None, False, "false", "no", "0", 0, "")
-
-
 class RedisConnection:
     """Connection settings shared by the redis source and target."""
 
@@ -60,11 +56,11 @@ class RedisConnection:
             raise ConfigError("%s.port must be a number" % where) from None
         self.username = options.get("username")
         self.password = options.get("password")
-        self.tls = _truthy(options.get("tls"))
+        self.tls = as_bool(options.get("tls"))
         self.tls_ca = options.get("tls_ca")
         self.tls_cert = options.get("tls_cert")
         self.tls_key = options.get("tls_key")
-        self.tls_insecure = _truthy(options.get("tls_insecure"))
+        self.tls_insecure = as_bool(options.get("tls_insecure"))
         self.connect_timeout = float(options.get("connect_timeout") or 10)
         self.bin_dir = options.get("bin_dir")
 
@@ -206,10 +202,7 @@ class RedisSource(Source):
 
     def __init__(self, options):
         super().__init__(options)
-        unknown = sorted(set(options) - set(self.OPTIONS) - {"password_file", "password_env"})
-        if unknown:
-            raise ConfigError("redis source: unknown option(s) %s (known: %s)"
-                              % (", ".join(unknown), ", ".join(self.OPTIONS)))
+        check_known(options, self.OPTIONS, "redis source")
         self.conn = RedisConnection(options, "source")
         self._versions = None
 

@@ -15,6 +15,7 @@ import contextlib
 import re
 import time
 
+from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError, SourceError
 from .. import procutil
 from ..sources.postgres import (DUMP_PAYLOAD, GLOBALS_PAYLOAD, PgConnection, CONNECTION_KEYS, count_rows,
@@ -30,10 +31,6 @@ except ImportError:  # require_psycopg() reports it when a connection is made
 MAX_IDENTIFIER = 63
 KEPT_MARKER = "_pre_restore_"
 ROLLED_BACK_MARKER = "_rolled_back_"
-
-
-def _truthy(value):
-    return value not in (None, False, "false", "no", "0", 0, "")
 
 
 def database_name(base, suffix):
@@ -54,20 +51,17 @@ class PostgresTarget(Target):
 
     def __init__(self, options):
         super().__init__(options)
-        unknown = sorted(set(options) - set(self.OPTIONS) - {"password_file", "password_env"})
-        if unknown:
-            raise ConfigError("postgres target: unknown option(s) %s (known: %s)"
-                              % (", ".join(unknown), ", ".join(self.OPTIONS)))
+        check_known(options, self.OPTIONS, "postgres target")
         self.conn = PgConnection(options, "target")
         self.restore_database = options.get("restore_database")
         self.maintenance_database = options.get("maintenance_database") or "postgres"
-        self.swap = _truthy(options.get("swap"))
-        self.drop_old = _truthy(options.get("drop_old"))
+        self.swap = as_bool(options.get("swap"))
+        self.drop_old = as_bool(options.get("drop_old"))
         if self.drop_old and not self.swap:
             raise ConfigError("postgres target: drop_old only makes sense with swap: true")
-        self.no_owner = _truthy(options.get("no_owner"))
-        self.no_privileges = _truthy(options.get("no_privileges"))
-        self.restore_globals = _truthy(options.get("restore_globals"))
+        self.no_owner = as_bool(options.get("no_owner"))
+        self.no_privileges = as_bool(options.get("no_privileges"))
+        self.restore_globals = as_bool(options.get("restore_globals"))
         self.swap_timeout = float(options.get("swap_timeout") or 30)
         self._stamp = None
         self._created = set()   # databases this object created (the only ones it may drop on failure)

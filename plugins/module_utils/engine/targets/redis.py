@@ -29,6 +29,7 @@ import subprocess
 import tempfile
 import time
 
+from ..config import as_bool, check_known
 from ..errors import BackupError, ConfigError, IntegrityError, SourceError
 from .. import procutil
 from ..sources.redis import CONNECTION_KEYS, RDB_PAYLOAD, RedisConnection, keyspace, require_redis
@@ -41,10 +42,6 @@ except ImportError:  # require_redis() reports it
 
 CHUNK = 1 << 20
 _DB_RE = re.compile(r"^(?:db)?(\d+)$")
-
-
-def _truthy(value):
-    return value not in (None, False, "false", "no", "0", 0, "")
 
 
 def _db_index(name, where):
@@ -144,13 +141,10 @@ class RedisTarget(Target):
 
     def __init__(self, options):
         super().__init__(options)
-        unknown = sorted(set(options) - set(self.OPTIONS) - {"password_file", "password_env"})
-        if unknown:
-            raise ConfigError("redis target: unknown option(s) %s (known: %s)"
-                              % (", ".join(unknown), ", ".join(self.OPTIONS)))
+        check_known(options, self.OPTIONS, "redis target")
         self.conn = RedisConnection(options, "target")
-        self.flush = _truthy(options.get("flush"))
-        self.replace = _truthy(options.get("replace"))
+        self.flush = as_bool(options.get("flush"))
+        self.replace = as_bool(options.get("replace"))
         self.db_map = {}
         for source, dest in (options.get("db_map") or {}).items():
             self.db_map[_db_index(source, "db_map")] = _db_index(dest, "db_map")
@@ -348,25 +342,35 @@ class RedisTarget(Target):
         if batch:
             yield batch
 
-    def _first_existing(self, server, db, dest):
+    @contextlib.contextmanager
+    def _pair(self, server, db, dest):
+        """Clients of the temporary server's ``db`` and the target's ``dest``, closed afterwards."""
         src, dst = server.client(db), self.conn.client(dest)
         try:
-            for keys in self._batches(src):
-                pipe = dst.pipeline(transaction=False)
-                for key in keys:
-                    pipe.exists(key)
-                for key, found in zip(keys, pipe.execute()):
-                    if found:
-                        return key.decode("utf-8", "replace")[:200]
-            return None
+            yield src, dst
         finally:
             src.close()
             dst.close()
 
+    @staticmethod
+    def _present(client, keys):
+        """The ``keys`` that exist in ``client``'s database (one pipelined EXISTS each)."""
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+        return [key for key, found in zip(keys, pipe.execute()) if found]
+
+    def _first_existing(self, server, db, dest):
+        with self._pair(server, db, dest) as (src, dst):
+            for keys in self._batches(src):
+                present = self._present(dst, keys)
+                if present:
+                    return present[0].decode("utf-8", "replace")[:200]
+        return None
+
     def _copy_db(self, server, db, dest):
-        src, dst = server.client(db), self.conn.client(dest)
         copied = 0
-        try:
+        with self._pair(server, db, dest) as (src, dst):
             for keys in self._batches(src):
                 read = src.pipeline(transaction=False)
                 for key in keys:
@@ -388,21 +392,11 @@ class RedisTarget(Target):
                         raise SourceError("redis target: RESTORE of key %r into db%d failed: %s"
                                           % (key.decode("utf-8", "replace")[:200], dest, self.conn.scrub(result)))
                     copied += 1
-            return copied
-        finally:
-            src.close()
-            dst.close()
+        return copied
 
     def _count_present(self, server, db, dest):
-        src, dst = server.client(db), self.conn.client(dest)
-        present = 0
-        try:
-            for keys in self._batches(src):
-                present += dst.exists(*keys)
-            return present
-        finally:
-            src.close()
-            dst.close()
+        with self._pair(server, db, dest) as (src, dst):
+            return sum(dst.exists(*keys) for keys in self._batches(src))
 
     def _remove_copied(self, server, touched):
         """Undo a partial copy: the backup's keys did not exist in the target before.
@@ -412,18 +406,11 @@ class RedisTarget(Target):
         """
         try:
             for db, dest in touched:
-                src, dst = server.client(db), self.conn.client(dest)
-                try:
+                with self._pair(server, db, dest) as (src, dst):
                     for keys in self._batches(src):
-                        pipe = dst.pipeline(transaction=False)
-                        for key in keys:
-                            pipe.exists(key)
-                        present = [key for key, found in zip(keys, pipe.execute()) if found]
+                        present = self._present(dst, keys)
                         if present:
                             dst.delete(*present)
-                finally:
-                    src.close()
-                    dst.close()
         except Exception:  # pylint: disable=broad-except
             return " (removing the keys copied so far failed too: check the target)"
         return " (the keys copied so far were removed again: the target is as before)"
