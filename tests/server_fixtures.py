@@ -55,6 +55,7 @@ class ServerStartError(Exception):
 # --------------------------------------------------------------------------- processes
 
 _RUNNING = []  # every ServerProcess still running, for the atexit safety net
+_STARTUPS = []  # (fixture name, seconds) for the terminal summary
 
 
 def _set_parent_death_signal():
@@ -226,7 +227,14 @@ def _started(fixture_name, start):
         require_or_skip("%s could not start: %s" % (fixture_name, exc))
         raise  # not reached: require_or_skip always raises
     server.startup_seconds = round(time.monotonic() - began, 2)
+    _STARTUPS.append((fixture_name, server.startup_seconds))
     return server
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _STARTUPS:
+        terminalreporter.write_line("server fixtures started: " + ", ".join(
+            "%s %.1fs" % item for item in _STARTUPS))
 
 
 # --------------------------------------------------------------------------- PostgreSQL
