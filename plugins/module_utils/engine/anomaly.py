@@ -175,7 +175,6 @@ def previous_successful(summaries, job, before=None, incremental=None, exclude_i
     return best
 
 
-
 def check_new_backup(catalog, manifest, policy=None):
     """Judge the size of a backup about to be published against the job's previous good one.
 
