@@ -138,6 +138,3 @@ class BackupRun:
                 self.storage.delete(info.key)
         except Exception:  # pylint: disable=broad-except  # the original error matters more
             pass
-
-
-
