@@ -62,7 +62,7 @@ def test_pushed_metrics_read_back_from_the_gateway(pushgateway_server):
     assert m.push(pushgateway_server.url) == {"job": job, "kind": "postgres", "instance": "db1"}
 
     got = gateway_samples(pushgateway_server, job)
-    assert {name for name, _, _ in got} == metrics.metric_names()
+    assert {key[0] for key in got} == metrics.metric_names()
     expected = dict(m.recorded, backup_schedule_interval_seconds=86400.0)
     for name, value in expected.items():
         read_value, family_type = got[(name, "db1", "postgres")]
@@ -127,7 +127,7 @@ def test_an_unreachable_gateway_raises_without_leaking_the_password(monkeypatch)
 @pytest.fixture(scope="module")
 def alert_rules(tmp_path_factory):
     """The rules file as the monitoring role renders it with its defaults."""
-    out, _ = monitoring_role.render(tmp_path_factory.mktemp("rules"))
+    out, _output = monitoring_role.render(tmp_path_factory.mktemp("rules"))
     return str(out / monitoring_role.RULES_FILE)
 
 

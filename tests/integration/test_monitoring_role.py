@@ -132,7 +132,7 @@ def test_rendered_rules_file_passes_promtool_check_and_the_alert_unit_tests(tmp_
 
 def test_promtool_unit_tests_catch_a_wrong_threshold(tmp_path):
     """The alert unit tests fail when the rendered rules differ (here: another size bound)."""
-    out, _ = render(tmp_path, {"monitoring_size_ratio_high": 2.4})
+    out, _output = render(tmp_path, {"monitoring_size_ratio_high": 2.4})
     shutil.copy(os.path.join(PROMTOOL_TESTS, "alerts-minutes.test.yml"), out)
     result = promtool("test", "rules", "alerts-minutes.test.yml", cwd=str(out))
     report = result.stdout + result.stderr
@@ -142,8 +142,8 @@ def test_promtool_unit_tests_catch_a_wrong_threshold(tmp_path):
 
 
 def test_prometheusrule_carries_exactly_the_rules_file(tmp_path):
-    out, _ = render(tmp_path, {"monitoring_namespace": "observability",
-                               "monitoring_rule_labels": {"release": "kube-prometheus-stack"}})
+    out, _output = render(tmp_path, {"monitoring_namespace": "observability",
+                                     "monitoring_rule_labels": {"release": "kube-prometheus-stack"}})
     rule = yaml.safe_load((out / "prometheusrule.yml").read_text())
     assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["kind"] == "PrometheusRule"
     assert rule["metadata"]["name"] == "biometrics-backup-alerts"
@@ -158,9 +158,9 @@ def test_prometheusrule_carries_exactly_the_rules_file(tmp_path):
 
 
 def test_dashboard_configmap_holds_the_dashboard_with_the_grafana_label(tmp_path):
-    out, _ = render(tmp_path, {"monitoring_dashboard_namespace": "grafana",
-                               "monitoring_dashboard_labels": {"team": "storage"},
-                               "monitoring_dashboard_annotations": {"grafana_folder": "Backups"}})
+    out, _output = render(tmp_path, {"monitoring_dashboard_namespace": "grafana",
+                                     "monitoring_dashboard_labels": {"team": "storage"},
+                                     "monitoring_dashboard_annotations": {"grafana_folder": "Backups"}})
     configmap = yaml.safe_load((out / "dashboard-configmap.yml").read_text())
     assert configmap["kind"] == "ConfigMap" and configmap["apiVersion"] == "v1"
     assert configmap["metadata"]["namespace"] == "grafana"
@@ -177,8 +177,8 @@ def test_options_change_the_rules(tmp_path):
     """Thresholds, for, extra labels, runbook links and disabling, checked by promtool."""
     with open(os.path.join(PROMTOOL_TESTS, "custom-vars.yml"), encoding="utf-8") as handle:
         custom = yaml.safe_load(handle)
-    out, _ = render(tmp_path, dict(custom, monitoring_service_monitor_enabled=True,
-                                   monitoring_service_monitor_target_namespace="gateway"))
+    out, _output = render(tmp_path, dict(custom, monitoring_service_monitor_enabled=True,
+                                         monitoring_service_monitor_target_namespace="gateway"))
     checked = promtool("check", "rules", str(out / RULES_FILE))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = yaml.safe_load((out / RULES_FILE).read_text())
@@ -272,7 +272,7 @@ def test_apply_to_a_real_cluster(tmp_path, kube_cluster, kube_api, kube_namespac
     rc, output = run_role(tmp_path, base, env=kube_cluster.env)
     assert rc == 0, failure_messages(output)
     rule = _get_rule(custom, kube_namespace)
-    rendered, _ = render(tmp_path, {"monitoring_namespace": kube_namespace}, name="rendered")
+    rendered, _output = render(tmp_path, {"monitoring_namespace": kube_namespace}, name="rendered")
     assert rule["spec"] == yaml.safe_load((rendered / RULES_FILE).read_text())
     assert rule["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "biometrics.backup"
     configmap = core.read_namespaced_config_map("biometrics-backup-dashboard", kube_namespace)

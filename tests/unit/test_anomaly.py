@@ -182,7 +182,7 @@ def test_backup_run_records_ratio_and_verdict_in_the_published_manifest(tmp_path
     assert stored["size_check"]["level"] == FAIL and stored["size_change_ratio"] == pytest.approx(0.05)
 
     # the failed one is not the baseline for the next backup: the second one is
-    fourth_run, _ = _run(storage, 256 * 80, policy)
+    fourth_run, _fourth = _run(storage, 256 * 80, policy)
     assert fourth_run.size_verdict.previous_id == second["id"] and fourth_run.size_verdict.level == OK
 
     # an incremental is compared with incrementals only (none yet)

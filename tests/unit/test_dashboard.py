@@ -122,7 +122,7 @@ def test_the_check_catches_a_metric_the_engine_does_not_emit():
 
 def test_dashboard_covers_success_size_duration_verification_and_drills():
     used = set()
-    for _, expr in panel_exprs(load_dashboard()):
+    for _title, expr in panel_exprs(load_dashboard()):
         used |= metric_names_in(expr)
     assert {"backup_last_success_timestamp_seconds", "backup_size_bytes", "backup_duration_seconds",
             "backup_last_verified_timestamp_seconds", "backup_restore_drill_duration_seconds"} <= used
@@ -147,8 +147,8 @@ def test_template_variables_use_engine_metrics_and_panels_use_the_datasource_var
 
 def test_alert_rules_query_only_metrics_the_engine_emits():
     exprs = alert_exprs()
-    assert {alert for alert, _ in exprs} >= {"BackupFailed", "BackupJobFailing", "BackupSizeAnomaly",
-                                             "BackupNotVerified", "RestoreDrillFailed", "RetentionNotRunning"}
+    assert {alert for alert, _expr in exprs} >= {"BackupFailed", "BackupJobFailing", "BackupSizeAnomaly",
+                                                 "BackupNotVerified", "RestoreDrillFailed", "RetentionNotRunning"}
     for alert, expr in exprs:
         used = metric_names_in(expr)
         assert used and used <= metrics.metric_names(), (alert, sorted(used))
@@ -159,7 +159,7 @@ def test_dashboard_expressions_parse_with_promtool(tmp_path):
     if promtool is None:
         require_or_skip("promtool not found (Debian package prometheus; make deps)")
     rules = [{"record": "dashboard:panel_%d" % index, "expr": grafana_to_promql(expr)}
-             for index, (_, expr) in enumerate(panel_exprs(load_dashboard()))]
+             for index, (_title, expr) in enumerate(panel_exprs(load_dashboard()))]
     path = tmp_path / "dashboard.rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True,

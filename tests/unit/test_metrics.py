@@ -18,7 +18,7 @@ def samples(text):
 
 
 def values_by_name(text):
-    return {name: value for (name, _), value in samples(text).items()}
+    return {name: value for (name, _labels), value in samples(text).items()}
 
 
 def everything_recorded():
@@ -88,7 +88,7 @@ def test_size_ratio_of_a_failed_run_is_recorded_on_its_own():
 
 def test_push_exposition_leaves_identity_to_the_grouping_key():
     text = everything_recorded().exposition(with_identity_labels=False).decode()
-    assert all(labels == frozenset() for (_, labels) in samples(text))
+    assert all(labels == frozenset() for (_name, labels) in samples(text))
 
 
 def test_counter_adds_this_runs_pruned_count_to_the_published_total():
@@ -155,7 +155,7 @@ def test_textfile_merges_with_previous_runs_and_continues_the_counter(tmp_path):
     assert values["backup_size_bytes"] == 100
     assert values["backup_retention_pruned_total"] == 5
     assert values["backup_retention_last_run_timestamp_seconds"] == T0 + 3600
-    assert [name for name in os.listdir(tmp_path)] == ["backup_pg.prom"]   # no temp file left
+    assert os.listdir(tmp_path) == ["backup_pg.prom"]   # no temp file left
     assert oct(os.stat(path).st_mode & 0o777) == "0o644"
 
 
