@@ -168,6 +168,8 @@ def test_failures_write_no_backup(tmp_path, storage):
         sync(storage, {"path": source, "destination": str(blocker)})
     with pytest.raises(ConfigError, match="absolute"):
         DirectorySyncSource({"path": source, "destination": "host:/backup"})
+    with pytest.raises(ConfigError, match="unknown option.*dest"):
+        DirectorySyncSource({"path": source, "dest": str(tmp_path / "m")})
     with pytest.raises(ConfigError, match="source directory itself"):
         DirectorySyncSource({"path": source, "destination": source})
     with pytest.raises(ConfigError, match="would remove it"):

@@ -378,6 +378,11 @@ def restored_files(state):
 def test_bad_source_options_and_missing_source(tmp_path, storage):
     with pytest.raises(ConfigError, match="absolute"):
         FilesSource({"path": "relative"})
+    with pytest.raises(ConfigError, match="unknown option.*incremntal"):
+        FilesSource({"path": "/tmp", "incremntal": True})
+    with pytest.raises(ConfigError, match="unknown option.*overwrte"):
+        FilesTarget({"path": "/tmp/x", "overwrte": True})
+    assert FilesSource({"path": "/tmp", "incremental": "false"}).incremental is False
     with pytest.raises(ConfigError, match="max_chain_age"):
         FilesSource({"path": "/tmp", "incremental": True, "max_chain_age": "soon"})
     with pytest.raises(ConfigError, match="full_every"):

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import urllib.parse
 
-from ..config import read_secret_file
+from ..config import as_bool, check_known, read_secret_file
 from ..errors import ConfigError, SourceError
 from ..procutil import ToolStream, find_tool, run_tool, scrub, tool_env, tool_version
 from ..timeutil import to_iso, utc_now
@@ -132,12 +132,19 @@ class GitSession:
         for name in ("password_file", "token_file"):
             if not password and options.get(name):
                 password = read_secret_file(options[name], "config_git.%s" % name[:-5])
+        for name in ("password_env", "token_env"):
+            if not password and options.get(name):
+                password = os.environ.get(options[name]) or None
+                if password is None:
+                    raise ConfigError("config_git.%s names environment variable %s, which is not set"
+                                      % (name, options[name]))
         if password:
+            token = any(options.get(name) for name in ("token", "token_file", "token_env"))
             askpass = os.path.join(askpass_dir, "askpass.sh")
             with open(os.open(askpass, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "w", encoding="ascii") as out:
                 out.write(_ASKPASS)
             extra.update(GIT_ASKPASS=askpass, BIOMETRICS_GIT_PASSWORD=password,
-                         BIOMETRICS_GIT_USERNAME=options.get("username") or ("git" if options.get("token") or options.get("token_file") else ""))
+                         BIOMETRICS_GIT_USERNAME=options.get("username") or ("git" if token else ""))
             self.secrets.append(password)
         ssh = ["ssh", "-o", "BatchMode=yes"]
         if options.get("ssh_key_file"):
@@ -184,9 +191,12 @@ class ConfigGitSource(Source):
     ``password_file``/``token_file`` (https), ``ssh_key_file``/``known_hosts_file`` (ssh)."""
 
     kind = "config_git"
+    OPTIONS = ("path", "repo", "branch", "subdir", "push", "workdir", "author_name", "author_email", "message",
+               "username", "password", "token", "ssh_key_file", "known_hosts_file", "git")
 
     def __init__(self, options):
         super().__init__(options)
+        check_known(options, self.OPTIONS, "config_git source")
         path = options.get("path") or os.environ.get("CONFIG_PATH")
         if not path or not os.path.isabs(path):
             raise ConfigError("config_git.path (CONFIG_PATH) must be an absolute directory path, got %r" % (path,))
@@ -197,7 +207,7 @@ class ConfigGitSource(Source):
             raise ConfigError("config_git.branch %r is not a valid branch name" % self.branch)
         subdir = options.get("subdir")
         self.subdir = None if subdir is None else safe_subdir(subdir)
-        self.push = bool(options.get("push", True))
+        self.push = as_bool(options.get("push", True))
         self.workdir = options.get("workdir")
         self.message = options.get("message") or "config backup {job} {time}: {added} added, {modified} modified, {deleted} deleted"
         self._version = None

@@ -11,6 +11,7 @@ the same way. For point-in-time recovery use the ``files`` kind (incremental cha
 import os
 import re
 
+from ..config import as_bool, check_known
 from ..errors import ConfigError, SourceError
 from ..procutil import ToolStream, find_tool, tool_env, tool_version
 from .base import Source
@@ -92,9 +93,12 @@ class DirectorySyncSource(Source):
     ``xattrs`` (``-X``), ``numeric_ids`` (default true), ``rsync`` (path of the binary)."""
 
     kind = "directory_sync"
+    OPTIONS = ("path", "destination", "delete", "exclude", "checksum", "hard_links", "acls", "xattrs",
+               "numeric_ids", "rsync")
 
     def __init__(self, options):
         super().__init__(options)
+        check_known(options, self.OPTIONS, "directory_sync source")
         self.path = self._absolute("path")
         self.destination = self._absolute("destination")
         exclude = options.get("exclude") or []
@@ -103,11 +107,11 @@ class DirectorySyncSource(Source):
         if not all(isinstance(p, str) and p for p in exclude):
             raise ConfigError("directory_sync.exclude must be a list of rsync patterns")
         self.exclude = list(exclude)
-        self.delete = bool(options.get("delete", False))
+        self.delete = as_bool(options.get("delete", False))
         self.flags = [flag for option, flag in (("checksum", "--checksum"), ("hard_links", "--hard-links"),
                                                 ("acls", "--acls"), ("xattrs", "--xattrs"))
-                      if options.get(option)]
-        if options.get("numeric_ids", True):
+                      if as_bool(options.get(option, False))]
+        if as_bool(options.get("numeric_ids", True)):
             self.flags.append("--numeric-ids")
         self.rsync = options.get("rsync") or "rsync"
         real_src, real_dst = os.path.realpath(self.path), os.path.realpath(self.destination)

@@ -36,6 +36,7 @@ import tarfile
 import tempfile
 
 from .. import manifest as mf
+from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError, NotFoundError, SourceError
 from ..pipeline import ProducerStream
 from ..timeutil import parse_iso, utc_now
@@ -401,9 +402,11 @@ class FilesSource(Source):
     ``tmpdir`` (where the index is spooled while the tar streams)."""
 
     kind = "files"
+    OPTIONS = ("path", "exclude", "one_file_system", "incremental", "full_every", "max_chain_age", "tmpdir")
 
     def __init__(self, options):
         super().__init__(options)
+        check_known(options, self.OPTIONS, "files source")
         path = options.get("path")
         if not path or not isinstance(path, str) or not os.path.isabs(path):
             raise ConfigError("files.path must be an absolute directory path, got %r" % (path,))
@@ -414,8 +417,8 @@ class FilesSource(Source):
         if not all(isinstance(p, str) and p.strip("/") for p in exclude):
             raise ConfigError("files.exclude must be a list of non-empty glob patterns")
         self.exclude = list(exclude)
-        self.one_file_system = bool(options.get("one_file_system", False))
-        self.incremental = bool(options.get("incremental", False))
+        self.one_file_system = as_bool(options.get("one_file_system", False))
+        self.incremental = as_bool(options.get("incremental", False))
         try:
             self.full_every = int(options.get("full_every", 6))
         except (TypeError, ValueError):

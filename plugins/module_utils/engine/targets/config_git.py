@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 
+from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError
 from ..sources import config_git as src
 from ..sources import files as fmt
@@ -32,10 +33,12 @@ class ConfigGitTarget(Target):
     instead of plain files), ``overwrite`` (replace a non-empty destination)."""
 
     kind = "config_git"
+    OPTIONS = ("path", "commit", "subdir", "git", "overwrite")
 
     def __init__(self, options):
         super().__init__(options)
-        self.overwrite = bool(options.get("overwrite", False))
+        check_known(options, self.OPTIONS, "config_git target")
+        self.overwrite = as_bool(options.get("overwrite", False))
         self.destination = StagedDestination(options.get("path"), self.overwrite, "config_git target path")
         self.path = self.destination.path
         self.commit = options.get("commit")
@@ -44,7 +47,7 @@ class ConfigGitTarget(Target):
             raise ConfigError("config_git target commit must be a commit id or ref name")
         subdir = options.get("subdir")
         self.subdir = None if subdir is None else src.safe_subdir(subdir)
-        self.as_clone = bool(options.get("git", False))
+        self.as_clone = as_bool(options.get("git", False))
 
     def describe(self):
         desc = {"path": self.path, "overwrite": self.overwrite, "git": self.as_clone}

@@ -22,6 +22,7 @@ import stat
 import tarfile
 import tempfile
 
+from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError
 from ..sources import files as fmt
 from .base import Target
@@ -304,17 +305,21 @@ class FilesTarget(Target):
     ``false``), ``tmpdir`` (where the index is spooled)."""
 
     kind = "files"
+    OPTIONS = ("path", "subpath", "overwrite", "ownership", "tmpdir")
 
     def __init__(self, options):
         super().__init__(options)
-        self.overwrite = bool(options.get("overwrite", False))
+        check_known(options, self.OPTIONS, "files target")
+        self.overwrite = as_bool(options.get("overwrite", False))
         self.destination = StagedDestination(options.get("path"), self.overwrite, "files target path")
         self.path = self.destination.path
         self.subpath = normalize_subpath(options.get("subpath"))
         ownership = options.get("ownership", "auto")
         if ownership in ("auto", None):
             ownership = os.geteuid() == 0
-        elif not isinstance(ownership, bool):
+        elif isinstance(ownership, (bool, str)):
+            ownership = as_bool(ownership)
+        else:
             raise ConfigError("files target ownership must be auto, true or false")
         self.ownership = ownership
         self.tmpdir = options.get("tmpdir")
