@@ -11,12 +11,16 @@ import stat
 
 import pytest
 
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError, SourceError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
+    ConfigError, IntegrityError, SourceError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.directory_sync import (
     DirectorySyncSource, parse_stats)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.directory_sync import (
+    DirectorySyncTarget)
 
 from conftest import require_or_skip
 
@@ -199,3 +203,38 @@ def test_parse_stats_reads_thousands_separators():
     assert parse_stats(text) == {"files": 1234, "regular_files": 1000, "directories": 230, "symlinks": 4,
                                  "created": 7, "deleted": 0, "transferred": 12, "total_bytes": 9876543,
                                  "transferred_bytes": 1024}
+
+
+# --------------------------------------------------------------------------- restore from the mirror
+
+def test_restore_copies_the_mirror_of_the_latest_record(tmp_path, storage):
+    source = data_tree(str(tmp_path / "data"))
+    mirror = str(tmp_path / "mirror")
+    first = sync(storage, {"path": source, "destination": mirror, "delete": True})
+    restored = tmp_path / "restored"
+    report = rs.restore(storage, JOB, DirectorySyncTarget({"path": str(restored)}))
+    assert all(check["ok"] for check in report["checks"]) and len(report["checks"]) == 3
+    assert snapshot(restored) == snapshot(source)
+
+    # A later sync moves the mirror on: the older record can no longer be restored from it.
+    write(os.path.join(source, "later.txt"), "later\n")
+    second = sync(storage, {"path": source, "destination": mirror, "delete": True})
+    blocked = tmp_path / "blocked"
+    write(blocked / "live.txt", "live\n")
+    with pytest.raises(IntegrityError, match="no longer matches sync record %s" % first["id"]):
+        rs.restore(storage, JOB, DirectorySyncTarget({"path": str(blocked), "overwrite": True}), backup=first["id"])
+    assert sorted(os.listdir(blocked)) == ["live.txt"] and (blocked / "live.txt").read_text() == "live\n"
+    report = rs.restore(storage, JOB, DirectorySyncTarget({"path": str(blocked), "overwrite": True}),
+                        backup=second["id"])
+    assert snapshot(blocked, dir_mtimes=False) == snapshot(mirror, dir_mtimes=False)
+    assert not [name for name in os.listdir(tmp_path) if ".restore-" in name]
+
+    anyway = tmp_path / "anyway"
+    report = rs.restore(storage, JOB, DirectorySyncTarget({"path": str(anyway), "require_record_match": False}),
+                        backup=first["id"])
+    assert (anyway / "later.txt").exists() and report["restore"]["record_matches"] is False
+
+    with DirectorySyncTarget.scratch(second, {}) as target:
+        assert all(check["ok"] for check in rs.restore(storage, JOB, target)["checks"])
+    with pytest.raises(ConfigError, match="overlaps the mirror"):
+        rs.restore(storage, JOB, DirectorySyncTarget({"path": os.path.join(mirror, "inside")}))
