@@ -115,8 +115,8 @@ def sh(command, cwd=None):
     """Run a shell pipeline with pipefail; return stdout (bytes); raise with stderr on failure."""
     done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, check=False)
     if done.returncode != 0:
-        raise AssertionError("command failed (%d): %s\n%s" % (done.returncode, command,
-                                                             done.stderr.decode("utf-8", "replace")))
+        raise AssertionError("command failed (%d): %s\n%s" % (
+            done.returncode, command, done.stderr.decode("utf-8", "replace")))
     return done.stdout
 
 

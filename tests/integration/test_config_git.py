@@ -142,7 +142,7 @@ def test_configmap_commit_on_change_push_and_restore_any_commit(tmp_path, storag
 def test_stock_tools_recover_the_bundle(tmp_path, storage, git_remote):
     volume = ProjectedVolume(tmp_path / "config")
     volume.publish(V1)
-    identity_file, recipient, _ = age_key(tmp_path)
+    identity_file, recipient = age_key(tmp_path)[:2]
     manifest = backup(storage, {"path": volume.root, "repo": git_remote.url}, encryption={"recipients": [recipient]})
     bundle = stored_object(tmp_path / "store", JOB, manifest, "config.bundle")
     assert bundle.endswith("config.bundle.zst.age")
@@ -276,8 +276,11 @@ def test_credentials_reach_git_only_through_askpass(tmp_path, storage, git_remot
     session = GitSession(options, str(tmp_path))
     assert secret not in " ".join(session.base(str(tmp_path)))
     askpass = session.env["GIT_ASKPASS"]
-    ask = lambda prompt: subprocess.run([askpass, prompt], env=session.env, capture_output=True,  # noqa: E731
-                                        text=True, check=True).stdout.strip()
+
+    def ask(prompt):
+        return subprocess.run([askpass, prompt], env=session.env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     assert ask("Username for 'https://git.example': ") == "backup-bot"
     assert ask("Password for 'https://backup-bot@git.example': ") == secret
     assert session.env["GIT_TERMINAL_PROMPT"] == "0"
@@ -308,7 +311,7 @@ class _GitHttpHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        path, _, query = self.path.partition("?")
+        path, query = self.path.partition("?")[::2]
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         env = dict(os.environ, GIT_PROJECT_ROOT=self.project_root, GIT_HTTP_EXPORT_ALL="1", PATH_INFO=path,
@@ -317,10 +320,10 @@ class _GitHttpHandler(http.server.BaseHTTPRequestHandler):
                    CONTENT_LENGTH=str(len(body)), HTTP_CONTENT_ENCODING=self.headers.get("Content-Encoding", ""),
                    GIT_PROTOCOL=self.headers.get("Git-Protocol", ""))
         done = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True, check=False)
-        head, _, payload = done.stdout.partition(b"\r\n\r\n")
+        head, payload = done.stdout.partition(b"\r\n\r\n")[::2]
         status, headers = 200, []
         for line in head.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
+            name, value = line.partition(":")[::2]
             if name.lower() == "status":
                 status = int(value.split()[0])
             elif name:

@@ -10,7 +10,6 @@ CI; ownership is compared only when they do).
 import json
 import os
 import re
-import resource
 import stat
 import subprocess
 import sys
@@ -131,7 +130,7 @@ def test_stock_tools_restore_then_sha256sum_check(tmp_path, storage):
     """Disaster recovery with age, zstd, tar and sha256sum only, on an encrypted backup."""
     source = make_tree(tmp_path / "src")
     before = snapshot(source, owners=ROOT)
-    identity_file, recipient, _ = age_key(tmp_path)
+    identity_file, recipient = age_key(tmp_path)[:2]
     manifest = backup(storage, {"path": source}, encryption={"recipients": [recipient]})
     store = tmp_path / "store"
     tar_object = stored_object(store, JOB, manifest, "files.tar")

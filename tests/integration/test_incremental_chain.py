@@ -54,7 +54,10 @@ def deleted_names(store, manifest, identity_file=None):
 
 def mutate(source, step):
     """The changes between backups; each step is one incremental."""
-    path = lambda *parts: os.path.join(source, *parts)  # noqa: E731
+
+    def path(*parts):
+        return os.path.join(source, *parts)
+
     if step == 1:
         write(path("added", "one.txt"), "one\n")
         write(path("added", "sub", "two.txt"), "two\n")
@@ -143,7 +146,7 @@ def test_every_point_in_time_restores_exactly(tmp_path, storage, chain):
     for step, (manifest, state) in enumerate(points):
         by_id = tmp_path / ("by-id-%d" % step)
         report = rs.restore(storage, JOB, FilesTarget({"path": str(by_id)}), backup=manifest["id"])
-        assert report["chain"] == [m["id"] for m, _ in points[:step + 1]]
+        assert report["chain"] == [point[0]["id"] for point in points[:step + 1]]
         assert all(check["ok"] for check in report["checks"]), report["checks"]
         assert snapshot(by_id, owners=ROOT) == state, step
 
@@ -285,7 +288,7 @@ def test_chain_on_s3(tmp_path, s3_server):
         if step:
             mutate(source, step)
         states.append((run(storage, options), snapshot(source, owners=ROOT)))
-    assert [m["stats"]["type"] for m, _ in states] == ["full", "incremental", "incremental"]
+    assert [point[0]["stats"]["type"] for point in states] == ["full", "incremental", "incremental"]
     for step, (manifest, state) in enumerate(states):
         destination = tmp_path / ("s3-%d" % step)
         rs.restore(storage, JOB, FilesTarget({"path": str(destination)}), backup=manifest["id"])

@@ -106,7 +106,7 @@ def parse_ls_tree(output):
     for record in output.split("\0"):
         if not record:
             continue
-        meta, _, _path = record.partition("\t")
+        meta = record.partition("\t")[0]
         fields = meta.split()
         if len(fields) == 4 and fields[1] == "blob":
             files += 1

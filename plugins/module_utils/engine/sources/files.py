@@ -244,8 +244,7 @@ def split_stream(readable, separator):
         pending += chunk
         parts = pending.split(separator)
         pending = parts.pop()
-        for part in parts:
-            yield part
+        yield from parts
     if pending:
         yield pending
 
@@ -270,7 +269,7 @@ def mtime_ns_of(member):
     """Exact mtime of a tar member in nanoseconds (the pax header keeps the digits)."""
     text = member.pax_headers.get("mtime")
     if text:
-        whole, _, frac = text.partition(".")
+        whole, frac = text.partition(".")[::2]
         if whole.lstrip("-").isdigit() and (not frac or frac.isdigit()) and not whole.startswith("-"):
             return int(whole) * 10 ** 9 + int((frac + "000000000")[:9])
     return int(member.mtime) * 10 ** 9

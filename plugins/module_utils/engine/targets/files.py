@@ -560,8 +560,8 @@ def _compare_attrs(entry, info, ownership, mismatches):
         mismatches.add(entry["path"], "%s: mtime differs" % entry["path"])
         ok = False
     if ownership and (info.st_uid, info.st_gid) != (entry["uid"], entry["gid"]):
-        mismatches.add(entry["path"], "%s: owner %d:%d, expected %d:%d" % (entry["path"], info.st_uid, info.st_gid,
-                                                               entry["uid"], entry["gid"]))
+        mismatches.add(entry["path"], "%s: owner %d:%d, expected %d:%d" % (
+            entry["path"], info.st_uid, info.st_gid, entry["uid"], entry["gid"]))
         ok = False
     return ok
 
@@ -633,7 +633,7 @@ class _SumsCheck:
         self._stream.close()
 
     def result(self):
-        extra = sum(1 for _ in self._lines)
+        extra = sum(1 for line in self._lines)
         self._stream.finish()
         check = {"what": "files.sha256 agrees with files.index", "expected": self.count,
                  "actual": self.agree - extra if extra else self.agree, "ok": self.agree == self.count and not extra}
