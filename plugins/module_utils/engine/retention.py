@@ -19,17 +19,26 @@ Deliberate, documented differences from the tools (see docs/retention.md):
 
 * ``-1`` means "unlimited" for every rule.  borg 1.2 behaves so by construction; restic 0.14
   silently ignores a rule set to -1 (a policy of only ``--keep-daily -1`` removes everything),
-  so for ``restic`` we follow the meaning restic gave -1 from 0.15 on.
+  so for ``restic`` we follow the meaning later restic releases gave -1.
 * ``keep_within`` is measured from the newest backup in both semantics (restic does so; borg
   1.2 measures from the current clock).  Pass ``within_reference`` to measure from another
   moment, e.g. ``now`` to get borg's own behaviour.
-* Durations accept ``w`` (weeks) in both semantics, and ``h`` or ``H`` for hours.
+* Durations accept ``w`` (weeks) in both semantics, ``h`` or ``H`` for hours, and several
+  units at once (``1y6m``); a unit may appear once (restic keeps only the last of repeated
+  units, borg accepts a single unit).
+* Periods are wall-clock periods of ``policy.timezone``.  borg uses the local zone of the
+  machine that prunes; restic uses the UTC offset recorded in each snapshot (the zone of the
+  machine that took it).  Both agree with this module when that zone is ``timezone``.
+* Backups with equal timestamps stay in input order.  restic 0.14 sorts them unstably, so
+  which of two simultaneous snapshots it keeps is arbitrary; the kept *times* are the same.
+* The list is one group.  restic groups snapshots by host and paths first (``--group-by``).
 
 Pure Python, standard library only: importable without Ansible.
 """
 
 import datetime
 import re
+from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigError
@@ -61,15 +70,21 @@ class Duration:
 
     __slots__ = ("text", "years", "months", "days", "hours")
 
-    def __init__(self, text):
+    def __init__(self, text, what="keep_within"):
         text = str(text).strip()
         if not _DURATION_FULL.match(text):
             raise RetentionError(
-                "keep_within %r is not a duration: use a number and a unit h, d, w, m or y "
-                "(e.g. 36h, 7d, 2w, 6m, 1y, or combined like 1y6m)" % (text,), text)
+                "%s %r is not a duration: use a number and a unit h, d, w, m or y "
+                "(e.g. 36h, 7d, 2w, 6m, 1y, or combined like 1y6m)" % (what, text), text)
         self.text = text
         self.years = self.months = self.days = self.hours = 0
+        seen = set()
         for number, unit in _DURATION_PART.findall(text):
+            unit_name = unit.lower()
+            if unit_name in seen:
+                raise RetentionError("%s %r repeats the unit %r: write each unit once "
+                                     "(e.g. 1y6m)" % (what, text, unit), text)
+            seen.add(unit_name)
             number = int(number)
             if unit == "y":
                 self.years += number
@@ -82,7 +97,7 @@ class Duration:
             else:
                 self.hours += number
         if not (self.years or self.months or self.days or self.hours):
-            raise RetentionError("keep_within %r is zero; leave it out instead" % (text,), text)
+            raise RetentionError("%s %r is zero; leave it out instead" % (what, text), text)
 
     def borg_hours(self):
         return (self.years * _BORG_HOURS["y"] + self.months * _BORG_HOURS["m"]
@@ -106,6 +121,7 @@ class Policy:
                  "weekly": keep_weekly, "monthly": keep_monthly, "yearly": keep_yearly}
         self.counts = {rule: _validate_count("keep_" + rule, given[rule]) for rule in COUNT_RULES}
         self.keep_within = None if keep_within in (None, "") else Duration(keep_within)
+        semantics = semantics or "borg"
         if semantics not in SEMANTICS:
             raise RetentionError("semantics %r is unknown; use one of: %s"
                                  % (semantics, ", ".join(SEMANTICS)), semantics)
@@ -146,7 +162,7 @@ def _load_zone(name):
         return UTC
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
         raise RetentionError("timezone %r is not a known IANA time zone name (e.g. "
                              "Europe/Berlin, UTC)" % (name,), name) from None
 
@@ -179,7 +195,7 @@ class RetentionResult:
 
 
 def backups_from_items(items):
-    """Turn ISO-8601 strings, datetimes or dicts with ``timestamp`` into :class:`Backup` objects.
+    """Turn ISO-8601 strings, datetimes or mappings with ``timestamp`` into :class:`Backup` objects.
 
     The key of a backup is its ``id`` when given, else its timestamp as written.  Keys must be
     unique, since they name the backup in ``reasons``.
@@ -187,20 +203,22 @@ def backups_from_items(items):
     backups = []
     seen = set()
     for item in items:
-        if isinstance(item, dict):
+        if isinstance(item, str):
+            raw, ident, status, verified = item, None, None, None
+        elif isinstance(item, (dict, Mapping)):
             if "timestamp" not in item:
                 raise RetentionError("backup %r has no 'timestamp'" % (item,), item)
             raw = item["timestamp"]
             ident = item.get("id")
             status = item.get("status")
             verified = item.get("verified")
-        elif isinstance(item, (str, datetime.datetime)):
+        elif isinstance(item, datetime.date):
             raw, ident, status, verified = item, None, None, None
         else:
             raise RetentionError("backup %r is neither an ISO-8601 timestamp nor a dict with "
                                  "'timestamp'" % (item,), item)
         try:
-            moment = parse_iso(raw)
+            moment = _parse_moment(raw)
         except (ValueError, TypeError):
             raise RetentionError("backup %r: timestamp %r is not ISO-8601"
                                  % (ident if ident is not None else item, raw), item) from None
@@ -209,13 +227,32 @@ def backups_from_items(items):
             if key in seen:
                 raise RetentionError("duplicate backup id %r" % (key,), item)
         else:
-            key = raw.isoformat() if isinstance(raw, datetime.datetime) else str(raw)
+            key = raw.isoformat() if isinstance(raw, datetime.date) else str(raw)
             if key in seen:
                 raise RetentionError("duplicate backup %r (same timestamp, no id to tell them "
                                      "apart)" % (key,), item)
         seen.add(key)
         backups.append(Backup(key, moment, item, status, verified))
     return backups
+
+
+def _parse_moment(raw):
+    if not isinstance(raw, str):
+        if isinstance(raw, datetime.datetime):
+            return parse_iso(raw)
+        if isinstance(raw, datetime.date):  # a bare date (YAML reads 2025-01-31 so): midnight UTC
+            return datetime.datetime(raw.year, raw.month, raw.day, tzinfo=UTC)
+        raise TypeError("not a string")
+    try:
+        # Fast path for long histories (Python 3.11 reads a trailing "Z" itself).
+        moment = datetime.datetime.fromisoformat(raw)
+    except ValueError:
+        return parse_iso(raw)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    if moment.tzinfo is UTC:
+        return moment
+    return moment.astimezone(UTC)
 
 
 def apply_policy(backups, policy, now=None, within_reference=None):
@@ -225,7 +262,7 @@ def apply_policy(backups, policy, now=None, within_reference=None):
     backups in the future when it looks for the newest one.  ``within_reference`` replaces the
     newest backup as the moment ``keep_within`` is measured from.
     """
-    # Newest first; equal timestamps keep their input order (both tools sort stably).
+    # Newest first; equal timestamps keep their input order (sorted() is stable).
     ordered = sorted(backups, key=_timestamp_of, reverse=True)
     if not ordered:
         return RetentionResult([], [], {})
@@ -260,23 +297,35 @@ def _timestamp_of(backup):
     return backup.timestamp
 
 
-# Period keys, computed from local wall-clock fields (like both tools do).  They are only ever
-# compared for equality with the previous key of the same rule.
-def _period_keys(rule, local, semantics):
-    if rule == "last":
-        if semantics == "restic":
-            return range(len(local))  # every snapshot is its own period
-        # borg's "secondly": backups within the same wall-clock second share a period.
-        return [(t.year, t.month, t.day, t.hour, t.minute, t.second) for t in local]
-    if rule == "hourly":
-        return [(t.year, t.month, t.day, t.hour) for t in local]
-    if rule == "daily":
-        return [(t.year, t.month, t.day) for t in local]
-    if rule == "weekly":
-        return [t.isocalendar()[:2] for t in local]
-    if rule == "monthly":
-        return [(t.year, t.month) for t in local]
-    return [t.year for t in local]
+# Period keys, computed from local wall-clock fields as both tools do (borg formats them with
+# strftime, restic packs them into integers).  A key is only compared with the key of the
+# previous (next newer) backup, so backups whose wall clock runs backwards at the end of
+# daylight saving time may open a period twice, in both tools and here alike.
+_PERIOD_KEY = {
+    # borg's --keep-last is its --keep-secondly: backups within one wall-clock second share a period.
+    "last": lambda t: (t.year, t.month, t.day, t.hour, t.minute, t.second),
+    "hourly": lambda t: (t.year, t.month, t.day, t.hour),
+    "daily": lambda t: (t.year, t.month, t.day),
+    "weekly": lambda t: t.isocalendar()[:2],
+    "monthly": lambda t: (t.year, t.month),
+    "yearly": lambda t: t.year,
+}
+
+
+def _period_heads(rule, local, semantics):
+    """Indexes of the newest backup of each period of ``rule``, newest first (lazily, so a rule
+    that is satisfied early never looks at the rest of a long history)."""
+    if rule == "last" and semantics == "restic":
+        # restic: every snapshot is a period of its own.
+        yield from range(len(local))
+        return
+    key_of = _PERIOD_KEY[rule]
+    previous = None
+    for index, moment in enumerate(local):
+        key = key_of(moment)
+        if key != previous:
+            previous = key
+            yield index
 
 
 def _borg(ordered, local, policy, within_reference):
@@ -284,34 +333,35 @@ def _borg(ordered, local, policy, within_reference):
     within = policy.keep_within
     if within is not None:
         reference = within_reference or ordered[0].timestamp
-        cutoff = reference - datetime.timedelta(hours=within.borg_hours())
-        label = "within " + within.text
+        try:
+            cutoff = reference - datetime.timedelta(hours=within.borg_hours())
+        except OverflowError:
+            cutoff = None  # longer than the calendar: everything is within
+        label = ["within " + within.text]
         for index, backup in enumerate(ordered):
-            if backup.timestamp > cutoff:
-                reasons[index] = [label]
+            if cutoff is None or backup.timestamp > cutoff:
+                reasons[index] = label
+            else:
+                break  # newest first: everything after is older still
     last_index = len(ordered) - 1
     for rule in COUNT_RULES:
         wanted = policy.counts[rule]
         if wanted == 0:
             continue
-        keys = _period_keys(rule, local, "borg")
         kept = 0
-        previous = None
-        index = -1
-        for index, key in enumerate(keys):
-            if key == previous:
-                continue
-            previous = key
-            if index not in reasons:
-                kept += 1
-                reasons[index] = ["%s #%d" % (rule, kept)]
-                if kept == wanted:
-                    break
-        # Rule ran out of backups before its count: keep the oldest backup as well.
-        if wanted != UNLIMITED and kept < wanted and index == last_index \
-                and last_index not in reasons:
-            reasons[last_index] = ["%s #%d%s" % (rule, kept + 1, OLDEST_SUFFIX)]
-    return reasons
+        for index in _period_heads(rule, local, "borg"):
+            if index in reasons:
+                continue  # the period's newest backup is kept already: the period is used up
+            kept += 1
+            reasons[index] = ["%s #%d" % (rule, kept)]
+            if kept == wanted:
+                break
+        else:
+            # The rule ran out of backups before its count: borg keeps the oldest one as well.
+            if wanted != UNLIMITED and last_index not in reasons:
+                reasons[last_index] = ["%s #%d%s" % (rule, kept + 1, OLDEST_SUFFIX)]
+    # borg gives each archive exactly one reason; the lists are shared only for "within".
+    return {index: list(why) for index, why in reasons.items()}
 
 
 def _restic(ordered, local, policy, now, within_reference):
@@ -323,22 +373,20 @@ def _restic(ordered, local, policy, now, within_reference):
         for index, backup in enumerate(ordered):
             if cutoff is None or backup.timestamp > cutoff:
                 reasons[index] = [label]
+            else:
+                break
+    # Every rule with a count left keeps the newest backup of each of its periods, whatever
+    # the other rules did; reasons come out in restic's order (within, last ... yearly).
     for rule in COUNT_RULES:
         wanted = policy.counts[rule]
         if wanted == 0:
             continue
-        keys = _period_keys(rule, local, "restic")
         kept = 0
-        previous = None
-        for index, key in enumerate(keys):
-            if key == previous:
-                continue
-            previous = key
+        for index in _period_heads(rule, local, "restic"):
             kept += 1
             reasons.setdefault(index, []).append("%s #%d" % (rule, kept))
             if kept == wanted:
                 break
-    # restic lists a snapshot's reasons in this order: within, then rules; ours match.
     return reasons
 
 
@@ -355,7 +403,10 @@ def _restic_within_cutoff(ordered, policy, within, now, within_reference):
     start = _go_add_date(latest, -within.years, -within.months, -within.days, policy.zone)
     if start is None:
         return None
-    return start - datetime.timedelta(hours=within.hours)
+    try:
+        return start - datetime.timedelta(hours=within.hours)
+    except OverflowError:
+        return None
 
 
 def _go_add_date(moment, years, months, days, zone):
@@ -369,15 +420,15 @@ def _go_add_date(moment, years, months, days, zone):
         return None
     try:
         day = datetime.date(year, month0 + 1, 1) + datetime.timedelta(days=wall.day - 1 + days)
-    except OverflowError:
-        return None
-    naive = datetime.datetime.combine(day, wall.time().replace(tzinfo=None))
-    if zone is UTC:
-        return naive.replace(tzinfo=UTC)
-    # Go: take the zone offset valid at "wall clock read as UTC"; if the resulting instant is
-    # outside that offset's validity, use the offset valid at that instant instead.
-    as_utc = naive.replace(tzinfo=UTC)
-    first = as_utc.astimezone(zone).utcoffset()
-    candidate = as_utc - first
-    second = candidate.astimezone(zone).utcoffset()
-    return as_utc - second
+        naive = datetime.datetime.combine(day, wall.time())
+        if zone is UTC:
+            return naive.replace(tzinfo=UTC)
+        # Go: take the zone offset valid at "wall clock read as UTC"; if the resulting instant
+        # is outside that offset's validity, use the offset valid at that instant instead.
+        as_utc = naive.replace(tzinfo=UTC)
+        first = as_utc.astimezone(zone).utcoffset()
+        candidate = as_utc - first
+        second = candidate.astimezone(zone).utcoffset()
+        return as_utc - second
+    except (OverflowError, ValueError):
+        return None  # before year 1: every backup is within
