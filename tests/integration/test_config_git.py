@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
@@ -129,10 +130,18 @@ def test_configmap_commit_on_change_push_and_restore_any_commit(tmp_path, storag
     assert tree_contents(old) == {k: v.encode() for k, v in V1.items()}
 
     clone = tmp_path / "restored-clone"
-    report = rs.restore(storage, JOB, ConfigGitTarget({"path": str(clone), "git": True}))
+    report = rs.restore(storage, JOB, ConfigGitTarget({"path": str(clone), "clone": True}))
     head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
     assert head.stdout.strip() == third["commit"]
     assert tree_contents(clone / JOB) == {k: v.encode() for k, v in V2.items()}
+
+    # A restore drill's scratch target, with options derived from the job's source options.
+    scratch_options = kinds.scratch_options_from_source("config_git", dict(options, git="git"))
+    with ConfigGitTarget.scratch(first, scratch_options) as target:
+        assert not target.as_clone
+        report = rs.restore(storage, JOB, target)
+        assert tree_contents(target.path) == {k: v.encode() for k, v in V2.items()}
+    assert not os.path.exists(target.path)
 
     with pytest.raises(IntegrityError, match="not in the bundle"):
         rs.restore(storage, JOB, ConfigGitTarget({"path": str(tmp_path / "x"), "commit": "0" * 40}))

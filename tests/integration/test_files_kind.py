@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
@@ -194,7 +195,8 @@ def test_large_file_streams_in_bounded_memory(tmp_path):
             handle.write(block[index:] + block[:index])  # distinct blocks, cheap to make
     script = textwrap.dedent("""
         import json, resource, sys
-        from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+        from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
@@ -342,7 +344,9 @@ def test_scratch_target_restores_and_cleans_up(tmp_path, storage):
     source = make_tree(tmp_path / "src")
     before = snapshot(source, owners=ROOT)
     manifest = backup(storage, {"path": source})
-    with FilesTarget.scratch(manifest, {}) as target:
+    options = kinds.scratch_options_from_source("files", {"path": source, "incremental": True})
+    with FilesTarget.scratch(manifest, options) as target:
+        assert target.path != source
         report = rs.restore(storage, JOB, target)
         assert_all_checks_ok(report)
         assert snapshot(target.path, owners=ROOT) == before

@@ -3,7 +3,7 @@
 By default the files of the backed-up ``subdir`` at the backup's commit are written as
 plain files into the destination (what the config directory looked like). ``commit``
 picks any other commit the bundle holds (the bundle carries the branch's full history),
-``subdir`` another part of the repository (``/`` for all of it), and ``git: true`` makes
+``subdir`` another part of the repository (``/`` for all of it), and ``clone: true`` makes
 the destination a git clone with that commit checked out instead.
 
 Verification before the destination is touched: the commit resolves inside the bundle
@@ -29,11 +29,11 @@ CHUNK = 1 << 20
 
 class ConfigGitTarget(Target):
     """Options: ``path`` (destination directory), ``commit`` (default: the backup's commit),
-    ``subdir`` (default: the backed-up subdir; ``/`` = whole repository), ``git`` (a clone
-    instead of plain files), ``overwrite`` (replace a non-empty destination)."""
+    ``subdir`` (default: the backed-up subdir; ``/`` = whole repository), ``clone`` (a git
+    clone instead of plain files), ``overwrite`` (replace a non-empty destination)."""
 
     kind = "config_git"
-    OPTIONS = ("path", "commit", "subdir", "git", "overwrite")
+    OPTIONS = ("path", "commit", "subdir", "clone", "overwrite")
 
     def __init__(self, options):
         super().__init__(options)
@@ -47,10 +47,10 @@ class ConfigGitTarget(Target):
             raise ConfigError("config_git target commit must be a commit id or ref name")
         subdir = options.get("subdir")
         self.subdir = None if subdir is None else src.safe_subdir(subdir)
-        self.as_clone = as_bool(options.get("git", False))
+        self.as_clone = as_bool(options.get("clone", False))
 
     def describe(self):
-        desc = {"path": self.path, "overwrite": self.overwrite, "git": self.as_clone}
+        desc = {"path": self.path, "overwrite": self.overwrite, "clone": self.as_clone}
         if self.commit:
             desc["commit"] = self.commit
         if self.subdir is not None:
@@ -117,7 +117,7 @@ class ConfigGitTarget(Target):
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return {"changed": True, "destination": self.path, "commit": commit, "tree": tree,
-                "subdir": None if self.as_clone else subdir, "git": self.as_clone,
+                "subdir": None if self.as_clone else subdir, "clone": self.as_clone,
                 "files": expected_files, "bytes": expected_bytes, "checks": checks}
 
     @staticmethod
