@@ -293,3 +293,23 @@ def test_chain_on_s3(tmp_path, s3_server):
         destination = tmp_path / ("s3-%d" % step)
         rs.restore(storage, JOB, FilesTarget({"path": str(destination)}), backup=manifest["id"])
         assert snapshot(destination, owners=ROOT) == state
+
+
+def test_passphrase_encrypted_chain(tmp_path, storage):
+    """Each backup has its own key envelope; the parent's is opened with the passphrase."""
+    source = make_tree(tmp_path / "src")
+    options = {"path": source, "incremental": True}
+    encryption = {"passphrase": "correct horse battery staple"}
+    states = []
+    for step in range(2):  # scrypt (age passphrases) is slow on purpose: two backups suffice
+        if step:
+            mutate(source, step)
+        parents = rs.parent_identities(storage, JOB, passphrase=encryption["passphrase"])
+        states.append((run(storage, options, encryption=encryption, identities=parents),
+                       snapshot(source, owners=ROOT)))
+    assert [point[0]["stats"]["type"] for point in states] == ["full", "incremental"]
+    for step, (manifest, state) in enumerate(states):
+        destination = tmp_path / ("pp-%d" % step)
+        rs.restore(storage, JOB, FilesTarget({"path": str(destination)}), backup=manifest["id"],
+                   passphrase=encryption["passphrase"])
+        assert snapshot(destination, owners=ROOT) == state
