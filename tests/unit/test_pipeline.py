@@ -374,7 +374,11 @@ MEMORY_PROBE = textwrap.dedent("""
     result = store_stream(Source(), storage, "j/b/p", compression, encryption)
     check_object(storage, "j/b/p", dict(result, name="p"), algorithm, [identity])
     storage.delete("j/b/p")
-    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "stored": result["size"],
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so the child would report
+    # the parent's (pytest's) peak instead of its own.
+    with open("/proc/self/status") as status:
+        hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"maxrss_kib": hwm, "stored": result["size"],
                       "raw": result["raw_bytes"]}))
 """)
 
