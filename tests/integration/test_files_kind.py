@@ -418,3 +418,41 @@ def test_index_and_sums_formats(tmp_path, storage):
     # The tar lists exactly the index's entries (root excluded, fifo included).
     listing = sh("%s | tar -t -f -" % decode_cmd(stored_object(store, JOB, manifest, "files.tar")))
     assert len(listing.splitlines()) == len(entries) - 1  # the root is not archived; tar -t escapes the newline
+
+
+@pytest.mark.allow_skip("needs permission to mount a tmpfs (root outside a restricted container)")
+def test_restore_into_a_mount_point(tmp_path, storage):
+    """A volume's mount point cannot be renamed: staging happens inside it, on its filesystem."""
+    source = make_tree(tmp_path / "src")
+    before = snapshot(source, owners=ROOT)
+    backup(storage, {"path": source})
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(volume)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % done.stderr.decode("utf-8", "replace").strip())
+    try:
+        write(volume / "old-data.txt", "to be replaced\n")
+        with pytest.raises(ConfigError, match="not empty"):
+            rs.restore(storage, JOB, FilesTarget({"path": str(volume)}))
+        report = rs.restore(storage, JOB, FilesTarget({"path": str(volume), "overwrite": True}))
+        assert_all_checks_ok(report)
+        assert os.path.ismount(volume)
+        assert snapshot(volume, owners=ROOT) == before  # old-data.txt gone, no staging leftovers
+        assert os.stat(volume).st_mode & 0o7777 == os.stat(source).st_mode & 0o7777
+    finally:
+        subprocess.run(["umount", str(volume)], check=False)
+
+
+def test_restore_without_ownership(tmp_path, storage):
+    source = make_tree(tmp_path / "src")
+    backup(storage, {"path": source})
+    destination = tmp_path / "mine"
+    report = rs.restore(storage, JOB, FilesTarget({"path": str(destination), "ownership": False}))
+    assert_all_checks_ok(report)
+    assert report["restore"]["ownership_restored"] is False
+    assert snapshot(destination, owners=False) == snapshot(source, owners=False)
+    owners = {(info.st_uid, info.st_gid) for info in (os.lstat(os.path.join(d, n)) for d, ds, fs in
+                                                     os.walk(destination) for n in ds + fs)}
+    assert owners == {(os.geteuid(), os.getegid())}
