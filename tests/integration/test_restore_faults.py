@@ -384,6 +384,8 @@ for _role in ("rcpt", "incr"):
          _edit(_role, _set_encryption("recipients", [str(OTHER_KEY.to_public())]))),
         ("manifest-%s-mode-unknown" % _role, _role, _edit(_role, _set_encryption("mode", "gpg"))),
     ]
+
+
 def _same_size_edit(role, change):
     """Edit keeping manifest.json's exact size: the catalog index would serve its cached copy."""
     def mutate(store, made):
@@ -452,7 +454,7 @@ ALL_CASES = ([(cid, role, ("bytes", spec)) for cid, role, spec in _byte_cases()]
 
 
 def test_at_least_two_hundred_distinct_faults():
-    assert len({cid for cid, _, _ in ALL_CASES}) == len(ALL_CASES) >= 200
+    assert len({case[0] for case in ALL_CASES}) == len(ALL_CASES) >= 200
 
 
 def _workspace(tmp_path, pristine):

@@ -34,7 +34,7 @@ def run(command, *configs, extra=(), env=None, timeout=600):
     environ = dict(os.environ, PYTHONPATH=os.path.join(REPO, "build", "collections"))
     environ.update(env or {})
     return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
-                          timeout=timeout, cwd="/")
+                          timeout=timeout, cwd="/", check=False)
 
 
 def write_job(path, data):
@@ -118,7 +118,8 @@ def test_files_job_on_s3_full_cycle_with_metrics(tmp_path, tree, keys, s3_server
     assert metric(pushgateway_server, "backup_schedule_interval_seconds", job) == 86400
     success = metric(pushgateway_server, "backup_last_success_timestamp_seconds", job)
     assert abs(success - time.time()) < 600
-    labels = [lab for lab, _ in samples(pushgateway_server.metrics_text(), "backup_size_bytes") if lab.get("job") == job]
+    labels = [sample[0] for sample in samples(pushgateway_server.metrics_text(), "backup_size_bytes")
+              if sample[0].get("job") == job]
     assert labels[0]["kind"] == "files" and labels[0]["instance"] == "node-a"
 
     time.sleep(1.1)
@@ -165,8 +166,8 @@ def test_files_job_on_s3_full_cycle_with_metrics(tmp_path, tree, keys, s3_server
         assert_no_secret(step, s3_server.secret_key, s3_server.access_key)
 
 
-def test_postgres_job_backup_and_drill_into_a_scratch_database(tmp_path, keys, postgres_server, postgres_database,
-                                                                pushgateway_server):
+def test_postgres_job_backup_and_drill_into_a_scratch_database(
+        tmp_path, keys, postgres_server, postgres_database, pushgateway_server):
     with postgres_server.connect(postgres_database.name) as conn:
         conn.execute("CREATE TABLE subjects (id int PRIMARY KEY, template bytea)")
         conn.execute("INSERT INTO subjects SELECT g, decode(md5(g::text), 'hex') FROM generate_series(1, 321) g")
@@ -183,8 +184,8 @@ def test_postgres_job_backup_and_drill_into_a_scratch_database(tmp_path, keys, p
     assert backup.returncode == 0, backup.stderr
     manifest = json.loads(backup.stdout)["manifest"]
     assert json.dumps(manifest["stats"]).count("321") >= 1
-    instance = [lab["instance"] for lab, _ in samples(pushgateway_server.metrics_text(), "backup_size_bytes")
-                if lab.get("job") == job]
+    instance = [sample[0]["instance"] for sample in samples(pushgateway_server.metrics_text(), "backup_size_bytes")
+                if sample[0].get("job") == job]
     assert instance == [postgres_server.host]
 
     drill_config = write_job(tmp_path / "drill.yaml", {
@@ -367,5 +368,5 @@ def test_sigterm_mid_backup_leaves_nothing_listed(tmp_path):
     assert "terminated (SIGTERM)" in err
     catalog = Catalog(open_storage({"backend": "filesystem", "path": str(store)}))
     assert catalog.scan("killed") == [] and catalog.orphans == []
-    leftovers = [os.path.join(d, f) for d, _, files in os.walk(store) for f in files]
+    leftovers = [os.path.join(entry[0], name) for entry in os.walk(store) for name in entry[2]]
     assert leftovers == []

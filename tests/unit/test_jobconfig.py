@@ -155,7 +155,7 @@ def test_missing_environment_variable_fails_prepare_not_load(monkeypatch):
 
 
 def test_recipients_file_is_read_with_comments(tmp_path):
-    first, second = (str(x25519.Identity.generate().to_public()) for _ in range(2))
+    first, second = str(x25519.Identity.generate().to_public()), str(x25519.Identity.generate().to_public())
     path = tmp_path / "recipients"
     path.write_text("# ops team\n%s\n\n%s\n" % (first, second))
     config = load(base(encryption={"recipients_file": str(path)}))

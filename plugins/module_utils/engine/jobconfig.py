@@ -95,6 +95,21 @@ def refuse_literal_secrets(value, where):
             refuse_literal_secrets(item, "%s[%d]" % (where, index))
 
 
+def secret_values(options):
+    """Every value of a secret field below ``options`` (resolved options), to mask in output."""
+    found = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if key in SECRET_FIELDS and isinstance(value, str) and value:
+                found.append(value)
+            else:
+                found.extend(secret_values(value))
+    elif isinstance(options, list):
+        for item in options:
+            found.extend(secret_values(item))
+    return found
+
+
 def _section(data, name, keys=None, required=False):
     value = data.get(name)
     if value is None:
@@ -393,4 +408,3 @@ class JobConfig:
     def public(self):
         """The job file as given, safe to log: it holds only secret references by construction."""
         return json.loads(json.dumps(self.raw, default=str))
-

@@ -26,7 +26,7 @@ from .backup import open_payload
 from .catalog import Catalog
 from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError
 from .pipeline import check_object
-from .targets.base import RestoreContext
+from .targets.base import RestoreContext, Target
 from .timeutil import parse_iso
 
 
@@ -162,6 +162,24 @@ def identities(storage, manifest, identity=None, passphrase=None):
             "the given age identity is not a recipient of backup %s (it was encrypted to %s): wrong key"
             % (manifest["id"], ", ".join(sorted(recipients))))
     return found
+
+
+def parent_identities(storage, job, identity=None, passphrase=None):
+    """Identities an incremental backup needs to read its parent's payloads, or None.
+
+    With an identity text: its keys. With a passphrase: the keys in the envelope of the job's
+    latest backup (the parent an incremental builds on), when it has one.
+    """
+    found = []
+    if identity:
+        found.extend(codecs.parse_identities(identity))
+    if passphrase is not None:
+        try:
+            latest = Catalog(storage).latest(job)
+            found.extend(identities(storage, latest, passphrase=passphrase) or [])
+        except (NotFoundError, IntegrityError):
+            pass  # no parent, or not a passphrase backup: the source explains if it needs one
+    return found or None
 
 
 def chain_identities(storage, chain, identity=None, passphrase=None):
@@ -337,7 +355,10 @@ def restore_verified(storage, manifest, chain, keys_by_id, target):
 
 def restore(storage, job, target, backup=None, point_in_time=None, identity=None, passphrase=None,
             check_mode=False, log=None):
-    """Verified restore of one backup of ``job`` into ``target`` (a Target instance).
+    """Verified restore of one backup of ``job`` into ``target``.
+
+    ``target`` is a Target instance, or a callable ``target(kind)`` returning one once the
+    backup (and so its kind) has been chosen.
 
     Returns the verification report: what was selected, what was compared (objects, bytes,
     the target's checks), and how long it took. Nothing is written in check mode.
@@ -347,6 +368,8 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
     mf.validate_job_name(job)
     catalog = Catalog(storage)
     manifest, selected_by = select_backup(catalog, job, backup, point_in_time)
+    if not isinstance(target, Target):
+        target = target(manifest["kind"])  # a factory: the kind is known once the backup is chosen
     if target.kind != manifest["kind"]:
         raise ConfigError("backup %s of job %s is a %s backup; the target restores %s"
                           % (manifest["id"], job, manifest["kind"], target.kind))

@@ -33,12 +33,11 @@ import time
 from . import kinds
 from .backup import BackupRun
 from .catalog import Catalog
-from .codecs import parse_identities
-from .config import SECRET_FIELDS, resolve_secret_refs
+from .config import resolve_secret_refs
 from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyError
-from .jobconfig import JobConfig, parse_text
+from .jobconfig import JobConfig, parse_text, secret_values
 from .pipeline import Progress
-from .restore import KeyMismatchError, identities as backup_identities, restore as run_restore
+from .restore import KeyMismatchError, parent_identities, restore as run_restore
 from .timeutil import to_iso, utc_now
 from .verify import verify as run_verify
 
@@ -125,21 +124,6 @@ def where(description):
     return " ".join("%s=%s" % (key, value) for key, value in description.items() if value not in (None, "", [], {}))
 
 
-def secret_values(options):
-    """Every value of a secret field below ``options`` (resolved options)."""
-    found = []
-    if isinstance(options, dict):
-        for key, value in options.items():
-            if key in SECRET_FIELDS and isinstance(value, str):
-                found.append(value)
-            else:
-                found.extend(secret_values(value))
-    elif isinstance(options, list):
-        for item in options:
-            found.extend(secret_values(item))
-    return found
-
-
 def exit_code_for(exc):
     if isinstance(exc, KeyMismatchError):
         return EXIT_CONFIG
@@ -202,20 +186,6 @@ def _prepare(config, command, log):
     return prepared
 
 
-def _parent_identities(storage, job, identity, passphrase):
-    """Identities an incremental backup needs to read its parent (None when none are given)."""
-    found = []
-    if identity:
-        found.extend(parse_identities(identity))
-    if passphrase is not None:
-        try:
-            latest = Catalog(storage).latest(job)
-            found.extend(backup_identities(storage, latest, passphrase=passphrase) or [])
-        except BackupError:
-            pass  # no parent, or not a passphrase backup: the source explains if it needs one
-    return found or None
-
-
 def cmd_backup(config, args, log):
     metrics = Metrics(config, log)
     started = time.monotonic()
@@ -233,7 +203,7 @@ def cmd_backup(config, args, log):
         run = BackupRun(config.job, prepared["source"], storage, compression=config.compression,
                         encryption=prepared["encryption"],
                         progress=Progress(report, interval=args.progress_interval),
-                        identities=_parent_identities(storage, config.job, identity, passphrase),
+                        identities=parent_identities(storage, config.job, identity, passphrase),
                         size_policy=config.size_policy)
         if args.check:
             plan = run.plan()
@@ -497,4 +467,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to biometrics.backup
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+
+class ModuleDocFragment:
+    """The shared ``storage`` and ``encryption`` options (plugins/module_utils/adapter.py)."""
+
+    DOCUMENTATION = r"""
+options:
+  storage:
+    description:
+      - Where the backups are kept. Backups live under C(<prefix>/<job>/<backup-id>/), each with a
+        C(manifest.json) written last.
+      - Credentials may be given as values (hidden from output), or as C(access_key_file) and
+        C(secret_key_file) (files holding them).
+    type: dict
+    required: true
+    suboptions:
+      backend:
+        description: C(filesystem) (a directory, such as a mounted PVC), C(nfs) (a directory on an NFS mount) or C(s3).
+        type: str
+        default: filesystem
+        choices: [filesystem, s3, nfs]
+      path:
+        description: Absolute directory of the C(filesystem) and C(nfs) backends.
+        type: path
+      bucket:
+        description: Bucket of the C(s3) backend.
+        type: str
+      prefix:
+        description: Key prefix (C(s3)) or subdirectory (C(filesystem), C(nfs)) below which the jobs live.
+        type: str
+        default: ""
+      endpoint_url:
+        description: URL of an S3-compatible server (SeaweedFS, MinIO, Ceph RGW); omit for AWS.
+        type: str
+        aliases: [endpoint]
+      region:
+        description: S3 region.
+        type: str
+      access_key:
+        description: S3 access key id.
+        type: str
+      secret_key:
+        description: S3 secret access key.
+        type: str
+      access_key_file:
+        description: File holding the S3 access key id (for example a mounted Secret).
+        type: path
+      secret_key_file:
+        description: File holding the S3 secret access key.
+        type: path
+      session_token:
+        description: S3 session token for temporary credentials.
+        type: str
+      path_style:
+        description: Path-style addressing; by default on when O(storage.endpoint_url) is set.
+        type: bool
+      verify_tls:
+        description: Verify the S3 server's TLS certificate.
+        type: bool
+        default: true
+      server_side_encryption:
+        description: Ask S3 to encrypt the stored objects at rest (in addition to age encryption).
+        type: str
+        choices: [AES256, "aws:kms"]
+      sse_kms_key_id:
+        description: KMS key id for O(storage.server_side_encryption=aws:kms).
+        type: str
+      part_size:
+        description: Multipart upload part size in bytes (at least 5 MiB).
+        type: int
+"""
+
+    ENCRYPTION = r"""
+options:
+  encryption:
+    description:
+      - age encryption. Backups are written encrypted to O(encryption.recipients) (X25519 public keys) or
+        with a O(encryption.passphrase); they are read with the matching O(encryption.identity) or the
+        passphrase. Keys never appear in manifests or in the output.
+    type: dict
+    suboptions:
+      enabled:
+        description: C(false) turns encryption off even when keys are given.
+        type: bool
+      recipients:
+        description: age public keys (C(age1...)) to encrypt to.
+        type: list
+        elements: str
+      recipients_file:
+        description: File with one age public key per line (C(#) comments allowed), as C(age -R) reads it.
+        type: path
+      passphrase:
+        description: Passphrase protecting each backup's key envelope (C(key.age)).
+        type: str
+      passphrase_file:
+        description: File holding the passphrase.
+        type: path
+      identity:
+        description: age identity (C(AGE-SECRET-KEY-...) lines, as written by C(age-keygen)) to read backups.
+        type: str
+      identity_file:
+        description: File holding the age identity.
+        type: path
+"""
