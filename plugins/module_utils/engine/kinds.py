@@ -16,6 +16,7 @@ from .sources.files import FilesSource
 from .sources.postgres import PostgresSource
 from .sources.redis import RedisSource
 from .targets.config_git import ConfigGitTarget
+from .targets.directory_sync import DirectorySyncTarget
 from .targets.files import FilesTarget
 from .targets.postgres import PostgresTarget
 from .targets.redis import RedisTarget
@@ -24,9 +25,9 @@ from .targets.redis import RedisTarget
 SOURCES = {cls.kind: cls for cls in (
     PostgresSource, RedisSource, FilesSource, DirectorySyncSource, ConfigGitSource)}
 
-# kind -> Target subclass (the restore side). directory_sync is a mirror: the synced
-# directory itself is the copy, and its backups record what was transferred.
-TARGETS = {cls.kind: cls for cls in (PostgresTarget, RedisTarget, FilesTarget, ConfigGitTarget)}
+# kind -> Target subclass (the restore side)
+TARGETS = {cls.kind: cls for cls in (PostgresTarget, RedisTarget, FilesTarget, DirectorySyncTarget,
+                                     ConfigGitTarget)}
 
 
 def known_kinds():
