@@ -9,6 +9,7 @@ set -euo pipefail
 
 packages=(
   postgresql            # PostgreSQL 15 server and client tools (pg_dump, pg_restore)
+  postgresql-client     # the client metapackage bindep.txt names (for the execution environment)
   redis-server          # Redis server and redis-cli
   prometheus-pushgateway
   prometheus            # promtool, for alert rule tests
