@@ -70,6 +70,18 @@ def snapshot(root, owners=True, mtimes=True, dir_mtimes=True, root_entry=False):
     return state
 
 
+def regular_file_totals(root):
+    """(number of regular files, their total size) below ``root``, counted with os.walk."""
+    count = size = 0
+    for directory, _dirs, names in os.walk(os.fsencode(str(root))):
+        for name in names:
+            info = os.lstat(os.path.join(directory, name))
+            if stat.S_ISREG(info.st_mode):
+                count += 1
+                size += info.st_size
+    return count, size
+
+
 def write(path, data, mode=None, mtime_ns=None):
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     with open(path, "wb") as handle:

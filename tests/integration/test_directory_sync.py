@@ -7,7 +7,6 @@ are checked against counts made independently of rsync.
 
 import os
 import shutil
-import stat
 
 import pytest
 
@@ -24,7 +23,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.d
 
 from conftest import require_or_skip
 
-from .files_helpers import decode_cmd, sh, snapshot, stored_object, write
+from .files_helpers import decode_cmd, regular_file_totals as regular_files, sh, snapshot, stored_object, write
 
 JOB = "sync-test"
 
@@ -58,17 +57,6 @@ def age_tree(root, when_ns=1600000000123456789):
         for name in dirs + names:
             os.utime(os.path.join(directory, name), ns=(when_ns, when_ns), follow_symlinks=False)
     os.utime(root, ns=(when_ns, when_ns))
-
-
-def regular_files(root):
-    count = size = 0
-    for directory, _dirs, names in os.walk(root):
-        for name in names:
-            info = os.lstat(os.path.join(directory, name))
-            if stat.S_ISREG(info.st_mode):
-                count += 1
-                size += info.st_size
-    return count, size
 
 
 def sync(storage, options, **kwargs):

@@ -125,11 +125,7 @@ class ConfigGitTarget(Target):
         stream = context.open_payload(manifest, src.BUNDLE_PAYLOAD)
         try:
             with open(path, "wb") as out:
-                while True:
-                    chunk = stream.read(CHUNK)
-                    if not chunk:
-                        break
-                    out.write(chunk)
+                shutil.copyfileobj(stream, out, CHUNK)
             stream.finish()
         finally:
             stream.close()

@@ -86,6 +86,13 @@ def _remove(path):
         os.unlink(path)
 
 
+def _prefixes(path):
+    """``a``, ``a/b``, ``a/b/c`` for ``a/b/c`` (nothing for '')."""
+    parts = path.split("/") if path else []
+    for end in range(1, len(parts) + 1):
+        yield "/".join(parts[:end])
+
+
 class _RawStream(io.RawIOBase):
     """io.RawIOBase over a payload stream so that tarfile's small reads are buffered."""
 
@@ -118,9 +125,7 @@ class _Tree:
         parent = rel.rpartition("/")[0]
         if parent in self.known_dirs:
             return
-        current = ""
-        for part in parent.split("/"):
-            current = current + "/" + part if current else part
+        for current in _prefixes(parent):
             if current in self.known_dirs:
                 continue
             full = os.path.join(self.root, current)
@@ -140,10 +145,7 @@ class _Tree:
     def delete(self, rel):
         """Apply one ``files.deleted`` path (never following a symlink on the way)."""
         rel = safe_member_name(rel)
-        parent = rel.rpartition("/")[0]
-        current = ""
-        for part in parent.split("/") if parent else ():
-            current = current + "/" + part if current else part
+        for current in _prefixes(rel.rpartition("/")[0]):
             try:
                 info = os.lstat(os.path.join(self.root, current))
             except FileNotFoundError:
