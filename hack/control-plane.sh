@@ -42,6 +42,10 @@ CONTROLLERS=(
   job-controller
   cronjob-controller
   clusterrole-aggregation-controller
+  # PVCs and PVs carry protection finalizers (admission adds them); without these two
+  # controllers a namespace holding a PVC never finishes deleting.
+  persistentvolumeclaim-protection-controller
+  persistentvolume-protection-controller
 )
 
 log() { printf 'control-plane: %s\n' "$*" >&2; }

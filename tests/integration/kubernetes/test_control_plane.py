@@ -134,7 +134,7 @@ def test_rbac_denies_service_account_what_its_role_does_not_grant(kube_cluster, 
                 metadata=client.V1ObjectMeta(name="nope"))),
             lambda: sa_core.delete_namespaced_config_map("settings", namespace),
             lambda: sa_core.list_namespaced_config_map(other),
-            lambda: sa_core.list_namespace(),
+            sa_core.list_namespace,
         ]
         for call in denied:
             with pytest.raises(ApiException) as refused:

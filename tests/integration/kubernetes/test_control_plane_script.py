@@ -11,8 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from kube_fixtures import CONTROL_PLANE, KubeCluster, unavailable
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
