@@ -1,0 +1,211 @@
+# Copyright: contributors to biometrics.backup
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""``velero``: the seed's ``velero backup create NAME --include-namespaces NS --snapshot-volumes``.
+
+Instead of the velero CLI, the source creates the ``velero.io/v1`` ``Backup`` object itself
+(what the CLI does) in Velero's namespace, then follows its ``status.phase`` as the Velero
+server reports it:
+
+- ``Completed`` — the run succeeds;
+- ``PartiallyFailed`` — the run fails (the error names the error and warning counts) unless
+  ``accept_partial: true``, in which case it is recorded with that phase;
+- ``Failed`` / ``FailedValidation`` — the run fails with Velero's reason;
+- no phase at all within ``pickup_timeout`` — no Velero server handles Backups here: fail;
+- not finished within ``timeout`` — fail (the Backup object stays; Velero may still finish it).
+
+With ``wait: false`` the Backup is only created and recorded with the phase seen right
+after creation. The payload ``velero-backup.yaml`` is the Backup as submitted plus the last
+status read from the server; ``stats`` hold the phase and Velero's counters.
+"""
+
+import io
+import re
+import time
+
+from ..config import as_bool, check_known
+from ..errors import ConfigError, SourceError
+from ..kubeapi import CONNECTION_KEYS, KubeConnection, KubeError, check_namespace_name, require_kubernetes, string_list
+from ..timeutil import utc_now
+from .base import Source
+from .k8s_resources import dump_document
+
+try:
+    import kubernetes as _kubernetes_client
+except ImportError:
+    _kubernetes_client = None
+
+BACKUP_PAYLOAD = "velero-backup.yaml"
+API_PATH = "/apis/velero.io/v1/namespaces/%s/backups"
+TERMINAL_PHASES = ("Completed", "PartiallyFailed", "Failed", "FailedValidation")
+OPTIONS = CONNECTION_KEYS + (
+    "velero_namespace", "include_namespaces", "exclude_namespaces", "include_resources", "exclude_resources",
+    "label_selector", "snapshot_volumes", "default_volumes_to_fs_backup", "storage_location",
+    "volume_snapshot_locations", "ttl", "backup_name", "labels", "wait", "timeout", "pickup_timeout",
+    "poll_interval", "accept_partial",
+)
+_TTL_RE = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+_NAME_PREFIX_RE = re.compile(r"[^a-z0-9-]+")
+STATUS_COUNTERS = (("itemsBackedUp", "progress", "itemsBackedUp"), ("totalItems", "progress", "totalItems"),
+                   ("errors", None, "errors"), ("warnings", None, "warnings"),
+                   ("volumeSnapshotsAttempted", None, "volumeSnapshotsAttempted"),
+                   ("volumeSnapshotsCompleted", None, "volumeSnapshotsCompleted"))
+
+
+def _seconds(value, name, default):
+    if value in (None, ""):
+        return float(default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError("velero.%s must be a number of seconds" % name) from None
+    if seconds <= 0:
+        raise ConfigError("velero.%s must be positive" % name)
+    return seconds
+
+
+def backup_name(prefix, moment):
+    """``<prefix>-YYYYMMDDhhmmss``: a valid, sortable Backup name of at most 63 characters."""
+    cleaned = _NAME_PREFIX_RE.sub("-", str(prefix).lower()).strip("-")[:48].rstrip("-") or "backup"
+    return "%s-%s" % (cleaned, moment.strftime("%Y%m%d%H%M%S"))
+
+
+class VeleroSource(Source):
+    kind = "velero"
+    OPTIONS = OPTIONS
+
+    def __init__(self, options):
+        super().__init__(options)
+        check_known(options, OPTIONS, "velero source")
+        self.velero_namespace = check_namespace_name(options.get("velero_namespace") or "velero",
+                                                     "velero.velero_namespace")
+        self.include_namespaces = string_list(options.get("include_namespaces"), "velero.include_namespaces")
+        if not self.include_namespaces:
+            raise ConfigError("velero.include_namespaces: name the namespaces to back up ('*' for all)")
+        for name in self.include_namespaces:
+            if name != "*":
+                check_namespace_name(name, "velero.include_namespaces")
+        self.spec = {"includedNamespaces": self.include_namespaces,
+                     "snapshotVolumes": as_bool(options.get("snapshot_volumes", True))}
+        for option, field in (("exclude_namespaces", "excludedNamespaces"), ("include_resources", "includedResources"),
+                              ("exclude_resources", "excludedResources"),
+                              ("volume_snapshot_locations", "volumeSnapshotLocations")):
+            values = string_list(options.get(option), "velero.%s" % option)
+            if values:
+                self.spec[field] = values
+        if options.get("storage_location"):
+            self.spec["storageLocation"] = str(options["storage_location"])
+        if options.get("ttl"):
+            if not _TTL_RE.match(str(options["ttl"])):
+                raise ConfigError("velero.ttl must be a Go duration such as 720h0m0s, not %r" % options["ttl"])
+            self.spec["ttl"] = str(options["ttl"])
+        if options.get("default_volumes_to_fs_backup") is not None:
+            self.spec["defaultVolumesToFsBackup"] = as_bool(options["default_volumes_to_fs_backup"])
+        if options.get("label_selector"):
+            selector = options["label_selector"]
+            if not isinstance(selector, dict):
+                raise ConfigError("velero.label_selector must be a mapping of label: value")
+            self.spec["labelSelector"] = {"matchLabels": {str(k): str(v) for k, v in selector.items()}}
+        self.labels = options.get("labels") or {}
+        if not isinstance(self.labels, dict):
+            raise ConfigError("velero.labels must be a mapping")
+        self.name_prefix = options.get("backup_name")
+        self.wait = as_bool(options.get("wait", True))
+        self.timeout = _seconds(options.get("timeout"), "timeout", 4 * 3600)
+        self.pickup_timeout = _seconds(options.get("pickup_timeout"), "pickup_timeout", 300)
+        self.poll_interval = _seconds(options.get("poll_interval"), "poll_interval", 5)
+        self.accept_partial = as_bool(options.get("accept_partial", False))
+        self.conn = KubeConnection(options, "velero source")
+        self._server_version = None
+        self.sleep = time.sleep  # the only clock the wait loop uses besides time.monotonic
+        self.created = None
+
+    def describe(self):
+        return dict(self.conn.describe(), velero_namespace=self.velero_namespace,
+                    include_namespaces=list(self.include_namespaces),
+                    snapshot_volumes=self.spec["snapshotVolumes"], wait=self.wait)
+
+    def tool_versions(self):
+        versions = {}
+        if _kubernetes_client is not None:
+            versions["kubernetes-python"] = getattr(_kubernetes_client, "__version__", "unknown")
+        if self._server_version:
+            versions["kube-apiserver"] = self._server_version
+        return versions
+
+    def preflight(self):
+        require_kubernetes("velero backups")
+        self._server_version = self.conn.server_version()
+        try:
+            self.conn.get(API_PATH % self.velero_namespace, doing="list Velero backups in %s" % self.velero_namespace,
+                          limit=1)
+        except KubeError as exc:
+            if exc.status == 404:
+                raise SourceError("velero: the API has no velero.io/v1 Backup resource in namespace %s "
+                                  "(is Velero installed? its CRDs are missing)" % self.velero_namespace) from None
+            raise
+
+    def _body(self, job):
+        name = backup_name(self.name_prefix or job, utc_now())
+        labels = {str(k): str(v) for k, v in self.labels.items()}
+        labels.setdefault("app.kubernetes.io/managed-by", "biometrics-backup")
+        labels.setdefault("backup.biometrics.io/job", _NAME_PREFIX_RE.sub("-", job.lower()).strip("-")[:63])
+        return {"apiVersion": "velero.io/v1", "kind": "Backup",
+                "metadata": {"name": name, "namespace": self.velero_namespace, "labels": labels},
+                "spec": dict(self.spec)}
+
+    def _read(self, name):
+        return self.conn.get("%s/%s" % (API_PATH % self.velero_namespace, name),
+                             doing="read Velero backup %s" % name)
+
+    def _wait(self, name, created):
+        """The Backup once its phase is terminal; SourceError on no pickup / timeout."""
+        started = time.monotonic()
+        current = created
+        while True:
+            phase = (current.get("status") or {}).get("phase")
+            if phase in TERMINAL_PHASES:
+                return current
+            waited = time.monotonic() - started
+            if not phase and waited >= self.pickup_timeout:
+                raise SourceError("velero: no Velero server picked up backup %s/%s within %ds (status.phase is "
+                                  "still empty): is Velero running and watching namespace %s?"
+                                  % (self.velero_namespace, name, self.pickup_timeout, self.velero_namespace))
+            if waited >= self.timeout:
+                raise SourceError("velero: backup %s/%s still %s after %ds; it was left for Velero to finish"
+                                  % (self.velero_namespace, name, phase or "without a phase", self.timeout))
+            self.sleep(min(self.poll_interval, max(0.05, self.timeout - waited)))
+            current = self._read(name)
+
+    def produce(self, emit, context):
+        body = self._body(context.job)
+        name = body["metadata"]["name"]
+        try:
+            created = self.conn.request("POST", API_PATH % self.velero_namespace, body=body,
+                                        doing="create Velero backup %s" % name)
+        except KubeError as exc:
+            if exc.status == 409:
+                raise SourceError("velero: a Backup named %s already exists in %s" % (name, self.velero_namespace)) \
+                    from None
+            raise
+        self.created = created
+        final = self._wait(name, created) if self.wait else created
+        status = final.get("status") or {}
+        phase = status.get("phase") or ""  # "" with wait: false before Velero has seen it
+        stats = {"backup_name": name, "velero_namespace": self.velero_namespace, "phase": phase,
+                 "waited": self.wait, "uid": (final.get("metadata") or {}).get("uid")}
+        for key, group, field in STATUS_COUNTERS:
+            source = (status.get(group) or {}) if group else status
+            if isinstance(source.get(field), int):
+                stats[key] = source[field]
+        if phase in ("Failed", "FailedValidation"):
+            reasons = status.get("validationErrors") or [status.get("failureReason") or "no reason given"]
+            raise SourceError("velero: backup %s/%s finished %s: %s" % (
+                self.velero_namespace, name, phase, "; ".join(str(reason) for reason in reasons)[:500]))
+        if phase == "PartiallyFailed" and not self.accept_partial:
+            raise SourceError("velero: backup %s/%s finished PartiallyFailed (%s errors, %s warnings; "
+                              "`velero backup logs %s`); set accept_partial: true to keep such backups"
+                              % (self.velero_namespace, name, status.get("errors", "?"), status.get("warnings", "?"),
+                                 name))
+        record = dict(body, status=status)
+        emit(BACKUP_PAYLOAD, io.BytesIO(dump_document(record)))
+        return stats
