@@ -107,6 +107,7 @@ class KubeConnection:
         self._api = None
         self._dynamic = None
         self._cache_file = None
+        self._server_version = None
         self.server = None
 
     def _configuration(self):
@@ -187,10 +188,19 @@ class KubeConnection:
             raise
 
     def server_version(self):
-        try:
-            return self.get("/version", doing="read the server version").get("gitVersion")
-        except KubeError:
-            return None
+        """The server's gitVersion (remembered for tool_versions), None when it cannot be read."""
+        if self._server_version is None:
+            try:
+                self._server_version = self.get("/version", doing="read the server version").get("gitVersion")
+            except KubeError:
+                return None
+        return self._server_version
+
+    def tool_versions(self):
+        versions = {"kubernetes-python": getattr(kubernetes, "__version__", "unknown")}
+        if self._server_version:
+            versions["kube-apiserver"] = self._server_version
+        return versions
 
     def close(self):
         if self._api is not None:

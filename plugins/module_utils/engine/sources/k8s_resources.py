@@ -33,11 +33,6 @@ except ImportError:  # PyYAML is a dependency of the kubernetes client itself
     yaml = None
     _DUMPER = None
 
-try:
-    import kubernetes as _kubernetes_client
-except ImportError:
-    _kubernetes_client = None
-
 RESOURCES_PAYLOAD = "resources.yaml"
 # kubectl's "all" category for namespaced workloads.
 ALL_ALIAS = ("pods", "services", "deployments", "replicasets", "statefulsets", "daemonsets", "jobs",
@@ -240,7 +235,6 @@ class K8sResourcesSource(Source):
             raise ConfigError("k8s_resources.page_size must be between 1 and 10000")
         self.conn = KubeConnection(options, "k8s_resources source")
         self._types = None
-        self._server_version = None
 
     def describe(self):
         described = dict(self.conn.describe(), namespaces=list(self.namespaces), resources=list(self.names))
@@ -251,12 +245,7 @@ class K8sResourcesSource(Source):
         return described
 
     def tool_versions(self):
-        versions = {}
-        if _kubernetes_client is not None:
-            versions["kubernetes-python"] = getattr(_kubernetes_client, "__version__", "unknown")
-        if self._server_version:
-            versions["kube-apiserver"] = self._server_version
-        return versions
+        return self.conn.tool_versions()
 
     def _resolve(self):
         if self._types is None:
@@ -282,7 +271,7 @@ class K8sResourcesSource(Source):
         require_kubernetes("k8s_resources backups")
         if yaml is None:
             raise ConfigError("k8s_resources backups need PyYAML")
-        self._server_version = self.conn.server_version()
+        self.conn.server_version()
         types = self._resolve()
         if any(item.key == "secrets" for item in types) != self.requires_encryption:
             raise ConfigError("k8s_resources: could not tell from the options whether Secrets are exported; "

@@ -29,11 +29,6 @@ from ..timeutil import utc_now
 from .base import Source
 from .k8s_resources import dump_document
 
-try:
-    import kubernetes as _kubernetes_client
-except ImportError:
-    _kubernetes_client = None
-
 BACKUP_PAYLOAD = "velero-backup.yaml"
 API_PATH = "/apis/velero.io/v1/namespaces/%s/backups"
 TERMINAL_PHASES = ("Completed", "PartiallyFailed", "Failed", "FailedValidation")
@@ -115,7 +110,6 @@ class VeleroSource(Source):
         self.poll_interval = _seconds(options.get("poll_interval"), "poll_interval", 5)
         self.accept_partial = as_bool(options.get("accept_partial", False))
         self.conn = KubeConnection(options, "velero source")
-        self._server_version = None
         self.sleep = time.sleep  # the only clock the wait loop uses besides time.monotonic
         self.created = None
 
@@ -125,16 +119,11 @@ class VeleroSource(Source):
                     snapshot_volumes=self.spec["snapshotVolumes"], wait=self.wait)
 
     def tool_versions(self):
-        versions = {}
-        if _kubernetes_client is not None:
-            versions["kubernetes-python"] = getattr(_kubernetes_client, "__version__", "unknown")
-        if self._server_version:
-            versions["kube-apiserver"] = self._server_version
-        return versions
+        return self.conn.tool_versions()
 
     def preflight(self):
         require_kubernetes("velero backups")
-        self._server_version = self.conn.server_version()
+        self.conn.server_version()
         try:
             self.conn.get(API_PATH % self.velero_namespace, doing="list Velero backups in %s" % self.velero_namespace,
                           limit=1)
