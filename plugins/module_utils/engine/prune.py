@@ -1,0 +1,357 @@
+"""Applying a retention policy to one job's backups at a storage location.
+
+This is the engine side of ``backup_prune`` (and of the runner's ``prune`` command). The
+policy itself is evaluated by :mod:`retention`; this module adds what an operator needs
+before trusting a program with deletion:
+
+* only **successful** backups (manifest ``status: complete`` and no failed verification)
+  fill retention periods.  Failed or incomplete backups, and backups whose last verification
+  failed, are pruned on their own once they are older than the grace period;
+* the **newest successful** backup and the **newest verified** backup are always kept;
+* at least ``min_keep`` successful backups are kept;
+* a backup that a kept incremental builds on (its ``parent``, recursively) is kept;
+* more than ``max_delete`` deletions are refused unless ``force``;
+* objects under a backup directory without a manifest (an interrupted run), ``.tmp-``
+  leftovers and unfinished S3 multipart uploads are removed once older than ``orphan_grace``;
+  junk the catalog cannot read (a manifest of a newer schema, a corrupt one, stray objects
+  outside backup directories) is reported and never deleted.
+
+Deletion goes backup by backup, newest first (children before their parents), manifest
+first, so a half-deleted backup is never listed as complete (``Catalog.delete_backup``).
+Pure Python, no Ansible import.
+"""
+
+import datetime
+
+from . import manifest as mf
+from .catalog import Catalog
+from .errors import ConfigError, StorageError
+from .retention import Backup, Duration, Policy, RetentionError, apply_policy
+from .timeutil import parse_iso, to_iso, utc_now
+
+DEFAULT_ORPHAN_GRACE = "24h"
+TMP_MARKER = ".tmp-"
+VERIFIED_OK = "ok"
+VERIFIED_FAILED = "failed"
+
+REASON_NEWEST = "newest successful backup (always kept)"
+REASON_NEWEST_VERIFIED = "newest verified backup (always kept)"
+REASON_MIN_KEEP = "min_keep=%d (at least that many successful backups stay)"
+REASON_PARENT = "parent of kept backup %s"
+REASON_POLICY = "not kept by the policy"
+
+
+class PruneRefusedError(ConfigError):
+    """More deletions than ``max_delete`` without ``force``; ``result`` holds the preview."""
+
+    def __init__(self, message, result):
+        super().__init__(message)
+        self.result = result
+
+
+def parse_grace(value, what="orphan_grace"):
+    """A grace period: ``0`` or a duration such as ``36h``, ``7d``, ``2w`` (a month counts
+    31 days, a year 365, as in ``borg prune --keep-within``); returns a timedelta."""
+    if value is None:
+        value = DEFAULT_ORPHAN_GRACE
+    if isinstance(value, bool):
+        raise ConfigError("%s must be a duration such as 24h or 7d, got %r" % (what, value))
+    if (isinstance(value, int) and value == 0) or str(value).strip() in ("0", "0h", "0d"):
+        return datetime.timedelta(0)
+    try:
+        return datetime.timedelta(hours=Duration(value, what=what).borg_hours())
+    except OverflowError:
+        raise ConfigError("%s %r is too long" % (what, value)) from None
+
+
+def _validate_limit(name, value, minimum):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError("%s must be an integer >= %d, got %r" % (name, minimum, value))
+    return value
+
+
+def _verification_result(manifest):
+    record = manifest.get("verification")
+    if isinstance(record, dict):
+        return record.get("result")
+    return None
+
+
+def _summary(manifest):
+    verification = manifest.get("verification") if isinstance(manifest.get("verification"), dict) else {}
+    return {
+        "id": manifest["id"],
+        "started_at": manifest.get("started_at"),
+        "finished_at": manifest.get("finished_at"),
+        "kind": manifest.get("kind"),
+        "status": manifest.get("status"),
+        "parent": manifest.get("parent"),
+        "size_bytes": manifest.get("size_bytes"),
+        "verification": verification.get("result"),
+        "verified_at": verification.get("verified_at"),
+    }
+
+
+def _age_reference(manifest, failed_verification):
+    """When a failed backup's grace period starts: the failed verification, else the run."""
+    candidates = []
+    if failed_verification:
+        candidates.append(manifest["verification"].get("verified_at"))
+    candidates += [manifest.get("finished_at"), manifest.get("started_at")]
+    for value in candidates:
+        if value:
+            try:
+                return parse_iso(value)
+            except ValueError:
+                continue
+    return None
+
+
+def plan(manifests, policy, min_keep=1, orphan_grace=None, now=None, within_reference=None):
+    """Decide, without touching storage, which of ``manifests`` (``Catalog.scan`` output) stay.
+
+    Returns ``{"keep": [...], "prune": [...]}``, both newest first; each entry is a summary
+    of the manifest plus ``reasons`` (kept) or ``reason`` (pruned).
+    """
+    if not isinstance(policy, Policy):
+        policy = Policy(**(policy or {}))
+    min_keep = _validate_limit("min_keep", min_keep, 0) or 0
+    grace = parse_grace(orphan_grace)
+    now = now or utc_now()
+    ordered = sorted(manifests, key=lambda m: (parse_iso(m["started_at"]), m["id"]), reverse=True)
+    by_id = {m["id"]: m for m in ordered}
+
+    successful, failed = [], []
+    for manifest in ordered:
+        complete = manifest.get("status") == mf.STATUS_COMPLETE
+        bad = _verification_result(manifest) == VERIFIED_FAILED
+        if complete and not bad:
+            successful.append(manifest)
+        else:
+            failed.append(manifest)
+
+    reasons = {}  # id -> [reasons] for every kept backup
+    if successful:
+        result = apply_policy(
+            [Backup(m["id"], parse_iso(m["started_at"]), m) for m in successful],
+            policy, now=now, within_reference=within_reference)
+        for backup_id, why in result.reasons.items():
+            reasons[backup_id] = list(why)
+
+    def keep(backup_id, why):
+        reasons.setdefault(backup_id, [])
+        if why not in reasons[backup_id]:
+            reasons[backup_id].append(why)
+
+    # Rail: the newest complete backup stays whatever the policy and verifications say.
+    complete = [m for m in ordered if m.get("status") == mf.STATUS_COMPLETE]
+    if complete:
+        newest = complete[0]
+        if newest["id"] not in reasons:
+            keep(newest["id"], REASON_NEWEST)
+    # Rail: the newest backup that passed verification.
+    verified = [m for m in complete if _verification_result(m) == VERIFIED_OK]
+    if verified and verified[0]["id"] not in reasons:
+        keep(verified[0]["id"], REASON_NEWEST_VERIFIED)
+    # Rail: at least min_keep successful backups.
+    kept_successful = sum(1 for m in successful if m["id"] in reasons)
+    for manifest in successful:
+        if kept_successful >= min_keep:
+            break
+        if manifest["id"] not in reasons:
+            kept_successful += 1
+            keep(manifest["id"], REASON_MIN_KEEP % min_keep)
+
+    # Failed backups wait out the grace period, then go.
+    failed_reason = {}
+    for manifest in failed:
+        bad = _verification_result(manifest) == VERIFIED_FAILED
+        if manifest.get("status") != mf.STATUS_COMPLETE:
+            what = "failed backup (status %s)" % manifest.get("status")
+        else:
+            what = "verification failed at %s" % manifest["verification"].get("verified_at")
+        since = _age_reference(manifest, bad and manifest.get("status") == mf.STATUS_COMPLETE)
+        if manifest["id"] in reasons:
+            continue  # kept by a rail above
+        if since is not None and now - since < grace:
+            keep(manifest["id"], "%s, within the grace period of %s" % (what, _format_grace(grace)))
+        else:
+            failed_reason[manifest["id"]] = "%s, older than the grace period of %s" % (what, _format_grace(grace))
+
+    # Rail: an incremental needs its whole chain. Walk from the newest, so a parent kept for
+    # a child is itself followed to its own parent.
+    for manifest in ordered:
+        if manifest["id"] not in reasons:
+            continue
+        child = manifest
+        seen = {child["id"]}
+        while child.get("parent") and child["parent"] in by_id and child["parent"] not in seen:
+            parent_id = child["parent"]
+            seen.add(parent_id)
+            keep(parent_id, REASON_PARENT % child["id"])
+            child = by_id[parent_id]
+
+    kept, pruned = [], []
+    for manifest in ordered:
+        entry = _summary(manifest)
+        if manifest["id"] in reasons:
+            entry["reasons"] = reasons[manifest["id"]]
+            kept.append(entry)
+        else:
+            entry["reason"] = failed_reason.get(manifest["id"], REASON_POLICY)
+            pruned.append(entry)
+    return {"keep": kept, "prune": pruned}
+
+
+def _format_grace(grace):
+    hours = int(grace.total_seconds() // 3600)
+    if hours and hours % 24 == 0:
+        return "%dd" % (hours // 24)
+    return "%dh" % hours
+
+
+def _backup_dir_of(key):
+    parts = key.split("/")
+    return "/".join(parts[:2]) + "/" if len(parts) >= 3 else None
+
+
+def find_orphans(storage, catalog, job, complete_ids, grace, now):
+    """Garbage of ``job``: backup directories without a manifest, ``.tmp-`` leftovers, and
+    unfinished multipart uploads. Returns ``(remove, wait)``, lists of entries with
+    ``path``, ``objects`` (keys), ``uploads`` ((key, upload_id)), ``bytes``, ``last_modified``."""
+    groups = {}
+
+    def group(path):
+        return groups.setdefault(path, {"path": path, "objects": [], "uploads": [], "bytes": 0,
+                                        "last_modified": None})
+
+    def touch(entry, moment):
+        if moment is not None and (entry["last_modified"] is None or moment > entry["last_modified"]):
+            entry["last_modified"] = moment
+
+    for info in catalog.orphans:
+        entry = group(_backup_dir_of(info.key) or info.key)
+        entry["objects"].append(info.key)
+        entry["bytes"] += info.size
+        touch(entry, info.modified)
+    # Leftovers of interrupted writes next to complete backups or the catalog index.
+    listed = set(key for entry in groups.values() for key in entry["objects"])
+    for info in storage.list("%s/" % job):
+        name = info.key.rsplit("/", 1)[-1]
+        if TMP_MARKER not in name or info.key in listed:
+            continue
+        entry = group(info.key)
+        entry["objects"].append(info.key)
+        entry["bytes"] += info.size
+        touch(entry, info.modified)
+    # S3: multipart uploads never completed. An upload in progress also marks its backup
+    # directory as active, so a slow upload keeps its directory's first objects alive.
+    list_uploads = getattr(storage, "list_incomplete_uploads", None)
+    if list_uploads is not None:
+        for key, upload_id, initiated in list_uploads("%s/" % job):
+            directory = _backup_dir_of(key)
+            backup_id = directory.split("/")[1] if directory else None
+            if backup_id in complete_ids:
+                entry = group("%s (upload %s)" % (key, upload_id[:12]))
+            else:
+                entry = group(directory or key)
+            entry["uploads"].append((key, upload_id))
+            touch(entry, initiated)
+    remove, wait = [], []
+    for path in sorted(groups):
+        entry = groups[path]
+        last = entry["last_modified"]
+        (wait if last is not None and now - last < grace else remove).append(entry)
+    return remove, wait
+
+
+def _orphan_report(entry, action):
+    last = entry["last_modified"]
+    return {"path": entry["path"], "objects": len(entry["objects"]), "uploads": len(entry["uploads"]),
+            "bytes": entry["bytes"], "last_modified": to_iso(last) if last else None, "action": action}
+
+
+def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan_grace=None,
+          dry_run=False, now=None, within_reference=None, log=None):
+    """Apply ``policy`` to ``job`` at ``storage``; with ``dry_run`` only report.
+
+    Returns a dict: ``job``, ``policy``, ``dry_run``, ``keep``, ``prune`` (each pruned entry
+    with ``deleted``), ``orphans`` (each with ``action``), ``junk``, ``counts``, ``changed``.
+    Raises :class:`PruneRefusedError` (nothing deleted) when more than ``max_delete`` backups
+    would go without ``force``, and StorageError when a deletion fails (what went before it
+    is in the error's ``result``).
+    """
+    log = log or (lambda message: None)
+    mf.validate_job_name(job)
+    if not isinstance(policy, Policy):
+        try:
+            policy = Policy(**(policy or {}))
+        except TypeError as exc:
+            raise ConfigError("retention policy: %s" % exc) from None
+    max_delete = _validate_limit("max_delete", max_delete, 0)
+    min_keep = _validate_limit("min_keep", min_keep, 0)
+    grace = parse_grace(orphan_grace)
+    now = now or utc_now()
+
+    catalog = Catalog(storage)
+    manifests = catalog.scan(job)
+    decided = plan(manifests, policy, min_keep=min_keep, orphan_grace=orphan_grace, now=now,
+                   within_reference=within_reference)
+    complete_ids = set(m["id"] for m in manifests)
+    orphans_remove, orphans_wait = find_orphans(storage, catalog, job, complete_ids, grace, now)
+    result = {
+        "job": job,
+        "storage": storage.describe(),
+        "policy": policy.as_dict(),
+        "min_keep": min_keep,
+        "max_delete": max_delete,
+        "orphan_grace": _format_grace(grace),
+        "dry_run": bool(dry_run),
+        "keep": decided["keep"],
+        "prune": decided["prune"],
+        "orphans": [_orphan_report(e, "would remove" if dry_run else "removed") for e in orphans_remove]
+                   + [_orphan_report(e, "kept (within grace)") for e in orphans_wait],
+        "junk": list(catalog.junk),
+        "deleted": [],
+    }
+    for entry in result["prune"]:
+        entry["deleted"] = False
+    result["counts"] = {
+        "backups": len(manifests), "kept": len(result["keep"]), "pruned": len(result["prune"]),
+        "orphans_removed": len(orphans_remove), "orphans_waiting": len(orphans_wait),
+        "junk": len(catalog.junk),
+    }
+    result["changed"] = bool(result["prune"] or orphans_remove)
+    if max_delete is not None and len(result["prune"]) > max_delete and not force:
+        raise PruneRefusedError(
+            "job %s: the policy would delete %d backups, more than max_delete=%d; nothing was "
+            "deleted. Check the policy, then raise max_delete or set force to go ahead"
+            % (job, len(result["prune"]), max_delete), result)
+    if dry_run:
+        return result
+
+    by_id = {m["id"]: m for m in manifests}
+    for entry in result["prune"]:  # newest first: an incremental goes before its parent
+        try:
+            catalog.delete_backup(by_id[entry["id"]])
+        except StorageError as exc:
+            result["changed"] = bool(result["deleted"])
+            error = StorageError("job %s: deleting backup %s failed after %d deletions: %s"
+                                 % (job, entry["id"], len(result["deleted"]), exc))
+            error.result = result
+            raise error from None
+        entry["deleted"] = True
+        result["deleted"].append(entry["id"])
+        log("deleted backup %s (%s)" % (entry["id"], entry["reason"]))
+    for entry in orphans_remove:
+        for key in entry["objects"]:
+            storage.delete(key)
+        for key, upload_id in entry["uploads"]:
+            storage.abort_incomplete_upload(key, upload_id)
+        log("removed orphaned %s (%d objects, %d uploads)" % (entry["path"], len(entry["objects"]), len(entry["uploads"])))
+    return result
+
+
+__all__ = ["PruneRefusedError", "parse_grace", "plan", "prune", "find_orphans", "RetentionError"]
