@@ -13,21 +13,26 @@ from .errors import ConfigError
 from .sources.config_git import ConfigGitSource
 from .sources.directory_sync import DirectorySyncSource
 from .sources.files import FilesSource
+from .sources.k8s_resources import K8sResourcesSource
 from .sources.postgres import PostgresSource
 from .sources.redis import RedisSource
+from .sources.velero import VeleroSource
 from .targets.config_git import ConfigGitTarget
 from .targets.directory_sync import DirectorySyncTarget
 from .targets.files import FilesTarget
+from .targets.k8s_resources import K8sResourcesTarget
 from .targets.postgres import PostgresTarget
 from .targets.redis import RedisTarget
 
 # kind -> Source subclass (the backup side)
 SOURCES = {cls.kind: cls for cls in (
-    PostgresSource, RedisSource, FilesSource, DirectorySyncSource, ConfigGitSource)}
+    PostgresSource, RedisSource, FilesSource, DirectorySyncSource, ConfigGitSource, K8sResourcesSource,
+    VeleroSource)}
 
 # kind -> Target subclass (the restore side)
+# Velero has no target here: Velero itself restores its backups.
 TARGETS = {cls.kind: cls for cls in (PostgresTarget, RedisTarget, FilesTarget, DirectorySyncTarget,
-                                     ConfigGitTarget)}
+                                     ConfigGitTarget, K8sResourcesTarget)}
 
 
 def known_kinds():
