@@ -494,3 +494,83 @@ def test_concurrent_uploads_share_one_client(storage):
         thread.join()
     assert errors == []
     assert len([i for i in storage.list("c/") if i.key.startswith("c/big-")]) == 4
+
+
+# -- a connection that breaks mid-download -------------------------------------------------------
+
+class CuttingProxy:
+    """A loopback TCP proxy in front of the real S3 server that closes a connection once it
+    has passed ``limit`` bytes from the server to the client (a network fault, injected)."""
+
+    def __init__(self, target_port, limit):
+        import socket
+        self.limit = limit
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.cuts = 0
+        self._socket = socket
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = self._socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, self.limit), daemon=True).start()
+
+    def _pump(self, src, dst, limit):
+        passed = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if limit is not None and passed + len(data) > limit:
+                    dst.sendall(data[: limit - passed])
+                    self.cuts += 1
+                    break
+                dst.sendall(data)
+                passed += len(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_download_cut_mid_body_is_a_storage_error_not_corruption(s3_server, options):
+    direct = open_storage(dict(options, part_size=5 * MiB))
+    identity = pyrage.x25519.Identity.generate()
+    # Level 1 keeps the stored object large (the random block repeats only every MiB).
+    result = store_stream(Random(12 * MiB), direct, "j/b/data.zst.age", codecs.compression_settings({"algorithm": "zstd", "level": 1, "threads": 0}),
+                          codecs.encryption_settings({"recipients": [str(identity.to_public())]}))
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    assert result["size"] > 2 * MiB
+    proxy = CuttingProxy(port, limit=result["size"] // 2)
+    try:
+        cut = open_storage(dict(options, endpoint_url="http://127.0.0.1:%d" % proxy.port))
+        cut.client.meta.config.retries["max_attempts"] = 1
+        with pytest.raises(StorageError, match="s3 error while reading j/b/data.zst.age"):
+            check_object(cut, "j/b/data.zst.age", dict(result, name="data.zst.age"), "zstd", [identity])
+        assert proxy.cuts >= 1
+        reader = cut.open_reader("j/b/data.zst.age")
+        with pytest.raises(StorageError, match="s3 error while reading j/b/data.zst.age"):
+            while reader.read(MiB):
+                pass
+        reader.close()
+    finally:
+        proxy.close()
+    # Through the real endpoint the same object is fine: the fault was the network's.
+    assert check_object(direct, "j/b/data.zst.age", dict(result, name="data.zst.age"), "zstd", [identity])["plain_bytes"] == 12 * MiB

@@ -143,13 +143,24 @@ class _MultipartWriter(ObjectWriter):
 
 
 class _BodyReader:
-    """File-like view of a GetObject body (botocore's StreamingBody lacks readinto)."""
+    """File-like view of a GetObject body (botocore's StreamingBody lacks readinto).
 
-    def __init__(self, body):
+    A connection that breaks mid-body surfaces as a StorageError naming the object, not as
+    a bare urllib3/botocore exception that readers further down would take for corrupt data.
+    """
+
+    def __init__(self, body, storage=None, key=None):
         self._body = body
+        self._storage = storage
+        self._key = key
 
     def read(self, size=-1):
-        return self._body.read(None if size is None or size < 0 else size)
+        try:
+            return self._body.read(None if size is None or size < 0 else size)
+        except Exception as exc:  # pylint: disable=broad-except  # urllib3, botocore, socket errors
+            if self._storage is None:
+                raise
+            raise self._storage.wrap_error(exc, "reading %s" % self._key) from None
 
     def close(self):
         self._body.close()
@@ -233,7 +244,7 @@ class S3Storage(Storage):
             raise self.wrap_error(exc, "reading %s" % key) from None
         except BotoCoreError as exc:
             raise self.wrap_error(exc, "reading %s" % key) from None
-        return _BodyReader(response["Body"])
+        return _BodyReader(response["Body"], self, key)
 
     def list(self, prefix=""):
         found = []
