@@ -184,8 +184,7 @@ def test_large_file_streams_in_bounded_memory(tmp_path):
             handle.write(block[index:] + block[:index])  # distinct blocks, cheap to make
     script = textwrap.dedent("""
         import json, resource, sys
-        from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+        from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
