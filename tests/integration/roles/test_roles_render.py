@@ -4,6 +4,7 @@ import pytest
 import yaml
 from kubernetes_validate import validate as validate_manifest
 
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import JobConfig
 
 from .playbook import load_rendered, run_site, seed_values
@@ -95,6 +96,8 @@ def test_job_files_load_in_the_runner(rendered):
     for manifest in configs:
         config = JobConfig(yaml.safe_load(manifest["data"]["job.yaml"]))
         assert config.job + "-config" == manifest["metadata"]["name"]
+        # The kind's own option check: every option the role writes is one the source knows.
+        kinds.source_class(config.kind)(dict(config.source))
 
 
 def test_only_api_jobs_get_a_token_and_a_role(rendered):

@@ -1,0 +1,142 @@
+"""The roles against the real control plane: apply, idempotence, check mode, removal, RBAC, Pod Security."""
+
+import copy
+import uuid
+import json
+import subprocess
+
+import pytest
+
+from .playbook import run_site, seed_values
+
+kubernetes = pytest.importorskip("kubernetes")
+
+AGE_RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+
+
+def _values(namespace):
+    values = seed_values(namespace=namespace, **{"storage.backend": "pvc"})
+    values["backup"]["pvc"]["veleroNamespace"] = namespace + "-velero"
+    return values
+
+
+@pytest.fixture(scope="module")
+def deployed(kube_cluster, kube_api, tmp_path_factory):
+    """The seed's values deployed into a fresh namespace with Pod Security 'restricted' enforced."""
+    # One deployment for the module: a converge of every seed job takes about a minute here.
+    tmp_path = tmp_path_factory.mktemp("roles-cluster")
+    namespace = "roles-" + uuid.uuid4().hex[:8]
+    core = kubernetes.client.CoreV1Api(kube_api)
+    core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(
+        name=namespace, labels={"pod-security.kubernetes.io/enforce": "restricted"})))
+    core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=namespace + "-velero")))
+    core.create_namespaced_secret(namespace, kubernetes.client.V1Secret(
+        metadata=kubernetes.client.V1ObjectMeta(name="backup-encryption-key"),
+        string_data={"recipients": AGE_RECIPIENT + "\n", "identity": "AGE-SECRET-KEY-PLACEHOLDER-NOT-USED\n"}))
+    values = _values(namespace)
+    first = run_site(values, tmp_path, env=kube_cluster.env)
+    assert first.returncode == 0, first
+    yield {"namespace": namespace, "values": values, "first": first, "env": kube_cluster.env, "tmp": tmp_path}
+    core.delete_namespace(namespace + "-velero")
+    core.delete_namespace(namespace)
+
+
+def _cronjobs(kube_api, namespace):
+    batch = kubernetes.client.BatchV1Api(kube_api)
+    return {c.metadata.name: c for c in batch.list_namespaced_cron_job(namespace).items}
+
+
+def test_converge_is_idempotent_and_creates_every_seed_job(deployed, kube_api):
+    cronjobs = _cronjobs(kube_api, deployed["namespace"])
+    assert {"postgres-backup", "redis-backup", "directory-sync-backup", "config-backup", "incremental-backup",
+            "k8s-resources-backup", "biometrics-data-backup", "retention-prune", "postgres-backup-drill"} <= set(cronjobs)
+    assert cronjobs["postgres-backup"].spec.schedule == "0 2 * * *"
+    assert deployed["first"].changed > 0
+    second = run_site(deployed["values"], deployed["tmp"], env=deployed["env"])
+    assert second.returncode == 0, second
+    assert second.changed == 0, second
+
+
+def test_check_mode_tells_the_truth_and_changes_nothing(deployed, kube_api):
+    values = copy.deepcopy(deployed["values"])
+    values["backup"]["schedule"]["postgres"] = "15 1 * * *"
+    preview = run_site(values, deployed["tmp"], env=deployed["env"], args=("--check", "--diff"))
+    assert preview.returncode == 0, preview
+    assert preview.changed >= 1, preview
+    assert "15 1 * * *" in preview.output  # the diff shows the new schedule
+    assert _cronjobs(kube_api, deployed["namespace"])["postgres-backup"].spec.schedule == "0 2 * * *"
+    applied = run_site(values, deployed["tmp"], env=deployed["env"])
+    assert applied.returncode == 0 and applied.changed >= 1, applied
+    assert _cronjobs(kube_api, deployed["namespace"])["postgres-backup"].spec.schedule == "15 1 * * *"
+
+
+def _can_i(kube_cluster, namespace, service_account, verb, resource, in_namespace):
+    result = kube_cluster.kubectl("auth", "can-i", verb, resource, "-n", in_namespace,
+                                  "--as", "system:serviceaccount:%s:%s" % (namespace, service_account), check=False)
+    return result.stdout.strip() == "yes"
+
+
+def test_least_privilege_rbac(deployed, kube_cluster):
+    namespace = deployed["namespace"]
+    velero = namespace + "-velero"
+    assert _can_i(kube_cluster, namespace, "k8s-resources-backup", "list", "configmaps", namespace)
+    assert _can_i(kube_cluster, namespace, "k8s-resources-backup", "get", "secrets", namespace)
+    assert not _can_i(kube_cluster, namespace, "k8s-resources-backup", "delete", "configmaps", namespace)
+    assert not _can_i(kube_cluster, namespace, "k8s-resources-backup", "list", "configmaps", "default")
+    assert not _can_i(kube_cluster, namespace, "k8s-resources-backup", "create", "backups.velero.io", velero)
+    assert _can_i(kube_cluster, namespace, "biometrics-data-backup", "create", "backups.velero.io", velero)
+    assert not _can_i(kube_cluster, namespace, "biometrics-data-backup", "delete", "backups.velero.io", velero)
+    assert not _can_i(kube_cluster, namespace, "postgres-backup", "list", "configmaps", namespace)
+
+
+def test_job_pods_are_admitted_under_pod_security_restricted(deployed, kube_cluster, kube_api):
+    """Pods built from every CronJob's template pass the namespace's 'restricted' admission."""
+    namespace = deployed["namespace"]
+    core = kubernetes.client.CoreV1Api(kube_api)
+    api = kubernetes.client.ApiClient()
+    for name, cronjob in _cronjobs(kube_api, namespace).items():
+        template = cronjob.spec.job_template.spec.template
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name + "-admission", "namespace": namespace},
+               "spec": api.sanitize_for_serialization(template.spec)}
+        result = kube_cluster.kubectl("create", "--dry-run=server", "-f", "-", input_text=json.dumps(pod), check=False)
+        assert result.returncode == 0, (name, result.stderr)
+    # The control: the same admission refuses a root pod, so the check above can fail.
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root", "namespace": namespace},
+           "spec": {"containers": [{"name": "c", "image": "busybox", "securityContext": {"privileged": True}}]}}
+    refused = kube_cluster.kubectl("create", "--dry-run=server", "-f", "-", input_text=json.dumps(bad), check=False)
+    assert refused.returncode != 0 and "restricted" in refused.stderr
+
+
+def test_a_job_removed_from_the_values_is_removed_with_its_rbac(deployed, kube_api):
+    namespace = deployed["namespace"]
+    values = copy.deepcopy(deployed["values"])
+    del values["redis"]
+    values["backup"]["resources"] = {"enabled": False}
+    run = run_site(values, deployed["tmp"], env=deployed["env"])
+    assert run.returncode == 0, run
+    cronjobs = _cronjobs(kube_api, namespace)
+    assert "redis-backup" not in cronjobs and "redis-backup-drill" not in cronjobs
+    assert "k8s-resources-backup" not in cronjobs and "postgres-backup" in cronjobs
+    core = kubernetes.client.CoreV1Api(kube_api)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
+    assert "redis-backup" not in {s.metadata.name for s in core.list_namespaced_service_account(namespace).items}
+    assert "redis-backup-config" not in {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}
+    assert "k8s-resources-backup" not in {r.metadata.name for r in rbac.list_namespaced_role(namespace).items}
+
+
+def test_no_secret_in_ansible_output(kube_cluster, make_kube_namespace, tmp_path):
+    namespace = make_kube_namespace("roles-s3")
+    # Storage and one job are enough to see what Ansible prints about the credentials.
+    values = seed_values(namespace=namespace, redis=None, data=None, **{"backup.git": None, "backup.pvc": None})
+    values["backup"]["encryption"]["enabled"] = False
+    values["backup"]["resources"] = {"enabled": False}
+    values["backup"]["recoveryTest"] = {"enabled": False}
+    secret = "s3-secret-value-that-must-not-leak"
+    run = run_site(values, tmp_path, env=kube_cluster.env, args=("-vvv",),
+                   extra_vars={"storage_s3_access_key": "AKIAEXAMPLEKEY", "storage_s3_secret_key": secret})
+    assert run.returncode == 0, run
+    assert secret not in run.output
+    stored = subprocess.run([kube_cluster.kubectl_bin, "--kubeconfig", kube_cluster.kubeconfig, "-n", namespace,
+                             "get", "secret", "backup-s3-credentials", "-o", "jsonpath={.data.secret_key}"],
+                            capture_output=True, text=True, check=True)
+    assert stored.stdout  # the credentials reached the Secret, only there
