@@ -242,6 +242,8 @@ def test_drill_options_and_target_override(tmp_path, monkeypatch):
 def test_unknown_kind_lists_the_known_ones():
     with pytest.raises(ConfigError) as caught:
         kinds.source_class("oracle")
-    for kind in ("config_git", "directory_sync", "files", "postgres", "redis"):
+    for kind in ("config_git", "directory_sync", "files", "k8s_resources", "postgres", "redis", "velero"):
         assert kind in str(caught.value)
-    assert sorted(kinds.TARGETS) == ["config_git", "directory_sync", "files", "postgres", "redis"]
+    assert sorted(kinds.TARGETS) == ["config_git", "directory_sync", "files", "k8s_resources", "postgres", "redis"]
+    with pytest.raises(ConfigError, match="cannot be restored by this collection"):
+        kinds.target_class("velero")
