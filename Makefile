@@ -95,7 +95,7 @@ sanity: venv ## ansible-test sanity on a copy under build/sanity (no ignore file
 	cd $(SANITY_COPY) && ansible-test sanity --color no --python $(SANITY_PYTHON) --requirements $(SANITY_ARGS)
 
 lint: venv collections ## ansible-lint, production profile
-	ansible-lint --offline --profile production
+	ansible-lint --offline --profile production $(if $(filter true,$(CI)),--nocolor)
 
 changelog-lint: venv ## antsibull-changelog lint (fragments and changelog.yaml)
 	antsibull-changelog lint
