@@ -96,7 +96,7 @@ def test_age_identity_file_and_stock_decompressor(tmp_path, keyfile, algorithm, 
     out = str(tmp_path / "restored")
     commands = [["age", "-d", "-i", str(keyfile[0])]] + ([decompress] if decompress else [])
     statuses = run_pipeline(commands, src, out)
-    assert all(rc == 0 for rc, _ in statuses), statuses
+    assert all(rc == 0 for rc, dummy in statuses), statuses
     assert sha_file(out) == hashlib.sha256(data).hexdigest()
 
 
@@ -124,7 +124,7 @@ def age_decrypt_with_passphrase_on_a_tty(envelope_path, output_path, passphrase,
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
+            ready, dummy_w, dummy_x = select.select([fd], [], [], 0.5)
             if not ready:
                 continue
             try:
@@ -137,7 +137,7 @@ def age_decrypt_with_passphrase_on_a_tty(envelope_path, output_path, passphrase,
             if not typed and b"passphrase" in transcript.lower():
                 os.write(fd, passphrase.encode() + b"\r")
                 typed = True
-        _, status = os.waitpid(pid, 0)
+        dummy, status = os.waitpid(pid, 0)
     finally:
         os.close(fd)
     return os.waitstatus_to_exitcode(status), transcript.decode(errors="replace"), typed
@@ -175,7 +175,7 @@ def test_passphrase_backup_opens_with_stock_age_at_a_terminal(tmp_path):
     assert open(identity_path, encoding="ascii").read().startswith("AGE-SECRET-KEY-1")
     statuses = run_pipeline([["age", "-d", "-i", identity_path], ["zstd", "-d", "-c", "-q"]],
                             str(backup_dir / "data.tar.zst.age"), str(tmp_path / "out"))
-    assert all(rc == 0 for rc, _ in statuses), statuses
+    assert all(rc == 0 for rc, dummy in statuses), statuses
     assert sha_file(str(tmp_path / "out")) == hashlib.sha256(data).hexdigest()
     # And the wrong passphrase is refused by stock age as well.
     rc, transcript, typed = age_decrypt_with_passphrase_on_a_tty(str(backup_dir / "key.age"), str(tmp_path / "nope"),
@@ -211,7 +211,7 @@ def test_the_engine_reads_what_the_stock_pipeline_wrote(tmp_path, keyfile, compr
     os.makedirs(str(tmp_path / "store" / "j" / "b"))
     target = stored_path(tmp_path, "j/b/p")
     statuses = run_pipeline([compress, ["age", "-r", keyfile[1]]], str(raw), target)
-    assert all(rc == 0 for rc, _ in statuses), statuses
+    assert all(rc == 0 for rc, dummy in statuses), statuses
     storage = FilesystemStorage(str(tmp_path / "store"))
     expected = {"name": "p", "size": os.path.getsize(target), "sha256": sha_file(target)}
     identities = codecs.parse_identities(open(str(keyfile[0]), encoding="ascii").read())

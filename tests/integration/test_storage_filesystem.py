@@ -75,7 +75,7 @@ class GeneratedFiles(Source):
 
 
 def files_on_disk(root):
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, dummy, fs in os.walk(root) for f in fs)
 
 
 # -- atomic publication --------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_disk_full_fails_clearly_and_leaves_nothing():
         # Small writes that only fail when flushed at commit are reported the same way.
         filler = storage.open_writer("full/filler")
         with pytest.raises(StorageError, match="disk full"):
-            for _ in range(8):
+            for dummy in range(8):
                 filler.write(os.urandom(MiB))
             filler.commit()
         assert files_on_disk(point) == []

@@ -148,7 +148,7 @@ def test_encrypted_compressed_stream_round_trip(s3_server, storage):
 
 def test_abort_leaves_no_object_and_no_pending_upload(s3_server, storage, options):
     writer = storage.open_writer("j/b/data")
-    for _ in range(3):
+    for dummy in range(3):
         writer.write(os.urandom(4 * MiB))  # two parts sent, one buffered
     assert pending_uploads(s3_server, options["prefix"])  # the upload really started
     writer.abort()
@@ -517,7 +517,7 @@ class CuttingProxy:
     def _accept(self):
         while True:
             try:
-                client, _ = self.listener.accept()
+                client, dummy = self.listener.accept()
             except OSError:
                 return
             server = self._socket.create_connection(self.target)

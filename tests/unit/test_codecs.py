@@ -310,7 +310,7 @@ def test_passphrase_envelope_never_leaks_the_identity_into_public_info(passphras
 
 
 def test_parse_identities_reads_age_keygen_files(keypair):
-    identity, _ = keypair
+    identity, dummy = keypair
     text = "# created: 2024-01-15\n# public key: age1...\n%s\n" % identity
     parsed = codecs.parse_identities(text)
     assert [str(i) for i in parsed] == [str(identity)]

@@ -300,12 +300,12 @@ def test_compression_and_encryption_run_in_separate_overlapping_stages(tmp_path,
     source.read = read
     encryption = codecs.encryption_settings({"recipients": [str(identity.to_public())]})
     store_stream(source, storage, "j/b/p", codecs.compression_settings({"algorithm": "none"}), encryption)
-    readers = {name for kind, name, _ in events if kind == "read"}
-    storers = {name for kind, name, _ in events if kind == "store"}
+    readers = {name for kind, name, dummy in events if kind == "read"}
+    storers = {name for kind, name, dummy in events if kind == "store"}
     # The source is read (and compressed) in the 'compress' thread, age encrypts and stores
     # in the caller's thread: two stages.
     assert readers == {"compress"} and storers == {threading.current_thread().name}
-    kinds = [kind for kind, _, _ in events]
+    kinds = [kind for kind, dummy_name, dummy_size in events]
     first_store, last_read = kinds.index("store"), len(kinds) - 1 - kinds[::-1].index("read")
     # Streaming, not staging: bytes reach storage long before the source is exhausted, and
     # reads and stores interleave all the way through.
@@ -432,7 +432,7 @@ def test_producer_stream_close_unblocks_a_producer_when_the_consumer_gives_up():
 
     def produce(out):
         try:
-            for _ in range(1000):
+            for dummy in range(1000):
                 out.write(b"z" * MiB)  # far more than a pipe holds
         finally:
             finished.set()

@@ -72,7 +72,7 @@ def test_backup_id_uses_utc_even_for_other_offsets():
 
 def test_backup_ids_started_at_the_same_instant_still_differ():
     moment = timeutil.utc_now()
-    ids = [new_backup_id(moment) for _ in range(200)]
+    ids = [new_backup_id(moment) for dummy in range(200)]
     assert all(is_backup_id(i) for i in ids)
     # 16 random bits within one 1/256 s: ~0.3 collisions expected among 200 draws.
     assert len(set(ids)) >= 190
