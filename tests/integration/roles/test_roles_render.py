@@ -117,12 +117,13 @@ def test_only_api_jobs_get_a_token_and_a_role(rendered):
 
 
 def test_only_drills_mount_the_decryption_identity(rendered):
+    # ... and the incremental file job, which must read its parent's encrypted file index.
     for (kind, _, name), manifest in rendered["manifests"].items():
         if kind != "CronJob":
             continue
         volumes = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
         items = [item["key"] for v in volumes if "secret" in v for item in v["secret"].get("items", [])]
-        assert ("identity" in items) is name.endswith("-drill"), name
+        assert ("identity" in items) is (name.endswith("-drill") or name == "incremental-backup"), name
 
 
 @pytest.mark.parametrize("backend,extra,expect", [
