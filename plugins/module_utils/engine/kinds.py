@@ -14,15 +14,12 @@ from .sources.config_git import ConfigGitSource
 from .sources.directory_sync import DirectorySyncSource
 from .sources.files import FilesSource
 from .sources.k8s_resources import K8sResourcesSource
-from .sources.k8s_resources import K8sResourcesSource
 from .sources.postgres import PostgresSource
 from .sources.redis import RedisSource
-from .sources.velero import VeleroSource
 from .sources.velero import VeleroSource
 from .targets.config_git import ConfigGitTarget
 from .targets.directory_sync import DirectorySyncTarget
 from .targets.files import FilesTarget
-from .targets.k8s_resources import K8sResourcesTarget
 from .targets.k8s_resources import K8sResourcesTarget
 from .targets.postgres import PostgresTarget
 from .targets.redis import RedisTarget
