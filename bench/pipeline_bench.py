@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: contributors to biometrics.backup
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Throughput and memory of the engine's store pipeline against the stock-tool pipelines.
@@ -164,7 +163,7 @@ def read_limit(input_path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--size", default="1G", help="input size (default 1G; K/M/G suffixes)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best of each case is kept")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma list of: %s" % ", ".join(CASES))

@@ -20,7 +20,6 @@ import pyrage
 import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun, open_payload
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (

@@ -107,7 +107,7 @@ class Catalog:
             manifest = self._cached_manifest(entry, manifest_info, key)
             if manifest is None:
                 try:
-                    manifest, _ = self._load_json(key, lambda raw, k=key: mf.loads(raw, k))
+                    manifest, dummy = self._load_json(key, lambda raw, k=key: mf.loads(raw, k))
                 except IntegrityError as exc:
                     self.junk.append({"key": key, "reason": str(exc)})
                     continue
@@ -123,7 +123,7 @@ class Catalog:
             elif verification is None or entry.get("verification_size") != ver_info.size:
                 vkey = mf.object_key(job, backup_id, mf.VERIFICATION_NAME)
                 try:
-                    verification, _ = self._load_json(vkey, lambda raw: json.loads(raw.decode("utf-8")))
+                    verification, dummy = self._load_json(vkey, lambda raw: json.loads(raw.decode("utf-8")))
                 except (ValueError, UnicodeDecodeError):
                     self.junk.append({"key": vkey, "reason": "unreadable verification record"})
                     verification = None
