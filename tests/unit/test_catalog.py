@@ -330,6 +330,8 @@ def test_damaged_index_is_ignored_then_repaired(storage, damage):
     counting = CountingStorage(storage)
     found = Catalog(counting).scan("j")
     assert ids(found) == ids(reversed(made))
+    if damage == "deleted":  # the LIST shows there is none: no GET for it
+        assert ("get", "j/index.json") not in counting.calls
     if damage == "cached manifest stale":
         assert found[-1]["stats"] == {"files": 12345}
     assert counting.count("list") == 1 and counting.count("put") == 1  # repaired once

@@ -61,10 +61,12 @@ class Catalog:
         self.orphans = []
         objects = self.storage.list("%s/" % job if job else "")
         by_job = {}
+        indexed = set()
         for info in objects:
             parts = info.key.split("/")
             if len(parts) == 2 and parts[1] == INDEX_NAME:
                 by_job.setdefault(parts[0], {})
+                indexed.add(parts[0])
                 continue
             if len(parts) < 3 or not is_backup_id(parts[1]):
                 if "/.tmp-" not in info.key and ".tmp-" not in parts[-1]:
@@ -73,7 +75,7 @@ class Catalog:
             by_job.setdefault(parts[0], {}).setdefault(parts[1], []).append(info)
         backups = []
         for job_name, dirs in sorted(by_job.items()):
-            backups.extend(self._scan_job(job_name, dirs, with_orphans))
+            backups.extend(self._scan_job(job_name, dirs, with_orphans, job_name in indexed))
         # Parsed times, not strings: '...05Z' and '...05+00:00' are the same instant. Ids
         # break ties within one second (they sort in start order, see timeutil.new_backup_id).
         backups.sort(key=lambda m: (parse_iso(m["started_at"]), m["id"]), reverse=True)
@@ -89,8 +91,9 @@ class Catalog:
         except IntegrityError:
             return None  # a damaged or foreign index entry: read the manifest itself
 
-    def _scan_job(self, job, dirs, with_orphans):
-        index = self._read_index(job) if dirs else {}
+    def _scan_job(self, job, dirs, with_orphans, indexed=True):
+        # No GET for an index the LIST did not show (a new job, or a lost index).
+        index = self._read_index(job) if dirs and indexed else {}
         found = []
         fresh = {}  # what the index should hold after this scan
         for backup_id, infos in sorted(dirs.items()):
