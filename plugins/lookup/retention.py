@@ -9,7 +9,7 @@ __metaclass__ = type
 
 DOCUMENTATION = r"""
 name: retention
-author: biometrics.backup maintainers
+author: biometrics.backup contributors (@biometrics)
 version_added: "0.1.0"
 short_description: Compute which backups a retention policy keeps and which it prunes
 description:
@@ -29,8 +29,9 @@ options:
     description:
       - The backups, usually one list given as the only term; several terms are flattened one level.
       - Each backup is an ISO-8601 timestamp string, or a dictionary with a C(timestamp) key and
-        optionally C(id), C(status) and C(verified). Timestamps without a UTC offset are taken as UTC.
-      - Backups are named in RV(_raw.reasons) by their C(id), or by their timestamp as written when
+        optionally C(id); other keys are returned unchanged and not looked at. Timestamps without a
+        UTC offset are taken as UTC.
+      - Backups are named in the result's C(reasons) by their C(id), or by their timestamp as written when
         they have no C(id); these names must be unique.
     type: list
     elements: raw
@@ -78,7 +79,7 @@ options:
     default: UTC
 notes:
   - C(-1) means unlimited with both semantics. restic 0.14 itself ignores a rule set to C(-1);
-    this lookup uses the meaning restic gives it from 0.15 on.
+    this lookup uses the meaning later restic releases give it.
   - C(keep_within) is measured from the newest backup with both semantics (borg 1.2 measures it from
     the current time, which keeps nothing once backups stop).
 seealso:
@@ -128,8 +129,9 @@ _raw:
       elements: raw
     reasons:
       description:
-        - For each kept backup (by C(id), else timestamp as written) the rules that keep it, such as
-          C(daily #3), C(weekly #1), C(within 7d) or C(yearly #2 (oldest, rule not filled)).
+        - 'For each kept backup (by C(id), else timestamp as written) the rules that keep it, such as
+          C(daily #3), C(weekly #1) or C(within 7d). With O(semantics=borg), the oldest backup kept because a
+          rule ran out says so, for example C(yearly #2 \(oldest, rule not filled\)).'
         - With O(semantics=borg) each backup has exactly one reason; with O(semantics=restic) it may have several.
       type: dict
 """

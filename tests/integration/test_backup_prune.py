@@ -15,8 +15,6 @@ import io
 import os
 import uuid
 
-import pytest
-
 from modules_helpers import ansible_playbook
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import backup as backup_module
@@ -187,7 +185,7 @@ def test_prune_on_a_filesystem_location(tmp_path, monkeypatch):
     remaining = Catalog(storage).scan(JOB)
     assert sorted(m["id"] for m in remaining) == sorted(keep)
     for backup_id in pruned:
-        assert not any(key.startswith("%s/%s/" % (JOB, backup_id)) for key, _ in listing(storage))
+        assert not any(key.startswith("%s/%s/" % (JOB, backup_id)) for key, _size in listing(storage))
     assert not os.path.exists(old_path) and not os.path.exists(tmp_leftover)
     assert storage.exists(mf.object_key(JOB, fresh_orphan, "payload.tar.gz"))
     assert os.path.exists(tmp_path / "store" / JOB / "README")
@@ -271,7 +269,7 @@ def test_prune_on_s3(tmp_path, monkeypatch, s3_server):
     assert sorted(results["prune"]["deleted"]) == sorted(e["id"] for e in preview["prune"])
     remaining = sorted(m["id"] for m in Catalog(storage).scan(JOB))
     assert remaining == sorted(e["id"] for e in preview["keep"])
-    keys = [key for key, _ in listing(storage)]
+    keys = [key for key, _size in listing(storage)]
     assert not any(key.startswith("%s/%s/" % (JOB, interrupted)) for key in keys)
     for backup_id in results["prune"]["deleted"]:
         assert not any(key.startswith("%s/%s/" % (JOB, backup_id)) for key in keys)

@@ -100,7 +100,7 @@ def _episode(rng, start, days, per_day):
     a day at irregular times (sometimes none on a day)."""
     walls = []
     for day in range(days):
-        for _ in range(rng.choice([0, 1, 1, 2]) if per_day <= 1 else rng.randrange(per_day + 1)):
+        for _backup in range(rng.choice([0, 1, 1, 2]) if per_day <= 1 else rng.randrange(per_day + 1)):
             walls.append(start + datetime.timedelta(days=day, seconds=rng.randrange(86400)))
     return walls
 
@@ -115,7 +115,7 @@ def pool_moments(rng, zone, size):
     walls += _episode(rng, datetime.datetime(2020, 12, 24), 18, 2)     # W52, W53 (to 3 Jan), W01
     walls += _episode(rng, datetime.datetime(2024, 12, 27), 10, 2)     # 2024-W52, 2025-W01 starts 30 Dec
     walls += _episode(rng, datetime.datetime(2024, 2, 26), 6, 2)       # leap day
-    for _ in range(3):                                                 # month ends
+    for _episode_number in range(3):                                   # month ends
         year, month = rng.choice(YEARS), rng.randrange(1, 13)
         first = datetime.datetime(year + (month == 12), month % 12 + 1, 1)
         walls += _episode(rng, first - datetime.timedelta(days=2), 4, 2)
@@ -123,10 +123,10 @@ def pool_moments(rng, zone, size):
     for change in changes:                                             # around each DST change
         for minutes in sorted(rng.sample(range(-180, 180, 7), 5)):
             walls.append((change + datetime.timedelta(minutes=minutes)).astimezone(tz).replace(tzinfo=None))
-    for _ in range(3):                                                 # bursts in one hour
+    for _burst in range(3):                                            # bursts in one hour
         base = datetime.datetime(rng.choice(YEARS), rng.randrange(1, 13), rng.randrange(1, 29),
                                  rng.randrange(24), rng.randrange(60))
-        walls += [base + datetime.timedelta(seconds=rng.randrange(600)) for _ in range(3)]
+        walls += [base + datetime.timedelta(seconds=rng.randrange(600)) for _member in range(3)]
     walls = [w.replace(microsecond=0) for w in walls]
     instants = {w.replace(tzinfo=tz).astimezone(UTC) for w in walls}
     quiet_year = rng.choice([2019, 2021, 2022, 2023])
@@ -142,7 +142,7 @@ def choose_histories(rng, count, pool_size):
     """``count`` random subsets (indexes into the pool): nearly all of it, a thin sample,
     or a contiguous stretch."""
     histories = []
-    for _ in range(count):
+    for _history in range(count):
         style = rng.choice(["dense", "sparse", "window", "window"])
         indexes = list(range(pool_size))
         if style == "window":
@@ -288,7 +288,7 @@ class ResticPool:
 
     def run(self, *args):
         done = subprocess.run([self.restic, "--no-cache"] + list(args), env=self.env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, "restic %s failed: %s" % (" ".join(args), done.stderr)
         return done.stdout
 
@@ -329,7 +329,7 @@ def test_restic_forget_matches_the_engine(restic_pool, number):
     backups = restic_pool.history(number)
     assert backups, "history %d is empty" % number
     rng = random.Random("%d-restic-policy-%s-%d" % (SEED, restic_pool.zone, number))
-    for _ in range(POLICIES_PER_HISTORY):
+    for _policy in range(POLICIES_PER_HISTORY):
         options, flags = random_policy(rng, "restic", backups, restic_pool.zone, datetime.datetime.now(UTC))
         tool, removed = restic_pool.forget(number, flags)
         mine = engine_view(backups, options, "restic", restic_pool.zone)
@@ -393,12 +393,12 @@ class BorgPool:
                 self.run("create", "--timestamp", timestamp, archive, path)
             return
         done = subprocess.run([interpreter, "-c", BORG_CREATE_MANY], input=json.dumps(archives), env=self.env,
-                              capture_output=True, text=True, timeout=1200)
+                              capture_output=True, text=True, timeout=1200, check=False)
         assert done.returncode == 0, "borg create (in one process) failed: %s" % done.stderr
 
     def run(self, *args, zone="UTC"):
         done = subprocess.run([self.borg] + list(args), env=dict(self.env, TZ=zone),
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, "borg %s failed: %s" % (" ".join(args), done.stderr)
         return done.stdout + done.stderr
 
@@ -438,7 +438,7 @@ def test_borg_prune_matches_the_engine(borg_pool, zone, number):
     backups = borg_pool.history(number)
     assert backups, "history %d is empty" % number
     rng = random.Random("%d-borg-policy-%s-%d" % (SEED, zone, number))
-    for _ in range(POLICIES_PER_HISTORY):
+    for _policy in range(POLICIES_PER_HISTORY):
         before = datetime.datetime.now(UTC)
         options, flags = random_policy(rng, "borg", backups, zone, before)
         tool, pruned = borg_pool.prune(number, flags, zone)

@@ -311,8 +311,8 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         "dry_run": bool(dry_run),
         "keep": decided["keep"],
         "prune": decided["prune"],
-        "orphans": [_orphan_report(e, "would remove" if dry_run else "removed") for e in orphans_remove]
-                   + [_orphan_report(e, "kept (within grace)") for e in orphans_wait],
+        "orphans": ([_orphan_report(e, "would remove" if dry_run else "removed") for e in orphans_remove]
+                    + [_orphan_report(e, "kept (within grace)") for e in orphans_wait]),
         "junk": list(catalog.junk),
         "deleted": [],
     }
