@@ -334,4 +334,3 @@ def test_schema_validation_rejects_a_wrong_definition():
         require_or_skip("ansible-builder is not installed (requirements-test.txt)")
     with pytest.raises(DefinitionError):
         validate_schema({"version": 3, "dependencies": {"pyhton": "requirements.txt"}})
-

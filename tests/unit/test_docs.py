@@ -52,7 +52,7 @@ def _links(path):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_every_relative_link_and_anchor_resolves(page):
     for target in _links(page):
-        path_part, _, anchor = target.partition("#")
+        path_part, anchor = (target.split("#", 1) + [""])[:2]
         resolved = (page.parent / path_part).resolve() if path_part else page
         assert resolved.exists(), "%s links to %s, which does not exist" % (page.name, target)
         assert str(resolved).startswith(str(REPO_ROOT)), target
@@ -120,11 +120,11 @@ def test_migration_page_names_every_values_key_the_deploy_role_reads():
     template = (REPO_ROOT / "roles" / "deploy" / "templates" / "settings.yml.j2").read_text()
     aliases = {"v": ""}
     for alias, source in re.findall(r"\{% set (\w+) = ([\w.]+) \| default\(\{\}\) %\}", template):
-        first, _, rest = source.partition(".")
+        first, rest = (source.split(".", 1) + [""])[:2]
         aliases[alias] = aliases[first] + rest + "."
 
     def expand(dotted):
-        first, _, rest = dotted.partition(".")
+        first, rest = (dotted.split(".", 1) + [""])[:2]
         return aliases[first] + rest
 
     pattern = r"\b(%s)\.([A-Za-z]\w*(?:\.[A-Za-z]\w*)*)" % "|".join(sorted(aliases, key=len, reverse=True))

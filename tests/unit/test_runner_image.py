@@ -191,7 +191,7 @@ def test_bindep_lists_every_engine_tool_for_debian_and_it_is_all_installed_here(
     closure = set(listed.stdout.split())
     assert "postgresql-client" in closure and "redis-tools" in closure
     frontier = set(closure)
-    for _ in range(3):
+    for depth in range(3):
         frontier = set().union(*(_depends(package) for package in frontier)) - closure
         closure |= frontier
     for tool in sorted(engine_tools() | {"age", "zstd"}):
