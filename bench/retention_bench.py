@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Retention benchmark: the engine against ``restic forget --dry-run`` and
 ``borg prune --dry-run`` on the same history, in the same run, ratios printed.
@@ -58,7 +57,7 @@ def history(size, seed=7, hours=(12, 36)):
     """``size`` distinct second-resolution instants, newest at END, ``hours`` apart."""
     rng = random.Random(seed)
     moments, moment = [], END
-    for _ in range(size):
+    for _number in range(size):
         moments.append(moment)
         moment -= datetime.timedelta(seconds=rng.randrange(hours[0] * 3600, hours[1] * 3600))
     return sorted(moments)
@@ -72,7 +71,7 @@ def median_time(function, repeat):
     """Median wall seconds and median CPU seconds (this process plus its children) of a call.
     CPU time is the steadier figure on a shared machine; both are printed."""
     walls, cpus = [], []
-    for _ in range(repeat):
+    for _run in range(repeat):
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = time.process_time()
         start = time.perf_counter()
@@ -220,7 +219,7 @@ def engine_big(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--size", type=int, default=int(os.environ.get("RETENTION_BENCH_SIZE", "1000")),
                         help="backups in the restic/borg repositories (default 1000)")
     parser.add_argument("--big", type=int, default=100000, help="backups for the engine-only part")
