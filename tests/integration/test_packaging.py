@@ -424,6 +424,24 @@ def test_installed_awx_playbooks_back_up_drill_and_prune(package, data_tree, age
     assert "Recovery drill failed for records" in failed.stdout
 
 
+def test_getting_started_try_block_runs_against_the_install(package):
+    """docs/getting-started.md's first look at the engine, run as written (with /tmp made private)."""
+    text = (REPO_ROOT / "docs" / "getting-started.md").read_text()
+    block = re.search(r"To see the engine work.*?```sh\n(.*?)```", text, re.S).group(1)
+    private = package["work"] / "try"
+    home = private / "home"
+    (home / ".ansible").mkdir(parents=True)
+    (home / ".ansible" / "collections").symlink_to(package["collections"])
+    script = block.replace("/tmp/", "%s/" % private)
+    proc = _run(["bash", "-e", "-c", script],
+                env=dict(package["env"], HOME=str(home)), cwd=package["work"])
+    listed = proc.stdout.split()
+    assert "manifest.json" in listed and "files.tar.zst.age" in listed
+    # tar -t | head: the first entries of the archive are the installed docs pages.
+    pages = {path.name for path in (package["installed"] / "docs").glob("*.md")}
+    assert len([name for name in listed if name.lstrip("./") in pages]) >= 3, listed
+
+
 # -- execution environment ---------------------------------------------------------------------
 
 def _ansible_builder():
