@@ -366,7 +366,10 @@ S3_MEMORY_PROBE = textwrap.dedent("""
     storage = open_storage(json.loads(sys.argv[1]))
     result = store_stream(Source(), storage, "mem/p", codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})
     storage.delete("mem/p")
-    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "size": result["size"]}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec (pytest's peak would show).
+    with open("/proc/self/status") as status:
+        hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"maxrss_kib": hwm, "size": result["size"]}))
 """)
 
 
