@@ -107,7 +107,7 @@ unit: venv collections ## pytest tests/unit
 	python -m pytest $(call pytest_paths,tests/unit) $(PYTEST_ARGS)
 
 integration: venv collections ## pytest tests/integration (real servers started by the fixtures)
-	python -m pytest $(call pytest_paths,tests/integration) $(PYTEST_ARGS)
+	python -m pytest $(call pytest_paths,tests/integration) --durations=20 $(PYTEST_ARGS)
 
 ##@ run
 .PHONY: demo bench cluster-up cluster-down
