@@ -4,6 +4,7 @@ Stock-tool compatibility (``age -d``, ``zstd -d``, ``gzip -d``) is proven in
 tests/integration/test_pipeline_stock_tools.py.
 """
 
+import gzip
 import io
 import os
 import zlib
@@ -158,6 +159,21 @@ def test_truncated_gzip_is_an_error_not_short_data():
     blob = compress(mixed_data(1 << 20), codecs.compression_settings({"algorithm": "gzip"}))
     with pytest.raises(zlib.error, match="truncated"):
         decompress(blob[: len(blob) // 2], "gzip")
+
+
+def test_multi_member_gzip_is_read_whole_like_gzip_d():
+    """`cat a.gz b.gz` is a valid gzip file; reading only its first member was silent data loss."""
+    first, second = mixed_data(300000, seed=3), mixed_data(200000, seed=4)
+    blob = gzip.compress(first) + gzip.compress(second) + gzip.compress(b"")
+    for read_size in (1, 4096, 1 << 20):
+        assert decompress(blob, "gzip", read_size) == first + second
+
+
+@pytest.mark.parametrize("tail", [b"garbage!", b"\n", b"\x1f", b"\x00" * 512])
+def test_bytes_after_a_gzip_member_are_an_error(tail):
+    blob = gzip.compress(mixed_data(100000)) + tail
+    with pytest.raises(zlib.error):
+        decompress(blob, "gzip")
 
 
 def test_truncated_zstd_is_an_error_not_short_data():

@@ -111,28 +111,30 @@ def compressing_writer(sink, settings):
 
 
 class _GzipReader:
+    """Streaming gzip reader: every member of a multi-member file (as ``gzip -d`` does), and an
+    error, never short data, for a stream cut inside a member or followed by non-gzip bytes."""
+
     def __init__(self, source):
         self._source = source
         self._zlib = zlib.decompressobj(31)
-        self._eof = False
 
     def read(self, size=-1):
         size = 1 << 20 if size is None or size < 0 else size
-        while not self._eof:
-            chunk = self._zlib.decompress(self._zlib.unconsumed_tail, size) if self._zlib.unconsumed_tail else b""
-            if chunk:
-                return chunk
-            data = self._source.read(1 << 16)
-            if not data:
-                self._eof = True
-                tail = self._zlib.flush()
-                if not self._zlib.eof:
+        while True:
+            if self._zlib.eof:
+                # A member ended: what follows is another member, or nothing at all. (After
+                # the end, unused_data holds every byte past it, unconsumed_tail included.)
+                data = self._zlib.unused_data or self._source.read(1 << 16)
+                if not data:
+                    return b""
+                self._zlib = zlib.decompressobj(31)  # a non-gzip header raises below
+            else:
+                data = self._zlib.unconsumed_tail or self._source.read(1 << 16)
+                if not data:
                     raise zlib.error("gzip stream is truncated")
-                return tail
             chunk = self._zlib.decompress(data, size)
             if chunk:
                 return chunk
-        return b""
 
 
 class TruncatedStreamError(ValueError):
