@@ -48,7 +48,10 @@ class _MultipartWriter(ObjectWriter):
         self._s3 = storage
         self._key = storage.full_key(key)
         self._part_size = part_size
-        self._buffer = bytearray()
+        # Incoming writes are kept as they come (no copy) until a part is full, then joined
+        # into one bytes object that the upload thread sends as is: one copy per part.
+        self._chunks = []
+        self._buffered = 0
         self._parts = {}
         self._upload_id = None
         self._size = 0
@@ -69,7 +72,7 @@ class _MultipartWriter(ObjectWriter):
         try:
             response = self._s3.client.upload_part(
                 Bucket=self._s3.bucket, Key=self._key, UploadId=self._upload_id,
-                PartNumber=number, Body=bytes(body))
+                PartNumber=number, Body=body)
             with self._lock:
                 self._parts[number] = response["ETag"]
         except Exception as exc:  # pylint: disable=broad-except  # surfaced in write/commit
@@ -94,25 +97,35 @@ class _MultipartWriter(ObjectWriter):
         thread.start()
         self._threads.append(thread)
 
+    def _take_buffered(self):
+        data = b"".join(self._chunks)
+        self._chunks = []
+        self._buffered = 0
+        return data
+
     def write(self, data):
-        self._buffer += data
+        if not isinstance(data, bytes):
+            data = bytes(data)  # kept by reference until the part is sent: must not change
         self._size += len(data)
-        while len(self._buffer) >= self._part_size:
-            part = self._buffer[:self._part_size]
-            del self._buffer[:self._part_size]
-            self._flush_part(part)
+        view = memoryview(data)
+        while len(view):
+            piece = view[:self._part_size - self._buffered]
+            view = view[len(piece):]
+            self._chunks.append(piece)
+            self._buffered += len(piece)
+            if self._buffered == self._part_size:
+                self._flush_part(self._take_buffered())
 
     def commit(self):
         try:
             if self._upload_id is None:
                 # Small object: one PUT, no multipart overhead.
-                kwargs = dict(Bucket=self._s3.bucket, Key=self._key, Body=bytes(self._buffer))
+                kwargs = dict(Bucket=self._s3.bucket, Key=self._key, Body=self._take_buffered())
                 kwargs.update(self._s3.sse_args())
                 self._s3.client.put_object(**kwargs)
                 return self._size
-            if self._buffer:
-                self._flush_part(self._buffer)
-                self._buffer = bytearray()
+            if self._buffered:
+                self._flush_part(self._take_buffered())
             for thread in self._threads:
                 thread.join()
             if self._error is not None:
@@ -132,7 +145,8 @@ class _MultipartWriter(ObjectWriter):
     def abort(self):
         for thread in self._threads:
             thread.join()
-        self._buffer = bytearray()
+        self._chunks = []
+        self._buffered = 0
         if self._upload_id is not None:
             try:
                 self._s3.client.abort_multipart_upload(
