@@ -94,8 +94,11 @@ sanity: venv ## ansible-test sanity on a copy under build/sanity (no ignore file
 	bash hack/collection-layout.sh pip-bootstrap
 	cd $(SANITY_COPY) && ansible-test sanity --color no --python $(SANITY_PYTHON) --requirements $(SANITY_ARGS)
 
+# ansible-lint installs the collection it lints into $$HOME/.ansible/collections and keeps
+# that copy: a private, fresh HOME stops an old copy from shadowing today's plugins.
 lint: venv collections ## ansible-lint, production profile
-	ansible-lint --offline --profile production $(if $(filter true,$(CI)),--nocolor)
+	rm -rf $(BUILD)/lint-home && mkdir -p $(BUILD)/lint-home
+	HOME=$(BUILD)/lint-home ansible-lint --offline --profile production $(if $(filter true,$(CI)),--nocolor)
 
 changelog-lint: venv ## antsibull-changelog lint (fragments and changelog.yaml)
 	antsibull-changelog lint

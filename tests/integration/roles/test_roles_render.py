@@ -41,14 +41,14 @@ def test_second_render_changes_nothing(rendered):
 
 def test_every_manifest_validates_against_the_kubernetes_schema(rendered):
     assert len(rendered["manifests"]) >= 30
-    for key, manifest in rendered["manifests"].items():
-        validate_manifest(manifest, KUBERNETES_VERSION, strict=True), key
+    for manifest in rendered["manifests"].values():
+        validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
 
 
 def test_seed_schedules_and_history_limits(rendered):
-    cronjobs = {name: m for (kind, _, name), m in rendered["manifests"].items() if kind == "CronJob"}
+    cronjobs = {name: m for (kind, _namespace, name), m in rendered["manifests"].items() if kind == "CronJob"}
     assert set(SEED_CRONJOBS) <= set(cronjobs), sorted(cronjobs)
-    for name, (schedule, _) in SEED_CRONJOBS.items():
+    for name, (schedule, _kind) in SEED_CRONJOBS.items():
         spec = cronjobs[name]["spec"]
         assert spec["schedule"] == schedule, name
         assert spec["successfulJobsHistoryLimit"] == 3 and spec["failedJobsHistoryLimit"] == 3
@@ -60,7 +60,7 @@ def test_seed_schedules_and_history_limits(rendered):
 
 
 def test_pods_meet_pod_security_restricted(rendered):
-    for (kind, _, name), manifest in rendered["manifests"].items():
+    for (kind, _namespace, name), manifest in rendered["manifests"].items():
         if kind != "CronJob":
             continue
         pod = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]
@@ -76,7 +76,7 @@ def test_pods_meet_pod_security_restricted(rendered):
 
 
 def test_credentials_only_through_secret_references(rendered):
-    for (kind, _, name), manifest in rendered["manifests"].items():
+    for (kind, _namespace, name), manifest in rendered["manifests"].items():
         assert kind != "Secret", "render-only mode must not write Secrets (%s)" % name
         if kind != "CronJob":
             continue
@@ -91,7 +91,7 @@ def test_credentials_only_through_secret_references(rendered):
 
 
 def test_job_files_load_in_the_runner(rendered):
-    configs = [m for (kind, _, _), m in rendered["manifests"].items() if kind == "ConfigMap"]
+    configs = [m for (kind, _namespace, _name), m in rendered["manifests"].items() if kind == "ConfigMap"]
     assert configs
     for manifest in configs:
         config = JobConfig(yaml.safe_load(manifest["data"]["job.yaml"]))
@@ -102,7 +102,7 @@ def test_job_files_load_in_the_runner(rendered):
 
 def test_only_api_jobs_get_a_token_and_a_role(rendered):
     manifests = rendered["manifests"]
-    roles = {name: m for (kind, _, name), m in manifests.items() if kind == "Role"}
+    roles = {name: m for (kind, _namespace, name), m in manifests.items() if kind == "Role"}
     assert set(roles) == {"k8s-resources-backup", "biometrics-data-backup"}
     export_rules = roles["k8s-resources-backup"]["rules"]
     assert all(rule["verbs"] == ["get", "list"] for rule in export_rules)
@@ -110,7 +110,7 @@ def test_only_api_jobs_get_a_token_and_a_role(rendered):
     assert velero["metadata"]["namespace"] == "velero"
     assert velero["rules"] == [{"apiGroups": ["velero.io"], "resources": ["backups"],
                                 "verbs": ["create", "get", "list", "watch"]}]
-    for (kind, _, name), manifest in manifests.items():
+    for (kind, _namespace, name), manifest in manifests.items():
         if kind == "CronJob":
             pod = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]
             assert pod["automountServiceAccountToken"] is (name in roles), name
@@ -118,7 +118,7 @@ def test_only_api_jobs_get_a_token_and_a_role(rendered):
 
 def test_only_drills_mount_the_decryption_identity(rendered):
     # ... and the incremental file job, which must read its parent's encrypted file index.
-    for (kind, _, name), manifest in rendered["manifests"].items():
+    for (kind, _namespace, name), manifest in rendered["manifests"].items():
         if kind != "CronJob":
             continue
         volumes = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
@@ -135,7 +135,7 @@ def test_volume_backends(tmp_path, backend, extra, expect):
     run = run_site(values, tmp_path, {"render_dir": str(tmp_path)})
     assert run.returncode == 0, run
     manifests = load_rendered(tmp_path)
-    assert any(kind == expect[0] and name == expect[1] for kind, _, name in manifests), sorted(manifests)
+    assert any(kind == expect[0] and name == expect[1] for kind, _namespace, name in manifests), sorted(manifests)
     for manifest in manifests.values():
         validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
     config = yaml.safe_load(manifests[("ConfigMap", "biometrics", "redis-backup-config")]["data"]["job.yaml"])
