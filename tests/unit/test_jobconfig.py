@@ -247,3 +247,14 @@ def test_unknown_kind_lists_the_known_ones():
     assert sorted(kinds.TARGETS) == ["config_git", "directory_sync", "files", "k8s_resources", "postgres", "redis"]
     with pytest.raises(ConfigError, match="cannot be restored by this collection"):
         kinds.target_class("velero")
+
+
+def test_an_identity_alone_never_means_an_unencrypted_backup():
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import backup_encryption_options
+    identity = str(x25519.Identity.generate())
+    with pytest.raises(ConfigError, match="identity only decrypts"):
+        backup_encryption_options({"identity": identity})
+    # With recipients the identity is simply not needed for writing; disabled means disabled.
+    recipient = str(x25519.Identity.generate().to_public())
+    assert backup_encryption_options({"identity": identity, "recipients": [recipient]}) == {"recipients": [recipient]}
+    assert backup_encryption_options({"identity": identity, "enabled": False}) == {"enabled": False}

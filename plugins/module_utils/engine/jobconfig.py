@@ -158,6 +158,12 @@ def backup_encryption_options(options):
         result["recipients"] = recipients
     if options.get("passphrase") not in (None, ""):
         result["passphrase"] = options["passphrase"]
+    if (options.get("identity") and options.get("enabled") is not False
+            and not recipients and "passphrase" not in result):
+        # An identity alone decrypts but cannot encrypt: writing the backup in clear because
+        # the caller handed over the wrong half of the key pair must not happen silently.
+        raise ConfigError("encryption: an identity only decrypts; a backup needs recipients (or recipients_file) "
+                          "or a passphrase - refusing to write it unencrypted (set enabled: false to mean that)")
     return result
 
 
