@@ -183,19 +183,24 @@ def test_large_file_streams_in_bounded_memory(tmp_path):
         for index in range(size >> 20):
             handle.write(block[index:] + block[:index])  # distinct blocks, cheap to make
     script = textwrap.dedent("""
-        import json, resource, sys
+        import json, sys
         from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.files import FilesTarget
+        def peak_kib():
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so the child
+            # would report pytest's peak instead of its own.
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
         src, store, dest = sys.argv[1:4]
         storage = open_storage({"backend": "filesystem", "path": store})
         manifest = BackupRun("big", FilesSource({"path": src}), storage, compression={"algorithm": "zstd", "level": 1}).run()
-        after_backup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after_backup = peak_kib()
         report = rs.restore(storage, "big", FilesTarget({"path": dest}))
         print(json.dumps({"stats": manifest["stats"], "checks": report["checks"], "backup_kib": after_backup,
-                          "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                          "peak_kib": peak_kib()}))
     """)
     done = subprocess.run([sys.executable, "-c", script, str(source), str(tmp_path / "store"), str(tmp_path / "out")],
                           capture_output=True, check=False)
