@@ -87,7 +87,7 @@ build-kube: ## kube-apiserver + kube-controller-manager from source (cached unde
 
 ##@ checks
 .PHONY: test sanity lint changelog-lint unit integration
-test: deps build-kube sanity lint changelog-lint unit integration ## everything CI runs, from a fresh machine
+test: deps build-kube sanity lint changelog-lint unit integration molecule ## everything CI runs, from a fresh machine
 
 sanity: venv ## ansible-test sanity on a copy under build/sanity (no ignore files)
 	bash hack/collection-layout.sh copy
@@ -114,7 +114,7 @@ integration: venv collections ## pytest tests/integration (real servers started 
 
 ##@ run
 .PHONY: demo bench cluster-up cluster-down
-demo: venv collections ## the main backup job on embedded defaults (hack/demo.sh)
+demo: deps build-kube collections ## the main backup job on embedded defaults (hack/demo.sh), installing what is missing first
 	bash hack/demo.sh
 
 bench: venv collections ## benchmarks (bench/run.sh, else each bench/*.py)
