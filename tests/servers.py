@@ -467,7 +467,9 @@ def start_s3(base):
          "-s3.port.iceberg=0", "-s3.port.lance=0",
          "-s3.localSocket=%s" % os.path.join(attempt, "s3.sock"),
          "-s3.config=%s" % identity_file],
-        log_path, cwd=attempt,
+        # A key-encryption key for SSE-S3, so that uploads asking for server-side encryption
+        # are really encrypted at rest instead of refused (the variable weed reads it from).
+        log_path, cwd=attempt, env=dict(os.environ, WEED_S3_SSE_KEK=os.urandom(32).hex()),
         # Data is throwaway and `weed` lingers for long after SIGTERM.
         stop_signal=signal.SIGKILL, stop_timeout=5.0,
     ).start()

@@ -76,6 +76,13 @@ options:
       part_size:
         description: Multipart upload part size in bytes (at least 5 MiB).
         type: int
+      max_attempts:
+        description:
+          - Attempts per S3 request, the first one included. Between attempts the client waits
+            an exponentially growing, jittered delay; throttling, 5xx answers and broken
+            connections are retried, refusals such as a wrong key are not.
+          - Defaults to 5.
+        type: int
 """
 
     ENCRYPTION = r"""

@@ -36,6 +36,7 @@ STORAGE_OPTIONS = dict(
     server_side_encryption=dict(type="str", choices=["AES256", "aws:kms"]),
     sse_kms_key_id=dict(type="str"),
     part_size=dict(type="int"),
+    max_attempts=dict(type="int"),
 )
 
 STORAGE_SPEC = dict(type="dict", required=True, options=STORAGE_OPTIONS)

@@ -6,6 +6,9 @@ nothing is replaced).
 
 import datetime
 import hashlib
+import http.client
+import http.server
+import io
 import json
 import os
 import signal
@@ -313,8 +316,7 @@ def test_a_backup_to_a_missing_bucket_fails_before_reading_the_source(s3_server,
 
 
 def test_an_unreachable_endpoint_fails_clearly(options):
-    storage = open_storage(dict(options, endpoint_url="http://127.0.0.1:9"))
-    storage.client.meta.config.retries["max_attempts"] = 1
+    storage = open_storage(dict(options, endpoint_url="http://127.0.0.1:9", max_attempts=1))
     for call, doing in ((storage.ensure_ready, "cannot reach s3 endpoint http://127.0.0.1:9"),
                         (storage.list, "s3 error while listing"),
                         (lambda: storage.exists("j/x"), "s3 error while checking j/x")):
@@ -577,3 +579,185 @@ def test_a_download_cut_mid_body_is_a_storage_error_not_corruption(s3_server, op
         proxy.close()
     # Through the real endpoint the same object is fine: the fault was the network's.
     assert check_object(direct, "j/b/data.zst.age", dict(result, name="data.zst.age"), "zstd", [identity])["plain_bytes"] == 12 * MiB
+
+
+# -- server-side encryption and retries --------------------------------------------------------
+
+def volume_files_contain(s3_server, marker):
+    """Whether ``marker`` is stored in plain text in SeaweedFS's volume files (the bytes at rest)."""
+    for folder, _dirs, names in os.walk(os.path.join(s3_server.dir, "data")):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as handle:
+                if marker in handle.read():
+                    return True
+    return False
+
+
+def marked_payload(marker, size):
+    """Incompressible bytes with ``marker`` every 4 KiB, so it would show in any plain copy."""
+    chunk = 4096 - len(marker)
+    return b"".join(os.urandom(chunk) + marker for dummy in range(size // 4096))
+
+
+def test_server_side_encryption_is_applied_at_rest(s3_server, options):
+    """With server_side_encryption the server stores ciphertext; reads are transparent."""
+    none = codecs.compression_settings({"algorithm": "none"})
+    sse = open_storage(dict(options, server_side_encryption="AES256", part_size=5 * MiB))
+    plain = open_storage(dict(options, part_size=5 * MiB))
+    secret_marker = b"SSE-MARKER-" + uuid.uuid4().hex.encode()
+    control_marker = b"PLAIN-MARKER-" + uuid.uuid4().hex.encode()
+    written = {}
+    for key, size in (("j/b/small", 64 * 1024), ("j/b/large", 12 * MiB)):  # PutObject, multipart
+        body = marked_payload(secret_marker, size)
+        written[key] = (store_stream(io.BytesIO(body), sse, key, none, {"mode": "none"}), size)
+    store_stream(io.BytesIO(marked_payload(control_marker, 64 * 1024)), plain, "j/b/control", none, {"mode": "none"})
+
+    client = s3_server.client()
+    for key, (result, size) in written.items():
+        head = client.head_object(Bucket=s3_server.bucket, Key=options["prefix"] + "/" + key)
+        assert head["ServerSideEncryption"] == "AES256", key
+        assert check_object(sse, key, dict(result, name=key), "none")["plain_bytes"] == size
+    assert "ServerSideEncryption" not in client.head_object(Bucket=s3_server.bucket,
+                                                            Key=options["prefix"] + "/j/b/control")
+    # The control proves the probe sees plain objects; the encrypted ones must not show.
+    assert volume_files_contain(s3_server, control_marker)
+    assert not volume_files_contain(s3_server, secret_marker)
+
+
+class FaultyProxy:
+    """An HTTP relay in front of the real S3 server that fails chosen requests first.
+
+    ``fail(predicate, count, how)``: the next ``count`` requests for which ``predicate(method,
+    path)`` holds are answered ``503 SlowDown`` (``how="503"``) or have their connection closed
+    without an answer (``how="drop"``); everything else is relayed unchanged (the Host header
+    too, so the client's signatures stay valid).
+    """
+
+    def __init__(self, upstream):
+        target = upstream.split("//", 1)[1]
+        self.host, port = target.rsplit(":", 1)
+        self.port = int(port)
+        self.faults = []
+        self.log = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def relay(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                fault = proxy.take_fault(self.command, self.path)
+                proxy.log.append((self.command, self.path, fault or "relayed"))
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                if fault == "503":
+                    error = (b"<?xml version=\"1.0\"?><Error><Code>SlowDown</Code>"
+                             b"<Message>injected by the test</Message></Error>")
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                upstream_conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
+                try:
+                    upstream_conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                    answer = upstream_conn.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream_conn.close()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint_url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def fail(self, predicate, count, how="503"):
+        with self.lock:
+            self.faults.append([predicate, count, how])
+
+    def take_fault(self, method, path):
+        with self.lock:
+            for fault in self.faults:
+                if fault[1] > 0 and fault[0](method, path):
+                    fault[1] -= 1
+                    return fault[2]
+        return None
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faulty_proxy(s3_server):
+    proxy = FaultyProxy(s3_server.endpoint_url)
+    yield proxy
+    proxy.close()
+
+
+def is_put(method, path):
+    return method == "PUT" and "partNumber=" not in path
+
+
+def is_part(method, path):
+    return method == "PUT" and "partNumber=" in path
+
+
+def test_transient_failures_are_retried(s3_server, options, faulty_proxy):
+    """503 SlowDown answers and dropped connections cost retries, not the backup."""
+    none = codecs.compression_settings({"algorithm": "none"})
+    storage = open_storage(dict(options, endpoint_url=faulty_proxy.endpoint_url, part_size=5 * MiB, max_attempts=4))
+
+    faulty_proxy.fail(is_put, 2, "503")
+    small = os.urandom(100 * 1024)
+    result = store_stream(io.BytesIO(small), storage, "j/b/small", none, {"mode": "none"})
+    assert storage.get_bytes("j/b/small") == small and result["size"] == len(small)
+    assert [entry[2] for entry in faulty_proxy.log if is_put(*entry[:2])] == ["503", "503", "relayed"]
+
+    faulty_proxy.log.clear()
+    faulty_proxy.fail(is_part, 1, "503")
+    faulty_proxy.fail(is_part, 1, "drop")
+    large = os.urandom(12 * MiB)
+    result = store_stream(io.BytesIO(large), storage, "j/b/large", none, {"mode": "none"})
+    parts = [entry[2] for entry in faulty_proxy.log if is_part(*entry[:2])]
+    assert sorted(parts) == ["503", "drop", "relayed", "relayed", "relayed"], parts  # 3 parts, 2 retried
+    assert check_object(storage, "j/b/large", dict(result, name="large"), "none")["plain_bytes"] == len(large)
+    assert pending_uploads(s3_server, options["prefix"] + "/") == []
+
+
+def test_failures_beyond_max_attempts_fail_clearly_and_leave_nothing(s3_server, options, faulty_proxy):
+    none = codecs.compression_settings({"algorithm": "none"})
+    storage = open_storage(dict(options, endpoint_url=faulty_proxy.endpoint_url, part_size=5 * MiB, max_attempts=2))
+    faulty_proxy.fail(is_put, 2, "503")
+    with pytest.raises(StorageError, match="SlowDown"):
+        store_stream(io.BytesIO(os.urandom(1024)), storage, "j/b/small", none, {"mode": "none"})
+    assert [entry[2] for entry in faulty_proxy.log] == ["503", "503"]  # max_attempts counts the first
+    faulty_proxy.fail(is_part, 4, "503")  # both parts are in flight at once: enough for each
+    with pytest.raises(StorageError, match="SlowDown"):
+        store_stream(io.BytesIO(os.urandom(7 * MiB)), storage, "j/b/large", none, {"mode": "none"})
+    assert raw_keys(s3_server, options["prefix"] + "/") == []
+    assert pending_uploads(s3_server, options["prefix"] + "/") == []
+
+
+@pytest.mark.parametrize("value", [0, -1, "two", True, 1.5])
+def test_max_attempts_must_be_a_positive_whole_number(options, value):
+    with pytest.raises(ConfigError, match="max_attempts"):
+        open_storage(dict(options, max_attempts=value))

@@ -54,7 +54,7 @@ TOP_LEVEL = ("job", "kind", "source", "storage", "compression", "encryption", "r
              "description")
 STORAGE_KEYS = ("backend", "path", "bucket", "prefix", "endpoint_url", "endpoint", "region",
                 "access_key", "secret_key", "session_token", "path_style", "verify_tls",
-                "server_side_encryption", "sse_kms_key_id", "part_size")
+                "server_side_encryption", "sse_kms_key_id", "part_size", "max_attempts")
 ENCRYPTION_KEYS = ("enabled", "recipients", "recipients_file", "passphrase", "identity")
 COMPRESSION_KEYS = ("enabled", "algorithm", "level", "threads")
 METRICS_KEYS = ("pushgateway_url", "instance", "username", "password", "timeout", "textfile",

@@ -10,7 +10,7 @@ import os
 from ..config import resolve_secret_refs
 from ..errors import ConfigError
 from .filesystem import FilesystemStorage
-from .s3 import DEFAULT_PART_SIZE, S3Storage
+from .s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_PART_SIZE, S3Storage
 
 BACKENDS = ("filesystem", "s3", "nfs")
 
@@ -48,4 +48,17 @@ def open_storage(options):
         server_side_encryption=options.get("server_side_encryption"),
         sse_kms_key_id=options.get("sse_kms_key_id"),
         part_size=int(options.get("part_size") or DEFAULT_PART_SIZE),
+        max_attempts=_max_attempts(options.get("max_attempts")),
     )
+
+
+def _max_attempts(value):
+    if value is None:
+        return DEFAULT_MAX_ATTEMPTS
+    try:
+        attempts = int(value)
+    except (TypeError, ValueError):
+        attempts = 0
+    if attempts < 1 or str(value).strip() != str(attempts):
+        raise ConfigError("storage max_attempts must be a whole number of at least 1, got %r" % (value,))
+    return attempts

@@ -28,6 +28,9 @@ except ImportError:  # reported by S3Storage() so that the rest of the engine wo
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's lower bound for every part but the last
 MAX_PARTS = 10000  # S3's upper bound on the parts of one multipart upload
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
+# Attempts per request, the first included; botocore's "standard" mode backs off exponentially
+# (with jitter) between them and retries throttling, 5xx answers and broken connections.
+DEFAULT_MAX_ATTEMPTS = 5
 
 
 def _error_code(exc):
@@ -186,7 +189,7 @@ class S3Storage(Storage):
     def __init__(self, bucket, prefix="", endpoint_url=None, region=None, access_key=None,
                  secret_key=None, session_token=None, path_style=True, verify_tls=True,
                  server_side_encryption=None, sse_kms_key_id=None,
-                 part_size=DEFAULT_PART_SIZE, max_in_flight=2, max_attempts=5):
+                 part_size=DEFAULT_PART_SIZE, max_in_flight=2, max_attempts=DEFAULT_MAX_ATTEMPTS):
         if not HAS_BOTO3:
             raise MissingDependencyError("boto3", "the s3 storage backend")
         if not bucket:
@@ -203,7 +206,8 @@ class S3Storage(Storage):
         self.sse_kms_key_id = sse_kms_key_id
         config = BotoConfig(
             s3={"addressing_style": "path" if path_style else "auto"},
-            retries={"max_attempts": max_attempts, "mode": "standard"},  # exponential backoff
+            # total_max_attempts counts the first request; botocore's max_attempts would not.
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},  # exponential backoff
             max_pool_connections=max(10, max_in_flight + 4),
         )
         self.client = boto3.session.Session().client(
