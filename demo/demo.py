@@ -46,7 +46,7 @@ for _path in (COLLECTIONS_DIR, os.path.join(REPO_ROOT, "tests"), os.path.join(RE
         sys.path.insert(0, _path)
 
 import servers  # noqa: E402  pylint: disable=wrong-import-position
-from run_cronjob import LocalCronJob, api_client  # noqa: E402  pylint: disable=wrong-import-position
+from run_cronjob import LocalCronJob, api_client, create_seed_inputs  # noqa: E402  pylint: disable=wrong-import-position
 
 NAMESPACE = "biometrics-demo"
 MANAGED = "app.kubernetes.io/managed-by=biometrics.backup"
@@ -225,14 +225,7 @@ def prepare_cluster(api, s3, identity_path, config_files):
     recipient = run(["age-keygen", "-y", identity_path]).strip()
     with open(identity_path, "r", encoding="utf-8") as handle:
         identity = handle.read()
-    core.create_namespaced_secret(NAMESPACE, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="backup-encryption-key"),
-        string_data={"recipients": recipient + "\n", "identity": identity}))
-    core.create_namespaced_secret(NAMESPACE, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="backup-s3-credentials"),
-        string_data={"access_key": s3.access_key, "secret_key": s3.secret_key}))
-    core.create_namespaced_config_map(NAMESPACE, client.V1ConfigMap(
-        metadata=client.V1ObjectMeta(name="biometrics-config"), data=config_files))
+    create_seed_inputs(api, NAMESPACE, recipient, identity, s3.access_key, s3.secret_key, config_files)
     return recipient
 
 

@@ -417,6 +417,22 @@ class LocalCronJob:
         return False
 
 
+def create_seed_inputs(api, namespace, recipient, identity, access_key, secret_key, config_files):
+    """The objects the seed's values refer to but do not create: the encryption key Secret
+    (recipients and identity), the S3 credentials Secret and the application's configuration
+    ConfigMap (what the config-to-git job commits). An operator creates these before deploying."""
+    client = _kubernetes().client
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="backup-encryption-key"),
+        string_data={"recipients": recipient + "\n", "identity": identity}))
+    core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="backup-s3-credentials"),
+        string_data={"access_key": access_key, "secret_key": secret_key}))
+    core.create_namespaced_config_map(namespace, client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name="biometrics-config"), data=config_files))
+
+
 def parse_claims(values):
     claims = {}
     for value in values or []:

@@ -32,7 +32,7 @@ from .roles.playbook import REPO_ROOT, run_site, seed_values
 kubernetes = pytest.importorskip("kubernetes")
 
 sys.path.insert(0, str(REPO_ROOT / "hack"))
-from run_cronjob import ENTRYPOINT, LocalCronJob, LocalRunError  # noqa: E402  pylint: disable=wrong-import-position
+from run_cronjob import ENTRYPOINT, LocalCronJob, LocalRunError, create_seed_inputs  # noqa: E402  pylint: disable=wrong-import-position
 
 BACKUP_JOBS = ("postgres-backup", "redis-backup", "incremental-backup", "directory-sync-backup", "config-backup")
 CONFIG_FILES = {"matcher.yaml": "threshold: 0.82\n", "retention.yaml": "raw_captures_days: 90\n"}
@@ -81,14 +81,8 @@ def deployment(kube_cluster, postgres_server, redis_server, s3_server, git_remot
     database = postgres_server.create_database("cj")
     try:
         identity_file, recipient, identity_text = _age_keypair(tmp)
-        core.create_namespaced_secret(namespace, client.V1Secret(
-            metadata=client.V1ObjectMeta(name="backup-encryption-key"),
-            string_data={"recipients": recipient + "\n", "identity": identity_text}))
-        core.create_namespaced_secret(namespace, client.V1Secret(
-            metadata=client.V1ObjectMeta(name="backup-s3-credentials"),
-            string_data={"access_key": s3_server.access_key, "secret_key": s3_server.secret_key}))
-        core.create_namespaced_config_map(namespace, client.V1ConfigMap(
-            metadata=client.V1ObjectMeta(name="biometrics-config"), data=CONFIG_FILES))
+        create_seed_inputs(api, namespace, recipient, identity_text, s3_server.access_key, s3_server.secret_key,
+                           CONFIG_FILES)
         with postgres_server.connect(database.name) as conn:
             conn.execute("CREATE TABLE subjects (id int PRIMARY KEY, ref text NOT NULL)")
             conn.execute("CREATE TABLE templates (id int PRIMARY KEY, subject int REFERENCES subjects, data bytea)")
