@@ -184,7 +184,8 @@ def main():
     input_path = os.path.join(workdir, "input.dump")
     key_path = os.path.join(workdir, "identity.txt")
     try:
-        subprocess.run(["age-keygen", "-o", key_path], check=True, capture_output=True)
+        if not os.path.exists(key_path):  # a --workdir of an earlier run keeps its key
+            subprocess.run(["age-keygen", "-o", key_path], check=True, capture_output=True)
         recipient = subprocess.run(["age-keygen", "-y", key_path], check=True, capture_output=True, text=True).stdout.strip()
         started = time.monotonic()
         generate_input(input_path, size)
