@@ -33,7 +33,10 @@ attributes:
   check_mode:
     description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
-    details: Chooses and fully verifies the backup and probes the target, writes nothing.
+    details: >-
+      Chooses and fully verifies the backup, probes the target and asks it for its plan (the database it would
+      create and the renames, the Redis databases it would flush and load, the files it would write, the API
+      server's dry run of every object); writes nothing.
   diff_mode:
     description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
@@ -141,13 +144,17 @@ verification:
   returned: success
   type: dict
 checks:
-  description: The target's checks after the restore, each C(what), C(expected), C(actual), C(ok). Empty in check mode.
+  description: >-
+    The target's checks after the restore, each C(what), C(expected), C(actual), C(ok). In check mode, the checks
+    the target could make without writing (for example the files index, or the API server's dry run).
   returned: success
   type: list
   elements: dict
 restore:
-  description: The target's own report (for example created database names, swapped, key counts).
-  returned: success, not in check mode
+  description: >-
+    The target's own report (for example created database names, swapped, key counts); in check mode its plan
+    (C(would_create), C(would_rename), C(would_flush), C(would_load), C(created)/C(updated)/C(unchanged) of a dry run).
+  returned: success
   type: dict
 plan:
   description: What would be restored where.

@@ -326,6 +326,8 @@ def test_check_mode_reads_but_writes_nothing(tmp_path, storage):
     destination = tmp_path / "not-yet"
     report = rs.restore(storage, JOB, FilesTarget({"path": str(destination)}), check_mode=True)
     assert report["changed"] is False and not destination.exists()
+    assert "would restore" in report["plan"] and report["restore"]["destination"] == str(destination)
+    assert report["checks"] and all(check["ok"] for check in report["checks"])
     chain = [manifest]
     context = rs.restore_context(storage, manifest, chain, {manifest["id"]: None}, check_mode=True)
     plan = FilesTarget({"path": str(destination)}).restore(context)

@@ -338,9 +338,11 @@ def test_check_mode_writes_nothing(postgres_server, filled, storage, cleanup_dat
     before = databases(postgres_server)
     target = PostgresTarget(target_options(postgres_server, filled.name, swap=True))
     report = rs.restore(storage, JOB, target, backup=manifest["id"], check_mode=True)
-    assert report["changed"] is False and report["restore"] is None
+    assert report["changed"] is False and report["restore"]["check_mode"] is True
     assert databases(postgres_server) == before
     plan = target.restore(rs.restore_context(storage, manifest, [manifest], {}, check_mode=True))
+    # The engine's check mode carries the target's own plan.
+    assert report["restore"]["would_create"] == plan["would_create"]
     assert plan["would_create"] == "%s_restore_%s" % (filled.name, manifest["id"].lower().replace("-", "_"))
     assert plan["would_rename"][0]["from"] == filled.name
     assert plan["would_rename"][0]["to"].startswith(filled.name + "_pre_restore_")

@@ -318,10 +318,12 @@ def test_check_mode_writes_nothing(redis_clean, storage):
     manifest = backup(storage, source_options(server))
     target = RedisTarget(target_options(server, flush=True))
     report = rs.restore(storage, JOB, target, backup=manifest["id"], check_mode=True)
-    assert report["changed"] is False and report["restore"] is None
+    assert report["changed"] is False
     plan = target.restore(rs.restore_context(storage, manifest, [manifest], {}, check_mode=True))
     assert plan["would_write"] == ["db11", "db12"] and plan["would_flush"] == ["db11", "db12"]
     assert plan["would_load"] == {"db1": 309, "db2": 120}
+    # The engine's check mode carries the same plan.
+    assert report["restore"]["would_load"] == plan["would_load"] and report["restore"]["would_flush"] == plan["would_flush"]
     assert db_state(server, 11) == {} and db_state(server, 12) == {}
 
 

@@ -434,10 +434,13 @@ def test_check_mode_is_a_server_side_dry_run(kube_cluster, api, seeded, tmp_path
     assert plan["created_namespaces"] == [dest]
     assert plan["created"] == manifest["stats"]["objects"]
     assert api.get(None, "v1", "Namespace", dest) is None
-    # And the orchestrator's check mode neither calls the target for writes nor touches anything.
+    # The orchestrator's check mode runs the same server-side dry run and touches nothing.
     report = rs.restore(storage, JOB, K8sResourcesTarget(target_options(kube_cluster, namespace_map={seeded: dest})),
                         backup="latest", identity=str(identity), check_mode=True)
     assert report["changed"] is False
+    assert report["restore"]["dry_run"] is True and report["restore"]["created_namespaces"] == [dest]
+    assert report["restore"]["created"] == manifest["stats"]["objects"]
+    assert report["checks"] and all(check["ok"] for check in report["checks"])
     assert api.get(None, "v1", "Namespace", dest) is None
 
 

@@ -24,6 +24,10 @@ class Target:
     """Base class. Subclasses set ``kind`` (the source kind they restore) and implement below."""
 
     kind = None
+    # True when ``restore`` honours ``context.check_mode``: it then reads what it needs (an
+    # index, a bundle, the API server's dry run) and returns a plan without writing. Only
+    # then does the engine's check mode hand the target the verified chain.
+    plans_in_check_mode = False
 
     def __init__(self, options):
         if not isinstance(options, dict):

@@ -33,6 +33,7 @@ class ConfigGitTarget(Target):
     clone instead of plain files), ``overwrite`` (replace a non-empty destination)."""
 
     kind = "config_git"
+    plans_in_check_mode = True
     OPTIONS = ("path", "commit", "subdir", "clone", "overwrite")
 
     def __init__(self, options):

@@ -41,6 +41,7 @@ class DirectorySyncTarget(Target):
     the mirror no longer matches the sync record), ``rsync`` (binary)."""
 
     kind = "directory_sync"
+    plans_in_check_mode = True
     OPTIONS = ("path", "mirror", "overwrite", "require_record_match", "rsync")
 
     def __init__(self, options):

@@ -307,6 +307,7 @@ class FilesTarget(Target):
     ``false``), ``tmpdir`` (where the index is spooled)."""
 
     kind = "files"
+    plans_in_check_mode = True
     OPTIONS = ("path", "subpath", "overwrite", "ownership", "tmpdir")
 
     def __init__(self, options):

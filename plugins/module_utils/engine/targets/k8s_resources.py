@@ -65,6 +65,7 @@ def _comparable(obj):
 
 class K8sResourcesTarget(Target):
     kind = "k8s_resources"
+    plans_in_check_mode = True
     OPTIONS = OPTIONS
 
     def __init__(self, options):

@@ -46,6 +46,7 @@ def _id_suffix(backup_id):
 
 class PostgresTarget(Target):
     kind = "postgres"
+    plans_in_check_mode = True
     OPTIONS = CONNECTION_KEYS + ("restore_database", "maintenance_database", "swap", "drop_old", "no_owner",
                                  "no_privileges", "restore_globals", "swap_timeout")
 

@@ -136,6 +136,7 @@ class TempRedisServer:
 
 class RedisTarget(Target):
     kind = "redis"
+    plans_in_check_mode = True
     OPTIONS = CONNECTION_KEYS + ("flush", "replace", "db_map", "batch_size", "temp_dir", "redis_server",
                                  "load_timeout")
 
