@@ -133,11 +133,13 @@ cluster-down: ## stop the local control plane
 	bash hack/control-plane.sh stop
 
 .PHONY: molecule
+# `molecule reset` first: molecule remembers "prepared" under ~/.ansible/tmp and would skip
+# the prepare playbook on every later run.
 molecule: venv collections build-kube ## molecule test (default scenario) on the local control plane
 	started=0; \
 	bash hack/control-plane.sh status >/dev/null 2>&1 || { bash hack/control-plane.sh start; started=1; }; \
 	eval "$$(bash hack/control-plane.sh env)"; \
-	rc=0; molecule test || rc=$$?; \
+	rc=0; molecule reset >/dev/null && molecule test || rc=$$?; \
 	if (( started )); then bash hack/control-plane.sh stop; fi; \
 	exit $$rc
 
