@@ -399,12 +399,14 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
             # chain; it reads but writes nothing.
             plan = target.restore(restore_context(storage, manifest, chain, keys_by_id, check_mode=True,
                                                   options=target.options)) or {}
-        report.update(changed=False, restore=plan, checks=(plan or {}).get("checks") or [],
+        planned = plan or {}
+        summary = planned.get("plan")
+        report.update(changed=False, restore=plan, checks=planned.get("checks") or [],
                       plan="would restore %s backup %s%s into %s%s" % (
                           manifest["kind"], manifest["id"],
                           " (with %d earlier backups of its chain)" % (len(chain) - 1) if len(chain) > 1 else "",
                           target.describe(),
-                          ": %s" % plan["plan"] if isinstance((plan or {}).get("plan"), str) else ""))
+                          ": %s" % summary if isinstance(summary, str) else ""))
     else:
         result = restore_verified(storage, manifest, chain, keys_by_id, target)
         report.update(changed=bool(result.get("changed", True)), restore=result,
