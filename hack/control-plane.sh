@@ -216,7 +216,8 @@ pid_of() { cat "$STATE_DIR/pids/$1.pid" 2>/dev/null || true; }
 is_ours() {
   local pid="$1"
   [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$STATE_DIR/"
+  # The process may end between the test and the read: that is "not ours" too, quietly.
+  { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$STATE_DIR/"
 }
 
 spawn() { # spawn NAME CMD...: run CMD in its own session/process group, log to logs/NAME.log
@@ -224,12 +225,18 @@ spawn() { # spawn NAME CMD...: run CMD in its own session/process group, log to 
   shift
   # 9>&-: the child must not inherit our lock, or a later `stop` would wait on it forever.
   setsid "$@" >"$STATE_DIR/logs/$name.log" 2>&1 </dev/null 9>&- &
-  local pid="$!" i
+  local pid="$!" binary i
+  binary="$(readlink -f "$1")"
   echo "$pid" >"$STATE_DIR/pids/$name.pid"
-  # Until the forked shell has exec'd the command, its cmdline is still this script's and
-  # is_ours would call it dead: wait for the exec (or for it to really exit).
-  for ((i = 0; i < 100; i++)); do
-    is_ours "$pid" || ! kill -0 "$pid" 2>/dev/null && break
+  # The child execs twice (bash -> setsid -> the binary). While an exec is under way its
+  # cmdline reads empty, and with a cold page cache a 100 MB binary keeps it there for a
+  # while, so is_ours would call a starting process dead. Wait until the last exec is done:
+  # the executable is the binary and its arguments are readable (or it really exited).
+  for ((i = 0; i < 600; i++)); do
+    if [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == "$binary" ]] && is_ours "$pid"; then
+      break
+    fi
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.05
   done
 }
