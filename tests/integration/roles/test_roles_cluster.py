@@ -51,6 +51,14 @@ def test_converge_is_idempotent_and_creates_every_seed_job(deployed, kube_api):
     assert {"postgres-backup", "redis-backup", "directory-sync-backup", "config-backup", "incremental-backup",
             "k8s-resources-backup", "biometrics-data-backup", "retention-prune", "postgres-backup-drill"} <= set(cronjobs)
     assert cronjobs["postgres-backup"].spec.schedule == "0 2 * * *"
+    # The monitoring role's objects went out in the umbrella role's one batched apply.
+    namespace = deployed["namespace"]
+    custom = kubernetes.client.CustomObjectsApi(kube_api)
+    rule = custom.get_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "prometheusrules",
+                                               "biometrics-backup-alerts")
+    assert "BackupFailed" in json.dumps(rule["spec"])
+    dashboard = kubernetes.client.CoreV1Api(kube_api).read_namespaced_config_map("biometrics-backup-dashboard", namespace)
+    assert dashboard.metadata.labels.get("grafana_dashboard")
     assert deployed["first"].changed > 0
     second = run_site(deployed["values"], deployed["tmp"], env=deployed["env"])
     assert second.returncode == 0, second
