@@ -301,9 +301,9 @@ def test_compression_and_encryption_run_in_separate_overlapping_stages(tmp_path,
     store_stream(source, storage, "j/b/p", codecs.compression_settings({"algorithm": "none"}), encryption)
     readers = {name for kind, name, dummy in events if kind == "read"}
     storers = {name for kind, name, dummy in events if kind == "store"}
-    # The source is read (and compressed) in the 'compress' thread, age encrypts and stores
-    # in the caller's thread: two stages.
-    assert readers == {"compress"} and storers == {threading.current_thread().name}
+    # The source is read (and compressed) in the 'compress' thread, age encrypts in the
+    # caller's thread, and the 'store' thread hashes and stores: three stages.
+    assert readers == {"compress"} and storers == {"store"}
     kinds = [kind for kind, dummy_name, dummy_size in events]
     first_store, last_read = kinds.index("store"), len(kinds) - 1 - kinds[::-1].index("read")
     # Streaming, not staging: bytes reach storage long before the source is exhausted, and
@@ -322,7 +322,7 @@ def test_signals_during_streaming_lose_no_bytes(storage, identity):
     def pester():
         while not stop.is_set():
             for thread in threading.enumerate():
-                if thread.name in ("compress", "decrypt") and thread.ident is not None:
+                if thread.name in ("compress", "decrypt", "store") and thread.ident is not None:
                     try:
                         signal.pthread_kill(thread.ident, signal.SIGUSR1)
                     except (ProcessLookupError, OSError):

@@ -7,6 +7,7 @@ storage writer overlap: each releases the GIL while it works on a chunk.
 
 import hashlib
 import os
+import queue
 import threading
 import time
 
@@ -40,6 +41,73 @@ class _HashingSink:
 
     def flush(self):
         pass
+
+
+class _HandOff:
+    """Hashes and stores pyrage's output in a thread of its own, a few MiB behind it.
+
+    pyrage calls ``write`` synchronously for every 64 KiB chunk it encrypts: hashing and
+    storing inline left encryption waiting on them, and age alone ran at a quarter of the
+    stock CLI's speed. Batches of up to CHUNK bytes go through a queue of ``depth`` slots,
+    so memory stays bounded. A storage error is raised at the next ``write`` (pyrage then
+    stops) or at ``close``.
+    """
+
+    def __init__(self, sink, depth=4):
+        self._sink = sink
+        self._queue = queue.Queue(maxsize=depth)
+        self._batch = []
+        self._batched = 0
+        self._closed = False
+        self._thread = _Worker(self._store, "store")
+        self._thread.start()
+
+    def _store(self):
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self._thread.error is None:
+                try:
+                    self._sink.write(data)
+                except BaseException as exc:  # pylint: disable=broad-except  # raised in the encrypting thread
+                    self._thread.error = exc  # keep draining so that the writer never blocks
+
+    def _send_batch(self):
+        if self._batch:
+            self._queue.put(b"".join(self._batch))
+            self._batch = []
+            self._batched = 0
+
+    def write(self, data):
+        if self._thread.error is not None:
+            raise self._thread.error
+        self._batch.append(bytes(data))
+        self._batched += len(data)
+        if self._batched >= CHUNK:
+            self._send_batch()
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        """Wait until every byte is stored; raise the store thread's error, if any."""
+        if not self._closed:
+            self._closed = True
+            self._send_batch()
+            self._queue.put(None)
+            self._thread.join()
+        if self._thread.error is not None:
+            raise self._thread.error
+
+    def discard(self):
+        """Stop the store thread without raising (the caller is failing already)."""
+        self._batch = []
+        try:
+            self.close()
+        except BaseException:  # pylint: disable=broad-except  # the caller's error wins
+            pass
 
 
 class Progress:
@@ -144,11 +212,14 @@ def _compress_then_encrypt(source, sink, compression, encryption, progress):
     worker = _Worker(compress, "compress")
     worker.start()
     encrypt_error = None
+    store = _HandOff(sink)
     try:
-        codecs.pyrage.encrypt_io(pipe_in, sink, encryption["_recipients"])
+        codecs.pyrage.encrypt_io(pipe_in, store, encryption["_recipients"])
+        store.close()
     except BaseException as exc:  # pylint: disable=broad-except
         encrypt_error = exc
     finally:
+        store.discard()
         pipe_in.close()  # unblocks the compressor if encryption stopped early
         worker.join()
     # The compressor's error explains a broken pipe on our side, so it goes first.
