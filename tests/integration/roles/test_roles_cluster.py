@@ -6,8 +6,9 @@ import json
 import subprocess
 
 import pytest
+import yaml
 
-from .playbook import run_site, seed_values
+from .playbook import PlaybookRun, run_site, seed_values
 
 kubernetes = pytest.importorskip("kubernetes")
 
@@ -148,3 +149,35 @@ def test_no_secret_in_ansible_output(kube_cluster, make_kube_namespace, tmp_path
                              "get", "secret", "backup-s3-credentials", "-o", "jsonpath={.data.secret_key}"],
                             capture_output=True, text=True, check=True)
     assert stored.stdout  # the credentials reached the Secret, only there
+
+
+def _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state):
+    """storage + postgres in a play of their own (no umbrella role): the job applies or removes itself."""
+    playbook = tmp_path / ("standalone-%s.yml" % state)
+    playbook.write_text(yaml.safe_dump([{
+        "name": "A kind role without the umbrella role",
+        "hosts": "localhost", "connection": "local", "gather_facts": False,
+        "tasks": [
+            {"name": "Storage", "ansible.builtin.include_role": {"name": "biometrics.backup.storage"},
+             "vars": {"storage_namespace": namespace, "storage_encryption_enabled": False}},
+            {"name": "PostgreSQL job", "ansible.builtin.include_role": {"name": "biometrics.backup.postgres"},
+             "vars": {"job_namespace": namespace, "postgres_state": state}},
+        ]}]))
+    process = subprocess.run(["ansible-playbook", str(playbook)], capture_output=True, text=True,
+                             env=dict(kube_cluster.env, ANSIBLE_NOCOLOR="1"), timeout=600, check=False)
+    return PlaybookRun(process)
+
+
+def test_a_kind_role_on_its_own_applies_and_removes_its_job(kube_cluster, kube_api, make_kube_namespace, tmp_path):
+    namespace = make_kube_namespace("roles-alone")
+    created = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present")
+    assert created.returncode == 0 and created.changed > 0, created
+    assert "postgres-backup" in _cronjobs(kube_api, namespace)
+    core = kubernetes.client.CoreV1Api(kube_api)
+    assert "postgres-backup-config" in {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}
+
+    removed = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "absent")
+    assert removed.returncode == 0 and removed.changed > 0, removed
+    assert "postgres-backup" not in _cronjobs(kube_api, namespace)
+    assert "postgres-backup-config" not in {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}
+    assert "postgres-backup" not in {s.metadata.name for s in core.list_namespaced_service_account(namespace).items}
