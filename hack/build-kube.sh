@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Build kube-apiserver and kube-controller-manager from the Go module k8s.io/kubernetes.
+# Build the local cluster's Kubernetes commands (kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet) from the Go module k8s.io/kubernetes.
 #
 # k8s.io/kubernetes replaces its k8s.io/* staging modules with local paths, so a plain
 # `go install` cannot build it. We generate a throwaway wrapper module that requires
 # k8s.io/kubernetes and points every staging module at its published v0.x.y tag, then
-# build the two commands from it. Binaries are cached by version under ~/.cache.
+# build the commands from it. Binaries are cached by version under ~/.cache; only the
+# commands missing from the cache are built (KUBE_CMDS narrows the set).
 set -euo pipefail
 
 KUBE_VERSION="${KUBE_VERSION:-v1.34.4}"
 CACHE_ROOT="${BIOMETRICS_CACHE:-$HOME/.cache/biometrics-backup}"
 OUT="$CACHE_ROOT/kube/$KUBE_VERSION"
 
-if [[ -x "$OUT/kube-apiserver" && -x "$OUT/kube-controller-manager" ]]; then
-  echo "kube binaries $KUBE_VERSION cached in $OUT"
+KUBE_CMDS="${KUBE_CMDS:-kube-apiserver kube-controller-manager kube-scheduler kubelet}"
+
+missing=()
+for cmd in $KUBE_CMDS; do [[ -x "$OUT/$cmd" ]] || missing+=("$cmd"); done
+if ((${#missing[@]} == 0)); then
+  echo "kube binaries ($KUBE_CMDS) $KUBE_VERSION cached in $OUT"
   exit 0
 fi
 
@@ -43,21 +49,18 @@ print(")")
 PY
 go_line="$(grep -E '^go [0-9.]+' "$gomod_dir/go.mod" | head -1)"
 sed -i "s/^go .*/$go_line/" go.mod
-cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-)
-GO
+packages=()
+for cmd in "${missing[@]}"; do packages+=("k8s.io/kubernetes/cmd/$cmd"); done
+{
+  printf '//go:build tools\n\npackage tools\n\nimport (\n'
+  printf '\t_ "%s"\n' "${packages[@]}"
+  printf ')\n'
+} > tools.go
 GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
 GOFLAGS=-mod=mod go mod download
-mkdir -p "$OUT.tmp"
+rm -rf "$OUT.tmp"; mkdir -p "$OUT.tmp" "$OUT"
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2)"
-CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$OUT.tmp/" \
-  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"
-echo "built kube $KUBE_VERSION in $(( $(date +%s) - start ))s into $OUT"
+CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$OUT.tmp/" "${packages[@]}"
+# Each binary appears whole under its final name (mv within one directory tree).
+mv "$OUT.tmp"/* "$OUT/"; rmdir "$OUT.tmp"
+echo "built ${missing[*]} $KUBE_VERSION in $(( $(date +%s) - start ))s into $OUT"
