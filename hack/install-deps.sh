@@ -21,6 +21,16 @@ packages=(
   git
   openssl
   shellcheck            # lets ansible-test sanity check the shell scripts too
+  # The local cluster's node (hack/node.sh): container runtime, pod network, images.
+  containerd            # CRI runtime for the kubelet (1.6, with its ctr client)
+  runc                  # the OCI runtime containerd starts containers with
+  containernetworking-plugins # bridge + host-local CNI plugins (/usr/lib/cni)
+  iproute2              # ip: the pod bridge
+  umoci                 # builds the pause and test images from a rootfs, no registry
+  busybox-static        # the test image's userland
+  gcc                   # the pause binary, compiled from pause.c of k8s.io/kubernetes
+  libc6-dev             # static libc for it
+  binutils              # strip
 )
 
 missing=()
