@@ -30,6 +30,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.metrics import BackupMetrics, MetricsError
 
 from integration import test_monitoring_role as monitoring_role
+from unit.test_dashboard import failed_jobs_panel_query, load_dashboard
 
 DASHBOARD = os.path.join(monitoring_role.ROLE_DIR, "files", "backup-dashboard.json")
 
@@ -194,7 +195,8 @@ def firing(prometheus_url, jobs):
 
 def test_alerts_fire_in_prometheus_for_what_the_engine_pushed(pushgateway_server, prometheus):
     now = time.time()
-    failing, shrunk, stale, healthy = (unique(name) for name in ("failing", "shrunk", "stale", "healthy"))
+    failing, shrunk, stale, healthy, recovered = (unique(name) for name in
+                                                  ("failing", "shrunk", "stale", "healthy", "recovered"))
 
     m = BackupMetrics(failing, "postgres", "db1")
     m.record_backup_result(True, now - 600, duration_seconds=3, size_bytes=1000)
@@ -222,13 +224,30 @@ def test_alerts_fire_in_prometheus_for_what_the_engine_pushed(pushgateway_server
     m.record_retention(kept=3, pruned=1, finished_at=now)
     m.push(pushgateway_server.url)
 
-    jobs = {failing, shrunk, stale, healthy}
+    m = BackupMetrics(recovered, "files", "node2")  # failed, then succeeded
+    m.record_backup_result(False, now - 600)
+    m.record_backup_result(True, now, duration_seconds=3, size_bytes=1000)
+    m.push(pushgateway_server.url)
+
+    jobs = {failing, shrunk, stale, healthy, recovered}
     expected = {("BackupJobFailing", failing, None), ("BackupJobFailing", shrunk, None),
                 ("BackupSizeAnomaly", shrunk, None), ("BackupFailed", stale, None)}
     seen = wait_until(lambda: expected <= firing(prometheus, jobs) and firing(prometheus, jobs),
                       "BackupJobFailing, BackupSizeAnomaly and BackupFailed to fire")
-    assert not {alert for alert in seen if alert[1] == healthy}, seen
+    assert not {alert for alert in seen if alert[1] in (healthy, recovered)}, seen
     assert seen == expected, seen
+    # the dashboard's "Jobs whose last attempt failed" counts exactly the jobs BackupJobFailing fires for:
+    # one that failed after a success and one that never succeeded, not the recovered one
+    failing_jobs = {job for alertname, job, _reason in seen if alertname == "BackupJobFailing"}
+    assert failing_jobs == {failing, shrunk}
+    full, counted = failed_jobs_panel_query(load_dashboard())
+    only_these = '{job=~"%s"' % "|".join(sorted(jobs))
+    selected = {item["metric"]["job"] for item in api(
+        prometheus, "/api/v1/query", query=counted.replace('{job=~".*"', only_these))["result"]}
+    assert selected == failing_jobs, selected
+    counts = [float(item["value"][1]) for item in api(
+        prometheus, "/api/v1/query", query=full.replace('{job=~".*"', only_these))["result"]]
+    assert counts == [float(len(failing_jobs))], counts
     # the pushed grouping key survives the scrape (honor_labels) and reaches the alert
     labels = [a["labels"] for a in api(prometheus, "/api/v1/alerts")["alerts"] if a["labels"].get("job") == stale]
     assert labels and all(item["kind"] == "files" and item["instance"] == "node1" for item in labels)

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, require_or_skip
+from unit.test_dashboard import failed_jobs_agreement_tests, failed_jobs_panel_query, run_promtool_test
 
 ROLE_DIR = os.path.join(REPO_ROOT, "roles", "monitoring")
 PROMTOOL_TESTS = os.path.join(REPO_ROOT, "tests", "promtool")
@@ -128,6 +129,12 @@ def test_rendered_rules_file_passes_promtool_check_and_the_alert_unit_tests(tmp_
     assert stats(output)["failures"] == 0
     assert sorted(os.listdir(out)) == sorted(["alerts-hours.test.yml", "alerts-minutes.test.yml", RULES_FILE,
                                               "dashboard-configmap.yml", "prometheusrule.yml"])
+    # the dashboard the role ships counts the jobs this rules file's BackupJobFailing fires for
+    configmap = yaml.safe_load((out / "dashboard-configmap.yml").read_text())
+    (dashboard_json,) = configmap["data"].values()
+    agreement = run_promtool_test(out, str(rules_path),
+                                  failed_jobs_agreement_tests(failed_jobs_panel_query(json.loads(dashboard_json))))
+    assert agreement.returncode == 0, agreement.stdout + agreement.stderr
 
 
 def test_promtool_unit_tests_catch_a_wrong_threshold(tmp_path):

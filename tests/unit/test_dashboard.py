@@ -6,6 +6,10 @@ Every PromQL expression of the dashboard (panel targets and template variables) 
 alert rules template is reduced to the metric names it selects, which must all be in
 ``engine.metrics.metric_names()``. The dashboard's expressions are also parsed by the real
 ``promtool`` (as recording rules), so a typo cannot pass as "no metric at all".
+
+The panel "Jobs whose last attempt failed" and the alert ``BackupJobFailing`` are evaluated
+by ``promtool test rules`` on the same series (the BackupJobFailing case of
+tests/promtool/alerts-minutes.test.yml) and must name the same jobs.
 """
 
 import json
@@ -23,6 +27,9 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import me
 
 DASHBOARD = os.path.join(REPO_ROOT, "roles", "monitoring", "files", "backup-dashboard.json")
 RULES_TEMPLATE = os.path.join(REPO_ROOT, "roles", "monitoring", "templates", "backup-alerts.rules.yml.j2")
+PROMTOOL_TESTS = os.path.join(REPO_ROOT, "tests", "promtool")
+FAILED_JOBS_PANEL = "Jobs whose last attempt failed"
+JOB_LABELS = ("job", "kind", "instance")
 
 # PromQL words that look like identifiers but are not metric names.
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
@@ -166,3 +173,111 @@ def test_dashboard_expressions_parse_with_promtool(tmp_path):
                             timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: %d rules found" % len(rules) in result.stdout
+
+
+# ------------------------------------------- the failed-jobs panel agrees with BackupJobFailing
+
+def failed_jobs_panel_query(dashboard):
+    """(the panel's query, the series it counts), Grafana variables selecting everything."""
+    exprs = [expr for title, expr in panel_exprs(dashboard) if title == FAILED_JOBS_PANEL]
+    assert len(exprs) == 1, "expected one query in panel %r, found %d" % (FAILED_JOBS_PANEL, len(exprs))
+    query = grafana_to_promql(exprs[0])
+    match = re.fullmatch(r"\s*count\((.*)\)\s+or\s+vector\(0\)\s*", query, flags=re.S)
+    assert match, "panel %r is no longer count(<failing series>) or vector(0): %s" % (FAILED_JOBS_PANEL, query)
+    return query, match.group(1)
+
+
+def backup_job_failing_case():
+    """The BackupJobFailing case of alerts-minutes.test.yml (never succeeded, failed after a
+    success, recovered, only successes) with, per evaluation time, the jobs the alert names."""
+    with open(os.path.join(PROMTOOL_TESTS, "alerts-minutes.test.yml"), encoding="utf-8") as handle:
+        suite = yaml.safe_load(handle)
+    cases = [case for case in suite["tests"]
+             if any(check["alertname"] == "BackupJobFailing" for check in case.get("alert_rule_test", []))]
+    assert len(cases) == 1, [case["name"] for case in cases]
+    case = cases[0]
+    checks = [check for check in case["alert_rule_test"] if check["alertname"] == "BackupJobFailing"]
+    return case, checks
+
+
+def _promql_labels(labels):
+    return "{%s}" % ", ".join('%s="%s"' % (name, labels[name]) for name in JOB_LABELS)
+
+
+def failed_jobs_agreement_tests(panel_query, alert_expr=None, with_annotations=True):
+    """promtool tests: on the series of the BackupJobFailing case, at each of its evaluation
+    times, the alert fires for the expected jobs, the series the panel counts are exactly
+    those jobs, and the panel shows their number (``alert_expr`` too, when given, selects them).
+    """
+    case, checks = backup_job_failing_case()
+    full, counted = panel_query
+    expr_tests, alert_tests = [], []
+    for check in checks:
+        expected = [{name: alert["exp_labels"][name] for name in JOB_LABELS} for alert in check["exp_alerts"]]
+        per_job = [{"labels": _promql_labels(labels), "value": 1} for labels in expected]
+        selections = [counted] + ([alert_expr] if alert_expr else [])
+        for selection in selections:
+            expr_tests.append({"expr": "count by (%s) (%s)" % (", ".join(JOB_LABELS), selection),
+                               "eval_time": check["eval_time"], "exp_samples": per_job})
+        expr_tests.append({"expr": full, "eval_time": check["eval_time"],
+                           "exp_samples": [{"labels": "{}", "value": len(expected)}]})
+        alert_tests.append({"eval_time": check["eval_time"], "alertname": "BackupJobFailing", "exp_alerts": [
+            {key: value for key, value in alert.items() if with_annotations or key != "exp_annotations"}
+            for alert in check["exp_alerts"]]})
+    assert any(check["exp_alerts"] for check in checks)
+    return [{"name": "panel %r and BackupJobFailing name the same jobs" % FAILED_JOBS_PANEL,
+             "interval": case["interval"], "input_series": case["input_series"],
+             "promql_expr_test": expr_tests, "alert_rule_test": alert_tests}]
+
+
+def run_promtool_test(directory, rules, tests):
+    """``promtool test rules`` of ``tests`` against the rules file ``rules`` (in ``directory``)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        require_or_skip("promtool not found (Debian package prometheus; make deps)")
+    path = os.path.join(str(directory), "failed-jobs-panel.test.yml")
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump({"rule_files": [os.path.basename(rules)], "evaluation_interval": "1m", "tests": tests},
+                       handle, sort_keys=False)
+    return subprocess.run([promtool, "test", "rules", os.path.basename(path)], cwd=str(directory),
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_series_of_the_case_cover_never_succeeded_failed_after_success_and_recovered():
+    case, checks = backup_job_failing_case()
+    series = {}
+    for item in case["input_series"]:
+        name, labels = item["series"].split("{", 1)
+        series.setdefault(re.search(r'job="([^"]+)"', labels).group(1), set()).add(name)
+    failure, success = "backup_last_failure_timestamp_seconds", "backup_last_success_timestamp_seconds"
+    assert {job for job, names in series.items() if names == {failure}}, "no job that never succeeded"
+    assert sum(1 for names in series.values() if names == {failure, success}) >= 2, "need failed and recovered"
+    named = {alert["exp_labels"]["job"] for check in checks for alert in check["exp_alerts"]}
+    assert named and set(series) - named, "the case needs jobs that fail and jobs that do not"
+
+
+def test_failed_jobs_panel_and_backupjobfailing_select_the_same_jobs(tmp_path):
+    """Never succeeded, failed after a success, recovered: the panel counts what the alert fires for."""
+    alert = dict(alert_exprs())["BackupJobFailing"]
+    rules = tmp_path / "job-failing.rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "biometrics-backup", "rules": [
+        {"alert": "BackupJobFailing", "expr": alert, "labels": {"severity": "warning"}}]}]}))
+    tests = failed_jobs_agreement_tests(failed_jobs_panel_query(load_dashboard()), alert_expr=alert,
+                                        with_annotations=False)
+    result = run_promtool_test(tmp_path, str(rules), tests)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_the_agreement_check_catches_a_panel_that_ignores_jobs_that_never_succeeded(tmp_path):
+    """The panel's former query (failure > success only) must fail the same promtool tests."""
+    alert = dict(alert_exprs())["BackupJobFailing"]
+    rules = tmp_path / "job-failing.rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "biometrics-backup", "rules": [
+        {"alert": "BackupJobFailing", "expr": alert, "labels": {"severity": "warning"}}]}]}))
+    counted = "backup_last_failure_timestamp_seconds > backup_last_success_timestamp_seconds"
+    tests = failed_jobs_agreement_tests(("count(%s) or vector(0)" % counted, counted), with_annotations=False)
+    result = run_promtool_test(tmp_path, str(rules), tests)
+    report = result.stdout + result.stderr
+    assert result.returncode != 0, report
+    assert "redis-new" in report  # the job that has only ever failed
