@@ -102,6 +102,13 @@ def human_bytes(count):
     return "%d B" % count
 
 
+def shown(path):
+    """``path`` relative to the checkout when it lies inside it, else absolute (BIOMETRICS_DEMO_DIR
+    may be anywhere; ``../../..`` chains help no one)."""
+    relative = os.path.relpath(path, REPO_ROOT)
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 def run(argv, env=None, cwd=None, timeout=600):
     """A command whose failure stops the demo; returns stdout (text)."""
     result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -534,7 +541,7 @@ def main():
         console.item("independent check, database biometrics_restored vs biometrics: %s" % (
             "row counts and md5 of every row EQUAL" if pg_same else "DIFFERENT: %r vs %r" % (copy, live)))
         console.item("independent check, %s vs the data directory: %s" % (
-            os.path.relpath(restored_dir, REPO_ROOT),
+            shown(restored_dir),
             "%d entries, modes and SHA-256 EQUAL" % len(live_tree) if files_same else "DIFFERENT"))
         if not (pg_same and files_same):
             raise DemoError("a restored copy differs from the live data")
@@ -557,7 +564,7 @@ def main():
         summary(console, s3, values, taken, pruned, policy, pg_result, files_result, pg_same, files_same, drills)
         console.say("")
         console.say("Demo finished in %.0fs. Logs, keys and data: %s (stopping the servers now)"
-                    % (console.elapsed(), os.path.relpath(work, REPO_ROOT)))
+                    % (console.elapsed(), shown(work)))
 
 
 def write_secret(work, name, value):

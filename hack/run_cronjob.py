@@ -18,7 +18,10 @@ container of a CronJob's pod template, reading everything from the API server:
   it: the command has exactly the rights its Role grants, not the caller's;
 * container paths (``/etc/biometrics-backup/...``, ``/tmp``, PVC mount points) in the
   arguments, in env values and inside the job files named by the arguments are rewritten
-  to their local directories;
+  to their local directories. Only what comes from the pod spec is rewritten, and only a
+  path whose leading components are a whole mount path; paths of this machine (the
+  interpreter, PYTHONPATH, the work directory) never are, so a checkout below ``/tmp`` or
+  below any other mount path works;
 * the command is the container's ``command`` + ``args``; without a ``command`` it is the
   runner image's entrypoint, ``python -m ansible_collections.biometrics.backup.plugins.
   module_utils.engine.runner`` (run with this interpreter);
@@ -75,14 +78,18 @@ def api_client(kubeconfig=None, context=None):
 
 
 def rewrite_path(value, mounts):
-    """``value`` with a leading container mount path replaced by its local directory."""
+    """``value`` (a path in the container) with its mount path replaced by the local directory.
+
+    A mount path matches whole leading components only: with ``/tmp`` mounted, ``/tmp`` and
+    ``/tmp/x`` are rewritten, ``/tmpfs/x`` and ``/tmp-clone/x`` are not. ``mounts`` is
+    [(mount path, local directory)], longest mount path first. Apply it to container paths
+    only: a path of this machine that happens to lie below a mount path would be mangled.
+    """
     if not isinstance(value, str) or not value.startswith("/"):
         return value
     for mount_path, local in mounts:
-        base = mount_path.rstrip("/") or "/"
-        if value == base:
-            return local
-        if value.startswith(base + "/"):
+        base = mount_path.rstrip("/")  # "" for a mount at /
+        if value == base or value.startswith(base + "/"):
             return local + value[len(base):]
     return value
 
@@ -94,6 +101,22 @@ def rewrite_tree(value, mounts):
     if isinstance(value, list):
         return [rewrite_tree(item, mounts) for item in value]
     return rewrite_path(value, mounts)
+
+
+def container_argv(container, mounts, interpreter=None):
+    """The argv that runs ``container`` here: ``command`` (default: the runner image's
+    entrypoint) + ``args``, container paths rewritten to their local directories, then a
+    ``python`` / ``python3`` command replaced by ``interpreter`` (default: this one).
+
+    The interpreter is substituted after the rewriting: it is a path of this machine, and
+    a checkout below a directory that is also a mount path in the pod (``/tmp`` is the
+    scratch volume) must not have its ``.venv`` moved into that volume.
+    """
+    argv = [rewrite_path(arg, mounts)
+            for arg in list(container.get("command") or ENTRYPOINT) + list(container.get("args") or [])]
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = interpreter or sys.executable
+    return argv
 
 
 def _field(obj, name, default=None):
@@ -349,11 +372,7 @@ class LocalCronJob:
         self.env_sources = sources
 
     def _command(self):
-        command = list(self.container.get("command") or ENTRYPOINT)
-        if command[0] in ("python", "python3"):
-            command[0] = sys.executable
-        argv = command + list(self.container.get("args") or [])
-        self.argv = [rewrite_path(arg, self.mounts) for arg in argv]
+        self.argv = container_argv(self.container, self.mounts)
         # Job files named on the command line live in ConfigMap volumes: their container
         # paths are rewritten too (data files that are only mounted stay byte for byte).
         for position, arg in enumerate(self.argv):

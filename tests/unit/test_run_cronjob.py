@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack"))
-from run_cronjob import LocalRunError, parse_claims, rewrite_path, rewrite_tree  # noqa: E402  pylint: disable=wrong-import-position
+from run_cronjob import (  # noqa: E402  pylint: disable=wrong-import-position
+    ENTRYPOINT, LocalRunError, container_argv, parse_claims, rewrite_path, rewrite_tree)
 
 MOUNTS = sorted([("/etc/biometrics-backup/config", "/w/config"), ("/etc/biometrics-backup", "/w/all"),
                  ("/tmp", "/w/scratch"), ("/data", "/srv/data")],
@@ -30,6 +31,51 @@ MOUNTS = sorted([("/etc/biometrics-backup/config", "/w/config"), ("/etc/biometri
 ])
 def test_rewrite_path_replaces_only_whole_mount_prefixes(value, expected):
     assert rewrite_path(value, MOUNTS) == expected
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("/tmp-clone/.venv/bin/python", "/tmp-clone/.venv/bin/python"),  # shares the prefix "/tmp", not a component
+    ("/tmpfs/x", "/tmpfs/x"),
+    ("/etc/biometrics-backup-src/hack", "/etc/biometrics-backup-src/hack"),
+    ("/etc/biometrics-backup/configs", "/w/all/configs"),  # below /etc/biometrics-backup, not .../config
+    ("/data.d/x", "/data.d/x"),
+    ("/dat", "/dat"),
+    ("/tmp//x", "/w/scratch//x"),
+])
+def test_rewrite_path_never_matches_a_mere_string_prefix(value, expected):
+    assert rewrite_path(value, MOUNTS) == expected
+
+
+def test_a_mount_at_the_root_takes_every_absolute_path_and_longer_mounts_win():
+    mounts = [("/tmp", "/w/scratch"), ("/", "/w/root")]
+    assert rewrite_path("/etc/x", mounts) == "/w/root/etc/x"
+    assert rewrite_path("/", mounts) == "/w/root/"
+    assert rewrite_path("/tmp/x", mounts) == "/w/scratch/x"
+
+
+# Where a user may have cloned the repository: its .venv interpreter is a path of this
+# machine and must reach the command untouched, even below a directory that is a mount
+# path in the pod (the runner's scratch volume is /tmp) or shares a prefix with one.
+CHECKOUTS = ["/tmp/biometrics.backup", "/tmp", "/tmp/x/tmp", "/tmpclone", "/tmp-clone", "/data/src/backup",
+             "/etc/biometrics-backup", "/etc/biometrics-backup/config/clone", "/home/me/my code/backup", "/"]
+
+
+@pytest.mark.parametrize("checkout", CHECKOUTS)
+def test_the_interpreter_of_a_checkout_anywhere_is_not_rewritten(checkout):
+    interpreter = checkout.rstrip("/") + "/.venv/bin/python"
+    container = {"args": ["backup", "--config", "/etc/biometrics-backup/config/job.yaml", "--scratch", "/tmp/run"]}
+    argv = container_argv(container, MOUNTS, interpreter=interpreter)
+    assert argv == [interpreter] + ENTRYPOINT[1:] + [
+        "backup", "--config", "/w/config/job.yaml", "--scratch", "/w/scratch/run"]
+
+
+def test_container_argv_defaults_to_this_interpreter_and_rewrites_a_given_command():
+    argv = container_argv({"args": ["prune"]}, MOUNTS)
+    assert argv == [sys.executable] + ENTRYPOINT[1:] + ["prune"]
+    # A command of the image's own (a container path) is rewritten like any argument.
+    assert container_argv({"command": ["/data/bin/run", "/tmp/x"]}, MOUNTS) == ["/srv/data/bin/run", "/w/scratch/x"]
+    assert container_argv({"command": ["python3", "-c", "pass"], "args": ["/data"]}, MOUNTS,
+                          interpreter="/tmp/v/bin/python") == ["/tmp/v/bin/python", "-c", "pass", "/srv/data"]
 
 
 def test_rewrite_tree_walks_nested_job_files_and_keeps_other_values():
