@@ -86,8 +86,8 @@ build-kube: ## kube-apiserver + kube-controller-manager from source (cached unde
 	bash hack/build-kube.sh
 
 ##@ checks
-.PHONY: test sanity lint changelog-lint unit integration
-test: deps build-kube sanity lint changelog-lint unit integration molecule ## everything CI runs, from a fresh machine
+.PHONY: test sanity lint galaxy-import changelog-lint unit integration
+test: deps build-kube sanity lint galaxy-import changelog-lint unit integration molecule ## everything CI runs, from a fresh machine
 
 sanity: venv ## ansible-test sanity on a copy under build/sanity (no ignore files)
 	bash hack/collection-layout.sh copy
@@ -99,6 +99,35 @@ sanity: venv ## ansible-test sanity on a copy under build/sanity (no ignore file
 lint: venv collections ## ansible-lint, production profile
 	rm -rf $(BUILD)/lint-home && mkdir -p $(BUILD)/lint-home
 	HOME=$(BUILD)/lint-home ansible-lint --offline --profile production $(if $(filter true,$(CI)),--nocolor)
+
+# galaxy-importer: the checks Galaxy and Automation Hub run on an uploaded tarball (role
+# READMEs, ansible-doc, ansible-lint, changelog). It pins other versions than .venv (attrs,
+# flake8, ...), so it has a virtualenv of its own at the versions of its requirements file.
+GALAXY_IMPORTER_VENV := $(BUILD)/galaxy-importer-venv
+GALAXY_IMPORTER_REQUIREMENTS := $(ROOT)/requirements-galaxy-importer.txt
+GALAXY_IMPORTER_STAMP := $(GALAXY_IMPORTER_VENV)/.requirements-installed
+# What is built and imported (tests/integration/test_packaging.py points them at a copy).
+GALAXY_IMPORT_SRC ?= $(ROOT)
+GALAXY_IMPORT_DIR ?= $(BUILD)/galaxy-import
+# Galaxy installs no dependency before it lints, so ansible-lint inside the importer cannot
+# resolve kubernetes.core's modules (`make lint` lints with them). Any other warning fails.
+GALAXY_IMPORT_ALLOWED := syntax-check\[unknown-module\]: couldn't resolve module/action 'kubernetes\.core\.
+
+$(GALAXY_IMPORTER_STAMP): $(GALAXY_IMPORTER_REQUIREMENTS)
+	test -x $(GALAXY_IMPORTER_VENV)/bin/python || $(PYTHON) -m venv $(GALAXY_IMPORTER_VENV)
+	$(GALAXY_IMPORTER_VENV)/bin/python -m pip install --quiet -r $(GALAXY_IMPORTER_REQUIREMENTS)
+	touch $@
+
+# ansible-test is off inside the importer (it wants a container; `make sanity` runs it).
+galaxy-import: $(GALAXY_IMPORTER_STAMP) ## build the tarball and run galaxy-importer on it, failing on any error or warning
+	rm -rf $(GALAXY_IMPORT_DIR) && mkdir -p $(GALAXY_IMPORT_DIR)/home
+	$(GALAXY_IMPORTER_VENV)/bin/ansible-galaxy collection build --output-path $(GALAXY_IMPORT_DIR) $(GALAXY_IMPORT_SRC)
+	cd $(GALAXY_IMPORT_DIR) && env -u ANSIBLE_COLLECTIONS_PATH HOME=$(GALAXY_IMPORT_DIR)/home \
+		PATH=$(GALAXY_IMPORTER_VENV)/bin:/usr/bin:/bin GALAXY_IMPORTER_CONFIG=$(ROOT)/hack/galaxy-importer.cfg \
+		$(GALAXY_IMPORTER_VENV)/bin/python -m galaxy_importer.main *.tar.gz 2>&1 | tee $(GALAXY_IMPORT_DIR)/importer.log
+	if grep -E '^(ERROR|WARNING|CRITICAL):' $(GALAXY_IMPORT_DIR)/importer.log | grep -Ev "$(GALAXY_IMPORT_ALLOWED)"; then \
+		echo "galaxy-import: galaxy-importer reported the problems above" >&2; exit 1; \
+	fi
 
 changelog-lint: venv ## antsibull-changelog lint (fragments and changelog.yaml)
 	antsibull-changelog lint

@@ -520,3 +520,22 @@ def test_antsibull_changelog_release_in_a_scratch_copy(package):
     after = {path.name: path.read_bytes() for path in (REPO_ROOT / "changelogs" / "fragments").glob("*.yml")}
     assert {name: after.get(name) for name in before} == before
     assert not (REPO_ROOT / "CHANGELOG.rst").exists()
+
+
+# -- Galaxy's import checks -------------------------------------------------------------------
+
+def test_galaxy_import_target_fails_when_a_role_has_no_readme(tmp_path):
+    """``make galaxy-import`` runs galaxy-importer's checks for real: Galaxy refuses a role without a README."""
+    make = shutil.which("make")
+    if make is None:
+        require_or_skip("make is not installed")
+    checkout = _copy_checkout(tmp_path / "checkout")
+    (checkout / "roles" / "redis" / "README.md").unlink()
+    proc = subprocess.run([make, "-C", str(REPO_ROOT), "--no-print-directory", "galaxy-import",
+                           "GALAXY_IMPORT_SRC=%s" % checkout, "GALAXY_IMPORT_DIR=%s" % (tmp_path / "import")],
+                          capture_output=True, text=True, timeout=1800, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    assert "ERROR: The import failed for the following reason: No role readme found." in output, output[-4000:]
+    roles_loaded = re.findall(r"^Loading role (\w+)$", output, re.M)
+    assert roles_loaded and roles_loaded[-1] == "redis", roles_loaded
