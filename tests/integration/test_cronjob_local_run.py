@@ -12,8 +12,11 @@ render and what the runner expects must therefore agree, or these tests fail.
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -265,3 +268,38 @@ def test_a_claim_without_a_local_directory_is_refused(deployment):
     with pytest.raises(LocalRunError, match="--claim biometrics-data=DIR"):
         local.materialize()
     local.cleanup()
+
+
+def test_the_cli_runs_a_cronjob_from_a_checkout_below_tmp(deployment, kube_cluster):
+    """`make demo` from a clone below /tmp: the pods mount their scratch volume at /tmp, and the
+    container-path rewriting once moved the clone's .venv interpreter into that volume
+    (``.../volumes/scratch/<clone>/.venv/bin/python: No such file``).
+
+    The checkout here is a directory below /tmp whose hack/, build/ and .venv are symlinks to
+    this repository's (a path, not a copy: everything run_cronjob.py derives from its own
+    location, the interpreter and build/collections for PYTHONPATH, lies below /tmp).
+    """
+    base = tempfile.mkdtemp(prefix="bb-clone-", dir="/tmp")
+    try:
+        clone = os.path.join(base, "biometrics.backup")
+        os.mkdir(clone)
+        for name in ("hack", "build"):
+            os.symlink(str(REPO_ROOT / name), os.path.join(clone, name))
+        os.symlink(sys.prefix, os.path.join(clone, ".venv"))
+        python = os.path.join(clone, ".venv", "bin", os.path.basename(sys.executable))
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "KUBECONFIG")}
+        command = [python, os.path.join(clone, "hack", "run_cronjob.py"), "--kubeconfig", kube_cluster.kubeconfig,
+                   "-n", deployment.namespace, "postgres-backup"]
+        for claim, directory in sorted(deployment.claims.items()):
+            command += ["--claim", "%s=%s" % (claim, directory)]
+        result = subprocess.run(command, env=env, cwd=base, capture_output=True, text=True, timeout=300,
+                                check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        # the command ran with the clone's interpreter, named by its path below /tmp
+        assert "run-cronjob: command: %s -m %s backup " % (shlex.quote(python), ENTRYPOINT[2]) in result.stderr, \
+            result.stderr[-3000:]
+        backup = json.loads(result.stdout)
+        assert deployment.catalog().get("postgres-backup", backup["backup_id"])["kind"] == "postgres"
+        _assert_clean(deployment, result.stderr, result.stdout)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
