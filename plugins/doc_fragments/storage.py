@@ -74,7 +74,10 @@ options:
         description: KMS key id for O(storage.server_side_encryption=aws:kms).
         type: str
       part_size:
-        description: Multipart upload part size in bytes (at least 5 MiB).
+        description:
+          - Size in bytes of the first parts of an S3 multipart upload, from 5 MiB to 5 GiB (default 16 MiB).
+          - The part size doubles every 625 parts up to 1 GiB, so that a stream of any size up to S3's 5 TiB object
+            limit fits in its 10,000 parts; the memory an upload holds is three times the current part size.
         type: int
       max_attempts:
         description:

@@ -16,8 +16,12 @@ author: biometrics.backup contributors (@biometrics)
 description:
   - Lists complete backups (those with a C(manifest.json)) of one job or of every job at a storage
     location, newest first, each with its manifest and its last verification record.
-  - Also reports junk the catalog could not use (unreadable or misplaced manifests, stray objects) and
-    orphans (objects of interrupted runs without a manifest), without changing anything.
+  - Also reports junk the catalog could not use (unreadable or misplaced manifests, stray objects),
+    orphans (objects of interrupted runs without a manifest) and, on S3, unfinished multipart uploads
+    (killed runs; invisible to listings but holding storage until aborted), without changing anything.
+    M(biometrics.backup.backup_prune) removes orphans and unfinished uploads older than its C(orphan_grace).
+  - A filesystem or NFS location whose O(storage.path) does not exist or is not a directory is an error,
+    not an empty list (only M(biometrics.backup.backup_run) creates it); so is an S3 bucket that does not exist.
 extends_documentation_fragment:
   - biometrics.backup.storage
 attributes:
@@ -116,13 +120,53 @@ orphans:
   returned: always
   type: list
   elements: dict
+incomplete_uploads:
+  description:
+    - Unfinished S3 multipart uploads below O(job) (or anywhere at the location), oldest first. Always empty for
+      the C(filesystem) and C(nfs) backends.
+    - They come from runs killed mid-upload; no listing shows them, but S3 keeps (and bills) their parts until
+      they are aborted, which M(biometrics.backup.backup_prune) does once they are older than its C(orphan_grace).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    key:
+      description: Object key of the upload, relative to the location.
+      type: str
+    upload_id:
+      description: The S3 upload id (what C(aws s3api abort-multipart-upload) needs).
+      type: str
+    initiated:
+      description: When the upload started (ISO-8601, UTC).
+      type: str
+    age_seconds:
+      description: Seconds since the upload started.
+      type: int
+    parts:
+      description: Parts uploaded so far (null when the upload finished between listing it and counting its parts).
+      type: int
+    bytes:
+      description: Bytes those parts hold on the server (null as for C(parts)).
+      type: int
+  sample:
+    - key: app-db/20240115T020000Z-3fa9c1/dump.pgdump.zst.age
+      upload_id: 2~iCw_lDVadfbZz0Gm6oZT_4u0mUNF9yz
+      initiated: "2024-01-15T02:00:03Z"
+      age_seconds: 7260
+      parts: 12
+      bytes: 201326592
+incomplete_uploads_summary:
+  description: Totals of C(incomplete_uploads) - C(count), C(bytes) and C(oldest_age_seconds) (null when there are none).
+  returned: always
+  type: dict
+  sample: {count: 1, bytes: 201326592, oldest_age_seconds: 7260}
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog, upload_summary
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.restore import select_backup
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import parse_iso, to_iso
@@ -168,19 +212,22 @@ def main():
         supports_check_mode=True,
     )
     params = module.params
-    with engine_errors(module, backups=[], count=0, jobs=[], junk=[], orphans=[]):
+    with engine_errors(module, backups=[], count=0, jobs=[], junk=[], orphans=[], incomplete_uploads=[],
+                       incomplete_uploads_summary=upload_summary([])):
         since, until = _moment(params["since"], "since"), _moment(params["until"], "until")
         catalog = Catalog(open_location(module))
         everything = catalog.scan(params["job"])
         junk = list(catalog.junk)
         orphans = [dict(key=info.key, size=info.size, modified=to_iso(info.modified)) for info in catalog.orphans]
         jobs = sorted(set(m["job"] for m in everything))
+        uploads = catalog.incomplete_uploads(params["job"])
         if params["backup"]:
             chosen = [select_backup(catalog, params["job"], params["backup"])[0]]
         else:
             chosen = everything
         backups = [m for m in chosen if _matches(m, params, since, until)]
-    module.exit_json(changed=False, backups=backups, count=len(backups), jobs=jobs, junk=junk, orphans=orphans)
+    module.exit_json(changed=False, backups=backups, count=len(backups), jobs=jobs, junk=junk, orphans=orphans,
+                     incomplete_uploads=uploads, incomplete_uploads_summary=upload_summary(uploads))
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import ki
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.restore import parent_identities
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.base import MissingLocationError
 
 
 def main():
@@ -216,7 +217,12 @@ def main():
                 result["diff"] = dict(before_header="job %s" % params["job"], after_header="job %s" % params["job"],
                                       before="", after=text_of({"new backup": result["plan"]}))
             module.exit_json(**result)
-        before = len(Catalog(storage).scan(params["job"], with_orphans=False)) if module._diff else None
+        before = None
+        if module._diff:
+            try:
+                before = len(Catalog(storage).scan(params["job"], with_orphans=False))
+            except MissingLocationError:
+                before = 0  # a first backup creates its storage directory
         manifest = run.run()
     result.update(changed=True, backup_id=manifest["id"], manifest=manifest)
     if module._diff:

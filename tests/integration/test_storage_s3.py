@@ -167,11 +167,70 @@ def test_a_failing_source_leaves_no_object(s3_server, storage, options):
     assert pending_uploads(s3_server, options["prefix"]) == []
 
 
-def test_too_many_parts_is_a_clear_error_and_aborts(s3_server, storage, options, monkeypatch):
-    monkeypatch.setattr(s3mod, "MAX_PARTS", 2)  # S3 allows 10000; reaching that needs 50 GB here
-    with pytest.raises(StorageError, match=r"larger than S3 allows with part_size 5242880 \(2 parts of at most 5 MiB\): raise the storage option part_size"):
+class PartSizes:
+    """The body size of every UploadPart the client sends (botocore's parameter event: instrumentation)."""
+
+    def __init__(self, client):
+        self.sizes = {}
+        client.meta.events.register("before-parameter-build.s3.UploadPart", self._record)
+
+    def _record(self, params, **kwargs):
+        self.sizes[params["PartNumber"]] = len(params["Body"])
+
+    def in_order(self):
+        return [self.sizes[n] for n in sorted(self.sizes)]
+
+
+@pytest.mark.parametrize("ceiling", ["object size", "part count"])
+def test_too_large_an_object_is_a_clear_error_and_aborts(s3_server, storage, options, monkeypatch, ceiling):
+    """Beyond S3's limits the upload fails with one line and leaves neither object nor upload.
+
+    The real ceilings (5 TiB per object; 10,000 parts) are shrunk to what a test can send:
+    16 MiB of 5 MiB parts against an object limit of 12 MiB, or against 2 parts that never grow.
+    """
+    if ceiling == "object size":
+        monkeypatch.setattr(s3mod, "MAX_OBJECT_SIZE", 12 * MiB)
+        message = r"^%s/j/b/data is larger than S3's largest object \(12 MiB\): nothing was stored; " \
+                  r"split the job or use a filesystem location for it$" % options["prefix"]
+    else:
+        monkeypatch.setattr(s3mod, "MAX_PARTS", 2)
+        monkeypatch.setattr(s3mod, "PARTS_PER_STEP", 10)
+        message = r"^%s/j/b/data needs more than S3's 2 parts per upload \(parts of 5 MiB\): nothing was " \
+                  r"stored; raise the storage option part_size$" % options["prefix"]
+    sizes = PartSizes(storage.client)
+    with pytest.raises(StorageError, match=message):
         store_stream(Random(16 * MiB), storage, "j/b/data", codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})
+    assert sizes.in_order() == [5 * MiB, 5 * MiB]  # the upload really ran up to the ceiling
     assert raw_keys(s3_server, options["prefix"] + "/") == []
+    assert pending_uploads(s3_server, options["prefix"]) == []
+
+
+def test_part_size_grows_past_the_old_fixed_limit_and_round_trips(s3_server, storage, options, monkeypatch):
+    """With the part limit shrunk to 6 (S3: 10,000) and growth every 2 parts (real: 625), 5 MiB
+    parts alone would end at 30 MiB; the growing schedule stores 57 MiB, byte for byte."""
+    monkeypatch.setattr(s3mod, "MAX_PARTS", 6)
+    monkeypatch.setattr(s3mod, "PARTS_PER_STEP", 2)
+    old_limit = 6 * 5 * MiB
+    size = 57 * MiB
+    assert size > old_limit
+    sizes = PartSizes(storage.client)
+    source = Random(size)
+    result = store_stream(source, storage, "j/b/big", codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})
+    assert sizes.in_order() == [5 * MiB, 5 * MiB, 10 * MiB, 10 * MiB, 20 * MiB, 7 * MiB]
+    head = s3_server.client().head_object(Bucket=s3_server.bucket, Key=options["prefix"] + "/j/b/big")
+    assert head["ContentLength"] == size == result["size"]
+    assert head["ETag"].strip('"').endswith("-6")  # one multipart object of 6 parts
+    # Byte-exact: read it back through a fresh client and hash it independently.
+    body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=options["prefix"] + "/j/b/big")["Body"]
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: body.read(MiB), b""):
+        digest.update(chunk)
+    assert digest.hexdigest() == source.sha256.hexdigest() == result["sha256"]
+    assert pending_uploads(s3_server, options["prefix"]) == []
+    # The same stream at a fixed part size (no growth) fails at the old limit: the test can fail.
+    monkeypatch.setattr(s3mod, "PARTS_PER_STEP", 10000)
+    with pytest.raises(StorageError, match="needs more than S3's 6 parts per upload"):
+        store_stream(Random(size), storage, "j/b/fixed", codecs.compression_settings({"algorithm": "none"}), {"mode": "none"})
     assert pending_uploads(s3_server, options["prefix"]) == []
 
 
@@ -220,8 +279,74 @@ def test_a_killed_upload_is_invisible_and_can_be_swept(s3_server, options):
     assert len(pending) == 1 and pending[0][0].startswith("killed/") and pending[0][0].endswith("/data.tar")
     catalog = Catalog(storage)
     assert [m["id"] for m in catalog.scan("killed")] == [good["id"]]
+    # What backup_info reports: the killed run's parts, counted on the server.
+    server_parts = s3_server.client().list_parts(Bucket=s3_server.bucket, Key=options["prefix"] + "/" + pending[0].key,
+                                                 UploadId=pending[0].upload_id)["Parts"]
+    [reported] = catalog.incomplete_uploads("killed")
+    assert reported["key"] == pending[0].key and reported["upload_id"] == pending[0].upload_id
+    assert reported["parts"] == len(server_parts) >= 1
+    assert reported["bytes"] == sum(part["Size"] for part in server_parts) == 5 * MiB * len(server_parts)
     storage.abort_incomplete_upload(pending[0][0], pending[0][1])
     assert storage.list_incomplete_uploads() == []
+
+
+def test_unfinished_uploads_are_reported_with_count_bytes_and_age(s3_server, storage, options, tmp_path):
+    """backup_info, the runner's list and the catalog report what prune alone used to see."""
+    client = s3_server.client()
+    backup_dir = "reported/%s" % new_backup_id(datetime.datetime.now(UTC))
+    started = datetime.datetime.now(UTC).replace(microsecond=0)
+    upload = client.create_multipart_upload(Bucket=s3_server.bucket, Key="%s/%s/data.tar" % (options["prefix"], backup_dir))
+    for number, size in ((1, 5 * MiB), (2, 3 * MiB + 17)):
+        client.upload_part(Bucket=s3_server.bucket, Key="%s/%s/data.tar" % (options["prefix"], backup_dir),
+                           UploadId=upload["UploadId"], PartNumber=number, Body=os.urandom(size))
+    storage.put_bytes("other/%s/data" % new_backup_id(datetime.datetime.now(UTC)), b"x")  # another job's orphan
+    time.sleep(1.1)
+
+    requests = Requests(storage.client)
+    [entry] = Catalog(storage).incomplete_uploads("reported")
+    assert requests.operations == ["ListMultipartUploads", "ListParts"]  # one listing, one ListParts per upload
+    assert entry["key"] == backup_dir + "/data.tar" and entry["upload_id"] == upload["UploadId"]
+    assert entry["parts"] == 2 and entry["bytes"] == 8 * MiB + 17
+    assert started <= datetime.datetime.fromisoformat(entry["initiated"].replace("Z", "+00:00")) <= started + datetime.timedelta(seconds=60)
+    assert 1 <= entry["age_seconds"] <= 300
+    assert Catalog(storage).incomplete_uploads("other") == []
+    assert [u["key"] for u in Catalog(storage).incomplete_uploads()] == [entry["key"]]
+
+    from modules_helpers import ansible_playbook  # pylint: disable=import-outside-toplevel
+    proc, results = ansible_playbook(tmp_path, [
+        {"name": "one job", "biometrics.backup.backup_info": {"storage": options, "job": "reported"}},
+        {"name": "every job", "biometrics.backup.backup_info": {"storage": options}},
+        {"name": "another job", "biometrics.backup.backup_info": {"storage": options, "job": "other"}},
+    ])
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    one = results["one job"]
+    assert one["count"] == 0 and [o["key"] for o in one["orphans"]] == []
+    assert [(u["key"], u["upload_id"], u["parts"], u["bytes"]) for u in one["incomplete_uploads"]] == [
+        (entry["key"], upload["UploadId"], 2, 8 * MiB + 17)]
+    summary = one["incomplete_uploads_summary"]
+    assert summary["count"] == 1 and summary["bytes"] == 8 * MiB + 17 and summary["oldest_age_seconds"] >= 1
+    assert results["every job"]["incomplete_uploads_summary"]["count"] == 1
+    assert len(results["every job"]["orphans"]) == 1  # reported beside the orphans, not instead of them
+    assert results["another job"]["incomplete_uploads"] == []
+    assert results["another job"]["incomplete_uploads_summary"] == {"count": 0, "bytes": 0, "oldest_age_seconds": None}
+
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({
+        "job": "reported", "kind": "files", "source": {"path": str(tmp_path)}, "encryption": {"enabled": False},
+        "storage": {"backend": "s3", "bucket": s3_server.bucket, "prefix": options["prefix"],
+                    "endpoint_url": s3_server.endpoint_url, "region": s3_server.region,
+                    "access_key_env": "LIST_S3_ACCESS", "secret_key_env": "LIST_S3_SECRET"}}))
+    listed = subprocess.run(
+        [sys.executable, "-m", "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner", "list",
+         "--config", str(config)], capture_output=True, text=True, check=False,
+        env=dict(os.environ, LIST_S3_ACCESS=s3_server.access_key, LIST_S3_SECRET=s3_server.secret_key))
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["incomplete_uploads_summary"]["bytes"] == 8 * MiB + 17
+    assert "1 unfinished uploads (8.0 MiB)" in listed.stderr
+
+    # Once aborted (what prune does after orphan_grace) nothing is reported any more.
+    storage.abort_incomplete_upload(entry["key"], entry["upload_id"])
+    assert Catalog(storage).incomplete_uploads() == []
 
 
 # -- listing ---------------------------------------------------------------------------------
@@ -353,9 +478,12 @@ S3_MEMORY_PROBE = textwrap.dedent("""
     import json, os, resource, sys
     from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
     from ansible_collections.biometrics.backup.plugins.module_utils.engine.pipeline import store_stream
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage import s3 as s3mod
     from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
     size = int(sys.argv[2])
+    for name, value in json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}").items():
+        setattr(s3mod, name, value)  # a shrunken part schedule
     block = os.urandom(1 << 20)
 
     class Source:
@@ -389,6 +517,33 @@ def test_upload_memory_is_bounded_by_the_part_buffers(options):
     low, high = peak(64 * MiB), peak(320 * MiB)
     assert high < 256 * 1024
     assert high - low < 24 * 1024, "peak RSS grew from %d to %d KiB" % (low, high)
+
+
+def test_upload_memory_follows_the_grown_part_size(options):
+    """Growing parts cost (in flight + 1) x the current part size, no more.
+
+    With the schedule shrunk (5 MiB parts doubling every 4 parts up to 40 MiB), a 400 MiB
+    upload peaks where fixed 40 MiB parts peak, 3 x (40 - 5) MiB above fixed 5 MiB parts.
+    glibc's malloc is pinned to mmap every block of 1 MiB or more: by default its dynamic
+    threshold keeps freed parts of up to 32 MiB in the heap (measured: 40 MiB more after
+    growing from 5 to 40 MiB), which is the allocator's, not the writer's (docs/performance.md).
+    """
+    settings = dict(options, part_size=5 * MiB)
+
+    def peak(overrides):
+        out = subprocess.run([sys.executable, "-c", S3_MEMORY_PROBE, json.dumps(settings), str(400 * MiB),
+                              json.dumps(overrides)], check=True, capture_output=True, text=True,
+                             env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MiB))).stdout
+        return json.loads(out)["maxrss_kib"]
+
+    fixed = peak({"PARTS_PER_STEP": 10000})
+    grown = peak({"PARTS_PER_STEP": 4, "GROWTH_CEILING": 40 * MiB})
+    settings["part_size"] = 40 * MiB
+    fixed40 = peak({"PARTS_PER_STEP": 10000})
+    figures = "peak RSS: %d KiB with 5 MiB parts, %d KiB growing to 40 MiB, %d KiB with 40 MiB parts" % (
+        fixed, grown, fixed40)
+    assert grown <= fixed40 + 8 * 1024, figures
+    assert 2 * 35 * 1024 <= grown - fixed <= (3 * 35 + 8) * 1024, figures
 
 
 # -- the catalog on S3 ------------------------------------------------------------------------

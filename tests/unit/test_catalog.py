@@ -7,14 +7,16 @@ tests/integration/test_storage_s3.py.
 import datetime
 import hashlib
 import json
+import os
 import threading
 
 import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import INDEX_NAME, Catalog
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import INDEX_NAME, Catalog, upload_summary
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
-    ConfigError, IntegrityError, NotFoundError)
+    ConfigError, IntegrityError, NotFoundError, StorageError)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.base import MissingLocationError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.filesystem import FilesystemStorage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import UTC, new_backup_id, to_iso
 
@@ -52,6 +54,7 @@ class CountingStorage:
 
 @pytest.fixture
 def storage(tmp_path):
+    (tmp_path / "backups").mkdir()  # an existing, empty location (a missing one is an error)
     return FilesystemStorage(str(tmp_path / "backups"))
 
 
@@ -386,3 +389,57 @@ def test_concurrent_writers_lose_no_backup(storage):
     counting = CountingStorage(storage)
     assert len(Catalog(counting).scan("busy")) == 24
     assert counting.calls == [("list", "busy/"), ("get", "busy/index.json")]
+
+
+# -- a location that is not there is an error, not an empty catalog ---------------------------
+
+@pytest.mark.parametrize("shape", ["missing", "regular file", "dangling symlink"])
+def test_a_location_that_is_not_a_directory_is_an_error_naming_it(tmp_path, shape):
+    root = tmp_path / "backups"
+    if shape == "regular file":
+        root.write_bytes(b"not a directory")
+    elif shape == "dangling symlink":
+        root.symlink_to(tmp_path / "nowhere")
+    storage = FilesystemStorage(str(root))
+    catalog = Catalog(storage)
+    expected = {"missing": "does not exist", "regular file": "is not a directory",
+                "dangling symlink": "is a symbolic link to %s, which does not exist" % (tmp_path / "nowhere")}[shape]
+    for attempt in (lambda: catalog.scan(), lambda: catalog.scan("web"), lambda: catalog.latest("web"),
+                    lambda: catalog.resolve("web", "2024-01-01T00:00:00Z"), lambda: storage.list("web/")):
+        with pytest.raises(MissingLocationError, match="storage (directory|path) %s %s" % (root, expected)):
+            attempt()
+    # Nothing was created by reading, and the message is one line.
+    assert os.path.lexists(str(root)) == (shape != "missing")
+    with pytest.raises(StorageError) as caught:
+        catalog.scan()
+    assert "\n" not in str(caught.value)
+
+
+def test_a_backup_creates_the_location_and_then_it_lists(tmp_path):
+    storage = FilesystemStorage(str(tmp_path / "new" / "backups"))
+    storage.ensure_ready()
+    assert Catalog(storage).scan() == [] and Catalog(storage).scan("web") == []
+    made = make_backup(Catalog(storage), "web", T0)
+    assert ids(Catalog(storage).scan("web")) == [made["id"]]
+    assert Catalog(storage).scan("db") == []  # a job without backups in an existing location: empty
+
+
+def test_ensure_ready_refuses_a_regular_file(tmp_path):
+    (tmp_path / "backups").write_bytes(b"x")
+    with pytest.raises(MissingLocationError, match="storage path %s is not a directory" % (tmp_path / "backups")):
+        FilesystemStorage(str(tmp_path / "backups")).ensure_ready()
+    assert (tmp_path / "backups").read_bytes() == b"x"
+
+
+def test_filesystem_locations_have_no_incomplete_uploads(storage):
+    make_backup(Catalog(storage), "web", T0)
+    assert Catalog(storage).incomplete_uploads() == [] and Catalog(storage).incomplete_uploads("web") == []
+    assert upload_summary([]) == {"count": 0, "bytes": 0, "oldest_age_seconds": None}
+    with pytest.raises(ConfigError, match="invalid job name"):
+        Catalog(storage).incomplete_uploads("../etc")
+
+
+def test_upload_summary_adds_bytes_and_takes_the_oldest_age():
+    uploads = [{"key": "a", "bytes": 10, "age_seconds": 5}, {"key": "b", "bytes": None, "age_seconds": 50},
+               {"key": "c", "bytes": 7, "age_seconds": 20}]
+    assert upload_summary(uploads) == {"count": 3, "bytes": 17, "oldest_age_seconds": 50}

@@ -12,7 +12,7 @@ import json
 
 from . import manifest as mf
 from .errors import IntegrityError, NotFoundError, StorageError
-from .timeutil import is_backup_id, parse_iso
+from .timeutil import is_backup_id, parse_iso, to_iso, utc_now
 
 INDEX_NAME = "index.json"
 INDEX_SCHEMA = 1
@@ -140,6 +140,31 @@ class Catalog:
             self._write_index(job, fresh)
         return found
 
+    def incomplete_uploads(self, job=None, now=None):
+        """Uploads started below ``job`` (or anywhere at the location) and never completed.
+
+        On S3 these are the multipart uploads of killed runs: invisible to every listing, yet
+        their parts take (billed) space until aborted; prune's orphan sweep aborts them after
+        its grace period. Each entry: ``key``, ``upload_id``, ``initiated``, ``age_seconds``,
+        ``parts`` and ``bytes`` (None when the upload finished between the two requests).
+        Costs one listing of uploads plus one ListParts per upload found; other backends
+        have none.
+        """
+        if job is not None:
+            mf.validate_job_name(job)
+        now = now or utc_now()
+        sizes = getattr(self.storage, "incomplete_upload_size", None)
+        report = []
+        for upload in self.storage.list_incomplete_uploads("%s/" % job if job else ""):
+            held = sizes(upload.key, upload.upload_id) if sizes is not None else None
+            report.append({
+                "key": upload.key, "upload_id": upload.upload_id, "initiated": to_iso(upload.initiated),
+                "age_seconds": max(0, int((now - upload.initiated).total_seconds())),
+                "parts": held[0] if held else None, "bytes": held[1] if held else None,
+            })
+        report.sort(key=lambda entry: (entry["initiated"], entry["key"]))
+        return report
+
     def jobs(self):
         return sorted({m["job"] for m in self.scan(with_orphans=False)})
 
@@ -236,3 +261,9 @@ class Catalog:
             # The index is only a cache: a failed refresh costs extra reads on the next scan
             # (and read-only credentials simply never refresh it).
             pass
+
+
+def upload_summary(uploads):
+    """``{count, bytes, oldest_age_seconds}`` of ``Catalog.incomplete_uploads`` entries."""
+    return {"count": len(uploads), "bytes": sum(entry["bytes"] or 0 for entry in uploads),
+            "oldest_age_seconds": max((entry["age_seconds"] for entry in uploads), default=None)}

@@ -26,6 +26,7 @@ from .backup import open_payload
 from .catalog import Catalog
 from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError
 from .pipeline import check_object
+from .storage.base import MissingLocationError
 from .targets.base import RestoreContext, Target
 from .timeutil import parse_iso
 
@@ -177,8 +178,10 @@ def parent_identities(storage, job, identity=None, passphrase=None):
         try:
             latest = Catalog(storage).latest(job)
             found.extend(identities(storage, latest, passphrase=passphrase) or [])
-        except (NotFoundError, IntegrityError):
-            pass  # no parent, or not a passphrase backup: the source explains if it needs one
+        except (NotFoundError, IntegrityError, MissingLocationError):
+            # No parent (a first backup creates its location), or not a passphrase backup:
+            # the source explains if it needs one.
+            pass
     return found or None
 
 

@@ -13,7 +13,9 @@ Exit codes:
     0  success
     1  the operation failed (source, storage or tool error; unexpected error)
     2  configuration or usage error, detected before anything was written;
-       also a key that cannot open the backups, and prune refusing (max_delete)
+       also a key that cannot open the backups, a storage location that does not exist
+       (list, verify, restore, drill, prune; backup creates a missing directory), and prune
+       refusing (max_delete)
     3  integrity: verification failed, a restore or drill was refused or its checks failed
     4  the backup was stored but its size broke the size-anomaly ``fail`` policy
   130  interrupted (SIGINT); 143 terminated (SIGTERM) — nothing partial stays listed
@@ -32,12 +34,13 @@ import time
 
 from . import kinds
 from .backup import BackupRun
-from .catalog import Catalog
+from .catalog import Catalog, upload_summary
 from .config import resolve_secret_refs
 from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyError
 from .jobconfig import JobConfig, parse_text, secret_values
 from .pipeline import Progress
 from .restore import KeyMismatchError, parent_identities, restore as run_restore
+from .storage.base import MissingLocationError
 from .timeutil import to_iso, utc_now
 from .verify import verify as run_verify
 
@@ -125,7 +128,9 @@ def where(description):
 
 
 def exit_code_for(exc):
-    if isinstance(exc, KeyMismatchError):
+    if isinstance(exc, (KeyMismatchError, MissingLocationError)):
+        # A storage location that is not there (mistyped path, unmounted volume, missing
+        # bucket) is found before anything is read or written: the job file is wrong.
         return EXIT_CONFIG
     if isinstance(exc, IntegrityError):
         return EXIT_INTEGRITY
@@ -368,11 +373,15 @@ def cmd_list(config, args, log):
     catalog = Catalog(storage)
     job = args.job or config.job
     backups = catalog.scan(job)
+    uploads = catalog.incomplete_uploads(job)
     result = {"job": job, "storage": storage.describe(), "backups": backups,
               "junk": list(catalog.junk),
               "orphans": [{"key": info.key, "size": info.size, "modified": to_iso(info.modified)}
-                          for info in catalog.orphans]}
-    log.info("%d backups, %d junk objects, %d orphaned objects" % (len(backups), len(catalog.junk), len(catalog.orphans)))
+                          for info in catalog.orphans],
+              "incomplete_uploads": uploads, "incomplete_uploads_summary": upload_summary(uploads)}
+    log.info("%d backups, %d junk objects, %d orphaned objects, %d unfinished uploads (%s)" % (
+        len(backups), len(catalog.junk), len(catalog.orphans), len(uploads),
+        _human_bytes(result["incomplete_uploads_summary"]["bytes"])))
     return EXIT_OK, result
 
 

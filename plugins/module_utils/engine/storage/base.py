@@ -8,8 +8,23 @@ atomically: a reader never sees half an object under its final key.
 
 import collections
 
+from ..errors import StorageError
+
 ObjectInfo = collections.namedtuple("ObjectInfo", "key size modified")
 """One stored object: key relative to the location, size in bytes, modification time (aware UTC datetime)."""
+
+IncompleteUpload = collections.namedtuple("IncompleteUpload", "key upload_id initiated")
+"""An upload never completed: key relative to the location, the backend's upload id, when it started (aware UTC)."""
+
+
+class MissingLocationError(StorageError):
+    """The location itself is not there: a filesystem root that does not exist or is not a
+    directory (an S3 bucket that does not exist is reported the same way by S3Storage).
+
+    Reading never treats this as an empty catalog: only an operation that creates the
+    location (a backup run, through ``ensure_ready``) may catch it, and then means "nothing
+    stored yet".
+    """
 
 
 class ObjectWriter:
@@ -60,7 +75,11 @@ class Storage:
             reader.close()
 
     def list(self, prefix=""):
-        """Every object whose key starts with ``prefix``, in key order (one paginated listing)."""
+        """Every object whose key starts with ``prefix``, in key order (one paginated listing).
+
+        A location that does not exist raises :class:`MissingLocationError` naming it, never an
+        empty list; a prefix with nothing below it inside an existing location is empty.
+        """
         raise NotImplementedError
 
     def delete(self, key):
@@ -69,6 +88,15 @@ class Storage:
 
     def exists(self, key):
         raise NotImplementedError
+
+    def ensure_ready(self):
+        """Before a backup writes: create the location where the backend can (a directory),
+        else prove it exists and is writable; raises StorageError naming it."""
+
+    def list_incomplete_uploads(self, prefix=""):
+        """Uploads started but never completed or aborted (S3 multipart uploads of a killed run),
+        as ``IncompleteUpload`` tuples; backends without such a thing have none."""
+        return []
 
     def describe(self):
         """Where this location is, for manifests and messages; never credentials."""

@@ -9,9 +9,10 @@ import datetime
 import errno
 import os
 import secrets
+import stat
 
 from ..errors import NotFoundError, StorageError
-from .base import ObjectInfo, ObjectWriter, Storage
+from .base import MissingLocationError, ObjectInfo, ObjectWriter, Storage
 
 TMP_MARKER = ".tmp-"
 
@@ -102,13 +103,42 @@ class FilesystemStorage(Storage):
         return os.path.join(self.root, *parts)
 
     def ensure_ready(self):
-        """Create the root directory and prove it is writable before any backup starts."""
+        """Create the root directory and prove it is writable before any backup starts.
+
+        The only place the location is created: every read (listing, catalog, verify,
+        restore, prune) requires it to exist already (``check_location``).
+        """
+        if os.path.lexists(self.root) and not os.path.isdir(self.root):
+            # A regular file, or a symlink to nowhere (an unmounted volume): never write
+            # around it into whatever lies beneath.
+            self.check_location()
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
             raise StorageError("cannot create storage directory %s: %s" % (self.root, exc.strerror)) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StorageError("storage directory %s is not writable" % self.root)
+
+    def check_location(self):
+        """Raise MissingLocationError unless the root is an existing directory.
+
+        A mistyped path or an unmounted volume must not read as "no backups": backup_info
+        would report nothing, prune would succeed, verify would blame the job.
+        """
+        try:
+            mode = os.stat(self.root).st_mode
+        except FileNotFoundError:
+            if os.path.islink(self.root):
+                raise MissingLocationError(
+                    "storage path %s is a symbolic link to %s, which does not exist: check storage.path"
+                    % (self.root, os.readlink(self.root))) from None
+            raise MissingLocationError(
+                "storage directory %s does not exist (only a backup run creates it): check storage.path"
+                % self.root) from None
+        except OSError as exc:
+            raise StorageError("cannot reach storage directory %s: %s" % (self.root, exc.strerror)) from None
+        if not stat.S_ISDIR(mode):
+            raise MissingLocationError("storage path %s is not a directory: check storage.path" % self.root)
 
     def open_writer(self, key):
         return _FileWriter(self._path(key))
@@ -131,7 +161,18 @@ class FilesystemStorage(Storage):
         if any(p in (".", "..") for p in parts):
             raise StorageError("invalid listing prefix %r" % (prefix,))
         start = os.path.join(base, *parts) if parts else base
-        for directory, subdirs, files in os.walk(start):
+        self.check_location()
+
+        def unreadable(exc):
+            # The directory listed (the root, or a job's directory) must be readable: an
+            # unreadable one is not an empty one. A job directory that does not exist yet has
+            # no objects. Deeper down, as before, unreadable entries are skipped (a PVC's
+            # root-only lost+found must not break every listing of a non-root runner).
+            if exc.filename != start or (start != base and isinstance(exc, (FileNotFoundError, NotADirectoryError))):
+                return
+            raise StorageError("cannot list storage directory %s: %s" % (start, exc.strerror)) from None
+
+        for directory, subdirs, files in os.walk(start, onerror=unreadable):
             subdirs.sort()
             for name in files:
                 full = os.path.join(directory, name)
@@ -139,11 +180,11 @@ class FilesystemStorage(Storage):
                 if not key.startswith(prefix):
                     continue
                 try:
-                    stat = os.stat(full)
+                    found_stat = os.stat(full)
                 except FileNotFoundError:
                     continue  # deleted while we were listing
-                modified = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.timezone.utc)
-                found.append(ObjectInfo(key, stat.st_size, modified))
+                modified = datetime.datetime.fromtimestamp(found_stat.st_mtime, datetime.timezone.utc)
+                found.append(ObjectInfo(key, found_stat.st_size, modified))
         found.sort(key=lambda info: info.key)
         return found
 

@@ -2,14 +2,21 @@
 
 Large objects go up as multipart uploads whose parts are sent by a small thread pool while
 the next part fills, so network I/O overlaps with compression and encryption upstream.
-Memory is bounded by ``part_size * (max_in_flight + 1)``. A multipart upload is invisible
-until completed, which gives the same all-or-nothing publication as rename on a filesystem.
+A multipart upload is invisible until completed, which gives the same all-or-nothing
+publication as rename on a filesystem.
+
+A stream's size is not known in advance, and S3 allows at most 10,000 parts per upload:
+at a fixed 16 MiB that caps an object at 156 GiB. So the part size grows during the upload
+(``PartSchedule``): the configured ``part_size`` for the first 625 parts, then doubling
+every 625 parts up to 1 GiB, which stores S3's largest object (5 TiB) in fewer than 10,000
+parts from any part size S3 accepts. Memory is bounded by ``(max_in_flight + 1)`` times the
+current part size: parts only grow once the object is large (docs/performance.md).
 """
 
 import threading
 
 from ..errors import MissingDependencyError, NotFoundError, StorageError
-from .base import ObjectInfo, ObjectWriter, Storage
+from .base import IncompleteUpload, MissingLocationError, ObjectInfo, ObjectWriter, Storage
 
 try:
     import boto3
@@ -26,11 +33,85 @@ except ImportError:  # reported by S3Storage() so that the rest of the engine wo
         pass
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's lower bound for every part but the last
+MAX_PART_SIZE = 5 * 1024 ** 3  # S3's upper bound for one part
 MAX_PARTS = 10000  # S3's upper bound on the parts of one multipart upload
+MAX_OBJECT_SIZE = 5 * 1024 ** 4  # S3's largest object (5 TiB)
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
+# Part-size growth of a streamed upload (PartSchedule): the size doubles every
+# PARTS_PER_STEP parts until it reaches GROWTH_CEILING (a configured part_size above the
+# ceiling stays as it is). From 5 MiB that is 5,778 GiB in 10,000 parts, from the default
+# 16 MiB 6,865 GiB: both beyond MAX_OBJECT_SIZE, which is what ends an upload.
+PARTS_PER_STEP = 625
+GROWTH_CEILING = 1024 ** 3
 # Attempts per request, the first included; botocore's "standard" mode backs off exponentially
 # (with jitter) between them and retries throttling, 5xx answers and broken connections.
 DEFAULT_MAX_ATTEMPTS = 5
+
+
+def _format_size(count):
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            value = count / float(1 << shift)
+            return ("%d %s" % (value, unit)) if value == int(value) else ("%.1f %s" % (value, unit))
+    return "%d bytes" % count
+
+
+class PartSchedule:
+    """The size of each part of one streamed multipart upload.
+
+    Part ``n`` (1-based) is ``first_size * 2 ** ((n - 1) // PARTS_PER_STEP)``, but never more
+    than ``max(first_size, GROWTH_CEILING)``. The module constants are read when the schedule
+    is made, so a test can shrink them.
+    """
+
+    def __init__(self, first_size):
+        self.first_size = first_size
+        self.every = PARTS_PER_STEP
+        self.ceiling = max(first_size, GROWTH_CEILING)
+        self.max_parts = MAX_PARTS
+        self.max_object = MAX_OBJECT_SIZE
+
+    def size(self, number):
+        """Size of part ``number`` (every part but the last has exactly this size)."""
+        step = (number - 1) // self.every
+        if step >= 64 or self.first_size << step >= self.ceiling:
+            return self.ceiling
+        return self.first_size << step
+
+    def capacity(self, parts=None):
+        """Bytes that ``parts`` full parts hold (default: as many as S3 allows)."""
+        parts = self.max_parts if parts is None else parts
+        total, number = 0, 1
+        while number <= parts:
+            size = self.size(number)
+            # Parts up to the end of this step (or of ``parts``) all have ``size``.
+            last = min(parts, ((number - 1) // self.every + 1) * self.every)
+            total += size * (last - number + 1)
+            number = last + 1
+        return total
+
+    def parts_for(self, total):
+        """How many parts an object of ``total`` bytes takes (StorageError beyond S3's limits)."""
+        self.check_size(total)
+        parts, stored = 0, 0
+        while stored < total:
+            parts += 1
+            stored += self.size(parts)
+        return max(parts, 1)
+
+    def check_size(self, total, key="the object"):
+        if total > self.max_object:
+            raise StorageError(
+                "%s is larger than S3's largest object (%s): nothing was stored; split the job or "
+                "use a filesystem location for it" % (key, _format_size(self.max_object)))
+
+    def check_part(self, number, key="the object"):
+        if number > self.max_parts:
+            first, last = _format_size(self.first_size), _format_size(self.size(number - 1))
+            raise StorageError(
+                "%s needs more than S3's %d parts per upload (parts of %s): nothing was stored; "
+                "raise the storage option part_size"
+                % (key, self.max_parts, first if first == last else "%s growing to %s" % (first, last)))
 
 
 def _error_code(exc):
@@ -50,7 +131,8 @@ class _MultipartWriter(ObjectWriter):
     def __init__(self, storage, key, part_size, max_in_flight):
         self._s3 = storage
         self._key = storage.full_key(key)
-        self._part_size = part_size
+        self._schedule = PartSchedule(part_size)
+        self._part_size = part_size  # of the part being filled; grows with the schedule
         # Incoming writes are kept as they come (no copy) until a part is full, then joined
         # into one bytes object that the upload thread sends as is: one copy per part.
         self._chunks = []
@@ -71,7 +153,11 @@ class _MultipartWriter(ObjectWriter):
         except (BotoCoreError, ClientError) as exc:
             raise self._s3.wrap_error(exc, "starting upload of %s" % self._key) from None
 
-    def _send_part(self, number, body):
+    def _send_part(self, number, holder):
+        # The part comes in a list that is emptied here: the Thread object keeps its args
+        # until the thread ends, and the part must be gone before its slot frees, or the next
+        # part's copy coexists with it (one part more than the bound, measured).
+        body = holder.pop()
         try:
             response = self._s3.client.upload_part(
                 Bucket=self._s3.bucket, Key=self._key, UploadId=self._upload_id,
@@ -82,23 +168,29 @@ class _MultipartWriter(ObjectWriter):
             with self._lock:
                 self._error = self._error or exc
         finally:
+            body = None
             self._slots.release()
 
-    def _flush_part(self, body):
+    def _flush_part(self):
+        """Send the buffered bytes as the next part; the next part's size follows the schedule."""
         if self._error is not None:
             raise self._s3.wrap_error(self._error, "uploading %s" % self._key)
+        number = len(self._threads) + 1
+        self._schedule.check_part(number, self._key)
         if self._upload_id is None:
             self._start_upload()
-        number = len(self._threads) + 1
-        if number > MAX_PARTS:
-            raise StorageError(
-                "%s is larger than S3 allows with part_size %d (%d parts of at most %d MiB): "
-                "raise the storage option part_size" % (self._key, self._part_size, MAX_PARTS,
-                                                        self._part_size >> 20))
-        self._slots.acquire()  # back-pressure: at most max_in_flight parts in memory
-        thread = threading.Thread(target=self._send_part, args=(number, body), daemon=True)
-        thread.start()
+        # Back-pressure: at most max_in_flight parts sending. The slot is taken before the
+        # chunks are joined, so the copy never coexists with max_in_flight parts in flight:
+        # memory stays at (max_in_flight + 1) parts.
+        self._slots.acquire()
+        try:
+            thread = threading.Thread(target=self._send_part, args=(number, [self._take_buffered()]), daemon=True)
+            thread.start()
+        except BaseException:
+            self._slots.release()
+            raise
         self._threads.append(thread)
+        self._part_size = self._schedule.size(number + 1)
 
     def _take_buffered(self):
         data = b"".join(self._chunks)
@@ -109,6 +201,11 @@ class _MultipartWriter(ObjectWriter):
     def write(self, data):
         if not isinstance(data, bytes):
             data = bytes(data)  # kept by reference until the part is sent: must not change
+        try:
+            self._schedule.check_size(self._size + len(data), self._key)
+        except StorageError:
+            self.abort()
+            raise
         self._size += len(data)
         view = memoryview(data)
         while len(view):
@@ -117,7 +214,11 @@ class _MultipartWriter(ObjectWriter):
             self._chunks.append(piece)
             self._buffered += len(piece)
             if self._buffered == self._part_size:
-                self._flush_part(self._take_buffered())
+                try:
+                    self._flush_part()
+                except StorageError:
+                    self.abort()
+                    raise
 
     def commit(self):
         try:
@@ -128,7 +229,7 @@ class _MultipartWriter(ObjectWriter):
                 self._s3.client.put_object(**kwargs)
                 return self._size
             if self._buffered:
-                self._flush_part(self._take_buffered())
+                self._flush_part()
             for thread in self._threads:
                 thread.join()
             if self._error is not None:
@@ -196,6 +297,8 @@ class S3Storage(Storage):
             raise StorageError("s3 storage needs a bucket name")
         if part_size < MIN_PART_SIZE:
             raise StorageError("s3 part_size must be at least %d bytes" % MIN_PART_SIZE)
+        if part_size > MAX_PART_SIZE:
+            raise StorageError("s3 part_size must be at most %d bytes (5 GiB), got %d" % (MAX_PART_SIZE, part_size))
         self.bucket = bucket
         self.prefix = (prefix or "").strip("/")
         self.endpoint_url = endpoint_url
@@ -232,7 +335,7 @@ class S3Storage(Storage):
     def wrap_error(self, exc, doing):
         code = _error_code(exc)
         if code == "NoSuchBucket":
-            return StorageError("s3 bucket %r does not exist at %s" % (self.bucket, self.endpoint_url or "AWS"))
+            return MissingLocationError("s3 bucket %r does not exist at %s" % (self.bucket, self.endpoint_url or "AWS"))
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
             return StorageError("s3 refused %s in bucket %r: check the access key and secret (%s)"
                                 % (doing, self.bucket, code))
@@ -244,7 +347,7 @@ class S3Storage(Storage):
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
-                raise StorageError("s3 bucket %r does not exist at %s"
+                raise MissingLocationError("s3 bucket %r does not exist at %s"
                                    % (self.bucket, self.endpoint_url or "AWS")) from None
             raise self.wrap_error(exc, "checking the bucket") from None
         except BotoCoreError as exc:
@@ -278,17 +381,35 @@ class S3Storage(Storage):
         return found
 
     def list_incomplete_uploads(self, prefix=""):
-        """Multipart uploads never completed (a killed run); (key, upload_id, initiated)."""
+        """Multipart uploads never completed (a killed run), as IncompleteUpload tuples."""
         uploads = []
         try:
             paginator = self.client.get_paginator("list_multipart_uploads")
             full_prefix = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
                 for item in page.get("Uploads", []):
-                    uploads.append((self._relative(item["Key"]), item["UploadId"], item["Initiated"]))
+                    uploads.append(IncompleteUpload(self._relative(item["Key"]), item["UploadId"], item["Initiated"]))
         except (BotoCoreError, ClientError) as exc:
             raise self.wrap_error(exc, "listing incomplete uploads") from None
         return uploads
+
+    def incomplete_upload_size(self, key, upload_id):
+        """``(parts, bytes)`` an unfinished upload holds on the server (one paginated ListParts),
+        or None when it completed or was aborted since it was listed."""
+        parts = size = 0
+        try:
+            paginator = self.client.get_paginator("list_parts")
+            for page in paginator.paginate(Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id):
+                for part in page.get("Parts", []):
+                    parts += 1
+                    size += part.get("Size", 0)
+        except ClientError as exc:
+            if _error_code(exc) in ("NoSuchUpload", "404", "NotFound"):
+                return None
+            raise self.wrap_error(exc, "listing the parts of the upload of %s" % key) from None
+        except BotoCoreError as exc:
+            raise self.wrap_error(exc, "listing the parts of the upload of %s" % key) from None
+        return parts, size
 
     def abort_incomplete_upload(self, key, upload_id):
         try:
