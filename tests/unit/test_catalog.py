@@ -404,7 +404,7 @@ def test_a_location_that_is_not_a_directory_is_an_error_naming_it(tmp_path, shap
     catalog = Catalog(storage)
     expected = {"missing": "does not exist", "regular file": "is not a directory",
                 "dangling symlink": "is a symbolic link to %s, which does not exist" % (tmp_path / "nowhere")}[shape]
-    for attempt in (lambda: catalog.scan(), lambda: catalog.scan("web"), lambda: catalog.latest("web"),
+    for attempt in (catalog.scan, lambda: catalog.scan("web"), lambda: catalog.latest("web"),
                     lambda: catalog.resolve("web", "2024-01-01T00:00:00Z"), lambda: storage.list("web/")):
         with pytest.raises(MissingLocationError, match="storage (directory|path) %s %s" % (root, expected)):
             attempt()

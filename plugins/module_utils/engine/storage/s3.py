@@ -348,7 +348,7 @@ class S3Storage(Storage):
         except ClientError as exc:
             if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
                 raise MissingLocationError("s3 bucket %r does not exist at %s"
-                                   % (self.bucket, self.endpoint_url or "AWS")) from None
+                                           % (self.bucket, self.endpoint_url or "AWS")) from None
             raise self.wrap_error(exc, "checking the bucket") from None
         except BotoCoreError as exc:
             raise StorageError("cannot reach s3 endpoint %s: %s" % (self.endpoint_url, exc)) from None
