@@ -173,7 +173,7 @@ verify_seconds:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import (
-    ENCRYPTION_SPEC, STORAGE_SPEC, engine_errors)
+    ENCRYPTION_SPEC, STORAGE_SPEC, drop_none, engine_errors)
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import (
     open_location, reading_keys, resolved, text_of)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
@@ -197,17 +197,18 @@ def main():
     )
     params = module.params
     with engine_errors(module, changed=False):
+        if params["kind"]:
+            # An unknown kind or a wrong target field fails before a secret or storage is read.
+            kinds.check_target_options(params["kind"], drop_none(params["target"]))
+        options = resolved(module, "target")
         storage = open_location(module)
         identity, passphrase = reading_keys(module)
-        options = resolved(module, "target")
 
         def make_target(kind):
             if params["kind"] and params["kind"] != kind:
                 raise ConfigError("backup of job %s is of kind %s, not %s" % (params["job"], kind, params["kind"]))
             return kinds.make_target(kind, options)
 
-        if params["kind"]:
-            kinds.target_class(params["kind"])  # an unknown kind fails before storage is read
         report = restore(storage, params["job"], make_target, backup=params["backup"],
                          point_in_time=params["point_in_time"], identity=identity, passphrase=passphrase,
                          check_mode=module.check_mode)

@@ -199,6 +199,8 @@ def main():
     params = module.params
     result = dict(changed=False, backup_id="")
     with engine_errors(module, **result):
+        # Fields checked (types, bounds, unknown names) before a secret file is read.
+        kinds.check_source_options(params["kind"], drop_none(params["source"]))
         source = kinds.make_source(params["kind"], resolved(module, "source"))
         storage = open_location(module)
         identity, passphrase = reading_keys(module)

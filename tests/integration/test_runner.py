@@ -257,7 +257,7 @@ def test_usage_errors_exit_2(tmp_path):
     assert run("restore", tmp_path / "a.yaml", tmp_path / "b.yaml").returncode == 2
     assert run("backup", tmp_path / "a.yaml", extra=["--point-in-time", "2024-01-01"]).returncode == 2
     missing = run("list", tmp_path / "nope.yaml")
-    assert missing.returncode == 2 and "cannot read job file" in missing.stderr
+    assert missing.returncode == 2 and "cannot read job file from" in missing.stderr
 
 
 def _files_job(tmp_path, tree, keys, **extra):

@@ -263,11 +263,11 @@ def test_keys_cannot_escape_the_root(tmp_path):
 def test_relative_root_is_refused():
     with pytest.raises(StorageError, match="must be an absolute directory"):
         FilesystemStorage("backups")
-    with pytest.raises(ConfigError, match="storage path must be absolute"):
+    with pytest.raises(ConfigError, match="storage.path must be an absolute path, got 'rel'"):
         open_storage({"backend": "filesystem", "path": "rel"})
-    with pytest.raises(ConfigError, match="needs 'path'"):
+    with pytest.raises(ConfigError, match="storage.path is required for backend nfs"):
         open_storage({"backend": "nfs"})
-    with pytest.raises(ConfigError, match="unknown storage backend 'ftp'"):
+    with pytest.raises(ConfigError, match="storage.backend must be one of filesystem, s3, nfs, got 'ftp'"):
         open_storage({"backend": "ftp"})
 
 

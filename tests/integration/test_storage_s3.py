@@ -235,7 +235,8 @@ def test_part_size_grows_past_the_old_fixed_limit_and_round_trips(s3_server, sto
 
 
 def test_part_size_below_the_s3_minimum_is_refused(options):
-    with pytest.raises(StorageError, match="part_size must be at least 5242880"):
+    # Refused by the storage schema before any client is made (engine/storage/location.py).
+    with pytest.raises(ConfigError, match="storage.part_size must be at least 5242880, got 1048576"):
         open_storage(dict(options, part_size=MiB))
 
 
@@ -468,7 +469,7 @@ def test_credentials_from_files_and_env(s3_server, options, tmp_path, monkeypatc
 
 
 def test_unknown_backend_and_missing_bucket_option():
-    with pytest.raises(ConfigError, match="storage backend s3 needs 'bucket'"):
+    with pytest.raises(ConfigError, match="storage.bucket is required for backend s3"):
         open_storage({"backend": "s3", "endpoint_url": "http://127.0.0.1:9"})
 
 
@@ -914,5 +915,5 @@ def test_failures_beyond_max_attempts_fail_clearly_and_leave_nothing(s3_server, 
 
 @pytest.mark.parametrize("value", [0, -1, "two", True, 1.5])
 def test_max_attempts_must_be_a_positive_whole_number(options, value):
-    with pytest.raises(ConfigError, match="max_attempts"):
+    with pytest.raises(ConfigError, match="storage.max_attempts must be (a whole number|at least 1), got"):
         open_storage(dict(options, max_attempts=value))

@@ -83,16 +83,27 @@ def test_unset_options_mean_defaults():
     # What an Ansible sub-option or an empty job-file key looks like.
     assert codecs.compression_settings({"algorithm": "zstd", "level": None, "threads": None}) == \
         {"algorithm": "zstd", "level": 3, "threads": -1}
-    assert codecs.compression_settings({"algorithm": "zstd", "level": "", "threads": "2"})["threads"] == 2
+    assert codecs.compression_settings({"algorithm": "zstd", "threads": "2"})["threads"] == 2
+
+
+def test_an_empty_string_is_not_an_unset_number():
+    # `level: ""` is a value, and not a number: it must not silently mean the default.
+    with pytest.raises(ConfigError, match="compression.level must be a whole number, got ''"):
+        codecs.compression_settings({"algorithm": "zstd", "level": ""})
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"algorithm": "bzip2"}, "unknown compression algorithm 'bzip2'"),
+    ({"algorithm": "bzip2"}, "compression.algorithm must be one of none, gzip, zstd, got 'bzip2'"),
     ({"algorithm": "zstd", "level": 0}, "level 0 is outside 1..19 for zstd"),
-    ({"algorithm": "zstd", "level": 20}, "level 20 is outside 1..19"),
+    ({"algorithm": "zstd", "level": 20}, "compression.level must be at most 19, got 20"),
     ({"algorithm": "gzip", "level": 10}, "level 10 is outside 1..9 for gzip"),
-    ({"algorithm": "gzip", "level": "fast"}, "compression level must be an integer, got 'fast'"),
-    ({"algorithm": "zstd", "threads": "many"}, "compression threads must be an integer"),
+    ({"algorithm": "gzip", "level": "fast"}, "compression.level must be a whole number, got 'fast'"),
+    ({"algorithm": "zstd", "threads": "many"}, "compression.threads must be a whole number, got 'many'"),
+    ({"algorithm": "zstd", "threads": 100000}, "compression.threads must be at most 256, got 100000"),
+    ({"algorithm": "zstd", "threads": -2}, "compression.threads must be at least -1, got -2"),
+    ({"algorithm": "zstd", "level": True}, "compression.level must be a whole number, got True"),
+    ({"enabled": "perhaps"}, "compression.enabled must be a boolean"),
+    ({"algorithm": "zstd", "speed": 3}, "compression: unknown option\\(s\\) speed"),
 ])
 def test_bad_compression_options_are_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):

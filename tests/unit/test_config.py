@@ -109,3 +109,11 @@ def test_env_resolution_reads_the_process_environment_at_call_time(monkeypatch):
     os.environ["BB_TEST_LATE"] = "two"
     assert first == {"token": "one"}
     assert resolve_secret_refs({"token_env": "BB_TEST_LATE"}) == {"token": "two"}
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe p\x00w\x00", b"age1\xc3(", b"\x80"])
+def test_a_secret_file_that_is_not_utf8_is_a_config_error_naming_the_option(tmp_path, content):
+    path = tmp_path / "password"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"^source\.password: .*password is not UTF-8 text \(byte 0x[0-9a-f]{2} at offset"):
+        resolve_secret_refs({"password_file": str(path)}, "source")

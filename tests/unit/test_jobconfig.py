@@ -60,7 +60,7 @@ def test_unparseable_files_name_the_problem(tmp_path, content, message):
 
 
 def test_missing_file():
-    with pytest.raises(ConfigError, match="cannot read job file /nonexistent/job.yaml"):
+    with pytest.raises(ConfigError, match="cannot read job file from /nonexistent/job.yaml: No such file"):
         JobConfig.load("/nonexistent/job.yaml")
 
 
@@ -71,20 +71,20 @@ def test_missing_file():
     ({"kind": "mysql"}, "unknown backup kind 'mysql'.*files.*postgres"),
     ({"storage": None}, "'storage' is required"),
     ({"storage": "s3://bucket"}, "'storage' must be a mapping"),
-    ({"storage": {"backend": "ftp"}}, "unknown storage backend 'ftp'"),
+    ({"storage": {"backend": "ftp"}}, "storage.backend must be one of filesystem, s3, nfs, got 'ftp'"),
     ({"storage": {"backend": "filesystem", "path": "relative/dir"}}, "storage.path must be an absolute"),
     ({"storage": {"backend": "s3"}}, "storage.bucket is required"),
     ({"storage": {"backend": "s3", "bucket": "b", "endpoint_url": "s3.local:8333"}}, "must be an http"),
-    ({"storage": {"backend": "filesystem", "path": "/b", "pth": "/c"}}, "unknown option\\(s\\) in 'storage': pth"),
-    ({"compression": {"algorithm": "bzip2"}}, "unknown compression algorithm 'bzip2'"),
-    ({"compression": {"algorithm": "zstd", "level": 42}}, "outside 1..19"),
+    ({"storage": {"backend": "filesystem", "path": "/b", "pth": "/c"}}, "storage: unknown option\\(s\\) pth"),
+    ({"compression": {"algorithm": "bzip2"}}, "compression.algorithm must be one of none, gzip, zstd, got 'bzip2'"),
+    ({"compression": {"algorithm": "zstd", "level": 42}}, "compression.level must be at most 19, got 42"),
     ({"encryption": {"recipients": ["age1notakey"]}}, "invalid age recipient"),
     ({"encryption": {"recipients": "x", "passphrase_env": "P"}}, "invalid age recipient"),
     ({"encryption": {"recipients": [RECIPIENT], "passphrase_env": "P"}}, "recipients or a passphrase, not both"),
     ({"encryption": {"enabled": True}}, "neither recipients"),
-    ({"retention": {"keep_daily": -2}}, "retention: keep_daily"),
-    ({"retention": {"keep_daily": 7, "semantics": "tarsnap"}}, "semantics 'tarsnap' is unknown"),
-    ({"retention": {"keep_dayly": 7}}, "unknown option\\(s\\) in 'retention': keep_dayly"),
+    ({"retention": {"keep_daily": -2}}, "retention.keep_daily must be at least -1, got -2"),
+    ({"retention": {"keep_daily": 7, "semantics": "tarsnap"}}, "retention.semantics must be one of borg, restic, got 'tarsnap'"),
+    ({"retention": {"keep_dayly": 7}}, "retention: unknown option\\(s\\) keep_dayly"),
     ({"retention": {"keep_daily": 0}}, "keeps nothing"),
     ({"size_anomaly": {"warn_above": 0.5}}, "warn_above must be greater than 1"),
     ({"size_anomaly": {"max_ratio": 3}}, "unknown size policy option"),
@@ -92,11 +92,20 @@ def test_missing_file():
     ({"schedule": "61 * * * *"}, "schedule"),
     ({"metrics": {"pushgateway_url": "pushgateway:9091"}}, "pushgateway_url must be an http"),
     ({"metrics": {"textfile": "/var/lib/metrics.txt"}}, "must end in .prom"),
-    ({"metrics": {"pushgateway_url": "http://p:9091", "timeout": 0}}, "timeout must be a positive"),
-    ({"metrics": {"pushgateway": "http://p:9091"}}, "unknown option\\(s\\) in 'metrics'"),
+    ({"metrics": {"pushgateway_url": "http://p:9091", "timeout": 0}}, "metrics.timeout must be greater than 0, got 0"),
+    ({"metrics": {"pushgateway": "http://p:9091"}}, "metrics: unknown option\\(s\\) pushgateway"),
     ({"log_format": "xml"}, "log_format must be one of"),
-    ({"verify": {"test_restore": "yes"}}, "test_restore must be true or false"),
-    ({"restore": {"target": "/srv"}}, "restore.target must be a mapping"),
+    ({"verify": {"test_restore": "sometimes"}}, "verify.test_restore must be a boolean .*got 'sometimes'"),
+    ({"verify": {"backup": ""}}, "verify.backup must not be empty"),
+    ({"storage": {"backend": "s3", "bucket": "b", "part_size": 0}}, "storage.part_size must be at least 5242880, got 0"),
+    ({"compression": {"threads": 100000}}, "compression.threads must be at most 256, got 100000"),
+    ({"compression": {"level": "3x"}}, "compression.level must be a whole number, got '3x'"),
+    ({"retention": {"keep_daily": 7, "force": "no thanks"}}, "retention.force must be a boolean .*got 'no thanks'"),
+    ({"retention": {"keep_daily": 7, "max_delete": -1}}, "retention.max_delete must be at least 0"),
+    ({"source": {"path": "/srv", "incremental": "n thanks"}}, "source.incremental must be a boolean"),
+    ({"source": {"path": "/srv", "full_every": 2.5}}, "source.full_every must be a whole number, got 2.5"),
+    ({"source": {"path": "/srv", "pth": "/x"}}, "source: unknown option\\(s\\) pth"),
+    ({"restore": {"target": "/srv"}}, "restore.target must be a mapping, got '/srv'"),
     ({"drill": {"job": "Not A Job"}}, "invalid job name"),
     ({"retension": {}}, "unknown top-level option\\(s\\) retension"),
 ])
@@ -191,11 +200,24 @@ def test_prune_needs_a_policy(tmp_path):
     assert config.retention_policy.counts["last"] == 3
 
 
-def test_source_options_are_checked_by_the_kind_at_prepare(tmp_path):
-    config = load(base(kind="postgres", source={"host": "db", "databse": "app"},
-                       storage={"backend": "filesystem", "path": str(tmp_path)}))
-    with pytest.raises(ConfigError, match="postgres source: unknown option\\(s\\) databse"):
-        config.prepare("backup")
+def test_source_options_are_checked_by_the_kind_when_the_file_is_loaded(tmp_path):
+    with pytest.raises(ConfigError, match="job file: source: unknown option\\(s\\) databse"):
+        load(base(kind="postgres", source={"host": "db", "databse": "app"},
+                  storage={"backend": "filesystem", "path": str(tmp_path)}))
+
+
+@pytest.mark.parametrize("section", ["restore", "drill"])
+@pytest.mark.parametrize("target, message", [
+    ({"swap": "nope"}, "%s.target.swap must be a boolean .*got 'nope'"),
+    ({"swap": True, "drop_old": "no thanks"}, "%s.target.drop_old must be a boolean .*got 'no thanks'"),
+    ({"swap_timeout": "soon"}, "%s.target.swap_timeout must be a number, got 'soon'"),
+    ({"restore_database": 5.5, "port": "5432x"}, "%s.target.port must be a whole number"),
+    ({"swp": True}, "%s.target: unknown option\\(s\\) swp"),
+])
+def test_target_options_are_checked_by_the_kind_when_the_file_is_loaded(tmp_path, section, target, message):
+    with pytest.raises(ConfigError, match=message % section):
+        load(base(kind="postgres", source={"host": "db", "database": "app"},
+                  storage={"backend": "filesystem", "path": str(tmp_path)}, **{section: {"target": target}}))
 
 
 def test_metrics_instance_and_credentials(tmp_path, monkeypatch):

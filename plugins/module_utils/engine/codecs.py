@@ -8,6 +8,7 @@ import zlib
 
 from .config import read_secret_file, resolve_secret_refs
 from .errors import ConfigError, DecryptionError, MissingDependencyError
+from .schema import Field, Schema
 
 try:
     import zstandard
@@ -29,32 +30,29 @@ LEVEL_RANGE = {"none": (0, 0), "gzip": (1, 9), "zstd": (1, 19)}
 ENVELOPE_OBJECT = "key.age"
 
 
-def _int_option(options, name, default):
-    """An integer option; unset (None or '') means ``default``; anything else must be an integer."""
-    value = options.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError("compression %s must be an integer, got %r" % (name, value)) from None
+# zstd worker threads: -1 lets zstandard use every core, 0 compresses in the calling thread.
+MAX_THREADS = 256
+SCHEMA = Schema("compression", {
+    "enabled": Field("bool", "false stores payloads uncompressed (the seed's spelling of algorithm: none)"),
+    "algorithm": Field("enum", "compression algorithm (default zstd)", choices=ALGORITHMS),
+    "level": Field("int", "compression level: gzip 1-9 (default 6), zstd 1-19 (default 3)", minimum=0, maximum=19),
+    "threads": Field("int", "zstd worker threads: -1 all cores (default), 0 none", minimum=-1, maximum=MAX_THREADS),
+})
 
 
 def compression_settings(options):
     """Normalise ``{algorithm, level, threads}``; the seed's ``{enabled, algorithm}`` is accepted."""
-    options = dict(options or {})
+    options = SCHEMA.validate(options)
     if options.get("enabled") is False:
         return {"algorithm": "none", "level": 0, "threads": 0}
-    algorithm = options.get("algorithm") or "zstd"
-    if algorithm not in ALGORITHMS:
-        raise ConfigError("unknown compression algorithm %r: choose one of %s" % (algorithm, ", ".join(ALGORITHMS)))
-    level = _int_option(options, "level", DEFAULT_LEVEL[algorithm])
+    algorithm = options.get("algorithm", "zstd")
+    level = options.get("level", DEFAULT_LEVEL[algorithm])
     low, high = LEVEL_RANGE[algorithm]
     if algorithm == "none":
         level = 0
     elif not low <= level <= high:
-        raise ConfigError("compression level %d is outside %d..%d for %s" % (level, low, high, algorithm))
-    threads = _int_option(options, "threads", -1 if algorithm == "zstd" else 0)
+        raise ConfigError("compression.level %d is outside %d..%d for %s" % (level, low, high, algorithm))
+    threads = options.get("threads", -1 if algorithm == "zstd" else 0)
     if algorithm == "zstd" and not HAS_ZSTD:
         raise MissingDependencyError("zstandard", "zstd compression")
     return {"algorithm": algorithm, "level": level, "threads": threads}

@@ -16,12 +16,29 @@ SECRET_FIELDS = frozenset((
 ))
 
 
-def read_secret_file(path, what):
+def read_text_file(path, what):
+    """The UTF-8 text of ``path``; ConfigError naming ``what`` when it cannot be read or is not text.
+
+    Key, password and recipients files are often written by hand or copied from elsewhere: a
+    binary file (a DER key, a file saved as UTF-16) gets a message, not a UnicodeDecodeError.
+    """
+    if not isinstance(path, str) or not path:
+        # An int would open that file descriptor; a list would crash.
+        raise ConfigError("%s must be the path of a file, got %r" % (what, path))
     try:
-        with open(path, "r", encoding="utf-8") as handle:
-            return handle.read().rstrip("\r\n")
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as exc:
-        raise ConfigError("cannot read %s from %s: %s" % (what, path, exc.strerror)) from None
+        raise ConfigError("cannot read %s from %s: %s" % (what, path, exc.strerror or exc)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: %s is not UTF-8 text (byte 0x%02x at offset %d); it must hold the value as text"
+                          % (what, path, data[exc.start], exc.start)) from None
+
+
+def read_secret_file(path, what):
+    return read_text_file(path, what).rstrip("\r\n")
 
 
 def resolve_secret_refs(options, where="options"):
@@ -60,18 +77,3 @@ def redact(options):
     if isinstance(options, list):
         return [redact(item) for item in options]
     return options
-
-
-def check_known(options, known, where):
-    """ConfigError naming every key of ``options`` outside ``known`` (``x_file``/``x_env`` of known secrets allowed)."""
-    allowed = set(known) | {name + suffix for name in known if name in SECRET_FIELDS for suffix in ("_file", "_env")}
-    unknown = sorted(str(key) for key in options if key not in allowed)
-    if unknown:
-        raise ConfigError("%s: unknown option(s) %s (known: %s)" % (where, ", ".join(unknown), ", ".join(known)))
-
-
-def as_bool(value):
-    """Option values as booleans, also from strings of YAML-less sources ("false", "no", "0")."""
-    if isinstance(value, str):
-        return value.strip().lower() not in ("", "false", "no", "0", "off")
-    return bool(value)

@@ -32,16 +32,16 @@ Layout (only ``job``, ``kind`` and ``storage`` are required)::
 """
 
 import json
-import os
 import re
 
 from . import codecs
 from . import kinds
 from .anomaly import SizePolicy
-from .config import SECRET_FIELDS, resolve_secret_refs
+from .config import SECRET_FIELDS, read_text_file, resolve_secret_refs
 from .errors import ConfigError
 from .manifest import validate_job_name
-from .storage.location import open_storage
+from .schema import Field, Schema
+from .storage import location
 
 try:
     import yaml
@@ -52,32 +52,55 @@ except ImportError:
 TOP_LEVEL = ("job", "kind", "source", "storage", "compression", "encryption", "retention",
              "size_anomaly", "schedule", "metrics", "restore", "drill", "verify", "log_format",
              "description")
-STORAGE_KEYS = ("backend", "path", "bucket", "prefix", "endpoint_url", "endpoint", "region",
-                "access_key", "secret_key", "session_token", "path_style", "verify_tls",
-                "server_side_encryption", "sse_kms_key_id", "part_size", "max_attempts")
-ENCRYPTION_KEYS = ("enabled", "recipients", "recipients_file", "passphrase", "identity")
-COMPRESSION_KEYS = ("enabled", "algorithm", "level", "threads")
-METRICS_KEYS = ("pushgateway_url", "instance", "username", "password", "timeout", "textfile",
-                "enabled")
+LOG_FORMATS = ("text", "json")
+_URL_RE = re.compile(r"^https?://[^\s/]+")
+
+ENCRYPTION = Schema("encryption", {
+    "enabled": Field("bool", "false stores backups unencrypted (default: encrypted when keys are given)"),
+    "recipients": Field("list", "age public keys (age1...) backups are encrypted to"),
+    "recipients_file": Field("path", "file of age public keys, one per line (# comments)"),
+    "passphrase": Field("str", "passphrase (scrypt) instead of recipients", secret=True),
+    "identity": Field("str", "age private key (AGE-SECRET-KEY-1...) for restore, verify and drill", secret=True),
+})
 RETENTION_KEYS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
                   "keep_yearly", "keep_within", "semantics", "timezone")
 # Options of the prune step itself (engine/prune.py), next to the policy.
 PRUNE_KEYS = ("min_keep", "max_delete", "force", "orphan_grace")
-VERIFY_KEYS = ("backup", "test_restore")
-RESTORE_KEYS = ("target", "backup", "point_in_time")
-LOG_FORMATS = ("text", "json")
-_URL_RE = re.compile(r"^https?://[^\s/]+")
-
-
-def _secret_refs(keys):
-    """Allowed spellings of a section's keys: secret fields only as ``_file`` / ``_env``."""
-    allowed = set()
-    for key in keys:
-        if key in SECRET_FIELDS:
-            allowed.update((key + "_file", key + "_env"))
-        else:
-            allowed.add(key)
-    return allowed
+_COUNT = "backups kept by the %s rule (-1: unlimited)"
+RETENTION = Schema("retention", dict(
+    {key: Field("int", _COUNT % key[5:], minimum=-1) for key in RETENTION_KEYS if key.startswith("keep_")
+     and key != "keep_within"},
+    keep_within=Field("str", "keep every backup within this span of the newest (e.g. 7d, 2w3d, 1y)", nonempty=True),
+    semantics=Field("enum", "rule semantics (default borg)", choices=("borg", "restic")),
+    timezone=Field("str", "IANA time zone the calendar rules count in (default UTC)", nonempty=True),
+    min_keep=Field("int", "never keep fewer complete backups than this (default 1)", minimum=0),
+    max_delete=Field("int", "refuse a prune that would delete more backups than this (unless force)", minimum=0),
+    force=Field("bool", "prune even beyond max_delete (default false)"),
+    orphan_grace=Field("any", "age after which leftovers of failed runs are removed (default 24h)"),
+))
+METRICS = Schema("metrics", {
+    "enabled": Field("bool", "push or write metrics (default true when a destination is given)"),
+    "pushgateway_url": Field("str", "Pushgateway URL, http(s)://host:port", nonempty=True),
+    "instance": Field("str", "the instance label (default: the source host, else the job name)", nonempty=True),
+    "username": Field("str", "Pushgateway basic-auth user", nonempty=True),
+    "password": Field("str", "Pushgateway basic-auth password", secret=True),
+    "timeout": Field("number", "seconds per push (default 10)", exclusive_minimum=0, maximum=600),
+    "textfile": Field("path", "write a node-exporter textfile (*.prom) instead of or besides pushing"),
+})
+VERIFY = Schema("verify", {
+    "backup": Field("str", "which backup: an id, latest (default) or an ISO-8601 time", nonempty=True),
+    "test_restore": Field("bool", "also restore into a scratch target and check the data (default false)"),
+})
+RESTORE = Schema("restore", {
+    "target": Field("dict", "the kind's target options"),
+    "backup": Field("str", "which backup: an id, latest (default) or an ISO-8601 time", nonempty=True),
+    "point_in_time": Field("str", "restore the newest backup finished at or before this ISO-8601 time",
+                           nonempty=True),
+})
+DRILL = Schema("drill", {
+    "job": Field("str", "the job whose backups the drill restores (default: this job)", nonempty=True),
+    "target": Field("dict", "scratch target options (default: derived from the source's connection)"),
+})
 
 
 def refuse_literal_secrets(value, where):
@@ -110,29 +133,19 @@ def secret_values(options):
     return found
 
 
-def _section(data, name, keys=None, required=False):
+def _section(data, name, schema=None):
+    """Section ``name`` of the job file, checked field by field by ``schema`` (types and all)."""
     value = data.get(name)
     if value is None:
-        if required:
-            raise ConfigError("job file: '%s' is required" % name)
         return {}
     if not isinstance(value, dict):
-        raise ConfigError("job file: '%s' must be a mapping, got %s" % (name, type(value).__name__))
-    if keys is not None:
-        unknown = sorted(set(value) - _secret_refs(keys))
-        if unknown:
-            raise ConfigError("job file: unknown option(s) in '%s': %s (known: %s)"
-                              % (name, ", ".join(unknown), ", ".join(sorted(_secret_refs(keys)))))
-    return value
+        raise ConfigError("'%s' must be a mapping, got %s" % (name, type(value).__name__))
+    return schema.validate(value, name) if schema is not None else value
 
 
 def read_recipients_file(path):
     """Recipients from a file (one ``age1...`` per line, ``#`` comments), as age -R reads them."""
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise ConfigError("cannot read the recipients file %s: %s" % (path, exc.strerror)) from None
+    lines = read_text_file(path, "encryption.recipients_file").splitlines()
     recipients = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not recipients:
         raise ConfigError("the recipients file %s lists no recipient" % path)
@@ -201,32 +214,43 @@ class JobConfig:
     def __init__(self, data, where="job file"):
         if not isinstance(data, dict):
             raise ConfigError("%s must be a mapping" % where)
-        unknown = sorted(set(data) - set(TOP_LEVEL))
-        if unknown:
-            raise ConfigError("%s: unknown top-level option(s) %s (known: %s)"
-                              % (where, ", ".join(unknown), ", ".join(TOP_LEVEL)))
         self.where = where
         self.raw = data
+        try:
+            self._validate(data)
+        except ConfigError as exc:
+            # Every message names the field; the job file's path goes in front once.
+            if str(exc).startswith(where):
+                raise
+            raise ConfigError("%s: %s" % (where, exc)) from None
+
+    def _validate(self, data):
+        unknown = sorted(set(data) - set(TOP_LEVEL))
+        if unknown:
+            raise ConfigError("unknown top-level option(s) %s (known: %s)" % (", ".join(unknown), ", ".join(TOP_LEVEL)))
         self.job = validate_job_name(data.get("job"))
         self.kind = data.get("kind")
         if not self.kind:
-            raise ConfigError("%s: 'kind' is required (one of %s)" % (where, ", ".join(kinds.known_kinds()) or "none"))
-        kinds.source_class(self.kind)  # unknown kind -> ConfigError listing the known ones
-        self.source = _section(data, "source")
-        self.storage = _section(data, "storage", STORAGE_KEYS, required=True)
-        self.compression_options = _section(data, "compression", COMPRESSION_KEYS)
-        self.encryption = _section(data, "encryption", ENCRYPTION_KEYS)
-        self.retention = _section(data, "retention", RETENTION_KEYS + PRUNE_KEYS)
-        self.size_anomaly = _section(data, "size_anomaly")
-        self.metrics = _section(data, "metrics", METRICS_KEYS)
-        self.restore = _section(data, "restore", RESTORE_KEYS)
-        self.drill = _section(data, "drill", ("job", "target"))
-        if self.drill.get("job") is not None:
-            validate_job_name(self.drill["job"])
-        self.verify = _section(data, "verify", VERIFY_KEYS)
+            raise ConfigError("'kind' is required (one of %s)" % (", ".join(kinds.known_kinds()) or "none"))
+        source_class = kinds.source_class(self.kind)  # unknown kind -> ConfigError listing the known ones
+        # Secret fields appear only as _file/_env in a job file: checked first, so that the
+        # message is about the secret and not about the field's type.
         for name in ("source", "storage", "encryption", "metrics", "restore", "drill"):
             refuse_literal_secrets(data.get(name) or {}, name)
-        self._check_storage()
+        self.source = _section(data, "source", source_class.SCHEMA)
+        if data.get("storage") is None:
+            raise ConfigError("'storage' is required")
+        self.storage = location.check_storage(_section(data, "storage"))
+        self.compression_options = _section(data, "compression", codecs.SCHEMA)
+        self.encryption = _section(data, "encryption", ENCRYPTION)
+        self.retention = _section(data, "retention", RETENTION)
+        self.size_anomaly = _section(data, "size_anomaly")
+        self.metrics = _section(data, "metrics", METRICS)
+        self.restore = _section(data, "restore", RESTORE)
+        self.drill = _section(data, "drill", DRILL)
+        if self.drill.get("job") is not None:
+            validate_job_name(self.drill["job"])
+        self.verify = _section(data, "verify", VERIFY)
         self.compression = codecs.compression_settings(self.compression_options)
         self._check_encryption()
         self.size_policy = SizePolicy.from_mapping(self.size_anomaly)
@@ -235,24 +259,19 @@ class JobConfig:
         if self.schedule is not None:
             self._check_schedule()
         self._check_metrics()
+        target_class = kinds.TARGETS.get(self.kind)
         for section in ("restore", "drill"):
             target = getattr(self, section).get("target")
-            if target is not None and not isinstance(target, dict):
-                raise ConfigError("%s: %s.target must be a mapping of target options" % (where, section))
-        if self.verify.get("test_restore") not in (None, True, False):
-            raise ConfigError("%s: verify.test_restore must be true or false" % where)
+            if target is not None and target_class is not None and target_class.SCHEMA is not None:
+                target_class.SCHEMA.validate(target, "%s.target" % section)
         self.log_format = data.get("log_format") or "text"
         if self.log_format not in LOG_FORMATS:
-            raise ConfigError("%s: log_format must be one of %s" % (where, ", ".join(LOG_FORMATS)))
+            raise ConfigError("log_format must be one of %s, got %r" % (", ".join(LOG_FORMATS), self.log_format))
 
     # -- loading -----------------------------------------------------------------------
     @classmethod
     def load(cls, path):
-        try:
-            with open(path, "r", encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as exc:
-            raise ConfigError("cannot read job file %s: %s" % (path, exc.strerror)) from None
+        text = read_text_file(path, "job file")
         return cls(parse_text(text, "job file %s" % path), where="job file %s" % path)
 
     @classmethod
@@ -260,31 +279,12 @@ class JobConfig:
         return cls(data, where=where)
 
     # -- structural checks (no secret is read) -----------------------------------------
-    def _check_storage(self):
-        backend = self.storage.get("backend") or "filesystem"
-        if backend in ("filesystem", "nfs"):
-            path = self.storage.get("path")
-            if not path or not isinstance(path, str) or not os.path.isabs(path):
-                raise ConfigError("%s: storage.path must be an absolute directory for backend %s"
-                                  % (self.where, backend))
-        elif backend == "s3":
-            if not self.storage.get("bucket"):
-                raise ConfigError("%s: storage.bucket is required for backend s3" % self.where)
-            endpoint = self.storage.get("endpoint_url") or self.storage.get("endpoint")
-            if endpoint and not _URL_RE.match(str(endpoint)):
-                raise ConfigError("%s: storage.endpoint_url must be an http(s) URL, got %r" % (self.where, endpoint))
-        else:
-            raise ConfigError("%s: unknown storage backend %r: choose one of filesystem, s3, nfs"
-                              % (self.where, backend))
-
     def _check_encryption(self):
         enc = self.encryption
         recipients = enc.get("recipients")
         if recipients is not None:
             if isinstance(recipients, str):
                 recipients = [recipients]
-            if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
-                raise ConfigError("%s: encryption.recipients must be a list of age public keys" % self.where)
             for recipient in recipients:
                 codecs.parse_recipient(recipient)  # ConfigError names the bad key
         writes = bool(recipients or enc.get("recipients_file") or enc.get("passphrase_file")
@@ -322,19 +322,12 @@ class JobConfig:
             raise ConfigError("%s: schedule: %s" % (self.where, exc)) from None
 
     def _check_metrics(self):
-        metrics = self.metrics
-        url = metrics.get("pushgateway_url")
-        if url is not None and not _URL_RE.match(str(url)):
+        url = self.metrics.get("pushgateway_url")
+        if url is not None and not _URL_RE.match(url):
             raise ConfigError("%s: metrics.pushgateway_url must be an http(s) URL, got %r" % (self.where, url))
-        textfile = metrics.get("textfile")
-        if textfile is not None and not str(textfile).endswith(".prom"):
+        textfile = self.metrics.get("textfile")
+        if textfile is not None and not textfile.endswith(".prom"):
             raise ConfigError("%s: metrics.textfile must end in .prom" % self.where)
-        instance = metrics.get("instance")
-        if instance is not None and (not isinstance(instance, str) or not instance):
-            raise ConfigError("%s: metrics.instance must be a non-empty string" % self.where)
-        timeout = metrics.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ConfigError("%s: metrics.timeout must be a positive number of seconds" % self.where)
 
     # -- what the commands need (secrets are read here) --------------------------------
     @property
@@ -352,7 +345,7 @@ class JobConfig:
         return resolve_secret_refs(self.storage, "storage")
 
     def open_storage(self):
-        return open_storage(self.storage_options())
+        return location.open_storage(self.storage_options())
 
     def source_options(self):
         return resolve_secret_refs(self.source, "source")

@@ -73,17 +73,27 @@ def make_target(kind, options):
     return target_class(kind)(options or {})
 
 
+def check_source_options(kind, options):
+    """``options`` checked against the source schema of ``kind`` (types, bounds, unknown fields)
+    before any ``_file``/``_env`` secret is read or anything is built."""
+    return source_class(kind).SCHEMA.validate(options or {}, "source")
+
+
+def check_target_options(kind, options):
+    """The same for the target of ``kind``: for callers that know the kind before choosing a backup."""
+    return target_class(kind).SCHEMA.validate(options or {}, "target")
+
+
 def scratch_options_from_source(kind, source_options):
     """Options for ``Target.scratch`` derived from a job's source options.
 
     A restore drill runs with the backed-up job's source access: the scratch database of a
     postgres drill lives on the same server, reached with the same credentials. Only the
-    options the kind's target knows are kept (``OPTIONS``); kinds whose scratch target
-    needs nothing from the source (files, config_git) get none.
+    options the kind's target knows are kept (its ``SCHEMA``); kinds whose scratch target
+    needs nothing from the source (files, config_git) ignore what they get.
     """
     cls = target_class(kind)
-    known = getattr(cls, "OPTIONS", None)
-    if not known:
+    if cls.SCHEMA is None:
         return {}
-    keep = set(known) | {name + suffix for name in known for suffix in ("_file", "_env")}
+    keep = set(cls.SCHEMA.spellings())
     return {key: value for key, value in (source_options or {}).items() if key in keep}

@@ -18,7 +18,8 @@ import re
 import tempfile
 import uuid
 
-from .config import as_bool, resolve_secret_refs
+from .config import resolve_secret_refs
+from .schema import Field, Schema
 from .errors import ConfigError, MissingDependencyError, SourceError
 
 try:
@@ -30,7 +31,17 @@ except ImportError:  # require_kubernetes() reports it when a Kubernetes kind is
     ApiException = None
     DynamicClient = None
 
-CONNECTION_KEYS = ("kubeconfig", "context", "host", "token", "ca_cert", "validate_certs", "request_timeout")
+# How the Kubernetes kinds reach the API server: in-cluster by default, else a kubeconfig or host + token.
+CONNECTION = Schema("kubernetes connection", {
+    "kubeconfig": Field("path", "kubeconfig file (default: in-cluster service account, else ~/.kube/config)"),
+    "context": Field("str", "kubeconfig context", nonempty=True),
+    "host": Field("str", "API server URL (with token)", nonempty=True),
+    "token": Field("str", "bearer token", secret=True),
+    "ca_cert": Field("path", "CA certificate of the API server"),
+    "validate_certs": Field("bool", "verify the API server's certificate (default true)"),
+    "request_timeout": Field("number", "seconds per API request (default 60)", exclusive_minimum=0, maximum=3600),
+})
+CONNECTION_KEYS = tuple(CONNECTION.fields)
 FIELD_MANAGER = "biometrics-backup"
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -89,17 +100,16 @@ class KubeConnection:
     def __init__(self, options, where):
         require_kubernetes("the Kubernetes backup kinds")
         self.where = where
-        options = resolve_secret_refs({key: options.get(key) for key in options}, where)
+        # Only the connection's own fields: the caller validated the whole dict already.
+        options = resolve_secret_refs(CONNECTION.validate(
+            {key: value for key, value in options.items() if key in CONNECTION.spellings()}, where), where)
         self.host = options.get("host")
         self.token = options.get("token")
         self.kubeconfig = options.get("kubeconfig")
         self.context = options.get("context")
         self.ca_cert = options.get("ca_cert")
-        self.validate_certs = as_bool(options.get("validate_certs", True))
-        try:
-            self.request_timeout = float(options.get("request_timeout") or 60)
-        except (TypeError, ValueError):
-            raise ConfigError("%s.request_timeout must be a number of seconds" % where) from None
+        self.validate_certs = options.get("validate_certs", True)
+        self.request_timeout = float(options.get("request_timeout", 60))
         if self.host and self.kubeconfig:
             raise ConfigError("%s: give either host (with token) or kubeconfig, not both" % where)
         if self.token and not self.host:

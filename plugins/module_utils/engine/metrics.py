@@ -35,6 +35,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 
+from .config import read_secret_file
 from .errors import BackupError, ConfigError, MissingDependencyError
 
 try:
@@ -441,12 +442,7 @@ def resolve_credentials(username=None, password=None, password_file=None, enviro
         password = environ.get(ENV_PASSWORD) or None
         password_file = environ.get(ENV_PASSWORD_FILE) or None
     if password is None and password_file:
-        try:
-            with open(password_file, encoding="utf-8") as handle:
-                password = handle.read().rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError("cannot read the pushgateway password file %s: %s"
-                              % (password_file, exc.strerror)) from None
+        password = read_secret_file(password_file, "metrics.password_file")
     if username is None and password is None:
         return None
     if username is None or password is None:

@@ -28,7 +28,7 @@ from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError
 from .pipeline import check_object
 from .storage.base import MissingLocationError
 from .targets.base import RestoreContext, Target
-from .timeutil import parse_iso
+from .timeutil import parse_iso, to_iso, utc_now
 
 
 class KeyMismatchError(DecryptionError):
@@ -37,20 +37,47 @@ class KeyMismatchError(DecryptionError):
 
 # -- selecting a backup ----------------------------------------------------------------
 
+# Clocks of the machine that asks and of the one that took the backup may differ a little;
+# beyond this a time in the future is a mistake (a wrong year, a local time read as UTC).
+FUTURE_TOLERANCE_SECONDS = 300
+
+
+def check_selector(backup=None, point_in_time=None, now=None):
+    """ConfigError for selectors that would otherwise be read as something else.
+
+    An empty ``backup`` would silently mean ``latest``, and a ``point_in_time`` (or a time
+    given as ``backup``) in the future would silently restore the newest backup.
+    """
+    if backup is not None and (not isinstance(backup, str) or not backup.strip()):
+        raise ConfigError("backup must be a backup id, 'latest' or an ISO-8601 time, got %r" % (backup,))
+    if point_in_time is not None and (not isinstance(point_in_time, str) or not point_in_time.strip()):
+        raise ConfigError("point_in_time must be an ISO-8601 time, got %r" % (point_in_time,))
+    if backup not in (None, "") and point_in_time not in (None, ""):
+        raise ConfigError("give either backup or point_in_time, not both")
+    for option, value in (("point_in_time", point_in_time), ("backup", backup)):
+        if value is None or value in ("latest", "all"):
+            continue
+        try:
+            moment = parse_iso(value)
+        except ValueError:
+            if option == "point_in_time":
+                raise ConfigError("point_in_time %r is not an ISO-8601 time" % (value,)) from None
+            continue  # a backup id
+        now = now or utc_now()
+        if (moment - now).total_seconds() > FUTURE_TOLERANCE_SECONDS:
+            raise ConfigError("%s %s is in the future (now %s): the newest backup would be restored without "
+                              "saying so; give backup: latest for that" % (option, to_iso(moment), to_iso(now)))
+
+
 def select_backup(catalog, job, backup=None, point_in_time=None):
     """The manifest chosen by ``backup`` (id | latest | ISO time) or ``point_in_time``.
 
     Returns ``(manifest, selected_by)``. A backup that exists on storage but whose manifest
     is junk (edited, copied from another job or location) is reported as such.
     """
-    if backup not in (None, "") and point_in_time not in (None, ""):
-        raise ConfigError("give either backup or point_in_time, not both")
+    check_selector(backup, point_in_time)
     try:
-        if point_in_time not in (None, ""):
-            try:
-                parse_iso(point_in_time)
-            except ValueError:
-                raise ConfigError("point_in_time %r is not an ISO-8601 time" % (point_in_time,)) from None
+        if point_in_time is not None:
             return catalog.at_or_before(job, point_in_time), "point_in_time"
         selector = backup or "latest"
         manifest = catalog.resolve(job, selector)

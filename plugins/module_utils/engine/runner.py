@@ -35,7 +35,7 @@ import time
 from . import kinds
 from .backup import BackupRun
 from .catalog import Catalog, upload_summary
-from .config import resolve_secret_refs
+from .config import read_text_file, resolve_secret_refs
 from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyError
 from .jobconfig import JobConfig, parse_text, secret_values
 from .pipeline import Progress
@@ -291,11 +291,7 @@ def cmd_verify(config, args, log):
 def _load_override(path):
     if not path:
         return None
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            return parse_text(handle.read(), "target file %s" % path)
-    except OSError as exc:
-        raise ConfigError("cannot read target file %s: %s" % (path, exc.strerror)) from None
+    return parse_text(read_text_file(path, "target file"), "target file %s" % path)
 
 
 def cmd_restore(config, args, log):

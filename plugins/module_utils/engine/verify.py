@@ -25,7 +25,7 @@ from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError
 from .restore import (KeyMismatchError, backup_chain, chain_identities, restore_verified,
-                      select_backup, verify_chain)
+                      check_selector, select_backup, verify_chain)
 from .timeutil import to_iso, utc_now
 
 RECORD_SCHEMA = 1
@@ -90,6 +90,7 @@ def verify(storage, job, backup="latest", identity=None, passphrase=None, test_r
     """
     log = log or (lambda message: None)
     catalog = Catalog(storage)
+    check_selector(backup)
     manifests = select_backups(catalog, job, backup or "latest")
     cache = {}
     results = []

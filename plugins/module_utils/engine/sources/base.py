@@ -28,10 +28,14 @@ class Source:
     #: the engine refuses to store them unencrypted.
     requires_encryption = False
 
+    #: The kind's fields (schema.Schema): checked, and converted to their types, before the
+    #: subclass reads any of them.
+    SCHEMA = None
+
     def __init__(self, options):
         if not isinstance(options, dict):
-            raise ConfigError("source options for %s must be a dict" % self.kind)
-        self.options = options
+            raise ConfigError("source options for %s must be a mapping, got %s" % (self.kind, type(options).__name__))
+        self.options = self.SCHEMA.validate(options) if self.SCHEMA is not None else options
 
     def describe(self):
         """Where the data comes from, for the manifest: never credentials."""

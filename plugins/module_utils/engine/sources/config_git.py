@@ -26,8 +26,9 @@ import subprocess
 import tempfile
 import urllib.parse
 
-from ..config import as_bool, check_known, read_secret_file
+from ..config import read_secret_file
 from ..errors import ConfigError, SourceError
+from ..schema import Field, Schema
 from ..procutil import ToolStream, find_tool, run_tool, scrub, tool_env, tool_version
 from ..timeutil import to_iso, utc_now
 from .base import Source
@@ -191,12 +192,27 @@ class ConfigGitSource(Source):
     ``password_file``/``token_file`` (https), ``ssh_key_file``/``known_hosts_file`` (ssh)."""
 
     kind = "config_git"
-    OPTIONS = ("path", "repo", "branch", "subdir", "push", "workdir", "author_name", "author_email", "message",
-               "username", "password", "token", "ssh_key_file", "known_hosts_file", "git")
+    SCHEMA = Schema("source", {
+        "path": Field("path", "configuration directory (default: environment variable CONFIG_PATH)", absolute=True),
+        "repo": Field("str", "remote repository URL (default: environment variable GIT_REPO)", nonempty=True),
+        "branch": Field("str", "branch to commit to (default main)", nonempty=True),
+        "subdir": Field("str", "where in the repository (default: the job name; / for the root)", nonempty=True),
+        "push": Field("bool", "push the commit (default true)"),
+        "workdir": Field("path", "a persistent clone (default: a fresh clone per run)", absolute=True),
+        "author_name": Field("str", "commit author name", nonempty=True),
+        "author_email": Field("str", "commit author e-mail", nonempty=True),
+        "message": Field("str", "commit message; {job} {time} {added} {modified} {deleted} expand", nonempty=True),
+        "username": Field("str", "https user name", nonempty=True),
+        "password": Field("str", "https password", secret=True),
+        "token": Field("str", "https access token", secret=True),
+        "ssh_key_file": Field("path", "ssh private key file"),
+        "known_hosts_file": Field("path", "ssh known_hosts file (strict host key checking)"),
+        "git": Field("path", "git binary (default: PATH)"),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "config_git source")
+        options = self.options
         path = options.get("path") or os.environ.get("CONFIG_PATH")
         if not path or not os.path.isabs(path):
             raise ConfigError("config_git.path (CONFIG_PATH) must be an absolute directory path, got %r" % (path,))
@@ -207,7 +223,7 @@ class ConfigGitSource(Source):
             raise ConfigError("config_git.branch %r is not a valid branch name" % self.branch)
         subdir = options.get("subdir")
         self.subdir = None if subdir is None else safe_subdir(subdir)
-        self.push = as_bool(options.get("push", True))
+        self.push = options.get("push", True)
         self.workdir = options.get("workdir")
         self.message = options.get("message") or "config backup {job} {time}: {added} added, {modified} modified, {deleted} deleted"
         self._version = None

@@ -11,9 +11,9 @@ the same way. For point-in-time recovery use the ``files`` kind (incremental cha
 import os
 import re
 
-from ..config import as_bool, check_known
 from ..errors import ConfigError, SourceError
 from ..procutil import ToolStream, find_tool, tool_env, tool_version
+from ..schema import Field, Schema
 from .base import Source
 
 LOG_PAYLOAD = "sync.log"
@@ -93,25 +93,33 @@ class DirectorySyncSource(Source):
     ``xattrs`` (``-X``), ``numeric_ids`` (default true), ``rsync`` (path of the binary)."""
 
     kind = "directory_sync"
-    OPTIONS = ("path", "destination", "delete", "exclude", "checksum", "hard_links", "acls", "xattrs",
-               "numeric_ids", "rsync")
+    SCHEMA = Schema("source", {
+        "path": Field("path", "directory to mirror", absolute=True),
+        "destination": Field("path", "directory the mirror is kept in (e.g. a mounted volume)", absolute=True),
+        "delete": Field("bool", "propagate deletions (rsync --delete; default false)"),
+        "exclude": Field("list", "rsync exclude patterns"),
+        "checksum": Field("bool", "compare files by checksum (rsync -c; default false)"),
+        "hard_links": Field("bool", "preserve hard links (rsync -H; default false)"),
+        "acls": Field("bool", "preserve ACLs (rsync -A; default false)"),
+        "xattrs": Field("bool", "preserve extended attributes (rsync -X; default false)"),
+        "numeric_ids": Field("bool", "keep numeric owner ids (default true)"),
+        "rsync": Field("path", "rsync binary (default: PATH)"),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "directory_sync source")
+        options = self.options
         self.path = self._absolute("path")
         self.destination = self._absolute("destination")
         exclude = options.get("exclude") or []
-        if isinstance(exclude, str):
-            exclude = [exclude]
-        if not all(isinstance(p, str) and p for p in exclude):
-            raise ConfigError("directory_sync.exclude must be a list of rsync patterns")
+        if not all(exclude):
+            raise ConfigError("source.exclude must be a list of rsync patterns (no empty one)")
         self.exclude = list(exclude)
-        self.delete = as_bool(options.get("delete", False))
+        self.delete = options.get("delete", False)
         self.flags = [flag for option, flag in (("checksum", "--checksum"), ("hard_links", "--hard-links"),
                                                 ("acls", "--acls"), ("xattrs", "--xattrs"))
-                      if as_bool(options.get(option, False))]
-        if as_bool(options.get("numeric_ids", True)):
+                      if options.get(option, False)]
+        if options.get("numeric_ids", True):
             self.flags.append("--numeric-ids")
         self.rsync = options.get("rsync") or "rsync"
         real_src, real_dst = os.path.realpath(self.path), os.path.realpath(self.destination)
@@ -127,8 +135,8 @@ class DirectorySyncSource(Source):
 
     def _absolute(self, name):
         value = self.options.get(name)
-        if not value or not isinstance(value, str) or not os.path.isabs(value):
-            raise ConfigError("directory_sync.%s must be an absolute directory path, got %r" % (name, value))
+        if not value:
+            raise ConfigError("source.%s is required: an absolute directory path" % name)
         return os.path.normpath(value)
 
     def describe(self):

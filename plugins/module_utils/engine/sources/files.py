@@ -36,9 +36,9 @@ import tarfile
 import tempfile
 
 from .. import manifest as mf
-from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError, NotFoundError, SourceError
 from ..pipeline import ProducerStream
+from ..schema import Field, Schema
 from ..timeutil import parse_iso, utc_now
 from .base import Source
 
@@ -382,7 +382,7 @@ def parse_age(value):
     """``max_chain_age``: seconds (int) or a duration like ``36h``, ``7d``, ``2w``."""
     if value in (None, "", 0):
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value)
     text = str(value).strip()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -390,7 +390,7 @@ def parse_age(value):
         return float(text)
     if len(text) > 1 and text[:-1].isdigit() and text[-1] in units:
         return float(int(text[:-1]) * units[text[-1]])
-    raise ConfigError("files.max_chain_age %r is not a duration: use seconds or a number with "
+    raise ConfigError("source.max_chain_age %r is not a duration: use seconds or a number with "
                       "s, m, h, d or w (e.g. 36h, 7d)" % (value,))
 
 
@@ -401,29 +401,31 @@ class FilesSource(Source):
     ``tmpdir`` (where the index is spooled while the tar streams)."""
 
     kind = "files"
-    OPTIONS = ("path", "exclude", "one_file_system", "incremental", "full_every", "max_chain_age", "tmpdir")
+    SCHEMA = Schema("source", {
+        "path": Field("path", "directory to back up", absolute=True),
+        "exclude": Field("list", "glob patterns of paths to leave out"),
+        "one_file_system": Field("bool", "stay on the file system of path (default false)"),
+        "incremental": Field("bool", "store only what changed since the previous backup of the chain (default false)"),
+        "full_every": Field("int", "incrementals between two fulls (default 6; 0: only max_chain_age starts a full)",
+                            minimum=0, maximum=100000),
+        "max_chain_age": Field("any", "start a new full when the chain's full is older (seconds, or 36h, 7d, 2w)"),
+        "tmpdir": Field("path", "where the index is spooled while the tar streams (default: system temp)"),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "files source")
+        options = self.options
         path = options.get("path")
-        if not path or not isinstance(path, str) or not os.path.isabs(path):
-            raise ConfigError("files.path must be an absolute directory path, got %r" % (path,))
+        if not path:
+            raise ConfigError("source.path is required: the absolute directory to back up")
         self.path = os.path.normpath(path)
         exclude = options.get("exclude") or []
-        if isinstance(exclude, str):
-            exclude = [exclude]
-        if not all(isinstance(p, str) and p.strip("/") for p in exclude):
-            raise ConfigError("files.exclude must be a list of non-empty glob patterns")
+        if not all(p.strip("/") for p in exclude):
+            raise ConfigError("source.exclude must be a list of non-empty glob patterns")
         self.exclude = list(exclude)
-        self.one_file_system = as_bool(options.get("one_file_system", False))
-        self.incremental = as_bool(options.get("incremental", False))
-        try:
-            self.full_every = int(options.get("full_every", 6))
-        except (TypeError, ValueError):
-            raise ConfigError("files.full_every must be a whole number of incrementals") from None
-        if self.full_every < 0:
-            raise ConfigError("files.full_every must be >= 0 (0 means only the age limit starts a new full)")
+        self.one_file_system = options.get("one_file_system", False)
+        self.incremental = options.get("incremental", False)
+        self.full_every = options.get("full_every", 6)
         self.max_chain_age = parse_age(options.get("max_chain_age"))
         self.tmpdir = options.get("tmpdir")
         self._parent_spool = None

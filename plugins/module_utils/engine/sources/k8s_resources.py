@@ -20,9 +20,9 @@ list without them); a backup holding Secrets is refused without encryption.
 
 import copy
 
-from ..config import as_bool, check_known
 from ..errors import ConfigError
-from ..kubeapi import (CONNECTION_KEYS, Discovery, KubeConnection, KubeError, check_namespace_name,
+from ..schema import Field
+from ..kubeapi import (CONNECTION, Discovery, KubeConnection, KubeError, check_namespace_name,
                        require_kubernetes, string_list)
 from .base import Source
 
@@ -43,8 +43,15 @@ DEFAULT_RESOURCES = ("all", "configmaps", "secrets", "ingresses", "services")
 APPLY_ORDER = ("serviceaccounts", "secrets", "configmaps", "persistentvolumeclaims", "roles.rbac.authorization.k8s.io",
                "rolebindings.rbac.authorization.k8s.io", "services")
 PAGE_SIZE = 500
-OPTIONS = CONNECTION_KEYS + ("namespaces", "resources", "exclude_resources", "label_selector",
-                             "preserve_node_ports", "page_size")
+SCHEMA = CONNECTION.extend("source", {
+    "namespaces": Field("list", "namespaces to export (a list or comma-separated)", split=","),
+    "resources": Field("list", "resource types to export (default: all, configmaps, secrets, ingresses, services)",
+                       split=","),
+    "exclude_resources": Field("list", "resource types to leave out", split=","),
+    "label_selector": Field("str", "only objects matching this label selector, e.g. app=web,tier!=cache"),
+    "preserve_node_ports": Field("bool", "keep the nodePort of Services (default false)"),
+    "page_size": Field("int", "objects per list request (default 500)", minimum=1, maximum=10000),
+})
 
 _METADATA_DROP = ("uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
                   "deletionGracePeriodSeconds", "managedFields", "selfLink", "ownerReferences")
@@ -201,11 +208,11 @@ class _DocumentStream:
 
 class K8sResourcesSource(Source):
     kind = "k8s_resources"
-    OPTIONS = OPTIONS
+    SCHEMA = SCHEMA
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, OPTIONS, "k8s_resources source")
+        options = self.options
         namespaces = options.get("namespaces")
         self.namespaces = [check_namespace_name(name, "k8s_resources.namespaces")
                            for name in string_list(namespaces, "k8s_resources.namespaces")]
@@ -224,15 +231,8 @@ class K8sResourcesSource(Source):
         # unencrypted job whose payload would hold Secrets.
         self.requires_encryption = any(_secret_name(name) for name in self.names)
         self.label_selector = options.get("label_selector") or None
-        if self.label_selector is not None and not isinstance(self.label_selector, str):
-            raise ConfigError("k8s_resources.label_selector must be a string such as 'app=web,tier!=cache'")
-        self.preserve_node_ports = as_bool(options.get("preserve_node_ports", False))
-        try:
-            self.page_size = int(options.get("page_size") or PAGE_SIZE)
-        except (TypeError, ValueError):
-            raise ConfigError("k8s_resources.page_size must be an integer") from None
-        if not 1 <= self.page_size <= 10000:
-            raise ConfigError("k8s_resources.page_size must be between 1 and 10000")
+        self.preserve_node_ports = options.get("preserve_node_ports", False)
+        self.page_size = options.get("page_size", PAGE_SIZE)
         self.conn = KubeConnection(options, "k8s_resources source")
         self._types = None
 

@@ -19,9 +19,10 @@ import io
 import re
 import threading
 
-from ..config import as_bool, check_known, resolve_secret_refs
+from ..config import resolve_secret_refs
 from ..errors import ConfigError, MissingDependencyError, SourceError
 from .. import procutil
+from ..schema import Field, Schema
 from .base import Source
 
 try:
@@ -35,9 +36,23 @@ DUMP_PAYLOAD = "database.dump"
 GLOBALS_PAYLOAD = "globals.sql"
 GLOBALS_MAX_BYTES = 64 << 20
 
-CONNECTION_KEYS = ("host", "port", "user", "password", "database", "dbname", "sslmode", "sslrootcert",
-                   "sslcert", "sslkey", "connect_timeout", "bin_dir")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# How the postgres source, target and drill reach a server (libpq's names).
+CONNECTION = Schema("postgres connection", {
+    "host": Field("str", "server host name, IP address or Unix socket directory", nonempty=True),
+    "port": Field("int", "server port (default 5432)", minimum=1, maximum=65535),
+    "user": Field("str", "role to connect as", nonempty=True),
+    "password": Field("str", "password of the role", secret=True),
+    "database": Field("str", "database to back up or restore", nonempty=True),
+    "dbname": Field("str", "alias of database", nonempty=True),
+    "sslmode": Field("enum", "libpq sslmode", choices=SSLMODES),
+    "sslrootcert": Field("path", "CA certificate file for verify-ca / verify-full"),
+    "sslcert": Field("path", "client certificate file"),
+    "sslkey": Field("path", "client key file"),
+    "connect_timeout": Field("int", "seconds to wait for a connection (default 10)", minimum=1, maximum=3600),
+    "bin_dir": Field("path", "directory holding pg_dump / pg_restore (default: PATH)"),
+})
+CONNECTION_KEYS = tuple(CONNECTION.fields)
 
 # pg_dump options that change neither which tables are dumped nor their rows, so that the
 # row counts in ``stats`` still describe the dump. Flags without a value:
@@ -89,25 +104,20 @@ class PgConnection:
     """
 
     def __init__(self, options, where):
-        options = resolve_secret_refs(options, where)
+        # Only the connection's own fields: the caller validated the whole dict already.
+        options = resolve_secret_refs(CONNECTION.validate(
+            {key: value for key, value in options.items() if key in CONNECTION.spellings()}, where), where)
         self.where = where
         if options.get("database") and options.get("dbname") and options["database"] != options["dbname"]:
             raise ConfigError("%s: give database or dbname, not both" % where)
         self.database = options.get("database") or options.get("dbname")
         self.host = options.get("host")
         self.port = options.get("port")
-        if self.port not in (None, ""):
-            try:
-                self.port = int(self.port)
-            except (TypeError, ValueError):
-                raise ConfigError("%s.port must be a number, got %r" % (where, self.port)) from None
         self.user = options.get("user")
         self.password = options.get("password")
         self.sslmode = options.get("sslmode")
-        if self.sslmode not in (None, "") and self.sslmode not in SSLMODES:
-            raise ConfigError("%s.sslmode must be one of %s" % (where, ", ".join(SSLMODES)))
         self.ssl_files = {key: options.get(key) for key in ("sslrootcert", "sslcert", "sslkey")}
-        self.connect_timeout = int(options.get("connect_timeout") or 10)
+        self.connect_timeout = options.get("connect_timeout", 10)
         self.bin_dir = options.get("bin_dir")
 
     @property
@@ -206,15 +216,18 @@ def validate_dump_args(args):
 
 class PostgresSource(Source):
     kind = "postgres"
-    OPTIONS = CONNECTION_KEYS + ("include_globals", "pg_dump_args")
+    SCHEMA = CONNECTION.extend("source", {
+        "include_globals": Field("bool", "also dump roles and tablespaces (pg_dumpall --globals-only; default true)"),
+        "pg_dump_args": Field("list", "extra pg_dump flags from an allow-list", split=" "),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "postgres source")
+        options = self.options
         self.conn = PgConnection(options, "source")
         if not self.conn.database:
             raise ConfigError("postgres source: database (or dbname) is required")
-        self.include_globals = as_bool(options.get("include_globals", True))
+        self.include_globals = options.get("include_globals", True)
         self.dump_args = validate_dump_args(options.get("pg_dump_args"))
         self._versions = None
 

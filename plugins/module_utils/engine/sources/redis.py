@@ -18,9 +18,10 @@ state at the fork, between the two; with writes in between the two counts differ
 
 import re
 
-from ..config import as_bool, check_known, resolve_secret_refs
-from ..errors import ConfigError, MissingDependencyError, SourceError
+from ..config import resolve_secret_refs
+from ..errors import MissingDependencyError, SourceError
 from .. import procutil
+from ..schema import Field, Schema
 from .base import Source
 
 try:
@@ -31,8 +32,23 @@ except ImportError:
 
 RDB_PAYLOAD = "dump.rdb"
 EOF_MARK_SIZE = 40
-CONNECTION_KEYS = ("host", "port", "unix_socket", "username", "password", "tls", "tls_ca", "tls_cert",
-                   "tls_key", "tls_insecure", "connect_timeout", "bin_dir")
+# How the redis source, target and drill reach a server.
+CONNECTION = Schema("redis connection", {
+    "host": Field("str", "server host name or IP address (default 127.0.0.1)", nonempty=True),
+    "port": Field("int", "server port (default 6379)", minimum=1, maximum=65535),
+    "unix_socket": Field("path", "Unix socket path instead of host and port", absolute=True),
+    "username": Field("str", "ACL user (default: the default user)", nonempty=True),
+    "password": Field("str", "password of the user", secret=True),
+    "tls": Field("bool", "connect with TLS (default false)"),
+    "tls_ca": Field("path", "CA certificate file"),
+    "tls_cert": Field("path", "client certificate file"),
+    "tls_key": Field("path", "client key file"),
+    "tls_insecure": Field("bool", "skip verification of the server certificate (default false)"),
+    "connect_timeout": Field("number", "seconds to wait for a connection (default 10)",
+                             exclusive_minimum=0, maximum=3600),
+    "bin_dir": Field("path", "directory holding redis-cli / redis-server (default: PATH)"),
+})
+CONNECTION_KEYS = tuple(CONNECTION.fields)
 _MARKED_RE = re.compile(r"Transfer finished with success after (\d+) bytes")
 _SIZED_RE = re.compile(r"writing (\d+) bytes to")
 
@@ -46,22 +62,21 @@ class RedisConnection:
     """Connection settings shared by the redis source and target."""
 
     def __init__(self, options, where):
-        options = resolve_secret_refs(options, where)
+        # Only the connection's own fields: the caller validated the whole dict already.
+        options = resolve_secret_refs(CONNECTION.validate(
+            {key: value for key, value in options.items() if key in CONNECTION.spellings()}, where), where)
         self.where = where
         self.unix_socket = options.get("unix_socket")
         self.host = options.get("host") or ("127.0.0.1" if not self.unix_socket else None)
-        try:
-            self.port = int(options.get("port") or 6379)
-        except (TypeError, ValueError):
-            raise ConfigError("%s.port must be a number" % where) from None
+        self.port = options.get("port", 6379)
         self.username = options.get("username")
         self.password = options.get("password")
-        self.tls = as_bool(options.get("tls"))
+        self.tls = options.get("tls", False)
         self.tls_ca = options.get("tls_ca")
         self.tls_cert = options.get("tls_cert")
         self.tls_key = options.get("tls_key")
-        self.tls_insecure = as_bool(options.get("tls_insecure"))
-        self.connect_timeout = float(options.get("connect_timeout") or 10)
+        self.tls_insecure = options.get("tls_insecure", False)
+        self.connect_timeout = float(options.get("connect_timeout", 10))
         self.bin_dir = options.get("bin_dir")
 
     @property
@@ -198,12 +213,11 @@ class RdbStream:
 
 class RedisSource(Source):
     kind = "redis"
-    OPTIONS = CONNECTION_KEYS
+    SCHEMA = CONNECTION.extend("source", {})
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "redis source")
-        self.conn = RedisConnection(options, "source")
+        self.conn = RedisConnection(self.options, "source")
         self._versions = None
 
     def describe(self):

@@ -22,9 +22,9 @@ import io
 import re
 import time
 
-from ..config import as_bool, check_known
 from ..errors import ConfigError, SourceError
-from ..kubeapi import CONNECTION_KEYS, KubeConnection, KubeError, check_namespace_name, require_kubernetes, string_list
+from ..schema import Field
+from ..kubeapi import CONNECTION, KubeConnection, KubeError, check_namespace_name, require_kubernetes, string_list
 from ..timeutil import utc_now
 from .base import Source
 from .k8s_resources import dump_document
@@ -32,30 +32,34 @@ from .k8s_resources import dump_document
 BACKUP_PAYLOAD = "velero-backup.yaml"
 API_PATH = "/apis/velero.io/v1/namespaces/%s/backups"
 TERMINAL_PHASES = ("Completed", "PartiallyFailed", "Failed", "FailedValidation")
-OPTIONS = CONNECTION_KEYS + (
-    "velero_namespace", "include_namespaces", "exclude_namespaces", "include_resources", "exclude_resources",
-    "label_selector", "snapshot_volumes", "default_volumes_to_fs_backup", "storage_location",
-    "volume_snapshot_locations", "ttl", "backup_name", "labels", "wait", "timeout", "pickup_timeout",
-    "poll_interval", "accept_partial",
-)
+SCHEMA = CONNECTION.extend("source", {
+    "velero_namespace": Field("str", "namespace Velero runs in (default velero)", nonempty=True),
+    "include_namespaces": Field("list", "namespaces to back up ('*' for all)", split=","),
+    "exclude_namespaces": Field("list", "namespaces to leave out", split=","),
+    "include_resources": Field("list", "resource types to back up (default: all)", split=","),
+    "exclude_resources": Field("list", "resource types to leave out", split=","),
+    "label_selector": Field("dict", "only objects with these labels ({label: value})"),
+    "snapshot_volumes": Field("bool", "take volume snapshots (default true)"),
+    "default_volumes_to_fs_backup": Field("bool", "back up volume data with the node agent (file-system backup)"),
+    "storage_location": Field("str", "BackupStorageLocation name (default: Velero's default)", nonempty=True),
+    "volume_snapshot_locations": Field("list", "VolumeSnapshotLocation names", split=","),
+    "ttl": Field("str", "how long Velero keeps the backup, a Go duration such as 720h0m0s"),
+    "backup_name": Field("str", "prefix of the Backup object's name (default: the job name)", nonempty=True),
+    "labels": Field("dict", "labels put on the Backup object"),
+    "wait": Field("bool", "wait until Velero finishes the backup (default true)"),
+    "timeout": Field("number", "seconds to wait for the backup to finish (default 14400)",
+                     exclusive_minimum=0, maximum=7 * 86400),
+    "pickup_timeout": Field("number", "seconds Velero may take to start the backup (default 300)",
+                            exclusive_minimum=0, maximum=86400),
+    "poll_interval": Field("number", "seconds between status reads (default 5)", exclusive_minimum=0, maximum=3600),
+    "accept_partial": Field("bool", "count a PartiallyFailed backup as a success (default false)"),
+})
 _TTL_RE = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
 _NAME_PREFIX_RE = re.compile(r"[^a-z0-9-]+")
 STATUS_COUNTERS = (("itemsBackedUp", "progress", "itemsBackedUp"), ("totalItems", "progress", "totalItems"),
                    ("errors", None, "errors"), ("warnings", None, "warnings"),
                    ("volumeSnapshotsAttempted", None, "volumeSnapshotsAttempted"),
                    ("volumeSnapshotsCompleted", None, "volumeSnapshotsCompleted"))
-
-
-def _seconds(value, name, default):
-    if value in (None, ""):
-        return float(default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError("velero.%s must be a number of seconds" % name) from None
-    if seconds <= 0:
-        raise ConfigError("velero.%s must be positive" % name)
-    return seconds
 
 
 def backup_name(prefix, moment):
@@ -66,11 +70,11 @@ def backup_name(prefix, moment):
 
 class VeleroSource(Source):
     kind = "velero"
-    OPTIONS = OPTIONS
+    SCHEMA = SCHEMA
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, OPTIONS, "velero source")
+        options = self.options
         self.velero_namespace = check_namespace_name(options.get("velero_namespace") or "velero",
                                                      "velero.velero_namespace")
         self.include_namespaces = string_list(options.get("include_namespaces"), "velero.include_namespaces")
@@ -80,7 +84,7 @@ class VeleroSource(Source):
             if name != "*":
                 check_namespace_name(name, "velero.include_namespaces")
         self.spec = {"includedNamespaces": self.include_namespaces,
-                     "snapshotVolumes": as_bool(options.get("snapshot_volumes", True))}
+                     "snapshotVolumes": options.get("snapshot_volumes", True)}
         for option, field in (("exclude_namespaces", "excludedNamespaces"), ("include_resources", "includedResources"),
                               ("exclude_resources", "excludedResources"),
                               ("volume_snapshot_locations", "volumeSnapshotLocations")):
@@ -94,21 +98,17 @@ class VeleroSource(Source):
                 raise ConfigError("velero.ttl must be a Go duration such as 720h0m0s, not %r" % options["ttl"])
             self.spec["ttl"] = str(options["ttl"])
         if options.get("default_volumes_to_fs_backup") is not None:
-            self.spec["defaultVolumesToFsBackup"] = as_bool(options["default_volumes_to_fs_backup"])
+            self.spec["defaultVolumesToFsBackup"] = options["default_volumes_to_fs_backup"]
         if options.get("label_selector"):
             selector = options["label_selector"]
-            if not isinstance(selector, dict):
-                raise ConfigError("velero.label_selector must be a mapping of label: value")
             self.spec["labelSelector"] = {"matchLabels": {str(k): str(v) for k, v in selector.items()}}
         self.labels = options.get("labels") or {}
-        if not isinstance(self.labels, dict):
-            raise ConfigError("velero.labels must be a mapping")
         self.name_prefix = options.get("backup_name")
-        self.wait = as_bool(options.get("wait", True))
-        self.timeout = _seconds(options.get("timeout"), "timeout", 4 * 3600)
-        self.pickup_timeout = _seconds(options.get("pickup_timeout"), "pickup_timeout", 300)
-        self.poll_interval = _seconds(options.get("poll_interval"), "poll_interval", 5)
-        self.accept_partial = as_bool(options.get("accept_partial", False))
+        self.wait = options.get("wait", True)
+        self.timeout = float(options.get("timeout", 4 * 3600))
+        self.pickup_timeout = float(options.get("pickup_timeout", 300))
+        self.poll_interval = float(options.get("poll_interval", 5))
+        self.accept_partial = options.get("accept_partial", False)
         self.conn = KubeConnection(options, "velero source")
         self.sleep = time.sleep  # the only clock the wait loop uses besides time.monotonic
         self.created = None

@@ -6,36 +6,70 @@ the runner's job file.
 """
 
 import os
+import re
 
 from ..config import resolve_secret_refs
 from ..errors import ConfigError
+from ..schema import Field, Schema
 from .filesystem import FilesystemStorage
-from .s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_PART_SIZE, S3Storage
+from .s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_PART_SIZE, MAX_PART_SIZE, MIN_PART_SIZE, S3Storage
 
 BACKENDS = ("filesystem", "s3", "nfs")
+_URL_RE = re.compile(r"^https?://[^\s/]+")
+
+SCHEMA = Schema("storage", {
+    "backend": Field("enum", "where backups are stored (default filesystem)", choices=BACKENDS),
+    "path": Field("path", "directory of a filesystem or nfs location", absolute=True),
+    "bucket": Field("str", "S3 bucket", nonempty=True),
+    "prefix": Field("str", "key prefix (S3) or subdirectory (filesystem) below the location"),
+    "endpoint_url": Field("str", "S3 endpoint URL, http(s)://host[:port] (default: AWS)", nonempty=True),
+    "endpoint": Field("str", "alias of endpoint_url", nonempty=True),
+    "region": Field("str", "S3 region", nonempty=True),
+    "access_key": Field("str", "S3 access key id", secret=True),
+    "secret_key": Field("str", "S3 secret access key", secret=True),
+    "session_token": Field("str", "S3 session token", secret=True),
+    "path_style": Field("bool", "path-style addressing (default: true with an endpoint_url)"),
+    "verify_tls": Field("bool", "verify the endpoint's TLS certificate (default true)"),
+    "server_side_encryption": Field("enum", "S3 server-side encryption at rest", choices=("AES256", "aws:kms")),
+    "sse_kms_key_id": Field("str", "KMS key for aws:kms", nonempty=True),
+    "part_size": Field("int", "bytes per multipart part at the start of an upload (default 16 MiB)",
+                       minimum=MIN_PART_SIZE, maximum=MAX_PART_SIZE),
+    "max_attempts": Field("int", "tries per S3 request, the first included (default %d)" % DEFAULT_MAX_ATTEMPTS,
+                          minimum=1, maximum=100),
+})
+
+
+def check_storage(options, where="storage"):
+    """``options`` validated field by field, and complete for their backend; no secret is read."""
+    options = SCHEMA.validate(options, where)
+    backend = options.get("backend", "filesystem")
+    if backend in ("filesystem", "nfs"):
+        if not options.get("path"):
+            raise ConfigError("%s.path is required for backend %s: an absolute directory" % (where, backend))
+    else:
+        if not options.get("bucket"):
+            raise ConfigError("%s.bucket is required for backend s3" % where)
+        if options.get("endpoint") not in (None, options.get("endpoint_url")) and options.get("endpoint_url"):
+            raise ConfigError("%s: give endpoint_url or endpoint, not both" % where)
+        endpoint = options.get("endpoint_url") or options.get("endpoint")
+        if endpoint and not _URL_RE.match(endpoint):
+            raise ConfigError("%s.endpoint_url must be an http(s) URL, got %r" % (where, endpoint))
+    return options
 
 
 def open_storage(options):
     if not isinstance(options, dict):
-        raise ConfigError("storage must be a dict with at least 'backend'")
+        raise ConfigError("storage must be a mapping with at least 'backend', got %s" % type(options).__name__)
     # access_key_file / secret_key_env ... : unresolved, they were silently ignored and boto3
     # fell back to whatever credentials the environment or instance happened to have.
-    options = resolve_secret_refs(options, "storage")
-    backend = options.get("backend") or "filesystem"
-    if backend not in BACKENDS:
-        raise ConfigError("unknown storage backend %r: choose one of %s" % (backend, ", ".join(BACKENDS)))
+    options = resolve_secret_refs(check_storage(options), "storage")
+    backend = options.get("backend", "filesystem")
     prefix = (options.get("prefix") or "").strip("/")
     if backend in ("filesystem", "nfs"):
-        path = options.get("path")
-        if not path:
-            raise ConfigError("storage backend %s needs 'path' (an absolute directory)" % backend)
-        if not os.path.isabs(path):
-            raise ConfigError("storage path must be absolute, got %r" % path)
+        path = options["path"]
         if prefix:
             path = os.path.join(path, *prefix.split("/"))
         return FilesystemStorage(path, backend=backend)
-    if not options.get("bucket"):
-        raise ConfigError("storage backend s3 needs 'bucket'")
     endpoint = options.get("endpoint_url") or options.get("endpoint")
     path_style = options.get("path_style")
     if path_style is None:
@@ -47,18 +81,6 @@ def open_storage(options):
         path_style=path_style, verify_tls=options.get("verify_tls", True),
         server_side_encryption=options.get("server_side_encryption"),
         sse_kms_key_id=options.get("sse_kms_key_id"),
-        part_size=int(options.get("part_size") or DEFAULT_PART_SIZE),
-        max_attempts=_max_attempts(options.get("max_attempts")),
+        part_size=options.get("part_size", DEFAULT_PART_SIZE),
+        max_attempts=options.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
     )
-
-
-def _max_attempts(value):
-    if value is None:
-        return DEFAULT_MAX_ATTEMPTS
-    try:
-        attempts = int(value)
-    except (TypeError, ValueError):
-        attempts = 0
-    if attempts < 1 or str(value).strip() != str(attempts):
-        raise ConfigError("storage max_attempts must be a whole number of at least 1, got %r" % (value,))
-    return attempts

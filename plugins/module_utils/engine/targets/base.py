@@ -29,10 +29,14 @@ class Target:
     # then does the engine's check mode hand the target the verified chain.
     plans_in_check_mode = False
 
+    #: The kind's fields (schema.Schema): checked, and converted to their types, before the
+    #: subclass reads any of them.
+    SCHEMA = None
+
     def __init__(self, options):
         if not isinstance(options, dict):
-            raise ConfigError("target options for %s must be a dict" % self.kind)
-        self.options = options
+            raise ConfigError("target options for %s must be a mapping, got %s" % (self.kind, type(options).__name__))
+        self.options = self.SCHEMA.validate(options) if self.SCHEMA is not None else options
 
     def describe(self):
         """Where data would go, for reports and check mode: never credentials."""

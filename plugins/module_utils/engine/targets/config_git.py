@@ -17,8 +17,8 @@ import os
 import shutil
 import tempfile
 
-from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError
+from ..schema import Field, Schema
 from ..sources import config_git as src
 from ..sources import files as fmt
 from .base import Target
@@ -34,13 +34,19 @@ class ConfigGitTarget(Target):
 
     kind = "config_git"
     plans_in_check_mode = True
-    OPTIONS = ("path", "commit", "subdir", "clone", "overwrite")
+    SCHEMA = Schema("target", {
+        "path": Field("path", "destination directory", absolute=True),
+        "commit": Field("str", "commit to check out (default: the backup's commit)", nonempty=True),
+        "subdir": Field("str", "part of the repository (default: the backed-up subdir; / for all)", nonempty=True),
+        "clone": Field("bool", "restore a git clone instead of plain files (default false)"),
+        "overwrite": Field("bool", "replace a non-empty destination (default false)"),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "config_git target")
-        self.overwrite = as_bool(options.get("overwrite", False))
-        self.destination = StagedDestination(options.get("path"), self.overwrite, "config_git target path")
+        options = self.options
+        self.overwrite = options.get("overwrite", False)
+        self.destination = StagedDestination(options.get("path"), self.overwrite, "target.path")
         self.path = self.destination.path
         self.commit = options.get("commit")
         if self.commit is not None and (not isinstance(self.commit, str) or not self.commit.strip()
@@ -48,7 +54,7 @@ class ConfigGitTarget(Target):
             raise ConfigError("config_git target commit must be a commit id or ref name")
         subdir = options.get("subdir")
         self.subdir = None if subdir is None else src.safe_subdir(subdir)
-        self.as_clone = as_bool(options.get("clone", False))
+        self.as_clone = options.get("clone", False)
 
     def describe(self):
         desc = {"path": self.path, "overwrite": self.overwrite, "clone": self.as_clone}

@@ -13,8 +13,8 @@ import contextlib
 import os
 import tempfile
 
-from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError
+from ..schema import Field, Schema
 from ..procutil import find_tool, run_tool, tool_env
 from ..sources import files as fmt
 from ..sources.directory_sync import parse_stats
@@ -42,18 +42,22 @@ class DirectorySyncTarget(Target):
 
     kind = "directory_sync"
     plans_in_check_mode = True
-    OPTIONS = ("path", "mirror", "overwrite", "require_record_match", "rsync")
+    SCHEMA = Schema("target", {
+        "path": Field("path", "destination directory", absolute=True),
+        "mirror": Field("path", "the mirror to restore from (default: the record's destination)", absolute=True),
+        "overwrite": Field("bool", "replace a non-empty destination (default false)"),
+        "require_record_match": Field("bool", "refuse when the mirror no longer matches the sync record (default true)"),
+        "rsync": Field("path", "rsync binary (default: PATH)"),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "directory_sync target")
-        self.overwrite = as_bool(options.get("overwrite", False))
-        self.destination = StagedDestination(options.get("path"), self.overwrite, "directory_sync target path")
+        options = self.options
+        self.overwrite = options.get("overwrite", False)
+        self.destination = StagedDestination(options.get("path"), self.overwrite, "target.path")
         self.path = self.destination.path
         self.mirror = options.get("mirror")
-        if self.mirror is not None and (not isinstance(self.mirror, str) or not os.path.isabs(self.mirror)):
-            raise ConfigError("directory_sync target mirror must be an absolute directory path")
-        self.require_record_match = as_bool(options.get("require_record_match", True))
+        self.require_record_match = options.get("require_record_match", True)
         self.rsync = options.get("rsync") or "rsync"
 
     def describe(self):

@@ -22,8 +22,8 @@ import stat
 import tarfile
 import tempfile
 
-from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError
+from ..schema import Field, Schema, parse_bool
 from ..sources import files as fmt
 from .base import Target
 
@@ -308,22 +308,26 @@ class FilesTarget(Target):
 
     kind = "files"
     plans_in_check_mode = True
-    OPTIONS = ("path", "subpath", "overwrite", "ownership", "tmpdir")
+    SCHEMA = Schema("target", {
+        "path": Field("path", "destination directory", absolute=True),
+        "subpath": Field("str", "restore only this part of the tree, kept at its relative location", nonempty=True),
+        "overwrite": Field("bool", "replace a non-empty destination (default false)"),
+        "ownership": Field("any", "restore owners: auto (when running as root; default), or a boolean"),
+        "tmpdir": Field("path", "where the index is spooled (default: system temp)"),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "files target")
-        self.overwrite = as_bool(options.get("overwrite", False))
-        self.destination = StagedDestination(options.get("path"), self.overwrite, "files target path")
+        options = self.options
+        self.overwrite = options.get("overwrite", False)
+        self.destination = StagedDestination(options.get("path"), self.overwrite, "target.path")
         self.path = self.destination.path
         self.subpath = normalize_subpath(options.get("subpath"))
         ownership = options.get("ownership", "auto")
-        if ownership in ("auto", None):
+        if ownership == "auto":
             ownership = os.geteuid() == 0
-        elif isinstance(ownership, (bool, str)):
-            ownership = as_bool(ownership)
         else:
-            raise ConfigError("files target ownership must be auto, true or false")
+            ownership = parse_bool(ownership, "target.ownership (auto or a boolean)")
         self.ownership = ownership
         self.tmpdir = options.get("tmpdir")
 

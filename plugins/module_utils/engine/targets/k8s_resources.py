@@ -32,9 +32,9 @@ import copy
 import time
 import uuid
 
-from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError, SourceError
-from ..kubeapi import (CONNECTION_KEYS, FIELD_MANAGER, Discovery, KubeConnection, KubeError, check_namespace_name,
+from ..schema import Field
+from ..kubeapi import (CONNECTION, FIELD_MANAGER, Discovery, KubeConnection, KubeError, check_namespace_name,
                        require_kubernetes, string_list)
 from ..sources.k8s_resources import RESOURCES_PAYLOAD
 from .base import Target
@@ -46,7 +46,13 @@ except ImportError:
     yaml = None
     _LOADER = None
 
-OPTIONS = CONNECTION_KEYS + ("namespace_map", "namespaces", "create_namespaces", "force_conflicts", "dry_run")
+SCHEMA = CONNECTION.extend("target", {
+    "namespace_map": Field("dict", "restore backed-up namespaces into others, e.g. {prod: prod-restored}"),
+    "namespaces": Field("list", "restore only these backed-up namespaces (default: all)", split=","),
+    "create_namespaces": Field("bool", "create missing namespaces (default true)"),
+    "force_conflicts": Field("bool", "take over fields owned by other field managers (default false)"),
+    "dry_run": Field("bool", "server-side dry run only (default false)"),
+})
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
 _COMPARE_DROP = ("managedFields", "resourceVersion", "generation")
 _REPORTED_OBJECTS = 1000  # per-object actions listed in the report; counts always cover all
@@ -66,24 +72,21 @@ def _comparable(obj):
 class K8sResourcesTarget(Target):
     kind = "k8s_resources"
     plans_in_check_mode = True
-    OPTIONS = OPTIONS
+    SCHEMA = SCHEMA
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, OPTIONS, "k8s_resources target")
+        options = self.options
         mapping = options.get("namespace_map") or {}
-        if not isinstance(mapping, dict):
-            raise ConfigError("k8s_resources target: namespace_map must map backed-up namespaces to namespaces to "
-                              "restore into")
         self.namespace_map = {check_namespace_name(str(src), "namespace_map"): check_namespace_name(str(dst), "namespace_map")
                               for src, dst in mapping.items()}
         if len(set(self.namespace_map.values())) != len(self.namespace_map):
             raise ConfigError("k8s_resources target: namespace_map sends two namespaces into one")
         self.only = [check_namespace_name(name, "namespaces")
                      for name in string_list(options.get("namespaces"), "k8s_resources target namespaces")]
-        self.create_namespaces = as_bool(options.get("create_namespaces", True))
-        self.force_conflicts = as_bool(options.get("force_conflicts", False))
-        self.dry_run = as_bool(options.get("dry_run", False))
+        self.create_namespaces = options.get("create_namespaces", True)
+        self.force_conflicts = options.get("force_conflicts", False)
+        self.dry_run = options.get("dry_run", False)
         self.conn = KubeConnection(options, "k8s_resources target")
         self.temporary_namespaces = False  # scratch(): create namespaces, delete them afterwards
         self.created_namespaces = []
@@ -390,8 +393,7 @@ class K8sResourcesTarget(Target):
     @contextlib.contextmanager
     def scratch(cls, manifest, options):
         """Dry-run the backup into fresh namespaces (deleted afterwards); starts no workload."""
-        keep = {key: value for key, value in (options or {}).items()
-                if key in CONNECTION_KEYS or key in ("token_file", "token_env")}
+        keep = {key: value for key, value in (options or {}).items() if key in CONNECTION.spellings()}
         suffix = uuid.uuid4().hex[:6]
         mapping = {}
         for namespace in (manifest.get("stats") or {}).get("namespaces") or []:

@@ -15,10 +15,10 @@ import contextlib
 import re
 import time
 
-from ..config import as_bool, check_known
 from ..errors import ConfigError, IntegrityError, SourceError
 from .. import procutil
-from ..sources.postgres import (DUMP_PAYLOAD, GLOBALS_PAYLOAD, PgConnection, CONNECTION_KEYS, count_rows,
+from ..schema import Field
+from ..sources.postgres import (CONNECTION, DUMP_PAYLOAD, GLOBALS_PAYLOAD, PgConnection, count_rows,
                                 require_psycopg)
 from ..timeutil import utc_now
 from .base import Target
@@ -40,6 +40,22 @@ def database_name(base, suffix):
     return cut + suffix
 
 
+# What a database name we create or rename may hold: letters (any script), digits, '_', '-',
+# '.', '$' and spaces. PostgreSQL would accept anything quoted, but a name with quotes,
+# semicolons or control characters is almost always an injection attempt or a typo, and
+# nobody wants to find such a database on their server.
+_DATABASE_NAME = re.compile(r"^\w[\w$. -]*$")
+
+
+def check_database_name(name, where):
+    """ConfigError unless ``name`` is a plain database name of 1-63 bytes (for names we create)."""
+    if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_IDENTIFIER:
+        raise ConfigError("%s: %r is not a valid database name (1-63 bytes)" % (where, name))
+    if not _DATABASE_NAME.match(name) or name != name.strip():
+        raise ConfigError("%s: %r is not a plain database name: use letters, digits, '_', '-', '.', '$' "
+                          "(no quotes, semicolons, leading/trailing spaces or control characters)" % (where, name))
+
+
 def _id_suffix(backup_id):
     return re.sub(r"[^a-z0-9]+", "_", backup_id.lower())
 
@@ -47,28 +63,39 @@ def _id_suffix(backup_id):
 class PostgresTarget(Target):
     kind = "postgres"
     plans_in_check_mode = True
-    OPTIONS = CONNECTION_KEYS + ("restore_database", "maintenance_database", "swap", "drop_old", "no_owner",
-                                 "no_privileges", "restore_globals", "swap_timeout")
+    SCHEMA = CONNECTION.extend("target", {
+        "restore_database": Field("str", "database to restore into (default <database>_restore_<backup id>)"),
+        "maintenance_database": Field("str", "database to connect to for CREATE/ALTER/DROP DATABASE (default postgres)",
+                                      nonempty=True),
+        "swap": Field("bool", "rename the restored database to the live name, keeping the old one (default false)"),
+        "drop_old": Field("bool", "with swap: drop the old database at once instead of keeping it (default false)"),
+        "no_owner": Field("bool", "pg_restore --no-owner (default false)"),
+        "no_privileges": Field("bool", "pg_restore --no-privileges (default false)"),
+        "restore_globals": Field("bool", "also replay globals.sql (roles, tablespaces; default false)"),
+        "swap_timeout": Field("number", "seconds to wait for the live database's sessions to end (default 30)",
+                              exclusive_minimum=0, maximum=86400),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "postgres target")
+        options = self.options
         self.conn = PgConnection(options, "target")
         self.restore_database = options.get("restore_database")
         self.maintenance_database = options.get("maintenance_database") or "postgres"
-        self.swap = as_bool(options.get("swap"))
-        self.drop_old = as_bool(options.get("drop_old"))
+        self.swap = options.get("swap", False)
+        self.drop_old = options.get("drop_old", False)
         if self.drop_old and not self.swap:
             raise ConfigError("postgres target: drop_old only makes sense with swap: true")
-        self.no_owner = as_bool(options.get("no_owner"))
-        self.no_privileges = as_bool(options.get("no_privileges"))
-        self.restore_globals = as_bool(options.get("restore_globals"))
-        self.swap_timeout = float(options.get("swap_timeout") or 30)
+        self.no_owner = options.get("no_owner", False)
+        self.no_privileges = options.get("no_privileges", False)
+        self.restore_globals = options.get("restore_globals", False)
+        self.swap_timeout = float(options.get("swap_timeout", 30))
         self._stamp = None
         self._created = set()   # databases this object created (the only ones it may drop on failure)
-        for name in (self.restore_database, self.conn.database):
-            if name is not None and (not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_IDENTIFIER):
-                raise ConfigError("postgres target: %r is not a valid database name (1-63 bytes)" % (name,))
+        if self.restore_database is not None:
+            check_database_name(self.restore_database, "target.restore_database")
+        if self.conn.database is not None and len(self.conn.database.encode("utf-8")) > MAX_IDENTIFIER:
+            raise ConfigError("target.database: %r is not a valid database name (1-63 bytes)" % (self.conn.database,))
 
     # -- names -------------------------------------------------------------------------
     def names(self, manifest):

@@ -29,10 +29,10 @@ import subprocess
 import tempfile
 import time
 
-from ..config import as_bool, check_known
 from ..errors import BackupError, ConfigError, IntegrityError, SourceError
 from .. import procutil
-from ..sources.redis import CONNECTION_KEYS, RDB_PAYLOAD, RedisConnection, keyspace, require_redis
+from ..schema import Field
+from ..sources.redis import CONNECTION, RDB_PAYLOAD, RedisConnection, keyspace, require_redis
 from .base import Target
 
 try:
@@ -137,24 +137,30 @@ class TempRedisServer:
 class RedisTarget(Target):
     kind = "redis"
     plans_in_check_mode = True
-    OPTIONS = CONNECTION_KEYS + ("flush", "replace", "db_map", "batch_size", "temp_dir", "redis_server",
-                                 "load_timeout")
+    SCHEMA = CONNECTION.extend("target", {
+        "flush": Field("bool", "empty each restored database before loading it (default false)"),
+        "replace": Field("bool", "overwrite keys that already exist (default false: a clash fails the restore)"),
+        "db_map": Field("dict", "restore backed-up databases into others, e.g. {db0: db5}"),
+        "batch_size": Field("int", "keys copied per pipeline round trip (default 500)", minimum=1, maximum=100000),
+        "temp_dir": Field("path", "where the scratch redis-server keeps the RDB file (default: system temp)"),
+        "redis_server": Field("path", "redis-server binary for the scratch server (default: PATH)"),
+        "load_timeout": Field("number", "seconds the scratch server may take to load the RDB file (default 600)",
+                              exclusive_minimum=0, maximum=86400),
+    })
 
     def __init__(self, options):
         super().__init__(options)
-        check_known(options, self.OPTIONS, "redis target")
+        options = self.options
         self.conn = RedisConnection(options, "target")
-        self.flush = as_bool(options.get("flush"))
-        self.replace = as_bool(options.get("replace"))
+        self.flush = options.get("flush", False)
+        self.replace = options.get("replace", False)
         self.db_map = {}
         for source, dest in (options.get("db_map") or {}).items():
-            self.db_map[_db_index(source, "db_map")] = _db_index(dest, "db_map")
-        self.batch_size = int(options.get("batch_size") or 500)
-        if not 1 <= self.batch_size <= 100000:
-            raise ConfigError("redis target: batch_size must be between 1 and 100000")
+            self.db_map[_db_index(source, "target.db_map")] = _db_index(dest, "target.db_map")
+        self.batch_size = options.get("batch_size", 500)
         self.temp_dir = options.get("temp_dir")
         self.redis_server = options.get("redis_server")
-        self.load_timeout = float(options.get("load_timeout") or 600)
+        self.load_timeout = float(options.get("load_timeout", 600))
         self.scratch_only = False
 
     def describe(self):
