@@ -92,7 +92,7 @@ def _text(value, name):
 class Field:
     """One option: its type and constraints.
 
-    ``type`` is one of ``bool``, ``int``, ``number``, ``str``, ``path``, ``enum``, ``list``
+    ``field_type`` is one of ``bool``, ``int``, ``number``, ``str``, ``path``, ``enum``, ``list``
     (of strings; one string is a list of one, or is cut at ``split``: "," or " " for any
     whitespace), ``dict`` or
     ``any`` (checked by the code that uses it). ``secret`` fields may also be given as
@@ -101,13 +101,13 @@ class Field:
 
     TYPES = ("bool", "int", "number", "str", "path", "enum", "list", "dict", "any")
 
-    def __init__(self, type, description, choices=None, minimum=None, maximum=None, secret=False,
+    def __init__(self, field_type, description, choices=None, minimum=None, maximum=None, secret=False,
                  absolute=False, split=None, nonempty=False, exclusive_minimum=None):
-        if type not in self.TYPES:
-            raise ValueError("unknown field type %r" % type)
-        if (type == "enum") != (choices is not None):
+        if field_type not in self.TYPES:
+            raise ValueError("unknown field type %r" % field_type)
+        if (field_type == "enum") != (choices is not None):
             raise ValueError("choices go with type enum, and only with it")
-        self.type = type
+        self.type = field_type
         self.description = description
         self.choices = tuple(choices) if choices is not None else None
         self.minimum = minimum
