@@ -66,10 +66,11 @@ MIB = 1 << 20
 BIG_FILES = 4
 BIG_FILE_MIB = 4
 SMALL_FILES = 40
+PG_ROWS, PG_ROW_BYTES = 128, 64 * 1024  # 8 MiB of random bytea: a dump of about 16 MiB (hex)
 PART_SIZE = 5 * MIB  # S3's minimum: the tar goes up as a multipart upload of several parts
 # Kills per backend, 40 in all as the issue asks: more where a round is cheap.
-# BIOMETRICS_CRASH_KILLS=<n> sets both (a quicker local run, or a longer one).
-KILLS = {"filesystem": 24, "s3": 16}
+# BIOMETRICS_CRASH_KILLS=<n> sets each (a quicker local run, or a longer one).
+KILLS = {"filesystem": 26, "s3": 14, "postgres": 5}  # postgres (a dump into a directory): beyond the 40
 if os.environ.get("BIOMETRICS_CRASH_KILLS"):
     KILLS = dict.fromkeys(KILLS, int(os.environ["BIOMETRICS_CRASH_KILLS"]))
 KEEP_LAST = 2
@@ -204,8 +205,9 @@ class Campaign:
     ``verify --backup all`` as a process again.
     """
 
-    def __init__(self, view, storage, config, keys, seed, tmp_path):
+    def __init__(self, view, storage, config, keys, seed, tmp_path, profile):
         self.view = view
+        self.profile = profile
         self.storage = storage
         self.config = config
         self.env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "build", "collections"))
@@ -215,11 +217,13 @@ class Campaign:
         self.tmp_path = tmp_path
         self.settle = 0.25 if isinstance(view, S3View) else 0.0
         self.known = set()  # ids of complete backups (manifest stored)
+        self.payloads = None  # payload names of an uninterrupted backup
         self.figures = {"kills": 0, BEFORE: 0, DURING: 0, AFTER: 0, "finished_before_kill": 0,
                         "by_plan": {}, "late_window_before_manifest": 0, "late_window_after_manifest": 0,
                         "index_leftovers": 0, "orphan_objects_removed": 0, "uploads_aborted": 0,
                         "next_backups_verified": 0, "partial_listed": 0}
         self.where = "setup"
+        self.duration = self.streaming = None  # seconds of an uninterrupted run: in all, after 'starting'
 
     def fail(self, message):
         pytest.fail("%s [%s backend, seed %d: BIOMETRICS_CRASH_SEED=%d replays it; %s]" % (
@@ -275,11 +279,18 @@ class Campaign:
         return ended - began, ended - streaming
 
     # checks ----------------------------------------------------------------------------
-    def verify(self, backup_id):
-        outcome = self.runner("verify", "--backup", backup_id)
+    def verify(self, backup_id, test_restore=False):
+        """``runner verify`` passes, and the backup holds every payload an uninterrupted one has."""
+        outcome = self.runner("verify", "--backup", backup_id, *(["--test-restore"] if test_restore else []))
         result = outcome["results"][0]
-        self.check(outcome["ok"] and result["id"] == backup_id and result["objects"] >= 3,
-                   "backup %s does not verify: %s" % (backup_id, result.get("error")))
+        self.check(outcome["ok"] and result["id"] == backup_id, "backup %s does not verify: %s"
+                   % (backup_id, result.get("error")))
+        manifest = Catalog(self.storage).get(JOB, backup_id)
+        payloads = sorted(obj["payload"] for obj in manifest["objects"] if obj.get("payload"))
+        if self.payloads is None:
+            self.payloads = payloads
+        self.check(payloads == self.payloads, "backup %s is listed with payloads %s, a whole one has %s"
+                   % (backup_id, payloads, self.payloads))
 
     def assert_clean(self):
         """Only listed backups' objects and the index remain: no orphan, .tmp-, upload, empty dir."""
@@ -313,7 +324,7 @@ class Campaign:
     # kills -----------------------------------------------------------------------------
     @staticmethod
     def wait_for_start(process):
-        """Until the runner logs 'starting ...': it has not touched the storage before."""
+        """Until the runner logs 'starting ...' (it writes nothing to the storage before)."""
         line = b" "
         while line and b" starting " not in line:
             line = process.stderr.readline()
@@ -331,39 +342,49 @@ class Campaign:
 
     def mid_upload(self, backup_id, run):
         """The tar is being stored: a multipart upload with parts sent / a .tmp- file of MiBs."""
+        stream, least = self.profile["stream"], self.profile["mid_bytes"]
         if isinstance(self.view, S3View):
             return any(self.view.parts("%s/%s/%s" % (JOB, backup_id, key), upload_id) >= 1
-                       for key, upload_id in run.get("upload_ids", []) if key.startswith("files.tar"))
-        return any(name.startswith(".files.tar") and TMP_MARKER in name and size >= 2 * BIG_FILE_MIB * MIB
+                       for key, upload_id in run.get("upload_ids", []) if key.startswith(stream))
+        return any(name.startswith("." + stream) and TMP_MARKER in name and size >= least
                    for name, size in run["objects"].items())
 
-    def kill(self, plan, duration, streaming):
+    @staticmethod
+    def sleep(process, seconds):
+        """Sleep, or less when the process exits before."""
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self, plan):
         """Start a backup and SIGKILL it where ``plan`` says; False when it finished first."""
         what = plan
         process = self.spawn_backup()
-        started = time.monotonic()
+        started = stream_started = time.monotonic()
         delay = None
         caught = True
         if what == "random":  # uniform over an uninterrupted run, interpreter start included
-            delay = self.rng.uniform(0, duration)
-            time.sleep(delay)
+            delay = self.rng.uniform(0, self.duration)
+            self.sleep(process, delay)
         elif what == "random-stream":  # uniform over the backup proper, after 'starting ...'
-            delay = self.rng.uniform(0, streaming)
+            delay = self.rng.uniform(0, self.streaming)
             self.wait_for_start(process)
-            time.sleep(delay)
+            stream_started = time.monotonic()
+            self.sleep(process, delay)
         elif what == "start":
             delay = 0.02
-            time.sleep(delay)
+            self.sleep(process, delay)
         elif what == "mid-upload":
-            caught = self.wait_for(process, self.mid_upload, duration * 5)
-        elif what == "before-manifest":  # the file index stored: checksums and manifest to come
-            caught = self.wait_for(process, lambda dummy, run: committed(run, "files.index"), duration * 5)
-        elif what == "at-manifest":  # the checksum listing stored: only the manifest is left
-            caught = self.wait_for(process, lambda dummy, run: committed(run, "files.sha256"), duration * 5)
+            caught = self.wait_for(process, self.mid_upload, self.duration * 5)
+        elif what in ("before-manifest", "at-manifest"):  # the late payloads stored, the manifest not yet
+            marker = self.profile[what]
+            caught = self.wait_for(process, lambda dummy, run: committed(run, marker), self.duration * 5)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         code = process.wait(timeout=60)
-        elapsed = time.monotonic() - started
+        ended = time.monotonic()
+        elapsed = ended - started
         stderr = process.stderr.read().decode("utf-8", "replace")
         process.stderr.close()
         self.where = "kill %d: %s%s, %.2fs after the start" % (
@@ -371,6 +392,11 @@ class Campaign:
         if code == 0:
             self.figures["finished_before_kill"] += 1
             self.known = set(m["id"] for m in Catalog(self.storage).scan(JOB))
+            # An uninterrupted run after all: its time is the newer measure (the load changes).
+            if what == "random":
+                self.duration = elapsed
+            elif what == "random-stream":
+                self.streaming = ended - stream_started
             return False
         self.check(code == -signal.SIGKILL, "the runner exited %d instead of being killed: %s" % (code, stderr[-2000:]))
         self.check(caught, "the watched moment never came: %s" % stderr[-2000:])
@@ -404,28 +430,40 @@ class Campaign:
             owner = info.key.split("/")[1]
             self.check(owner in runs and owner not in complete, "orphan outside the killed run: %s" % info.key)
         for backup_id in sorted(complete):  # killed after its manifest: the backup is whole
-            self.verify(backup_id)
+            self.verify(backup_id, test_restore=True)
         self.known = expected
         return landed
 
-    def round(self, plan, duration, streaming):
-        if not self.kill(plan, duration, streaming):
-            return
-        self.after_kill(plan)
-        backup_id = self.runner("backup")["backup_id"]
-        self.verify(backup_id)
+    @contextlib.contextmanager
+    def timed(self, step):
+        began = time.monotonic()
+        yield
+        times = self.figures.setdefault("step_seconds", {})
+        times[step] = times.get(step, 0.0) + time.monotonic() - began
+
+    def round(self, plan):
+        with self.timed("kill"):
+            if not self.kill(plan):
+                return
+        with self.timed("check"):
+            self.after_kill(plan)
+        with self.timed("backup"):
+            backup_id = self.runner("backup")["backup_id"]
+        with self.timed("verify"):
+            self.verify(backup_id)
         self.figures["next_backups_verified"] += 1
-        self.prune(self.runner("prune"))
+        with self.timed("prune"):
+            self.prune(self.runner("prune"))
         self.check(backup_id in self.known, "prune removed the newest backup %s" % backup_id)
 
     def campaign(self, kills):
         began = time.monotonic()
-        self.runner("backup")  # a previous complete backup, and warm caches
-        duration, streaming = self.measure()
+        self.verify(self.runner("backup")["backup_id"])  # a complete backup before the kills; warm caches
+        self.duration, self.streaming = self.measure()
         self.assert_clean()
-        self.figures["uninterrupted_seconds"] = round(duration, 2)
-        self.figures["streaming_seconds"] = round(streaming, 2)
-        fixed = ["start", "mid-upload", "mid-upload", "before-manifest", "before-manifest", "at-manifest"]
+        self.figures["uninterrupted_seconds"] = round(self.duration, 2)
+        self.figures["streaming_seconds"] = round(self.streaming, 2)
+        fixed = self.profile["fixed"]
         randoms = kills - len(fixed)
         plans = fixed + ["random"] * (randoms - randoms // 2) + ["random-stream"] * (randoms // 2)
         self.rng.shuffle(plans)
@@ -433,7 +471,7 @@ class Campaign:
         while self.figures["kills"] < kills:
             attempts += 1
             self.check(attempts <= kills * 3, "too many backups finished before their kill")
-            self.round(plans[self.figures["kills"]], duration, streaming)
+            self.round(plans[self.figures["kills"]])
         self.where = "after the last kill"
         outcome = self.runner_process("verify", "--backup", "all")
         self.check(outcome["ok"] and outcome["verified"] == len(self.known), "runner verify --backup all: %s" % outcome)
@@ -441,18 +479,36 @@ class Campaign:
         return self.figures
 
 
+# What to watch for the fixed kill points, per kind: the payload that streams (and how much
+# of it must be stored for 'mid-upload'), the payloads stored last before the manifest.
+FILES_PROFILE = {
+    "stream": "files.tar", "mid_bytes": 2 * BIG_FILE_MIB * MIB,
+    "before-manifest": "files.index",  # the file index stored: checksums and manifest to come
+    "at-manifest": "files.sha256",  # the checksum listing stored: only the manifest is left
+    "fixed": ["start", "mid-upload", "mid-upload", "before-manifest", "before-manifest", "at-manifest"],
+}
+POSTGRES_PROFILE = {
+    "stream": "database.dump", "mid_bytes": 4 * MIB,
+    "at-manifest": "database.dump",  # globals.sql goes first: the dump stored, only the manifest is left
+    "fixed": ["start", "mid-upload", "at-manifest"],
+}
+
+
 def summary(backend, seed, figures):
     return ("crash test %s (seed %d): %d SIGKILLs (%s) landed %d before upload, %d during upload, %d after "
             "the manifest; late window: %d before the manifest, %d after; %d runs finished before their kill; "
-            "partial backups listed: %d; next backups verified: %d; prune removed %d orphaned objects and "
-            "aborted %d multipart uploads, nothing left; uninterrupted backup %.2fs (%.2fs after 'starting'); "
+            "partial backups listed: %d; next backups verified: %d; prune removed %d orphaned objects "
+            "(%d catalog index .tmp- files among the leftovers) and aborted %d multipart uploads, nothing "
+            "left; uninterrupted backup %.2fs (%.2fs after 'starting'); "
             "campaign %.1fs"
             % (backend, seed, figures["kills"], ", ".join("%s %d" % item for item in sorted(figures["by_plan"].items())),
                figures[BEFORE], figures[DURING], figures[AFTER],
                figures["late_window_before_manifest"], figures["late_window_after_manifest"],
                figures["finished_before_kill"], figures["partial_listed"], figures["next_backups_verified"],
-               figures["orphan_objects_removed"], figures["uploads_aborted"], figures["uninterrupted_seconds"],
-               figures["streaming_seconds"], figures["seconds"]))
+               figures["orphan_objects_removed"], figures["index_leftovers"], figures["uploads_aborted"],
+               figures["uninterrupted_seconds"],
+               figures["streaming_seconds"], figures["seconds"])
+            + " (%s)" % ", ".join("%s %.1fs" % (step, seconds) for step, seconds in figures["step_seconds"].items()))
 
 
 def report(request, line):
@@ -466,8 +522,8 @@ def report(request, line):
             reporter.write_line(line)
 
 
-def job_file(path, tree, storage, keys):
-    data = {"job": JOB, "kind": "files", "source": {"path": str(tree)}, "storage": storage,
+def job_file(path, tree, storage, keys, kind="files", source=None):
+    data = {"job": JOB, "kind": kind, "source": source or {"path": str(tree)}, "storage": storage,
             "compression": {"algorithm": "zstd", "level": 1},
             "encryption": {"recipients_file": keys["recipients_file"], "identity_file": keys["identity_file"]},
             "retention": {"keep_last": KEEP_LAST, "min_keep": 1, "orphan_grace": "0"}}
@@ -481,7 +537,7 @@ def test_sigkill_during_backups_to_a_directory(request, tmp_path, tree, keys):
     store = tmp_path / "store"
     config = job_file(tmp_path / "job.yaml", tree, {"backend": "filesystem", "path": str(store)}, keys)
     campaign = Campaign(FilesystemView(store), open_storage({"backend": "filesystem", "path": str(store)}),
-                        config, keys, seed, tmp_path)
+                        config, keys, seed, tmp_path, FILES_PROFILE)
     figures = campaign.campaign(KILLS["filesystem"])
     report(request, summary("filesystem", seed, figures))
     assert figures["kills"] == KILLS["filesystem"] and figures["partial_listed"] == 0
@@ -499,7 +555,31 @@ def test_sigkill_during_backups_to_s3(request, monkeypatch, tmp_path, tree, keys
     config = job_file(tmp_path / "job.yaml", tree, storage, keys)
     engine_storage = open_storage(dict(s3_server.storage_options(prefix=prefix), part_size=PART_SIZE))
     campaign = Campaign(S3View(s3_server.client(), s3_server.bucket, prefix), engine_storage, config, keys,
-                        seed, tmp_path)
+                        seed, tmp_path, FILES_PROFILE)
     figures = campaign.campaign(KILLS["s3"])
     report(request, summary("s3", seed, figures))
     assert figures["kills"] == KILLS["s3"] and figures["partial_listed"] == 0
+
+
+def test_sigkill_during_postgres_backups(request, tmp_path, keys, postgres_server, postgres_database):
+    """The same for a postgres job (pg_dump, a child of the runner, dies with it) into a directory."""
+    seed = _seed()
+    print("crash test seed %d (BIOMETRICS_CRASH_SEED=%d replays it)" % (seed, seed))
+    with postgres_server.connect(postgres_database.name) as conn:
+        conn.execute("CREATE TABLE templates (id int PRIMARY KEY, data bytea)")
+        with conn.cursor() as cur, cur.copy("COPY templates (id, data) FROM STDIN") as copy:
+            for row in range(PG_ROWS):
+                copy.write_row((row, os.urandom(PG_ROW_BYTES)))
+    source = {"host": postgres_server.host, "port": postgres_server.port, "user": postgres_server.user,
+              "database": postgres_database.name, "bin_dir": postgres_server.bin_dir}
+    store = tmp_path / "store"
+    config = job_file(tmp_path / "job.yaml", None, {"backend": "filesystem", "path": str(store)}, keys,
+                      kind="postgres", source=source)
+    campaign = Campaign(FilesystemView(store), open_storage({"backend": "filesystem", "path": str(store)}),
+                        config, keys, seed, tmp_path, POSTGRES_PROFILE)
+    figures = campaign.campaign(KILLS["postgres"])
+    report(request, summary("postgres into a directory", seed, figures))
+    assert figures["kills"] == KILLS["postgres"] and figures["partial_listed"] == 0
+    with postgres_server.connect() as conn:  # no scratch database of a test restore is left
+        names = [row[0] for row in conn.execute("SELECT datname FROM pg_database").fetchall()]
+    assert not [name for name in names if "_verify_" in name]
