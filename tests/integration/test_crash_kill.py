@@ -8,7 +8,8 @@ killed with SIGKILL (its whole process group, as a container runtime does) at:
 * random moments: half drawn uniformly over the measured duration of an uninterrupted
   backup of the same tree (interpreter start included), half uniformly over its measured
   backup proper (from the runner's ``starting ...`` line to its exit), from a seed that is
-  printed and named in every failure (``BIOMETRICS_CRASH_SEED=<n>`` replays a run);
+  printed and named in every failure (``BIOMETRICS_CRASH_SEED=<n>`` repeats the kill plan
+  and its delays; where a delay lands still depends on the machine's speed);
 * fixed points: right after the start, in the middle of the tar's upload (a ``.tmp-`` file
   of several MiB / a multipart upload with parts sent), and in the late window just before
   the manifest, caught by watching the storage (the file index, or the checksum listing,
@@ -226,7 +227,7 @@ class Campaign:
         self.duration = self.streaming = None  # seconds of an uninterrupted run: in all, after 'starting'
 
     def fail(self, message):
-        pytest.fail("%s [%s backend, seed %d: BIOMETRICS_CRASH_SEED=%d replays it; %s]" % (
+        pytest.fail("%s [%s backend, seed %d: BIOMETRICS_CRASH_SEED=%d repeats the kill plan; %s]" % (
             message, self.view.name, self.seed, self.seed, self.where), pytrace=False)
 
     def check(self, condition, message):
@@ -533,7 +534,7 @@ def job_file(path, tree, storage, keys, kind="files", source=None):
 
 def test_sigkill_during_backups_to_a_directory(request, tmp_path, tree, keys):
     seed = _seed()
-    print("crash test seed %d (BIOMETRICS_CRASH_SEED=%d replays it)" % (seed, seed))
+    print("crash test seed %d (BIOMETRICS_CRASH_SEED=%d repeats its kill plan)" % (seed, seed))
     store = tmp_path / "store"
     config = job_file(tmp_path / "job.yaml", tree, {"backend": "filesystem", "path": str(store)}, keys)
     campaign = Campaign(FilesystemView(store), open_storage({"backend": "filesystem", "path": str(store)}),
@@ -545,7 +546,7 @@ def test_sigkill_during_backups_to_a_directory(request, tmp_path, tree, keys):
 
 def test_sigkill_during_backups_to_s3(request, monkeypatch, tmp_path, tree, keys, s3_server):
     seed = _seed()
-    print("crash test seed %d (BIOMETRICS_CRASH_SEED=%d replays it)" % (seed, seed))
+    print("crash test seed %d (BIOMETRICS_CRASH_SEED=%d repeats its kill plan)" % (seed, seed))
     prefix = "crash-%s" % uuid.uuid4().hex[:8]
     monkeypatch.setenv("CRASH_S3_ACCESS", s3_server.access_key)
     monkeypatch.setenv("CRASH_S3_SECRET", s3_server.secret_key)
@@ -564,7 +565,7 @@ def test_sigkill_during_backups_to_s3(request, monkeypatch, tmp_path, tree, keys
 def test_sigkill_during_postgres_backups(request, tmp_path, keys, postgres_server, postgres_database):
     """The same for a postgres job (pg_dump, a child of the runner, dies with it) into a directory."""
     seed = _seed()
-    print("crash test seed %d (BIOMETRICS_CRASH_SEED=%d replays it)" % (seed, seed))
+    print("crash test seed %d (BIOMETRICS_CRASH_SEED=%d repeats its kill plan)" % (seed, seed))
     with postgres_server.connect(postgres_database.name) as conn:
         conn.execute("CREATE TABLE templates (id int PRIMARY KEY, data bytea)")
         with conn.cursor() as cur, cur.copy("COPY templates (id, data) FROM STDIN") as copy:
