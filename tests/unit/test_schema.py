@@ -2,13 +2,19 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """engine/schema.py: typed option fields, and booleans exactly as Ansible reads them."""
 
+import importlib
+import inspect
+import re
+
 import pytest
 from ansible.module_utils.parsing.convert_bool import boolean
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
+from ansible_collections.biometrics.backup.plugins.module_utils import adapter
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs, jobconfig, kinds
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage import location
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.schema import (
     Field, Schema, parse_bool, parse_int, parse_number)
 
@@ -142,3 +148,35 @@ def test_field_definitions_are_checked():
         Field("enum", "x")
     with pytest.raises(ValueError):
         Field("str", "x", choices=("a",))
+
+
+ANSIBLE_TYPES = {"bool": ("bool",), "int": ("int",), "number": ("float", "int"), "str": ("str",), "path": ("path",),
+                 "enum": ("str",), "list": ("list",), "dict": ("dict",)}
+
+
+@pytest.mark.parametrize("spec_name, schema", [
+    ("STORAGE_OPTIONS", location.SCHEMA), ("ENCRYPTION_OPTIONS", jobconfig.ENCRYPTION)])
+def test_the_modules_sub_option_specs_agree_with_the_engine_schema(spec_name, schema):
+    # The modules' typed sub-options and the engine's schema describe the same dict: a field
+    # added to one and not the other, or typed differently, fails here.
+    spec = getattr(adapter, spec_name)
+    aliases = {alias for option in spec.values() for alias in option.get("aliases", ())}
+    secret_files = {name + "_file" for name, field in schema.fields.items() if field.secret}
+    assert set(schema.fields) == (set(spec) - secret_files) | aliases
+    for key, option in spec.items():
+        if key in secret_files:
+            assert option["type"] == "path", key
+            continue
+        field = schema.fields[key]
+        assert option["type"] in ANSIBLE_TYPES[field.type], key
+        assert tuple(option.get("choices") or ()) == (field.choices or ()), key
+        assert bool(option.get("no_log")) == field.secret, key
+
+
+def test_the_compression_option_of_backup_run_agrees_with_the_engine_schema():
+    module = importlib.import_module("ansible_collections.biometrics.backup.plugins.modules.backup_run")
+    source = inspect.getsource(module.main)
+    for key, field in codecs.SCHEMA.fields.items():
+        if key == "enabled":
+            continue  # the seed's job-file spelling; the module says algorithm: none
+        assert re.search(r"\b%s=dict\(type=\"%s\"" % (key, ANSIBLE_TYPES[field.type][0]), source), key
