@@ -15,11 +15,22 @@ def modules_after(code):
     return set(json.loads(result.stdout))
 
 
-def test_the_kubernetes_client_is_imported_only_when_a_kubernetes_kind_connects():
-    # It takes one to three seconds to import; a files or postgres job never needs it.
+def test_client_libraries_are_imported_only_when_a_kind_uses_them():
+    # The Kubernetes client takes one to three seconds to import, psycopg and redis a few
+    # tenths more: a files job needs none of them.
     loaded = modules_after("import %s" % RUNNER)
     assert RUNNER in loaded
-    assert not {name for name in loaded if name == "kubernetes" or name.startswith("kubernetes.")}
+    for library in ("kubernetes", "psycopg", "redis"):
+        assert not {name for name in loaded if name == library or name.startswith(library + ".")}, library
+
+
+def test_a_kind_gets_its_library_when_it_connects():
+    loaded = modules_after(
+        "from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources import postgres, redis\n"
+        "postgres.require_psycopg('a test')\n"
+        "redis.require_redis('a test')\n"
+        "postgres.sql.Identifier('x')\n")
+    assert {"psycopg", "psycopg.sql", "redis"} <= loaded
 
 
 def test_a_kubernetes_kind_still_gets_the_client_when_it_needs_it():

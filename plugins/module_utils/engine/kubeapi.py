@@ -12,8 +12,6 @@ Where the cluster is, in this order: ``host`` (+ ``token``, ``ca_cert``), ``kube
 service account (in-cluster), ``~/.kube/config``.
 """
 
-import functools
-import importlib
 import json
 import os
 import re
@@ -21,26 +19,15 @@ import tempfile
 import uuid
 
 from .config import resolve_secret_refs
+from .lazyimport import LazyModule
 from .schema import Field, Schema
 from .errors import ConfigError, MissingDependencyError, SourceError
 
 
 
-@functools.lru_cache(maxsize=None)
-def _kubernetes():
-    """The kubernetes client package, or None when it is not installed.
-
-    Imported on first use, not with this module: it takes about a second (three on a busy
-    machine), and every runner start and module run of any kind imports this module through
-    the kind registry. require_kubernetes() reports a missing package when a Kubernetes kind
-    is used.
-    """
-    try:
-        for name in ("kubernetes.client", "kubernetes.client.exceptions", "kubernetes.config", "kubernetes.dynamic"):
-            importlib.import_module(name)
-    except ImportError:
-        return None
-    return importlib.import_module("kubernetes")
+# Imported on first use (see lazyimport.py): about a second, three on a busy machine.
+kubernetes = LazyModule("kubernetes", also=("kubernetes.client", "kubernetes.client.exceptions", "kubernetes.config",
+                                            "kubernetes.dynamic"))
 
 # How the Kubernetes kinds reach the API server: in-cluster by default, else a kubeconfig or host + token.
 CONNECTION = Schema("kubernetes connection", {
@@ -58,7 +45,7 @@ _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def require_kubernetes(purpose):
-    if _kubernetes() is None:
+    if not kubernetes.available:
         raise MissingDependencyError("kubernetes", purpose)
 
 
@@ -132,7 +119,6 @@ class KubeConnection:
         self.server = None
 
     def _configuration(self):
-        kubernetes = _kubernetes()
         configuration = kubernetes.client.Configuration()
         try:
             if self.host:
@@ -163,12 +149,12 @@ class KubeConnection:
         if self._dynamic is None:
             configuration = self._configuration()
             self.server = configuration.host
-            self._api = _kubernetes().client.ApiClient(configuration)
+            self._api = kubernetes.client.ApiClient(configuration)
             # The discovery cache goes to a private file removed by close(): never one shared
             # between runs, users or clusters.
             self._cache_file = os.path.join(tempfile.gettempdir(), "bb-kube-discovery-%s.json" % uuid.uuid4().hex)
             try:
-                self._dynamic = _kubernetes().dynamic.DynamicClient(self._api, cache_file=self._cache_file)
+                self._dynamic = kubernetes.dynamic.DynamicClient(self._api, cache_file=self._cache_file)
             except Exception as exc:  # pylint: disable=broad-except  # urllib3/ApiException on first contact
                 self._fail(exc, "connect to %s" % self.server)
         return self._dynamic
@@ -177,8 +163,7 @@ class KubeConnection:
         return {"cluster": self.server or self.host or self.kubeconfig or "default configuration"}
 
     def _fail(self, exc, doing):
-        kubernetes = _kubernetes()
-        if kubernetes is not None and isinstance(exc, kubernetes.client.exceptions.ApiException):
+        if kubernetes.available and isinstance(exc, kubernetes.client.exceptions.ApiException):
             message, reason = _status_message(exc)
             raise KubeError("%s: %s failed: HTTP %s %s" % (self.where, doing, exc.status, message),
                             status=exc.status or 0, reason=reason) from None
@@ -220,7 +205,7 @@ class KubeConnection:
         return self._server_version
 
     def tool_versions(self):
-        versions = {"kubernetes-python": getattr(_kubernetes(), "__version__", "unknown")}
+        versions = {"kubernetes-python": getattr(kubernetes.load(), "__version__", "unknown")}
         if self._server_version:
             versions["kube-apiserver"] = self._server_version
         return versions

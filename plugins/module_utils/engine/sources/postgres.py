@@ -22,15 +22,12 @@ import threading
 from ..config import resolve_secret_refs
 from ..errors import ConfigError, MissingDependencyError, SourceError
 from .. import procutil
+from ..lazyimport import LazyModule
 from ..schema import Field, Schema
 from .base import Source
 
-try:
-    import psycopg
-    from psycopg import sql
-    HAS_PSYCOPG = True
-except ImportError:
-    HAS_PSYCOPG = False
+psycopg = LazyModule("psycopg")
+sql = LazyModule("psycopg.sql")
 
 DUMP_PAYLOAD = "database.dump"
 GLOBALS_PAYLOAD = "globals.sql"
@@ -88,7 +85,7 @@ SELECT n.nspname, c.relname
 
 
 def require_psycopg(purpose):
-    if not HAS_PSYCOPG:
+    if not psycopg.available:
         raise MissingDependencyError("psycopg", purpose)
 
 

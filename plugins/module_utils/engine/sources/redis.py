@@ -21,14 +21,11 @@ import re
 from ..config import resolve_secret_refs
 from ..errors import MissingDependencyError, SourceError
 from .. import procutil
+from ..lazyimport import LazyModule
 from ..schema import Field, Schema
 from .base import Source
 
-try:
-    import redis
-    HAS_REDIS = True
-except ImportError:
-    HAS_REDIS = False
+redis = LazyModule("redis")
 
 RDB_PAYLOAD = "dump.rdb"
 EOF_MARK_SIZE = 40
@@ -54,7 +51,7 @@ _SIZED_RE = re.compile(r"writing (\d+) bytes to")
 
 
 def require_redis(purpose):
-    if not HAS_REDIS:
+    if not redis.available:
         raise MissingDependencyError("redis", purpose)
 
 

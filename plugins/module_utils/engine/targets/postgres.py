@@ -19,14 +19,9 @@ from ..errors import ConfigError, IntegrityError, SourceError
 from .. import procutil
 from ..schema import Field
 from ..sources.postgres import (CONNECTION, DUMP_PAYLOAD, GLOBALS_PAYLOAD, PgConnection, count_rows,
-                                require_psycopg)
+                                require_psycopg, sql)
 from ..timeutil import utc_now
 from .base import Target
-
-try:
-    from psycopg import sql
-except ImportError:  # require_psycopg() reports it when a connection is made
-    sql = None
 
 MAX_IDENTIFIER = 63
 KEPT_MARKER = "_pre_restore_"

@@ -32,13 +32,8 @@ import time
 from ..errors import BackupError, ConfigError, IntegrityError, SourceError
 from .. import procutil
 from ..schema import Field
-from ..sources.redis import CONNECTION, RDB_PAYLOAD, RedisConnection, keyspace, require_redis
+from ..sources.redis import CONNECTION, RDB_PAYLOAD, RedisConnection, keyspace, redis, require_redis
 from .base import Target
-
-try:
-    import redis
-except ImportError:  # require_redis() reports it
-    redis = None
 
 CHUNK = 1 << 20
 _DB_RE = re.compile(r"^(?:db)?(\d+)$")
