@@ -12,6 +12,7 @@ Booleans accept exactly what Ansible's ``boolean()`` accepts (``yes``/``no``, ``
 ``true``/``false``, ``y``/``n``, ``t``/``f``, ``1``/``0``, case-insensitive) and nothing else.
 """
 
+import math
 import os
 import re
 
@@ -63,8 +64,7 @@ def parse_number(value, name, minimum=None, maximum=None):
     """A number (int, float or numeric string); never a bool, NaN or infinity."""
     if isinstance(value, str) and _NUMBER.match(value.strip()):
         number = float(value.strip())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
-            and value not in (float("inf"), float("-inf")):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         number = value
     else:
         raise ConfigError("%s must be a number, got %s" % (name, _shown(value)))
