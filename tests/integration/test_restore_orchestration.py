@@ -225,6 +225,9 @@ def test_verify_without_recording_leaves_storage_untouched(storage, tmp_path):
 
 
 def test_verify_of_an_empty_job_says_so(storage):
+    # An existing location without backups of the job (a missing location is an error of its
+    # own: tests/integration/test_storage_location.py).
+    os.makedirs(storage.root)
     with pytest.raises(NotFoundError, match="no complete backup"):
         vf.verify(storage, JOB)
     with pytest.raises(ConfigError, match="no complete backup to verify"):

@@ -573,7 +573,7 @@ def test_plan_reads_and_writes_nothing(storage, identity):
     plan = run.plan()
     assert plan["kind"] == "files" and plan["compression"]["level"] == 9
     assert plan["encryption"] == {"mode": "age", "recipients": [str(identity.to_public())]}
-    assert storage.list("") == []
+    assert not os.path.exists(storage.root)  # not even the storage directory was created
 
 
 def test_sources_holding_secrets_refuse_to_run_unencrypted(storage, identity):
