@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# A throwaway Kubernetes control plane for tests: etcd + kube-apiserver +
-# kube-controller-manager as plain processes on loopback (no Docker, no kubelet).
+# A throwaway Kubernetes cluster for tests: etcd + kube-apiserver + kube-controller-manager +
+# kube-scheduler as plain processes on loopback, and a node (containerd + runc + bridge CNI +
+# kubelet, hack/node.sh) whose pods run for real. No Docker, no registry.
 #
-#   hack/control-plane.sh start    build/fetch binaries if needed, start, wait until ready
-#   hack/control-plane.sh stop     stop every process of this state dir, leave nothing behind
-#   hack/control-plane.sh status   exit 0 when all three processes run and /readyz answers
-#   hack/control-plane.sh env      print `export KUBECONFIG=...` lines for eval
+#   hack/control-plane.sh start       build/fetch binaries if needed, start, wait until ready
+#                                     (the node included unless BIOMETRICS_NODE=0)
+#   hack/control-plane.sh stop        stop every process of this state dir, unmount what the
+#                                     node mounted, restore its sysctls, leave nothing behind
+#   hack/control-plane.sh status      exit 0 when every started process runs and /readyz answers
+#   hack/control-plane.sh env         print `export KUBECONFIG=...` lines for eval (and
+#                                     BIOMETRICS_NODE_IP, the address pods reach the host at)
+#   hack/control-plane.sh node-start  add the node to a running control plane (no-op if it runs)
+#   hack/control-plane.sh node-stop   stop only the node
+#   hack/control-plane.sh image-import ARCHIVE NAME
+#                                     import an OCI archive (hack/oci-image.sh) into the
+#                                     node's containerd as NAME:<the archive's tag>
 #
 # Settings (environment):
 #   BIOMETRICS_CLUSTER_DIR  state dir (default: <repo>/build/cluster); holds pki, tokens,
@@ -16,6 +25,8 @@
 #   BIOMETRICS_CACHE    cache root (default ~/.cache/biometrics-backup)
 #   ETCD_BIN            use this etcd binary instead of the Debian trixie package
 #   KUBECTL             kubectl to install the CRDs with (default .venv/bin/kubectl, then PATH)
+#   BIOMETRICS_NODE     0: `start` brings up the control plane only (default 1)
+#   RUNC, CONTAINERD_BIN, CTR_BIN, CNI_BIN_DIR  the node's runtime tools (default: Debian's)
 set -euo pipefail
 set +m # background children must stay in our process group until setsid moves them
 
@@ -31,8 +42,11 @@ ETCD_DEBIAN_SUITE="${ETCD_DEBIAN_SUITE:-trixie}"
 ETCD_DEBIAN_MIRROR="${ETCD_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 READY_TIMEOUT="${BIOMETRICS_CLUSTER_READY_TIMEOUT:-60}"
 SERVICE_CIDR="10.0.0.0/24"
-# Stop order: controllers first, etcd last, so nothing logs storms about a vanished backend.
-COMPONENTS=(kube-controller-manager kube-apiserver etcd)
+START_NODE="${BIOMETRICS_NODE:-1}"
+# Stop order: controllers first, etcd last, so nothing logs storms about a vanished backend
+# (the node, hack/node.sh, stops before all of them).
+COMPONENTS=(kube-scheduler kube-controller-manager kube-apiserver etcd)
+NODE_COMPONENTS=(kubelet containerd)
 CONTROLLERS=(
   serviceaccount-token-controller
   serviceaccount-controller
@@ -46,6 +60,9 @@ CONTROLLERS=(
   # controllers a namespace holding a PVC never finishes deleting.
   persistentvolumeclaim-protection-controller
   persistentvolume-protection-controller
+  # The node: its not-ready taint removed once Ready; PVCs bound to PersistentVolumes.
+  node-lifecycle-controller
+  persistentvolume-binder-controller
 )
 
 log() { printf 'control-plane: %s\n' "$*" >&2; }
@@ -54,6 +71,7 @@ die() { log "error: $*"; exit 1; }
 abs_state_dir() {
   mkdir -p "$STATE_DIR"
   STATE_DIR="$(cd "$STATE_DIR" && pwd)"
+  NODE_DIR="$STATE_DIR/node"
 }
 
 version_ge() { # version_ge A B: true when A >= B
@@ -126,8 +144,10 @@ ensure_etcd() {
 
 ensure_kube() {
   "$REPO_ROOT/hack/build-kube.sh" >&2
-  [[ -x "$KUBE_BIN_DIR/kube-apiserver" && -x "$KUBE_BIN_DIR/kube-controller-manager" ]] ||
-    die "kube binaries missing in $KUBE_BIN_DIR after hack/build-kube.sh"
+  local cmd
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet; do
+    [[ -x "$KUBE_BIN_DIR/$cmd" ]] || die "$cmd missing in $KUBE_BIN_DIR after hack/build-kube.sh"
+  done
 }
 
 find_kubectl() {
@@ -173,6 +193,15 @@ subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kuberne
 EOF
   openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
     -CAcreateserial -days 30 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
+  # The client certificate the apiserver presents to kubelets (logs, exec, port-forward);
+  # the kubelet asks the apiserver whether this user may (system:kubelet-api-admin).
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$pki/kubelet-client.key" -out "$pki/kubelet-client.csr" \
+    -subj "/CN=kube-apiserver-kubelet-client" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' \
+    >"$pki/kubelet-client.ext"
+  openssl x509 -req -in "$pki/kubelet-client.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+    -CAcreateserial -days 30 -extfile "$pki/kubelet-client.ext" -out "$pki/kubelet-client.crt" 2>/dev/null
   # Service-account token signing pair (the apiserver signs, everyone verifies).
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$pki/sa.key" 2>/dev/null
   openssl pkey -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
@@ -262,6 +291,7 @@ stop_component() {
 
 stop_all() {
   local name
+  node_stop
   for name in "${COMPONENTS[@]}"; do
     stop_component "$name"
   done
@@ -272,7 +302,7 @@ component_alive() { is_ours "$(pid_of "$1")"; }
 fail_start() {
   local name
   log "start failed: $*"
-  for name in "${COMPONENTS[@]}"; do
+  for name in "${COMPONENTS[@]}" "${NODE_COMPONENTS[@]}"; do
     if [[ -s "$STATE_DIR/logs/$name.log" ]]; then
       log "--- last lines of logs/$name.log"
       tail -n 15 "$STATE_DIR/logs/$name.log" >&2
@@ -302,6 +332,10 @@ apiserver_ready() {
   [[ "$(curl -sS --max-time 3 --cacert "$STATE_DIR/pki/ca.crt" "$API_URL/readyz" 2>/dev/null)" == ok ]]
 }
 
+scheduler_alive() {
+  component_alive kube-scheduler || fail_start "kube-scheduler exited"
+}
+
 default_serviceaccount_exists() {
   component_alive kube-controller-manager || fail_start "kube-controller-manager exited"
   "$KUBECTL_BIN" --kubeconfig "$STATE_DIR/kubeconfig" -n default get serviceaccount default \
@@ -317,7 +351,10 @@ api_port_of_state() {
 cmd_status() {
   local name ok=0
   abs_state_dir
-  for name in etcd kube-apiserver kube-controller-manager; do
+  local names=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+  # The node counts once it was started (it holds a slot) and until it is stopped.
+  [[ -f "$NODE_DIR/slot" ]] && names+=("${NODE_COMPONENTS[@]}")
+  for name in "${names[@]}"; do
     if component_alive "$name"; then
       echo "$name: running (pid $(pid_of "$name"))"
     else
@@ -345,6 +382,46 @@ cmd_env() {
   printf 'export K8S_AUTH_KUBECONFIG=%q\n' "$STATE_DIR/kubeconfig"
   # tests/kube_fixtures.py reuses the running control plane instead of starting its own.
   printf 'export BIOMETRICS_KUBECONFIG=%q\n' "$STATE_DIR/kubeconfig"
+  # Pods reach servers on the host at the node IP (the pod bridge's own address).
+  if [[ -f "$NODE_DIR/slot" ]]; then
+    printf 'export BIOMETRICS_NODE_IP=%q\n' "$(node_ip)"
+  fi
+}
+
+control_plane_up() { # for node-start and image-import: sets API_PORT, KUBECTL_BIN
+  cmd_status >/dev/null 2>&1 || die "control plane in $STATE_DIR is not running (hack/control-plane.sh start)"
+  API_PORT="$(api_port_of_state)"
+  API_URL="https://127.0.0.1:$API_PORT"
+  KUBECTL_BIN="$(find_kubectl)"
+}
+
+cmd_node_start() {
+  abs_state_dir
+  exec 9>"$STATE_DIR/.lock"
+  flock 9
+  control_plane_up
+  if node_running; then
+    log "node $(node_ip) already running"
+    return 0
+  fi
+  ensure_kube
+  node_start
+}
+
+cmd_node_stop() {
+  abs_state_dir
+  exec 9>"$STATE_DIR/.lock"
+  flock 9
+  node_stop
+  log "node stopped ($STATE_DIR)"
+}
+
+cmd_image_import() {
+  (($# == 2)) || die "usage: $0 image-import ARCHIVE NAME"
+  [[ -s "$1" ]] || die "image archive $1 not found"
+  abs_state_dir
+  node_running || die "no node runs in $STATE_DIR (hack/control-plane.sh node-start)"
+  image_import "$1" "$2" || die "importing $1 into the node's containerd failed"
 }
 
 cmd_stop() {
@@ -356,7 +433,7 @@ cmd_stop() {
 }
 
 cmd_start() {
-  local t0 admin_token kcm_token
+  local t0 admin_token kcm_token scheduler_token
   abs_state_dir
   # `start` wipes the state dir: never do that to a directory this script did not make.
   if [[ ! -e "$STATE_DIR/$STATE_MARKER" ]] &&
@@ -367,15 +444,23 @@ cmd_start() {
   flock 9 # concurrent starts (parallel test workers) queue here; the later ones reuse
   if cmd_status >/dev/null 2>&1; then
     log "already running: $(api_port_of_state | sed 's#^#https://127.0.0.1:#')"
+    if [[ "$START_NODE" != 0 ]] && ! node_running; then
+      control_plane_up
+      ensure_kube
+      node_start
+    fi
     return 0
   fi
   stop_all # leftovers of a half-dead previous run
+  # Fail before starting anything when the machine cannot run the node.
+  [[ "$START_NODE" == 0 ]] || node_check_prerequisites
 
   ensure_etcd
   ensure_kube
   KUBECTL_BIN="$(find_kubectl)"
 
   t0=$(date +%s.%N)
+  refuse_if_mounted "$STATE_DIR"
   find "$STATE_DIR" -mindepth 1 -maxdepth 1 ! -name .lock ! -name "$STATE_MARKER" -exec rm -rf {} +
   : >"$STATE_DIR/$STATE_MARKER"
   mkdir -p "$STATE_DIR/logs" "$STATE_DIR/pids" "$STATE_DIR/etcd"
@@ -386,14 +471,17 @@ cmd_start() {
 
   admin_token="$(openssl rand -hex 32)"
   kcm_token="$(openssl rand -hex 32)"
+  scheduler_token="$(openssl rand -hex 32)"
   (
     umask 077
     # token,user,uid,"groups"
     printf '%s,admin,uid-admin,"system:masters"\n' "$admin_token" >"$STATE_DIR/tokens.csv"
     printf '%s,system:kube-controller-manager,uid-kube-controller-manager\n' "$kcm_token" >>"$STATE_DIR/tokens.csv"
+    printf '%s,system:kube-scheduler,uid-kube-scheduler\n' "$scheduler_token" >>"$STATE_DIR/tokens.csv"
   )
   write_kubeconfig "$STATE_DIR/kubeconfig" admin "$admin_token"
   write_kubeconfig "$STATE_DIR/controller-manager.kubeconfig" system:kube-controller-manager "$kcm_token"
+  write_kubeconfig "$STATE_DIR/scheduler.kubeconfig" system:kube-scheduler "$scheduler_token"
 
   spawn etcd "$ETCD_BIN" \
     --name control-plane \
@@ -418,8 +506,10 @@ cmd_start() {
     --tls-cert-file "$STATE_DIR/pki/apiserver.crt" \
     --tls-private-key-file "$STATE_DIR/pki/apiserver.key" \
     --client-ca-file "$STATE_DIR/pki/ca.crt" \
+    --kubelet-client-certificate "$STATE_DIR/pki/kubelet-client.crt" \
+    --kubelet-client-key "$STATE_DIR/pki/kubelet-client.key" \
     --token-auth-file "$STATE_DIR/tokens.csv" \
-    --authorization-mode RBAC \
+    --authorization-mode Node,RBAC \
     --service-account-issuer "$API_URL" \
     --service-account-key-file "$STATE_DIR/pki/sa.pub" \
     --service-account-signing-key-file "$STATE_DIR/pki/sa.key" \
@@ -447,22 +537,37 @@ cmd_start() {
   # The default service account appearing proves the controllers are up and authorized.
   wait_until "$READY_TIMEOUT" "the default ServiceAccount (controller manager)" default_serviceaccount_exists
 
+  spawn kube-scheduler "$KUBE_BIN_DIR/kube-scheduler" \
+    --kubeconfig "$STATE_DIR/scheduler.kubeconfig" \
+    --secure-port 0 \
+    --leader-elect=false
+  scheduler_alive
+
   "$KUBECTL_BIN" --kubeconfig "$STATE_DIR/kubeconfig" apply -f "$CRD_DIR" >&2 ||
     fail_start "installing CRDs from $CRD_DIR"
   "$KUBECTL_BIN" --kubeconfig "$STATE_DIR/kubeconfig" wait --for condition=Established \
     --timeout "${READY_TIMEOUT}s" -f "$CRD_DIR" >&2 ||
     fail_start "CRDs did not become Established"
+  scheduler_alive
+
+  [[ "$START_NODE" == 0 ]] || node_start
 
   log "ready in $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)")s: $API_URL (kubeconfig $STATE_DIR/kubeconfig)"
 }
+
+# shellcheck source=hack/node.sh
+source "$REPO_ROOT/hack/node.sh"
 
 case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
+  node-start) cmd_node_start ;;
+  node-stop) cmd_node_stop ;;
+  image-import) cmd_image_import "${@:2}" ;;
   *)
-    echo "usage: $0 start|stop|status|env" >&2
+    echo "usage: $0 start|stop|status|env|node-start|node-stop|image-import ARCHIVE NAME" >&2
     exit 2
     ;;
 esac

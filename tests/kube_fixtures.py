@@ -6,6 +6,14 @@ env)"`` sets it), or starts one with the script in its own state dir and stops i
 of the session. When it cannot start, ``require_or_skip`` (tests/conftest.py) decides: under
 ``CI=true`` the test FAILS, elsewhere it is skipped.
 
+``kube_node`` (session scope) adds the node to that cluster (``hack/control-plane.sh
+node-start``: containerd, runc, bridge CNI, kubelet), so pods really run, and imports the
+test image (``busybox-static`` packed with umoci, built here and cached by content under
+``~/.cache/biometrics-backup/images``). Only the tests that need pods ask for it: the other
+Kubernetes tests do not wait for a node. When the machine cannot run one (no runc, no
+overlayfs...), the test fails under ``CI=true`` with the missing prerequisite named, and is
+skipped elsewhere.
+
 ``kube_namespace`` gives a test a fresh namespace (deleted afterwards) whose ``default``
 ServiceAccount already exists, so pods can be created in it straight away;
 ``make_kube_namespace`` is the factory behind it, for labels or several namespaces.
@@ -14,8 +22,12 @@ Everything talks to the real kube-apiserver; nothing here fakes an API response.
 """
 
 import base64
+import hashlib
 import os
+import shlex
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,8 +41,13 @@ CONTROL_PLANE = REPO_ROOT / "hack" / "control-plane.sh"
 # Under the repository's build/ (ignored by git), apart from `make cluster-up`'s build/cluster,
 # so a test session never wipes or stops a cluster a developer started by hand.
 DEFAULT_STATE_DIR = REPO_ROOT / "build" / "pytest-cluster"
+OCI_IMAGE = REPO_ROOT / "hack" / "oci-image.sh"
 # Starting may build kube-apiserver first (about 5 minutes cold on two cores).
 START_TIMEOUT = 3600
+CACHE_ROOT = Path(os.environ.get("BIOMETRICS_CACHE") or Path.home() / ".cache" / "biometrics-backup")
+TEST_IMAGE_NAME = "localhost/biometrics-backup/test-busybox"
+# Part of the test image's cache key: change it when the rootfs recipe below changes.
+TEST_IMAGE_RECIPE = "busybox-static rootfs v1: applet links in /bin, nonroot 65532, /tmp 1777"
 NAMESPACE_READY_TIMEOUT = 60
 
 
@@ -137,10 +154,23 @@ def _wait_reachable(cluster, timeout=30):
         time.sleep(0.5)
 
 
-def _script(command, state_dir, timeout):
-    env = dict(os.environ, BIOMETRICS_CLUSTER_DIR=str(state_dir))
-    return subprocess.run(["bash", str(CONTROL_PLANE), command], env=env, capture_output=True,
+def _script(command, state_dir, timeout, *args, **extra_env):
+    env = dict(os.environ, BIOMETRICS_CLUSTER_DIR=str(state_dir), **extra_env)
+    return subprocess.run(["bash", str(CONTROL_PLANE), command, *args], env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def script_env(state_dir):
+    """The variables ``hack/control-plane.sh env`` exports for ``state_dir`` (a dict)."""
+    result = _script("env", state_dir, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError("hack/control-plane.sh env failed: %s" % _tail(result.stderr))
+    exported = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("export "):
+            name, _, value = shlex.split(line[len("export "):])[0].partition("=")
+            exported[name] = value
+    return exported
 
 
 def _tail(text, lines=25):
@@ -167,7 +197,8 @@ def kube_cluster():
     already = _script("status", state_dir, timeout=60).returncode == 0
     if not already:
         try:
-            result = _script("start", state_dir, timeout=START_TIMEOUT)
+            # The control plane only: the node joins when a test asks for kube_node.
+            result = _script("start", state_dir, START_TIMEOUT, BIOMETRICS_NODE="0")
         except subprocess.TimeoutExpired:
             _script("stop", state_dir, timeout=120)
             unavailable("hack/control-plane.sh start did not finish within %ss" % START_TIMEOUT)
@@ -246,3 +277,105 @@ def make_kube_namespace(kube_api):
 def kube_namespace(make_kube_namespace):
     """A fresh namespace for one test (name as a string)."""
     return make_kube_namespace()
+
+
+# ---------------------------------------------------------------- the node
+
+
+def build_test_image():
+    """Build (once, cached by content) the busybox-static test image; path of its OCI archive.
+
+    The rootfs is Debian's static busybox with a link per applet, a ``nonroot`` user 65532 and
+    a world-writable ``/tmp``; ``hack/oci-image.sh`` packs it with umoci.
+    """
+    busybox = Path("/bin/busybox")
+    if not busybox.is_file():
+        unavailable("/bin/busybox not found (Debian package busybox-static; hack/install-deps.sh)")
+    ldd = subprocess.run(["ldd", str(busybox)], capture_output=True, text=True, check=False)
+    if "not a dynamic executable" not in ldd.stdout + ldd.stderr:
+        unavailable("/bin/busybox is not static (install busybox-static instead of busybox)")
+    if shutil.which("umoci") is None:
+        unavailable("umoci not found (Debian package umoci; hack/install-deps.sh)")
+    digest = hashlib.sha256()
+    for part in (TEST_IMAGE_RECIPE.encode(), busybox.read_bytes(), OCI_IMAGE.read_bytes()):
+        digest.update(hashlib.sha256(part).digest())
+    key = digest.hexdigest()[:16]
+    archive = CACHE_ROOT / "images" / ("test-busybox-%s.oci.tar" % key)
+    if archive.is_file():
+        return archive, key
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        rootfs = Path(work) / "rootfs"
+        (rootfs / "bin").mkdir(parents=True)
+        (rootfs / "etc").mkdir()
+        (rootfs / "tmp").mkdir()
+        os.chmod(rootfs / "tmp", 0o1777)
+        shutil.copy2(busybox, rootfs / "bin" / "busybox")
+        applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout
+        for applet in sorted(set(applets.split()) - {"busybox"}):
+            (rootfs / "bin" / applet).symlink_to("busybox")
+        (rootfs / "etc" / "passwd").write_text(
+            "root:x:0:0:root:/root:/bin/sh\nnonroot:x:65532:65532:nonroot:/home/nonroot:/bin/sh\n")
+        (rootfs / "etc" / "group").write_text("root:x:0:\nnonroot:x:65532:\n")
+        built = subprocess.run(
+            ["bash", str(OCI_IMAGE), str(rootfs), str(archive), key,
+             "--config.cmd", "/bin/sh", "--config.env", "PATH=/bin"],
+            capture_output=True, text=True, check=False, timeout=300)
+    if built.returncode != 0:
+        raise RuntimeError("building the test image failed: %s" % _tail(built.stderr + built.stdout))
+    return archive, key
+
+
+class KubeNode:
+    """The cluster's node: its name (= its IP), the IP pods reach the host at, the test image."""
+
+    def __init__(self, name, ip, image, state_dir):
+        self.name = name
+        self.ip = ip
+        self.image = image
+        self.state_dir = Path(state_dir)
+
+    def __repr__(self):
+        return "KubeNode(%s, image=%s)" % (self.name, self.image)
+
+
+def _state_dir_of(kubeconfig):
+    """The hack/control-plane.sh state dir holding ``kubeconfig``, if it is one."""
+    folder = Path(kubeconfig).resolve().parent
+    return folder if (folder / ".biometrics-cluster").exists() else None
+
+
+def import_test_image(state_dir):
+    """Import the test image into the node of ``state_dir``; returns its image reference."""
+    archive, tag = build_test_image()
+    result = _script("image-import", state_dir, 300, str(archive), TEST_IMAGE_NAME)
+    if result.returncode != 0:
+        raise RuntimeError("hack/control-plane.sh image-import failed: %s" % _tail(result.stderr))
+    return "%s:%s" % (TEST_IMAGE_NAME, tag)
+
+
+@pytest.fixture(scope="session")
+def kube_node(kube_cluster):
+    """A Ready node in the session cluster (started here if needed, see the module docstring)."""
+    state_dir = kube_cluster.state_dir or _state_dir_of(kube_cluster.kubeconfig)
+    if state_dir is None:
+        unavailable("the cluster of BIOMETRICS_KUBECONFIG=%s was not started by hack/control-plane.sh, "
+                    "so no node can be added to it" % kube_cluster.kubeconfig)
+    before = script_env(state_dir)
+    try:
+        result = _script("node-start", state_dir, START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        unavailable("hack/control-plane.sh node-start did not finish within %ss" % START_TIMEOUT)
+    if result.returncode != 0:
+        unavailable("the node did not start (rc=%s):\n%s" % (result.returncode, _tail(result.stderr + result.stdout)))
+    started = "BIOMETRICS_NODE_IP" not in before
+    try:
+        ip = script_env(state_dir)["BIOMETRICS_NODE_IP"]
+        yield KubeNode(ip, ip, import_test_image(state_dir), state_dir)
+    finally:
+        # A node this session added to a cluster it did not start goes again; otherwise the
+        # cluster's own stop takes it down.
+        if started and not kube_cluster.started:
+            stopped = _script("node-stop", state_dir, timeout=300)
+            if stopped.returncode != 0:
+                raise RuntimeError("hack/control-plane.sh node-stop failed: %s" % _tail(stopped.stderr))

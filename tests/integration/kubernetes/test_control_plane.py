@@ -1,8 +1,10 @@
 """The local control plane is a real Kubernetes API: admission, controllers and RBAC act.
 
-No kubelet runs, so pods stay Pending; everything asserted here is done by kube-apiserver
-(Pod Security admission, RBAC, authentication of ServiceAccount tokens) or by
-kube-controller-manager (CronJob -> Job -> Pod, garbage collection).
+The pods here name an image that no registry serves (the node's containerd refuses every
+pull), so they stay Pending whether or not the session's node runs (test_node.py runs pods);
+everything asserted here is done by kube-apiserver (Pod Security admission, RBAC,
+authentication of ServiceAccount tokens) or by kube-controller-manager (CronJob -> Job -> Pod,
+garbage collection).
 """
 
 import kubernetes
@@ -87,7 +89,7 @@ def test_cronjob_controller_creates_job_and_pod(kube_api, kube_namespace):
     assert job.metadata.name.startswith("every-minute-")
     assert job.spec.template.spec.containers[0].command == ["true"]
 
-    # The Job controller in turn creates the Pod (which stays Pending without a kubelet).
+    # The Job controller in turn creates the Pod (Pending: its image cannot be pulled).
     def job_pods():
         return core.list_namespaced_pod(kube_namespace, label_selector="job-name=%s" % job.metadata.name).items
 

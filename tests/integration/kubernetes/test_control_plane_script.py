@@ -1,7 +1,8 @@
 """hack/control-plane.sh itself: start, status, env, stop with nothing left behind.
 
 Runs a second, private control plane in a temporary state dir (a few seconds once the
-binaries are built) so the session cluster of the other tests is not disturbed.
+binaries are built) so the session cluster of the other tests is not disturbed. It starts
+without the node (BIOMETRICS_NODE=0); test_node.py starts and stops one.
 """
 
 import json
@@ -13,11 +14,11 @@ from pathlib import Path
 
 from kube_fixtures import CONTROL_PLANE, KubeCluster, unavailable
 
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
 
 def _run(command, state_dir, timeout=600):
-    env = dict(os.environ, BIOMETRICS_CLUSTER_DIR=str(state_dir))
+    env = dict(os.environ, BIOMETRICS_CLUSTER_DIR=str(state_dir), BIOMETRICS_NODE="0")
     env.pop("BIOMETRICS_KUBECONFIG", None)
     return subprocess.run(["bash", str(CONTROL_PLANE), command], env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
