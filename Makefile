@@ -155,10 +155,10 @@ bench: venv collections ## benchmarks (bench/run.sh, else each bench/*.py)
 		for script in "$${scripts[@]}"; do echo "== $$script"; python "$$script"; done; \
 	fi
 
-cluster-up: venv build-kube ## start the local etcd + kube-apiserver control plane
+cluster-up: venv build-kube ## start the local cluster: etcd, apiserver, controller manager, scheduler and a node (containerd + kubelet)
 	bash hack/control-plane.sh start
 
-cluster-down: ## stop the local control plane
+cluster-down: ## stop the local cluster (node included: mounts and sysctls restored)
 	bash hack/control-plane.sh stop
 
 .PHONY: molecule
