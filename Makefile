@@ -56,7 +56,7 @@ help: ## list the targets
 	@echo "Variables: PYTHON=$(PYTHON) SANITY_PYTHON=$(SANITY_PYTHON) PYTEST_ARGS='...' SANITY_ARGS='...'"
 
 ##@ setup
-.PHONY: deps apt venv constraints collections build-kube
+.PHONY: deps apt venv constraints collections build-kube build-velero
 deps: apt venv ## Debian packages (hack/install-deps.sh) and the .venv with pinned requirements
 
 apt: ## only the Debian packages
@@ -85,9 +85,14 @@ collections: ## build/collections/ansible_collections/biometrics/backup -> repo
 build-kube: ## kube-apiserver + kube-controller-manager from source (cached under ~/.cache)
 	bash hack/build-kube.sh
 
+# velero (server + CLI) and velero-plugin-for-aws for the real Velero server of the integration
+# tests. Cached by version; cold about 8 minutes on 2 cores, so `test` runs it before integration.
+build-velero: ## velero + velero-plugin-for-aws from the Go module proxy (cached under ~/.cache)
+	bash hack/build-velero.sh
+
 ##@ checks
 .PHONY: test sanity lint galaxy-import changelog-lint unit integration
-test: deps build-kube sanity lint galaxy-import changelog-lint unit integration molecule ## everything CI runs, from a fresh machine
+test: deps build-kube sanity lint galaxy-import changelog-lint unit build-velero integration molecule ## everything CI runs, from a fresh machine
 
 sanity: venv ## ansible-test sanity on a copy under build/sanity (no ignore files)
 	bash hack/collection-layout.sh copy
@@ -160,6 +165,12 @@ cluster-up: venv build-kube ## start the local cluster: etcd, apiserver, control
 
 cluster-down: ## stop the local cluster (node included: mounts and sysctls restored)
 	bash hack/control-plane.sh stop
+
+.PHONY: runner-image
+# Cached by content under ~/.cache/biometrics-backup/runner-image: unchanged inputs, no build.
+# `hack/runner-image.sh import` puts it into the running node's containerd.
+runner-image: ## build the runner image from images/runner/Containerfile with buildah (hack/runner-image.sh)
+	bash hack/runner-image.sh build
 
 .PHONY: molecule
 # `molecule reset` first: molecule remembers "prepared" under ~/.ansible/tmp and would skip
