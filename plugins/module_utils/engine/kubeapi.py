@@ -23,8 +23,6 @@ from .lazyimport import LazyModule
 from .schema import Field, Schema
 from .errors import ConfigError, MissingDependencyError, SourceError
 
-
-
 # Imported on first use (see lazyimport.py): about a second, three on a busy machine.
 kubernetes = LazyModule("kubernetes", also=("kubernetes.client", "kubernetes.client.exceptions", "kubernetes.config",
                                             "kubernetes.dynamic"))

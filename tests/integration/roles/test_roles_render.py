@@ -149,3 +149,14 @@ def test_bad_values_fail_before_anything_is_written(tmp_path):
     assert run.returncode != 0
     assert "storage.backend" in run.output and '"ftp"' in run.output
     assert list(out.iterdir()) == []
+
+
+def test_a_job_file_the_runner_would_refuse_fails_the_render_before_anything_is_written(tmp_path):
+    # The roles' argument specs let this value through; the engine's checks of the rendered job
+    # file (biometrics.backup.checked_job_file) do not, at deploy time instead of at 02:00.
+    out = tmp_path / "out"
+    out.mkdir()
+    run = run_site(seed_values(**{"backup.compression.level": 42}), tmp_path, {"render_dir": str(out)})
+    assert run.returncode != 0
+    assert "job file of postgres-backup: compression.level must be at most 19, got 42" in run.output
+    assert list(out.iterdir()) == []
