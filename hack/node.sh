@@ -288,8 +288,7 @@ EOF
         "ranges": [[{"subnet": "$NODE_SUBNET", "rangeStart": "${NODE_IP%.1}.10", "rangeEnd": "${NODE_IP%.1}.250", "gateway": "$NODE_IP"}]],
         "dataDir": "$NODE_DIR/cni/ipam"
       }
-    },
-    {"type": "loopback"}
+    }
   ]
 }
 EOF
@@ -452,8 +451,12 @@ EOF
 
 node_stop_quiet() { node_stop >/dev/null 2>&1 || true; }
 
+# What the kubelet and the CNI library keep at fixed paths outside the state dir.
+CNI_RESULTS=/var/lib/cni/results
+KUBELET_DEVICE_PLUGINS=/var/lib/kubelet/device-plugins
+
 node_stop() {
-  local id pid link
+  local id pid link ids=()
   [[ -d "$NODE_DIR" ]] || return 0
   if [[ -f "$NODE_DIR/slot" ]]; then
     node_vars "$(cat "$NODE_DIR/slot")"
@@ -463,6 +466,7 @@ node_stop() {
   : >"$NODE_DIR/stopping"
   stop_component kubelet
   if component_alive containerd; then
+    mapfile -t ids < <(ctr_k8s containers ls -q 2>/dev/null || true)
     # The kubelet leaves pods running when it stops: kill and delete them through containerd.
     for id in $(ctr_k8s tasks ls -q 2>/dev/null); do
       ctr_k8s tasks kill -s KILL "$id" >/dev/null 2>&1 || true
@@ -490,7 +494,17 @@ node_stop() {
       rm -f "$NODE_REGISTRY/slot-$NODE_SLOT"
     fi
   fi
+  # No CNI DEL ran for the killed sandboxes: drop the CNI library's cached results of them.
+  for id in "${ids[@]}"; do
+    if [[ -n "$id" ]]; then rm -f "$CNI_RESULTS"/*-"$id"-*; fi
+  done
+  if [[ -n "$NODE_CGROUP" ]]; then rm -f "$CNI_RESULTS/biometrics-node-$NODE_SLOT-"*; fi
   rm -f "$NODE_DIR/slot"
+  if [[ -z "$(other_live_nodes)" ]]; then
+    # The last node: the kubelet's fixed-path socket and the directories it made, if empty.
+    if [[ -S "$KUBELET_DEVICE_PLUGINS/kubelet.sock" ]]; then rm -f "$KUBELET_DEVICE_PLUGINS/kubelet.sock"; fi
+    rmdir "$KUBELET_DEVICE_PLUGINS" /var/lib/kubelet "$CNI_RESULTS" /var/lib/cni /var/log/containers 2>/dev/null || true
+  fi
   restore_sysctls
   # containerd 1.6 keeps shim sockets and runc state under /run/containerd whatever its
   # config says; the empty directories go, anything another containerd still uses stays.

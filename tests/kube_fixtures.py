@@ -168,7 +168,7 @@ def script_env(state_dir):
     exported = {}
     for line in result.stdout.splitlines():
         if line.startswith("export "):
-            name, _, value = shlex.split(line[len("export "):])[0].partition("=")
+            name, value = shlex.split(line[len("export "):])[0].split("=", 1)
             exported[name] = value
     return exported
 

@@ -146,7 +146,7 @@ def test_prerequisite_missing_fails_naming_it(tmp_path):
     assert str(tmp_path / "no-such-runc") in result.stderr
     # Checked before anything starts: no process of that state dir, no pid file.
     assert _processes_mentioning(str(state_dir.resolve()) + "/") == []
-    assert not list((state_dir / "pids").glob("*.pid")) if (state_dir / "pids").exists() else True
+    assert not list(state_dir.glob("pids/*.pid"))
 
 
 def test_start_stop_leaves_nothing_behind(tmp_path):
@@ -208,7 +208,7 @@ def test_start_stop_leaves_nothing_behind(tmp_path):
     assert subprocess.run(["ip", "link", "show", bridge], capture_output=True, check=False).returncode != 0
     assert _cgroup_dirs(cgroup) == []
     assert not [link for link in Path("/var/log/containers").glob("*.log")
-                if os.readlink(link).startswith(str(state_dir) + "/")] if Path("/var/log/containers").is_dir() else True
+                if os.readlink(link).startswith(str(state_dir) + "/")]
     slot_file = REGISTRY / ("slot-%d" % slot)
     assert not slot_file.exists() or slot_file.read_text().strip() != str(state_dir)
     if other_node:
@@ -306,7 +306,7 @@ def test_pod_reaches_a_tcp_server_on_the_host_at_the_node_ip(kube_node, kube_api
 
     def serve():
         try:
-            conn, _ = server.accept()
+            conn = server.accept()[0]
         except OSError:
             return
         with conn:
