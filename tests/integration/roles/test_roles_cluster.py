@@ -120,6 +120,7 @@ def test_a_job_removed_from_the_values_is_removed_with_its_rbac(deployed, kube_a
     namespace = deployed["namespace"]
     values = copy.deepcopy(deployed["values"])
     del values["redis"]
+    del values["backup"]["schedule"]["redis"]  # a schedule without its source is refused
     values["backup"]["resources"] = {"enabled": False}
     run = run_site(values, deployed["tmp"], env=deployed["env"])
     assert run.returncode == 0, run
@@ -137,6 +138,7 @@ def test_no_secret_in_ansible_output(kube_cluster, make_kube_namespace, tmp_path
     namespace = make_kube_namespace("roles-s3")
     # Storage and one job are enough to see what Ansible prints about the credentials.
     values = seed_values(namespace=namespace, redis=None, data=None, **{"backup.git": None, "backup.pvc": None})
+    values["backup"]["schedule"] = {"postgres": values["backup"]["schedule"]["postgres"]}
     values["backup"]["encryption"]["enabled"] = False
     values["backup"]["resources"] = {"enabled": False}
     values["backup"]["recoveryTest"] = {"enabled": False}
