@@ -31,6 +31,8 @@ packages=(
   gcc                   # the pause binary, compiled from pause.c of k8s.io/kubernetes
   libc6-dev             # static libc for it
   binutils              # strip
+  buildah               # builds the runner image from its Containerfile (make runner-image)
+  mmdebstrap            # the runner image's Debian base, made here without a registry
 )
 
 missing=()

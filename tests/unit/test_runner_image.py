@@ -63,7 +63,7 @@ def final_stage():
 def checked_tools():
     """The tools the image build fails without (its `for tool in ...; command -v` loop)."""
     for instruction in final_stage():
-        match = re.search(r"for tool in ([^;]+);\s*do\s+command -v", instruction)
+        match = re.search(r"for tool in ([^;]+);\s*do\b.*?command -v \"\$tool\"", instruction)
         if match:
             return set(match.group(1).split())
     return set()
@@ -203,3 +203,13 @@ def test_bindep_lists_every_engine_tool_for_debian_and_it_is_all_installed_here(
     missing = subprocess.run([str(binary), "-f", str(REPO_ROOT / "bindep.txt"), "-b"], capture_output=True,
                              text=True, timeout=120, check=False)
     assert missing.returncode == 0 and missing.stdout.strip() == "", missing.stdout
+
+
+def test_build_arguments_default_to_the_full_image_for_users():
+    # Machines without a registry build with other arguments (hack/runner-image.sh); a user's
+    # plain `podman build` gets the PostgreSQL project's client and the velero CLI.
+    args = dict(i.split(None, 1)[1].split("=", 1) for i in instructions()
+                if i.upper().startswith("ARG ") and "=" in i)
+    assert args["WITH_VELERO"] == "true"
+    assert args["PG_APT_REPOSITORY"] == "pgdg"
+    assert args["PIP_WHEELS"] == ""
