@@ -61,7 +61,7 @@ def built():
             require_or_skip("%s is not installed (hack/install-deps.sh)" % tool)
     if os.geteuid() != 0:
         require_or_skip("building the image and running runc need root")
-    archive, first_seconds, _ = _build()
+    archive, first_seconds, _stderr = _build()
     # The second build right away: in a checkout others edit, the engine may change later on.
     second = _build()
     return {"archive": archive, "first_seconds": first_seconds, "sha256": _sha256(archive), "second": second}
