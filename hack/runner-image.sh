@@ -155,6 +155,13 @@ image_inputs() {
   (cd "$REPO_ROOT" && context_files | xargs -d '\n' sha256sum)
 }
 
+unmount_under() { # unmount everything mounted below DIR, deepest first; never fails
+  local mnt
+  while read -r mnt; do
+    umount -l "$mnt" 2>/dev/null || true
+  done < <(findmnt -rn -o TARGET | grep -F "$1/" | sort -r || true)
+}
+
 # buildah's storage for the current dependencies; storages of older ones are removed.
 buildah_storage() {
   local dir old mnt
@@ -162,8 +169,7 @@ buildah_storage() {
   for old in "$CACHE"/buildah-*; do
     [[ -d "$old" && "$old" != "$dir" ]] || continue
     log "removing the layer cache of older inputs: $old"
-    buildah --storage-driver "$STORAGE_DRIVER" --root "$old/root" --runroot "$old/run" rm --all >/dev/null 2>&1 || true
-    findmnt -rn -o TARGET | grep -F "$old/" | sort -r | while read -r mnt; do umount -l "$mnt" || true; done
+    unmount_under "$old"
     rm -rf "$old"
   done
   mkdir -p "$dir"
@@ -229,7 +235,7 @@ cmd_build() {
   mkdir -p "$CACHE"
   exec 8>"$CACHE/.lock"
   flock 8
-  local key out base wheels t0 velero_image with_velero storage velero_archive
+  local key out base wheels t0 velero_image with_velero velero_archive
   key="$(image_key)"
   out="$CACHE/runner-$key.oci.tar"
   if [[ -s "$out" ]]; then
@@ -247,9 +253,14 @@ cmd_build() {
   [[ -d "$wheels" ]] || { log "downloading wheels"; fetch_wheels "$wheels"; }
 
   # The build context: exactly the files the key covers, plus the wheels.
-  # (a global: the EXIT trap runs after this function returned)
+  # (globals: the EXIT trap runs after this function returned)
   ctx="$(mktemp -d "$CACHE/.context.XXXXXX")"
-  trap 'rm -rf "$ctx"' EXIT
+  # buildah leaves the stages' images mounted (RUN --mount from=...) and the overlay home
+  # bind-mounted; a fresh runroot per build (its mount counts are run-time state, like /run)
+  # lets the next build start clean after they are unmounted.
+  runroot="$(mktemp -d "$CACHE/.run.XXXXXX")"
+  storage="$(buildah_storage)"
+  trap 'unmount_under "$storage"; unmount_under "$runroot"; rm -rf "$ctx" "$runroot"' EXIT
   (cd "$REPO_ROOT" && context_files | xargs -d '\n' cp --parents -t "$ctx")
   # Named by their key, so the step that installs them is not taken from the layer cache
   # after they changed.
@@ -271,10 +282,9 @@ cmd_build() {
     log "building without the velero CLI (RUNNER_VELERO=1 takes it from $VELERO_BIN)"
   fi
 
-  storage="$(buildah_storage)"
   log "buildah bud $CONTAINERFILE ($IMAGE)"
   # chroot isolation: root in this container, no daemon, no user namespaces needed.
-  buildah --storage-driver "$STORAGE_DRIVER" --root "$storage/root" --runroot "$storage/run" bud \
+  buildah --storage-driver "$STORAGE_DRIVER" --root "$storage/root" --runroot "$runroot" bud \
     --isolation chroot --pull-never --layers \
     --build-arg "PYTHON_IMAGE=oci-archive:$base" \
     --build-arg "VELERO_IMAGE=$velero_image" --build-arg "WITH_VELERO=$with_velero" \
@@ -282,7 +292,7 @@ cmd_build() {
     --build-arg "KUBECTL_PACKAGE=$KUBECTL_PACKAGE" --build-arg "PIP_WHEELS=$(basename "$wheels")" \
     -f "$CONTAINERFILE" -t "$IMAGE" "$ctx" >&2
   # Named by its tag only: the import names the repository (ctr --base-name).
-  buildah --storage-driver "$STORAGE_DRIVER" --root "$storage/root" --runroot "$storage/run" push --quiet \
+  buildah --storage-driver "$STORAGE_DRIVER" --root "$storage/root" --runroot "$runroot" push --quiet \
     "$IMAGE" "oci-archive:$ctx/image.tar:$IMAGE_TAG" >&2
   mv "$ctx/image.tar" "$out"
   image_inputs >"$out.inputs"

@@ -189,3 +189,13 @@ def test_second_build_is_a_cache_hit_with_the_same_digest(built, layout):
     assert _sha256(archive) == built["sha256"]
     index = json.loads(tarfile.open(archive).extractfile("index.json").read())
     assert index["manifests"][0]["digest"] == layout["manifest_digest"]
+
+
+def test_builds_leave_nothing_mounted(built):
+    # buildah mounts the stages' images and its overlay home; the script unmounts them after
+    # each build, so repeated builds do not pile up mounts on the machine.
+    assert built["archive"].exists()
+    cache = str(built["archive"].parent)
+    mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+               if line.split()[1].startswith(cache + "/")]
+    assert mounted == []
