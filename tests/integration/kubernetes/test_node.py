@@ -346,8 +346,8 @@ def test_every_minute_cronjob_job_completes(kube_node, kube_api, make_kube_names
         job = wait_for(succeeded_job, 150, 1, "a Job of the CronJob to complete")[0]
     except AssertionError as exc:
         pods = core.list_namespaced_pod(namespace).items
-        raise AssertionError("%s\n%s" % (exc, "\n".join(_diagnose(core, namespace, pod.metadata.name)
-                                                       for pod in pods))) from None
+        details = "\n".join(_diagnose(core, namespace, pod.metadata.name) for pod in pods)
+        raise AssertionError("%s\n%s" % (exc, details)) from None
     pods = core.list_namespaced_pod(namespace, label_selector="job-name=%s" % job.metadata.name).items
     assert [pod.status.phase for pod in pods] == ["Succeeded"]
     assert core.read_namespaced_pod_log(pods[0].metadata.name, namespace).splitlines() == ["65532", "cron-ok"]
