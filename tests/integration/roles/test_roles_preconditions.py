@@ -136,8 +136,8 @@ def test_every_scheduled_job_without_its_source_fails_before_anything_is_written
 
 def test_a_job_switched_off_needs_no_source(tmp_path):
     """The control: a schedule whose job is explicitly disabled is not an error."""
-    values = seed_values(database=None, redis=None, **{"backup.postgres.enabled": False, "backup.redis.enabled": False,
-                                                        "backup.resources.enabled": False})
+    switched_off = {"backup.postgres.enabled": False, "backup.redis.enabled": False, "backup.resources.enabled": False}
+    values = seed_values(database=None, redis=None, **switched_off)
     values["backup"]["encryption"]["enabled"] = False
     values["backup"]["schedule"]["resources"] = "30 2 * * *"
     out = tmp_path / "out"
