@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from kube_fixtures import CONTROL_PLANE, KubeCluster, unavailable
+from process_helpers import alive, processes_mentioning
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
@@ -22,29 +23,6 @@ def _run(command, state_dir, timeout=600):
     env.pop("BIOMETRICS_KUBECONFIG", None)
     return subprocess.run(["bash", str(CONTROL_PLANE), command], env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
-
-
-def _alive(pid):
-    """True while ``pid`` runs (a zombie waiting for its reaper does not count)."""
-    try:
-        with open("/proc/%d/stat" % pid, encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _processes_mentioning(text):
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and _alive(int(entry.name)):
-            found.append((int(entry.name), cmdline))
-    return found
 
 
 def _evict_from_page_cache(paths):
@@ -70,7 +48,7 @@ def test_start_status_env_stop_leaves_nothing_behind(tmp_path):
     try:
         assert "ready in" in started.stderr
         pids = {name: int((state_dir / "pids" / ("%s.pid" % name)).read_text()) for name in COMPONENTS}
-        assert all(_alive(pid) for pid in pids.values())
+        assert all(alive(pid) for pid in pids.values())
 
         status = _run("status", state_dir)
         assert status.returncode == 0, status.stdout + status.stderr
@@ -99,10 +77,10 @@ def test_start_status_env_stop_leaves_nothing_behind(tmp_path):
         stopped = _run("stop", state_dir)
     assert stopped.returncode == 0, stopped.stderr
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [name for name, pid in pids.items() if _alive(pid)]
-    assert _processes_mentioning(str(state_dir.resolve()) + "/") == []
+    assert not [name for name, pid in pids.items() if alive(pid)]
+    assert processes_mentioning(str(state_dir.resolve()) + "/") == []
     assert _run("status", state_dir).returncode != 0
 
 
@@ -115,4 +93,4 @@ def test_start_refuses_to_wipe_a_foreign_directory(tmp_path):
     assert "refusing to wipe" in result.stderr
     assert sorted(path.name for path in foreign.iterdir()) == ["notes.txt"]
     assert (foreign / "notes.txt").read_text() == "keep me"
-    assert _processes_mentioning(str(foreign.resolve()) + "/") == []
+    assert processes_mentioning(str(foreign.resolve()) + "/") == []

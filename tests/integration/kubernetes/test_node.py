@@ -28,6 +28,7 @@ import pytest
 
 from kube_fixtures import (START_TIMEOUT, KubeCluster, _script, import_test_image, script_env,
                            unavailable, wait_for)
+from process_helpers import processes_mentioning
 
 client = kubernetes.client
 ApiException = kubernetes.client.exceptions.ApiException
@@ -49,28 +50,6 @@ def _mounts_under(folder):
     prefix = str(folder) + "/"
     with open("/proc/mounts", encoding="utf-8") as handle:
         return [line.split()[1] for line in handle if line.split()[1].startswith(prefix)]
-
-
-def _alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid, encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _processes_mentioning(text):
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and _alive(int(entry.name)):
-            found.append((int(entry.name), cmdline))
-    return found
 
 
 def _cgroup_dirs(name):
@@ -145,7 +124,7 @@ def test_prerequisite_missing_fails_naming_it(tmp_path):
     assert "node prerequisite missing: runc" in result.stderr, result.stderr
     assert str(tmp_path / "no-such-runc") in result.stderr
     # Checked before anything starts: no process of that state dir, no pid file.
-    assert _processes_mentioning(str(state_dir.resolve()) + "/") == []
+    assert processes_mentioning(str(state_dir.resolve()) + "/") == []
     assert not list(state_dir.glob("pids/*.pid"))
 
 
@@ -192,7 +171,7 @@ def test_start_stop_leaves_nothing_behind(tmp_path):
                    "volumes": [{"name": "scratch", "emptyDir": {"medium": "Memory"}}]}}
         cluster.kubectl("apply", "-f", "-", input_text=json.dumps(pod))
         cluster.kubectl("wait", "--for=condition=Ready", "pod/sleeper", "--timeout=120s", timeout=150)
-        assert _processes_mentioning(marker)
+        assert processes_mentioning(marker)
         assert _mounts_under(state_dir)
         assert subprocess.run(["ip", "link", "show", bridge], capture_output=True, check=False).returncode == 0
         assert _cgroup_dirs(cgroup)
@@ -202,8 +181,8 @@ def test_start_stop_leaves_nothing_behind(tmp_path):
         stopped = _script("stop", state_dir, 300)
     assert stopped.returncode == 0, stopped.stderr
 
-    assert _processes_mentioning(marker) == []
-    assert _processes_mentioning(str(state_dir) + "/") == []
+    assert processes_mentioning(marker) == []
+    assert processes_mentioning(str(state_dir) + "/") == []
     assert _mounts_under(state_dir) == []
     assert subprocess.run(["ip", "link", "show", bridge], capture_output=True, check=False).returncode != 0
     assert _cgroup_dirs(cgroup) == []
