@@ -208,12 +208,14 @@ EOF
   chmod 600 "$pki"/*.key
 }
 
-write_kubeconfig() { # write_kubeconfig FILE USER TOKEN
-  local ca_data
+write_kubeconfig() { # write_kubeconfig FILE USER CREDENTIAL... (each "key: value", e.g. "token: T")
+  local file="$1" user="$2" ca_data credentials
+  shift 2
   ca_data="$(base64 -w0 <"$STATE_DIR/pki/ca.crt")"
+  credentials="$(printf '    %s\n' "$@")"
   (
     umask 077
-    cat >"$1" <<EOF
+    cat >"$file" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -222,16 +224,16 @@ clusters:
     server: https://127.0.0.1:$API_PORT
     certificate-authority-data: $ca_data
 users:
-- name: $2
+- name: $user
   user:
-    token: $3
+$credentials
 contexts:
-- name: $2@biometrics-test
+- name: $user@biometrics-test
   context:
     cluster: biometrics-test
-    user: $2
+    user: $user
     namespace: default
-current-context: $2@biometrics-test
+current-context: $user@biometrics-test
 EOF
   )
 }
@@ -479,9 +481,9 @@ cmd_start() {
     printf '%s,system:kube-controller-manager,uid-kube-controller-manager\n' "$kcm_token" >>"$STATE_DIR/tokens.csv"
     printf '%s,system:kube-scheduler,uid-kube-scheduler\n' "$scheduler_token" >>"$STATE_DIR/tokens.csv"
   )
-  write_kubeconfig "$STATE_DIR/kubeconfig" admin "$admin_token"
-  write_kubeconfig "$STATE_DIR/controller-manager.kubeconfig" system:kube-controller-manager "$kcm_token"
-  write_kubeconfig "$STATE_DIR/scheduler.kubeconfig" system:kube-scheduler "$scheduler_token"
+  write_kubeconfig "$STATE_DIR/kubeconfig" admin "token: $admin_token"
+  write_kubeconfig "$STATE_DIR/controller-manager.kubeconfig" system:kube-controller-manager "token: $kcm_token"
+  write_kubeconfig "$STATE_DIR/scheduler.kubeconfig" system:kube-scheduler "token: $scheduler_token"
 
   spawn etcd "$ETCD_BIN" \
     --name control-plane \

@@ -225,7 +225,6 @@ image_import() { # image_import ARCHIVE NAME: NAME is the repository, the archiv
 # ---------------------------------------------------------------- config
 
 write_node_config() {
-  local ca_data
   mkdir -p "$NODE_DIR"/{containerd,certs.d/_default,cni/net.d,cni/ipam,kubelet,kubelet-pki,pod-logs,logs}
   # containerd 1.6 (Debian). Everything private except the shim sockets under /run/containerd.
   cat >"$NODE_DIR/containerd.toml" <<EOF
@@ -345,28 +344,8 @@ EOF
     -CAkey "$STATE_DIR/pki/ca.key" -CAcreateserial -days 30 -extfile "$NODE_DIR/kubelet-client.ext" \
     -out "$NODE_DIR/kubelet-client.crt" 2>/dev/null
   chmod 600 "$NODE_DIR/kubelet-client.key"
-  ca_data="$(base64 -w0 <"$STATE_DIR/pki/ca.crt")"
-  (
-    umask 077
-    cat >"$NODE_DIR/kubelet.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: biometrics-test
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority-data: $ca_data
-users:
-- name: kubelet
-  user:
-    client-certificate: $NODE_DIR/kubelet-client.crt
-    client-key: $NODE_DIR/kubelet-client.key
-contexts:
-- name: kubelet
-  context: {cluster: biometrics-test, user: kubelet}
-current-context: kubelet
-EOF
-  )
+  write_kubeconfig "$NODE_DIR/kubelet.kubeconfig" kubelet \
+    "client-certificate: $NODE_DIR/kubelet-client.crt" "client-key: $NODE_DIR/kubelet-client.key"
 }
 
 node_vars() { # NODE_* from the slot
