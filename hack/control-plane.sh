@@ -42,6 +42,7 @@ ETCD_DEBIAN_SUITE="${ETCD_DEBIAN_SUITE:-trixie}"
 ETCD_DEBIAN_MIRROR="${ETCD_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 READY_TIMEOUT="${BIOMETRICS_CLUSTER_READY_TIMEOUT:-60}"
 SERVICE_CIDR="10.0.0.0/24"
+API_SERVICE_IP="10.0.0.1" # the `kubernetes` Service: the first address of SERVICE_CIDR
 START_NODE="${BIOMETRICS_NODE:-1}"
 # Stop order: controllers first, etcd last, so nothing logs storms about a vanished backend
 # (the node, hack/node.sh, stops before all of them).
@@ -189,7 +190,7 @@ make_pki() {
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
+subjectAltName=IP:127.0.0.1,IP:$API_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
 EOF
   openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
     -CAcreateserial -days 30 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null

