@@ -1,25 +1,29 @@
 #!/usr/bin/env python
 # Copyright: contributors to biometrics.backup
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The demo behind `make demo` (started by hack/demo.sh, which owns the control plane).
+"""The demo behind `make demo` (started by hack/demo.sh, which owns the cluster).
 
-On the local Kubernetes control plane named by K8S_AUTH_KUBECONFIG, with real PostgreSQL,
-Redis and SeaweedFS S3 servers started here (tests/servers.py, the same code as the test
-fixtures), it:
+On the local Kubernetes cluster named by K8S_AUTH_KUBECONFIG (control plane and one node:
+containerd + kubelet, the runner image imported into it), with real PostgreSQL, Redis,
+SeaweedFS S3 and git daemon servers started here on the node IP so that pods reach them
+(tests/servers.py, the same code as the test fixtures), it:
 
 1. creates demo data: a PostgreSQL database with tables, Redis keys, a data directory, a
-   bare git repository and the application's configuration ConfigMap;
+   bare git repository served by git daemon and the application's configuration ConfigMap;
 2. makes an age key pair with `age-keygen` and stores it, with the S3 credentials, in Secrets;
-3. deploys the seed's values (playbooks/values/seed.yml, pointed at the local servers) with
+   backs the claims the CronJobs mount (biometrics-data, backup-storage) with hostPath
+   PersistentVolumes of directories here;
+3. deploys the seed's values (playbooks/values/seed.yml, pointed at the servers) with
    playbooks/site.yml;
-4. takes real backups by running each deployed CronJob's command locally (hack/run_cronjob.py:
-   ConfigMaps, Secrets and env read back from the API server), twice, with data changes in
-   between, so the file job makes an incremental;
+4. takes real backups by running each deployed CronJob as a pod, the way an operator runs
+   one outside its schedule (`kubectl create job --from=cronjob/NAME`, tests/pod_jobs.py),
+   three times, with data changes in between, so the file job makes incrementals;
 5. applies retention by running the retention CronJob the same way;
 6. restores the newest PostgreSQL and file backups with biometrics.backup.backup_restore
    (demo/restore.yml) and compares the results with the live data independently;
-7. runs the weekly recovery drill CronJobs;
-8. prints a summary. Every number in it comes from this run.
+7. runs the weekly recovery drill CronJobs as pods;
+8. prints a summary. Every number in it comes from this run, including the seconds each Job
+   took from `kubectl create job` to Complete.
 
 Everything started here is stopped at the end, on failure too.
 """
@@ -41,20 +45,24 @@ import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTIONS_DIR = os.path.join(REPO_ROOT, "build", "collections")
-for _path in (COLLECTIONS_DIR, os.path.join(REPO_ROOT, "tests"), os.path.join(REPO_ROOT, "hack")):
+for _path in (COLLECTIONS_DIR, os.path.join(REPO_ROOT, "tests")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
 import servers  # noqa: E402  pylint: disable=wrong-import-position
-from run_cronjob import LocalCronJob, api_client, create_seed_inputs  # noqa: E402  pylint: disable=wrong-import-position
+from pod_jobs import create_seed_inputs, hostpath_claim, run_cronjob_now  # noqa: E402  pylint: disable=wrong-import-position
 
 NAMESPACE = "biometrics-demo"
 MANAGED = "app.kubernetes.io/managed-by=biometrics.backup"
 SEED_VALUES = os.path.join(REPO_ROOT, "playbooks", "values", "seed.yml")
 SITE = os.path.join(REPO_ROOT, "playbooks", "site.yml")
 RESTORE_PLAYBOOK = os.path.join(REPO_ROOT, "demo", "restore.yml")
-SKIP_KINDS = {"velero": "needs a Velero server in the cluster; none runs on this machine"}
+SKIP_KINDS = {"velero": "needs a Velero server in the cluster; the demo runs none (the integration tests do)"}
 STEPS = 9  # numbered steps; the summary follows them
+# A Job normally completes in a few seconds; this bounds a stuck one (image missing, pod pending).
+JOB_TIMEOUT = 300
+# What the demo's data takes at most on the hostPath volumes (the claims' requested size).
+CLAIM_CAPACITY = "1Gi"
 
 
 class DemoError(Exception):
@@ -120,20 +128,30 @@ def run(argv, env=None, cwd=None, timeout=600):
 
 # -- servers -----------------------------------------------------------------------------
 
-def start_servers(stack, console):
+def api_client(kubeconfig):
+    """A ``kubernetes.client.ApiClient`` for ``kubeconfig``."""
+    import kubernetes  # pylint: disable=import-outside-toplevel
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
+
+
+def start_servers(stack, console, host):
+    """PostgreSQL, Redis, SeaweedFS S3 and git daemon listening on ``host`` (the node IP)."""
     started = {}
     for name, prefix, start, stop in (
             ("PostgreSQL", "postgres", servers.start_postgres, lambda s: s.process.stop()),
             ("Redis", "redis", servers.start_redis, lambda s: s.process.stop()),
-            ("SeaweedFS S3", "s3", servers.start_s3, servers.stop_s3)):
+            ("SeaweedFS S3", "s3", servers.start_s3, servers.stop_s3),
+            ("git daemon", "git", servers.start_git_daemon, lambda s: s.process.stop())):
         began = time.monotonic()
         base = stack.enter_context(servers.server_dir("demo-" + prefix))
-        server = servers.start_with_port_retry(lambda start=start, base=base: start(base))
+        server = servers.start_with_port_retry(lambda start=start, base=base: start(base, host=host))
         stack.callback(stop, server)
         started[prefix] = server
         where = getattr(server, "endpoint_url", None) or "%s:%d" % (server.host, server.port)
         console.item("%-13s %s (ready in %.1fs)" % (name, where, time.monotonic() - began))
-    return started["postgres"], started["redis"], started["s3"]
+    return started["postgres"], started["redis"], started["s3"], started["git"]
 
 
 # -- demo data ---------------------------------------------------------------------------
@@ -320,19 +338,27 @@ def deployed_cronjobs(api):
     return found
 
 
-def run_cronjob(api, name, claims, logs_dir, label):
-    """Run the CronJob's command locally; returns (exit code, parsed JSON result, seconds)."""
-    began = time.monotonic()
-    with LocalCronJob(api, NAMESPACE, name, claims=claims) as local:
-        result = local.run(capture=True)
-    seconds = time.monotonic() - began
-    with open(os.path.join(logs_dir, "%s.%s.log" % (name, label)), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(local.describe()) + "\n--- stderr\n" + result.stderr + "--- stdout\n" + result.stdout)
+def run_cronjob(kubeconfig, api, name, logs_dir, label, job_times):
+    """Run the CronJob as a pod (``kubectl create job --from=cronjob/NAME``) and wait for it.
+
+    Returns the JobRun (``succeeded``, ``result``: the runner's JSON result, ``seconds``: from
+    create to Complete/Failed). The pod's log goes to ``logs_dir``; ``job_times`` collects the seconds.
+    """
     try:
-        parsed = json.loads(result.stdout) if result.stdout.strip() else None
-    except ValueError:
-        parsed = None
-    return result.returncode, parsed, seconds, result.stderr
+        job = run_cronjob_now(kubeconfig, api, NAMESPACE, name, timeout=JOB_TIMEOUT,
+                              job_name="%s-%s" % (name[:50], label))
+    except (RuntimeError, TimeoutError) as exc:
+        raise DemoError("CronJob %s did not run as a pod: %s" % (name, exc)) from None
+    with open(os.path.join(logs_dir, "%s.%s.log" % (name, label)), "w", encoding="utf-8") as handle:
+        handle.write(job.describe() + "\n--- full pod log:\n" + job.log)
+    job_times.append((job.name, job.seconds, job.succeeded))
+    return job
+
+
+def failure(console, job):
+    """What a failed Job left behind, for the person reading the demo's output."""
+    for line in job.describe().splitlines():
+        console.item("| " + line)
 
 
 def describe_backup(kind, result):
@@ -362,7 +388,7 @@ def describe_backup(kind, result):
     return ""
 
 
-def backup_round(console, api, cronjobs, claims, logs_dir, label, known_kinds, taken):
+def backup_round(console, kubeconfig, api, cronjobs, logs_dir, label, known_kinds, taken, job_times):
     for name, info in sorted(cronjobs.items()):
         if info["command"] != "backup":
             continue
@@ -374,14 +400,16 @@ def backup_round(console, api, cronjobs, claims, logs_dir, label, known_kinds, t
             taken.setdefault(name, {"kind": kind, "backups": [],
                                     "skipped": "the runner in this checkout has no %r kind" % kind})
             continue
-        code, result, seconds, stderr = run_cronjob(api, name, claims, logs_dir, label)
-        if code != 0 or not result:
-            lines = [line for line in stderr.splitlines() if " ERROR " in line] or stderr.splitlines()[-5:]
-            raise DemoError("CronJob %s exited with %d:\n  %s" % (name, code, "\n  ".join(lines)))
+        job = run_cronjob(kubeconfig, api, name, logs_dir, label, job_times)
+        result = job.result
+        if not job.succeeded or not isinstance(result, dict):
+            failure(console, job)
+            raise DemoError("Job %s (from CronJob %s) %s; pod log in %s" % (
+                job.name, name, "failed" if not job.succeeded else "printed no result", shown(logs_dir)))
         record = taken.setdefault(name, {"kind": kind, "backups": []})
         record["backups"].append(result)
-        console.item("%-24s %-15s %s  %9s stored  %5.1fs  %s" % (
-            name, kind, result["backup_id"], human_bytes(result["size_bytes"]), seconds,
+        console.item("%-24s %-15s %s  %9s stored  pod %5.1fs  %s" % (
+            name, kind, result["backup_id"], human_bytes(result["size_bytes"]), job.seconds,
             describe_backup(kind, result)))
 
 
@@ -395,6 +423,9 @@ def main():
     kubeconfig = os.environ.get("K8S_AUTH_KUBECONFIG")
     if not kubeconfig:
         raise DemoError("K8S_AUTH_KUBECONFIG is not set: run the demo with `make demo` (hack/demo.sh)")
+    node_ip = os.environ.get("BIOMETRICS_NODE_IP")
+    if not node_ip:
+        raise DemoError("BIOMETRICS_NODE_IP is not set: the cluster has no node; run the demo with `make demo` (hack/demo.sh)")
     console = Console()
     # The venv's tools (ansible-playbook, weed) for this process and every command it runs.
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -404,14 +435,14 @@ def main():
     for sub in ("data", "sync", "keys", "logs", "restored"):
         os.makedirs(os.path.join(work, sub), mode=0o700)
     data_dir, sync_dir, logs_dir = (os.path.join(work, sub) for sub in ("data", "sync", "logs"))
-    claims = {"biometrics-data": data_dir, "backup-storage": sync_dir}
     api = api_client(kubeconfig)
+    job_times = []
     from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds  # pylint: disable=import-outside-toplevel
     known_kinds = set(kinds.known_kinds())
 
     with contextlib.ExitStack() as stack:
-        console.step("Starting PostgreSQL 15, Redis and SeaweedFS S3 on loopback")
-        postgres, redis, s3 = start_servers(stack, console)
+        console.step("Starting PostgreSQL 15, Redis, SeaweedFS S3 and git daemon on the node IP %s" % node_ip)
+        postgres, redis, s3, git = start_servers(stack, console, node_ip)
 
         console.step("Creating demo data, an age key pair and the Secrets")
         with postgres.connect() as conn:
@@ -423,13 +454,16 @@ def main():
         redis_add_keys(client, 1, 1500)
         rng = random.Random(20240601)
         write_data_tree(data_dir, rng, 120, 1)
-        git_dir = os.path.join(work, "config-backup.git")
-        run(["git", "init", "--quiet", "--bare", "--initial-branch=main", git_dir])
+        git_remote = git.make_remote()
         identity_path = os.path.join(work, "keys", "identity.txt")
         run(["age-keygen", "-o", identity_path])
         config_files = {"matcher.yaml": "threshold: 0.82\nmodalities: [face, finger, iris]\n",
                         "retention.yaml": "raw_captures_days: 90\n"}
         recipient = prepare_cluster(api, s3, identity_path, config_files)
+        # What a storage provisioner would do: the claims the CronJobs mount, backed here by
+        # directories of this machine (the pods run as the runner image's uid 65532).
+        hostpath_claim(api, NAMESPACE, "biometrics-data", data_dir, CLAIM_CAPACITY, writable=False)
+        hostpath_claim(api, NAMESPACE, "backup-storage", sync_dir, CLAIM_CAPACITY, writable=True)
         facts = pg_table_facts(postgres, "biometrics")
         console.item("PostgreSQL database biometrics: %s" % ", ".join(
             "%s %s rows" % (table, format(rows, ",")) for table, (rows, _digest) in facts.items()))
@@ -439,9 +473,12 @@ def main():
             human_bytes(sum(os.path.getsize(os.path.join(d, n)) for d, _s, names in os.walk(data_dir) for n in names))))
         console.item("age recipient %s...; Secrets backup-encryption-key, backup-s3-credentials "
                      "in namespace %s (Pod Security: restricted)" % (recipient[:20], NAMESPACE))
+        console.item("claims biometrics-data (read by the pods) -> %s, backup-storage -> %s (hostPath volumes)"
+                     % (shown(data_dir), shown(sync_dir)))
+        console.item("git remote for the config job: %s" % git_remote.url)
 
         console.step("Deploying the seed's values with the roles (playbooks/site.yml)")
-        values, changes = demo_values(postgres, redis, s3, "file://" + git_dir)
+        values, changes = demo_values(postgres, redis, s3, git_remote.url)
         values_path = os.path.join(work, "values.yml")
         with open(values_path, "w", encoding="utf-8") as handle:
             yaml.safe_dump(values, handle, sort_keys=False)
@@ -454,9 +491,9 @@ def main():
         for name, info in sorted(cronjobs.items()):
             console.item("  %-26s %-8s %-14s schedule %s" % (name, info["command"], info["kind"], info["schedule"]))
 
-        console.step("Backups: each backup CronJob's command, run locally (hack/run_cronjob.py)")
+        console.step("Backups: each backup CronJob run as a pod (kubectl create job --from=cronjob/NAME)")
         taken = {}
-        backup_round(console, api, cronjobs, claims, logs_dir, "1", known_kinds, taken)
+        backup_round(console, kubeconfig, api, cronjobs, logs_dir, "1", known_kinds, taken, job_times)
 
         def change_data(subjects_from, subjects, keys_from, keys, rewrite, seed, config_edit):
             tables_before, tree_before, keys_before = (pg_table_facts(postgres, "biometrics"), tree_digest(data_dir),
@@ -481,26 +518,29 @@ def main():
 
         console.step("Changing the data, then the second round of backups")
         change_data(4001, 500, 1501, 300, 10, 97, {"matcher.yaml": "threshold: 0.85\nmodalities: [face, finger, iris]\n"})
-        backup_round(console, api, cronjobs, claims, logs_dir, "2", known_kinds, taken)
+        backup_round(console, kubeconfig, api, cronjobs, logs_dir, "2", known_kinds, taken, job_times)
 
         console.step("Changing the data again, then the third round (the next schedule tick)")
         change_data(4501, 100, 1801, 50, 3, 89, None)
-        backup_round(console, api, cronjobs, claims, logs_dir, "3", known_kinds, taken)
+        backup_round(console, kubeconfig, api, cronjobs, logs_dir, "3", known_kinds, taken, job_times)
 
-        console.step("Retention: the retention-prune CronJob, run locally")
+        console.step("Retention: the retention-prune CronJob run as a pod")
         retention = [name for name, info in cronjobs.items() if info["command"] == "prune"]
         pruned = {}
         for name in retention:
-            code, result, seconds, stderr = run_cronjob(api, name, claims, logs_dir, "prune")
+            job = run_cronjob(kubeconfig, api, name, logs_dir, "now", job_times)
+            result = job.result
             results = result if isinstance(result, list) else [result]
             for item in results:
-                if item:
+                if isinstance(item, dict) and item.get("job"):
                     pruned[item["job"]] = item
-            if code != 0:
-                lines = [line for line in stderr.splitlines() if " ERROR " in line]
-                console.item("%s exited with %d: %s" % (name, code, "; ".join(lines) or stderr[-500:]))
+            console.item("Job %s: %s in %.1fs (create -> %s)" % (
+                job.name, "pruned per job" if job.succeeded else "FAILED", job.seconds,
+                "Complete" if job.succeeded else "Failed"))
+            if not job.succeeded:
+                failure(console, job)
                 if not pruned:
-                    raise DemoError("retention CronJob %s failed" % name)
+                    raise DemoError("retention CronJob %s failed; pod log in %s" % (name, shown(logs_dir)))
         policy = None
         for job, item in sorted(pruned.items()):
             policy = policy or item.get("policy")
@@ -546,22 +586,26 @@ def main():
         if not (pg_same and files_same):
             raise DemoError("a restored copy differs from the live data")
 
-        console.step("Recovery drills: the weekly drill CronJobs, run locally")
+        console.step("Recovery drills: the weekly drill CronJobs run as pods")
         drills = {}
         for name, info in sorted(cronjobs.items()):
             if info["command"] != "drill":
                 continue
-            code, result, seconds, stderr = run_cronjob(api, name, claims, logs_dir, "drill")
-            first = ((result or {}).get("results") or [{}])[0]
-            drills[name] = (code, first, seconds)
-            console.item("%-26s %s: backup %s restored into a scratch target and checked (%.1fs)" % (
-                name, "PASSED" if code == 0 and result and result.get("ok") else "FAILED (exit %d)" % code,
-                first.get("id"), seconds))
-        if any(code != 0 for code, _first, _seconds in drills.values()):
-            raise DemoError("a recovery drill failed; logs in %s" % logs_dir)
+            job = run_cronjob(kubeconfig, api, name, logs_dir, "now", job_times)
+            result = job.result if isinstance(job.result, dict) else {}
+            first = (result.get("results") or [{}])[0]
+            passed = job.succeeded and bool(result.get("ok"))
+            drills[name] = (passed, first, job.seconds)
+            console.item("%-26s %s: backup %s restored into a scratch target and checked (pod %.1fs)" % (
+                name, "PASSED" if passed else "FAILED", first.get("id"), job.seconds))
+            if not passed:
+                failure(console, job)
+        if not all(passed for passed, _first, _seconds in drills.values()):
+            raise DemoError("a recovery drill failed; pod logs in %s" % shown(logs_dir))
 
         console.finish_step()
         summary(console, s3, values, taken, pruned, policy, pg_result, files_result, pg_same, files_same, drills)
+        job_summary(console, job_times)
         console.say("")
         console.say("Demo finished in %.0fs. Logs, keys and data: %s (stopping the servers now)"
                     % (console.elapsed(), shown(work)))
@@ -608,10 +652,23 @@ def summary(console, s3, values, taken, pruned, policy, pg_result, files_result,
         say("  restore %-26s %s: %d/%d checks passed; %s" % (
             label, "OK" if same and all(c.get("ok") for c in checks) else "FAILED",
             sum(1 for c in checks if c.get("ok")), len(checks), how if same else "content DIFFERS"))
-    for name, (code, first, _seconds) in sorted(drills.items()):
+    for name, (passed, first, _seconds) in sorted(drills.items()):
         checks = first.get("checks") or []
         say("  drill   %-26s %s: backup %s restored into a scratch target, %d/%d checks passed" % (
-            name, "OK" if code == 0 else "FAILED", first.get("id"), sum(1 for c in checks if c.get("ok")), len(checks)))
+            name, "OK" if passed else "FAILED", first.get("id"), sum(1 for c in checks if c.get("ok")), len(checks)))
+
+
+def job_summary(console, job_times):
+    """Seconds from `kubectl create job` to the Job's Complete condition, per Job."""
+    say = console.say
+    if not job_times:
+        return
+    seconds = sorted(entry[1] for entry in job_times)
+    say("")
+    say("Jobs run as pods: %d, from `kubectl create job` to Complete: median %.1fs, slowest %.1fs" % (
+        len(job_times), seconds[len(seconds) // 2], seconds[-1]))
+    for name, took, succeeded in job_times:
+        say("  %-34s %5.1fs %s" % (name, took, "" if succeeded else "FAILED"))
 
 
 if __name__ == "__main__":
