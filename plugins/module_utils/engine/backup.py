@@ -63,9 +63,7 @@ class BackupRun:
         }
 
     def run(self):
-        ensure_ready = getattr(self.storage, "ensure_ready", None)
-        if ensure_ready is not None:
-            ensure_ready()
+        self.storage.ensure_ready()
         self.source.preflight()
         started = utc_now()
         self.backup_id = new_backup_id(started)

@@ -153,10 +153,9 @@ class Catalog:
         if job is not None:
             mf.validate_job_name(job)
         now = now or utc_now()
-        sizes = getattr(self.storage, "incomplete_upload_size", None)
         report = []
         for upload in self.storage.list_incomplete_uploads("%s/" % job if job else ""):
-            held = sizes(upload.key, upload.upload_id) if sizes is not None else None
+            held = self.storage.incomplete_upload_size(upload.key, upload.upload_id)
             report.append({
                 "key": upload.key, "upload_id": upload.upload_id, "initiated": to_iso(upload.initiated),
                 "age_seconds": max(0, int((now - upload.initiated).total_seconds())),

@@ -248,17 +248,15 @@ def find_orphans(storage, catalog, job, complete_ids, grace, now):
         touch(entry, info.modified)
     # S3: multipart uploads never completed. An upload in progress also marks its backup
     # directory as active, so a slow upload keeps its directory's first objects alive.
-    list_uploads = getattr(storage, "list_incomplete_uploads", None)
-    if list_uploads is not None:
-        for key, upload_id, initiated in list_uploads("%s/" % job):
-            directory = _backup_dir_of(key)
-            backup_id = directory.split("/")[1] if directory else None
-            if backup_id in complete_ids:
-                entry = group("%s (upload %s)" % (key, upload_id[:12]))
-            else:
-                entry = group(directory or key)
-            entry["uploads"].append((key, upload_id))
-            touch(entry, initiated)
+    for key, upload_id, initiated in storage.list_incomplete_uploads("%s/" % job):
+        directory = _backup_dir_of(key)
+        backup_id = directory.split("/")[1] if directory else None
+        if backup_id in complete_ids:
+            entry = group("%s (upload %s)" % (key, upload_id[:12]))
+        else:
+            entry = group(directory or key)
+        entry["uploads"].append((key, upload_id))
+        touch(entry, initiated)
     remove, wait = [], []
     for path in sorted(groups):
         entry = groups[path]

@@ -557,7 +557,7 @@ class FilesSource(Source):
 
     def _storage_inside(self, context):
         """Never archive the backup storage itself when it lives inside the tree."""
-        root = getattr(context.storage, "root", None)
+        root = context.storage.local_directory()
         if not root:
             return set()
         real = os.path.realpath(root)

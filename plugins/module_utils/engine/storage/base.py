@@ -4,8 +4,13 @@ Keys are '/'-separated paths relative to the location's root (a directory, or a 
 plus prefix). Large payloads go through ``open_writer`` (streamed, never whole in memory);
 small documents (manifests, the catalog index) through ``put_bytes``. Both become visible
 atomically: a reader never sees half an object under its final key.
+
+:class:`Storage` is the whole contract: callers use only its methods, never probe a backend
+for optional ones. What a backend lacks has a documented default here (no location to
+prepare, no unfinished uploads, no local directory).
 """
 
+import abc
 import collections
 
 from ..errors import StorageError
@@ -27,19 +32,20 @@ class MissingLocationError(StorageError):
     """
 
 
-class ObjectWriter:
+class ObjectWriter(abc.ABC):
     """Streams one object. ``write`` many times, then ``commit`` (publish) or ``abort`` (discard)."""
 
+    @abc.abstractmethod
     def write(self, data):
-        raise NotImplementedError
+        """Append ``data`` (bytes) to the object."""
 
+    @abc.abstractmethod
     def commit(self):
         """Make the object visible under its key; returns the number of bytes stored."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def abort(self):
         """Discard everything written; never raises."""
-        raise NotImplementedError
 
     def __enter__(self):
         return self
@@ -50,17 +56,20 @@ class ObjectWriter:
         return False
 
 
-class Storage:
-    """Abstract storage location. Subclasses: FilesystemStorage, S3Storage."""
+class Storage(abc.ABC):
+    """Abstract storage location. Subclasses: FilesystemStorage (backends filesystem and nfs),
+    S3Storage. The abstract methods are what every backend must provide; the others have a
+    default that is right for a backend without the feature."""
 
     backend = None
 
+    @abc.abstractmethod
     def open_writer(self, key):
-        raise NotImplementedError
+        """An :class:`ObjectWriter` for ``key``; nothing is visible under ``key`` before ``commit``."""
 
+    @abc.abstractmethod
     def open_reader(self, key):
-        """A binary file-like object with ``read(n)`` and ``close()``."""
-        raise NotImplementedError
+        """A binary file-like object with ``read(n)`` and ``close()``; NotFoundError when missing."""
 
     def put_bytes(self, key, data):
         with self.open_writer(key) as writer:
@@ -74,30 +83,56 @@ class Storage:
         finally:
             reader.close()
 
+    @abc.abstractmethod
     def list(self, prefix=""):
         """Every object whose key starts with ``prefix``, in key order (one paginated listing).
 
         A location that does not exist raises :class:`MissingLocationError` naming it, never an
         empty list; a prefix with nothing below it inside an existing location is empty.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delete(self, key):
         """Remove one object; deleting a missing object is not an error."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def exists(self, key):
-        raise NotImplementedError
+        """Whether an object is stored under ``key``."""
+
+    @abc.abstractmethod
+    def describe(self):
+        """Where this location is, for manifests and messages; never credentials."""
 
     def ensure_ready(self):
         """Before a backup writes: create the location where the backend can (a directory),
-        else prove it exists and is writable; raises StorageError naming it."""
+        else prove it exists and is writable; raises StorageError naming it.
+
+        Default: nothing to prepare."""
 
     def list_incomplete_uploads(self, prefix=""):
         """Uploads started but never completed or aborted (S3 multipart uploads of a killed run),
-        as ``IncompleteUpload`` tuples; backends without such a thing have none."""
+        as ``IncompleteUpload`` tuples.
+
+        Default: an empty list (a backend without multipart uploads has none)."""
         return []
 
-    def describe(self):
-        """Where this location is, for manifests and messages; never credentials."""
-        raise NotImplementedError
+    def incomplete_upload_size(self, key, upload_id):
+        """``(parts, bytes)`` an unfinished upload holds, or None when it is gone or the
+        backend cannot tell.
+
+        Default: None (a backend without multipart uploads has nothing to measure)."""
+        return None
+
+    def abort_incomplete_upload(self, key, upload_id):
+        """Discard an upload returned by :meth:`list_incomplete_uploads`.
+
+        Default: refused, since a backend without multipart uploads never lists one."""
+        raise StorageError("backend %s has no incomplete uploads; cannot abort %s (upload %s)"
+                           % (self.backend, key, upload_id))
+
+    def local_directory(self):
+        """The directory on this machine that holds the location, or None when it is not a
+        local directory (the files source uses it to leave the storage out of a tree it archives).
+
+        Default: None."""
+        return None

@@ -210,3 +210,6 @@ class FilesystemStorage(Storage):
 
     def describe(self):
         return {"backend": self.backend, "path": self.root}
+
+    def local_directory(self):
+        return self.root
