@@ -54,6 +54,7 @@ from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import runner
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.base import TMP_MARKER
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 RUNNER = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"
@@ -61,7 +62,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 JOB = "crash"
 MANIFEST = "manifest.json"
 INDEX = "index.json"
-TMP_MARKER = ".tmp-"
 MIB = 1 << 20
 # The tree: incompressible files, so the tar streams at the pipeline's real speed.
 BIG_FILES = 4

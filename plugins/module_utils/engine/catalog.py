@@ -12,6 +12,7 @@ import json
 
 from . import manifest as mf
 from .errors import IntegrityError, NotFoundError, StorageError
+from .storage.base import TMP_MARKER, is_unfinished
 from .timeutil import is_backup_id, parse_iso, to_iso, utc_now
 
 INDEX_NAME = "index.json"
@@ -69,7 +70,9 @@ class Catalog:
                 indexed.add(parts[0])
                 continue
             if len(parts) < 3 or not is_backup_id(parts[1]):
-                if "/.tmp-" not in info.key and ".tmp-" not in parts[-1]:
+                # Leftovers of interrupted writes (or inside a directory named like one) are
+                # prune's to remove, not junk.
+                if not is_unfinished(info.key) and "/" + TMP_MARKER not in info.key:
                     self.junk.append({"key": info.key, "reason": "not inside a backup directory"})
                 continue
             by_job.setdefault(parts[0], {}).setdefault(parts[1], []).append(info)

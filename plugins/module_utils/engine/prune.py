@@ -27,10 +27,10 @@ from . import manifest as mf
 from .catalog import Catalog
 from .errors import ConfigError, StorageError
 from .retention import Backup, Duration, Policy, RetentionError, apply_policy
+from .storage.base import is_unfinished
 from .timeutil import parse_iso, to_iso, utc_now
 
 DEFAULT_ORPHAN_GRACE = "24h"
-TMP_MARKER = ".tmp-"
 VERIFIED_OK = "ok"
 VERIFIED_FAILED = "failed"
 
@@ -239,8 +239,7 @@ def find_orphans(storage, catalog, job, complete_ids, grace, now):
     # Leftovers of interrupted writes next to complete backups or the catalog index.
     listed = set(key for entry in groups.values() for key in entry["objects"])
     for info in storage.list("%s/" % job):
-        name = info.key.rsplit("/", 1)[-1]
-        if TMP_MARKER not in name or info.key in listed:
+        if not is_unfinished(info.key) or info.key in listed:
             continue
         entry = group(info.key)
         entry["objects"].append(info.key)

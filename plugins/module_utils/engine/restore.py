@@ -26,7 +26,7 @@ from .backup import open_payload
 from .catalog import Catalog
 from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError
 from .pipeline import check_object
-from .storage.base import MissingLocationError
+from .storage.base import MissingLocationError, is_unfinished
 from .targets.base import RestoreContext, Target
 from .timeutil import parse_iso, to_iso, utc_now
 
@@ -290,7 +290,7 @@ def _check_no_strays(storage, manifest, listed):
     prefix = "%s/%s/" % (manifest["job"], manifest["id"])
     for info in storage.list(prefix):
         name = info.key[len(prefix):]
-        if name in listed or name in _SIDE_OBJECTS or ".tmp-" in name.rsplit("/", 1)[-1]:
+        if name in listed or name in _SIDE_OBJECTS or is_unfinished(name):
             continue
         raise IntegrityError("%s is stored in backup %s but not listed in its manifest "
                              "(manifest edited, or a foreign object)" % (info.key, manifest["id"]))

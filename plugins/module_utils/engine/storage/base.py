@@ -18,6 +18,23 @@ from ..errors import StorageError
 ObjectInfo = collections.namedtuple("ObjectInfo", "key size modified")
 """One stored object: key relative to the location, size in bytes, modification time (aware UTC datetime)."""
 
+TMP_MARKER = ".tmp-"
+"""What the name of an unfinished object contains: a writer that publishes by renaming writes
+``.<name>.tmp-<token>`` next to ``<name>``; after a crash that file is left over. Listings
+show it, the catalog and restore skip it, prune removes it (see :func:`is_unfinished`)."""
+
+
+def unfinished_name(name, token):
+    """The hidden name an object called ``name`` has while it is written (``token``: random)."""
+    return ".%s%s%s" % (name, TMP_MARKER, token)
+
+
+def is_unfinished(key):
+    """Whether ``key`` (a key or a bare name) is an object still being written or left over by
+    an interrupted write, judged by its last path component."""
+    return TMP_MARKER in key.rsplit("/", 1)[-1]
+
+
 IncompleteUpload = collections.namedtuple("IncompleteUpload", "key upload_id initiated")
 """An upload never completed: key relative to the location, the backend's upload id, when it started (aware UTC)."""
 

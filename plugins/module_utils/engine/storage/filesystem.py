@@ -12,9 +12,7 @@ import secrets
 import stat
 
 from ..errors import NotFoundError, StorageError
-from .base import MissingLocationError, ObjectInfo, ObjectWriter, Storage
-
-TMP_MARKER = ".tmp-"
+from .base import MissingLocationError, ObjectInfo, ObjectWriter, Storage, unfinished_name
 
 
 def _fsync_dir(path):
@@ -45,7 +43,7 @@ class _FileWriter(ObjectWriter):
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
             raise StorageError("cannot create directory %s: %s" % (directory, exc.strerror)) from None
-        self._tmp = os.path.join(directory, ".%s%s%s" % (name, TMP_MARKER, secrets.token_hex(4)))
+        self._tmp = os.path.join(directory, unfinished_name(name, secrets.token_hex(4)))
         try:
             self._file = open(self._tmp, "xb")
         except OSError as exc:
