@@ -379,3 +379,28 @@ def kube_node(kube_cluster):
             stopped = _script("node-stop", state_dir, timeout=300)
             if stopped.returncode != 0:
                 raise RuntimeError("hack/control-plane.sh node-stop failed: %s" % _tail(stopped.stderr))
+
+
+RUNNER_IMAGE_SCRIPT = REPO_ROOT / "hack" / "runner-image.sh"
+# A cold build makes the Debian base and the wheels first (about 6 minutes on two cores).
+RUNNER_IMAGE_TIMEOUT = 2400
+
+
+@pytest.fixture(scope="session")
+def runner_image(kube_node):
+    """The runner image of this checkout (images/runner/Containerfile, ``hack/runner-image.sh``),
+    built if its inputs changed and imported into the session node; its reference, which is
+    the job role's default image, so deployed CronJobs run it unchanged."""
+    for tool in ("buildah", "mmdebstrap"):
+        if shutil.which(tool) is None:
+            unavailable("%s not found (hack/install-deps.sh): the runner image cannot be built" % tool)
+    env = dict(os.environ, BIOMETRICS_CLUSTER_DIR=str(kube_node.state_dir))
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(RUNNER_IMAGE_SCRIPT), "import"], capture_output=True, text=True,
+                            env=env, timeout=RUNNER_IMAGE_TIMEOUT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError("hack/runner-image.sh import failed: %s" % _tail(result.stderr + result.stdout))
+    imported = [line for line in result.stderr.splitlines() if "runner-image: imported " in line]
+    assert imported, result.stderr
+    print("runner image ready in %.1fs: %s" % (time.monotonic() - started, imported[-1]))
+    return imported[-1].split("runner-image: imported ", 1)[1].strip()
