@@ -18,7 +18,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors im
     BackupError, MissingDependencyError)
 
 # The shared ``storage`` option (architecture §3). Secrets are no_log; ``*_file``/``*_env``
-# indirections are resolved by the engine's config.resolve_secret_refs.
+# indirections are resolved by the engine's storage.location.storage_options.
 STORAGE_OPTIONS = dict(
     backend=dict(type="str", default="filesystem", choices=["filesystem", "s3", "nfs"]),
     path=dict(type="path"),

@@ -17,20 +17,24 @@ from ansible_collections.biometrics.backup.plugins.module_utils.adapter import d
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.config import resolve_secret_refs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import (
     backup_encryption_options, read_keys, secret_values)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import (
+    build_storage, storage_options)
 
 
-def resolved(module, name, options=None):
-    """Option ``name`` (a dict) with ``*_file``/``*_env`` read and every secret masked."""
+def resolved(module, name, options=None, resolve=None):
+    """Option ``name`` (a dict) with ``*_file``/``*_env`` read (by ``resolve``, default the
+    engine's ``resolve_secret_refs``) and every secret, given or read, masked."""
     raw = drop_none(module.params.get(name) if options is None else options) or {}
     module.no_log_values.update(secret_values(raw))
-    result = resolve_secret_refs(raw, name)
+    result = resolve(raw) if resolve is not None else resolve_secret_refs(raw, name)
     module.no_log_values.update(secret_values(result))
     return result
 
 
 def open_location(module):
-    return open_storage(resolved(module, "storage"))
+    """The ``storage`` option's location; its secrets are read once, by the engine's
+    ``storage_options``, and masked before anything is built from them."""
+    return build_storage(resolved(module, "storage", resolve=storage_options))
 
 
 def writing_encryption(module):

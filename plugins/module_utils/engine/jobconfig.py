@@ -342,10 +342,10 @@ class JobConfig:
                 or self.job)
 
     def storage_options(self):
-        return resolve_secret_refs(self.storage, "storage")
+        return location.storage_options(self.storage)
 
     def open_storage(self):
-        return location.open_storage(self.storage_options())
+        return location.build_storage(self.storage_options())
 
     def source_options(self):
         return resolve_secret_refs(self.source, "source")

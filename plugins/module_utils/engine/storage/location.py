@@ -57,12 +57,25 @@ def check_storage(options, where="storage"):
     return options
 
 
-def open_storage(options):
+def storage_options(options):
+    """``options`` checked and with their secrets read: the one place the ``*_file`` /
+    ``*_env`` references of the storage option are resolved (modules, runner and tests all
+    come through here). The result is what :func:`build_storage` takes; adapters that mask
+    secrets register its values before building."""
     if not isinstance(options, dict):
         raise ConfigError("storage must be a mapping with at least 'backend', got %s" % type(options).__name__)
     # access_key_file / secret_key_env ... : unresolved, they were silently ignored and boto3
     # fell back to whatever credentials the environment or instance happened to have.
-    options = resolve_secret_refs(check_storage(options), "storage")
+    return resolve_secret_refs(check_storage(options), "storage")
+
+
+def open_storage(options):
+    """A Storage for the ``storage`` option as the user wrote it (secret references unread)."""
+    return build_storage(storage_options(options))
+
+
+def build_storage(options):
+    """A Storage for options :func:`storage_options` returned (checked, secrets read)."""
     backend = options.get("backend", "filesystem")
     prefix = (options.get("prefix") or "").strip("/")
     if backend in ("filesystem", "nfs"):
