@@ -210,8 +210,8 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import StorageError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import PruneRefusedError, prune
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import (
+    PartialPruneError, PruneRefusedError, prune)
 
 POLICY_OPTIONS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
                   "keep_within", "semantics", "timezone")
@@ -267,11 +267,8 @@ def main():
                            orphan_grace=params["orphan_grace"], dry_run=module.check_mode)
         except PruneRefusedError as exc:
             module.fail_json(msg=str(exc), changed=False, refused=True, **_public(exc.result))
-        except StorageError as exc:
-            partial = getattr(exc, "result", None)
-            if partial is None:
-                raise
-            module.fail_json(msg=str(exc), changed=bool(partial["deleted"]), **_public(partial))
+        except PartialPruneError as exc:
+            module.fail_json(msg=str(exc), changed=bool(exc.result["deleted"]), **_public(exc.result))
     output = _public(result)
     if module._diff:  # pylint: disable=protected-access  # AnsibleModule exposes --diff only so
         output["diff"] = _diff(result, params["job"])

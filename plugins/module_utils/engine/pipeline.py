@@ -12,7 +12,7 @@ import threading
 import time
 
 from . import codecs
-from .errors import BackupError, DecryptionError, IntegrityError, SourceError, StorageError
+from .errors import BackupError, DecryptionError, IntegrityError, ObjectMismatchError, SourceError, StorageError
 
 CHUNK = 1 << 20
 
@@ -326,12 +326,10 @@ class PlaintextStream:
         while self._raw.read(CHUNK):
             pass
         if self._raw.size != self._expected["size"]:
-            raise IntegrityError("%s is %d bytes, the manifest says %d (truncated or replaced)"
-                                 % (self._key, self._raw.size, self._expected["size"]))
+            raise ObjectMismatchError(self._key, "size", self._expected["size"], self._raw.size)
         digest = self._raw.sha256.hexdigest()
         if digest != self._expected["sha256"]:
-            raise IntegrityError("%s has SHA-256 %s, the manifest says %s (corrupted or swapped)"
-                                 % (self._key, digest, self._expected["sha256"]))
+            raise ObjectMismatchError(self._key, "sha256", self._expected["sha256"], digest)
         return {"name": self._expected["name"], "size": self._raw.size, "sha256": digest,
                 "plain_bytes": self.plain_bytes}
 

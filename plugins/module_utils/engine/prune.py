@@ -49,6 +49,17 @@ class PruneRefusedError(ConfigError):
         self.result = result
 
 
+class PartialPruneError(StorageError):
+    """Deleting a backup failed after others were deleted; ``result`` is the prune's result
+    up to there (``deleted`` lists what went), ``backup_id`` the backup that failed."""
+
+    def __init__(self, job, backup_id, result, cause):
+        super().__init__("job %s: deleting backup %s failed after %d deletions: %s"
+                         % (job, backup_id, len(result["deleted"]), cause))
+        self.backup_id = backup_id
+        self.result = result
+
+
 def parse_grace(value, what="orphan_grace"):
     """A grace period: ``0`` or a duration such as ``36h``, ``7d``, ``2w`` (a month counts
     31 days, a year 365, as in ``borg prune --keep-within``); returns a timedelta."""
@@ -277,8 +288,8 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
     Returns a dict: ``job``, ``policy``, ``dry_run``, ``keep``, ``prune`` (each pruned entry
     with ``deleted``), ``orphans`` (each with ``action``), ``junk``, ``counts``, ``changed``.
     Raises :class:`PruneRefusedError` (nothing deleted) when more than ``max_delete`` backups
-    would go without ``force``, and StorageError when a deletion fails (what went before it
-    is in the error's ``result``).
+    would go without ``force``, and StorageError when a deletion fails (:class:`PartialPruneError`
+    when backups were being deleted: what went before it is in the error's ``result``).
     """
     log = log or (lambda message: None)
     mf.validate_job_name(job)
@@ -335,10 +346,7 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
             catalog.delete_backup(by_id[entry["id"]])
         except StorageError as exc:
             result["changed"] = bool(result["deleted"])
-            error = StorageError("job %s: deleting backup %s failed after %d deletions: %s"
-                                 % (job, entry["id"], len(result["deleted"]), exc))
-            error.result = result
-            raise error from None
+            raise PartialPruneError(job, entry["id"], result, exc) from None
         entry["deleted"] = True
         result["deleted"].append(entry["id"])
         log("deleted backup %s (%s)" % (entry["id"], entry["reason"]))
@@ -351,4 +359,4 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
     return result
 
 
-__all__ = ["PruneRefusedError", "parse_grace", "plan", "prune", "find_orphans", "RetentionError"]
+__all__ = ["PartialPruneError", "PruneRefusedError", "parse_grace", "plan", "prune", "find_orphans", "RetentionError"]

@@ -24,7 +24,7 @@ from . import codecs
 from . import manifest as mf
 from .backup import open_payload
 from .catalog import Catalog
-from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError
+from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
 from .pipeline import check_object
 from .storage.base import MissingLocationError, is_unfinished
 from .targets.base import RestoreContext, Target
@@ -234,12 +234,13 @@ def _raise_stored_bytes_error(storage, key, obj, decode_error):
     the size/SHA-256 mismatch is the better diagnosis (storage damage or a swapped object,
     rather than a wrong key or a broken tool), so it is the error raised.
     """
-    if "SHA-256" in str(decode_error) or "manifest says" in str(decode_error):
+    if isinstance(decode_error, ObjectMismatchError):
         return
     try:
         check_object(storage, key, obj, "none", None)
-    except IntegrityError as exc:
-        raise IntegrityError("%s; it does not decode either" % exc) from None
+    except ObjectMismatchError as exc:
+        raise ObjectMismatchError(exc.key, exc.field, exc.expected, exc.actual,
+                                  note="it does not decode either") from None
 
 
 def verify_objects(storage, manifest, backup_identities):

@@ -437,8 +437,7 @@ def run_one(command, path, args, log):
     except BackupError as exc:
         what = "%s of job %s" % (command, config.job) if config is not None else "%s (%s)" % (command, path)
         log.error("%s failed: %s" % (what, exc), error=type(exc).__name__)
-        partial = getattr(exc, "result", None)
-        return exit_code_for(exc), partial
+        return exit_code_for(exc), exc.result
     except Exception as exc:  # pylint: disable=broad-except  # one clear line, not a traceback
         log.error("%s failed unexpectedly: %s: %s" % (command, type(exc).__name__, exc), error=type(exc).__name__)
         return EXIT_FAILED, None
