@@ -15,10 +15,6 @@ from .timeutil import new_backup_id, to_iso, utc_now
 ENGINE_VERSION = "0.1.0"
 
 
-def _stored_name(payload_name, compression, encryption):
-    return payload_name + codecs.SUFFIX[compression["algorithm"]] + (".age" if encryption["mode"] == "age" else "")
-
-
 def open_payload(storage, manifest, payload_name, identities=None):
     """A PlaintextStream of one payload of a stored backup (used by incrementals and restores)."""
     for obj in manifest["objects"]:
@@ -75,7 +71,7 @@ class BackupRun:
                 objects.append(self._store_bytes(codecs.ENVELOPE_OBJECT, self.encryption["_envelope"], role="key"))
 
             def emit(payload_name, readable):
-                name = _stored_name(payload_name, self.compression, self.encryption)
+                name = codecs.stored_name(payload_name, self.compression["algorithm"], self.encryption["mode"])
                 if any(obj["name"] == name for obj in objects):
                     raise BackupError("source %s emitted payload %s twice" % (self.source.kind, payload_name))
                 key = mf.object_key(self.job, self.backup_id, name)

@@ -28,6 +28,19 @@ SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 DEFAULT_LEVEL = {"none": 0, "gzip": 6, "zstd": 3}
 LEVEL_RANGE = {"none": (0, 0), "gzip": (1, 9), "zstd": (1, 19)}
 ENVELOPE_OBJECT = "key.age"
+ENCRYPTED_SUFFIX = ".age"
+
+
+def stored_name(payload_name, algorithm, encryption_mode):
+    """The name a payload is stored under: ``<payload><compression suffix>[.age]``.
+
+    The one rule for it: a backup names its objects with it, restore and verify check
+    manifests against it. ``algorithm`` is one of ALGORITHMS (ValueError otherwise),
+    ``encryption_mode`` the manifest's ``encryption.mode`` (``age`` adds ``.age``).
+    """
+    if algorithm not in SUFFIX:
+        raise ValueError("unknown compression algorithm %r" % (algorithm,))
+    return payload_name + SUFFIX[algorithm] + (ENCRYPTED_SUFFIX if encryption_mode == "age" else "")
 
 
 # zstd worker threads: -1 lets zstandard use every core, 0 compresses in the calling thread.

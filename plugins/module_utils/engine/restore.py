@@ -223,8 +223,7 @@ def _expected_name(obj, manifest):
     algorithm = (manifest.get("compression") or {}).get("algorithm")
     if algorithm not in codecs.SUFFIX:
         raise IntegrityError("backup %s records unknown compression %r" % (manifest["id"], algorithm))
-    encrypted = (manifest.get("encryption") or {}).get("mode") == "age"
-    return obj["payload"] + codecs.SUFFIX[algorithm] + (".age" if encrypted else "")
+    return codecs.stored_name(obj["payload"], algorithm, (manifest.get("encryption") or {}).get("mode"))
 
 
 def _raise_stored_bytes_error(storage, key, obj, decode_error):

@@ -1,0 +1,55 @@
+"""How a payload's stored object is named has one owner: engine/codecs.py ``stored_name``.
+
+A real BackupRun names its objects with it and restore's verification checks manifests
+against it, for every compression and with and without age encryption; a manifest whose
+object name breaks the rule is refused.
+"""
+
+import io
+
+import pytest
+from pyrage import x25519
+
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.filesystem import FilesystemStorage
+
+
+class BytesSource(Source):
+    kind = "files"
+
+    def produce(self, emit, context):
+        emit("data.tar", io.BytesIO(b"stored names " * 4096))
+        return {"files": 1}
+
+
+def test_the_rule():
+    assert codecs.stored_name("data.tar", "none", "none") == "data.tar"
+    assert codecs.stored_name("data.tar", "gzip", "none") == "data.tar.gz"
+    assert codecs.stored_name("data.tar", "zstd", "age") == "data.tar.zst.age"
+    assert codecs.stored_name("dump", "none", "age") == "dump.age"
+    assert codecs.stored_name("dump", "gzip", None) == "dump.gz"
+    with pytest.raises(ValueError, match="unknown compression algorithm 'lz4'"):
+        codecs.stored_name("dump", "lz4", "none")
+
+
+@pytest.mark.parametrize("algorithm", codecs.ALGORITHMS)
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "age"])
+def test_backup_names_and_restore_checks_by_the_same_rule(tmp_path, algorithm, encrypted):
+    storage = FilesystemStorage(str(tmp_path / "store"))
+    identity = x25519.Identity.generate()
+    encryption = {"recipients": [str(identity.to_public())]} if encrypted else None
+    manifest = BackupRun("names", BytesSource({}), storage, {"algorithm": algorithm}, encryption).run()
+    mode = "age" if encrypted else "none"
+    assert [obj["name"] for obj in manifest["objects"] if obj.get("payload")] == [
+        codecs.stored_name("data.tar", algorithm, mode)]
+    ids = rs.identities(storage, manifest, identity=str(identity) if encrypted else None)
+    assert [entry["name"] for entry in rs.verify_objects(storage, manifest, ids)] == [
+        codecs.stored_name("data.tar", algorithm, mode)]
+    # The same manifest claiming the other encryption mode breaks the rule: refused.
+    forged = dict(manifest, encryption={"mode": "none" if encrypted else "age"})
+    with pytest.raises(IntegrityError, match="does not carry payload data.tar as its name"):
+        rs.verify_objects(storage, forged, ids)
