@@ -75,19 +75,82 @@ def test_pods_meet_pod_security_restricted(rendered):
             assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"]), name
 
 
-def test_credentials_only_through_secret_references(rendered):
-    for (kind, _namespace, name), manifest in rendered["manifests"].items():
-        assert kind != "Secret", "render-only mode must not write Secrets (%s)" % name
-        if kind != "CronJob":
+def _file_references(node, path=""):
+    """Every ``*_file`` option of a job file, as ``(dotted name, path)``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(key, str) and key.endswith("_file") and isinstance(value, str):
+                yield path + key, value
+            else:
+                yield from _file_references(value, path + str(key) + ".")
+
+
+def _secret_files(pod):
+    """The files the pod's mounted Secrets provide: ``{path: (secret, key)}``."""
+    container = pod["containers"][0]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    files = {}
+    for mount in container["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
             continue
-        container = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-        for env in container["env"]:
-            if env["name"] != "HOME":
-                assert "value" not in env and "secretKeyRef" in env["valueFrom"], (name, env)
-    # The seed's S3 storage reaches the runner as *_env references only.
+        assert mount["readOnly"] is True and secret["defaultMode"] == 0o440, mount
+        for item in secret["items"]:
+            files[mount["mountPath"].rstrip("/") + "/" + item["path"]] = (secret["secretName"], item["key"])
+    return files
+
+
+def assert_credentials_only_in_mounted_secret_files(manifests):
+    """No env var but HOME, no secret value in any job file, and every *_file is a mounted Secret key."""
+    cronjobs = {name: m for (kind, _namespace, name), m in manifests.items() if kind == "CronJob"}
+    checked = 0
+    for (kind, _namespace, name), manifest in manifests.items():
+        assert kind != "Secret", "render-only mode must not write Secrets (%s)" % name
+        if kind == "CronJob":
+            container = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+            assert [env["name"] for env in container["env"]] == ["HOME"], (name, container["env"])
+        if kind != "ConfigMap" or "job.yaml" not in manifest.get("data", {}):
+            continue
+        config = yaml.safe_load(manifest["data"]["job.yaml"])
+        job = config["job"] if config["job"] + "-config" == name else name[:-len("-config")]
+        pod = cronjobs[job]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        files = _secret_files(pod)
+        for option, path in _file_references(config):
+            assert path in files, (name, option, path, sorted(files))
+            checked += 1
+        for section in (config.get("storage", {}), config.get("source", {})):
+            for secret in ("password", "access_key", "secret_key", "token"):
+                assert secret not in section, (name, secret)
+                assert secret + "_env" not in section, (name, secret)
+    return checked
+
+
+def test_credentials_only_through_mounted_secret_files(rendered):
+    assert assert_credentials_only_in_mounted_secret_files(rendered["manifests"]) > 0
+    # The seed's S3 storage reaches the runner as files of the credentials Secret.
     config = yaml.safe_load(rendered["manifests"][("ConfigMap", "biometrics", "postgres-backup-config")]["data"]["job.yaml"])
-    assert config["storage"]["access_key_env"] == "BACKUP_S3_ACCESS_KEY"
-    assert "access_key" not in config["storage"] and "secret_key" not in config["storage"]
+    assert config["storage"]["access_key_file"] == "/etc/biometrics-backup/secrets/backup-s3-credentials/access_key"
+    assert config["storage"]["secret_key_file"] == "/etc/biometrics-backup/secrets/backup-s3-credentials/secret_key"
+
+
+def _pod(manifests, name):
+    return manifests[("CronJob", "biometrics", name)]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def _scratch(pod):
+    return next(v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "scratch")
+
+
+def test_drills_are_sized_for_the_default_data_size(rendered):
+    # recovery_drill_data_size 1Gi: files restore the tree into /tmp (1.25x + 256Mi), Redis
+    # writes the RDB there (1x + 256Mi) and loads it into memory (3x + 512Mi); PostgreSQL streams.
+    manifests = rendered["manifests"]
+    assert _scratch(_pod(manifests, "incremental-backup-drill")) == "1536Mi"
+    assert _scratch(_pod(manifests, "redis-backup-drill")) == "1280Mi"
+    assert _scratch(_pod(manifests, "postgres-backup-drill")) == "1Gi"
+    redis = _pod(manifests, "redis-backup-drill")["containers"][0]["resources"]
+    assert redis["limits"]["memory"] == "3584Mi" and redis["requests"]["memory"] == "1792Mi", redis
+    assert _scratch(_pod(manifests, "redis-backup")) == "1Gi"  # backup jobs keep job_scratch_size
 
 
 def test_job_files_load_in_the_runner(rendered):
@@ -160,3 +223,109 @@ def test_a_job_file_the_runner_would_refuse_fails_the_render_before_anything_is_
     assert run.returncode != 0
     assert "job file of postgres-backup: compression.level must be at most 19, got 42" in run.output
     assert list(out.iterdir()) == []
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+HARDENED = {
+    "backup.image": {"repository": "registry.example.com:5000/backup-runner", "tag": "0.1.0", "digest": DIGEST},
+    "backup.networkPolicy": {
+        "enabled": True,
+        "egress": [{"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"], "ports": [5432, {"port": 6379, "protocol": "TCP"}]},
+                   {"cidr": "2001:db8::/32", "ports": [443]}],
+        "jobs": {"k8s-resources-backup": [{"cidr": "10.96.0.1/32", "ports": [443, 6443]}]},
+    },
+    "database.passwordSecret": {"name": "pg-credentials", "key": "pw"},
+    "redis.passwordSecret": {"name": "redis-credentials"},
+    "redis.dataSize": "2Gi",
+    "backup.recoveryTest.jobs": {"incremental-backup": {"dataSize": "10Gi"},
+                                 "postgres-backup": {"scratchSize": "2Gi", "resources": {
+                                     "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}}}},
+}
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory):
+    out = tmp_path_factory.mktemp("render-hardened")
+    run = run_site(seed_values(**HARDENED), out, {"render_dir": str(out)})
+    assert run.returncode == 0, run
+    return load_rendered(out)
+
+
+def test_hardened_manifests_validate(hardened):
+    for manifest in hardened.values():
+        validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_image_pinned_by_digest(hardened):
+    images = {name: m["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"]
+              for (kind, _namespace, name), m in hardened.items() if kind == "CronJob"}
+    assert set(SEED_CRONJOBS) <= set(images)
+    assert set(images.values()) == {"registry.example.com:5000/backup-runner@" + DIGEST}, images
+
+
+def test_database_passwords_are_mounted_files(hardened):
+    assert assert_credentials_only_in_mounted_secret_files(hardened) >= 2 * len(SEED_CRONJOBS)
+    for job in ("postgres-backup", "postgres-backup-drill"):
+        config = yaml.safe_load(hardened[("ConfigMap", "biometrics", job + "-config")]["data"]["job.yaml"])
+        assert config["source"]["password_file"] == "/etc/biometrics-backup/secrets/pg-credentials/pw"
+        assert _secret_files(_pod(hardened, job))["/etc/biometrics-backup/secrets/pg-credentials/pw"] == ("pg-credentials", "pw")
+    for job in ("redis-backup", "redis-backup-drill"):
+        config = yaml.safe_load(hardened[("ConfigMap", "biometrics", job + "-config")]["data"]["job.yaml"])
+        assert config["source"]["password_file"] == "/etc/biometrics-backup/secrets/redis-credentials/password"
+    # The file spellings are what the engine reads (the job file check of the role accepted them).
+    JobConfig(yaml.safe_load(hardened[("ConfigMap", "biometrics", "postgres-backup-config")]["data"]["job.yaml"]))
+
+
+def test_one_egress_policy_per_job(hardened):
+    policies = {name: m for (kind, _namespace, name), m in hardened.items() if kind == "NetworkPolicy"}
+    cronjobs = {name: m for (kind, _namespace, name), m in hardened.items() if kind == "CronJob"}
+    assert set(policies) == {name + "-egress" for name in cronjobs}
+    for name, cronjob in cronjobs.items():
+        spec = policies[name + "-egress"]["spec"]
+        labels = cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+        assert spec["podSelector"]["matchLabels"] == {"backup.biometrics.io/job": name}
+        assert labels["backup.biometrics.io/job"] == name
+        assert spec["policyTypes"] == ["Egress"] and "ingress" not in spec
+        egress = spec["egress"]
+        assert egress[0] == {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+        assert egress[1] == {"to": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}],
+                             "ports": [{"protocol": "TCP", "port": 5432}, {"protocol": "TCP", "port": 6379}]}
+        assert egress[2] == {"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}], "ports": [{"protocol": "TCP", "port": 443}]}
+        api = [{"to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}],
+                "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}]
+        assert egress[3:] == (api if name == "k8s-resources-backup" else []), name
+
+
+def test_drills_sized_per_job_from_the_values(hardened):
+    redis = _pod(hardened, "redis-backup-drill")
+    assert _scratch(redis) == "2304Mi"  # the 2Gi RDB + 256Mi
+    assert redis["containers"][0]["resources"]["limits"]["memory"] == "6656Mi"  # 3 x 2Gi + 512Mi
+    assert _scratch(_pod(hardened, "incremental-backup-drill")) == "13056Mi"  # 1.25 x 10Gi + 256Mi
+    postgres = _pod(hardened, "postgres-backup-drill")
+    assert _scratch(postgres) == "2Gi"
+    assert postgres["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "256Mi"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"backup.recoveryTest.jobs": {"incremental-backup": {"dataSize": "10Gi", "scratchSize": "5Gi"}}},
+     "recovery drill of incremental-backup: scratch_size 5Gi is smaller than the 13056Mi a files drill of 10Gi"),
+    ({"redis.dataSize": "4Gi", "backup.recoveryTest.jobs": {"redis-backup": {"resources": {"limits": {"memory": "1Gi"}}}}},
+     "recovery drill of redis-backup: resources.limits.memory 1Gi is below the 12800Mi a Redis drill of 4Gi"),
+    ({"backup.recoveryTest.dataSize": "lots"}, 'data_size "lots" is not a Kubernetes quantity'),
+    ({"backup.image": {"digest": "sha256:abc"}}, 'the image digest must be sha256: followed by 64 lowercase hex digits'),
+    ({"backup.networkPolicy": {"enabled": True, "egress": [{"cidr": "10.0.0.300/8"}]}},
+     'egress destination {"cidr": "10.0.0.300/8"} is invalid'),
+    ({"backup.networkPolicy": {"enabled": True, "egress": [{"cidr": "10.0.0.0/8", "ports": [70000]}]}},
+     'egress destination {"cidr": "10.0.0.0/8", "ports": [70000]} is invalid'),
+])
+def test_unusable_hardening_values_fail_before_the_job_is_written(tmp_path, overrides, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    run = run_site(seed_values(**overrides), tmp_path, {"render_dir": str(out)})
+    assert run.returncode != 0
+    assert message in run.output, run
+    # The drill sizes are checked before any drill is written, the digest and the egress
+    # destinations before the first job is.
+    written = sorted(path.name for path in out.glob("*.yaml"))
+    late = "drill" in message or "data_size" in message
+    assert not [name for name in written if name.endswith("-drill.yaml" if late else "-backup.yaml")], written
