@@ -60,6 +60,8 @@ def test_pushed_metrics_read_back_from_the_gateway(pushgateway_server):
     m.record_drill(True, 1_700_000_400, duration_seconds=30)
     m.record_drill(False, 1_700_000_500)
     m.record_retention(kept=7, pruned=2, finished_at=1_700_000_600)
+    m.record_copy(True, 1_700_000_700, lag_seconds=3600, bytes_copied=1 << 20)
+    m.record_copy(False, 1_700_000_800)
     assert m.push(pushgateway_server.url) == {"job": job, "kind": "postgres", "instance": "db1"}
 
     got = gateway_samples(pushgateway_server, job)

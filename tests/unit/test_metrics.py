@@ -31,6 +31,8 @@ def everything_recorded():
     m.record_drill(True, T0 + 4, duration_seconds=30)
     m.record_drill(False, T0 + 5)
     m.record_retention(kept=7, pruned=2, finished_at=T0 + 6)
+    m.record_copy(True, T0 + 7, lag_seconds=0, bytes_copied=1234)
+    m.record_copy(False, T0 + 8)
     return m
 
 

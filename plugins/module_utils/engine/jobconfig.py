@@ -28,6 +28,12 @@ Layout (only ``job``, ``kind`` and ``storage`` are required)::
                                   # this job) and scratch target options (default: derived
                                   # from the source's connection options)
     verify: {backup: latest, test_restore: false}
+    copy:                         # `runner copy`: the offsite copy of this job's backups
+      destination: {backend: s3, bucket: offsite, endpoint_url: https://s3.other.site,
+                    access_key_file: /secrets/offsite/access_key,
+                    secret_key_file: /secrets/offsite/secret_key}
+      backup: all                 # all (default), latest or a backup id (with its chain)
+      recheck: size               # size (listing) or full (read back every copied object)
     log_format: text              # or json (JSON lines on stderr)
 """
 
@@ -50,7 +56,7 @@ except ImportError:
     HAS_YAML = False
 
 TOP_LEVEL = ("job", "kind", "source", "storage", "compression", "encryption", "retention",
-             "size_anomaly", "schedule", "metrics", "restore", "drill", "verify", "log_format",
+             "size_anomaly", "schedule", "metrics", "restore", "drill", "verify", "copy", "log_format",
              "description")
 LOG_FORMATS = ("text", "json")
 _URL_RE = re.compile(r"^https?://[^\s/]+")
@@ -96,6 +102,12 @@ RESTORE = Schema("restore", {
     "backup": Field("str", "which backup: an id, latest (default) or an ISO-8601 time", nonempty=True),
     "point_in_time": Field("str", "restore the newest backup finished at or before this ISO-8601 time",
                            nonempty=True),
+})
+COPY = Schema("copy", {
+    "destination": Field("dict", "the storage location the backups are copied to (the storage option's fields)"),
+    "backup": Field("str", "which backups: all (default), latest or a backup id (with its chain)", nonempty=True),
+    "recheck": Field("enum", "how copied backups are re-checked: size (listing, default) or full (read back)",
+                     choices=("size", "full")),
 })
 DRILL = Schema("drill", {
     "job": Field("str", "the job whose backups the drill restores (default: this job)", nonempty=True),
@@ -235,7 +247,7 @@ class JobConfig:
         source_class = kinds.source_class(self.kind)  # unknown kind -> ConfigError listing the known ones
         # Secret fields appear only as _file/_env in a job file: checked first, so that the
         # message is about the secret and not about the field's type.
-        for name in ("source", "storage", "encryption", "metrics", "restore", "drill"):
+        for name in ("source", "storage", "encryption", "metrics", "restore", "drill", "copy"):
             refuse_literal_secrets(data.get(name) or {}, name)
         self.source = _section(data, "source", source_class.SCHEMA)
         if data.get("storage") is None:
@@ -251,6 +263,9 @@ class JobConfig:
         if self.drill.get("job") is not None:
             validate_job_name(self.drill["job"])
         self.verify = _section(data, "verify", VERIFY)
+        self.copy = _section(data, "copy", COPY)
+        if self.copy.get("destination") is not None:
+            self.copy["destination"] = location.check_storage(self.copy["destination"], "copy.destination")
         self.compression = codecs.compression_settings(self.compression_options)
         self._check_encryption()
         self.size_policy = SizePolicy.from_mapping(self.size_anomaly)
@@ -344,6 +359,12 @@ class JobConfig:
     def storage_options(self):
         return location.storage_options(self.storage)
 
+    def copy_destination_options(self):
+        """The copy destination's storage options, secrets read (None without a copy section)."""
+        if not self.copy.get("destination"):
+            return None
+        return location.storage_options(self.copy["destination"])
+
     def open_storage(self):
         return location.build_storage(self.storage_options())
 
@@ -398,6 +419,10 @@ class JobConfig:
                 # Recipients-only configuration: reading needs the private half.
                 raise ConfigError("%s: %s needs encryption.identity_file, identity_env, passphrase_file "
                                   "or passphrase_env to read encrypted backups" % (self.where, command))
+        if command == "copy":
+            if not self.copy.get("destination"):
+                raise ConfigError("%s: copy needs a 'copy' section with a destination storage" % self.where)
+            prepared["destination"] = location.build_storage(self.copy_destination_options())
         if command == "prune" and self.retention_policy is None:
             raise ConfigError("%s: prune needs a 'retention' policy" % self.where)
         if self.metrics_enabled:

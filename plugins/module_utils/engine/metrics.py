@@ -88,6 +88,14 @@ METRICS = {
         COUNTER, "Backups deleted by retention passes since the series started."),
     "backup_retention_last_run_timestamp_seconds": (
         GAUGE, "Unix time at which the last retention pass finished."),
+    "backup_copy_last_success_timestamp_seconds": (
+        GAUGE, "Unix time at which the last offsite copy run that copied everything it had to finished."),
+    "backup_copy_last_failure_timestamp_seconds": (
+        GAUGE, "Unix time at which the last offsite copy run that failed (or left a backup behind) ended."),
+    "backup_copy_lag_seconds": (
+        GAUGE, "Age of the oldest backup the offsite copy does not hold yet (0 when in sync)."),
+    "backup_copy_bytes": (
+        GAUGE, "Bytes the last offsite copy run copied to its destination."),
 }
 
 COUNTER_METRICS = frozenset(name for name, (kind, _help) in METRICS.items() if kind == COUNTER)
@@ -247,6 +255,15 @@ class BackupMetrics:
         self._set("backup_retention_kept", kept)
         self._set("backup_retention_last_run_timestamp_seconds", unix_time(finished_at))
         self._pruned_this_run = (self._pruned_this_run or 0) + pruned
+
+    def record_copy(self, success, finished_at, lag_seconds=None, bytes_copied=None):
+        """An offsite copy run: its outcome, the lag it left and the bytes it copied."""
+        self._set("backup_copy_last_success_timestamp_seconds" if success
+                  else "backup_copy_last_failure_timestamp_seconds", unix_time(finished_at))
+        if lag_seconds is not None:
+            self._set("backup_copy_lag_seconds", _non_negative("lag_seconds", lag_seconds))
+        if bytes_copied is not None:
+            self._set("backup_copy_bytes", _non_negative("bytes_copied", bytes_copied))
 
     # -- building ----------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The runner: what the CronJob containers execute.
 
     python -m ansible_collections.biometrics.backup.plugins.module_utils.engine.runner \\
-        <backup|verify|restore|drill|prune|list> --config JOB_FILE [options]
+        <backup|verify|restore|drill|prune|list|copy> --config JOB_FILE [options]
 
 It reads a job file (engine/jobconfig.py; secrets only as ``*_file`` / ``*_env``), checks
 everything before it starts, runs the command with the same engine as the Ansible modules,
@@ -16,7 +16,9 @@ Exit codes:
        also a key that cannot open the backups, a storage location that does not exist
        (list, verify, restore, drill, prune; backup creates a missing directory), and prune
        refusing (max_delete)
-    3  integrity: verification failed, a restore or drill was refused or its checks failed
+    3  integrity: verification failed, a restore or drill was refused or its checks failed,
+       a copy left a backup behind (a source object that does not match its manifest, or
+       a copied object that does not read back right)
     4  the backup was stored but its size broke the size-anomaly ``fail`` policy
   130  interrupted (SIGINT); 143 terminated (SIGTERM) — nothing partial stays listed
 
@@ -51,8 +53,8 @@ EXIT_INTEGRITY = 3
 EXIT_SIZE = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
-COMMANDS = ("backup", "verify", "restore", "drill", "prune", "list")
-MULTI_CONFIG = ("prune", "verify", "list")
+COMMANDS = ("backup", "verify", "restore", "drill", "prune", "list", "copy")
+MULTI_CONFIG = ("prune", "verify", "list", "copy")
 PROGRESS_INTERVAL = 5.0
 
 
@@ -188,6 +190,8 @@ def _prepare(config, command, log):
         log.add_secrets([prepared["encryption"].get("passphrase")])
     if command in ("restore", "verify", "drill"):
         log.add_secrets(list(prepared["keys"]))
+    if command == "copy":
+        log.add_secrets(secret_values(config.copy_destination_options()))
     return prepared
 
 
@@ -364,6 +368,35 @@ def cmd_prune(config, args, log):
     return EXIT_OK, result
 
 
+def cmd_copy(config, args, log):
+    """Copy the job's backups to ``copy.destination``, each verified there, manifest last."""
+    from .offsite import copy_backups
+    metrics = Metrics(config, log)
+    try:
+        prepared = _prepare(config, "copy", log)
+        source, destination = prepared["storage"], prepared["destination"]
+        log.info("%s %s to %s" % ("check mode: planning the copy of" if args.check else "copying",
+                                  where(source.describe()), where(destination.describe())))
+        outcome = copy_backups(source, destination, config.job,
+                               backup=args.backup or config.copy.get("backup") or "all",
+                               recheck=config.copy.get("recheck") or "size", check_mode=args.check, log=log.info)
+    except BaseException:
+        if not args.check:
+            metrics.record("record_copy", False, utc_now())
+            metrics.ship()
+        raise
+    if not args.check:
+        metrics.record("record_copy", outcome["ok"], utc_now(), lag_seconds=outcome["lag_seconds"],
+                       bytes_copied=outcome["bytes_copied"])
+        metrics.ship()
+    log.info("%s: %d backups %s, %d in sync, %d failed, %d skipped, %s copied, lag %ds" % (
+        "check mode" if args.check else "copy done", len(outcome["planned"] if args.check else outcome["copied"]),
+        "to copy" if args.check else "copied", len(outcome["in_sync"]), len(outcome["failed"]),
+        len(outcome["skipped"]), _human_bytes(outcome["bytes_copied"]), outcome["lag_seconds"]),
+        bytes_copied=outcome["bytes_copied"], lag_seconds=outcome["lag_seconds"])
+    return (EXIT_OK if outcome["ok"] else EXIT_INTEGRITY), outcome
+
+
 def cmd_list(config, args, log):
     storage = _prepare(config, "list", log)["storage"]
     catalog = Catalog(storage)
@@ -382,7 +415,7 @@ def cmd_list(config, args, log):
 
 
 HANDLERS = {"backup": cmd_backup, "verify": cmd_verify, "restore": cmd_restore, "drill": cmd_drill,
-            "prune": cmd_prune, "list": cmd_list}
+            "prune": cmd_prune, "list": cmd_list, "copy": cmd_copy}
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -397,8 +430,9 @@ def build_parser():
     parser.add_argument("--log-format", choices=("text", "json"), help="default: the job file's log_format")
     parser.add_argument("--check", action="store_true",
                         help="plan / verify only: backup and prune report what they would do, restore "
-                             "verifies without writing, verify and drill record nothing")
-    parser.add_argument("--backup", help="latest (default), a backup id, an ISO-8601 time, or all (verify)")
+                             "verifies without writing, verify and drill record nothing, copy lists what it would copy")
+    parser.add_argument("--backup", help="latest (default), a backup id, an ISO-8601 time, or all (verify); "
+                        "copy: all (default), latest or a backup id")
     parser.add_argument("--point-in-time", help="restore: the newest backup at or before this ISO-8601 time")
     parser.add_argument("--target-file", help="restore: YAML/JSON of target options merged over restore.target")
     parser.add_argument("--test-restore", action="store_true", help="verify: also restore into a scratch target")

@@ -1,0 +1,233 @@
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""``runner copy`` against two SeaweedFS instances with their own credentials.
+
+1. The job file's ``copy`` section (destination credentials as ``*_file``), check mode,
+   the copy, idempotence, metrics on a real Pushgateway; at the destination ``runner
+   verify`` and ``runner restore`` with a job file that only names the copy's location
+   give back the tree that was backed up. No secret is printed.
+2. The copy killed with SIGKILL (its whole process group) at random moments, at least
+   20 times: after every kill each backup the destination lists verifies (with the key),
+   a killed copy's leftovers are taken over by the next run, and the last run leaves the
+   destination in sync with the source. The seed is printed and named in failures
+   (``BIOMETRICS_CRASH_SEED=<n>``); ``BIOMETRICS_COPY_KILLS=<n>`` sets the count.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from pyrage import x25519
+
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify
+
+from restore_helpers import tree_state
+from server_fixtures import server_dir, start_s3, start_with_port_retry, stop_s3
+
+RUNNER = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MIB = 1 << 20
+KILLS = int(os.environ.get("BIOMETRICS_COPY_KILLS") or 24)
+
+
+@pytest.fixture(scope="module")
+def offsite_s3():
+    """Another SeaweedFS, with credentials of its own (the offsite site)."""
+    with server_dir("s3-offsite") as base:
+        server = start_with_port_retry(lambda: start_s3(base))
+        try:
+            yield server
+        finally:
+            stop_s3(server)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    identity = x25519.Identity.generate()
+    (tmp_path / "identity").write_text("%s\n" % identity)
+    (tmp_path / "recipients").write_text("%s\n" % identity.to_public())
+    return {"identity": str(identity), "identity_file": str(tmp_path / "identity"),
+            "recipients_file": str(tmp_path / "recipients")}
+
+
+def runner_env(extra=None):
+    environ = dict(os.environ, PYTHONPATH=os.path.join(REPO, "build", "collections"))
+    environ.update(extra or {})
+    return environ
+
+
+def run(command, config, *extra, env=None):
+    argv = [sys.executable, "-m", RUNNER, command, "--config", str(config)] + list(extra)
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runner_env(env),
+                          timeout=600, cwd="/", check=False)
+
+
+def storage_by_env(server, prefix):
+    return {"backend": "s3", "bucket": server.bucket, "prefix": prefix, "endpoint_url": server.endpoint_url,
+            "region": server.region, "access_key_env": "SRC_S3_ACCESS", "secret_key_env": "SRC_S3_SECRET"}
+
+
+def storage_by_file(server, prefix, directory):
+    directory.mkdir(exist_ok=True)
+    (directory / "access_key").write_text(server.access_key)
+    (directory / "secret_key").write_text(server.secret_key + "\n")
+    return {"backend": "s3", "bucket": server.bucket, "prefix": prefix, "endpoint_url": server.endpoint_url,
+            "region": server.region, "access_key_file": str(directory / "access_key"),
+            "secret_key_file": str(directory / "secret_key")}
+
+
+def metric(gateway, name, job):
+    for family in text_string_to_metric_families(gateway.metrics_text()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("job") == job:
+                return sample.value
+    return None
+
+
+def test_runner_copy_then_verify_and_restore_at_the_destination(
+        tmp_path, keys, s3_server, offsite_s3, pushgateway_server):
+    job = "copy-%s" % uuid.uuid4().hex[:6]
+    tree = tmp_path / "data"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text("alpha\n" * 100)
+    (tree / "sub" / "b.bin").write_bytes(os.urandom(200_000))
+    env = {"SRC_S3_ACCESS": s3_server.access_key, "SRC_S3_SECRET": s3_server.secret_key}
+    destination = storage_by_file(offsite_s3, "offsite-%s" % uuid.uuid4().hex[:6], tmp_path / "offsite-secret")
+    encryption = {"recipients_file": keys["recipients_file"], "identity_file": keys["identity_file"]}
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "job": job, "kind": "files", "source": {"path": str(tree)},
+        "storage": storage_by_env(s3_server, "primary-%s" % uuid.uuid4().hex[:6]), "encryption": encryption,
+        "copy": {"destination": destination},
+        "metrics": {"pushgateway_url": pushgateway_server.url, "instance": "node-a"},
+    }))
+    ids = []
+    for dummy in range(2):
+        made = run("backup", config, env=env)
+        assert made.returncode == 0, made.stderr
+        ids.append(json.loads(made.stdout)["backup_id"])
+        time.sleep(1.05)
+        (tree / "a.txt").write_text("changed\n")
+
+    plan = run("copy", config, "--check", env=env)
+    assert plan.returncode == 0, plan.stderr
+    planned = json.loads(plan.stdout)
+    assert [step["id"] for step in planned["planned"]] == ids and planned["changed"]
+    offsite = open_storage(dict(offsite_s3.storage_options(prefix=destination["prefix"])))
+    assert Catalog(offsite).scan(job) == []
+
+    copied = run("copy", config, env=env)
+    assert copied.returncode == 0, copied.stderr
+    outcome = json.loads(copied.stdout)
+    assert [item["id"] for item in outcome["copied"]] == ids and outcome["lag_seconds"] == 0
+    assert metric(pushgateway_server, "backup_copy_lag_seconds", job) == 0
+    assert metric(pushgateway_server, "backup_copy_bytes", job) == outcome["bytes_copied"] > 0
+    assert abs(metric(pushgateway_server, "backup_copy_last_success_timestamp_seconds", job) - time.time()) < 600
+
+    again = run("copy", config, env=env)
+    assert again.returncode == 0, again.stderr
+    assert not json.loads(again.stdout)["changed"] and metric(pushgateway_server, "backup_copy_bytes", job) == 0
+
+    # The copy is an ordinary location: a job file naming it verifies and restores there.
+    at_offsite = tmp_path / "offsite.yaml"
+    at_offsite.write_text(yaml.safe_dump({
+        "job": job, "kind": "files", "storage": destination, "encryption": encryption,
+        "restore": {"target": {"path": str(tmp_path / "restored")}}}))
+    checked = run("verify", at_offsite, "--backup", "all")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["verified"] == 2
+    restored = run("restore", at_offsite)
+    assert restored.returncode == 0, restored.stderr
+    assert tree_state(str(tmp_path / "restored")) == tree_state(str(tree))
+    for step in (plan, copied, again, checked, restored):
+        for secret in (s3_server.secret_key, s3_server.access_key, offsite_s3.secret_key, offsite_s3.access_key):
+            assert secret not in step.stdout and secret not in step.stderr
+
+
+def _big_backups(storage, job, directory, recipient, count=3, mib=12):
+    """``count`` full backups of incompressible files (``mib`` MiB each)."""
+    made = []
+    for index in range(count):
+        root = directory / ("tree-%d" % index)
+        root.mkdir(parents=True)
+        for part in range(3):
+            (root / ("f%d.bin" % part)).write_bytes(os.urandom(mib * MIB // 3))
+        made.append(BackupRun(job, FilesSource({"path": str(root)}), storage,
+                              encryption={"recipients": [recipient]}).run())
+        time.sleep(1.05)
+    return made
+
+
+def test_copy_killed_at_random_points_never_lists_what_does_not_verify(tmp_path, keys, s3_server, offsite_s3):
+    seed = int(os.environ.get("BIOMETRICS_CRASH_SEED") or random.SystemRandom().randrange(1 << 32))
+    rng = random.Random(seed)
+    job = "copykill"
+    source_options = s3_server.storage_options()
+    source = open_storage(source_options)
+    made = _big_backups(source, job, tmp_path, x25519.Identity.from_str(keys["identity"]).to_public().__str__())
+    ids = sorted(m["id"] for m in made)
+    env = {"SRC_S3_ACCESS": s3_server.access_key, "SRC_S3_SECRET": s3_server.secret_key}
+
+    def job_file(prefix):
+        path = tmp_path / ("job-%s.yaml" % prefix)
+        path.write_text(yaml.safe_dump({
+            "job": job, "kind": "files", "source": {"path": str(tmp_path)},
+            "storage": dict(storage_by_env(s3_server, source_options["prefix"])),
+            "encryption": {"recipients_file": keys["recipients_file"]},
+            "copy": {"destination": dict(storage_by_file(offsite_s3, prefix, tmp_path / "offsite-secret"),
+                                         part_size=5 * MIB)}}))
+        return path, open_storage(offsite_s3.storage_options(prefix=prefix))
+
+    # An uninterrupted copy, interpreter start included: the window the kills are drawn from.
+    config, measured = job_file("measure-%s" % uuid.uuid4().hex[:6])
+    began = time.monotonic()
+    full = run("copy", config, env=env)
+    window = time.monotonic() - began
+    assert full.returncode == 0, full.stderr
+    assert sorted(m["id"] for m in Catalog(measured).scan(job)) == ids
+
+    landed = {"nothing listed": 0, "some listed": 0, "all listed": 0}
+    config, offsite = job_file("kill-%s" % uuid.uuid4().hex[:6])
+    verified_ok = set()
+    for kill in range(KILLS):
+        delay = rng.uniform(0.2, window)
+        process = subprocess.Popen([sys.executable, "-m", RUNNER, "copy", "--config", str(config)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=runner_env(env), cwd="/",
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+        listed = sorted(m["id"] for m in Catalog(offsite).scan(job))
+        where = "seed %d, kill %d after %.2fs of %.2fs" % (seed, kill, delay, window)
+        assert set(listed) <= set(ids), where
+        for backup_id in listed:
+            if backup_id in verified_ok:
+                continue
+            outcome = verify(offsite, job, backup=backup_id, identity=keys["identity"], record=False)
+            assert outcome["ok"], "%s: %s listed but does not verify: %s" % (where, backup_id, outcome["results"])
+            verified_ok.add(backup_id)
+        landed["all listed" if listed == ids else "some listed" if listed else "nothing listed"] += 1
+        if listed == ids:
+            # Done: start over at a fresh prefix, so that the kills keep landing mid-copy.
+            config, offsite = job_file("kill-%s" % uuid.uuid4().hex[:6])
+            verified_ok = set()
+    last = run("copy", config, env=env)
+    assert last.returncode == 0, "seed %d: %s" % (seed, last.stderr)
+    assert sorted(m["id"] for m in Catalog(offsite).scan(job)) == ids
+    assert verify(offsite, job, backup="all", identity=keys["identity"], record=False)["ok"]
+    print("copy kills: %d (seed %d, window %.2fs): %s" % (KILLS, seed, window, landed))
+    assert KILLS < 20 or landed["some listed"] + landed["nothing listed"] >= KILLS // 3, landed
