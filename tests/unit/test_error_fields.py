@@ -45,7 +45,7 @@ def test_object_mismatch_messages_are_the_ones_users_saw():
     assert str(digest) == ("j/b/data.tar has SHA-256 %s, the manifest says %s (corrupted or swapped); "
                            "it does not decode either" % ("b" * 64, "a" * 64))
     with pytest.raises(ValueError):
-        ObjectMismatchError("k", "colour", 1, 2)
+        raise ObjectMismatchError("k", "colour", 1, 2)
 
 
 def test_every_engine_error_has_a_result_none_by_default():
