@@ -31,10 +31,11 @@ def resolved(module, name, options=None, resolve=None):
     return result
 
 
-def open_location(module):
-    """The ``storage`` option's location; its secrets are read once, by the engine's
-    ``storage_options``, and masked before anything is built from them."""
-    return build_storage(resolved(module, "storage", resolve=storage_options))
+def open_location(module, name="storage"):
+    """The location of option ``name`` (``storage``, or backup_copy's ``destination``); its
+    secrets are read once, by the engine's ``storage_options``, and masked before anything is
+    built from them."""
+    return build_storage(resolved(module, name, resolve=storage_options))
 
 
 def writing_encryption(module):

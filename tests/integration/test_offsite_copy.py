@@ -25,22 +25,11 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.l
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.files import FilesTarget
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify
 
-from server_fixtures import server_dir, start_s3, start_with_port_retry, stop_s3
 
 from .files_helpers import age_key, flip_byte, snapshot, write
+from .offsite_helpers import offsite_s3  # noqa: F401  pylint: disable=unused-import  # a fixture
 
 JOB = "offsite"
-
-
-@pytest.fixture(scope="module")
-def second_s3():
-    """Another SeaweedFS, with credentials of its own (the offsite site)."""
-    with server_dir("s3-offsite") as base:
-        server = start_with_port_retry(lambda: start_s3(base))
-        try:
-            yield server
-        finally:
-            stop_s3(server)
 
 
 def make_backups(storage, source_dir, key, count=3):
@@ -70,10 +59,10 @@ def listed(storage):
 
 
 @pytest.fixture(params=["s3-to-s3", "s3-to-filesystem"])
-def locations(request, s3_server, second_s3, tmp_path):
+def locations(request, s3_server, offsite_s3, tmp_path):
     source = open_storage(s3_server.storage_options())
     if request.param == "s3-to-s3":
-        options = second_s3.storage_options()
+        options = offsite_s3.storage_options()
         assert options["access_key"] != s3_server.access_key
     else:
         options = {"backend": "filesystem", "path": str(tmp_path / "offsite")}

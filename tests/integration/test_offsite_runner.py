@@ -33,23 +33,12 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.l
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify
 
 from restore_helpers import tree_state
-from server_fixtures import server_dir, start_s3, start_with_port_retry, stop_s3
+from .offsite_helpers import offsite_s3  # noqa: F401  pylint: disable=unused-import  # a fixture
 
 RUNNER = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIB = 1 << 20
 KILLS = int(os.environ.get("BIOMETRICS_COPY_KILLS") or 24)
-
-
-@pytest.fixture(scope="module")
-def offsite_s3():
-    """Another SeaweedFS, with credentials of its own (the offsite site)."""
-    with server_dir("s3-offsite") as base:
-        server = start_with_port_retry(lambda: start_s3(base))
-        try:
-            yield server
-        finally:
-            stop_s3(server)
 
 
 @pytest.fixture

@@ -1,0 +1,206 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to biometrics.backup
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: backup_copy
+short_description: Copy a job's backups to a second location (offsite copies), verified there
+version_added: "0.1.0"
+author: biometrics.backup contributors (@biometrics)
+description:
+  - Copies the backups of a job from O(storage) to O(destination), another storage location with its own
+    credentials (another S3 endpoint, bucket or region, or a filesystem, NFS or PVC directory).
+  - The stored bytes are copied as they are, compressed and encrypted; no key is needed and none is read.
+  - Every object is streamed (bounded memory), hashed on the way (a source object that does not match its
+    manifest is not copied), then read back from the destination and its size and SHA-256 compared with the
+    manifest. The manifest is written last, so an incomplete copy is never listed at the destination. The
+    copied manifest records where it was copied from and when (C(copied_from)).
+  - Incremental and idempotent - only backups the destination lacks are copied (parents of incremental chains
+    first), and nothing changes when the destination is in sync. A copy that was interrupted resumes -
+    objects it had stored are read back and kept when they match.
+  - A backup at the destination is copied again when its listing shows an object missing or of the wrong
+    size, when a verification recorded there (M(biometrics.backup.backup_verify) against the destination)
+    failed and its stored bytes differ from the source's, or with O(recheck=full) when any stored byte differs.
+  - The destination is an ordinary location - M(biometrics.backup.backup_info), M(biometrics.backup.backup_verify),
+    M(biometrics.backup.backup_restore) and M(biometrics.backup.backup_prune) (with a policy of its own) work on it
+    unchanged.
+extends_documentation_fragment:
+  - biometrics.backup.storage
+  - biometrics.backup.copy_destination
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+    details: Lists the backups that would be copied or repaired; nothing is written.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: full
+    details: Shows the backup ids at the destination before and after.
+options:
+  job:
+    description: The job whose backups are copied.
+    type: str
+    required: true
+  backup:
+    description: C(all) (every backup of the job), C(latest), or a backup id; for one backup the parents of its
+      incremental chain are copied too.
+    type: str
+    default: all
+  recheck:
+    description:
+      - How backups already at the destination are checked. C(size) compares the destination's listing with
+        the manifests (one listing, no object read). C(full) also reads every stored object back and compares
+        its SHA-256, finding silent corruption without any key.
+    type: str
+    default: size
+    choices: [size, full]
+  fail_on_error:
+    description: Fail the task when a backup could not be copied (a damaged source object, a copy that does
+      not read back right, or a chain whose parent could not be copied).
+    type: bool
+    default: true
+seealso:
+  - module: biometrics.backup.backup_verify
+  - module: biometrics.backup.backup_prune
+  - module: biometrics.backup.backup_restore
+"""
+
+EXAMPLES = r"""
+- name: Copy every backup of the database job to the offsite bucket
+  biometrics.backup.backup_copy:
+    job: app-db
+    storage:
+      backend: s3
+      bucket: biometrics-backups
+      endpoint_url: https://s3.site-a.example.internal
+      access_key_file: /etc/backup/s3/access_key
+      secret_key_file: /etc/backup/s3/secret_key
+    destination:
+      backend: s3
+      bucket: biometrics-offsite
+      endpoint_url: https://s3.site-b.example.internal
+      region: eu-central-2
+      access_key_file: /etc/backup/offsite/access_key
+      secret_key_file: /etc/backup/offsite/secret_key
+
+- name: What would be copied to the NFS share (check mode), re-reading what is already there
+  biometrics.backup.backup_copy:
+    job: uploads
+    recheck: full
+    storage:
+      backend: filesystem
+      path: /backups
+    destination:
+      backend: nfs
+      path: /mnt/offsite-backups
+  check_mode: true
+"""
+
+RETURN = r"""
+copied:
+  description: Backups copied (or repaired) by this run, oldest first.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: Backup id.
+      type: str
+    action:
+      description: C(copy) (missing at the destination) or C(repair) (there, but damaged or incomplete).
+      type: str
+    reason:
+      description: Why it was copied.
+      type: str
+    bytes_copied:
+      description: Bytes sent to the destination.
+      type: int
+    bytes_reused:
+      description: Bytes already at the destination (an interrupted copy) that read back right.
+      type: int
+planned:
+  description: What the run found to do (in check mode, what it would do), same fields as RV(copied) but the byte counts.
+  returned: always
+  type: list
+  elements: dict
+failed:
+  description: Backups that could not be copied, each with an C(error).
+  returned: always
+  type: list
+  elements: dict
+skipped:
+  description: Backups not copied because the parent of their chain could not be.
+  returned: always
+  type: list
+  elements: dict
+in_sync:
+  description: Ids of the backups the destination already held.
+  returned: always
+  type: list
+  elements: str
+bytes_copied:
+  description: Bytes copied by this run.
+  returned: always
+  type: int
+lag_seconds:
+  description: Seconds since the oldest backup the destination does not hold finished (0 when in sync).
+  returned: always
+  type: float
+source:
+  description: The source location (no credentials).
+  returned: always
+  type: dict
+destination:
+  description: The destination location (no credentials).
+  returned: always
+  type: dict
+  sample: {backend: s3, bucket: biometrics-offsite, prefix: "", endpoint_url: "https://s3.site-b.example.internal"}
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
+from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location, text_of
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import RECHECKS, copy_backups
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            storage=STORAGE_SPEC,
+            destination=STORAGE_SPEC,
+            job=dict(type="str", required=True),
+            backup=dict(type="str", default="all"),
+            recheck=dict(type="str", default="size", choices=list(RECHECKS)),
+            fail_on_error=dict(type="bool", default=True),
+        ),
+        supports_check_mode=True,
+    )
+    params = module.params
+    with engine_errors(module, changed=False):
+        source = open_location(module)
+        destination = open_location(module, "destination")
+        outcome = copy_backups(source, destination, params["job"], backup=params["backup"],
+                               recheck=params["recheck"], check_mode=module.check_mode)
+    result = dict((key, outcome[key]) for key in ("changed", "copied", "planned", "failed", "skipped", "in_sync",
+                                                   "bytes_copied", "lag_seconds", "source", "destination"))
+    if module._diff:
+        before = sorted(set(outcome["in_sync"]) | set(step["id"] for step in outcome["planned"]
+                                                       if step["action"] == "repair"))
+        arrived = [step["id"] for step in (outcome["planned"] if module.check_mode else outcome["copied"])]
+        result["diff"] = dict(before=text_of(before), after=text_of(sorted(set(before) | set(arrived))))
+    if params["fail_on_error"] and not outcome["ok"]:
+        bad = outcome["failed"] + outcome["skipped"]
+        module.fail_json(msg="%d backups of job %s were not copied: %s" % (
+            len(bad), params["job"], "; ".join("%s: %s" % (item["id"], item["error"]) for item in bad[:3])), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
