@@ -220,3 +220,52 @@ def test_copy_killed_at_random_points_never_lists_what_does_not_verify(tmp_path,
     assert verify(offsite, job, backup="all", identity=keys["identity"], record=False)["ok"]
     print("copy kills: %d (seed %d, window %.2fs): %s" % (KILLS, seed, window, landed))
     assert KILLS < 20 or landed["some listed"] + landed["nothing listed"] >= KILLS // 3, landed
+
+
+def test_require_copy_and_retention_of_its_own_at_the_destination(tmp_path, keys, s3_server, offsite_s3):
+    job = "guarded-%s" % uuid.uuid4().hex[:6]
+    tree = tmp_path / "data"
+    tree.mkdir()
+    env = {"SRC_S3_ACCESS": s3_server.access_key, "SRC_S3_SECRET": s3_server.secret_key}
+    destination = storage_by_file(offsite_s3, "offsite-%s" % uuid.uuid4().hex[:6], tmp_path / "offsite-secret")
+    encryption = {"recipients_file": keys["recipients_file"]}
+    config = tmp_path / "job.yaml"
+    base = {"job": job, "kind": "files", "source": {"path": str(tree)}, "encryption": encryption,
+            "storage": storage_by_env(s3_server, "primary-%s" % uuid.uuid4().hex[:6])}
+    config.write_text(yaml.safe_dump(dict(base, copy={"destination": destination},
+                                          retention={"keep_last": 1, "require_copy": True})))
+    ids = []
+    for index in range(3):
+        (tree / ("f%d.txt" % index)).write_text("file %d\n" % index)
+        made = run("backup", config, env=env)
+        assert made.returncode == 0, made.stderr
+        ids.append(json.loads(made.stdout)["backup_id"])
+        time.sleep(1.05)
+    source = open_storage(dict(s3_server.storage_options(prefix=base["storage"]["prefix"])))
+
+    guarded = run("prune", config, env=env)
+    assert guarded.returncode == 0, guarded.stderr
+    assert json.loads(guarded.stdout)["deleted"] == []  # nothing copied yet: nothing goes
+    assert sorted(m["id"] for m in Catalog(source).scan(job)) == ids
+
+    assert run("copy", config, "--backup", ids[1], env=env).returncode == 0
+    pruned = run("prune", config, env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert json.loads(pruned.stdout)["deleted"] == [ids[1]]  # the only one copied and not the newest
+    assert sorted(m["id"] for m in Catalog(source).scan(job)) == [ids[0], ids[2]]
+
+    # The destination keeps by a policy of its own (here: the newest only), with the same rails.
+    assert run("copy", config, env=env).returncode == 0
+    offsite = open_storage(dict(offsite_s3.storage_options(prefix=destination["prefix"])))
+    assert sorted(m["id"] for m in Catalog(offsite).scan(job)) == sorted(ids)
+    at_offsite = tmp_path / "offsite.yaml"
+    at_offsite.write_text(yaml.safe_dump({"job": job, "kind": "files", "storage": destination,
+                                          "retention": {"keep_last": 1}}))
+    offsite_prune = run("prune", at_offsite)
+    assert offsite_prune.returncode == 0, offsite_prune.stderr
+    assert [m["id"] for m in Catalog(offsite).scan(job)] == [ids[2]]
+
+    missing = tmp_path / "no-copy.yaml"
+    missing.write_text(yaml.safe_dump(dict(base, retention={"keep_last": 1, "require_copy": True})))
+    refused = run("prune", missing, env=env)
+    assert refused.returncode == 2 and "require_copy needs the 'copy' section" in refused.stderr

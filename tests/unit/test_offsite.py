@@ -69,3 +69,22 @@ def test_lag_is_the_age_of_the_oldest_backup_not_copied():
 def test_recheck_is_checked():
     with pytest.raises(ConfigError):
         offsite.Copier(None, None, "j", recheck="sometimes")
+
+
+def test_require_copy_keeps_what_the_copy_lacks_and_its_parents():
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import prune
+    now = datetime.datetime(2024, 1, 2, tzinfo=UTC)
+    everything = [dict(m, verification=None) for m in NEWEST_FIRST]
+    plain = prune.plan(everything, {"keep_last": 1}, now=now)
+    assert [e["id"] for e in plain["keep"]] == [OTHER["id"]]
+    guarded = prune.plan(everything, {"keep_last": 1}, now=now, copied={OTHER["id"], FULL["id"]})
+    kept = {e["id"]: e["reasons"] for e in guarded["keep"]}
+    assert set(kept) == {OTHER["id"], INC2["id"], INC1["id"], FULL["id"]}
+    assert prune.REASON_NOT_COPIED in kept[INC2["id"]]
+    assert prune.REASON_PARENT % INC1["id"] in kept[FULL["id"]]
+    copied_all = prune.plan(everything, {"keep_last": 1}, now=now, copied={m["id"] for m in NEWEST_FIRST})
+    assert copied_all["keep"] == plain["keep"]
+    # A backup whose verification failed is not protected: it would never be copied.
+    bad = [dict(m, verification={"result": "failed", "verified_at": "2024-01-01T00:00:00Z"})
+           if m["id"] == INC2["id"] else m for m in everything]
+    assert INC2["id"] not in {e["id"] for e in prune.plan(bad, {"keep_last": 1}, now=now, copied=set())["keep"]}

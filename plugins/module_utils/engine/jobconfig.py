@@ -19,6 +19,7 @@ Layout (only ``job``, ``kind`` and ``storage`` are required)::
       recipients: [age1...]       # or recipients_file: /etc/backup/recipients.txt
       identity_file: /secrets/age/identity   # used by restore, verify and drill only
     retention: {keep_daily: 30, keep_weekly: 12, keep_monthly: 12, keep_yearly: 7}
+                                  # + require_copy: true keeps what copy.destination lacks
     size_anomaly: {warn_above: 2.0, warn_below: 0.5, fail_below: 0.1}
     schedule: "0 2 * * *"         # cron; exported as backup_schedule_interval_seconds
     metrics: {pushgateway_url: http://pushgateway:9091, instance: db-primary,
@@ -71,7 +72,7 @@ ENCRYPTION = Schema("encryption", {
 RETENTION_KEYS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
                   "keep_yearly", "keep_within", "semantics", "timezone")
 # Options of the prune step itself (engine/prune.py), next to the policy.
-PRUNE_KEYS = ("min_keep", "max_delete", "force", "orphan_grace")
+PRUNE_KEYS = ("min_keep", "max_delete", "force", "orphan_grace", "require_copy")
 _COUNT = "backups kept by the %s rule (-1: unlimited)"
 RETENTION = Schema("retention", dict(
     {key: Field("int", _COUNT % key[5:], minimum=-1) for key in RETENTION_KEYS if key.startswith("keep_")
@@ -83,6 +84,7 @@ RETENTION = Schema("retention", dict(
     max_delete=Field("int", "refuse a prune that would delete more backups than this (unless force)", minimum=0),
     force=Field("bool", "prune even beyond max_delete (default false)"),
     orphan_grace=Field("any", "age after which leftovers of failed runs are removed (default 24h)"),
+    require_copy=Field("bool", "never prune a backup copy.destination does not hold yet (default false)"),
 ))
 METRICS = Schema("metrics", {
     "enabled": Field("bool", "push or write metrics (default true when a destination is given)"),
@@ -425,6 +427,11 @@ class JobConfig:
             prepared["destination"] = location.build_storage(self.copy_destination_options())
         if command == "prune" and self.retention_policy is None:
             raise ConfigError("%s: prune needs a 'retention' policy" % self.where)
+        if command == "prune" and self.retention.get("require_copy"):
+            if not self.copy.get("destination"):
+                raise ConfigError("%s: retention.require_copy needs the 'copy' section's destination, where "
+                                  "the copies are checked" % self.where)
+            prepared["destination"] = location.build_storage(self.copy_destination_options())
         if self.metrics_enabled:
             prepared["metrics_credentials"] = self.metrics_credentials()
         return prepared

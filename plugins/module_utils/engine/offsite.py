@@ -98,6 +98,17 @@ def plan_backup(source_manifest, destination_manifest, stored_sizes):
     return None, None
 
 
+def copied_ids(destination, job, source_backups):
+    """Ids of ``source_backups`` (``Catalog.scan`` output) the ``destination`` lists with the
+    same objects: what prune's ``require_copy`` rail may delete at the source. A destination
+    that does not exist holds nothing."""
+    try:
+        present = {m["id"]: m for m in Catalog(destination, repair_index=False).scan(job, with_orphans=False)}
+    except MissingLocationError:
+        return set()
+    return {m["id"] for m in source_backups if m["id"] in present and same_backup(m, present[m["id"]])}
+
+
 def copy_lag_seconds(source_backups, present_ids, now):
     """Seconds since the oldest source backup the destination lacks finished (0 in sync)."""
     missing = [parse_iso(m["finished_at"]) for m in source_backups if m["id"] not in present_ids]

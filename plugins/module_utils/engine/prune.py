@@ -10,6 +10,8 @@ before trusting a program with deletion:
 * the **newest successful** backup and the **newest verified** backup are always kept;
 * at least ``min_keep`` successful backups are kept;
 * a backup that a kept incremental builds on (its ``parent``, recursively) is kept;
+* with ``copied`` (``require_copy``: the ids of the backups the offsite copy holds, see
+  :func:`offsite.copied_ids`) a successful backup not copied yet is kept;
 * more than ``max_delete`` deletions are refused unless ``force``;
 * objects under a backup directory without a manifest (an interrupted run), ``.tmp-``
   leftovers and unfinished S3 multipart uploads are removed once older than ``orphan_grace``;
@@ -39,6 +41,7 @@ REASON_NEWEST_VERIFIED = "newest verified backup (always kept)"
 REASON_MIN_KEEP = "min_keep=%d (at least that many successful backups stay)"
 REASON_PARENT = "parent of kept backup %s"
 REASON_POLICY = "not kept by the policy"
+REASON_NOT_COPIED = "not copied to the offsite destination yet (require_copy)"
 
 
 class PruneRefusedError(ConfigError):
@@ -120,8 +123,11 @@ def _age_reference(manifest, failed_verification):
     return None
 
 
-def plan(manifests, policy, min_keep=1, orphan_grace=None, now=None, within_reference=None):
+def plan(manifests, policy, min_keep=1, orphan_grace=None, now=None, within_reference=None, copied=None):
     """Decide, without touching storage, which of ``manifests`` (``Catalog.scan`` output) stay.
+
+    ``copied``: None, or the ids of the backups the offsite copy holds; every successful
+    backup outside it is then kept (``require_copy``).
 
     Returns ``{"keep": [...], "prune": [...]}``, both newest first; each entry is a summary
     of the manifest plus ``reasons`` (kept) or ``reason`` (pruned).
@@ -174,6 +180,12 @@ def plan(manifests, policy, min_keep=1, orphan_grace=None, now=None, within_refe
         if manifest["id"] not in reasons:
             kept_successful += 1
             keep(manifest["id"], REASON_MIN_KEEP % min_keep)
+
+    # Rail: require_copy - a successful backup the offsite copy does not hold yet stays.
+    if copied is not None:
+        for manifest in successful:
+            if manifest["id"] not in copied:
+                keep(manifest["id"], REASON_NOT_COPIED)
 
     # Failed backups wait out the grace period, then go.
     failed_reason = {}
@@ -282,8 +294,9 @@ def _orphan_report(entry, action):
 
 
 def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan_grace=None,
-          dry_run=False, now=None, within_reference=None, log=None):
-    """Apply ``policy`` to ``job`` at ``storage``; with ``dry_run`` only report.
+          dry_run=False, now=None, within_reference=None, log=None, copied=None):
+    """Apply ``policy`` to ``job`` at ``storage``; with ``dry_run`` only report. ``copied``:
+    see :func:`plan` (None: no require_copy rail).
 
     Returns a dict: ``job``, ``policy``, ``dry_run``, ``keep``, ``prune`` (each pruned entry
     with ``deleted``), ``orphans`` (each with ``action``), ``junk``, ``counts``, ``changed``.
@@ -306,7 +319,7 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
     catalog = Catalog(storage)
     manifests = catalog.scan(job)
     decided = plan(manifests, policy, min_keep=min_keep, orphan_grace=orphan_grace, now=now,
-                   within_reference=within_reference)
+                   within_reference=within_reference, copied=copied)
     complete_ids = set(m["id"] for m in manifests)
     orphans_remove, orphans_wait = find_orphans(storage, catalog, job, complete_ids, grace, now)
     result = {

@@ -190,7 +190,7 @@ def _prepare(config, command, log):
         log.add_secrets([prepared["encryption"].get("passphrase")])
     if command in ("restore", "verify", "drill"):
         log.add_secrets(list(prepared["keys"]))
-    if command == "copy":
+    if command == "copy" or "destination" in prepared:
         log.add_secrets(secret_values(config.copy_destination_options()))
     return prepared
 
@@ -354,10 +354,15 @@ def cmd_prune(config, args, log):
     prepared = _prepare(config, "prune", log)
     options = config.prune_options()
     metrics = Metrics(config, log)
+    copied = None
+    if options.get("require_copy"):
+        from .offsite import copied_ids
+        copied = copied_ids(prepared["destination"], config.job, Catalog(prepared["storage"]).scan(config.job))
+        log.info("require_copy: %d backups held by %s" % (len(copied), where(prepared["destination"].describe())))
     result = run_prune(prepared["storage"], config.job, config.retention_policy,
                        min_keep=options.get("min_keep", 1), max_delete=options.get("max_delete"),
                        force=bool(args.force or options.get("force")), orphan_grace=options.get("orphan_grace"),
-                       dry_run=args.check, log=log.info)
+                       dry_run=args.check, log=log.info, copied=copied)
     counts = result["counts"]
     if not args.check:
         metrics.record("record_retention", counts["kept"], len(result["deleted"]), utc_now())
