@@ -232,7 +232,7 @@ def test_require_copy_and_retention_of_its_own_at_the_destination(tmp_path, keys
     config = tmp_path / "job.yaml"
     base = {"job": job, "kind": "files", "source": {"path": str(tree)}, "encryption": encryption,
             "storage": storage_by_env(s3_server, "primary-%s" % uuid.uuid4().hex[:6])}
-    config.write_text(yaml.safe_dump(dict(base, copy={"destination": destination},
+    config.write_text(yaml.safe_dump(dict(base, copy={"destination": destination, "retention": {"keep_last": 1}},
                                           retention={"keep_last": 1, "require_copy": True})))
     ids = []
     for index in range(3):
@@ -254,15 +254,21 @@ def test_require_copy_and_retention_of_its_own_at_the_destination(tmp_path, keys
     assert json.loads(pruned.stdout)["deleted"] == [ids[1]]  # the only one copied and not the newest
     assert sorted(m["id"] for m in Catalog(source).scan(job)) == [ids[0], ids[2]]
 
-    # The destination keeps by a policy of its own (here: the newest only), with the same rails.
-    assert run("copy", config, env=env).returncode == 0
+    # The destination keeps by a policy of its own (copy.retention: the newest only), same rails.
+    # The copy itself already skips what that policy would not keep: ids[0] is older than ids[2].
+    first = run("copy", config, env=env)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["not_wanted"] == [ids[0]]
     offsite = open_storage(dict(offsite_s3.storage_options(prefix=destination["prefix"])))
-    assert sorted(m["id"] for m in Catalog(offsite).scan(job)) == sorted(ids)
-    at_offsite = tmp_path / "offsite.yaml"
-    at_offsite.write_text(yaml.safe_dump({"job": job, "kind": "files", "storage": destination,
-                                          "retention": {"keep_last": 1}}))
-    offsite_prune = run("prune", at_offsite)
+    assert sorted(m["id"] for m in Catalog(offsite).scan(job)) == [ids[1], ids[2]]
+    offsite_prune = run("prune", config, "--destination", env=env)
     assert offsite_prune.returncode == 0, offsite_prune.stderr
+    assert [m["id"] for m in Catalog(offsite).scan(job)] == [ids[2]]
+    # ... and the copy does not bring back what that policy removed.
+    again = run("copy", config, env=env)
+    assert again.returncode == 0, again.stderr
+    outcome = json.loads(again.stdout)
+    assert not outcome["changed"] and outcome["not_wanted"] == [ids[0]] and outcome["lag_seconds"] == 0
     assert [m["id"] for m in Catalog(offsite).scan(job)] == [ids[2]]
 
     missing = tmp_path / "no-copy.yaml"

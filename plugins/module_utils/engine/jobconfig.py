@@ -35,6 +35,8 @@ Layout (only ``job``, ``kind`` and ``storage`` are required)::
                     secret_key_file: /secrets/offsite/secret_key}
       backup: all                 # all (default), latest or a backup id (with its chain)
       recheck: size               # size (listing) or full (read back every copied object)
+      retention: {keep_yearly: 7} # the destination's own policy: `runner prune --destination`
+                                  # applies it there, and copy skips what it would not keep
     log_format: text              # or json (JSON lines on stderr)
 """
 
@@ -110,6 +112,8 @@ COPY = Schema("copy", {
     "backup": Field("str", "which backups: all (default), latest or a backup id (with its chain)", nonempty=True),
     "recheck": Field("enum", "how copied backups are re-checked: size (listing, default) or full (read back)",
                      choices=("size", "full")),
+    "retention": Field("dict", "the destination's own retention policy and prune options (runner prune "
+                               "--destination); copy skips what it would not keep"),
 })
 DRILL = Schema("drill", {
     "job": Field("str", "the job whose backups the drill restores (default: this job)", nonempty=True),
@@ -268,10 +272,13 @@ class JobConfig:
         self.copy = _section(data, "copy", COPY)
         if self.copy.get("destination") is not None:
             self.copy["destination"] = location.check_storage(self.copy["destination"], "copy.destination")
+        self.copy_retention = RETENTION.validate(self.copy["retention"], "copy.retention") if self.copy.get(
+            "retention") is not None else {}
         self.compression = codecs.compression_settings(self.compression_options)
         self._check_encryption()
         self.size_policy = SizePolicy.from_mapping(self.size_anomaly)
         self.retention_policy = self._check_retention()
+        self.copy_policy = self._check_retention("copy.retention")
         self.schedule = data.get("schedule")
         if self.schedule is not None:
             self._check_schedule()
@@ -316,17 +323,18 @@ class JobConfig:
             raise ConfigError("%s: kind %s stores secrets and must be encrypted: add encryption.recipients"
                               % (self.where, self.kind))
 
-    def _check_retention(self):
-        if not self.retention:
+    def _check_retention(self, section="retention"):
+        values = self.retention if section == "retention" else self.copy_retention
+        if not values:
             return None
         from .retention import Policy  # local: retention is only needed when configured
-        policy = {key: value for key, value in self.retention.items() if key in RETENTION_KEYS}
+        policy = {key: value for key, value in values.items() if key in RETENTION_KEYS}
         try:
             return Policy(**policy)
         except ConfigError as exc:
-            raise ConfigError("%s: retention: %s" % (self.where, exc)) from None
+            raise ConfigError("%s: %s: %s" % (self.where, section, exc)) from None
         except (TypeError, ValueError) as exc:
-            raise ConfigError("%s: retention: %s" % (self.where, exc)) from None
+            raise ConfigError("%s: %s: %s" % (self.where, section, exc)) from None
 
     def _check_schedule(self):
         if not isinstance(self.schedule, str) or len(self.schedule.split()) not in (5, 6):
@@ -402,8 +410,9 @@ class JobConfig:
             "metrics")
         return resolved.get("username"), resolved.get("password")
 
-    def prune_options(self):
-        return {key: value for key, value in self.retention.items() if key in PRUNE_KEYS}
+    def prune_options(self, section="retention"):
+        values = self.retention if section == "retention" else self.copy_retention
+        return {key: value for key, value in values.items() if key in PRUNE_KEYS}
 
     def prepare(self, command):
         """Read every secret ``command`` needs and build its objects, so that a missing file or

@@ -13,7 +13,9 @@ Each backup is copied in the order a backup is written, so an incomplete copy is
    right), with a ``copied_from`` record (the source location and the time of the copy).
 
 Incremental and idempotent: a backup the destination lists with the same objects is left
-alone. Resumable: objects a killed copy had already stored are read back and kept when they
+alone. With the destination's own retention ``policy`` a backup that policy would not keep
+(together with what the destination holds) is not copied, so a destination that keeps less
+than the source is not filled again with what its prune removed. Resumable: objects a killed copy had already stored are read back and kept when they
 match, overwritten when not; unfinished objects are never read (prune removes them).
 Chains are copied parent first, and a backup whose parent could not be copied is skipped.
 
@@ -30,6 +32,7 @@ from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError
 from .pipeline import CHUNK, check_object
+from .prune import plan as retention_plan
 from .storage.base import MissingLocationError, is_unfinished
 from .timeutil import is_backup_id, parse_iso, to_iso, utc_now
 
@@ -157,13 +160,15 @@ def stream_object(source, destination, key, obj):
 class Copier:
     """Copies ``job``'s backups from ``source`` to ``destination`` (two Storage objects)."""
 
-    def __init__(self, source, destination, job, recheck="size", log=None):
+    def __init__(self, source, destination, job, recheck="size", log=None, policy=None, min_keep=1):
         self.job = mf.validate_job_name(job)
         if recheck not in RECHECKS:
             raise ConfigError("recheck must be one of %s, got %r" % (", ".join(RECHECKS), recheck))
         self.source = source
         self.destination = destination
         self.recheck = recheck
+        self.policy = policy  # the destination's retention (a retention.Policy or its mapping), or None
+        self.min_keep = min_keep
         self.log = log or (lambda message: None)
         self.source_catalog = Catalog(source, repair_index=False)
         self.destination_catalog = Catalog(destination)
@@ -187,11 +192,23 @@ class Copier:
                 return problem
         return None
 
-    def plan(self, selector="all"):
-        """What a copy would do: ``{source_backups, steps, in_sync, present}`` (reads only)."""
+    def _unwanted(self, chosen, present, now):
+        """Ids of ``chosen`` missing at the destination that its own policy would prune."""
+        if self.policy is None:
+            return {}
+        missing = [dict(m, verification=None) for m in chosen if m["id"] not in present]
+        decided = retention_plan(list(present.values()) + missing, self.policy, min_keep=self.min_keep, now=now)
+        kept = {entry["id"] for entry in decided["keep"]}
+        return {m["id"]: "the destination's retention policy would not keep it" for m in missing
+                if m["id"] not in kept}
+
+    def plan(self, selector="all", now=None):
+        """What a copy would do: ``{source_backups, steps, in_sync, present, unwanted}`` (reads only)."""
         source_backups = self.source_catalog.scan(self.job, with_orphans=False)
         chosen = select_sources(source_backups, selector)
         present, sizes = self._destination_state()
+        unwanted = self._unwanted(chosen, present, now or utc_now())
+        chosen = [m for m in chosen if m["id"] not in unwanted]
         steps, in_sync = [], []
         for manifest in chosen:
             action, reason = plan_backup(manifest, present.get(manifest["id"]), sizes)
@@ -209,7 +226,7 @@ class Copier:
                           "bytes": sum(obj["size"] for obj in manifest["objects"]),
                           "finished_at": manifest["finished_at"], "_manifest": manifest})
         return {"source_backups": chosen, "steps": steps, "in_sync": in_sync,
-                "present": set(present), "sizes": sizes}
+                "present": set(present), "sizes": sizes, "unwanted": unwanted}
 
     # -- copying -------------------------------------------------------------------------
     def _copy_one(self, step, sizes, now):
@@ -243,12 +260,13 @@ class Copier:
 
     def run(self, selector="all", check_mode=False, now=None):
         """Copy (or, in check mode, plan) and return the outcome; see module docstring."""
-        plan = self.plan(selector)
+        plan = self.plan(selector, now)
         steps = plan["steps"]
         outcome = {"job": self.job, "source": self.source.describe(),
                    "destination": self.destination.describe(), "check_mode": bool(check_mode),
                    "in_sync": plan["in_sync"], "planned": [_public(step) for step in steps],
-                   "copied": [], "failed": [], "skipped": [], "bytes_copied": 0, "bytes_reused": 0}
+                   "copied": [], "failed": [], "skipped": [], "bytes_copied": 0, "bytes_reused": 0,
+                   "not_wanted": sorted(plan["unwanted"])}
         present = set(plan["present"])
         if check_mode or not steps:
             present -= {step["id"] for step in steps}
@@ -290,8 +308,10 @@ def _public(step):
 
 
 def copy_backups(source, destination, job, backup="all", recheck="size", check_mode=False, log=None,
-                 now=None):
+                 now=None, policy=None, min_keep=1):
     """Copy ``job``'s backups (``all``, ``latest`` or an id, with its chain) from ``source`` to
-    ``destination``. Returns ``{job, source, destination, planned, copied, failed, skipped,
-    in_sync, bytes_copied, bytes_reused, lag_seconds, changed, ok, check_mode}``."""
-    return Copier(source, destination, job, recheck=recheck, log=log).run(backup, check_mode, now)
+    ``destination`` (whose own retention ``policy``, when given, decides what is worth copying).
+    Returns ``{job, source, destination, planned, copied, failed, skipped, in_sync, not_wanted,
+    bytes_copied, bytes_reused, lag_seconds, changed, ok, check_mode}``."""
+    return Copier(source, destination, job, recheck=recheck, log=log, policy=policy,
+                  min_keep=min_keep).run(backup, check_mode, now)

@@ -42,6 +42,7 @@ from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyE
 from .jobconfig import JobConfig, parse_text, secret_values
 from .pipeline import Progress
 from .restore import KeyMismatchError, parent_identities, restore as run_restore
+from .storage import location
 from .storage.base import MissingLocationError
 from .timeutil import to_iso, utc_now
 from .verify import verify as run_verify
@@ -351,6 +352,8 @@ def cmd_drill(config, args, log):
 
 def cmd_prune(config, args, log):
     from .prune import prune as run_prune
+    if args.destination:
+        return _prune_destination(config, args, log, run_prune)
     prepared = _prepare(config, "prune", log)
     options = config.prune_options()
     metrics = Metrics(config, log)
@@ -384,7 +387,9 @@ def cmd_copy(config, args, log):
                                   where(source.describe()), where(destination.describe())))
         outcome = copy_backups(source, destination, config.job,
                                backup=args.backup or config.copy.get("backup") or "all",
-                               recheck=config.copy.get("recheck") or "size", check_mode=args.check, log=log.info)
+                               recheck=config.copy.get("recheck") or "size", check_mode=args.check, log=log.info,
+                               policy=config.copy_policy,
+                               min_keep=config.prune_options("copy.retention").get("min_keep", 1))
     except BaseException:
         if not args.check:
             metrics.record("record_copy", False, utc_now())
@@ -400,6 +405,22 @@ def cmd_copy(config, args, log):
         len(outcome["skipped"]), _human_bytes(outcome["bytes_copied"]), outcome["lag_seconds"]),
         bytes_copied=outcome["bytes_copied"], lag_seconds=outcome["lag_seconds"])
     return (EXIT_OK if outcome["ok"] else EXIT_INTEGRITY), outcome
+
+
+def _prune_destination(config, args, log, run_prune):
+    """``prune --destination``: copy.retention applied at copy.destination, with the same rails."""
+    if config.copy_policy is None or not config.copy.get("destination"):
+        raise ConfigError("%s: prune --destination needs copy.destination and copy.retention" % config.where)
+    _prepare(config, "copy", log)  # secrets of both locations read and masked
+    destination = location.build_storage(config.copy_destination_options())
+    options = config.prune_options("copy.retention")
+    result = run_prune(destination, config.job, config.copy_policy, min_keep=options.get("min_keep", 1),
+                       max_delete=options.get("max_delete"), force=bool(args.force or options.get("force")),
+                       orphan_grace=options.get("orphan_grace"), dry_run=args.check, log=log.info)
+    log.info("%s at %s: kept %d, %s %d backups" % (
+        "dry run" if args.check else "pruned", where(destination.describe()), result["counts"]["kept"],
+        "would prune" if args.check else "pruned", result["counts"]["pruned"]))
+    return EXIT_OK, result
 
 
 def cmd_list(config, args, log):
@@ -442,6 +463,8 @@ def build_parser():
     parser.add_argument("--target-file", help="restore: YAML/JSON of target options merged over restore.target")
     parser.add_argument("--test-restore", action="store_true", help="verify: also restore into a scratch target")
     parser.add_argument("--force", action="store_true", help="prune: delete more than max_delete")
+    parser.add_argument("--destination", action="store_true",
+                        help="prune: apply copy.retention at copy.destination instead of the job's storage")
     parser.add_argument("--job", help="list: another job at the same storage location")
     parser.add_argument("--progress-interval", type=float, default=PROGRESS_INTERVAL,
                         help="seconds between progress lines of a backup (default %(default)s)")
@@ -487,6 +510,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.config) > 1 and args.command not in MULTI_CONFIG:
         parser.error("%s takes exactly one --config" % args.command)
+    if args.destination and args.command != "prune":
+        parser.error("--destination is for prune only")
     if args.point_in_time and args.command != "restore":
         parser.error("--point-in-time is for restore only")
     if args.backup and args.point_in_time:
