@@ -27,3 +27,15 @@ options:
       - Credentials may be given as values (hidden from output), or as C(access_key_file) and
         C(secret_key_file) (files holding them).
 """ + _TYPE_LINES + _STORAGE_FIELDS.replace("O(storage.", "O(destination.")
+
+    # backup_prune's require_copy: the same fields, where the copies are looked for.
+    REQUIRE_COPY = r"""
+options:
+  require_copy:
+    description:
+      - The offsite copy's location (the O(storage) fields, see M(biometrics.backup.backup_copy)). When given,
+        a successful backup this location does not hold with the same objects is never pruned, nor are the
+        parents of its incremental chain.
+      - Credentials may be given as values (hidden from output), or as C(access_key_file) and
+        C(secret_key_file) (files holding them).
+""" + "    type: dict\n" + _STORAGE_FIELDS.replace("O(storage.", "O(require_copy.")

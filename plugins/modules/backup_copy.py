@@ -60,6 +60,14 @@ options:
     type: str
     default: size
     choices: [size, full]
+  destination_retention:
+    description:
+      - The destination's own retention policy, the options of M(biometrics.backup.backup_prune) (C(keep_last),
+        C(keep_daily), ..., C(keep_within), C(semantics), C(timezone), C(min_keep)) as a dictionary. A backup that
+        this policy, applied to what the destination holds plus the backups to copy, would not keep is not
+        copied (RV(not_wanted)), so that a destination pruned harder than the source is not filled again.
+      - Prune the destination with M(biometrics.backup.backup_prune) and the same policy.
+    type: dict
   fail_on_error:
     description: Fail the task when a backup could not be copied (a damaged source object, a copy that does
       not read back right, or a chain whose parent could not be copied).
@@ -139,6 +147,11 @@ skipped:
   returned: always
   type: list
   elements: dict
+not_wanted:
+  description: Ids of the backups not copied because O(destination_retention) would not keep them.
+  returned: always
+  type: list
+  elements: str
 in_sync:
   description: Ids of the backups the destination already held.
   returned: always
@@ -167,6 +180,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location, text_of
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import RETENTION, RETENTION_KEYS
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import RECHECKS, copy_backups
 
 
@@ -178,6 +192,7 @@ def main():
             job=dict(type="str", required=True),
             backup=dict(type="str", default="all"),
             recheck=dict(type="str", default="size", choices=list(RECHECKS)),
+            destination_retention=dict(type="dict"),
             fail_on_error=dict(type="bool", default=True),
         ),
         supports_check_mode=True,
@@ -186,10 +201,17 @@ def main():
     with engine_errors(module, changed=False):
         source = open_location(module)
         destination = open_location(module, "destination")
+        policy, min_keep = None, 1
+        if params["destination_retention"]:
+            retention = RETENTION.validate(params["destination_retention"], "destination_retention")
+            policy = dict((key, value) for key, value in retention.items() if key in RETENTION_KEYS)
+            min_keep = retention.get("min_keep", 1)
         outcome = copy_backups(source, destination, params["job"], backup=params["backup"],
-                               recheck=params["recheck"], check_mode=module.check_mode)
+                               recheck=params["recheck"], check_mode=module.check_mode, policy=policy,
+                               min_keep=min_keep)
     result = dict((key, outcome[key]) for key in ("changed", "copied", "planned", "failed", "skipped", "in_sync",
-                                                   "bytes_copied", "lag_seconds", "source", "destination"))
+                                                   "not_wanted", "bytes_copied", "lag_seconds", "source",
+                                                   "destination"))
     if module._diff:
         before = sorted(set(outcome["in_sync"]) | set(step["id"] for step in outcome["planned"]
                                                        if step["action"] == "repair"))

@@ -23,12 +23,14 @@ description:
     incomplete backups, and backups whose last verification failed, are deleted on their own once older
     than O(orphan_grace)); the newest successful backup and the newest verified backup always stay;
     at least O(min_keep) successful backups stay; a backup that a kept incremental builds on stays;
-    more than O(max_delete) deletions are refused unless O(force)."
+    more than O(max_delete) deletions are refused unless O(force); with O(require_copy) a backup not yet
+    copied offsite stays."
   - Objects in backup directories without a manifest (interrupted runs), C(.tmp-) leftovers and unfinished
     S3 multipart uploads older than O(orphan_grace) are removed as well. Junk the catalog cannot read
     (for example a manifest of a newer format) is reported, never deleted.
 extends_documentation_fragment:
   - biometrics.backup.storage
+  - biometrics.backup.copy_destination.require_copy
 attributes:
   check_mode:
     description: Can run in check_mode and return changed status prediction without modifying target.
@@ -210,6 +212,8 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import copied_ids
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import (
     PartialPruneError, PruneRefusedError, prune)
 
@@ -254,6 +258,7 @@ def main():
             max_delete=dict(type="int"),
             force=dict(type="bool", default=False),
             orphan_grace=dict(type="str", default="24h"),
+            require_copy=dict(type="dict", options=STORAGE_SPEC["options"]),
         ),
         supports_check_mode=True,
     )
@@ -261,10 +266,14 @@ def main():
     policy = dict((name, params[name]) for name in POLICY_OPTIONS)
     with engine_errors(module, changed=False, **EMPTY):
         storage = open_location(module)
+        copied = None
+        if params["require_copy"]:
+            copied = copied_ids(open_location(module, "require_copy"), params["job"],
+                                Catalog(storage).scan(params["job"], with_orphans=False))
         try:
             result = prune(storage, params["job"], policy, min_keep=params["min_keep"],
                            max_delete=params["max_delete"], force=params["force"],
-                           orphan_grace=params["orphan_grace"], dry_run=module.check_mode)
+                           orphan_grace=params["orphan_grace"], dry_run=module.check_mode, copied=copied)
         except PruneRefusedError as exc:
             module.fail_json(msg=str(exc), changed=False, refused=True, **_public(exc.result))
         except PartialPruneError as exc:

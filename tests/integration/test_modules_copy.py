@@ -85,3 +85,33 @@ def test_backup_copy_documents_itself():
     options = json.loads(doc.stdout)[FQCN + "backup_copy"]["doc"]["options"]
     assert options["destination"]["suboptions"]["backend"]["choices"] == ["filesystem", "s3", "nfs"]
     assert "O(destination.endpoint_url)" in options["destination"]["suboptions"]["path_style"]["description"]
+
+
+def test_prune_require_copy_and_destination_retention(tmp_path):
+    tree = tmp_path / "data"
+    tree.mkdir()
+    (tree / "f.txt").write_text("one\n")
+    source = {"backend": "filesystem", "path": str(tmp_path / "primary")}
+    offsite = {"backend": "nfs", "path": str(tmp_path / "offsite")}
+    backup = {"job": "docs", "kind": "files", "source": {"path": str(tree)}, "storage": source,
+              "encryption": {"enabled": False}}
+    guarded = {"job": "docs", "storage": source, "keep_last": 1, "require_copy": offsite}
+    proc, results = ansible_playbook(tmp_path, [
+        {"name": "first", FQCN + "backup_run": backup},
+        {"name": "pause", "ansible.builtin.command": "sleep 1.1", "changed_when": False},
+        {"name": "second", FQCN + "backup_run": backup},
+        {"name": "copy newest, offsite keeps one", FQCN + "backup_copy": {
+            "job": "docs", "storage": source, "destination": offsite, "destination_retention": {"keep_last": 1}}},
+        {"name": "prune guarded", FQCN + "backup_prune": guarded},
+        {"name": "copy all", FQCN + "backup_copy": {"job": "docs", "storage": source, "destination": offsite}},
+        {"name": "prune again", FQCN + "backup_prune": guarded},
+    ])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    first, second = results["first"]["backup_id"], results["second"]["backup_id"]
+    assert [c["id"] for c in results["copy newest, offsite keeps one"]["copied"]] == [second]
+    assert results["copy newest, offsite keeps one"]["not_wanted"] == [first]
+    assert not results["prune guarded"]["changed"]
+    kept = {e["id"]: e["reasons"] for e in results["prune guarded"]["keep"]}
+    assert any("require_copy" in reason for reason in kept[first])
+    assert [c["id"] for c in results["copy all"]["copied"]] == [first]
+    assert results["prune again"]["deleted"] == [first]
