@@ -1,0 +1,533 @@
+"""PostgreSQL point-in-time restore: base backup + stored WAL -> a private server -> result.
+
+1. plan: the newest ``postgres_base`` backup finished at or before the target, and every WAL
+   segment from the one holding its start LSN up to the first one holding a transaction end
+   (commit/abort, times recorded by the streamer with pg_waldump) after the target; for
+   ``latest``, up to the newest stored segment or partial copy. A missing segment, a base
+   backup without stored WAL, or a target beyond the stored WAL fails here;
+2. verify and stage: every object is read in full (SHA-256, size, decrypt, decompress):
+   WAL into ``<scratch>/wal`` (a partial copy under its segment name), the base tarball
+   unpacked into ``<scratch>/data``. Nothing outside the scratch directory is touched yet;
+3. recover: a private ``postgres`` (Unix socket in the scratch directory, no TCP, trust
+   for local connections only) with ``recovery.signal``, ``restore_command`` copying from the
+   verified staging directory, ``recovery_target_time`` and ``recovery_target_action=promote``,
+   all passed on its command line (nothing written into the configuration files); the
+   engine waits until it has promoted and reads the LSN and the commit time it stopped at;
+4. deliver: ``pg_dump`` of one database of the private server into ``pg_restore`` on the
+   target (PostgresTarget: a new database, row counts checked, optional swap), or the stopped
+   data directory moved to ``data_dir`` for a full cluster restore.
+
+If the stored WAL holds no transaction end after the target (the database was idle since),
+PostgreSQL would stop with "recovery ended before configured recovery target was reached";
+when that WAL was stored after the target, the state at the target is the state at its end,
+so the private server then recovers to the end of the stored WAL instead (reported as
+``target_reached: false``, ``no_commit_after_target: true``).
+"""
+
+import datetime
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+
+from . import pgwal
+from . import procutil
+from .catalog import Catalog
+from .errors import ConfigError, IntegrityError, NotFoundError, SourceError
+from .pipeline import CHUNK, PlaintextStream
+from . import manifest as mf
+from .restore import identities as backup_identities
+from .sources.postgres import DUMP_PAYLOAD, count_rows, require_psycopg, psycopg
+from .sources.postgres_wal import BASE_KIND, BASE_PAYLOAD, WalState, default_wal_job
+from .targets.base import RestoreContext
+from .timeutil import parse_iso, to_iso
+
+LATEST = "latest"
+_STOP_RE = re.compile(r"recovery stopping (before|after) commit of transaction (\d+), time ([0-9:. +-]+)")
+_NOT_REACHED = "recovery ended before configured recovery target was reached"
+
+
+class RestorePlan:
+    """What a point-in-time restore will read, decided before any byte is read."""
+
+    def __init__(self, base, wal, target_time, wal_job, stored_until):
+        self.base = base                # manifest of the base backup
+        self.wal = wal                  # [(file name to stage, manifest, kind)] in replay order
+        self.target_time = target_time  # datetime or None (latest)
+        self.wal_job = wal_job
+        self.stored_until = stored_until
+        self.no_commit_after_target = False
+
+    def describe(self):
+        stats = self.base.get("stats") or {}
+        return {"base_backup": self.base["id"], "base_finished_at": self.base["finished_at"],
+                "timeline": stats.get("timeline"), "start_lsn": stats.get("start_lsn"),
+                "end_lsn": stats.get("end_lsn"), "wal_job": self.wal_job,
+                "target_time": to_iso_precise(self.target_time) if self.target_time else LATEST,
+                "wal_first": self.wal[0][0] if self.wal else None, "wal_last": self.wal[-1][0] if self.wal else None,
+                "wal_segments": len(self.wal), "wal_partial": bool(self.wal and self.wal[-1][2] == "partial"),
+                "wal_stored_until": self.stored_until, "no_commit_after_target": self.no_commit_after_target,
+                "bytes_to_read": self.base["size_bytes"] + sum(m["size_bytes"] for dummy, m, dummy2 in self.wal)}
+
+
+def to_iso_precise(moment):
+    return moment.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_target(point_in_time):
+    """None for ``latest``, else an aware datetime (naive times are UTC)."""
+    if point_in_time in (None, "", LATEST):
+        return None
+    try:
+        return parse_iso(point_in_time)
+    except ValueError:
+        raise ConfigError("point_in_time %r is neither 'latest' nor an ISO-8601 time" % (point_in_time,)) from None
+
+
+def plan_restore(storage, job, point_in_time=None, wal_job=None):
+    """A RestorePlan for ``job`` (base backups) and ``wal_job`` (its WAL); errors name what is missing."""
+    target = parse_target(point_in_time)
+    catalog = Catalog(storage)
+    bases = [m for m in catalog.scan(job, with_orphans=False) if m.get("kind") == BASE_KIND]
+    if not bases:
+        raise NotFoundError("job %s has no %s backup" % (job, BASE_KIND))
+    if target is not None:
+        usable = [m for m in bases if parse_iso(m["finished_at"]) <= target]
+        if not usable:
+            raise NotFoundError("job %s has no base backup finished at or before %s (the oldest finished at %s)"
+                                % (job, to_iso_precise(target), bases[-1]["finished_at"]))
+        base = usable[0]
+    else:
+        base = bases[0]
+    stats = base.get("stats") or {}
+    wal_job = wal_job or stats.get("wal_job") or default_wal_job(job, {})
+    size = int(stats.get("segment_size") or pgwal.DEFAULT_SEGMENT_SIZE)
+    timeline = int(stats["timeline"])
+    first = pgwal.segment_number(stats["start_lsn"], size)
+    needed_end = pgwal.segment_number(stats["end_lsn"], size)
+    state = WalState.load(storage, wal_job)
+    segments, partials = {}, {}
+    for name, manifest in state.segments.items():
+        parsed = pgwal.parse_segment_name(name, size)
+        if parsed and parsed[0] == timeline and parsed[1] >= first:
+            segments[parsed[1]] = manifest
+    for name, manifests in state.partials.items():
+        parsed = pgwal.parse_segment_name(name, size)
+        if parsed and parsed[0] == timeline and parsed[1] >= first:
+            partials[parsed[1]] = manifests[0]
+    system = stats.get("system_identifier")
+    for manifest in list(segments.values()) + list(partials.values()):
+        if system and (manifest.get("stats") or {}).get("system_identifier") not in (None, system):
+            raise IntegrityError("WAL %s in job %s belongs to database system %s, the base backup %s to %s"
+                                 % (manifest["stats"]["file"], wal_job, manifest["stats"]["system_identifier"],
+                                    base["id"], system))
+    candidates = sorted(set(segments) | set(partials))
+    if not candidates:
+        raise NotFoundError("no WAL of base backup %s (from segment %s) is stored in job %s"
+                            % (base["id"], pgwal.segment_name(timeline, first, size), wal_job))
+    newest = max(candidates)
+    stored_until = max(m["finished_at"] for m in list(segments.values()) + list(partials.values()))
+    beyond = False
+    if target is None:
+        last = newest
+    else:
+        last = _last_needed(candidates, segments, partials, target)
+        if last is None:
+            # No transaction ended after the target in the stored WAL: the target's state is
+            # the state at the end of the stored WAL, provided that WAL was stored after it.
+            if parse_iso(stored_until) < target:
+                raise NotFoundError("the stored WAL of job %s ends at %s, before the target %s: it cannot be "
+                                    "recovered yet (is the WAL stream running?)"
+                                    % (wal_job, stored_until, to_iso_precise(target)))
+            last, beyond = newest, True
+    last = max(last, min(needed_end, newest))
+    if last < needed_end:
+        raise NotFoundError("base backup %s needs WAL up to segment %s, and job %s holds WAL only up to %s"
+                            % (base["id"], pgwal.segment_name(timeline, needed_end, size), wal_job,
+                               pgwal.segment_name(timeline, newest, size)))
+    # Segments before the last must be complete; the last may be a partial copy.
+    present = [segno for segno in segments if segno < last] + [last] if (last in segments or last in partials) else []
+    gaps = pgwal.find_gaps(present, first, last)
+    if gaps:
+        raise IntegrityError("WAL needed to restore base backup %s to %s is missing from job %s: %s"
+                             % (base["id"], to_iso_precise(target) if target else LATEST, wal_job,
+                                pgwal.describe_gaps(gaps, timeline, size)))
+    wal = []
+    for segno in range(first, last + 1):
+        name = pgwal.segment_name(timeline, segno, size)
+        if segno in segments:
+            wal.append((name, segments[segno], "segment"))
+        else:
+            wal.append((name, partials[segno], "partial"))
+    plan = RestorePlan(base, wal, target, wal_job, stored_until)
+    plan.no_commit_after_target = beyond
+    return plan
+
+
+def _last_needed(candidates, segments, partials, target):
+    """The first segment holding a transaction end after ``target`` (recovery stops there), or None.
+
+    Segments without recorded times (pg_waldump was missing when they were stored) count
+    as "maybe": the search goes on past them, and the first one with a later time ends it.
+    """
+    for segno in candidates:
+        manifest = segments.get(segno) or partials[segno]
+        last_time = (manifest.get("stats") or {}).get("last_xact_time")
+        if last_time and parse_iso(last_time) > target:
+            return segno
+    return None
+
+
+class Keys:
+    """The identity or passphrase of the restore, opened per backup (each has its own recipients)."""
+
+    def __init__(self, storage, identity=None, passphrase=None):
+        self.storage = storage
+        self.identity = identity
+        self.passphrase = passphrase
+
+    def open(self, manifest, obj):
+        key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
+        found = backup_identities(self.storage, manifest, self.identity, self.passphrase)
+        return PlaintextStream(self.storage, key, obj, manifest["compression"]["algorithm"], found)
+
+
+def _payload(manifest, name=None):
+    for obj in manifest["objects"]:
+        if obj.get("payload") and (name is None or obj["payload"] == name):
+            return obj
+    raise IntegrityError("backup %s of job %s has no %s payload" % (manifest["id"], manifest["job"], name or "data"))
+
+
+def stage_wal(keys, plan, wal_dir, log):
+    """Read, verify and write every planned WAL file into ``wal_dir``; IntegrityError names the file."""
+    os.makedirs(wal_dir, mode=0o700, exist_ok=True)
+    total = 0
+    for name, manifest, kind in plan.wal:
+        expected = (manifest.get("stats") or {}).get("plain_bytes")
+        stream = keys.open(manifest, _payload(manifest))
+        path = os.path.join(wal_dir, name)
+        try:
+            with open(path, "wb") as out:
+                while True:
+                    chunk = stream.read(CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+            stream.finish()
+        except IntegrityError as exc:
+            raise IntegrityError("WAL %s%s (backup %s of job %s) failed verification: %s"
+                                 % (name, " (partial copy)" if kind == "partial" else "", manifest["id"],
+                                    manifest["job"], exc)) from None
+        finally:
+            stream.close()
+        if expected is not None and stream.plain_bytes != expected:
+            raise IntegrityError("WAL %s decompressed to %d bytes, its manifest says %d"
+                                 % (name, stream.plain_bytes, expected))
+        total += stream.plain_bytes
+    log("verified and staged %d WAL files (%d bytes)" % (len(plan.wal), total))
+    return total
+
+
+def unpack_base(keys, plan, data_dir, log):
+    """Stream the verified base tarball into ``data_dir`` (safe members only)."""
+    stream = keys.open(plan.base, _payload(plan.base, BASE_PAYLOAD))
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    try:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as archive:
+                archive.extractall(data_dir, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            stream.finish()  # a damaged object explains a damaged tar best
+            raise IntegrityError("base backup %s: its tarball does not unpack: %s" % (plan.base["id"], exc)) from None
+        while stream.read(CHUNK):  # tar's trailing zero blocks
+            pass
+        stream.finish()
+    except IntegrityError as exc:
+        raise IntegrityError("base backup %s failed verification: %s" % (plan.base["id"], exc)) from None
+    finally:
+        stream.close()
+    log("verified and unpacked base backup %s (%d bytes)" % (plan.base["id"], stream.plain_bytes))
+    return stream.plain_bytes
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _account(run_as):
+    """The pwd entry postgres runs as: ``run_as``, else None when we are not root, else ``postgres``."""
+    if run_as:
+        try:
+            return pwd.getpwnam(run_as)
+        except KeyError:
+            raise ConfigError("run_as: no account named %s" % run_as) from None
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        raise ConfigError("PostgreSQL does not run as root and there is no postgres account: give run_as") from None
+
+
+def _check_reachable(path, account):
+    """ConfigError unless ``account`` may traverse every directory above ``path``."""
+    path = os.path.abspath(path)
+    parent = path
+    while True:
+        info = os.stat(parent)
+        if info.st_uid == account.pw_uid:
+            allowed = info.st_mode & 0o100
+        elif info.st_gid == account.pw_gid:
+            allowed = info.st_mode & 0o010
+        else:
+            allowed = info.st_mode & 0o001
+        if not allowed:
+            raise ConfigError("scratch directory %s: the account %s that runs the private PostgreSQL cannot enter %s; "
+                              "choose a scratch_dir it can reach" % (path, account.pw_name, parent))
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
+def _chown_tree(path, account):
+    os.chown(path, account.pw_uid, account.pw_gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
+
+
+class PrivateServer:
+    """A postgres on a recovered data directory, reachable only through a socket in ``scratch``."""
+
+    def __init__(self, bin_dir, scratch, data_dir, wal_dir, account, target_time, timeline):
+        self.bin_dir = bin_dir
+        self.scratch = scratch
+        self.data_dir = data_dir
+        self.wal_dir = wal_dir
+        self.account = account
+        self.target_time = target_time
+        self.timeline = timeline
+        self.socket_dir = os.path.join(scratch, "sock")
+        self.log_path = os.path.join(scratch, "postgres.log")
+        self.port = _free_port()
+        self.proc = None
+        self.user = None
+
+    def argv(self, with_target=True):
+        hba = os.path.join(self.scratch, "pg_hba.conf")
+        settings = {
+            "listen_addresses": "", "port": str(self.port), "unix_socket_directories": self.socket_dir,
+            "hba_file": hba, "ident_file": os.path.join(self.scratch, "pg_ident.conf"),
+            "archive_mode": "off", "hot_standby": "off", "ssl": "off", "primary_conninfo": "",
+            "primary_slot_name": "", "logging_collector": "off", "log_destination": "stderr",
+            "restore_command": 'cp "%s/%%f" "%%p"' % self.wal_dir,
+            "recovery_target_timeline": str(self.timeline), "recovery_target_action": "promote",
+            "shared_preload_libraries": "",
+        }
+        if with_target and self.target_time is not None:
+            settings["recovery_target_time"] = to_iso_precise(self.target_time).replace("T", " ").replace("Z", "+00")
+            settings["recovery_target_inclusive"] = "on"
+        argv = [os.path.join(self.bin_dir, "postgres"), "-D", self.data_dir]
+        for key, value in settings.items():
+            argv.extend(["-c", "%s=%s" % (key, value)])
+        return argv
+
+    def prepare(self):
+        os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(self.scratch, "pg_hba.conf"), "w", encoding="utf-8") as hba:
+            hba.write("local all all trust\n")
+        open(os.path.join(self.scratch, "pg_ident.conf"), "w", encoding="utf-8").close()
+        for leftover in ("postmaster.pid", "postmaster.opts"):
+            path = os.path.join(self.data_dir, leftover)
+            if os.path.exists(path):
+                os.remove(path)
+        with open(os.path.join(self.data_dir, "recovery.signal"), "w", encoding="utf-8"):
+            pass
+        os.chmod(self.data_dir, 0o700)
+        if self.account is not None:
+            os.chmod(self.scratch, 0o700)
+            _chown_tree(self.scratch, self.account)
+
+    def start(self, with_target=True):
+        log = open(self.log_path, "ab")  # pylint: disable=consider-using-with  # closed by stop()
+        kwargs = {}
+        if self.account is not None:
+            kwargs = {"user": self.account.pw_uid, "group": self.account.pw_gid, "extra_groups": []}
+        env = procutil.tool_env({"TZ": "UTC", "LC_ALL": "C.UTF-8"}, drop=("PGHOST", "PGPORT", "PGDATA"))
+        try:
+            self.proc = subprocess.Popen(self.argv(with_target), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=env, cwd=self.scratch, **kwargs)
+        finally:
+            log.close()
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "r", encoding="utf-8", errors="replace") as handle:
+                return handle.read()
+        except OSError:
+            return ""
+
+    def log_tail(self, lines=8):
+        return "; ".join(line for line in self.log_text().splitlines()[-lines:] if line.strip())
+
+    def connect(self, database="postgres"):
+        return psycopg.connect(host=self.socket_dir, port=self.port, user=self.user, dbname=database,
+                               autocommit=True, connect_timeout=5)
+
+    def wait_promoted(self, timeout):
+        """True once promoted; False when postgres exited (the caller reads the log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with self.connect() as conn:
+                    if not conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()[0]:
+                        return True
+            except psycopg.OperationalError:
+                pass
+            time.sleep(0.3)
+        raise SourceError("the private PostgreSQL did not finish recovery within %d seconds (log: %s)"
+                          % (timeout, self.log_tail()))
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(2)  # SIGINT: fast shutdown, a clean checkpoint
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _DumpStream:
+    """pg_dump of the private server, shaped like a PlaintextStream for PostgresTarget."""
+
+    def __init__(self, argv, env):
+        self._stream = procutil.ToolStream(argv, env=env, what="pg_dump (recovered server)")
+        self.plain_bytes = 0
+
+    def read(self, size=CHUNK):
+        data = self._stream.read(size)
+        self.plain_bytes += len(data)
+        return data
+
+    def finish(self):
+        return {"plain_bytes": self.plain_bytes}
+
+    def close(self):
+        self._stream.close()
+
+
+def restore_point_in_time(storage, job, point_in_time=None, identity=None, passphrase=None, wal_job=None,
+                          target=None, database=None, data_dir=None, scratch_dir=None, bin_dir=None,
+                          run_as=None, user="postgres", timeout=3600, check_mode=False, log=None):
+    """Restore ``job``'s PostgreSQL to ``point_in_time`` (ISO-8601 or ``latest``).
+
+    Deliver either ``database`` of the recovered cluster into ``target`` (a PostgresTarget)
+    or the whole recovered data directory at ``data_dir`` (which must not exist). Returns a
+    report with the plan, the LSN and commit time recovered to, and the target's checks.
+    """
+    log = log or (lambda message: None)
+    if (target is None) == (data_dir is None):
+        raise ConfigError("point-in-time restore: give a target (with database) or data_dir, exactly one")
+    if target is not None and not database:
+        raise ConfigError("point-in-time restore: name the database to copy out of the recovered cluster")
+    if data_dir is not None and os.path.exists(data_dir):
+        raise ConfigError("point-in-time restore: data_dir %s exists; give a path that does not" % data_dir)
+    require_psycopg("point-in-time restores")
+    bin_dir = bin_dir or os.path.dirname(procutil.find_tool("postgres"))
+    procutil.find_tool("postgres", bin_dir)
+    account = _account(run_as)
+    plan = plan_restore(storage, job, point_in_time, wal_job)
+    report = {"kind": BASE_KIND, "job": job, "plan": plan.describe(), "changed": False}
+    synthetic = {"id": "pitr-" + plan.base["id"], "kind": "postgres", "objects": [{"payload": DUMP_PAYLOAD}],
+                 "tool_versions": {"pg_dump": (plan.base.get("stats") or {}).get("server_version", "0")},
+                 "stats": {"database": database}}
+    if target is not None:
+        target.preflight(synthetic)
+    if check_mode:
+        report["check_mode"] = True
+        if target is not None:
+            report["target"] = target.plan(synthetic)
+        return report
+    keys = Keys(storage, identity, passphrase)
+    if account is not None:
+        _check_reachable(scratch_dir or tempfile.gettempdir(), account)
+    scratch = tempfile.mkdtemp(prefix="pitr-", dir=scratch_dir)
+    server = None
+    try:
+        wal_dir = os.path.join(scratch, "wal")
+        pgdata = os.path.join(scratch, "data")
+        report["wal_bytes"] = stage_wal(keys, plan, wal_dir, log)
+        report["base_bytes"] = unpack_base(keys, plan, pgdata, log)
+        stats = plan.base.get("stats") or {}
+        server = PrivateServer(bin_dir, scratch, pgdata, wal_dir, account, plan.target_time, int(stats["timeline"]))
+        server.user = user
+        server.prepare()
+        started = time.monotonic()
+        report["target_reached"] = plan.target_time is not None and not plan.no_commit_after_target
+        if plan.no_commit_after_target:
+            log("no transaction ended after the target in the stored WAL: recovering to its end (the same state)")
+        server.start(with_target=report["target_reached"])
+        if not server.wait_promoted(timeout):
+            if _NOT_REACHED in server.log_text():
+                raise IntegrityError("recovery ended before the target %s was reached: the stored WAL is "
+                                     "incomplete (%s)" % (plan.describe()["target_time"], server.log_tail(3)))
+            raise SourceError("the private PostgreSQL stopped during recovery: %s" % server.log_tail())
+        report["recovery_seconds"] = round(time.monotonic() - started, 3)
+        report["recovered_to"] = _recovered_to(server)
+        log("recovered to LSN %s, last commit %s" % (report["recovered_to"]["lsn"],
+                                                      report["recovered_to"]["last_commit_time"]))
+        if target is not None:
+            report["target"] = _copy_database(server, target, synthetic, database, bin_dir)
+        else:
+            server.stop()
+            shutil.move(pgdata, data_dir)
+            report["data_dir"] = data_dir
+        report["changed"] = True
+        return report
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _recovered_to(server):
+    with server.connect() as conn:
+        lsn, commit = conn.execute("SELECT pg_catalog.pg_last_wal_replay_lsn()::text, "
+                                   "pg_catalog.pg_last_xact_replay_timestamp()").fetchone()
+    result = {"lsn": lsn, "last_commit_time": to_iso_precise(commit) if commit else None,
+              "stopped": None}
+    match = None
+    for match in _STOP_RE.finditer(server.log_text()):
+        pass
+    if match is not None:
+        result["stopped"] = {"where": match.group(1), "xid": int(match.group(2)), "commit_time": match.group(3).strip()}
+    return result
+
+
+def _copy_database(server, target, synthetic, database, bin_dir):
+    with server.connect(database) as conn:
+        tables = count_rows(conn)
+    synthetic["stats"]["tables"] = tables
+    env = procutil.tool_env({"PGHOST": server.socket_dir, "PGPORT": server.port, "PGUSER": server.user,
+                             "PGDATABASE": database}, drop=("PGPASSWORD", "PGSERVICE", "PGSERVICEFILE"))
+    argv = [os.path.join(bin_dir, "pg_dump"), "--format=custom", "--compress=0", "--no-password"]
+
+    def open_payload(manifest, name):
+        if name != DUMP_PAYLOAD:
+            raise NotFoundError("a point-in-time restore copies one database; %s is not available" % name)
+        return _DumpStream(argv, env)
+
+    context = RestoreContext(synthetic, [synthetic], open_payload)
+    return target.restore(context)
