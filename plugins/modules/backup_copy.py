@@ -209,12 +209,12 @@ def main():
         outcome = copy_backups(source, destination, params["job"], backup=params["backup"],
                                recheck=params["recheck"], check_mode=module.check_mode, policy=policy,
                                min_keep=min_keep)
-    result = dict((key, outcome[key]) for key in ("changed", "copied", "planned", "failed", "skipped", "in_sync",
-                                                   "not_wanted", "bytes_copied", "lag_seconds", "source",
-                                                   "destination"))
+    returned = ("changed", "copied", "planned", "failed", "skipped", "in_sync", "not_wanted", "bytes_copied",
+                "lag_seconds", "source", "destination")
+    result = dict((key, outcome[key]) for key in returned)
     if module._diff:
-        before = sorted(set(outcome["in_sync"]) | set(step["id"] for step in outcome["planned"]
-                                                       if step["action"] == "repair"))
+        repaired = set(step["id"] for step in outcome["planned"] if step["action"] == "repair")
+        before = sorted(set(outcome["in_sync"]) | repaired)
         arrived = [step["id"] for step in (outcome["planned"] if module.check_mode else outcome["copied"])]
         result["diff"] = dict(before=text_of(before), after=text_of(sorted(set(before) | set(arrived))))
     if params["fail_on_error"] and not outcome["ok"]:

@@ -47,8 +47,7 @@ def test_backup_copy_module(tmp_path, s3_server, offsite_s3):
         {"name": "verify", FQCN + "backup_verify": {"job": "docs", "storage": offsite, "encryption": read}},
         {"name": "restore", FQCN + "backup_restore": {"job": "docs", "storage": local, "encryption": read,
                                                       "target": {"path": str(tmp_path / "restored")}}},
-        {"name": "prune offsite", FQCN + "backup_prune": {"job": "docs", "storage": offsite,
-                                                         "keep_last": 5}},
+        {"name": "prune offsite", FQCN + "backup_prune": {"job": "docs", "storage": offsite, "keep_last": 5}},
     ]
     proc, results = ansible_playbook(tmp_path, tasks, diff=True)
     assert proc.returncode == 0, proc.stdout[-3000:]
