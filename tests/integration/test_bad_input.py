@@ -120,6 +120,8 @@ def world(tmp_path, postgres_server, redis_server, git_remote):
     sources = {
         "postgres": {"host": postgres_server.host, "port": postgres_server.port, "user": postgres_server.user,
                      "database": pg_database.name},
+        "postgres_base": {"host": postgres_server.host, "port": postgres_server.port, "user": postgres_server.user,
+                          "spool_dir": str(tmp_path / "wal-spool")},
         "redis": {"host": redis_server.host, "port": redis_server.port},
         "files": {"path": str(data)},
         "directory_sync": {"path": str(data), "destination": str(tmp_path / "mirror")},

@@ -8,6 +8,7 @@ two batches of inserts, and copies the database into a new one on the server.
 Each test gets its own PostgreSQL (its WAL and slots must not be shared).
 """
 
+import datetime
 import os
 import shutil
 import tempfile
@@ -234,3 +235,57 @@ def test_base_backup_records_wal_range(pg, tmp_path):
     with pytest.raises(Exception) as info:
         pitr.plan_restore(storage, JOB, "latest")
     assert "no WAL" in str(info.value)
+
+
+def test_runner_commands(pg, tmp_path, scratch):
+    """backup (base), wal-stream, restore --point-in-time and wal-fetch as the runner CLI runs them."""
+    import json
+    import subprocess
+    import sys
+    import yaml
+    runner = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    key = x25519.Identity.generate()
+    (tmp_path / "identity").write_text(str(key) + "\n")
+    job = {"job": JOB, "kind": "postgres_base",
+           "source": _options(pg, wal_job=WAL_JOB, slot="runner_slot", spool_dir=str(tmp_path / "spool"),
+                              partial_interval=0.5),
+           "storage": {"backend": "filesystem", "path": str(tmp_path / "store")},
+           "encryption": {"recipients": [str(key.to_public())], "identity_file": str(tmp_path / "identity")},
+           "restore": {"target": _options(pg, database=DB, restore_database="enrol_cli", scratch_dir=scratch)}}
+    config = tmp_path / "job.yml"
+    config.write_text(yaml.safe_dump(job))
+
+    def run(*argv):
+        env = dict(os.environ, PYTHONPATH=os.path.join(repo, "build", "collections"))
+        done = subprocess.run([sys.executable, "-m", runner] + list(argv) + ["--config", str(config)],
+                              capture_output=True, text=True, env=env, timeout=600, check=False, cwd="/")
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, err = run("wal-stream", "--duration", "1")  # creates the slot before the base backup
+    assert code == 0, err
+    code, out, err = run("backup")
+    assert code == 0, err
+    before = _insert(pg, 1)
+    time.sleep(0.3)
+    _insert(pg, 2)
+    code, out, err = run("wal-stream", "--end-lsn", _lsn(pg))
+    assert code == 0, err
+    assert json.loads(out)["gaps"] == []
+    code, out, err = run("restore", "--point-in-time", (before + datetime.timedelta(milliseconds=100)).isoformat())
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["recovered_to"]["lsn"] and report["target"]["database"] == "enrol_cli"
+    assert _batches(pg, "enrol_cli") == {1: 50}
+    assert "recovered base backup" in err
+    # wal-fetch: a stored segment (verified, decrypted), and PostgreSQL's "not stored" exit code.
+    name = report["plan"]["wal_first"]
+    code, out, err = run("wal-fetch", name, str(tmp_path / "fetched"))
+    assert code == 0, err
+    assert (tmp_path / "fetched").stat().st_size == 16 << 20
+    code, out, err = run("wal-fetch", "00000009.history", str(tmp_path / "nothing"))
+    assert code == 1 and not (tmp_path / "nothing").exists()
+    # A damaged identity file: recovery must abort (exit > 125), not end early.
+    (tmp_path / "identity").write_text("AGE-SECRET-KEY-1BROKEN\n")
+    code, out, err = run("wal-fetch", name, str(tmp_path / "fetched2"))
+    assert code == 126, (code, err)

@@ -15,6 +15,7 @@ from .sources.directory_sync import DirectorySyncSource
 from .sources.files import FilesSource
 from .sources.k8s_resources import K8sResourcesSource
 from .sources.postgres import PostgresSource
+from .sources.postgres_wal import PostgresBaseSource
 from .sources.redis import RedisSource
 from .sources.velero import VeleroSource
 from .targets.config_git import ConfigGitTarget
@@ -27,7 +28,7 @@ from .targets.redis import RedisTarget
 # kind -> Source subclass (the backup side)
 SOURCES = {cls.kind: cls for cls in (
     PostgresSource, RedisSource, FilesSource, DirectorySyncSource, ConfigGitSource, K8sResourcesSource,
-    VeleroSource)}
+    VeleroSource, PostgresBaseSource)}
 
 # kind -> Target subclass (the restore side)
 # Velero has no target here: Velero itself restores its backups.

@@ -1,7 +1,10 @@
 """The runner: what the CronJob containers execute.
 
     python -m ansible_collections.biometrics.backup.plugins.module_utils.engine.runner \\
-        <backup|verify|restore|drill|prune|list|copy> --config JOB_FILE [options]
+        <backup|verify|restore|drill|prune|list|copy|wal-stream|wal-fetch> --config JOB_FILE [options]
+
+``wal-stream`` and ``wal-fetch`` (PostgreSQL point-in-time recovery, kind ``postgres_base``) are
+described in engine/pitr_runner.py; ``wal-fetch`` exits as PostgreSQL's restore_command expects.
 
 It reads a job file (engine/jobconfig.py; secrets only as ``*_file`` / ``*_env``), checks
 everything before it starts, runs the command with the same engine as the Ansible modules,
@@ -54,7 +57,7 @@ EXIT_INTEGRITY = 3
 EXIT_SIZE = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
-COMMANDS = ("backup", "verify", "restore", "drill", "prune", "list", "copy")
+COMMANDS = ("backup", "verify", "restore", "drill", "prune", "list", "copy", "wal-stream", "wal-fetch")
 MULTI_CONFIG = ("prune", "verify", "list", "copy")
 PROGRESS_INTERVAL = 5.0
 
@@ -300,6 +303,9 @@ def _load_override(path):
 
 
 def cmd_restore(config, args, log):
+    if config.kind == "postgres_base":  # point-in-time recovery: engine/pitr.py
+        from . import pitr_runner
+        return pitr_runner.cmd_restore(config, args, log, _load_override(args.target_file))
     prepared = _prepare(config, "restore", log)
     identity, passphrase = prepared["keys"]
     options = config.target_options("restore", _load_override(args.target_file))
@@ -440,8 +446,19 @@ def cmd_list(config, args, log):
     return EXIT_OK, result
 
 
+def cmd_wal_stream(config, args, log):
+    from . import pitr_runner
+    return pitr_runner.cmd_wal_stream(config, args, log)
+
+
+def cmd_wal_fetch(config, args, log):
+    from . import pitr_runner
+    return pitr_runner.cmd_wal_fetch(config, args, log)
+
+
 HANDLERS = {"backup": cmd_backup, "verify": cmd_verify, "restore": cmd_restore, "drill": cmd_drill,
-            "prune": cmd_prune, "list": cmd_list, "copy": cmd_copy}
+            "prune": cmd_prune, "list": cmd_list, "copy": cmd_copy, "wal-stream": cmd_wal_stream,
+            "wal-fetch": cmd_wal_fetch}
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -466,6 +483,9 @@ def build_parser():
     parser.add_argument("--destination", action="store_true",
                         help="prune: apply copy.retention at copy.destination instead of the job's storage")
     parser.add_argument("--job", help="list: another job at the same storage location")
+    parser.add_argument("--duration", type=float, help="wal-stream: stop after this many seconds")
+    parser.add_argument("--end-lsn", help="wal-stream: stop once the WAL up to this LSN is stored")
+    parser.add_argument("files", nargs="*", metavar="WAL_FILE PATH", help="wal-fetch: %%f and %%p")
     parser.add_argument("--progress-interval", type=float, default=PROGRESS_INTERVAL,
                         help="seconds between progress lines of a backup (default %(default)s)")
     return parser
@@ -516,6 +536,8 @@ def main(argv=None):
         parser.error("--point-in-time is for restore only")
     if args.backup and args.point_in_time:
         parser.error("give --backup or --point-in-time, not both")
+    if args.files and args.command != "wal-fetch":
+        parser.error("only wal-fetch takes positional arguments")
     log = Log(args.log_format or "text")
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     worst, results = EXIT_OK, []
@@ -526,6 +548,9 @@ def main(argv=None):
             results.append(result)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if args.command == "wal-fetch":  # PostgreSQL's restore_command convention (engine/pitr_runner.py)
+        from .pitr_runner import wal_fetch_exit
+        worst = wal_fetch_exit(worst, results[0])
     if len(results) == 1:
         if results[0] is not None:
             _emit_result(results[0])
