@@ -9,12 +9,17 @@ Each test gets its own PostgreSQL (its WAL and slots must not be shared).
 """
 
 import datetime
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 
 import pytest
+import yaml
 from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import pitr
@@ -237,14 +242,20 @@ def test_base_backup_records_wal_range(pg, tmp_path):
     assert "no WAL" in str(info.value)
 
 
+RUNNER = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _runner_argv(config, *argv):
+    return [sys.executable, "-m", RUNNER] + list(argv) + ["--config", str(config)]
+
+
+def _runner_env():
+    return dict(os.environ, PYTHONPATH=os.path.join(REPO, "build", "collections"))
+
+
 def test_runner_commands(pg, tmp_path, scratch):
     """backup (base), wal-stream, restore --point-in-time and wal-fetch as the runner CLI runs them."""
-    import json
-    import subprocess
-    import sys
-    import yaml
-    runner = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     key = x25519.Identity.generate()
     (tmp_path / "identity").write_text(str(key) + "\n")
     job = {"job": JOB, "kind": "postgres_base",
@@ -257,9 +268,8 @@ def test_runner_commands(pg, tmp_path, scratch):
     config.write_text(yaml.safe_dump(job))
 
     def run(*argv):
-        env = dict(os.environ, PYTHONPATH=os.path.join(repo, "build", "collections"))
-        done = subprocess.run([sys.executable, "-m", runner] + list(argv) + ["--config", str(config)],
-                              capture_output=True, text=True, env=env, timeout=600, check=False, cwd="/")
+        done = subprocess.run(_runner_argv(config, *argv), capture_output=True, text=True, env=_runner_env(),
+                              timeout=600, check=False, cwd="/")
         return done.returncode, done.stdout, done.stderr
 
     code, out, err = run("wal-stream", "--duration", "1")  # creates the slot before the base backup
@@ -272,6 +282,12 @@ def test_runner_commands(pg, tmp_path, scratch):
     code, out, err = run("wal-stream", "--end-lsn", _lsn(pg))
     assert code == 0, err
     assert json.loads(out)["gaps"] == []
+    code, out, err = run("restore", "--check", "--point-in-time", before.isoformat())
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["check_mode"] is True and plan["target"]["would_create"] == "enrol_cli"
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'enrol_cli'").fetchone()[0] == 0
     code, out, err = run("restore", "--point-in-time", (before + datetime.timedelta(milliseconds=100)).isoformat())
     assert code == 0, err
     report = json.loads(out)
@@ -289,3 +305,45 @@ def test_runner_commands(pg, tmp_path, scratch):
     (tmp_path / "identity").write_text("AGE-SECRET-KEY-1BROKEN\n")
     code, out, err = run("wal-fetch", name, str(tmp_path / "fetched2"))
     assert code == 126, (code, err)
+
+
+def test_streamer_killed_mid_segment_loses_nothing(pg, tmp_path, scratch):
+    """SIGKILL of the running stream (a daemon, no bound) mid-segment; a restart resumes from the
+    slot and the spool, and the restore reaches the last commit."""
+    job = {"job": JOB, "kind": "postgres_base",
+           "source": _options(pg, wal_job=WAL_JOB, slot="kill_slot", spool_dir=str(tmp_path / "spool"),
+                              partial_interval=0.5),
+           "storage": {"backend": "filesystem", "path": str(tmp_path / "store")}}
+    config = tmp_path / "job.yml"
+    config.write_text(yaml.safe_dump(job))
+    storage = open_storage(job["storage"])
+    assert subprocess.run(_runner_argv(config, "wal-stream", "--duration", "0.5"), env=_runner_env(),
+                          capture_output=True, check=False, timeout=300).returncode == 0
+    assert subprocess.run(_runner_argv(config, "backup"), env=_runner_env(), capture_output=True,
+                          check=False, timeout=300).returncode == 0
+    daemon = subprocess.Popen(_runner_argv(config, "wal-stream"), env=_runner_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _insert(pg, 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until a partial copy holding batch 1 is stored
+            partials = WalState.load(storage, WAL_JOB).partials
+            if any((m[0]["stats"].get("last_xact_time") for m in partials.values())):
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("no partial copy with a commit was stored within 60 s")
+        _insert(pg, 2)
+        os.killpg(daemon.pid, signal.SIGKILL)  # the runner and its pg_receivewal, mid-segment
+    finally:
+        if daemon.poll() is None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+    _insert(pg, 3)
+    done = subprocess.run(_runner_argv(config, "wal-stream", "--end-lsn", _lsn(pg)), env=_runner_env(),
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = pitr.restore_point_in_time(storage, JOB, "latest", target=_target(pg, "enrol_killed"), database=DB,
+                                        bin_dir=pg.bin_dir, scratch_dir=scratch)
+    assert _batches(pg, "enrol_killed") == {1: 50, 2: 50, 3: 50}
+    assert report["plan"]["wal_partial"] is True
