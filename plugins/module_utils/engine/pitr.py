@@ -236,6 +236,9 @@ def stage_wal(keys, plan, wal_dir, log):
 
 def unpack_base(keys, plan, data_dir, log):
     """Stream the verified base tarball into ``data_dir`` (safe members only)."""
+    if not hasattr(tarfile, "data_filter"):
+        raise ConfigError("unpacking a base backup safely needs Python's tarfile data filter "
+                          "(Python 3.8.17, 3.9.17, 3.10.12, 3.11.4 or newer)")
     stream = keys.open(plan.base, _payload(plan.base, BASE_PAYLOAD))
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     try:
