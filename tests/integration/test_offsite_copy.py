@@ -153,3 +153,23 @@ def test_damaged_source_object_is_not_copied(s3_server, tmp_path):
     assert listed(destination) == []
     assert outcome["lag_seconds"] > 0
     shutil.rmtree(str(tmp_path / "primary"))
+
+
+def test_an_interrupted_copy_resumes_with_what_reads_back_right(s3_server, offsite_s3, tmp_path):
+    """What a killed copy leaves - objects without a manifest, one of them cut short - is taken
+    over: the good object is read back and kept, the short one copied again, the backup listed
+    only at the end."""
+    source = open_storage(s3_server.storage_options())
+    destination = open_storage(offsite_s3.storage_options())
+    made = make_backups(source, str(tmp_path / "tree"), age_key(tmp_path), count=1)
+    manifest = made[0][0]
+    objects = sorted(manifest["objects"], key=lambda obj: obj["size"])
+    keys = ["%s/%s/%s" % (JOB, manifest["id"], obj["name"]) for obj in objects]
+    offsite.stream_object(source, destination, keys[0], objects[0])  # finished before the kill
+    destination.put_bytes(keys[-1], source.get_bytes(keys[-1])[:1000])  # as if cut short
+    assert listed(destination) == []
+    outcome = offsite.copy_backups(source, destination, JOB)
+    assert outcome["ok"] and [item["id"] for item in outcome["copied"]] == [manifest["id"]]
+    assert outcome["bytes_reused"] == objects[0]["size"]
+    assert outcome["bytes_copied"] == manifest["size_bytes"] - objects[0]["size"]
+    assert listed(destination) == [manifest["id"]]

@@ -29,6 +29,7 @@ from pyrage import x25519
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.base import MissingLocationError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify
 
@@ -168,40 +169,70 @@ def test_copy_killed_at_random_points_never_lists_what_does_not_verify(tmp_path,
     ids = sorted(m["id"] for m in made)
     env = {"SRC_S3_ACCESS": s3_server.access_key, "SRC_S3_SECRET": s3_server.secret_key}
 
-    def job_file(prefix):
+    def job_file(prefix, backend="s3"):
+        """A job file copying to a fresh place (S3, or a filesystem directory), and that storage."""
+        if backend == "s3":
+            destination = dict(storage_by_file(offsite_s3, prefix, tmp_path / "offsite-secret"), part_size=5 * MIB)
+            seen = offsite_s3.storage_options(prefix=prefix)
+        else:
+            destination = seen = {"backend": "filesystem", "path": str(tmp_path / prefix)}
         path = tmp_path / ("job-%s.yaml" % prefix)
         path.write_text(yaml.safe_dump({
             "job": job, "kind": "files", "source": {"path": str(tmp_path)},
             "storage": dict(storage_by_env(s3_server, source_options["prefix"])),
-            "encryption": {"recipients_file": keys["recipients_file"]},
-            "copy": {"destination": dict(storage_by_file(offsite_s3, prefix, tmp_path / "offsite-secret"),
-                                         part_size=5 * MIB)}}))
-        return path, open_storage(offsite_s3.storage_options(prefix=prefix))
+            "encryption": {"recipients_file": keys["recipients_file"]}, "copy": {"destination": destination}}))
+        return path, open_storage(seen)
 
-    # An uninterrupted copy, interpreter start included: the window the kills are drawn from.
+    def start(config):
+        return subprocess.Popen([sys.executable, "-m", RUNNER, "copy", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=runner_env(env),
+                                cwd="/", start_new_session=True)
+
+    def copying(process):
+        """Block until the runner logs that it starts copying (True), or exits first (False)."""
+        for line in process.stderr:
+            if " copying " in line:
+                return True
+        return False
+
+    # An uninterrupted copy: the windows the kills are drawn from, interpreter start included
+    # (the whole run) and without it (from the runner's "copying" line to its exit).
     config, measured = job_file("measure-%s" % uuid.uuid4().hex[:6])
     began = time.monotonic()
-    full = run("copy", config, env=env)
-    window = time.monotonic() - began
-    assert full.returncode == 0, full.stderr
+    process = start(config)
+    assert copying(process)
+    copy_began = time.monotonic()
+    assert process.wait() == 0
+    ended = time.monotonic()
+    window, copy_window = ended - began, ended - copy_began
     assert sorted(m["id"] for m in Catalog(measured).scan(job)) == ids
 
     landed = {"nothing listed": 0, "some listed": 0, "all listed": 0}
-    config, offsite = job_file("kill-%s" % uuid.uuid4().hex[:6])
+    backends = ["s3", "filesystem"]
+    config, offsite = job_file("kill-%s" % uuid.uuid4().hex[:6], backends[0])
     verified_ok = set()
     for kill in range(KILLS):
-        delay = rng.uniform(0.2, window)
-        process = subprocess.Popen([sys.executable, "-m", RUNNER, "copy", "--config", str(config)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=runner_env(env), cwd="/",
-                                   start_new_session=True)
-        try:
-            process.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
+        # Half over the whole run, half over the copy proper (after the "copying" line).
+        during = kill % 2 == 1
+        delay = rng.uniform(0, copy_window if during else window)
+        process = start(config)
+        if during:
+            if copying(process):
+                time.sleep(delay)
+        else:
+            try:
+                process.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                pass
+        if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         process.stderr.close()
-        listed = sorted(m["id"] for m in Catalog(offsite).scan(job))
-        where = "seed %d, kill %d after %.2fs of %.2fs" % (seed, kill, delay, window)
+        try:
+            listed = sorted(m["id"] for m in Catalog(offsite).scan(job))
+        except MissingLocationError:
+            listed = []  # a filesystem destination the killed copy had not created yet
+        where = "seed %d, kill %d (%s) after %.2fs" % (seed, kill, "during copy" if during else "anywhere", delay)
         assert set(listed) <= set(ids), where
         for backup_id in listed:
             if backup_id in verified_ok:
@@ -211,14 +242,16 @@ def test_copy_killed_at_random_points_never_lists_what_does_not_verify(tmp_path,
             verified_ok.add(backup_id)
         landed["all listed" if listed == ids else "some listed" if listed else "nothing listed"] += 1
         if listed == ids:
-            # Done: start over at a fresh prefix, so that the kills keep landing mid-copy.
-            config, offsite = job_file("kill-%s" % uuid.uuid4().hex[:6])
+            # Done: start over at a fresh place (the other backend), so kills keep landing mid-copy.
+            backends.reverse()
+            config, offsite = job_file("kill-%s" % uuid.uuid4().hex[:6], backends[0])
             verified_ok = set()
     last = run("copy", config, env=env)
     assert last.returncode == 0, "seed %d: %s" % (seed, last.stderr)
     assert sorted(m["id"] for m in Catalog(offsite).scan(job)) == ids
     assert verify(offsite, job, backup="all", identity=keys["identity"], record=False)["ok"]
-    print("copy kills: %d (seed %d, window %.2fs): %s" % (KILLS, seed, window, landed))
+    print("copy kills: %d (seed %d, run %.2fs, copy proper %.2fs): %s; last run reused %d bytes"
+          % (KILLS, seed, window, copy_window, landed, json.loads(last.stdout)["bytes_reused"]))
     assert KILLS < 20 or landed["some listed"] + landed["nothing listed"] >= KILLS // 3, landed
 
 
