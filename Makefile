@@ -173,15 +173,11 @@ runner-image: ## build the runner image from images/runner/Containerfile with bu
 	bash hack/runner-image.sh build
 
 .PHONY: molecule
-# `molecule reset` first: molecule remembers "prepared" under ~/.ansible/tmp and would skip
-# the prepare playbook on every later run.
-molecule: venv collections build-kube ## molecule test (default scenario) on the local control plane
-	started=0; \
-	bash hack/control-plane.sh status >/dev/null 2>&1 || { bash hack/control-plane.sh start; started=1; }; \
-	eval "$$(bash hack/control-plane.sh env)"; \
-	rc=0; molecule reset >/dev/null && molecule test || rc=$$?; \
-	if (( started )); then bash hack/control-plane.sh stop; fi; \
-	exit $$rc
+# hack/molecule.sh: cluster (unless one runs), runner image imported into the node, the servers
+# the pods back up (tests/molecule_servers.py), `molecule reset` + `molecule test`; it stops
+# what it started.
+molecule: deps build-kube collections ## molecule test (default scenario) on the local cluster: converge, idempotence, the CronJobs run as pods
+	bash hack/molecule.sh
 
 ##@ housekeeping
 .PHONY: clean distclean
