@@ -347,3 +347,46 @@ def test_streamer_killed_mid_segment_loses_nothing(pg, tmp_path, scratch):
                                         bin_dir=pg.bin_dir, scratch_dir=scratch)
     assert _batches(pg, "enrol_killed") == {1: 50, 2: 50, 3: 50}
     assert report["plan"]["wal_partial"] is True
+
+
+def test_twenty_random_targets(pg, tmp_path, scratch):
+    """Eight batches with known commit windows, a segment switch and a stream restart between them;
+    twenty random targets: each restore holds exactly the batches committed before its target."""
+    import random
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+    spool = tmp_path / "spool"
+    streamer = _streamer(pg, storage, spool, slot="random_slot")
+    streamer.prepare()
+    base = _base_backup(pg, storage)
+    windows = {}
+    for batch in range(1, 9):
+        time.sleep(0.25)
+        with pg.connect(DB) as conn:
+            started = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        ended = _insert(pg, batch, rows=10 * batch)
+        windows[batch] = (started, ended)
+        if batch == 3:
+            _lsn(pg, switch=True)
+        if batch == 5:
+            streamer.run(end_lsn=_lsn(pg))  # the first stream stops here; a new one continues
+            streamer = _streamer(pg, storage, spool, slot="random_slot")
+    streamer.run(end_lsn=_lsn(pg))
+    low = datetime.datetime.fromisoformat(base["finished_at"].replace("Z", "+00:00")) + datetime.timedelta(seconds=1)
+    low = max(low, windows[1][0] - datetime.timedelta(milliseconds=200))
+    high = windows[8][1] + datetime.timedelta(milliseconds=200)
+    rng = random.Random(14)
+    targets = []
+    while len(targets) < 20:
+        moment = low + (high - low) * rng.random()
+        if moment <= datetime.datetime.fromisoformat(base["finished_at"].replace("Z", "+00:00")):
+            continue
+        if any(start <= moment <= end for start, end in windows.values()):
+            continue  # inside a commit window: which side the commit falls on is unknown
+        targets.append(moment)
+    for index, moment in enumerate(sorted(targets)):
+        name = "enrol_r%d" % index
+        pitr.restore_point_in_time(storage, JOB, moment.isoformat(), target=_target(pg, name), database=DB,
+                                   bin_dir=pg.bin_dir, scratch_dir=scratch)
+        expected = {batch: 10 * batch for batch, (start, end) in windows.items() if end < moment}
+        assert _batches(pg, name) == expected, (moment, windows)
+        pg.drop_database(name)
