@@ -1,0 +1,115 @@
+# Copyright: contributors to biometrics.backup
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Offsite copy throughput: the engine's copy against ``aws s3 cp`` of the same objects.
+
+Starts two SeaweedFS instances (tests/servers.py, each with credentials of its own), stores
+``--backups`` backups of random data (``--size-mb`` in all, stored uncompressed and
+unencrypted so the objects are exactly that size) at the first, then times, in one run:
+
+  aws s3 cp s3://A/key - | aws s3 cp - s3://B/key   for every object, one after the other
+  engine copy_backups(A, B)                          stream, hash, read back, manifest last
+  engine copy_backups(A, B) again                    in sync: nothing copied
+
+and prints the ratio engine / aws. ``aws`` is awscli from PyPI (``--aws PATH``, default the
+one on PATH); without it only the engine is timed. Numbers are printed, never judged.
+
+  python bench/offsite_copy_bench.py                 # 1 GiB in 4 backups
+  python bench/offsite_copy_bench.py --size-mb 256 --aws /tmp/awscli/bin/aws
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "build", "collections"))
+
+import servers  # noqa: E402  pylint: disable=wrong-import-position
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import offsite  # noqa: E402  pylint: disable=wrong-import-position
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun  # noqa: E402  pylint: disable=wrong-import-position
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource  # noqa: E402  pylint: disable=wrong-import-position
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage  # noqa: E402  pylint: disable=wrong-import-position
+
+MIB = 1 << 20
+JOB = "bench"
+
+
+def make_backups(storage, directory, backups, size_mb):
+    manifests = []
+    for index in range(backups):
+        tree = os.path.join(directory, str(index))
+        os.makedirs(tree)
+        with open(os.path.join(tree, "blob"), "wb") as handle:
+            for dummy in range(size_mb // backups):
+                handle.write(os.urandom(MIB))
+        manifests.append(BackupRun(JOB, FilesSource({"path": tree}), storage, compression={"algorithm": "none"},
+                                   encryption={"enabled": False}).run())
+        shutil.rmtree(tree)
+        time.sleep(1.05)  # whole-second manifest times
+    return manifests
+
+
+def aws_copy(aws, source, destination, keys):
+    def env(server):
+        return dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
+                    AWS_DEFAULT_REGION=server.region)
+    started = time.monotonic()
+    for key in keys:
+        down = subprocess.Popen([aws, "--endpoint-url", source.endpoint_url, "s3", "cp", "--only-show-errors",
+                                 "s3://%s/src/%s" % (source.bucket, key), "-"], stdout=subprocess.PIPE, env=env(source))
+        subprocess.run([aws, "--endpoint-url", destination.endpoint_url, "s3", "cp", "--only-show-errors", "-",
+                        "s3://%s/aws/%s" % (destination.bucket, key)], stdin=down.stdout, env=env(destination),
+                       check=True)
+        down.stdout.close()
+        if down.wait() != 0:
+            raise SystemExit("aws s3 cp of %s failed" % key)
+    return time.monotonic() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--backups", type=int, default=4)
+    parser.add_argument("--aws", default=shutil.which("aws"), help="awscli's aws (default: the one on PATH)")
+    args = parser.parse_args()
+    base = tempfile.mkdtemp(prefix="offsite-bench-")
+    first = second = None
+    try:
+        first, second = servers.start_s3(base), servers.start_s3(base)
+        source = open_storage(first.storage_options(prefix="src"))
+        manifests = make_backups(source, os.path.join(base, "data"), args.backups, args.size_mb)
+        total = sum(m["size_bytes"] for m in manifests)
+        keys = ["%s/%s/%s" % (m["job"], m["id"], obj["name"]) for m in manifests for obj in m["objects"]]
+        print("source: %d backups, %d objects, %.1f MiB" % (len(manifests), len(keys), total / MIB), flush=True)
+        aws_seconds = None
+        if args.aws:
+            aws_seconds = aws_copy(args.aws, first, second, keys)
+            print("aws s3 cp src - | aws s3 cp - dst: %.1f s, %.1f MiB/s" % (aws_seconds, total / MIB / aws_seconds),
+                  flush=True)
+        else:
+            print("aws not found (pip install awscli, or --aws PATH): engine only", flush=True)
+        destination = open_storage(second.storage_options(prefix="engine"))
+        started = time.monotonic()
+        outcome = offsite.copy_backups(source, destination, JOB)
+        seconds = time.monotonic() - started
+        if not outcome["ok"] or len(outcome["copied"]) != len(manifests):
+            raise SystemExit("the engine's copy did not complete: %s" % outcome)
+        print("engine copy (stream, hash, read back, manifest last): %.1f s, %.1f MiB/s%s" % (
+            seconds, total / MIB / seconds, ", %.2f x aws" % (seconds / aws_seconds) if aws_seconds else ""))
+        started = time.monotonic()
+        again = offsite.copy_backups(source, destination, JOB)
+        print("engine copy in sync: %.2f s, changed=%s" % (time.monotonic() - started, again["changed"]))
+    finally:
+        for server in (first, second):
+            if server is not None:
+                servers.stop_s3(server)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
