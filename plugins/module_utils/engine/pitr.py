@@ -45,7 +45,7 @@ from .restore import identities as backup_identities
 from .sources.postgres import DUMP_PAYLOAD, count_rows, require_psycopg, psycopg
 from .sources.postgres_wal import BASE_KIND, BASE_PAYLOAD, WalState, default_wal_job
 from .targets.base import RestoreContext
-from .timeutil import parse_iso, to_iso
+from .timeutil import parse_iso
 
 LATEST = "latest"
 _STOP_RE = re.compile(r"recovery stopping (before|after) commit of transaction (\d+), time ([0-9:. +-]+)")
@@ -489,8 +489,8 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
             raise SourceError("the private PostgreSQL stopped during recovery: %s" % server.log_tail())
         report["recovery_seconds"] = round(time.monotonic() - started, 3)
         report["recovered_to"] = _recovered_to(server)
-        log("recovered to LSN %s, last commit %s" % (report["recovered_to"]["lsn"],
-                                                      report["recovered_to"]["last_commit_time"]))
+        recovered = report["recovered_to"]
+        log("recovered to LSN %s, last commit %s" % (recovered["lsn"], recovered["last_commit_time"]))
         if target is not None:
             report["target"] = _copy_database(server, target, synthetic, database, bin_dir)
         else:

@@ -67,6 +67,7 @@ def xact_times(waldump, directory, name):
         return None, None
     return (times[0].replace(" ", "T") + "Z", times[-1].replace(" ", "T") + "Z")
 
+
 # The options of the WAL stream live in the base backup job's source section: one job file
 # describes both halves of point-in-time recovery.
 WAL_OPTIONS = Schema("postgres WAL stream", {
@@ -92,9 +93,9 @@ def check_slot(name):
 def server_facts(conn):
     """``{system_identifier, timeline, segment_size, server_version, server_version_num}`` of a server."""
     with conn.connect(autocommit=True) as db:
-        row = db.execute("SELECT s.system_identifier::text, c.timeline_id, "
-                         "(SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 WHEN 'MB' THEN 1048576 ELSE 1 END FROM pg_catalog.pg_settings WHERE name = 'wal_segment_size'), current_setting('wal_level') "
-                         "FROM pg_catalog.pg_control_system() s, pg_catalog.pg_control_checkpoint() c").fetchone()
+        row = db.execute("SELECT s.system_identifier::text, c.timeline_id, i.bytes_per_wal_segment, "
+                         "current_setting('wal_level') FROM pg_catalog.pg_control_system() s, "
+                         "pg_catalog.pg_control_checkpoint() c, pg_catalog.pg_control_init() i").fetchone()
         version = db.info.server_version
     if row[3] not in ("replica", "logical"):
         raise ConfigError("postgres: wal_level is %s on %s; point-in-time recovery needs wal_level=replica"
