@@ -77,6 +77,10 @@ def storage_by_file(server, prefix, directory):
             "secret_key_file": str(directory / "secret_key")}
 
 
+def config_storage_prefix(config):
+    return yaml.safe_load(config.read_text())["storage"]["prefix"]
+
+
 def metric(gateway, name, job):
     for family in text_string_to_metric_families(gateway.metrics_text()):
         for sample in family.samples:
@@ -140,7 +144,17 @@ def test_runner_copy_then_verify_and_restore_at_the_destination(
     restored = run("restore", at_offsite)
     assert restored.returncode == 0, restored.stderr
     assert tree_state(str(tmp_path / "restored")) == tree_state(str(tree))
-    for step in (plan, copied, again, checked, restored):
+    # ... and the job's own file reads the copy with --from-copy: the monthly drill from offsite.
+    drill = run("drill", config, "--from-copy", env=env)
+    assert drill.returncode == 0, drill.stderr
+    assert json.loads(drill.stdout)["results"][0]["id"] == ids[-1]
+    # The verdict is recorded where the drill read: at the copy, not at the source.
+    assert Catalog(offsite).get(job, ids[-1])["verification"]["test_restore"] is True
+    primary = open_storage(dict(s3_server.storage_options(prefix=config_storage_prefix(config))))
+    assert Catalog(primary).get(job, ids[-1])["verification"] is None
+    listed_offsite = run("list", config, "--from-copy", env=env)
+    assert json.loads(listed_offsite.stdout)["storage"]["bucket"] == offsite_s3.bucket
+    for step in (plan, copied, again, checked, restored, drill, listed_offsite):
         for secret in (s3_server.secret_key, s3_server.access_key, offsite_s3.secret_key, offsite_s3.access_key):
             assert secret not in step.stdout and secret not in step.stderr
 

@@ -186,9 +186,16 @@ def _finite(value):
     return value if value is None or math.isfinite(value) else None
 
 
-def _prepare(config, command, log):
+def _prepare(config, command, log, from_copy=False):
     prepared = config.prepare(command)
     log.add_secrets(secret_values(config.storage_options()))
+    if from_copy:
+        # --from-copy: read the offsite copy (copy.destination) instead of the job's storage.
+        if not config.copy.get("destination"):
+            raise ConfigError("%s: --from-copy needs the 'copy' section's destination" % config.where)
+        options = config.copy_destination_options()
+        log.add_secrets(secret_values(options))
+        prepared["storage"] = location.build_storage(options)
     if command == "backup":
         log.add_secrets(secret_values(config.source_options()))
         log.add_secrets([prepared["encryption"].get("passphrase")])
@@ -275,7 +282,7 @@ def _scratch_options(config):
 
 
 def cmd_verify(config, args, log):
-    prepared = _prepare(config, "verify", log)
+    prepared = _prepare(config, "verify", log, args.from_copy)
     identity, passphrase = prepared["keys"]
     selector = args.backup or config.verify.get("backup") or "latest"
     test_restore = bool(args.test_restore or config.verify.get("test_restore"))
@@ -306,7 +313,7 @@ def cmd_restore(config, args, log):
     if config.kind == "postgres_base":  # point-in-time recovery: engine/pitr.py
         from . import pitr_runner
         return pitr_runner.cmd_restore(config, args, log, _load_override(args.target_file))
-    prepared = _prepare(config, "restore", log)
+    prepared = _prepare(config, "restore", log, args.from_copy)
     identity, passphrase = prepared["keys"]
     options = config.target_options("restore", _load_override(args.target_file))
     log.add_secrets(secret_values(options))
@@ -329,7 +336,7 @@ def cmd_drill(config, args, log):
     metrics = Metrics(config, log, job=job)
     started = time.monotonic()
     try:
-        prepared = _prepare(config, "drill", log)
+        prepared = _prepare(config, "drill", log, args.from_copy)
         identity, passphrase = prepared["keys"]
         scratch = _scratch_options(config)
         log.add_secrets(secret_values(scratch))
@@ -430,7 +437,7 @@ def _prune_destination(config, args, log, run_prune):
 
 
 def cmd_list(config, args, log):
-    storage = _prepare(config, "list", log)["storage"]
+    storage = _prepare(config, "list", log, args.from_copy)["storage"]
     catalog = Catalog(storage)
     job = args.job or config.job
     backups = catalog.scan(job)
@@ -480,6 +487,8 @@ def build_parser():
     parser.add_argument("--target-file", help="restore: YAML/JSON of target options merged over restore.target")
     parser.add_argument("--test-restore", action="store_true", help="verify: also restore into a scratch target")
     parser.add_argument("--force", action="store_true", help="prune: delete more than max_delete")
+    parser.add_argument("--from-copy", action="store_true",
+                        help="verify, restore, drill, list: read the offsite copy (copy.destination)")
     parser.add_argument("--destination", action="store_true",
                         help="prune: apply copy.retention at copy.destination instead of the job's storage")
     parser.add_argument("--job", help="list: another job at the same storage location")
@@ -530,6 +539,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.config) > 1 and args.command not in MULTI_CONFIG:
         parser.error("%s takes exactly one --config" % args.command)
+    if args.from_copy and args.command not in ("verify", "restore", "drill", "list"):
+        parser.error("--from-copy is for verify, restore, drill and list")
     if args.destination and args.command != "prune":
         parser.error("--destination is for prune only")
     if args.point_in_time and args.command != "restore":
