@@ -390,3 +390,24 @@ def test_twenty_random_targets(pg, tmp_path, scratch):
         expected = {batch: 10 * batch for batch, (start, end) in windows.items() if end < moment}
         assert _batches(pg, name) == expected, (moment, windows)
         pg.drop_database(name)
+
+
+def test_wal_stored_without_transaction_times_still_stops_at_the_target(pg, tmp_path, scratch):
+    """A runner image without pg_waldump stores WAL without commit times: the planner then
+    replays all stored WAL and PostgreSQL's recovery_target_time stops at the right commit."""
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+    streamer = _streamer(pg, storage, tmp_path / "spool", slot="notimes_slot")
+    streamer._waldump = ""  # pylint: disable=protected-access  # as if pg_waldump were not installed
+    streamer.prepare()
+    _base_backup(pg, storage)
+    first = _insert(pg, 1)
+    time.sleep(0.3)
+    _insert(pg, 2)
+    streamer.run(end_lsn=_lsn(pg))
+    state = WalState.load(storage, WAL_JOB)
+    assert all(m["stats"]["xact_times_known"] is False for m in state.segments.values())
+    report = pitr.restore_point_in_time(storage, JOB, (first + datetime.timedelta(milliseconds=100)).isoformat(),
+                                        target=_target(pg, "enrol_notimes"), database=DB, bin_dir=pg.bin_dir,
+                                        scratch_dir=scratch)
+    assert _batches(pg, "enrol_notimes") == {1: 50}
+    assert report["target_reached"] is True

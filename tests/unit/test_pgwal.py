@@ -112,10 +112,11 @@ def test_tar_sniffer_keeps_chosen_members_in_any_chunking(chunk):
     assert sniffer.files["backup_manifest"] == b'{"WAL-Ranges": []}'
 
 
-def _wal(name, kind, finished, last_xact=None):
+def _wal(name, kind, finished, last_xact=None, known=True):
     tli, segno, dummy = pgwal.parse_segment_name(name)
     return {"id": name, "kind": "postgres_wal", "finished_at": finished, "size_bytes": 1,
-            "stats": {"file": name, "type": kind, "timeline": tli, "segno": segno, "last_xact_time": last_xact}}
+            "stats": {"file": name, "type": kind, "timeline": tli, "segno": segno, "last_xact_time": last_xact,
+                      "xact_times_known": known}}
 
 
 def test_last_needed_segment_follows_transaction_times_not_storage_times():
@@ -128,7 +129,13 @@ def test_last_needed_segment_follows_transaction_times_not_storage_times():
     assert pitr._last_needed(candidates, segments, partials, parse_iso("2026-01-01T09:00:00Z")) == 2
     assert pitr._last_needed(candidates, segments, partials, parse_iso("2026-01-01T10:30:00Z")) == 4
     assert pitr._last_needed(candidates, segments, partials, parse_iso("2026-01-01T11:30:00Z")) == 5
+    # No transaction ended after 11:59:30 in WAL whose times are all known.
     assert pitr._last_needed(candidates, segments, partials, parse_iso("2026-01-01T11:59:30Z")) is None
+    # Without pg_waldump the times of segment 3 are unknown: it may hold a later commit, so
+    # the planner cannot conclude "no transaction after the target".
+    segments[3] = _wal("000000010000000000000003", "segment", "2026-01-01T12:00:00Z", None, known=False)
+    assert pitr._last_needed(candidates, segments, partials, parse_iso("2026-01-01T11:59:30Z")) == pitr.UNKNOWN
+    assert pitr._last_needed(candidates, segments, partials, parse_iso("2026-01-01T10:30:00Z")) == 4
 
 
 def test_wal_state_keeps_newest_partial_first():
@@ -150,5 +157,5 @@ def test_parse_target():
         pitr.parse_target("yesterday")
 
 
-def test_xact_times_without_waldump_output(tmp_path):
-    assert xact_times(str(tmp_path / "missing-tool"), str(tmp_path), "000000010000000000000001") == (None, None)
+def test_xact_times_unknown_without_waldump(tmp_path):
+    assert xact_times(str(tmp_path / "missing-tool"), str(tmp_path), "000000010000000000000001") is None

@@ -48,6 +48,7 @@ from .targets.base import RestoreContext
 from .timeutil import parse_iso
 
 LATEST = "latest"
+UNKNOWN = "unknown"
 _STOP_RE = re.compile(r"recovery stopping (before|after) commit of transaction (\d+), time ([0-9:. +-]+)")
 _NOT_REACHED = "recovery ended before configured recovery target was reached"
 
@@ -137,7 +138,11 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None):
         last = newest
     else:
         last = _last_needed(candidates, segments, partials, target)
-        if last is None:
+        if last == UNKNOWN:
+            # Some WAL was stored without transaction times (no pg_waldump): replay all of it
+            # and let PostgreSQL's recovery_target_time find the stop.
+            last = newest
+        elif last is None:
             # No transaction ended after the target in the stored WAL: the target's state is
             # the state at the end of the stored WAL, provided that WAL was stored after it.
             if parse_iso(stored_until) < target:
@@ -173,14 +178,20 @@ def _last_needed(candidates, segments, partials, target):
     """The first segment holding a transaction end after ``target`` (recovery stops there), or None.
 
     Segments without recorded times (pg_waldump was missing when they were stored) count
-    as "maybe": the search goes on past them, and the first one with a later time ends it.
+    as "maybe": the search goes on past them, and the first one with a later time ends it;
+    when none has, the answer is UNKNOWN rather than None ("no transaction ended after it"),
+    since a segment without times may hold one.
     """
+    unknown = False
     for segno in candidates:
         manifest = segments.get(segno) or partials[segno]
-        last_time = (manifest.get("stats") or {}).get("last_xact_time")
+        stats = manifest.get("stats") or {}
+        last_time = stats.get("last_xact_time")
         if last_time and parse_iso(last_time) > target:
             return segno
-    return None
+        if not stats.get("xact_times_known"):
+            unknown = True
+    return UNKNOWN if unknown else None
 
 
 class Keys:

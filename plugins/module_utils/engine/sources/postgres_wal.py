@@ -50,18 +50,21 @@ _XACT_TIME_RE = re.compile(r"desc: (?:COMMIT|ABORT)(?:_PREPARED)? (?:\d+: )?(\d{
 
 
 def xact_times(waldump, directory, name):
-    """``(first, last)`` commit/abort times (ISO-8601, UTC) in WAL file ``name``, or ``(None, None)``.
+    """``(first, last)`` commit/abort times (ISO-8601, UTC) in WAL file ``name``; None when unknown.
 
     The restore needs them to know which segment holds the first transaction end after a
     target time (a segment's storage time says nothing about its content when the stream
-    catches up). pg_waldump stops with an error at the end of a partial segment: what it
-    printed before that counts.
+    catches up). ``(None, None)``: pg_waldump read the file and found no transaction end.
+    pg_waldump stops with "error in WAL record" at the end of a partial segment: what it
+    printed before that counts; any other failure makes the times unknown (None).
     """
     try:
         done = subprocess.run([waldump, "--rmgr=Transaction", "--path=%s" % directory, name],
                               capture_output=True, timeout=300, check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
-        return None, None
+        return None
+    if done.returncode != 0 and b"error in WAL record" not in done.stderr:
+        return None
     times = _XACT_TIME_RE.findall(done.stdout.decode("utf-8", "replace"))
     if not times:
         return None, None
@@ -308,6 +311,12 @@ class WalState:
         return max(parsed) if parsed else None
 
 
+def _times_stats(times):
+    """Manifest stats of ``xact_times``' answer: the times, and whether they are known at all."""
+    first, last = times if times is not None else (None, None)
+    return {"first_xact_time": first, "last_xact_time": last, "xact_times_known": times is not None}
+
+
 class WalStreamer:
     """Runs pg_receivewal and stores what it writes. ``run()`` returns a result dict."""
 
@@ -414,7 +423,7 @@ class WalStreamer:
             except ConfigError:
                 self._waldump = ""
         if not self._waldump:
-            return None, None
+            return None
         return xact_times(self._waldump, directory, name)
 
     def _read(self, path):
@@ -455,10 +464,10 @@ class WalStreamer:
                 data = self._read(path)
                 if len(data) != size:
                     raise IntegrityError("spool file %s is %d bytes, a segment is %d" % (name, len(data), size))
-                first, last = self._xact_times(self.spool_dir, name)
-                self.state.segments[name] = self._store(name, data, {
-                    "type": "segment", "timeline": tli, "segno": segno, "first_xact_time": first,
-                    "last_xact_time": last, "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno, size))})
+                times = self._xact_times(self.spool_dir, name)
+                self.state.segments[name] = self._store(name, data, dict(_times_stats(times), **{
+                    "type": "segment", "timeline": tli, "segno": segno,
+                    "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno, size))}))
                 self.result["segments_stored"] += 1
                 self.log("stored WAL segment %s" % name)
                 self._drop_partials(name)
@@ -484,10 +493,10 @@ class WalStreamer:
         with tempfile.TemporaryDirectory(prefix="walpart-") as scratch:
             with open(os.path.join(scratch, base), "wb") as copy:
                 copy.write(data)
-            first, last = self._xact_times(scratch, base)
-        manifest = self._store(base, data, {
-            "type": "partial", "timeline": tli, "segno": segno, "first_xact_time": first, "last_xact_time": last,
-            "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno, size))})
+            times = self._xact_times(scratch, base)
+        manifest = self._store(base, data, dict(_times_stats(times), **{
+            "type": "partial", "timeline": tli, "segno": segno,
+            "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno, size))}))
         self._last_partial_hash = digest
         self.state.partials[base] = [manifest]
         self.result["partials_stored"] += 1
