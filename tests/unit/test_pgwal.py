@@ -159,3 +159,10 @@ def test_parse_target():
 
 def test_xact_times_unknown_without_waldump(tmp_path):
     assert xact_times(str(tmp_path / "missing-tool"), str(tmp_path), "000000010000000000000001") is None
+
+
+def test_base_backup_completion_time():
+    precise = {"finished_at": "2026-01-01T10:00:00Z", "stats": {"completed_at": "2026-01-01T10:00:00.700000Z"}}
+    assert pitr._completed(precise) == parse_iso("2026-01-01T10:00:00.7Z")
+    # Without the precise time, the whole-second manifest time is rounded up, never down.
+    assert pitr._completed({"finished_at": "2026-01-01T10:00:00Z", "stats": {}}) == parse_iso("2026-01-01T10:00:01Z")

@@ -98,7 +98,7 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None):
     if not bases:
         raise NotFoundError("job %s has no %s backup" % (job, BASE_KIND))
     if target is not None:
-        usable = [m for m in bases if parse_iso(m["finished_at"]) <= target]
+        usable = [m for m in bases if _completed(m) <= target]
         if not usable:
             raise NotFoundError("job %s has no base backup finished at or before %s (the oldest finished at %s)"
                                 % (job, to_iso_precise(target), bases[-1]["finished_at"]))
@@ -172,6 +172,14 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None):
     plan = RestorePlan(base, wal, target, wal_job, stored_until)
     plan.no_commit_after_target = beyond
     return plan
+
+
+def _completed(base):
+    """When a base backup was complete: ``stats.completed_at``, else its manifest time + 1 s (whole seconds)."""
+    precise = (base.get("stats") or {}).get("completed_at")
+    if precise:
+        return parse_iso(precise)
+    return parse_iso(base["finished_at"]) + datetime.timedelta(seconds=1)
 
 
 def _last_needed(candidates, segments, partials, target):

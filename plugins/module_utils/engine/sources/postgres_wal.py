@@ -163,6 +163,9 @@ class PostgresBaseSource(Source):
             raise SourceError("the base backup started on timeline %d and ended on timeline %s (promotion during "
                               "the backup): take it again" % (timeline, ranges[-1][0]))
         return {
+            # The manifest's times are whole seconds; the restore needs to know whether the
+            # backup was complete before a target within the same second.
+            "completed_at": utc_now().isoformat().replace("+00:00", "Z"),
             "system_identifier": facts["system_identifier"], "server_version": facts["server_version"],
             "server_version_num": facts["server_version_num"], "timeline": timeline, "segment_size": size,
             "start_lsn": start_lsn, "end_lsn": end_lsn,
