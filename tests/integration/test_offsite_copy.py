@@ -86,6 +86,12 @@ def test_copy_verify_restore_repair(locations, tmp_path):
     assert first["ok"] and [item["id"] for item in first["copied"]] == ids
     assert first["bytes_copied"] == sum(m["size_bytes"] for m, dummy in made)
     assert first["lag_seconds"] == 0
+    index = "%s/index.json" % JOB
+    good_index = destination.get_bytes(index)
+    destination.put_bytes(index, b"damaged")
+    offsite.copy_backups(source, destination, JOB, check_mode=True)
+    assert destination.get_bytes(index) == b"damaged"  # check mode writes nothing, not even the cache
+    destination.put_bytes(index, good_index)
     assert sorted(listed(destination)) == sorted(ids)
     copied = Catalog(destination).get(JOB, ids[-1])
     assert copied["copied_from"]["storage"] == source.describe()

@@ -260,6 +260,8 @@ class Copier:
 
     def run(self, selector="all", check_mode=False, now=None):
         """Copy (or, in check mode, plan) and return the outcome; see module docstring."""
+        # Check mode writes nothing, not even the destination's catalog index (a cache).
+        self.destination_catalog.repair_index = not check_mode
         plan = self.plan(selector, now)
         steps = plan["steps"]
         outcome = {"job": self.job, "source": self.source.describe(),
