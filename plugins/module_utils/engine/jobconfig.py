@@ -337,9 +337,8 @@ class JobConfig:
             raise ConfigError("%s: %s: %s" % (self.where, section, exc)) from None
 
     def _check_schedule(self):
-        if not isinstance(self.schedule, str) or len(self.schedule.split()) not in (5, 6):
-            raise ConfigError("%s: schedule must be a cron expression such as '0 2 * * *', got %r"
-                              % (self.where, self.schedule))
+        from .cron import check_schedule  # exactly what a Kubernetes CronJob accepts
+        check_schedule(self.schedule, "%s: schedule" % self.where)
         from .metrics import schedule_interval_seconds
         try:
             schedule_interval_seconds(self.schedule)

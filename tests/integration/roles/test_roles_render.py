@@ -225,6 +225,34 @@ def test_a_job_file_the_runner_would_refuse_fails_the_render_before_anything_is_
     assert list(out.iterdir()) == []
 
 
+def test_kubernetes_macros_and_the_runners_compression_default(tmp_path):
+    # @daily is a schedule Kubernetes runs (the roles used to want five fields); without an
+    # algorithm in the values the job file leaves compression to the runner: zstd, level 3.
+    values = seed_values(**{"backup.schedule.postgres": "@daily", "backup.compression.algorithm": None})
+    run = run_site(values, tmp_path, {"render_dir": str(tmp_path)})
+    assert run.returncode == 0, run
+    manifests = load_rendered(tmp_path)
+    assert manifests[("CronJob", "biometrics", "postgres-backup")]["spec"]["schedule"] == "@daily"
+    for (kind, _namespace, name), manifest in manifests.items():
+        if kind == "ConfigMap" and "job.yaml" in manifest["data"]:
+            config = yaml.safe_load(manifest["data"]["job.yaml"])
+            assert config["compression"] == {}, name
+            assert JobConfig(config).compression == {"algorithm": "zstd", "level": 3, "threads": -1}, name
+
+
+@pytest.mark.parametrize("schedule, reason", [
+    ("0 0 2 * * *", "got 6 field(s)"),
+    ("CRON_TZ=Europe/Berlin 0 2 * * *", "TZ= and CRON_TZ= are not allowed"),
+])
+def test_a_schedule_kubernetes_refuses_fails_before_anything_is_written(tmp_path, schedule, reason):
+    out = tmp_path / "out"
+    out.mkdir()
+    run = run_site(seed_values(**{"backup.schedule.redis": schedule}), tmp_path, {"render_dir": str(out)})
+    assert run.returncode != 0
+    assert "values: backup.schedule.redis: " in run.output and reason in run.output, run
+    assert list(out.iterdir()) == []
+
+
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 HARDENED = {
     "backup.image": {"repository": "registry.example.com:5000/backup-runner", "tag": "0.1.0", "digest": DIGEST},
