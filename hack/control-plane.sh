@@ -56,6 +56,9 @@ CONTROLLERS=(
   garbage-collector-controller
   job-controller
   cronjob-controller
+  # Deployments (the PostgreSQL WAL stream, biometrics.backup.postgres_wal) and their ReplicaSets.
+  deployment-controller
+  replicaset-controller
   clusterrole-aggregation-controller
   # PVCs and PVs carry protection finalizers (admission adds them); without these two
   # controllers a namespace holding a PVC never finishes deleting.
