@@ -52,7 +52,12 @@ options:
       - Defaults to C(latest) unless O(point_in_time) is given.
     type: str
   point_in_time:
-    description: Restore the newest complete backup that finished at or before this ISO-8601 time.
+    description:
+      - Restore the newest complete backup that finished at or before this ISO-8601 time.
+      - With O(kind=postgres_base), PostgreSQL point-in-time recovery - the base backup and the stored WAL
+        replayed to exactly this time (or C(latest), the default), then the C(database) of O(target) copied into
+        its C(restore_database), or the whole data directory left at its C(data_dir). See
+        C(docs/postgres-pitr.md).
     type: str
   kind:
     description: The kind the target restores; when given, it must match the chosen backup's kind.
@@ -62,7 +67,8 @@ options:
       - Target options of the backup's kind. C(postgres) - C(host), C(port), C(user), C(password),
         C(database), C(restore_database), C(swap), C(drop_old), C(restore_globals); C(redis) - C(host),
         C(port), C(password), C(flush), C(replace), C(db_map); C(files) - C(path), C(subpath),
-        C(overwrite), C(ownership); C(config_git) - C(path), C(overwrite). See C(docs/formats.md).
+        C(overwrite), C(ownership); C(config_git) - C(path), C(overwrite); C(postgres_base) - the C(postgres)
+        fields plus C(data_dir), C(scratch_dir), C(run_as), C(recovery_timeout). See C(docs/formats.md).
       - Values of secret fields (C(password), ...) are hidden from the output.
     type: dict
     required: true
@@ -177,6 +183,9 @@ from ansible_collections.biometrics.backup.plugins.module_utils.adapter import (
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import (
     open_location, reading_keys, resolved, text_of)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import pitr
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.pitr_runner import TARGET_SCHEMA
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.restore import restore
 
@@ -196,6 +205,8 @@ def main():
         supports_check_mode=True,
     )
     params = module.params
+    if params["kind"] == "postgres_base":
+        _point_in_time(module)
     with engine_errors(module, changed=False):
         if params["kind"]:
             # An unknown kind or a wrong target field fails before a secret or storage is read.
@@ -219,6 +230,34 @@ def main():
         result["diff"] = dict(before_header="target", after_header="backup %s" % report["backup_id"],
                               before=text_of(report["target"]),
                               after=text_of(dict(report["target"], restored_from=manifest_stats)))
+    module.exit_json(**result)
+
+
+def _point_in_time(module):
+    """PostgreSQL point-in-time recovery (engine/pitr.py): base backup + WAL to a time, then a database copy."""
+    params = module.params
+    with engine_errors(module, changed=False):
+        if params["backup"]:
+            raise ConfigError("kind postgres_base restores to point_in_time (a time or latest), not to a backup")
+        TARGET_SCHEMA.validate(drop_none(params["target"]), "target")
+        options = TARGET_SCHEMA.validate(resolved(module, "target"), "target")
+        where = {key: options.pop(key) for key in ("data_dir", "scratch_dir", "run_as", "recovery_timeout")
+                 if key in options}
+        storage = open_location(module)
+        identity, passphrase = reading_keys(module)
+        target = None if "data_dir" in where else PostgresTarget(options)
+        report = pitr.restore_point_in_time(
+            storage, params["job"], params["point_in_time"] or pitr.LATEST, identity=identity, passphrase=passphrase,
+            target=target, database=options.get("database") or options.get("dbname"),
+            data_dir=where.get("data_dir"), scratch_dir=where.get("scratch_dir"), bin_dir=options.get("bin_dir"),
+            run_as=where.get("run_as"), user=options.get("user") or "postgres",
+            timeout=where.get("recovery_timeout", 3600), check_mode=module.check_mode)
+    result = dict(report)
+    result["changed"] = True if module.check_mode else bool(report["changed"])
+    if module._diff:
+        result["diff"] = dict(before_header="target", after_header="recovered to %s" % report["plan"]["target_time"],
+                              before=text_of(target.describe() if target else {"data_dir": where.get("data_dir")}),
+                              after=text_of(dict(report["plan"], recovered_to=report.get("recovered_to"))))
     module.exit_json(**result)
 
 

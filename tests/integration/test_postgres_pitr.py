@@ -411,3 +411,49 @@ def test_wal_stored_without_transaction_times_still_stops_at_the_target(pg, tmp_
                                         scratch_dir=scratch)
     assert _batches(pg, "enrol_notimes") == {1: 50}
     assert report["target_reached"] is True
+
+
+def test_backup_restore_module_point_in_time(pg, tmp_path, scratch):
+    """backup_restore with kind postgres_base: check mode plans, then the database comes back as of the time."""
+    import contextlib
+    import importlib
+    import io
+    from ansible.module_utils.testing import patch_module_args
+    storage_option = {"backend": "filesystem", "path": str(tmp_path / "store")}
+    storage = open_storage(storage_option)
+    streamer = _streamer(pg, storage, tmp_path / "spool", slot="module_slot")
+    streamer.prepare()
+    _base_backup(pg, storage)
+    first = _insert(pg, 1)
+    time.sleep(0.3)
+    _insert(pg, 2)
+    streamer.run(end_lsn=_lsn(pg))
+    module = importlib.import_module("ansible_collections.biometrics.backup.plugins.modules.backup_restore")
+
+    def call(check_mode=False, **extra):
+        args = dict({"job": JOB, "kind": "postgres_base", "storage": storage_option,
+                     "point_in_time": (first + datetime.timedelta(milliseconds=100)).isoformat(),
+                     "target": _options(pg, database=DB, restore_database="enrol_module", scratch_dir=scratch)},
+                    **extra)
+        if check_mode:
+            args["_ansible_check_mode"] = True
+        out = io.StringIO()
+        with patch_module_args(args), contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            module.main()
+        return json.loads(out.getvalue())
+
+    plan = call(check_mode=True)
+    assert not plan.get("failed"), plan
+    assert plan["changed"] is True and plan["target"]["would_create"] == "enrol_module"
+    assert "enrol_module" not in _databases(pg)
+    result = call()
+    assert not result.get("failed"), result
+    assert result["target_reached"] is True and result["recovered_to"]["lsn"]
+    assert _batches(pg, "enrol_module") == {1: 50}
+    refused = call(backup="latest", point_in_time=None)
+    assert refused["failed"] and "point_in_time" in refused["msg"]
+
+
+def _databases(server):
+    with server.connect() as conn:
+        return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
