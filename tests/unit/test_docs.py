@@ -127,11 +127,13 @@ def test_migration_page_names_every_values_key_the_deploy_role_reads():
         first, rest = (dotted.split(".", 1) + [""])[:2]
         return aliases[first] + rest
 
-    pattern = r"\b(%s)\.([A-Za-z]\w*(?:\.[A-Za-z]\w*)*)" % "|".join(sorted(aliases, key=len, reverse=True))
+    # A trailing method call (`.items()`) is not a key: the lookahead drops it.
+    pattern = r"\b(%s)\.([A-Za-z]\w*(?:\.[A-Za-z]\w*)*)(?![\w(])" % "|".join(
+        sorted(aliases, key=len, reverse=True))
     read = {expand("%s.%s" % match) for match in re.findall(pattern, template)}
     # `(backup.pvc | default({})).veleroNamespace`
     read |= {expand(section) + "." + key
-             for section, key in re.findall(r"\(([\w.]+) \| default\(\{\}\)\)\.(\w+)", template)}
+             for section, key in re.findall(r"\(([\w.]+) \| default\(\{\}\)\)\.(\w+)(?![\w(])", template)}
     leaves = {key for key in read if not any(other.startswith(key + ".") for other in read)}
     assert len(leaves) > 30, sorted(leaves)
     assert {"storage.s3.endpoint", "backup.retention.days", "backup.pvc.veleroNamespace"} <= leaves
