@@ -17,6 +17,7 @@ would do in a real cluster.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -118,10 +119,18 @@ def _wait(predicate, timeout, what, interval=0.5):
         time.sleep(interval)
 
 
+# A runner log line (stderr): "2026-12-04T21:07:23Z INFO drill redis-backup: ...".
+RUNNER_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ [A-Z]+ ")
+
+
 def result_of(log_text):
     """The runner's JSON result: the last pretty-printed document in the log, from a line "{"
-    or "[" to the matching closing line at column 0 (log lines may follow it)."""
-    lines = log_text.splitlines()
+    or "[" to the matching closing line at column 0 (log lines may follow it).
+
+    The container log interleaves stdout and stderr in the order the runtime read them, so
+    log lines can land inside the document: they are dropped first (no JSON line starts
+    with a timestamp)."""
+    lines = [line for line in log_text.splitlines() if not RUNNER_LOG_LINE.match(line)]
     closing = {"{": "}", "[": "]"}
     for start in range(len(lines) - 1, -1, -1):
         if lines[start] not in closing:
