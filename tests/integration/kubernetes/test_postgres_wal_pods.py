@@ -27,6 +27,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog i
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import parse_iso
 from kube_fixtures import REPO_ROOT, wait_for
+from modules_helpers import ansible_playbook
 from pod_jobs import create_seed_inputs, run_cronjob_now
 from servers import server_dir, start_postgres, start_s3, start_with_port_retry, stop_s3
 
@@ -260,10 +261,14 @@ def test_wal_stream_pod_base_backup_and_point_in_time_restore(
         assert s3.secret_key not in log["text"]
         assert TIMES["delete -> pod gone"] < 60  # stopped by itself, not killed at the grace period's end
 
-        job["restore"]["target"]["restore_database"] = "enrol_latest"
-        config.write_text(yaml.safe_dump(job))
-        done = _runner(config, "restore", "--point-in-time", "latest")
-        assert done.returncode == 0, done.stderr[-3000:]
+        # latest through the module, as a playbook runs it: the stored WAL replayed to its end.
+        proc, results = ansible_playbook(tmp_path, [{"name": "restore latest", "biometrics.backup.backup_restore": {
+            "job": NAME, "kind": "postgres_base", "point_in_time": "latest", "storage": storage_config,
+            "encryption": {"identity_file": str(identity_file)},
+            "target": dict(job["restore"]["target"], restore_database="enrol_latest")}}])
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert s3.secret_key not in proc.stdout
+        assert results["restore latest"]["recovered_to"]["lsn"]
         # Batch 3 reached storage only through the copy the pod stored as it stopped (or one
         # periodic copy in the second before): either way the stream lost nothing on SIGTERM.
         assert _batches(postgres, "enrol_latest") == {1: 40, 2: 40, 3: 40}, log["text"][-3000:]
