@@ -1,0 +1,230 @@
+"""The offsite copy's CronJob rendered by biometrics.backup.job (issue 18, roles).
+
+Render-only mode (job_render_dir) through ansible-playbook: the storage role, two Redis jobs
+(one with a copy, one without) and, in a second play, a filesystem copy for every job with
+retention.require_copy and the retention role. The copy itself runs in the engine's tests
+(tests/integration/test_offsite_copy*.py); here: what the roles hand to the pod.
+"""
+
+import os
+import subprocess
+
+import pytest
+import yaml
+from kubernetes_validate import validate as validate_manifest
+
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import JobConfig
+
+from .playbook import PlaybookRun, load_rendered
+
+KUBERNETES_VERSION = "1.34"
+NAMESPACE = "offsite"
+S3_COPY = {"schedule": "30 4 * * *",
+           "destination": {"backend": "s3", "bucket": "biometrics-offsite", "endpoint_url": "https://s3.site-b.example",
+                           "region": "eu-north-1", "prefix": "biometrics"},
+           "credentials_secret": "offsite-s3", "recheck": "full",
+           "retention": {"keep_monthly": 12, "keep_yearly": 7, "min_keep": 2}}
+FS_COPY = {"schedule": "45 4 * * *", "destination": {"backend": "filesystem", "path": "/mnt/offsite"},
+           "claim": "offsite-archive", "backup": "latest"}
+SECRETS_ROOT = "/etc/biometrics-backup/secrets/"
+
+
+def _play(tmp_path, jobs=("redis-backup", "redis-cache"), retention=False, args=(), **job_vars):
+    out = tmp_path / "out"
+    playbook = tmp_path / ("play-%d.yml" % len(list(tmp_path.glob("play-*.yml"))))
+    tasks = [{"name": "Storage", "ansible.builtin.include_role": {"name": "biometrics.backup.storage"},
+              "vars": {"storage_namespace": NAMESPACE, "storage_backend": "s3", "storage_s3_bucket": "backups",
+                       "storage_s3_endpoint": "http://s3.example.com:8333", "storage_render_dir": str(out)}}]
+    for name in jobs:
+        tasks.append({"name": "Redis job " + name, "ansible.builtin.include_role": {"name": "biometrics.backup.redis"},
+                      "vars": {"redis_name": name, "redis_host": name + ".cache.svc",
+                               "redis_password_secret": {"name": name + "-auth"}}})
+    if retention:
+        tasks.append({"name": "Retention", "ansible.builtin.include_role": {"name": "biometrics.backup.retention"}})
+    playbook.write_text(yaml.safe_dump([{
+        "name": "Offsite copy", "hosts": "localhost", "connection": "local", "gather_facts": False,
+        "vars": dict({"job_namespace": NAMESPACE, "job_render_dir": str(out)}, **job_vars), "tasks": tasks}]))
+    process = subprocess.run(["ansible-playbook", str(playbook), *args], capture_output=True, text=True,
+                             env=dict(os.environ, ANSIBLE_NOCOLOR="1"), timeout=600, check=False)
+    return PlaybookRun(process), out
+
+
+def _pod(cronjob):
+    return cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def _job_file(manifests, job):
+    return yaml.safe_load(manifests[("ConfigMap", NAMESPACE, job + "-config")]["data"]["job.yaml"])
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("copy-render")
+    job_vars = {"job_copy_by_job": {"redis-backup": S3_COPY}}
+    first, out = _play(tmp, **job_vars)
+    assert first.returncode == 0, first
+    second = _play(tmp, **job_vars)[0]
+    assert second.returncode == 0, second
+    manifests = load_rendered(out)
+    return {"first": first, "second": second, "manifests": manifests, "dir": out,
+            "copy": manifests[("CronJob", NAMESPACE, "redis-backup-copy")],
+            "backup": manifests[("CronJob", NAMESPACE, "redis-backup")],
+            "config": _job_file(manifests, "redis-backup")}
+
+
+@pytest.fixture(scope="module")
+def required(tmp_path_factory):
+    """Every job copied to a filesystem claim, retention.require_copy, and the retention job."""
+    tmp = tmp_path_factory.mktemp("copy-required")
+    run, out = _play(tmp, retention=True, job_copy=FS_COPY,
+                     job_retention={"keep_daily": 7, "require_copy": True})
+    assert run.returncode == 0, run
+    return load_rendered(out)
+
+
+def test_the_copy_cronjob_exists_only_for_the_job_that_asks_for_it(rendered):
+    names = sorted(name for (kind, _ns, name) in rendered["manifests"] if kind == "CronJob")
+    assert names == ["redis-backup", "redis-backup-copy", "redis-cache"]
+    assert ("ServiceAccount", NAMESPACE, "redis-backup-copy") in rendered["manifests"]
+    # The copy reads the backup job's file: no ConfigMap of its own.
+    assert ("ConfigMap", NAMESPACE, "redis-backup-copy-config") not in rendered["manifests"]
+    assert "copy" not in _job_file(rendered["manifests"], "redis-cache")
+    assert rendered["first"].changed > 0
+    assert rendered["second"].changed == 0, rendered["second"]
+    for manifest in rendered["manifests"].values():
+        validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_copy_cronjob_runs_copy_on_the_backup_jobs_file_on_its_own_schedule(rendered):
+    cronjob = rendered["copy"]
+    assert cronjob["spec"]["schedule"] == "30 4 * * *"
+    assert cronjob["metadata"]["labels"]["app.kubernetes.io/component"] == "copy"
+    assert cronjob["metadata"]["labels"]["backup.biometrics.io/job"] == "redis-backup-copy"
+    pod = _pod(cronjob)
+    assert pod["containers"][0]["args"] == ["copy", "--config", "/etc/biometrics-backup/config/job.yaml"]
+    config_volumes = [volume for volume in pod["volumes"] if "configMap" in volume]
+    assert config_volumes == [{"name": "job-config", "configMap": {"name": "redis-backup-config"}}]
+    mount = [mount for mount in pod["containers"][0]["volumeMounts"] if mount["name"] == "job-config"]
+    assert mount == [{"name": "job-config", "mountPath": "/etc/biometrics-backup/config", "readOnly": True}]
+    # Same image, same job-wide settings as the backup job.
+    assert pod["containers"][0]["image"] == _pod(rendered["backup"])["containers"][0]["image"]
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def test_the_copy_pod_is_restricted(rendered):
+    pod = _pod(rendered["copy"])
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                      "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+    container = pod["containers"][0]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "redis-backup-copy"
+    assert not any("hostPath" in volume for volume in pod["volumes"])
+
+
+def test_the_destination_credentials_are_files_of_the_copy_secret(rendered):
+    pod = _pod(rendered["copy"])
+    container = pod["containers"][0]
+    secrets = {volume["secret"]["secretName"]: volume for volume in pod["volumes"] if "secret" in volume}
+    offsite = secrets["offsite-s3"]
+    assert offsite["secret"]["defaultMode"] == 0o440
+    assert offsite["secret"]["items"] == [{"key": "access_key", "path": "access_key"},
+                                          {"key": "secret_key", "path": "secret_key"}]
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert mounts[offsite["name"]] == {"name": offsite["name"], "mountPath": SECRETS_ROOT + "offsite-s3",
+                                       "readOnly": True}
+    destination = rendered["config"]["copy"]["destination"]
+    assert destination == dict(S3_COPY["destination"], access_key_file=SECRETS_ROOT + "offsite-s3/access_key",
+                               secret_key_file=SECRETS_ROOT + "offsite-s3/secret_key")
+    # The source storage's credentials as every job; the backup job's source password is not there.
+    assert "backup-s3-credentials" in secrets and "redis-backup-auth" not in secrets
+    assert [variable["name"] for variable in container["env"]] == ["HOME"]
+    # And the backup job itself does not get the destination's credentials.
+    backup_secrets = [volume["secret"]["secretName"] for volume in _pod(rendered["backup"])["volumes"]
+                      if "secret" in volume]
+    assert "offsite-s3" not in backup_secrets and "redis-backup-auth" in backup_secrets
+
+
+def test_no_age_identity_reaches_the_copy_pod(rendered):
+    pod = _pod(rendered["copy"])
+    items = [item["key"] for volume in pod["volumes"] if "secret" in volume
+             for item in volume["secret"].get("items", [])]
+    assert "identity" not in items
+    paths = [mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]]
+    assert not any(path.startswith("/etc/biometrics-backup/identity") for path in paths)
+    assert "identity_file" not in rendered["config"]["encryption"]
+
+
+def test_the_job_file_holds_no_secret_value_and_validates_with_the_engine(rendered):
+    config = rendered["config"]
+    job = JobConfig.from_mapping(config)
+    assert job.copy["destination"]["bucket"] == "biometrics-offsite"
+    assert job.copy["recheck"] == "full"
+    assert job.copy_retention["keep_yearly"] == 7 and job.copy_policy is not None
+    for location in (config["storage"], config["copy"]["destination"]):
+        assert not {"access_key", "secret_key", "session_token"} & set(location)
+    # The job file is the runner's own view: the secret fields are file references only.
+    text = rendered["manifests"][("ConfigMap", NAMESPACE, "redis-backup-config")]["data"]["job.yaml"]
+    assert "secret_key:" not in text and "access_key:" not in text
+
+
+def test_require_copy_mounts_the_destination_in_the_retention_job_and_every_job_gets_its_copy(required):
+    copies = sorted(name for (kind, _ns, name) in required if kind == "CronJob" and name.endswith("-copy"))
+    assert copies == ["redis-backup-copy", "redis-cache-copy"]
+    for job in ("redis-backup", "redis-cache"):
+        config = _job_file(required, job)
+        JobConfig.from_mapping(config)
+        assert config["retention"]["require_copy"] is True
+        assert config["copy"] == {"destination": FS_COPY["destination"], "backup": "latest"}
+        pod = _pod(required[("CronJob", NAMESPACE, job + "-copy")])
+        claims = [volume for volume in pod["volumes"] if "persistentVolumeClaim" in volume]
+        assert [volume["persistentVolumeClaim"]["claimName"] for volume in claims] == ["offsite-archive"]
+        mounts = [mount for mount in pod["containers"][0]["volumeMounts"] if mount["name"] == claims[0]["name"]]
+        assert [mount["mountPath"] for mount in mounts] == ["/mnt/offsite"]
+    retention = _pod(required[("CronJob", NAMESPACE, "retention-prune")])
+    args = retention["containers"][0]["args"]
+    # The copies are not pruned as jobs of their own; the backup jobs are.
+    assert args.count("--config") == 2 and not any("-copy/" in arg for arg in args)
+    claims = [volume["persistentVolumeClaim"]["claimName"] for volume in retention["volumes"]
+              if "persistentVolumeClaim" in volume]
+    assert claims == ["offsite-archive"]
+    mounts = [mount["mountPath"] for mount in retention["containers"][0]["volumeMounts"]]
+    assert mounts.count("/mnt/offsite") == 1
+    for manifest in required.values():
+        validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_retention_job_mounts_the_s3_destination_credentials_for_require_copy(tmp_path):
+    run, out = _play(tmp_path, jobs=("redis-backup",), retention=True, job_copy=S3_COPY,
+                     job_retention={"keep_daily": 7, "require_copy": True})
+    assert run.returncode == 0, run
+    retention = _pod(load_rendered(out)[("CronJob", NAMESPACE, "retention-prune")])
+    secrets = {volume["secret"]["secretName"]: volume for volume in retention["volumes"] if "secret" in volume}
+    assert secrets["offsite-s3"]["secret"]["items"] == [{"key": "access_key", "path": "access_key"},
+                                                        {"key": "secret_key", "path": "secret_key"}]
+
+
+@pytest.mark.parametrize("job_vars,message", [
+    ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, schedule="nightly")}}, "the offsite copy is invalid"),
+    ({"job_copy_by_job": {"redis-backup": {key: value for key, value in S3_COPY.items() if key != "schedule"}}},
+     "It needs `schedule`"),
+    ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, credentials_secret="")}}, "credentials_secret"),
+    ({"job_copy_by_job": {"redis-backup": dict(FS_COPY, claim="")}}, "`claim`"),
+    # A literal credential in the destination: refused, and its value never printed.
+    ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, destination=dict(S3_COPY["destination"],
+                                                                           secret_key="sEcReT-vAlUe-0451"))}},
+     "without credentials"),
+    # The engine's own check of the job file (checked_job_file) covers the copy section.
+    ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, recheck="sometimes")}}, "copy.recheck"),
+    ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, retention={"keep_forever": 1})}}, "copy.retention"),
+    ({"job_retention": {"keep_daily": 7, "require_copy": True}}, "retention.require_copy keeps what"),
+])
+def test_bad_copy_settings_fail_before_anything_is_written(tmp_path, job_vars, message):
+    run, out = _play(tmp_path, jobs=("redis-backup",), **job_vars)
+    assert run.returncode != 0
+    assert message in run.output, run
+    assert "Traceback" not in run.output
+    assert "sEcReT-vAlUe-0451" not in run.output
+    assert not list(out.glob("redis-backup*.yaml"))
