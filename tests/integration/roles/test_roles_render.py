@@ -7,7 +7,7 @@ from kubernetes_validate import validate as validate_manifest
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import JobConfig
 
-from .playbook import load_rendered, run_site, seed_values
+from .playbook import REPO_ROOT, load_rendered, run_site, seed_values
 
 KUBERNETES_VERSION = "1.34"
 SEED_CRONJOBS = {
@@ -37,6 +37,39 @@ def rendered(tmp_path_factory):
 def test_second_render_changes_nothing(rendered):
     assert rendered["first"].changed > 0
     assert rendered["second"].changed == 0, rendered["second"]
+
+
+# Every object the seed's values render (render-only mode writes no Secret and no storage object
+# for S3), by kind, namespace and name: a job gained or lost in a refactoring of the roles fails.
+SEED_JOBS = ("postgres-backup", "redis-backup", "directory-sync-backup", "config-backup", "incremental-backup",
+             "k8s-resources-backup", "biometrics-data-backup", "postgres-backup-drill", "redis-backup-drill",
+             "incremental-backup-drill")
+SEED_OBJECTS = (
+    {(kind, "biometrics", job) for job in SEED_JOBS for kind in ("CronJob", "ServiceAccount")}
+    | {("ConfigMap", "biometrics", job + "-config") for job in SEED_JOBS}
+    | {("CronJob", "biometrics", "retention-prune"), ("ServiceAccount", "biometrics", "retention-prune")}
+    | {(kind, "biometrics", "k8s-resources-backup") for kind in ("Role", "RoleBinding")}
+    | {(kind, "velero", "biometrics-data-backup") for kind in ("Role", "RoleBinding")})
+
+
+def test_the_seed_renders_exactly_its_objects(rendered):
+    assert set(rendered["manifests"]) == SEED_OBJECTS
+    assert {path.name for path in rendered["dir"].iterdir() if not path.name.startswith("values-")} == (
+        {job + ".yaml" for job in SEED_JOBS + ("retention-prune",)}
+        | {"biometrics-backup.rules.yml", "prometheusrule.yml", "dashboard-configmap.yml"})
+
+
+def test_stale_job_removal_covers_every_kind_a_job_renders(rendered, hardened):
+    # The deploy role removes a job that left the values by these kinds; a kind the job role
+    # renders and the table lacks would stay behind in the cluster.
+    table = yaml.safe_load((REPO_ROOT / "roles" / "deploy" / "vars" / "main.yml").read_text())["deploy_job_object_kinds"]
+    removed = {(entry["api_version"], entry["kind"]) for entry in table}
+    rendered_kinds = {(manifest["apiVersion"], manifest["kind"])
+                      for manifests in (rendered["manifests"], hardened)
+                      for manifest in manifests.values()
+                      if "backup.biometrics.io/job" in manifest["metadata"].get("labels", {})}
+    assert rendered_kinds == removed
+    assert {entry["kind"] for entry in table if entry.get("rbac")} == {"Role", "RoleBinding"}
 
 
 def test_every_manifest_validates_against_the_kubernetes_schema(rendered):
