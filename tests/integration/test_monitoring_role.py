@@ -26,7 +26,7 @@ PROMTOOL_TESTS = os.path.join(REPO_ROOT, "tests", "promtool")
 RULES_FILE = "biometrics-backup.rules.yml"
 DEFAULT_ALERTS = ["BackupFailed", "BackupJobFailing", "BackupSizeAnomaly", "BackupVerificationFailed",
                   "BackupNotVerified", "BackupNotVerified", "RestoreDrillFailed", "RetentionNotRunning",
-                  "RetentionNotRunning"]
+                  "RetentionNotRunning", "BackupCopyLagging", "BackupCopyFailing"]
 
 PLAYBOOK = """\
 - name: biometrics.backup.monitoring under test
@@ -125,9 +125,10 @@ def test_rendered_rules_file_passes_promtool_check_and_the_alert_unit_tests(tmp_
     rules = yaml.safe_load(rules_path.read_text())
     assert [rule["alert"] for group in rules["groups"] for rule in group["rules"]] == DEFAULT_ALERTS
     # firing and non-firing cases of every alert, on exactly this file
-    promtool_unit_tests(out, "alerts-minutes.test.yml", "alerts-hours.test.yml")
+    promtool_unit_tests(out, "alerts-minutes.test.yml", "alerts-hours.test.yml", "alerts-copy.test.yml")
     assert stats(output)["failures"] == 0
-    assert sorted(os.listdir(out)) == sorted(["alerts-hours.test.yml", "alerts-minutes.test.yml", RULES_FILE,
+    assert sorted(os.listdir(out)) == sorted(["alerts-hours.test.yml", "alerts-minutes.test.yml",
+                                              "alerts-copy.test.yml", RULES_FILE,
                                               "dashboard-configmap.yml", "prometheusrule.yml"])
     # the dashboard the role ships counts the jobs this rules file's BackupJobFailing fires for
     configmap = yaml.safe_load((out / "dashboard-configmap.yml").read_text())
@@ -146,6 +147,25 @@ def test_promtool_unit_tests_catch_a_wrong_threshold(tmp_path):
     assert result.returncode != 0
     assert "FAILED" in report and "alertname: BackupSizeAnomaly" in report
     assert "alertname: BackupFailed" not in report
+
+
+def test_the_copy_lag_factor_moves_the_copy_alert_and_its_unit_tests_notice(tmp_path):
+    """3 intervals instead of 2: a lag of 3 h on an hourly job no longer fires, a stalled copy later."""
+    out, _output = render(tmp_path, {"monitoring_copy_lag_factor": 3})
+    rules = yaml.safe_load((out / RULES_FILE).read_text())
+    (lagging,) = [rule for rule in rules["groups"][0]["rules"] if rule["alert"] == "BackupCopyLagging"]
+    assert "3.0 * backup_schedule_interval_seconds" in lagging["expr"]
+    shutil.copy(os.path.join(PROMTOOL_TESTS, "alerts-copy.test.yml"), out)
+    result = promtool("test", "rules", "alerts-copy.test.yml", cwd=str(out))
+    report = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "alertname: BackupCopyLagging, time: 6h" in report and "alertname: BackupCopyFailing" not in report
+
+
+def test_the_copy_alerts_can_be_disabled(tmp_path):
+    out, _output = render(tmp_path, {"monitoring_alerts_disabled": ["BackupCopyLagging", "BackupCopyFailing"]})
+    rules = yaml.safe_load((out / RULES_FILE).read_text())
+    assert [rule["alert"] for rule in rules["groups"][0]["rules"]] == DEFAULT_ALERTS[:-2]
 
 
 def test_prometheusrule_carries_exactly_the_rules_file(tmp_path):

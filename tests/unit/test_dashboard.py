@@ -135,6 +135,20 @@ def test_dashboard_covers_success_size_duration_verification_and_drills():
             "backup_last_verified_timestamp_seconds", "backup_restore_drill_duration_seconds"} <= used
 
 
+def test_dashboard_shows_the_four_offsite_copy_metrics_and_the_copy_failing_selection():
+    dashboard = load_dashboard()
+    used = set()
+    for _title, expr in panel_exprs(dashboard):
+        used |= metric_names_in(expr)
+    assert {"backup_copy_last_success_timestamp_seconds", "backup_copy_last_failure_timestamp_seconds",
+            "backup_copy_lag_seconds", "backup_copy_bytes"} <= used
+    # The failing-copies panel counts exactly what the alert BackupCopyFailing selects.
+    (failing,) = [expr for title, expr in panel_exprs(dashboard) if title == "Offsite copies whose last run failed"]
+    (alert,) = [expr for name, expr in alert_exprs() if name == "BackupCopyFailing"]
+    counted = " ".join(re.sub(r"\{[^}]*\}", "", failing).split())
+    assert counted == "count(%s) or vector(0)" % " ".join(alert.split())
+
+
 def test_template_variables_use_engine_metrics_and_panels_use_the_datasource_variable():
     dashboard = load_dashboard()
     variables = {item["name"]: item for item in dashboard["templating"]["list"]}
