@@ -27,6 +27,7 @@ S3_COPY = {"schedule": "30 4 * * *",
 FS_COPY = {"schedule": "45 4 * * *", "destination": {"backend": "filesystem", "path": "/mnt/offsite"},
            "claim": "offsite-archive", "backup": "latest"}
 SECRETS_ROOT = "/etc/biometrics-backup/secrets/"
+LEAKED = "sEcReT-vAlUe-0451"
 
 
 def _play(tmp_path, jobs=("redis-backup", "redis-cache"), retention=False, args=(), **job_vars):
@@ -213,8 +214,7 @@ def test_the_retention_job_mounts_the_s3_destination_credentials_for_require_cop
     ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, credentials_secret="")}}, "credentials_secret"),
     ({"job_copy_by_job": {"redis-backup": dict(FS_COPY, claim="")}}, "`claim`"),
     # A literal credential in the destination: refused, and its value never printed.
-    ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, destination=dict(S3_COPY["destination"],
-                                                                           secret_key="sEcReT-vAlUe-0451"))}},
+    ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, destination=dict(S3_COPY["destination"], secret_key=LEAKED))}},
      "without credentials"),
     # The engine's own check of the job file (checked_job_file) covers the copy section.
     ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, recheck="sometimes")}}, "copy.recheck"),
@@ -226,5 +226,5 @@ def test_bad_copy_settings_fail_before_anything_is_written(tmp_path, job_vars, m
     assert run.returncode != 0
     assert message in run.output, run
     assert "Traceback" not in run.output
-    assert "sEcReT-vAlUe-0451" not in run.output
+    assert LEAKED not in run.output
     assert not list(out.glob("redis-backup*.yaml"))
