@@ -7,16 +7,12 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.biometrics.backup.plugins.doc_fragments.storage import ModuleDocFragment as _Storage
-
-# The destination takes exactly the storage option's fields: its documentation is the
-# storage fragment's, under another name and description, so the two cannot drift apart.
-_TYPE_LINES = "    type: dict\n    required: true\n"
-_STORAGE_FIELDS = _Storage.DOCUMENTATION.split(_TYPE_LINES, 1)[1]
-
 
 class ModuleDocFragment:
-    """backup_copy's ``destination`` option: a second location with the ``storage`` fields."""
+    """backup_copy's ``destination`` and backup_prune's ``require_copy``: a second location
+    with exactly the ``storage`` fields. ansible-test reads fragments as literal strings, so
+    the fields are written out here; tests/unit/test_doc_fragments_copy.py fails when they
+    drift from the storage fragment's."""
 
     DOCUMENTATION = r"""
 options:
@@ -26,7 +22,74 @@ options:
         (another S3 endpoint, bucket or region, or a C(filesystem)/C(nfs) directory such as a mounted PVC).
       - Credentials may be given as values (hidden from output), or as C(access_key_file) and
         C(secret_key_file) (files holding them).
-""" + _TYPE_LINES + _STORAGE_FIELDS.replace("O(storage.", "O(destination.")
+    type: dict
+    required: true
+    suboptions:
+      backend:
+        description: C(filesystem) (a directory, such as a mounted PVC), C(nfs) (a directory on an NFS mount) or C(s3).
+        type: str
+        default: filesystem
+        choices: [filesystem, s3, nfs]
+      path:
+        description: Absolute directory of the C(filesystem) and C(nfs) backends.
+        type: path
+      bucket:
+        description: Bucket of the C(s3) backend.
+        type: str
+      prefix:
+        description: Key prefix (C(s3)) or subdirectory (C(filesystem), C(nfs)) below which the jobs live.
+        type: str
+        default: ""
+      endpoint_url:
+        description: URL of an S3-compatible server (SeaweedFS, MinIO, Ceph RGW); omit for AWS.
+        type: str
+        aliases: [endpoint]
+      region:
+        description: S3 region.
+        type: str
+      access_key:
+        description: S3 access key id.
+        type: str
+      secret_key:
+        description: S3 secret access key.
+        type: str
+      access_key_file:
+        description: File holding the S3 access key id (for example a mounted Secret).
+        type: path
+      secret_key_file:
+        description: File holding the S3 secret access key.
+        type: path
+      session_token:
+        description: S3 session token for temporary credentials.
+        type: str
+      path_style:
+        description: Path-style addressing; by default on when O(destination.endpoint_url) is set.
+        type: bool
+      verify_tls:
+        description: Verify the S3 server's TLS certificate.
+        type: bool
+        default: true
+      server_side_encryption:
+        description: Ask S3 to encrypt the stored objects at rest (in addition to age encryption).
+        type: str
+        choices: [AES256, "aws:kms"]
+      sse_kms_key_id:
+        description: KMS key id for O(destination.server_side_encryption=aws:kms).
+        type: str
+      part_size:
+        description:
+          - Size in bytes of the first parts of an S3 multipart upload, from 5 MiB to 5 GiB (default 16 MiB).
+          - The part size doubles every 625 parts up to 1 GiB, so that a stream of any size up to S3's 5 TiB object
+            limit fits in its 10,000 parts; the memory an upload holds is three times the current part size.
+        type: int
+      max_attempts:
+        description:
+          - Attempts per S3 request, the first one included. Between attempts the client waits
+            an exponentially growing, jittered delay; throttling, 5xx answers and broken
+            connections are retried, refusals such as a wrong key are not.
+          - Defaults to 5.
+        type: int
+"""
 
     # backup_prune's require_copy: the same fields, where the copies are looked for.
     REQUIRE_COPY = r"""
@@ -38,4 +101,70 @@ options:
         parents of its incremental chain.
       - Credentials may be given as values (hidden from output), or as C(access_key_file) and
         C(secret_key_file) (files holding them).
-""" + "    type: dict\n" + _STORAGE_FIELDS.replace("O(storage.", "O(require_copy.")
+    type: dict
+    suboptions:
+      backend:
+        description: C(filesystem) (a directory, such as a mounted PVC), C(nfs) (a directory on an NFS mount) or C(s3).
+        type: str
+        default: filesystem
+        choices: [filesystem, s3, nfs]
+      path:
+        description: Absolute directory of the C(filesystem) and C(nfs) backends.
+        type: path
+      bucket:
+        description: Bucket of the C(s3) backend.
+        type: str
+      prefix:
+        description: Key prefix (C(s3)) or subdirectory (C(filesystem), C(nfs)) below which the jobs live.
+        type: str
+        default: ""
+      endpoint_url:
+        description: URL of an S3-compatible server (SeaweedFS, MinIO, Ceph RGW); omit for AWS.
+        type: str
+        aliases: [endpoint]
+      region:
+        description: S3 region.
+        type: str
+      access_key:
+        description: S3 access key id.
+        type: str
+      secret_key:
+        description: S3 secret access key.
+        type: str
+      access_key_file:
+        description: File holding the S3 access key id (for example a mounted Secret).
+        type: path
+      secret_key_file:
+        description: File holding the S3 secret access key.
+        type: path
+      session_token:
+        description: S3 session token for temporary credentials.
+        type: str
+      path_style:
+        description: Path-style addressing; by default on when O(require_copy.endpoint_url) is set.
+        type: bool
+      verify_tls:
+        description: Verify the S3 server's TLS certificate.
+        type: bool
+        default: true
+      server_side_encryption:
+        description: Ask S3 to encrypt the stored objects at rest (in addition to age encryption).
+        type: str
+        choices: [AES256, "aws:kms"]
+      sse_kms_key_id:
+        description: KMS key id for O(require_copy.server_side_encryption=aws:kms).
+        type: str
+      part_size:
+        description:
+          - Size in bytes of the first parts of an S3 multipart upload, from 5 MiB to 5 GiB (default 16 MiB).
+          - The part size doubles every 625 parts up to 1 GiB, so that a stream of any size up to S3's 5 TiB object
+            limit fits in its 10,000 parts; the memory an upload holds is three times the current part size.
+        type: int
+      max_attempts:
+        description:
+          - Attempts per S3 request, the first one included. Between attempts the client waits
+            an exponentially growing, jittered delay; throttling, 5xx answers and broken
+            connections are retried, refusals such as a wrong key are not.
+          - Defaults to 5.
+        type: int
+"""

@@ -238,7 +238,7 @@ def test_every_backup_taken_in_a_pod_is_listed_and_verified(deployment, tmp_path
 
 def test_what_the_pods_backed_up_is_the_real_data(deployment):
     # directory sync: the mirror on the backup-storage claim equals the data claim
-    mirrors = [path for path in deployment.sync_dir.rglob("matcher.ini")]
+    mirrors = list(deployment.sync_dir.rglob("matcher.ini"))
     assert mirrors, "the directory sync wrote nothing to the backup-storage claim"
     mirror = mirrors[0].parent.parent
     assert snapshot(mirror, owners=False, mtimes=False, dir_mtimes=False) == snapshot(
