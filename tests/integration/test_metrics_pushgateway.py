@@ -266,6 +266,8 @@ def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, pro
         m.record_verification(True, now - 7200)
         m.record_drill(True, now - 3600, duration_seconds=95)
         m.record_retention(kept=7, pruned=pruned, finished_at=now)
+        m.record_copy(False, now - 900)   # an older failed copy, then a good one
+        m.record_copy(True, now - 300, lag_seconds=0, bytes_copied=8192)
         m.push(pushgateway_server.url)
         if pruned == 2:
             wait_until(lambda: api(prometheus, "/api/v1/query",
@@ -303,3 +305,9 @@ def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, pro
                 assert 7200 <= got[0] < 7200 + 600
             elif expr.startswith("count("):
                 assert got == [0.0]   # the failure is older than the success
+            elif expr.startswith("backup_copy_bytes"):
+                assert got == [8192.0]
+            elif expr.startswith("backup_copy_lag_seconds"):
+                assert got == [0.0]
+            elif expr.startswith("time() - backup_copy_last_success_timestamp_seconds"):
+                assert 300 <= got[0] < 300 + 600
