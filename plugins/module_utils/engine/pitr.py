@@ -228,29 +228,36 @@ def stage_wal(keys, plan, wal_dir, log):
     os.makedirs(wal_dir, mode=0o700, exist_ok=True)
     total = 0
     for name, manifest, kind in plan.wal:
-        expected = (manifest.get("stats") or {}).get("plain_bytes")
-        stream = keys.open(manifest, _payload(manifest))
-        path = os.path.join(wal_dir, name)
         try:
-            with open(path, "wb") as out:
-                while True:
-                    chunk = stream.read(CHUNK)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-            stream.finish()
+            total += write_verified_wal(keys, manifest, name, os.path.join(wal_dir, name))
         except IntegrityError as exc:
             raise IntegrityError("WAL %s%s (backup %s of job %s) failed verification: %s"
                                  % (name, " (partial copy)" if kind == "partial" else "", manifest["id"],
                                     manifest["job"], exc)) from None
-        finally:
-            stream.close()
-        if expected is not None and stream.plain_bytes != expected:
-            raise IntegrityError("WAL %s decompressed to %d bytes, its manifest says %d"
-                                 % (name, stream.plain_bytes, expected))
-        total += stream.plain_bytes
     log("verified and staged %d WAL files (%d bytes)" % (len(plan.wal), total))
     return total
+
+
+def write_verified_wal(keys, manifest, name, path):
+    """Stored WAL file ``name``, decrypted and decompressed into ``path`` while its stored size
+    and SHA-256 are checked, then its plain size against the manifest; returns that size.
+    Raises IntegrityError when anything disagrees (``path`` is then not to be used)."""
+    expected = (manifest.get("stats") or {}).get("plain_bytes")
+    stream = keys.open(manifest, _payload(manifest))
+    try:
+        with open(path, "wb") as out:
+            while True:
+                chunk = stream.read(CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+        stream.finish()
+    finally:
+        stream.close()
+    if expected is not None and stream.plain_bytes != expected:
+        raise IntegrityError("WAL %s decompressed to %d bytes, its manifest says %d"
+                             % (name, stream.plain_bytes, expected))
+    return stream.plain_bytes
 
 
 def unpack_base(keys, plan, data_dir, log):

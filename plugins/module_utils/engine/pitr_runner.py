@@ -104,7 +104,6 @@ def cmd_wal_stream(config, args, log):
 
 def cmd_wal_fetch(config, args, log):
     """Fetch one WAL file; raises _FetchExit with PostgreSQL's exit-code convention."""
-    from .pipeline import CHUNK
     from .sources.postgres_wal import WalState
     _check_kind(config, "wal-fetch")
     if len(args.files) != 2:
@@ -122,22 +121,13 @@ def cmd_wal_fetch(config, args, log):
             log.info("WAL file %s is not stored in job %s" % (name, wal_job))
             return EXIT_NOT_STORED, {"file": name, "stored": False}
         keys = pitr.Keys(storage, identity, passphrase)
-        stream = keys.open(manifest, pitr._payload(manifest))  # pylint: disable=protected-access
         temporary = "%s.fetching" % path
         try:
-            with open(temporary, "wb") as out:
-                while True:
-                    chunk = stream.read(CHUNK)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-            stream.finish()
+            pitr.write_verified_wal(keys, manifest, name, temporary)
         except BaseException:
             if os.path.exists(temporary):
                 os.remove(temporary)
             raise
-        finally:
-            stream.close()
         os.replace(temporary, path)
         log.info("fetched %s%s from backup %s" % (name, " (partial copy)" if manifest["stats"].get("type") == "partial"
                                                   else "", manifest["id"]))
