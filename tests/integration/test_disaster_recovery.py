@@ -1,19 +1,25 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """docs/disaster-recovery.md, executed: every ``<!-- dr:NAME -->`` block runs unchanged under bash
 (``-e -o pipefail``) on real backups taken by the engine from real PostgreSQL, Redis, file trees
-and git. The blocks call stock tools only (age, zstd, sha256sum, tar, createdb/pg_restore,
-redis-server, git and coreutils); the results are compared with the sources.
+and git, and on a real WAL stream plus base backup (point-in-time recovery). The blocks call
+stock tools only (age, zstd, sha256sum, tar, createdb/pg_restore, pg_ctl, redis-server, git and
+coreutils); the results are compared with the sources.
 """
 
+import datetime
 import os
 import pty
+import pwd
 import re
 import select
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 
+import psycopg
 import pytest
 import redis
 from pyrage import x25519
@@ -23,16 +29,20 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.config_git import ConfigGitSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import PostgresSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import WalState
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.redis import RedisSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 from restore_helpers import tree_state
 
+from .test_postgres_pitr import (  # noqa: F401  pylint: disable=unused-import  # pg is a fixture
+    DB, JOB as PITR_JOB, WAL_JOB as PITR_WAL_JOB, _base_backup, _insert, _lsn, _streamer, pg)
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(REPO, "docs", "disaster-recovery.md")
 BLOCK_RE = re.compile(r"<!-- dr:([a-z0-9-]+) -->\n```sh\n(.*?)```", re.S)
 EXPECTED = {"choose-latest", "choose-before", "check-sha256", "passphrase-key", "postgres", "redis", "files",
-            "config-git"}
+            "config-git", "pitr-unpack", "pitr-fetch-wal", "pitr-recover", "pitr-stop"}
 
 
 def doc_blocks():
@@ -44,13 +54,16 @@ def doc_blocks():
 BLOCKS = doc_blocks()
 
 
-def run_blocks(names, env, cwd, check=True):
-    """Run the named doc blocks, in order, in one bash session (as an operator would paste them)."""
+def run_blocks(names, env, cwd, check=True, user=None):
+    """Run the named doc blocks, in order, in one bash session (as an operator would paste them);
+    ``user`` (a pwd entry) runs them as that account."""
     script = "\n".join(BLOCKS[name] for name in names)
     environ = {"PATH": os.environ["PATH"], "HOME": env.get("HOME", cwd), "LANG": "C.UTF-8"}
     environ.update(env)
+    account = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
     proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=environ,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600, check=False)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600, check=False,
+                          **account)
     if check:
         assert proc.returncode == 0, "blocks %s failed:\n%s\n%s" % (names, proc.stdout[-2000:], proc.stderr[-3000:])
     return proc
@@ -286,3 +299,96 @@ def test_config_git_with_stock_tools(tmp_path, key, git_remote):
     assert head == manifest["stats"]["commit"]
     subdir = manifest["stats"].get("subdir") or "cfg-job"
     assert (restore_dir / subdir / "app.yaml").read_text() == "replicas: 3\n"
+
+
+def _manifest_time(moment):
+    """A time written like the manifests' (UTC, ``Z``), with microseconds."""
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_postgres_point_in_time_with_stock_tools(pg, key):
+    """The PITR walkthrough on a real WAL stream (a segment switch, a stream restart, a partial
+    copy) and base backup: the recovered server holds exactly the batches committed before the
+    target, and a damaged WAL object stops the recovery with the file named."""
+    owner = pwd.getpwuid(os.stat(pg.data_dir).st_uid)  # the account running PostgreSQL: pg_ctl refuses root
+    work = tempfile.mkdtemp(prefix="bb-dr-pitr-")  # short: the private server's socket lives below it
+    recovered = []
+    try:
+        os.chmod(work, 0o755)
+        storage = open_storage({"backend": "filesystem", "path": os.path.join(work, "store")})
+        streamer = _streamer(pg, storage, os.path.join(work, "spool"), key["recipients"])
+        streamer.prepare()
+        _insert(pg, 0)
+        _base_backup(pg, storage, key["recipients"])
+        next_second()  # manifests record whole seconds: the targets lie after the base backup's
+        marks = {}
+        for batch in range(1, 6):
+            time.sleep(0.3)
+            marks[batch] = _insert(pg, batch)
+            if batch == 2:
+                _lsn(pg, switch=True)  # batch 3 on lands in a new segment
+            if batch == 3:
+                streamer.run(end_lsn=_lsn(pg))
+                streamer = _streamer(pg, storage, os.path.join(work, "spool"), key["recipients"])
+        result = streamer.run(end_lsn=_lsn(pg))
+        assert result["gaps"] == [] and result["partials_stored"] >= 1  # batches 4 and 5: a partial copy only
+        with open(key["file"], encoding="utf-8") as handle:
+            identity = handle.read()
+        with open(os.path.join(work, "age-identity.txt"), "w", encoding="utf-8") as handle:
+            handle.write(identity)
+        subprocess.run(["chown", "-R", "%d:%d" % (owner.pw_uid, owner.pw_gid), work], check=True)
+        os.chmod(os.path.join(work, "age-identity.txt"), 0o600)
+        env = {"STORE": os.path.join(work, "store"), "JOB": PITR_JOB, "WAL_JOB": PITR_WAL_JOB,
+               "KEY": os.path.join(work, "age-identity.txt"), "RECOVERY_PORT": "54329",
+               "PATH": pg.bin_dir + os.pathsep + os.environ["PATH"]}
+
+        def recover(name, after, before, check=True):
+            target = _manifest_time(marks[after] + (marks[before] - marks[after]) / 2)
+            recovery_dir = os.path.join(work, name)
+            recovered.append(recovery_dir)
+            run_env = dict(env, TARGET=target, BEFORE=target, RECOVERY_DIR=recovery_dir)
+            done = run_blocks(["choose-before", "check-sha256", "pitr-unpack", "pitr-fetch-wal", "pitr-recover"],
+                              run_env, work, check=False, user=owner)
+            if check and done.returncode != 0:
+                log = os.path.join(recovery_dir, "postgres.log")
+                with open(log, encoding="utf-8") if os.path.exists(log) else open(os.devnull, encoding="utf-8") as handle:
+                    pytest.fail("the walkthrough failed:\n%s\n%s\npostgres.log:\n%s" % (
+                        done.stdout[-2000:], done.stderr[-2000:], handle.read()[-3000:]))
+            return done, run_env
+
+        # Across the segment switch, from completed segments.
+        done, run_env = recover("r1", 2, 3)
+        assert "recovery stopping before commit" in done.stdout
+        assert _recovered_batches(run_env) == {0: 50, 1: 50, 2: 50}
+        run_blocks(["pitr-stop"], run_env, work, user=owner)
+        # After the stream restart, from the partial copy of the segment in progress.
+        done, run_env = recover("r2", 4, 5)
+        assert _recovered_batches(run_env) == {0: 50, 1: 50, 2: 50, 3: 50, 4: 50}
+        run_blocks(["pitr-stop"], run_env, work, user=owner)
+        # One flipped byte in a WAL object the recovery needs: it stops with the file named.
+        state = WalState.load(storage, PITR_WAL_JOB)
+        victim = state.segments[max(state.segments)]
+        obj = victim["objects"][0]
+        path = os.path.join(work, "store", PITR_WAL_JOB, victim["id"], obj["name"])
+        with open(path, "r+b") as handle:
+            handle.seek(obj["size"] // 2)
+            byte = handle.read(1)
+            handle.seek(obj["size"] // 2)
+            handle.write(bytes([byte[0] ^ 0x01]))
+        done, run_env = recover("r3", 4, 5, check=False)
+        assert done.returncode != 0
+        with open(os.path.join(run_env["RECOVERY_DIR"], "postgres.log"), encoding="utf-8") as handle:
+            log = handle.read()
+        assert "fetch-wal: %s: SHA-256 mismatch" % victim["stats"]["file"] in log, log[-3000:]
+    finally:
+        for recovery_dir in recovered:
+            if os.path.exists(os.path.join(recovery_dir, "data", "postmaster.pid")):
+                subprocess.run([os.path.join(pg.bin_dir, "pg_ctl"), "-D", os.path.join(recovery_dir, "data"),
+                                "-m", "immediate", "stop"], user=owner.pw_uid, group=owner.pw_gid, extra_groups=[],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _recovered_batches(env):
+    with psycopg.connect(host=env["RECOVERY_DIR"], port=env["RECOVERY_PORT"], user="postgres", dbname=DB) as conn:
+        return dict(conn.execute("SELECT batch, count(*) FROM enrolments GROUP BY batch ORDER BY batch").fetchall())
