@@ -9,9 +9,13 @@ monitoring role, and the tests check that the alerts fire (and stay quiet) for w
 engine pushed, and that every dashboard query returns the pushed values.
 """
 
+import datetime
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -311,3 +315,138 @@ def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, pro
                 assert got == [0.0]
             elif expr.startswith("time() - backup_copy_last_success_timestamp_seconds"):
                 assert 300 <= got[0] < 300 + 600
+
+
+# -- the WAL stream's metrics (runner wal-stream against a real PostgreSQL 15) -----------------
+
+RUNNER = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def wal_server():
+    from servers import server_dir, start_postgres
+    with server_dir("walmetrics") as base:
+        try:
+            server = start_postgres(base)
+        except ServerStartError as exc:
+            require_or_skip(str(exc))
+        try:
+            yield server
+        finally:
+            server.process.stop()
+
+
+def _write(server, rows=2000, switch=False):
+    with server.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS t (id serial, payload text)")
+        conn.execute("INSERT INTO t (payload) SELECT repeat(md5(g::text), 10) FROM generate_series(1, %s) g" % rows)
+        if switch:
+            conn.execute("SELECT pg_switch_wal()")
+        return conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+
+
+def test_wal_stream_pushes_lag_window_and_gaps_while_it_runs(wal_server, pushgateway_server, tmp_path):
+    """A bounded wal-stream pushes its metrics every report interval; a lost slot sets the gap metrics."""
+    job = unique("walm")
+    wal_job = job + "-wal"
+    heartbeat = tmp_path / "heartbeat"
+    options = {"host": wal_server.host, "port": wal_server.port, "user": "postgres", "bin_dir": wal_server.bin_dir,
+               "slot": "metrics_slot", "spool_dir": str(tmp_path / "spool"), "partial_interval": 1}
+    config = tmp_path / "job.yml"
+    config.write_text(yaml.safe_dump({
+        "job": job, "kind": "postgres_base", "source": options,
+        "storage": {"backend": "filesystem", "path": str(tmp_path / "store")},
+        "metrics": {"pushgateway_url": pushgateway_server.url, "instance": "db1"}}))
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "build", "collections"), BACKUP_HEARTBEAT_FILE=str(heartbeat))
+
+    def run(*argv, **kwargs):
+        return subprocess.run([sys.executable, "-m", RUNNER, *argv, "--config", str(config)], env=env, cwd="/",
+                              capture_output=True, text=True, timeout=300, check=False, **kwargs)
+
+    def wal_samples():
+        return {name: value for (name, instance, kind), (value, _type) in gateway_samples(pushgateway_server,
+                                                                                           wal_job).items()
+                if instance == "db1" and kind == "postgres_base"}
+
+    done = run("wal-stream", "--duration", "1")   # the slot, before the base backup
+    assert done.returncode == 0, done.stderr
+    done = run("backup")
+    assert done.returncode == 0, done.stderr
+    base_done = json.loads(done.stdout)["stats"]["completed_at"]
+    _write(wal_server, switch=True)
+
+    started = time.time()
+    stream = subprocess.Popen([sys.executable, "-m", RUNNER, "wal-stream", "--duration", "40", "--config",
+                               str(config)], env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        # While it runs: up, a fresh heartbeat, the window from the base backup to the newest WAL.
+        seen = wait_until(lambda: (lambda s: s if s.get("backup_wal_stream_up") == 1
+                                   and "backup_wal_archive_lag_bytes" in s
+                                   and "backup_wal_recovery_window_start_timestamp_seconds" in s else None)(
+                                       wal_samples()),
+                          "a report of the running stream with the recovery window", timeout=30)
+        assert seen["backup_wal_stream_heartbeat_timestamp_seconds"] >= started - 1
+        assert seen["backup_wal_recovery_window_start_timestamp_seconds"] == pytest.approx(
+            datetime.datetime.fromisoformat(base_done.replace("Z", "+00:00")).timestamp(), abs=0.001)
+        assert (seen["backup_wal_recovery_window_start_timestamp_seconds"]
+                < seen["backup_wal_recovery_window_end_timestamp_seconds"] <= time.time())
+        assert seen["backup_wal_last_archived_timestamp_seconds"] == seen[
+            "backup_wal_recovery_window_end_timestamp_seconds"]
+        assert seen["backup_wal_segments_stored_total"] >= 1   # the switched segment
+        assert seen["backup_wal_archive_lag_seconds"] >= 0 and seen["backup_wal_archive_lag_bytes"] >= 0
+        assert time.time() - heartbeat.stat().st_mtime < 5
+        # The server writes two segments' worth: the stream catches up, the counter moves and the
+        # lag comes back to (about) nothing once the partial copy holds the last write.
+        before = seen["backup_wal_segments_stored_total"]
+        for _round in range(4):
+            _write(wal_server, rows=40000)
+        _write(wal_server, rows=10)
+        caught_up = wait_until(lambda: (lambda s: s if s.get("backup_wal_segments_stored_total", 0) >= before + 2
+                                        and s.get("backup_wal_archive_lag_bytes") == 0 else None)(wal_samples()),
+                               "the stream to store the new segments and catch up", timeout=30)
+        assert caught_up["backup_wal_archive_lag_seconds"] == 0
+        assert caught_up["backup_wal_last_archived_timestamp_seconds"] >= started
+        # A write the stream has not stored yet (a stream that cannot store: SIGSTOP) shows as lag.
+        stream.send_signal(signal.SIGSTOP)
+        try:
+            _write(wal_server, rows=500)
+            time.sleep(1)
+        finally:
+            stream.send_signal(signal.SIGCONT)
+        lagging = wait_until(lambda: (lambda s: s if s.get("backup_wal_archive_lag_bytes", 0) > 0 else None)(
+            wal_samples()), "a report with the write not stored yet", timeout=30)
+        assert lagging["backup_wal_archive_lag_seconds"] > 0
+        out, err = stream.communicate(timeout=120)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.communicate()
+    assert stream.returncode == 0, err
+    result = json.loads(out)
+    final = wal_samples()
+    assert final["backup_wal_stream_up"] == 0     # a bounded run ends: the stream is down
+    assert final["backup_wal_archive_lag_bytes"] == 0 and final["backup_wal_archive_lag_seconds"] == 0
+    assert final["backup_wal_segments_stored_total"] >= before + 2 and result["gaps"] == []
+    assert "backup_wal_gaps_total" not in final
+
+    # The slot dropped and the spool lost while the server moves on: a gap, exit 3.
+    with wal_server.connect() as conn:
+        conn.execute("SELECT pg_drop_replication_slot('metrics_slot')")
+    shutil.rmtree(tmp_path / "spool")
+    for _round in range(3):
+        _write(wal_server, rows=10, switch=True)
+    with wal_server.connect() as conn:
+        conn.execute("CHECKPOINT")
+    detected = time.time()
+    done = run("wal-stream", "--duration", "5")
+    assert done.returncode == 3, done.stderr
+    assert "gap" in done.stderr
+    gap = wal_samples()
+    assert gap["backup_wal_gaps_total"] == 1 and gap["backup_wal_stream_up"] == 0
+    assert detected - 1 <= gap["backup_wal_last_gap_timestamp_seconds"] <= time.time()
+    assert gap["backup_wal_last_gap_timestamp_seconds"] > gap["backup_wal_last_archived_timestamp_seconds"]
+    # Each run that meets the gap counts it: the counter continues on the gateway.
+    assert run("wal-stream", "--duration", "5").returncode == 3
+    assert wal_samples()["backup_wal_gaps_total"] == 2

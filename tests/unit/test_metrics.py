@@ -33,6 +33,9 @@ def everything_recorded():
     m.record_retention(kept=7, pruned=2, finished_at=T0 + 6)
     m.record_copy(True, T0 + 7, lag_seconds=0, bytes_copied=1234)
     m.record_copy(False, T0 + 8)
+    m.record_wal_stream(True, reported_at=T0 + 9, last_archived_at=T0 + 8, lag_bytes=8192, lag_seconds=1.5,
+                        segments_stored=3, window_start=T0 - 86400, window_end=T0 + 8)
+    m.record_wal_gap(T0 + 10)
     return m
 
 
@@ -189,3 +192,26 @@ def test_gateway_url_with_credentials_is_refused_without_echoing_them():
     assert "hunter2" not in str(err.value)
     with pytest.raises(ConfigError):
         m.push("ftp://127.0.0.1:9091")
+
+
+def test_wal_stream_report_values_and_counters_continue():
+    m = BackupMetrics("pg-wal", "postgres_base", "db1")
+    m.record_wal_stream(True, reported_at=T0, last_archived_at=T0 - 2, lag_bytes=0, lag_seconds=0,
+                        segments_stored=2, window_start=T0 - 3600, window_end=T0 - 2)
+    values = values_by_name(m.exposition(previous_totals={"backup_wal_segments_stored_total": 40}).decode())
+    assert values["backup_wal_stream_up"] == 1
+    assert values["backup_wal_stream_heartbeat_timestamp_seconds"] == T0
+    assert values["backup_wal_last_archived_timestamp_seconds"] == T0 - 2
+    assert values["backup_wal_segments_stored_total"] == 42
+    assert values["backup_wal_recovery_window_start_timestamp_seconds"] == T0 - 3600
+    assert "backup_wal_gaps_total" not in values and "backup_wal_last_gap_timestamp_seconds" not in values
+    # a report without new segments does not touch the counter; a gap stops the stream
+    quiet = BackupMetrics("pg-wal", "postgres_base", "db1")
+    quiet.record_wal_stream(True, reported_at=T0 + 10)
+    assert "backup_wal_segments_stored_total" not in quiet.recorded
+    quiet.record_wal_gap(T0 + 11)
+    values = values_by_name(quiet.exposition(previous_totals={"backup_wal_gaps_total": 1}).decode())
+    assert values["backup_wal_gaps_total"] == 2 and values["backup_wal_stream_up"] == 0
+    assert values["backup_wal_last_gap_timestamp_seconds"] == T0 + 11
+    with pytest.raises(ConfigError):
+        quiet.record_wal_stream(True, lag_bytes=-1)

@@ -14,11 +14,13 @@ already there instead of replacing it:
 * the textfile writer reads the current ``.prom`` file and keeps the families this run did
   not record, then replaces the file atomically (write to a temporary file, rename).
 
-``backup_retention_pruned_total`` is a counter although each run only knows how many
-backups *it* pruned. Before shipping, the previous total is read back (from the gateway's
-``/metrics`` or from the old ``.prom`` file) and this run's count is added, so the value only
-grows and ``increase()`` works. If the gateway lost its state the total restarts from this
-run's count, which Prometheus treats as an ordinary counter reset.
+The counters (``backup_retention_pruned_total``, ``backup_wal_segments_stored_total``,
+``backup_wal_gaps_total``) only know what *this* push adds. Before shipping, the previous
+total is read back (from the gateway's ``/metrics`` or from the old ``.prom`` file) and the
+increment is added, so the value only grows and ``increase()`` works. If the gateway lost its
+state the total restarts from the increment, which Prometheus treats as an ordinary counter
+reset. A long-running command (the WAL stream) pushes a fresh object each time, holding the
+increments since its previous push.
 
 Basic-auth credentials for the gateway come from arguments, the environment
 (``BACKUP_PUSHGATEWAY_USERNAME``, ``BACKUP_PUSHGATEWAY_PASSWORD`` or
@@ -96,6 +98,27 @@ METRICS = {
         GAUGE, "Age of the oldest backup the offsite copy does not hold yet (0 when in sync)."),
     "backup_copy_bytes": (
         GAUGE, "Bytes the last offsite copy run copied to its destination."),
+    # PostgreSQL WAL stream (runner wal-stream), pushed every partial interval while it runs.
+    "backup_wal_stream_up": (
+        GAUGE, "1 while the WAL stream runs, 0 once it stopped (gap, server lost, shut down)."),
+    "backup_wal_stream_heartbeat_timestamp_seconds": (
+        GAUGE, "Unix time of the WAL stream's last status report while streaming."),
+    "backup_wal_last_archived_timestamp_seconds": (
+        GAUGE, "Unix time at which the newest WAL segment or partial segment copy was stored."),
+    "backup_wal_archive_lag_bytes": (
+        GAUGE, "Bytes of WAL the server has written that are not stored yet."),
+    "backup_wal_archive_lag_seconds": (
+        GAUGE, "Age of the oldest WAL the server has written that is not stored yet (0 when caught up)."),
+    "backup_wal_segments_stored_total": (
+        COUNTER, "Complete WAL segments stored by the stream since the series started."),
+    "backup_wal_gaps_total": (
+        COUNTER, "Gaps (WAL that will never be stored) the stream detected since the series started."),
+    "backup_wal_last_gap_timestamp_seconds": (
+        GAUGE, "Unix time at which the WAL stream last detected a gap in the archive."),
+    "backup_wal_recovery_window_start_timestamp_seconds": (
+        GAUGE, "Oldest time a point-in-time restore can reach: the end of the oldest base backup with stored WAL."),
+    "backup_wal_recovery_window_end_timestamp_seconds": (
+        GAUGE, "Newest time a point-in-time restore can reach: when the newest WAL was stored."),
 }
 
 COUNTER_METRICS = frozenset(name for name, (kind, _help) in METRICS.items() if kind == COUNTER)
@@ -172,7 +195,7 @@ class BackupMetrics:
         self.kind = kind
         self.instance = instance
         self._values = {}
-        self._pruned_this_run = None
+        self._increments = {}  # counter name -> what this run adds
 
     @property
     def identity(self):
@@ -182,9 +205,15 @@ class BackupMetrics:
     def recorded(self):
         """Metric name -> value of everything recorded so far (the counter as this run's increment)."""
         values = dict(self._values)
-        if self._pruned_this_run is not None:
-            values["backup_retention_pruned_total"] = float(self._pruned_this_run)
+        values.update((name, float(value)) for name, value in self._increments.items())
         return values
+
+    def _add(self, name, increment):
+        if METRICS.get(name, (None,))[0] != COUNTER:
+            raise ConfigError("unknown backup counter %s" % name)
+        if isinstance(increment, bool) or not isinstance(increment, int) or increment < 0:
+            raise ConfigError("%s increment must be a non-negative integer, got %r" % (name, increment))
+        self._increments[name] = self._increments.get(name, 0) + increment
 
     def _set(self, name, value):
         if name not in METRICS:
@@ -254,7 +283,7 @@ class BackupMetrics:
                 raise ConfigError("retention %s must be a non-negative integer, got %r" % (name, value))
         self._set("backup_retention_kept", kept)
         self._set("backup_retention_last_run_timestamp_seconds", unix_time(finished_at))
-        self._pruned_this_run = (self._pruned_this_run or 0) + pruned
+        self._add("backup_retention_pruned_total", pruned)
 
     def record_copy(self, success, finished_at, lag_seconds=None, bytes_copied=None):
         """An offsite copy run: its outcome, the lag it left and the bytes it copied."""
@@ -265,23 +294,56 @@ class BackupMetrics:
         if bytes_copied is not None:
             self._set("backup_copy_bytes", _non_negative("bytes_copied", bytes_copied))
 
+    def record_wal_stream(self, up, reported_at=None, last_archived_at=None, lag_bytes=None, lag_seconds=None,
+                          segments_stored=0, window_start=None, window_end=None):
+        """One status report of the WAL stream.
+
+        ``up``: the stream runs (False once it stopped); ``reported_at`` (while streaming) moves
+        the heartbeat; ``segments_stored`` is the number of complete segments stored since the
+        previous report (added to the counter). Times are datetimes or Unix times; None leaves a
+        value as last published.
+        """
+        self._set("backup_wal_stream_up", 1 if up else 0)
+        if reported_at is not None:
+            self._set("backup_wal_stream_heartbeat_timestamp_seconds", unix_time(reported_at))
+        if last_archived_at is not None:
+            self._set("backup_wal_last_archived_timestamp_seconds", unix_time(last_archived_at))
+        if lag_bytes is not None:
+            self._set("backup_wal_archive_lag_bytes", _non_negative("lag_bytes", lag_bytes))
+        if lag_seconds is not None:
+            self._set("backup_wal_archive_lag_seconds", _non_negative("lag_seconds", lag_seconds))
+        if segments_stored:
+            self._add("backup_wal_segments_stored_total", segments_stored)
+        if window_start is not None:
+            self._set("backup_wal_recovery_window_start_timestamp_seconds", unix_time(window_start))
+        if window_end is not None:
+            self._set("backup_wal_recovery_window_end_timestamp_seconds", unix_time(window_end))
+
+    def record_wal_gap(self, detected_at):
+        """The stream found WAL that will never be stored (slot lost, spool lost, timeline change)."""
+        self._set("backup_wal_last_gap_timestamp_seconds", unix_time(detected_at))
+        self._set("backup_wal_stream_up", 0)
+        self._add("backup_wal_gaps_total", 1)
+
     # -- building ----------------------------------------------------------------------
 
-    def registry(self, previous_pruned_total=0.0, with_identity_labels=True):
+    def registry(self, previous_pruned_total=0.0, with_identity_labels=True, previous_totals=None):
         """A fresh ``CollectorRegistry`` holding exactly the recorded metrics.
 
-        ``previous_pruned_total`` is the counter value already published, to which this run's
-        pruned count is added. Without identity labels the exposition suits a Pushgateway,
-        which adds the grouping key itself.
+        ``previous_totals`` (counter name -> value already published; ``previous_pruned_total``
+        for the pruned counter) are what this run's increments are added to. Without identity
+        labels the exposition suits a Pushgateway, which adds the grouping key itself.
         """
         _require_client()
+        previous = {"backup_retention_pruned_total": float(previous_pruned_total or 0.0)}
+        previous.update(previous_totals or {})
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_RecordedCollector(self, previous_pruned_total, with_identity_labels))
+        registry.register(_RecordedCollector(self, previous, with_identity_labels))
         return registry
 
-    def exposition(self, previous_pruned_total=0.0, with_identity_labels=True):
+    def exposition(self, previous_pruned_total=0.0, with_identity_labels=True, previous_totals=None):
         """The recorded metrics in the Prometheus text format (bytes)."""
-        return generate_latest(self.registry(previous_pruned_total, with_identity_labels))
+        return generate_latest(self.registry(previous_pruned_total, with_identity_labels, previous_totals))
 
     # -- shipping ----------------------------------------------------------------------
 
@@ -295,10 +357,10 @@ class BackupMetrics:
         url = _check_gateway_url(gateway_url)
         credentials = resolve_credentials(username, password, password_file)
         handler = _auth_handler(credentials)
-        previous = 0.0
-        if self._pruned_this_run is not None:
-            previous = self._published_pruned_total(url, timeout, credentials)
-        registry = self.registry(previous, with_identity_labels=False)
+        previous = {}
+        if self._increments:
+            previous = self._published_totals(url, timeout, credentials)
+        registry = self.registry(with_identity_labels=False, previous_totals=previous)
         try:
             pushadd_to_gateway(url, job=self.job, registry=registry,
                                grouping_key={"kind": self.kind, "instance": self.instance},
@@ -308,13 +370,13 @@ class BackupMetrics:
                                % (self.job, _redact_url(url), _describe(exc))) from None
         return self.identity
 
-    def _published_pruned_total(self, url, timeout, credentials):
+    def _published_totals(self, url, timeout, credentials):
         try:
             text = _http_get_text(url.rstrip("/") + "/metrics", timeout, credentials)
         except Exception as exc:
             raise MetricsError("reading the current metrics from %s failed (needed to continue the "
-                               "pruned counter): %s" % (_redact_url(url), _describe(exc))) from None
-        return previous_counter_value(text, "backup_retention_pruned_total", self.identity)
+                               "counters): %s" % (_redact_url(url), _describe(exc))) from None
+        return {name: previous_counter_value(text, name, self.identity) for name in self._increments}
 
     def write_textfile(self, path):
         """Merge the recorded metrics into a ``.prom`` file for node_exporter's textfile collector.
@@ -333,8 +395,8 @@ class BackupMetrics:
             pass
         except OSError as exc:
             raise MetricsError("cannot read %s: %s" % (path, exc)) from None
-        previous_total = previous_counter_value(old_text, "backup_retention_pruned_total", self.identity)
-        new_text = self.exposition(previous_total, with_identity_labels=True).decode("utf-8")
+        previous = {name: previous_counter_value(old_text, name, self.identity) for name in self._increments}
+        new_text = self.exposition(with_identity_labels=True, previous_totals=previous).decode("utf-8")
         merged = merge_expositions(old_text, new_text)
         directory = os.path.dirname(os.path.abspath(path))
         try:
@@ -353,9 +415,9 @@ class BackupMetrics:
 class _RecordedCollector:
     """Yields one family per recorded metric; nothing for metrics the run did not record."""
 
-    def __init__(self, metrics, previous_pruned_total, with_identity_labels):
+    def __init__(self, metrics, previous_totals, with_identity_labels):
         self._metrics = metrics
-        self._previous_pruned_total = float(previous_pruned_total or 0.0)
+        self._previous_totals = previous_totals
         self._labels = dict(metrics.identity) if with_identity_labels else {}
 
     def collect(self):
@@ -367,7 +429,7 @@ class _RecordedCollector:
             value = self._metrics.recorded[name]
             if kind == COUNTER:
                 family = CounterMetricFamily(name, help_text, labels=label_names)
-                value += self._previous_pruned_total
+                value += float(self._previous_totals.get(name) or 0.0)
             else:
                 family = GaugeMetricFamily(name, help_text, labels=label_names)
             family.add_metric(label_values, value)

@@ -46,29 +46,40 @@ _LABEL_TLI_RE = re.compile(r"^START TIMELINE: (\d+)", re.MULTILINE)
 _RANGE_RE = re.compile(r'"Timeline":\s*(\d+),\s*"Start-LSN":\s*"([0-9A-Fa-f]+/[0-9A-Fa-f]+)",\s*'
                        r'"End-LSN":\s*"([0-9A-Fa-f]+/[0-9A-Fa-f]+)"')
 SNIFF_LIMIT = 256 << 10
+_RESTORE_POINT_RE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+), prev [0-9A-F/]+, desc: RESTORE_POINT (.*)$", re.MULTILINE)
 _XACT_TIME_RE = re.compile(r"desc: (?:COMMIT|ABORT)(?:_PREPARED)? (?:\d+: )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
-def xact_times(waldump, directory, name):
-    """``(first, last)`` commit/abort times (ISO-8601, UTC) in WAL file ``name``; None when unknown.
+def scan_wal(waldump, directory, name):
+    """What the restore needs to know of WAL file ``name``, read with pg_waldump; None when unknown.
 
-    The restore needs them to know which segment holds the first transaction end after a
-    target time (a segment's storage time says nothing about its content when the stream
-    catches up). ``(None, None)``: pg_waldump read the file and found no transaction end.
-    pg_waldump stops with "error in WAL record" at the end of a partial segment: what it
-    printed before that counts; any other failure makes the times unknown (None).
+    ``{"times": (first, last), "restore_points": [{"name", "lsn"}]}``: the first and last
+    commit/abort times (ISO-8601, UTC; ``(None, None)`` when the file holds no transaction end)
+    tell which segment holds the first transaction end after a target time (a segment's
+    storage time says nothing about its content when the stream catches up); the named
+    restore points (``pg_create_restore_point``, LSN of the record) where a restore to a name
+    stops. pg_waldump stops with "error in WAL record" at the end of a partial segment: what
+    it printed before that counts; any other failure makes everything unknown (None).
     """
     try:
-        done = subprocess.run([waldump, "--rmgr=Transaction", "--path=%s" % directory, name],
+        done = subprocess.run([waldump, "--rmgr=Transaction", "--rmgr=XLOG", "--path=%s" % directory, name],
                               capture_output=True, timeout=300, check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if done.returncode != 0 and b"error in WAL record" not in done.stderr:
         return None
-    times = _XACT_TIME_RE.findall(done.stdout.decode("utf-8", "replace"))
+    text = done.stdout.decode("utf-8", "replace")
+    times = _XACT_TIME_RE.findall(text)
+    points = [{"name": point, "lsn": lsn} for lsn, point in _RESTORE_POINT_RE.findall(text)]
     if not times:
-        return None, None
-    return (times[0].replace(" ", "T") + "Z", times[-1].replace(" ", "T") + "Z")
+        return {"times": (None, None), "restore_points": points}
+    return {"times": (times[0].replace(" ", "T") + "Z", times[-1].replace(" ", "T") + "Z"), "restore_points": points}
+
+
+def xact_times(waldump, directory, name):
+    """``(first, last)`` commit/abort times of WAL file ``name`` (see ``scan_wal``); None when unknown."""
+    scanned = scan_wal(waldump, directory, name)
+    return scanned["times"] if scanned is not None else None
 
 
 # The options of the WAL stream live in the base backup job's source section: one job file
@@ -314,10 +325,13 @@ class WalState:
         return max(parsed) if parsed else None
 
 
-def _times_stats(times):
-    """Manifest stats of ``xact_times``' answer: the times, and whether they are known at all."""
-    first, last = times if times is not None else (None, None)
-    return {"first_xact_time": first, "last_xact_time": last, "xact_times_known": times is not None}
+def _times_stats(scanned):
+    """Manifest stats of ``scan_wal``'s answer: the times, the restore points, and whether they are known."""
+    first, last = scanned["times"] if scanned is not None else (None, None)
+    stats = {"first_xact_time": first, "last_xact_time": last, "xact_times_known": scanned is not None}
+    if scanned is not None:
+        stats["restore_points"] = scanned["restore_points"]
+    return stats
 
 
 class WalStreamer:
@@ -340,9 +354,17 @@ class WalStreamer:
         self.result = {"wal_job": wal_job, "slot": slot, "segments_stored": 0, "partials_stored": 0,
                        "histories_stored": 0, "bytes_stored": 0, "gaps": [], "last_segment": None,
                        "last_stored_at": None}
+        # End of the WAL stored so far (an int LSN, None before anything is known): the end of the
+        # newest complete segment, or of the data in the newest partial copy.
+        self.stored_end_lsn = None
+        self.progress = None  # called after every file stored (the runner's heartbeat)
+        # time.monotonic() of the read of the newest stored partial copy: it holds every byte
+        # pg_receivewal had written into the spool before then.
+        self.partial_read_at = None
         self._last_partial_hash = None
         self._waldump = None
         self._last_segno = None  # (timeline, segno) of the newest complete segment stored
+        self._read_at = None
 
     # -- setup ---------------------------------------------------------------------------
     def _receivewal(self, *extra):
@@ -408,7 +430,9 @@ class WalStreamer:
     # -- storing -------------------------------------------------------------------------
     def _store(self, name, data, stats):
         from ..backup import BackupRun
-        stats = dict(stats, file=name, system_identifier=self.facts["system_identifier"],
+        # When the file was read from the spool, to the microsecond: a partial copy holds the
+        # WAL written up to then (the manifest's own times are whole seconds).
+        stats = dict(stats, file=name, captured_at=self._read_at, system_identifier=self.facts["system_identifier"],
                      segment_size=self.facts["segment_size"], plain_sha256=hashlib.sha256(data).hexdigest(),
                      plain_bytes=len(data))
         source = _WalFileSource(name, data, stats, {"host": self.conn.host or "local socket",
@@ -417,6 +441,8 @@ class WalStreamer:
         manifest = run.run()
         self.result["bytes_stored"] += manifest["size_bytes"]
         self.result["last_stored_at"] = manifest["finished_at"]
+        if self.progress is not None:
+            self.progress()
         return manifest
 
     def _xact_times(self, directory, name):
@@ -427,9 +453,10 @@ class WalStreamer:
                 self._waldump = ""
         if not self._waldump:
             return None
-        return xact_times(self._waldump, directory, name)
+        return scan_wal(self._waldump, directory, name)
 
     def _read(self, path):
+        self._read_at = utc_now().isoformat().replace("+00:00", "Z")
         with open(path, "rb") as handle:
             return handle.read()
 
@@ -476,6 +503,7 @@ class WalStreamer:
                 self._drop_partials(name)
             if self._last_segno is None or (tli, segno) > self._last_segno:
                 self._last_segno = (tli, segno)
+            self._stored_up_to(pgwal.segment_start_lsn(segno + 1, size))
             self.result["last_segment"] = pgwal.segment_name(self._last_segno[0], self._last_segno[1], size)
             os.remove(path)
         if partial is not None and (final or force_partial):
@@ -483,13 +511,17 @@ class WalStreamer:
 
     def _store_partial(self, partial):
         name, (tli, segno, dummy) = partial
+        read_at = time.monotonic()
         try:
             data = self._read(os.path.join(self.spool_dir, name))
         except FileNotFoundError:
             return  # completed (renamed) meanwhile: the next sweep stores the segment
         digest = hashlib.sha256(data).hexdigest()
         base = name[:-len(pgwal.PARTIAL_SUFFIX)]
-        if digest == self._last_partial_hash or base in self.state.segments:
+        if base in self.state.segments:
+            return
+        if digest == self._last_partial_hash:
+            self.partial_read_at = read_at  # unchanged: the stored copy holds what was written until now
             return
         size = self.facts["segment_size"]
         older = list(self.state.partials.get(base, []))
@@ -501,9 +533,16 @@ class WalStreamer:
             "type": "partial", "timeline": tli, "segno": segno,
             "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno, size))}))
         self._last_partial_hash = digest
+        # pg_receivewal fills a new segment file with zeros; records are 8-byte aligned.
+        self._stored_up_to(pgwal.segment_start_lsn(segno, size) + (len(data.rstrip(b"\0")) + 7) // 8 * 8)
+        self.partial_read_at = read_at
         self.state.partials[base] = [manifest]
         self.result["partials_stored"] += 1
         self._delete(older)
+
+    def _stored_up_to(self, lsn):
+        if self.stored_end_lsn is None or lsn > self.stored_end_lsn:
+            self.stored_end_lsn = lsn
 
     def _drop_partials(self, name):
         self._delete(self.state.partials.pop(name, []))
@@ -517,11 +556,12 @@ class WalStreamer:
                 self.log("could not delete superseded partial WAL copy %s: %s" % (manifest["id"], exc))
 
     # -- running -------------------------------------------------------------------------
-    def run(self, end_lsn=None, duration=None, stop=None, poll=0.5):
+    def run(self, end_lsn=None, duration=None, stop=None, poll=0.5, on_tick=None):
         """Stream until ``end_lsn`` is reached, ``duration`` seconds passed, or ``stop`` (an Event) is set.
 
         Without any of them it runs until pg_receivewal exits (connection lost, server gone),
-        which is an error for a daemon: the caller restarts it.
+        which is an error for a daemon: the caller restarts it. ``on_tick(streamer)`` is called
+        after every pass over the spool (about every ``poll`` seconds) while pg_receivewal runs.
         """
         if self.state is None:
             self.prepare()
@@ -547,6 +587,8 @@ class WalStreamer:
                     last_partial = now
                 if exited:
                     break
+                if on_tick is not None:
+                    on_tick(self)
                 if (duration is not None and now - started >= duration) or (stop is not None and stop.is_set()):
                     stopped_by_us = True
                     proc.send_signal(signal.SIGINT)
