@@ -24,6 +24,9 @@ description:
     C(query()) (or O(ignore:wantlist=true)) a list holding that dictionary.
   - The lookup only looks at timestamps. Drop failed or incomplete backups before calling it, or use
     M(biometrics.backup.backup_prune), which does that and adds safety rails.
+  - For PostgreSQL base backups (manifests of kind C(postgres_base), or dictionaries with C(wal_start)
+    or C(stats.wal_start)) the reasons of the oldest kept one name the first WAL segment kept,
+    and C(wal_keep_from) returns it; M(biometrics.backup.backup_prune) prunes the WAL before it.
 options:
   _terms:
     description:
@@ -133,12 +136,21 @@ _raw:
           C(daily #3), C(weekly #1) or C(within 7d). With O(semantics=borg), the oldest backup kept because a
           rule ran out says so, for example C(yearly #2 \(oldest, rule not filled\)).'
         - With O(semantics=borg) each backup has exactly one reason; with O(semantics=restic) it may have several.
+        - 'PostgreSQL base backups (see the notes in the description): the oldest kept one also gets a reason naming
+          the WAL kept, for example C(oldest kept base backup: WAL of job db-wal kept from 000000010000000000000003 on
+          \(older WAL is pruned\)).'
       type: dict
+    wal_keep_from:
+      description:
+        - Only when the kept backups include PostgreSQL base backups with a C(wal_start) (or C(start_lsn) and
+          C(timeline)) - the first WAL segment the oldest kept one needs; WAL before it can go.
+      type: str
 """
 
 from ansible.errors import AnsibleError, AnsibleLookupError
 from ansible.plugins.lookup import LookupBase
 
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.pgwal import base_wal_start, wal_keep_reason
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.retention import (
     SEMANTICS,
     RetentionError,
@@ -182,8 +194,18 @@ class LookupModule(LookupBase):
             result = evaluate(items, **policy)
         except RetentionError as err:
             raise AnsibleLookupError("retention: %s" % err) from err
-        return [{
+        answer = {
             "keep": [backup.item for backup in result.keep],
             "prune": [backup.item for backup in result.prune],
             "reasons": result.reasons,
-        }]
+        }
+        for backup in reversed(result.keep):  # the oldest kept base backup names the WAL kept
+            start = base_wal_start(backup.item)
+            if start is not None:
+                wal_job = (backup.item.get("stats") or {}).get("wal_job") or backup.item.get("wal_job")
+                if not wal_job and backup.item.get("job"):
+                    wal_job = "%s-wal" % backup.item["job"]
+                answer["reasons"][backup.key].append(wal_keep_reason(wal_job or "<job>-wal", start[2]))
+                answer["wal_keep_from"] = start[2]
+                break
+        return [answer]

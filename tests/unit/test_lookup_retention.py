@@ -162,3 +162,18 @@ def test_inside_a_real_playbook(tmp_path):
     assert payload["terms"]["keep"] == [{"id": "new", "timestamp": "2024-01-01T01:00:00Z"}]
     assert payload["terms"]["reasons"] == {"new": ["daily #1"]}
     assert "keep_weekly must be >= 0 or -1 (unlimited), got -4" in payload["invalid"]
+
+
+def test_base_backups_name_the_wal_range_kept(lookup):
+    """PostgreSQL base backups (manifests as the catalog lists them): the oldest kept one says
+    from which WAL segment on the WAL job is kept."""
+    bases = [{"id": "b%d" % day, "job": "db", "kind": "postgres_base", "timestamp": "2024-01-%02dT02:00:00Z" % day,
+              "stats": {"timeline": 1, "wal_job": "db-wal", "wal_start": "0000000100000000000000%02X" % (day * 3)}}
+             for day in (1, 8, 15)]
+    result = run(lookup, [bases], keep_weekly=2)
+    assert [b["id"] for b in result["keep"]] == ["b15", "b8"]
+    assert result["wal_keep_from"] == "000000010000000000000018"
+    assert result["reasons"]["b8"] == ["weekly #2", "oldest kept base backup: WAL of job db-wal kept from "
+                                       "000000010000000000000018 on (older WAL is pruned)"]
+    assert result["reasons"]["b15"] == ["weekly #1"]
+    assert "wal_keep_from" not in run(lookup, [BACKUPS], keep_daily=3)

@@ -157,3 +157,39 @@ def stream_break(last_stored, resume, timeline_changed=False):
         return ("the stream resumes at segment %d but the stored WAL ends at segment %d: %d segment(s) were "
                 "never stored (replication slot lost or recreated)" % (segno, stored_segno, segno - stored_segno - 1))
     return None
+
+
+def base_wal_start(base):
+    """``(timeline, segno, name)`` of the first WAL segment a ``postgres_base`` backup needs, or None.
+
+    ``base`` is its manifest (``stats.wal_start``, else ``stats.start_lsn`` with ``stats.timeline``)
+    or a flat mapping with those keys (the retention lookup's input).
+    """
+    if not isinstance(base, dict):
+        return None
+    stats = base.get("stats") if isinstance(base.get("stats"), dict) else base
+    size = stats.get("segment_size") or DEFAULT_SEGMENT_SIZE
+    try:
+        if stats.get("wal_start"):
+            parsed = parse_segment_name(str(stats["wal_start"]), size)
+            if parsed is not None:
+                return parsed[0], parsed[1], segment_name(parsed[0], parsed[1], size)
+        if stats.get("start_lsn") and stats.get("timeline"):
+            timeline = int(stats["timeline"])
+            segno = segment_number(stats["start_lsn"], size)
+            return timeline, segno, segment_name(timeline, segno, size)
+    except (ConfigError, TypeError, ValueError):
+        return None
+    return None
+
+
+def wal_needed(needs, timeline, segno):
+    """Whether WAL segment ``(timeline, segno)`` is needed by any base backup in ``needs``
+    (``[(timeline, first segno)]``): by one on the same timeline from its first segment on, and by
+    every one on an earlier timeline (the archive may continue on a later timeline after a promotion)."""
+    return any(timeline > tli or (timeline == tli and segno >= first) for tli, first in needs)
+
+
+def wal_keep_reason(wal_job, name):
+    """The retention reason of the oldest kept base backup: the WAL range it keeps."""
+    return "oldest kept base backup: WAL of job %s kept from %s on (older WAL is pruned)" % (wal_job, name)

@@ -20,12 +20,23 @@ before trusting a program with deletion:
 
 Deletion goes backup by backup, newest first (children before their parents), manifest
 first, so a half-deleted backup is never listed as complete (``Catalog.delete_backup``).
+
+PostgreSQL point-in-time recovery (kind ``postgres_base``): pruning the base backups also
+prunes their WAL job (``stats.wal_job``, default ``<job>-wal``). A WAL file stays when a kept
+complete base backup needs it: on the base backup's timeline from its ``wal_start`` on, on any
+later timeline, and every timeline history file. Everything older goes, oldest first, after
+the base backups were deleted, and only when at least one complete base backup is kept. The
+WAL deletions follow from the base backups' and do not count against ``max_delete``; with
+``require_copy`` a WAL file goes only when ``wal_copied`` (the ids of the WAL job the offsite
+copy holds) lists it, and no WAL goes when that is not given. A policy pointed at the WAL job
+itself is refused: its files are not independent backups.
 Pure Python, no Ansible import.
 """
 
 import datetime
 
 from . import manifest as mf
+from . import pgwal
 from .catalog import Catalog
 from .errors import ConfigError, StorageError
 from .retention import Backup, Duration, Policy, RetentionError, apply_policy
@@ -42,6 +53,8 @@ REASON_MIN_KEEP = "min_keep=%d (at least that many successful backups stay)"
 REASON_PARENT = "parent of kept backup %s"
 REASON_POLICY = "not kept by the policy"
 REASON_NOT_COPIED = "not copied to the offsite destination yet (require_copy)"
+WAL_KIND = "postgres_wal"    # sources.postgres_wal (not imported: it needs psycopg's module)
+BASE_KIND = "postgres_base"
 
 
 class PruneRefusedError(ConfigError):
@@ -293,10 +306,69 @@ def _orphan_report(entry, action):
             "bytes": entry["bytes"], "last_modified": to_iso(last) if last else None, "action": action}
 
 
+def plan_wal(storage, job, manifests, kept_ids, copied=None, wal_copied=None):
+    """What pruning ``job``'s base backups (``manifests``, with ``kept_ids`` staying) does to their WAL.
+
+    Returns None when ``job`` has no ``postgres_base`` backup, else a dict per WAL job:
+    ``{"job", "keep_from": [segment names], "kept", "prune": [summaries], "reason"}``
+    plus ``_manifests`` (id -> manifest, for deletion). Nothing is pruned when no complete
+    base backup stays, or under ``require_copy`` without ``wal_copied``.
+    """
+    bases = [m for m in manifests if m.get("kind") == BASE_KIND]
+    if not bases:
+        return None
+    kept = [m for m in bases if m["id"] in kept_ids and m.get("status") == mf.STATUS_COMPLETE]
+    wal_jobs = sorted(set((m.get("stats") or {}).get("wal_job") or "%s-wal" % job for m in bases))
+    plans = []
+    for wal_job in wal_jobs:
+        needs, starts = [], []
+        for base in kept:
+            if ((base.get("stats") or {}).get("wal_job") or "%s-wal" % job) != wal_job:
+                continue
+            start = pgwal.base_wal_start(base)
+            if start is not None:
+                needs.append(start[:2])
+                starts.append(start)
+        wal_manifests = Catalog(storage).scan(wal_job, with_orphans=False)
+        entry = {"job": wal_job, "keep_from": [name for dummy, dummy2, name in sorted(set(starts))],
+                 "kept": 0, "prune": [], "deleted": [], "reason": None, "_manifests": {}}
+        plans.append(entry)
+        if not needs:
+            entry["reason"] = "no complete base backup using this WAL job is kept: all its WAL stays"
+        elif copied is not None and wal_copied is None:
+            entry["reason"] = "require_copy: the offsite copy of the WAL job was not checked: all its WAL stays"
+        for manifest in wal_manifests:
+            wal = manifest.get("stats") or {}
+            parsed = pgwal.parse_segment_name(str(wal.get("file") or ""),
+                                              wal.get("segment_size") or pgwal.DEFAULT_SEGMENT_SIZE)
+            goes = (entry["reason"] is None and manifest.get("kind") == WAL_KIND and parsed is not None
+                    and wal.get("type") in ("segment", "partial") and not pgwal.wal_needed(needs, *parsed[:2])
+                    and (wal_copied is None or manifest["id"] in wal_copied))
+            if not goes:
+                entry["kept"] += 1
+                continue
+            summary = {"id": manifest["id"], "file": wal["file"], "type": wal["type"],
+                       "finished_at": manifest.get("finished_at"), "size_bytes": manifest.get("size_bytes"),
+                       "deleted": False}
+            entry["prune"].append(summary)
+            entry["_manifests"][manifest["id"]] = manifest
+        entry["prune"].sort(key=lambda e: (e["file"], e["id"]))  # names sort as (timeline, segment)
+    return plans
+
+
+def _refuse_wal_job(job, manifests):
+    if any(m.get("kind") == WAL_KIND for m in manifests):
+        raise ConfigError(
+            "job %s holds PostgreSQL WAL (kind %s): its files are not independent backups and a retention "
+            "policy must not be applied to them. Prune the %s job they belong to (its name without -wal "
+            "by default): its WAL is pruned with it, keeping everything from the wal_start of the oldest kept "
+            "base backup on" % (job, WAL_KIND, BASE_KIND))
+
+
 def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan_grace=None,
-          dry_run=False, now=None, within_reference=None, log=None, copied=None):
+          dry_run=False, now=None, within_reference=None, log=None, copied=None, wal_copied=None):
     """Apply ``policy`` to ``job`` at ``storage``; with ``dry_run`` only report. ``copied``:
-    see :func:`plan` (None: no require_copy rail).
+    see :func:`plan` (None: no require_copy rail); ``wal_copied``: see :func:`plan_wal`.
 
     Returns a dict: ``job``, ``policy``, ``dry_run``, ``keep``, ``prune`` (each pruned entry
     with ``deleted``), ``orphans`` (each with ``action``), ``junk``, ``counts``, ``changed``.
@@ -318,8 +390,16 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
 
     catalog = Catalog(storage)
     manifests = catalog.scan(job)
+    _refuse_wal_job(job, manifests)
     decided = plan(manifests, policy, min_keep=min_keep, orphan_grace=orphan_grace, now=now,
                    within_reference=within_reference, copied=copied)
+    wal_plans = plan_wal(storage, job, manifests, set(e["id"] for e in decided["keep"]), copied, wal_copied)
+    if wal_plans:
+        oldest_kept = next((e for e in reversed(decided["keep"]) if e.get("kind") == BASE_KIND
+                            and e.get("status") == mf.STATUS_COMPLETE), None)
+        for entry in wal_plans:
+            if oldest_kept is not None and entry["keep_from"] and entry["reason"] is None:
+                oldest_kept["reasons"].append(pgwal.wal_keep_reason(entry["job"], entry["keep_from"][0]))
     complete_ids = set(m["id"] for m in manifests)
     orphans_remove, orphans_wait = find_orphans(storage, catalog, job, complete_ids, grace, now)
     result = {
@@ -337,6 +417,8 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         "junk": list(catalog.junk),
         "deleted": [],
     }
+    if wal_plans is not None:
+        result["wal"] = [{key: value for key, value in entry.items() if key != "_manifests"} for entry in wal_plans]
     for entry in result["prune"]:
         entry["deleted"] = False
     result["counts"] = {
@@ -344,7 +426,11 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         "orphans_removed": len(orphans_remove), "orphans_waiting": len(orphans_wait),
         "junk": len(catalog.junk),
     }
-    result["changed"] = bool(result["prune"] or orphans_remove)
+    wal_pruned = sum(len(entry["prune"]) for entry in wal_plans or [])
+    if wal_plans is not None:
+        result["counts"]["wal_pruned"] = wal_pruned
+        result["counts"]["wal_kept"] = sum(entry["kept"] for entry in wal_plans)
+    result["changed"] = bool(result["prune"] or orphans_remove or wal_pruned)
     if max_delete is not None and len(result["prune"]) > max_delete and not force:
         raise PruneRefusedError(
             "job %s: the policy would delete %d backups, more than max_delete=%d; nothing was "
@@ -363,6 +449,19 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         entry["deleted"] = True
         result["deleted"].append(entry["id"])
         log("deleted backup %s (%s)" % (entry["id"], entry["reason"]))
+    for plan_entry, shown in zip(wal_plans or [], result.get("wal", [])):
+        wal_catalog = Catalog(storage)
+        for entry in shown["prune"]:  # oldest first: an interruption leaves the archive contiguous
+            try:
+                wal_catalog.delete_backup(plan_entry["_manifests"][entry["id"]])
+            except StorageError as exc:
+                result["changed"] = True
+                raise PartialPruneError(shown["job"], entry["id"], result, exc) from None
+            entry["deleted"] = True
+            shown["deleted"].append(entry["id"])
+        if shown["prune"]:
+            log("deleted %d WAL files of job %s older than %s" % (len(shown["prune"]), shown["job"],
+                                                                  shown["keep_from"][0]))
     for entry in orphans_remove:
         for key in entry["objects"]:
             storage.delete(key)
