@@ -58,6 +58,16 @@ options:
         replayed to exactly this time (or C(latest), the default), then the C(database) of O(target) copied into
         its C(restore_database), or the whole data directory left at its C(data_dir). See
         C(docs/postgres-pitr.md).
+      - With O(restore_point), an upper bound only (see there).
+    type: str
+  restore_point:
+    description:
+      - With O(kind=postgres_base) only - recover to this named restore point (created with
+        C(pg_create_restore_point) on the server) instead of a time, through PostgreSQL's C(recovery_target_name).
+      - The base backup is the newest one that ended before the point, as the restore points recorded by the WAL
+        stream tell (it records them when C(pg_waldump) is installed where it runs). WAL stored without them does
+        not tell where the point lies - then O(point_in_time) must be given too, a time after the point was created,
+        and the newest base backup finished before that time is used.
     type: str
   kind:
     description: The kind the target restores; when given, it must match the chosen backup's kind.
@@ -198,15 +208,19 @@ def main():
             job=dict(type="str", required=True),
             backup=dict(type="str"),
             point_in_time=dict(type="str"),
+            restore_point=dict(type="str"),
             kind=dict(type="str"),
             target=dict(type="dict", required=True),
         ),
-        mutually_exclusive=[("backup", "point_in_time")],
+        mutually_exclusive=[("backup", "point_in_time"), ("backup", "restore_point")],
         supports_check_mode=True,
     )
     params = module.params
     if params["kind"] == "postgres_base":
         _point_in_time(module)
+    if params["restore_point"]:
+        module.fail_json(msg="restore_point is for kind postgres_base (PostgreSQL point-in-time recovery)",
+                         changed=False)
     with engine_errors(module, changed=False):
         if params["kind"]:
             # An unknown kind or a wrong target field fails before a secret or storage is read.
@@ -247,7 +261,8 @@ def _point_in_time(module):
         identity, passphrase = reading_keys(module)
         target = None if "data_dir" in where else PostgresTarget(options)
         report = pitr.restore_point_in_time(
-            storage, params["job"], params["point_in_time"] or pitr.LATEST, identity=identity, passphrase=passphrase,
+            storage, params["job"], params["point_in_time"] or (None if params["restore_point"] else pitr.LATEST),
+            restore_point=params["restore_point"], identity=identity, passphrase=passphrase,
             target=target, database=options.get("database") or options.get("dbname"),
             data_dir=where.get("data_dir"), scratch_dir=where.get("scratch_dir"), bin_dir=options.get("bin_dir"),
             run_as=where.get("run_as"), user=options.get("user") or "postgres",
@@ -255,7 +270,9 @@ def _point_in_time(module):
     result = dict(report)
     result["changed"] = True if module.check_mode else bool(report["changed"])
     if module._diff:
-        result["diff"] = dict(before_header="target", after_header="recovered to %s" % report["plan"]["target_time"],
+        recovered_to = ("restore point %s" % params["restore_point"] if params["restore_point"]
+                        else report["plan"]["target_time"])
+        result["diff"] = dict(before_header="target", after_header="recovered to %s" % recovered_to,
                               before=text_of(target.describe() if target else {"data_dir": where.get("data_dir")}),
                               after=text_of(dict(report["plan"], recovered_to=report.get("recovered_to"))))
     module.exit_json(**result)

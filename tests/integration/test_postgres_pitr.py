@@ -25,7 +25,9 @@ from pyrage import x25519
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import pitr
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
+    ConfigError, IntegrityError, NotFoundError)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import prune
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import PgConnection
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import (
     PostgresBaseSource, WalGapError, WalStreamer, WalState)
@@ -373,14 +375,16 @@ def test_twenty_random_targets(pg, tmp_path, scratch):
     streamer.run(end_lsn=_lsn(pg))
     low = datetime.datetime.fromisoformat(base["finished_at"].replace("Z", "+00:00")) + datetime.timedelta(seconds=1)
     low = max(low, windows[1][0] - datetime.timedelta(milliseconds=200))
-    high = windows[8][1] + datetime.timedelta(milliseconds=200)
-    # Manifests record whole seconds: a target later than the newest stored WAL's recorded
-    # time is refused by design ("cannot be recovered yet"), so targets stay before it.
-    stored_until = max(m["finished_at"] for m in Catalog(storage).scan(JOB + "-wal", with_orphans=False))
-    high = min(high, datetime.datetime.fromisoformat(stored_until.replace("Z", "+00:00")))
+    # Targets run up to the moment the newest partial copy was read from the spool (recorded
+    # to the microsecond): one just before it lies in the last second of the stored WAL,
+    # which the manifests' whole-second times alone would refuse ("cannot be recovered yet").
+    last = max(WalState.load(storage, WAL_JOB).partials.values(), key=lambda m: m[0]["stats"]["segno"])[0]
+    captured = datetime.datetime.fromisoformat(last["stats"]["captured_at"].replace("Z", "+00:00"))
+    assert captured - datetime.timedelta(milliseconds=1) > windows[8][1]
+    high = min(windows[8][1] + datetime.timedelta(milliseconds=200), captured)
     rng = random.Random(14)
-    targets = []
-    while len(targets) < 20:
+    targets = [captured - datetime.timedelta(milliseconds=1)]
+    while len(targets) < 21:
         moment = low + (high - low) * rng.random()
         if moment <= datetime.datetime.fromisoformat(base["finished_at"].replace("Z", "+00:00")):
             continue
@@ -405,8 +409,10 @@ def test_wal_stored_without_transaction_times_still_stops_at_the_target(pg, tmp_
     streamer.prepare()
     _base_backup(pg, storage)
     first = _insert(pg, 1)
+    with pg.connect() as conn:
+        conn.execute("SELECT pg_create_restore_point('between')")
     time.sleep(0.3)
-    _insert(pg, 2)
+    second = _insert(pg, 2)
     streamer.run(end_lsn=_lsn(pg))
     state = WalState.load(storage, WAL_JOB)
     assert all(m["stats"]["xact_times_known"] is False for m in state.segments.values())
@@ -415,6 +421,95 @@ def test_wal_stored_without_transaction_times_still_stops_at_the_target(pg, tmp_
                                         scratch_dir=scratch)
     assert _batches(pg, "enrol_notimes") == {1: 50}
     assert report["target_reached"] is True
+    # Without pg_waldump the stream does not know where a restore point lies: a restore to a
+    # name needs a time after it as an upper bound, and PostgreSQL finds the point.
+    with pytest.raises(ConfigError) as info:
+        pitr.plan_restore(storage, JOB, restore_point="between")
+    assert "point_in_time" in str(info.value)
+    report = pitr.restore_point_in_time(storage, JOB, (second + datetime.timedelta(milliseconds=100)).isoformat(),
+                                        restore_point="between", target=_target(pg, "enrol_notimes_rp"),
+                                        database=DB, bin_dir=pg.bin_dir, scratch_dir=scratch)
+    assert _batches(pg, "enrol_notimes_rp") == {1: 50}
+    assert report["plan"]["restore_point"] == "between" and report["plan"]["restore_point_lsn"] is None
+
+
+def test_restore_to_a_named_restore_point(pg, tmp_path, scratch):
+    """pg_create_restore_point between two batches: the stream records where it lies, the restore
+    picks the base backup that ended before it and replays exactly up to it."""
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+    streamer = _streamer(pg, storage, tmp_path / "spool", slot="point_slot")
+    streamer.prepare()
+    early = _base_backup(pg, storage)
+    _insert(pg, 1)
+    with pg.connect() as conn:
+        point = conn.execute("SELECT pg_create_restore_point('before-batch-2')::text").fetchone()[0]
+    _insert(pg, 2)
+    _lsn(pg, switch=True)
+    late = _base_backup(pg, storage)  # ends after the point: not usable for it
+    _insert(pg, 3)
+    streamer.run(end_lsn=_lsn(pg))
+    recorded = [p for m in WalState.load(storage, WAL_JOB).segments.values()
+                for p in m["stats"].get("restore_points", [])]
+    assert [p["name"] for p in recorded] == ["before-batch-2"]
+    report = pitr.restore_point_in_time(storage, JOB, None, restore_point="before-batch-2",
+                                        target=_target(pg, "enrol_point"), database=DB, bin_dir=pg.bin_dir,
+                                        scratch_dir=scratch)
+    assert _batches(pg, "enrol_point") == {1: 50}
+    plan = report["plan"]
+    assert plan["base_backup"] == early["id"] != late["id"] and report["target_reached"] is True
+    assert plan["restore_point_lsn"] == recorded[0]["lsn"] and plan["target_time"] is None
+    # The record starts before the LSN pg_create_restore_point returns (the end of the record).
+    assert pitr.pgwal.parse_lsn(plan["restore_point_lsn"]) < pitr.pgwal.parse_lsn(point)
+    assert plan["wal_last"] == pitr.pgwal.segment_of_lsn(1, plan["restore_point_lsn"]), "no WAL after the point"
+    with pytest.raises(NotFoundError) as info:
+        pitr.plan_restore(storage, JOB, restore_point="never-created")
+    assert "not in the stored WAL" in str(info.value)
+
+
+def test_prune_keeps_the_wal_of_every_kept_base_backup(pg, tmp_path, scratch):
+    """Three base backups with WAL between them; keeping two prunes the first and the WAL only it
+    needed (dry run first, the rails), and both kept base backups still restore."""
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+    streamer = _streamer(pg, storage, tmp_path / "spool", slot="prune_slot")
+    streamer.prepare()
+    bases, marks = [], {}
+    for batch in (1, 2, 3):
+        bases.append(_base_backup(pg, storage))
+        marks[batch] = _insert(pg, batch)
+        _lsn(pg, switch=True)
+    streamer.run(end_lsn=_lsn(pg))
+    stored = sorted(WalState.load(storage, WAL_JOB).segments)
+    keep_from = bases[1]["stats"]["wal_start"]
+    assert stored[0] < keep_from, "the first base backup needs WAL the second does not"
+    policy = {"keep_last": 2, "semantics": "restic"}
+    preview = prune(storage, JOB, policy, dry_run=True)
+    assert sorted(WalState.load(storage, WAL_JOB).segments) == stored, "a dry run deletes nothing"
+    assert [e["id"] for e in preview["prune"]] == [bases[0]["id"]]
+    assert [e["file"] for e in preview["wal"][0]["prune"]] == [name for name in stored if name < keep_from]
+    oldest_kept = next(e for e in preview["keep"] if e["id"] == bases[1]["id"])
+    assert "kept from %s on" % keep_from in oldest_kept["reasons"][-1]
+    # min_keep=3 keeps the first base backup, and so its WAL: only what precedes it may go.
+    first_needs = bases[0]["stats"]["wal_start"]
+    assert [e["file"] for e in prune(storage, JOB, policy, min_keep=3, dry_run=True)["wal"][0]["prune"]] == [
+        name for name in stored if name < first_needs]
+    with pytest.raises(ConfigError) as info:
+        prune(storage, WAL_JOB, policy, dry_run=True)
+    assert "not independent backups" in str(info.value)
+    result = prune(storage, JOB, policy)
+    assert result["deleted"] == [bases[0]["id"]] and result["counts"]["wal_pruned"] >= 1
+    remaining = sorted(WalState.load(storage, WAL_JOB).segments)
+    assert remaining == [name for name in stored if name >= keep_from]
+    # The oldest kept base backup restores to a time after it (before the newest finished) ...
+    report = pitr.restore_point_in_time(storage, JOB, (marks[2] + datetime.timedelta(milliseconds=1)).isoformat(),
+                                        target=_target(pg, "enrol_kept_oldest"), database=DB, bin_dir=pg.bin_dir,
+                                        scratch_dir=scratch)
+    assert report["plan"]["base_backup"] == bases[1]["id"]
+    assert _batches(pg, "enrol_kept_oldest") == {1: 50, 2: 50}
+    # ... and the newest to the latest stored WAL.
+    report = pitr.restore_point_in_time(storage, JOB, "latest", target=_target(pg, "enrol_kept_newest"),
+                                        database=DB, bin_dir=pg.bin_dir, scratch_dir=scratch)
+    assert report["plan"]["base_backup"] == bases[2]["id"]
+    assert _batches(pg, "enrol_kept_newest") == {1: 50, 2: 50, 3: 50}
 
 
 def test_backup_restore_module_point_in_time(pg, tmp_path, scratch):

@@ -166,3 +166,32 @@ def test_base_backup_completion_time():
     assert pitr._completed(precise) == parse_iso("2026-01-01T10:00:00.7Z")
     # Without the precise time, the whole-second manifest time is rounded up, never down.
     assert pitr._completed({"finished_at": "2026-01-01T10:00:00Z", "stats": {}}) == parse_iso("2026-01-01T10:00:01Z")
+
+
+def test_stored_wal_horizon_is_the_partial_copys_read_time():
+    partial = _wal("000000010000000000000005", "partial", "2026-01-01T12:00:05Z", "2026-01-01T12:00:04Z")
+    partial["stats"]["captured_at"] = "2026-01-01T12:00:05.830000Z"
+    segment = _wal("000000010000000000000004", "segment", "2026-01-01T12:00:09Z", "2026-01-01T11:00:00Z")
+    # The read time to the microsecond, not the manifest's whole second (12:00:05 would
+    # refuse a target at 12:00:05.5 that the copy covers).
+    assert pitr._horizon({4: segment}, {5: partial}, 5) == "2026-01-01T12:00:05.830000Z"
+    del partial["stats"]["captured_at"]  # stored before the read time was recorded
+    assert pitr._horizon({4: segment}, {5: partial}, 5) == "2026-01-01T12:00:05Z"
+    # A complete segment as the newest file: the WAL after it may hold commits not stored
+    # yet, whatever its storage time; only its own last commit is known to be stored.
+    assert pitr._horizon({4: segment}, {}, 4) == "2026-01-01T11:00:00Z"
+    segment["stats"]["last_xact_time"] = None
+    assert pitr._horizon({4: segment}, {}, 4) is None
+
+
+def test_base_wal_start_and_needed():
+    assert pgwal.base_wal_start({"stats": {"wal_start": "000000020000000100000003"}}) == (
+        2, 259, "000000020000000100000003")
+    assert pgwal.base_wal_start({"stats": {"start_lsn": "0/5000028", "timeline": 1}}) == (
+        1, 5, "000000010000000000000005")
+    assert pgwal.base_wal_start({"wal_start": "000000010000000000000007"})[1] == 7  # a flat mapping
+    assert pgwal.base_wal_start({"stats": {}}) is None and pgwal.base_wal_start("2026-01-01") is None
+    needs = [(1, 5), (2, 12)]
+    assert not pgwal.wal_needed(needs, 1, 4)
+    assert pgwal.wal_needed(needs, 1, 5) and pgwal.wal_needed(needs, 2, 1) and pgwal.wal_needed(needs, 3, 1)
+    assert not pgwal.wal_needed([(2, 12)], 2, 11) and not pgwal.wal_needed([(2, 12)], 1, 40)

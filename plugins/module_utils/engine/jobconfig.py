@@ -106,6 +106,8 @@ RESTORE = Schema("restore", {
     "backup": Field("str", "which backup: an id, latest (default) or an ISO-8601 time", nonempty=True),
     "point_in_time": Field("str", "restore the newest backup finished at or before this ISO-8601 time",
                            nonempty=True),
+    "restore_point": Field("str", "postgres_base: recover to this named restore point (pg_create_restore_point)",
+                           nonempty=True),
 })
 COPY = Schema("copy", {
     "destination": Field("dict", "the storage location the backups are copied to (the storage option's fields)"),

@@ -3,14 +3,18 @@
 1. plan: the newest ``postgres_base`` backup finished at or before the target, and every WAL
    segment from the one holding its start LSN up to the first one holding a transaction end
    (commit/abort, times recorded by the streamer with pg_waldump) after the target; for
-   ``latest``, up to the newest stored segment or partial copy. A missing segment, a base
-   backup without stored WAL, or a target beyond the stored WAL fails here;
+   ``latest``, up to the newest stored segment or partial copy; for a named restore point
+   (``pg_create_restore_point``, found in the restore points the streamer recorded per WAL
+   file), the newest base backup that ended before it and the WAL up to the segment holding
+   it. A missing segment, a base backup without stored WAL, or a target beyond the stored
+   WAL fails here;
 2. verify and stage: every object is read in full (SHA-256, size, decrypt, decompress):
    WAL into ``<scratch>/wal`` (a partial copy under its segment name), the base tarball
    unpacked into ``<scratch>/data``. Nothing outside the scratch directory is touched yet;
 3. recover: a private ``postgres`` (Unix socket in the scratch directory, no TCP, trust
    for local connections only) with ``recovery.signal``, ``restore_command`` copying from the
-   verified staging directory, ``recovery_target_time`` and ``recovery_target_action=promote``,
+   verified staging directory, ``recovery_target_time`` (or ``recovery_target_name``) and
+   ``recovery_target_action=promote``,
    all passed on its command line (nothing written into the configuration files); the
    engine waits until it has promoted and reads the LSN and the commit time it stopped at;
 4. deliver: ``pg_dump`` of one database of the private server into ``pg_restore`` on the
@@ -63,15 +67,19 @@ class RestorePlan:
         self.wal_job = wal_job
         self.stored_until = stored_until
         self.no_commit_after_target = False
+        self.restore_point = None       # recover to this named restore point instead
+        self.restore_point_lsn = None   # where it lies, when the stored WAL says
 
     def describe(self):
         stats = self.base.get("stats") or {}
         return {"base_backup": self.base["id"], "base_finished_at": self.base["finished_at"],
                 "timeline": stats.get("timeline"), "start_lsn": stats.get("start_lsn"),
                 "end_lsn": stats.get("end_lsn"), "wal_job": self.wal_job,
-                "target_time": to_iso_precise(self.target_time) if self.target_time else LATEST,
+                "target_time": (to_iso_precise(self.target_time) if self.target_time
+                                else None if self.restore_point else LATEST),
                 "wal_first": self.wal[0][0] if self.wal else None, "wal_last": self.wal[-1][0] if self.wal else None,
                 "wal_segments": len(self.wal), "wal_partial": bool(self.wal and self.wal[-1][2] == "partial"),
+                "restore_point": self.restore_point, "restore_point_lsn": self.restore_point_lsn,
                 "wal_stored_until": self.stored_until, "no_commit_after_target": self.no_commit_after_target,
                 "bytes_to_read": self.base["size_bytes"] + sum(m["size_bytes"] for dummy, m, dummy2 in self.wal)}
 
@@ -90,9 +98,15 @@ def parse_target(point_in_time):
         raise ConfigError("point_in_time %r is neither 'latest' nor an ISO-8601 time" % (point_in_time,)) from None
 
 
-def plan_restore(storage, job, point_in_time=None, wal_job=None):
-    """A RestorePlan for ``job`` (base backups) and ``wal_job`` (its WAL); errors name what is missing."""
+def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=None):
+    """A RestorePlan for ``job`` (base backups) and ``wal_job`` (its WAL); errors name what is missing.
+
+    ``restore_point``: recover to the named restore point instead (``recovery_target_name``);
+    ``point_in_time`` is then an upper bound (see ``_locate_restore_point``)."""
     target = parse_target(point_in_time)
+    if restore_point is not None and (not isinstance(restore_point, str) or not restore_point.strip()
+                                      or len(restore_point) > 63):
+        raise ConfigError("restore_point %r is not a restore point name (1 to 63 characters)" % (restore_point,))
     catalog = Catalog(storage)
     bases = [m for m in catalog.scan(job, with_orphans=False) if m.get("kind") == BASE_KIND]
     if not bases:
@@ -102,16 +116,22 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None):
         if not usable:
             raise NotFoundError("job %s has no base backup finished at or before %s (the oldest finished at %s)"
                                 % (job, to_iso_precise(target), bases[-1]["finished_at"]))
-        base = usable[0]
     else:
-        base = bases[0]
+        usable = bases
+    base = usable[0]
+    state = None
+    point = None
+    if restore_point is not None:
+        wal_job = wal_job or (base.get("stats") or {}).get("wal_job") or default_wal_job(job, {})
+        state = WalState.load(storage, wal_job)
+        base, point = _locate_restore_point(usable, state, restore_point, wal_job, target)
     stats = base.get("stats") or {}
     wal_job = wal_job or stats.get("wal_job") or default_wal_job(job, {})
     size = int(stats.get("segment_size") or pgwal.DEFAULT_SEGMENT_SIZE)
     timeline = int(stats["timeline"])
     first = pgwal.segment_number(stats["start_lsn"], size)
     needed_end = pgwal.segment_number(stats["end_lsn"], size)
-    state = WalState.load(storage, wal_job)
+    state = state or WalState.load(storage, wal_job)
     segments, partials = {}, {}
     for name, manifest in state.segments.items():
         parsed = pgwal.parse_segment_name(name, size)
@@ -132,9 +152,12 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None):
         raise NotFoundError("no WAL of base backup %s (from segment %s) is stored in job %s"
                             % (base["id"], pgwal.segment_name(timeline, first, size), wal_job))
     newest = max(candidates)
-    stored_until = max(m["finished_at"] for m in list(segments.values()) + list(partials.values()))
+    stored_until = _horizon(segments, partials, newest)
     beyond = False
-    if target is None:
+    if point is not None:
+        # Recovery stops at the restore point's record: WAL up to the segment holding it.
+        last = min(newest, pgwal.segment_number(point["lsn"], size))
+    elif target is None:
         last = newest
     else:
         last = _last_needed(candidates, segments, partials, target)
@@ -145,11 +168,15 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None):
         elif last is None:
             # No transaction ended after the target in the stored WAL: the target's state is
             # the state at the end of the stored WAL, provided that WAL was stored after it.
-            if parse_iso(stored_until) < target:
+            if restore_point is not None:
+                last = newest  # the point lies before the target: all stored WAL up to it
+            elif stored_until is None or parse_iso(stored_until) < target:
                 raise NotFoundError("the stored WAL of job %s ends at %s, before the target %s: it cannot be "
                                     "recovered yet (is the WAL stream running?)"
-                                    % (wal_job, stored_until, to_iso_precise(target)))
-            last, beyond = newest, True
+                                    % (wal_job, stored_until or "an unknown time (a complete segment without "
+                                       "the partial copy after it)", to_iso_precise(target)))
+            else:
+                last, beyond = newest, True
     last = max(last, min(needed_end, newest))
     if last < needed_end:
         raise NotFoundError("base backup %s needs WAL up to segment %s, and job %s holds WAL only up to %s"
@@ -171,7 +198,76 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None):
             wal.append((name, partials[segno], "partial"))
     plan = RestorePlan(base, wal, target, wal_job, stored_until)
     plan.no_commit_after_target = beyond
+    plan.restore_point = restore_point
+    plan.restore_point_lsn = point["lsn"] if point else None
     return plan
+
+
+def _locate_restore_point(bases, state, name, wal_job, target):
+    """``(base, point)`` for a restore to the restore point ``name``; ``point`` is None when unknown.
+
+    The streamer records the restore points of every WAL file it stores (pg_waldump, with
+    their LSN). Known: the newest recording of ``name`` is the point, and the base backup is
+    the newest (of ``bases``, all finished before ``target`` when given) on the point's timeline
+    that ended before it with no other recording of the name between its start and the point
+    (recovery stops at the first it meets). Not known (WAL stored without pg_waldump): the
+    base backup is the newest finished before ``target``, which must be given as a time after
+    the restore point was created; without it the restore is refused.
+    """
+    found, unknown = [], False
+    for manifest in list(state.segments.values()) + [copies[0] for copies in state.partials.values()]:
+        wal = manifest.get("stats") or {}
+        if "restore_points" not in wal:
+            unknown = True
+            continue
+        for point in wal["restore_points"]:
+            if point.get("name") == name:
+                found.append({"name": name, "lsn": point["lsn"], "timeline": wal.get("timeline"),
+                              "file": wal.get("file")})
+    unique = {}
+    for point in found:  # a partial copy and its complete segment record the same point
+        unique[(point["timeline"], pgwal.parse_lsn(point["lsn"]))] = point
+    found = [unique[key] for key in sorted(unique)]
+    if not found:
+        if not unknown:
+            raise NotFoundError("restore point %r is not in the stored WAL of job %s" % (name, wal_job))
+        if target is None:
+            raise ConfigError("restore point %r: the stored WAL of job %s was stored without pg_waldump, so where "
+                              "the point lies is not known; give point_in_time too, a time after the restore point "
+                              "was created (the newest base backup finished before it is used)" % (name, wal_job))
+        return bases[0], None
+    point = found[-1]
+    lsn = pgwal.parse_lsn(point["lsn"])
+    for base in bases:  # newest first
+        stats = base.get("stats") or {}
+        if not stats.get("end_lsn") or int(stats.get("timeline") or 0) != point["timeline"]:
+            continue
+        start, end = pgwal.parse_lsn(stats["start_lsn"]), pgwal.parse_lsn(stats["end_lsn"])
+        if end > lsn:
+            continue
+        earlier = [p for p in found[:-1] if p["timeline"] == point["timeline"] and pgwal.parse_lsn(p["lsn"]) >= start]
+        if earlier:
+            raise NotFoundError("restore point %r was created more than once (at LSN %s): recovery from base backup "
+                                "%s would stop at the first; use a unique name" % (
+                                    name, ", ".join(p["lsn"] for p in earlier + [point]), base["id"]))
+        return base, point
+    raise NotFoundError("restore point %r (LSN %s, timeline %s) lies before the end of every base backup of the "
+                        "job%s" % (name, point["lsn"], point["timeline"],
+                                   " finished before %s" % to_iso_precise(target) if target else ""))
+
+
+def _horizon(segments, partials, newest):
+    """Up to when the stored WAL is known to hold every commit (ISO-8601), or None.
+
+    A partial copy holds what pg_receivewal had written when it was read from the spool
+    (``stats.captured_at``, to the microsecond; manifests written before it was recorded:
+    their whole-second store time). A complete segment as the newest file says nothing
+    about the WAL after it: only its own last transaction end is known to be stored.
+    """
+    if newest in partials and newest not in segments:
+        manifest = partials[newest]
+        return (manifest.get("stats") or {}).get("captured_at") or manifest["finished_at"]
+    return (segments[newest].get("stats") or {}).get("last_xact_time")
 
 
 def _completed(base):
@@ -336,8 +432,9 @@ def _chown_tree(path, account):
 class PrivateServer:
     """A postgres on a recovered data directory, reachable only through a socket in ``scratch``."""
 
-    def __init__(self, bin_dir, scratch, data_dir, wal_dir, account, target_time, timeline):
+    def __init__(self, bin_dir, scratch, data_dir, wal_dir, account, target_time, timeline, restore_point=None):
         self.bin_dir = bin_dir
+        self.restore_point = restore_point
         self.scratch = scratch
         self.data_dir = data_dir
         self.wal_dir = wal_dir
@@ -361,7 +458,9 @@ class PrivateServer:
             "recovery_target_timeline": str(self.timeline), "recovery_target_action": "promote",
             "shared_preload_libraries": "",
         }
-        if with_target and self.target_time is not None:
+        if with_target and self.restore_point is not None:
+            settings["recovery_target_name"] = self.restore_point
+        elif with_target and self.target_time is not None:
             settings["recovery_target_time"] = to_iso_precise(self.target_time).replace("T", " ").replace("Z", "+00")
             settings["recovery_target_inclusive"] = "on"
         argv = [os.path.join(self.bin_dir, "postgres"), "-D", self.data_dir]
@@ -459,8 +558,10 @@ class _DumpStream:
 
 def restore_point_in_time(storage, job, point_in_time=None, identity=None, passphrase=None, wal_job=None,
                           target=None, database=None, data_dir=None, scratch_dir=None, bin_dir=None,
-                          run_as=None, user="postgres", timeout=3600, check_mode=False, log=None):
-    """Restore ``job``'s PostgreSQL to ``point_in_time`` (ISO-8601 or ``latest``).
+                          run_as=None, user="postgres", timeout=3600, check_mode=False, log=None,
+                          restore_point=None):
+    """Restore ``job``'s PostgreSQL to ``point_in_time`` (ISO-8601 or ``latest``), or to the named
+    ``restore_point`` (``pg_create_restore_point``; ``point_in_time`` is then an upper bound).
 
     Deliver either ``database`` of the recovered cluster into ``target`` (a PostgresTarget)
     or the whole recovered data directory at ``data_dir`` (which must not exist). Returns a
@@ -477,7 +578,7 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
     bin_dir = bin_dir or os.path.dirname(procutil.find_tool("postgres"))
     procutil.find_tool("postgres", bin_dir)
     account = _account(run_as)
-    plan = plan_restore(storage, job, point_in_time, wal_job)
+    plan = plan_restore(storage, job, point_in_time, wal_job, restore_point=restore_point)
     report = {"kind": BASE_KIND, "job": job, "plan": plan.describe(), "changed": False}
     synthetic = {"id": "pitr-" + plan.base["id"], "kind": "postgres", "objects": [{"payload": DUMP_PAYLOAD}],
                  "tool_versions": {"pg_dump": (plan.base.get("stats") or {}).get("server_version", "0")},
@@ -500,15 +601,21 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
         report["wal_bytes"] = stage_wal(keys, plan, wal_dir, log)
         report["base_bytes"] = unpack_base(keys, plan, pgdata, log)
         stats = plan.base.get("stats") or {}
-        server = PrivateServer(bin_dir, scratch, pgdata, wal_dir, account, plan.target_time, int(stats["timeline"]))
+        server = PrivateServer(bin_dir, scratch, pgdata, wal_dir, account, plan.target_time, int(stats["timeline"]),
+                               restore_point=restore_point)
         server.user = user
         server.prepare()
         started = time.monotonic()
-        report["target_reached"] = plan.target_time is not None and not plan.no_commit_after_target
+        report["target_reached"] = ((plan.target_time is not None or restore_point is not None)
+                                    and not plan.no_commit_after_target)
         if plan.no_commit_after_target:
             log("no transaction ended after the target in the stored WAL: recovering to its end (the same state)")
         server.start(with_target=report["target_reached"])
         if not server.wait_promoted(timeout):
+            if _NOT_REACHED in server.log_text() and restore_point is not None:
+                raise NotFoundError("recovery from base backup %s replayed the stored WAL without meeting restore "
+                                    "point %r: it was not created after that base backup (%s)"
+                                    % (plan.base["id"], restore_point, server.log_tail(3)))
             if _NOT_REACHED in server.log_text():
                 raise IntegrityError("recovery ended before the target %s was reached: the stored WAL is "
                                      "incomplete (%s)" % (plan.describe()["target_time"], server.log_tail(3)))

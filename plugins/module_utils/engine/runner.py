@@ -484,6 +484,8 @@ def build_parser():
     parser.add_argument("--backup", help="latest (default), a backup id, an ISO-8601 time, or all (verify); "
                         "copy: all (default), latest or a backup id")
     parser.add_argument("--point-in-time", help="restore: the newest backup at or before this ISO-8601 time")
+    parser.add_argument("--restore-point", help="restore (postgres_base): recover to this named restore point "
+                        "(pg_create_restore_point); --point-in-time is then an upper bound")
     parser.add_argument("--target-file", help="restore: YAML/JSON of target options merged over restore.target")
     parser.add_argument("--test-restore", action="store_true", help="verify: also restore into a scratch target")
     parser.add_argument("--force", action="store_true", help="prune: delete more than max_delete")
@@ -545,6 +547,8 @@ def main(argv=None):
         parser.error("--destination is for prune only")
     if args.point_in_time and args.command != "restore":
         parser.error("--point-in-time is for restore only")
+    if args.restore_point and args.command != "restore":
+        parser.error("--restore-point is for restore only")
     if args.backup and args.point_in_time:
         parser.error("give --backup or --point-in-time, not both")
     if args.files and args.command != "wal-fetch":
