@@ -17,6 +17,8 @@ description:
   - Copies the backups of a job from O(storage) to O(destination), another storage location with its own
     credentials (another S3 endpoint, bucket or region, or a filesystem, NFS or PVC directory).
   - The stored bytes are copied as they are, compressed and encrypted; no key is needed and none is read.
+    With O(reencrypt) (a destination held by another team) they are decrypted with the source's key, given
+    explicitly, and encrypted to other age recipients on the way instead.
   - Every object is streamed (bounded memory), hashed on the way (a source object that does not match its
     manifest is not copied), then read back from the destination and its size and SHA-256 compared with the
     manifest. The manifest is written last, so an incomplete copy is never listed at the destination. The
@@ -68,6 +70,43 @@ options:
         copied (RV(not_wanted)), so that a destination pruned harder than the source is not filled again.
       - Prune the destination with M(biometrics.backup.backup_prune) and the same policy.
     type: dict
+  reencrypt:
+    description:
+      - Re-encrypt the copies to other age recipients, for a destination held by another team. Each object is
+        decrypted with the source's key and encrypted to O(reencrypt.recipients) while it streams (memory
+        stays bounded); the destination's manifest gets the new sizes and SHA-256 and records, in
+        C(copied_from.reencrypted), the recipients, the source objects and the SHA-256 of each object's
+        plaintext (never a key). At the destination the copies are read with the recipients' identity, not with
+        the source's.
+      - The source's key must be given here (O(reencrypt.identity), O(reencrypt.identity_file),
+        O(reencrypt.passphrase) or O(reencrypt.passphrase_file)). A key that does not open the backups to copy is
+        refused before anything is written at the destination; so is a missing one.
+      - A backup the destination already holds counts as copied whatever it is encrypted to. Changing the
+        recipients applies to the backups copied from then on; RV(other_recipients) lists the copies encrypted
+        to other keys (delete them at the destination to have them copied again).
+      - Without this option nothing is decrypted and no key is read.
+    type: dict
+    suboptions:
+      recipients:
+        description: The destination's age public keys (C(age1...)) the copies are encrypted to.
+        type: list
+        elements: str
+      recipients_file:
+        description: File with one age public key per line (C(#) comments allowed), as C(age -R) reads it.
+        type: path
+      identity:
+        description: The source's age identity (C(AGE-SECRET-KEY-...) lines) that decrypts the backups being copied.
+        type: str
+      identity_file:
+        description: File holding the source's age identity.
+        type: path
+      passphrase:
+        description: The source's passphrase, for backups encrypted with a passphrase (their C(key.age) envelope is
+          not copied).
+        type: str
+      passphrase_file:
+        description: File holding the source's passphrase.
+        type: path
   fail_on_error:
     description: Fail the task when a backup could not be copied (a damaged source object, a copy that does
       not read back right, or a chain whose parent could not be copied).
@@ -108,6 +147,25 @@ EXAMPLES = r"""
       backend: nfs
       path: /mnt/offsite-backups
   check_mode: true
+
+- name: Copy to a bucket held by the security team, re-encrypted to their key
+  biometrics.backup.backup_copy:
+    job: app-db
+    storage:
+      backend: s3
+      bucket: biometrics-backups
+      endpoint_url: https://s3.site-a.example.internal
+      access_key_file: /etc/backup/s3/access_key
+      secret_key_file: /etc/backup/s3/secret_key
+    destination:
+      backend: s3
+      bucket: security-escrow
+      endpoint_url: https://s3.security.example.internal
+      access_key_file: /etc/backup/escrow/access_key
+      secret_key_file: /etc/backup/escrow/secret_key
+    reencrypt:
+      recipients_file: /etc/backup/escrow/recipients.txt
+      identity_file: /etc/backup/identity.txt
 """
 
 RETURN = r"""
@@ -165,6 +223,17 @@ lag_seconds:
   description: Seconds since the oldest backup the destination does not hold finished (0 when in sync).
   returned: always
   type: float
+reencrypt:
+  description: The recipients the copies of this run are encrypted to (public keys), or null without O(reencrypt).
+  returned: always
+  type: dict
+  sample: {recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]}
+other_recipients:
+  description: With O(reencrypt), ids of backups the destination holds encrypted to other recipients than
+    O(reencrypt.recipients) (copied before the recipients changed); they are kept as they are.
+  returned: always
+  type: list
+  elements: str
 source:
   description: The source location (no credentials).
   returned: always
@@ -179,9 +248,10 @@ destination:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
-from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location, text_of
+from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location, resolved, text_of
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import RETENTION, RETENTION_KEYS
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import RECHECKS, copy_backups
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import (
+    RECHECKS, copy_backups, reencrypt_settings)
 
 
 def main():
@@ -193,6 +263,14 @@ def main():
             backup=dict(type="str", default="all"),
             recheck=dict(type="str", default="size", choices=list(RECHECKS)),
             destination_retention=dict(type="dict"),
+            reencrypt=dict(type="dict", options=dict(
+                recipients=dict(type="list", elements="str"),
+                recipients_file=dict(type="path"),
+                identity=dict(type="str", no_log=True),
+                identity_file=dict(type="path"),
+                passphrase=dict(type="str", no_log=True),
+                passphrase_file=dict(type="path"),
+            )),
             fail_on_error=dict(type="bool", default=True),
         ),
         supports_check_mode=True,
@@ -206,11 +284,16 @@ def main():
             retention = RETENTION.validate(params["destination_retention"], "destination_retention")
             policy = dict((key, value) for key, value in retention.items() if key in RETENTION_KEYS)
             min_keep = retention.get("min_keep", 1)
+        reencrypt = None
+        if params["reencrypt"] is not None:
+            # Key files are read (and masked) here; the engine checks recipients and the key.
+            reencrypt = reencrypt_settings(resolved(module, "reencrypt"))
+            module.no_log_values.update(line for line in (reencrypt["_identity"] or "").splitlines() if line)
         outcome = copy_backups(source, destination, params["job"], backup=params["backup"],
                                recheck=params["recheck"], check_mode=module.check_mode, policy=policy,
-                               min_keep=min_keep)
+                               min_keep=min_keep, reencrypt=reencrypt)
     returned = ("changed", "copied", "planned", "failed", "skipped", "in_sync", "not_wanted", "bytes_copied",
-                "lag_seconds", "source", "destination")
+                "lag_seconds", "source", "destination", "reencrypt", "other_recipients")
     result = dict((key, outcome[key]) for key in returned)
     if module._diff:
         repaired = set(step["id"] for step in outcome["planned"] if step["action"] == "repair")

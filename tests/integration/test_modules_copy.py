@@ -114,3 +114,60 @@ def test_prune_require_copy_and_destination_retention(tmp_path):
     assert any("require_copy" in reason for reason in kept[first])
     assert [c["id"] for c in results["copy all"]["copied"]] == [first]
     assert results["prune again"]["deleted"] == [first]
+
+
+def test_backup_copy_reencrypt(tmp_path, s3_server, offsite_s3):
+    """O(reencrypt): the copy restores with the other team's key and not with the source's;
+    check mode and diff; in sync the second time; a missing or wrong source key fails the
+    task before anything is written; no key in -vvv output."""
+    source_key = x25519.Identity.generate()
+    team_key = x25519.Identity.generate()
+    (tmp_path / "source-identity").write_text("%s\n" % source_key)
+    (tmp_path / "team-identity").write_text("%s\n" % team_key)
+    tree = tmp_path / "data"
+    tree.mkdir()
+    (tree / "a.bin").write_bytes(os.urandom(80_000))
+    (tree / "b.txt").write_text("b\n" * 500)
+    source = s3_server.storage_options(prefix="src-%s" % uuid.uuid4().hex[:8])
+    offsite = offsite_s3.storage_options(prefix="team-%s" % uuid.uuid4().hex[:8])
+    reencrypt = {"recipients": [str(team_key.to_public())], "identity_file": str(tmp_path / "source-identity")}
+    copy = {"job": "docs", "storage": source, "destination": offsite, "reencrypt": reencrypt}
+    wrong = dict(reencrypt, identity_file=None, identity=str(x25519.Identity.generate()))
+    tasks = [
+        {"name": "backup", FQCN + "backup_run": {"job": "docs", "kind": "files", "source": {"path": str(tree)},
+                                                 "storage": source,
+                                                 "encryption": {"recipients": [str(source_key.to_public())]}}},
+        {"name": "no key", FQCN + "backup_copy": dict(copy, reencrypt={"recipients": reencrypt["recipients"]}),
+         "ignore_errors": True},
+        {"name": "wrong key", FQCN + "backup_copy": dict(copy, reencrypt=wrong), "ignore_errors": True},
+        {"name": "info after refusals", FQCN + "backup_info": {"job": "docs", "storage": offsite}},
+        {"name": "plan", FQCN + "backup_copy": copy, "check_mode": True},
+        {"name": "copy", FQCN + "backup_copy": copy},
+        {"name": "again", FQCN + "backup_copy": copy},
+        {"name": "restore with the team's key", FQCN + "backup_restore": {
+            "job": "docs", "storage": offsite, "encryption": {"identity_file": str(tmp_path / "team-identity")},
+            "target": {"path": str(tmp_path / "restored")}}},
+        {"name": "restore with the source's key", FQCN + "backup_restore": {
+            "job": "docs", "storage": offsite, "encryption": {"identity_file": str(tmp_path / "source-identity")},
+            "target": {"path": str(tmp_path / "not-restored")}}, "ignore_errors": True},
+    ]
+    proc, results = ansible_playbook(tmp_path, tasks, diff=True, verbosity=3)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    backup_id = results["backup"]["backup_id"]
+    assert results["no key"]["failed"] and "source's key must be given explicitly" in results["no key"]["msg"]
+    assert results["wrong key"]["failed"] and "nothing was written" in results["wrong key"]["msg"]
+    assert results["info after refusals"]["backups"] == []
+    assert results["plan"]["changed"] and [s["id"] for s in results["plan"]["planned"]] == [backup_id]
+    assert backup_id in results["plan"]["diff"]["after"] and results["plan"]["copied"] == []
+    assert results["copy"]["changed"] and [c["id"] for c in results["copy"]["copied"]] == [backup_id]
+    assert results["copy"]["reencrypt"] == {"recipients": [str(team_key.to_public())]}
+    assert not results["again"]["changed"] and results["again"]["in_sync"] == [backup_id]
+    assert results["again"]["other_recipients"] == []
+    assert tree_state(str(tmp_path / "restored")) == tree_state(str(tree))
+    assert results["restore with the source's key"]["failed"]
+    assert "not a recipient" in results["restore with the source's key"]["msg"]
+    assert not (tmp_path / "not-restored").exists() or not os.listdir(tmp_path / "not-restored")
+    assert results["wrong key"]["invocation"]["module_args"]["reencrypt"]["identity"] == \
+        "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
+    for secret in (str(source_key), str(team_key), wrong["identity"], s3_server.secret_key, offsite_s3.secret_key):
+        assert secret not in proc.stdout and secret not in proc.stderr

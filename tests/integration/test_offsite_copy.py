@@ -9,17 +9,23 @@ found (by the listing, by a failed verification recorded at the destination, or 
 ``recheck: full``) and copied again.
 """
 
+import hashlib
+import json
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
+import pyrage
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import offsite
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.files import FilesTarget
@@ -179,3 +185,198 @@ def test_an_interrupted_copy_resumes_with_what_reads_back_right(s3_server, offsi
     assert outcome["bytes_reused"] == objects[0]["size"]
     assert outcome["bytes_copied"] == manifest["size_bytes"] - objects[0]["size"]
     assert listed(destination) == [manifest["id"]]
+
+
+# -- re-encryption: a destination held by another team ----------------------------------
+
+def _reencrypt(key, **extra):
+    return dict({"recipients": [key[1]]}, **extra)
+
+
+def test_reencrypted_copy_restores_with_the_destination_key_only(locations, tmp_path):
+    """Decrypted with the source's key and encrypted to the destination's recipients on the
+    way: at the destination the backups verify and restore with the destination's identity,
+    not with the source's; a second run changes nothing; the manifest records the recipients
+    and the plaintext's SHA-256, never a key."""
+    source, destination, options = locations
+    source_key = age_key(tmp_path)
+    other = tmp_path / "other-team"
+    other.mkdir()
+    destination_key = age_key(other)
+    made = make_backups(source, str(tmp_path / "tree"), source_key)
+    ids = [manifest["id"] for manifest, dummy in made]
+    settings = _reencrypt(destination_key, identity=source_key[2])
+
+    plan = offsite.copy_backups(source, destination, JOB, check_mode=True, reencrypt=settings)
+    assert [step["id"] for step in plan["planned"]] == ids and plan["changed"] and not plan["copied"]
+    assert plan["reencrypt"] == {"recipients": [destination_key[1]]}
+    if options["backend"] == "filesystem":
+        assert not os.path.exists(options["path"])  # check mode wrote nothing
+
+    first = offsite.copy_backups(source, destination, JOB, reencrypt=settings)
+    assert first["ok"] and [item["id"] for item in first["copied"]] == ids
+    for manifest, dummy in made:
+        copy = Catalog(destination).get(JOB, manifest["id"])
+        assert copy["encryption"] == {"mode": "age", "recipients": [destination_key[1]]}
+        record = copy["copied_from"]["reencrypted"]
+        assert record["recipients"] == [destination_key[1]]
+        assert record["source_encryption"]["recipients"] == [source_key[1]]
+        assert record["source_objects"] == [{"name": o["name"], "size": o["size"], "sha256": o["sha256"]}
+                                            for o in manifest["objects"]]
+        assert [o["name"] for o in copy["objects"]] == [o["name"] for o in manifest["objects"]]
+        for new, old in zip(copy["objects"], manifest["objects"]):
+            assert new["sha256"] != old["sha256"]  # other ciphertext
+            stored = destination.get_bytes("%s/%s/%s" % (JOB, copy["id"], new["name"]))
+            assert len(stored) == new["size"] and hashlib.sha256(stored).hexdigest() == new["sha256"]
+            # The recorded plaintext is what the destination's key decrypts it to.
+            plain = pyrage.decrypt(stored, codecs.parse_identities(destination_key[2]))
+            entry = [p for p in record["plaintext"] if p["name"] == new["name"]][0]
+            assert entry == {"name": new["name"], "size": len(plain), "sha256": hashlib.sha256(plain).hexdigest()}
+            assert plain == pyrage.decrypt(source.get_bytes("%s/%s/%s" % (JOB, copy["id"], old["name"])),
+                                           codecs.parse_identities(source_key[2]))
+        text = json.dumps(copy)
+        assert "AGE-SECRET-KEY" not in text.upper() and source_key[2] not in text
+    assert first["bytes_copied"] == sum(Catalog(destination).get(JOB, i)["size_bytes"] for i in ids)
+
+    # The other team's key opens the copy; the source's key does not.
+    outcome = verify(destination, JOB, backup="all", identity=destination_key[2])
+    assert outcome["ok"] and outcome["verified"] == len(ids)
+    assert restore_tree(destination, ids[-1], destination_key[2], tmp_path, "restored-last") == made[-1][1]
+    assert restore_tree(destination, ids[0], destination_key[2], tmp_path, "restored-first") == made[0][1]
+    with pytest.raises(rs.KeyMismatchError):
+        restore_tree(destination, ids[-1], source_key[2], tmp_path, "not-with-the-source-key")
+    assert not verify(destination, JOB, backup="latest", identity=source_key[2])["ok"]
+
+    again = offsite.copy_backups(source, destination, JOB, reencrypt=settings)
+    assert not again["changed"] and again["in_sync"] == ids and again["bytes_copied"] == 0
+    assert again["other_recipients"] == []
+    # Without the option the re-encrypted copies count as present too (no key needed).
+    plain = offsite.copy_backups(source, destination, JOB)
+    assert not plain["changed"] and plain["in_sync"] == ids
+    assert offsite.copied_ids(destination, JOB, Catalog(source).scan(JOB)) == set(ids)
+
+    # Recipients changed: the copies made before are kept (and named), new backups go to the new ones.
+    third = tmp_path / "third"
+    third.mkdir()
+    new_key = age_key(third)
+    changed = offsite.copy_backups(source, destination, JOB, reencrypt=_reencrypt(new_key, identity=source_key[2]))
+    assert not changed["changed"] and changed["other_recipients"] == ids
+
+    # A listed object deleted at the destination: repaired, re-encrypted again.
+    victim = Catalog(destination).get(JOB, ids[1])
+    payload = [obj for obj in victim["objects"] if obj.get("payload")][0]
+    destination.delete("%s/%s/%s" % (JOB, ids[1], payload["name"]))
+    repaired = offsite.copy_backups(source, destination, JOB, reencrypt=settings)
+    assert [item["id"] for item in repaired["copied"]] == [ids[1]] and repaired["copied"][0]["action"] == "repair"
+    assert verify(destination, JOB, backup="all", identity=destination_key[2])["ok"]
+    # recheck=full reads the re-encrypted objects back against the destination's manifest.
+    full = offsite.copy_backups(source, destination, JOB, recheck="full", reencrypt=settings)
+    assert not full["changed"] and full["in_sync"] == ids
+
+
+def test_reencrypt_refuses_a_missing_or_wrong_key_before_writing(s3_server, tmp_path):
+    source = open_storage(s3_server.storage_options())
+    target = tmp_path / "offsite"
+    destination = open_storage({"backend": "filesystem", "path": str(target)})
+    source_key = age_key(tmp_path)
+    team = tmp_path / "team"
+    team.mkdir()
+    destination_key = age_key(team)
+    made = make_backups(source, str(tmp_path / "tree"), source_key, count=2)
+
+    with pytest.raises(ConfigError, match="source's key must be given explicitly"):
+        offsite.copy_backups(source, destination, JOB, reencrypt=_reencrypt(destination_key))
+    with pytest.raises(ConfigError, match="secret key"):
+        offsite.copy_backups(source, destination, JOB,
+                             reencrypt={"recipients": [source_key[2]], "identity": source_key[2]})
+    # A valid key that is not a recipient of the source's backups: refused, nothing written.
+    for check_mode in (True, False):
+        with pytest.raises(rs.KeyMismatchError, match="nothing was written") as caught:
+            offsite.copy_backups(source, destination, JOB, check_mode=check_mode,
+                                 reencrypt=_reencrypt(destination_key, identity=destination_key[2]))
+        assert destination_key[2] not in str(caught.value) and source_key[2] not in str(caught.value)
+        assert not target.exists()
+    # The recipients list is right but the key does not decrypt (a manifest that names the
+    # wrong recipients): the trial decryption refuses it, still before any write.
+    impostor = tmp_path / "impostor"
+    impostor.mkdir()
+    impostor_key = age_key(impostor)
+    full = made[0][0]
+    edited = dict(full, encryption=dict(full["encryption"], recipients=[impostor_key[1]]))
+    source.put_bytes("%s/%s/manifest.json" % (JOB, full["id"]), mf.dumps(edited))
+    source.delete("%s/index.json" % JOB)  # the catalog's cache of the manifests
+    with pytest.raises(rs.KeyMismatchError, match="does not decrypt"):
+        offsite.copy_backups(source, destination, JOB, backup=full["id"],
+                             reencrypt=_reencrypt(destination_key, identity=impostor_key[2]))
+    assert not target.exists()
+
+
+def test_reencrypt_passphrase_backups_and_damaged_source(s3_server, offsite_s3, tmp_path):
+    """Passphrase (envelope) backups re-encrypted with the passphrase as the source key: the
+    envelope is not copied; a damaged source object is not copied, the others are."""
+    source = open_storage(s3_server.storage_options())
+    destination = open_storage(offsite_s3.storage_options())
+    team = tmp_path / "team"
+    team.mkdir()
+    destination_key = age_key(team)
+    tree = str(tmp_path / "tree")
+    write(os.path.join(tree, "a.txt"), "alpha\n" * 1000)
+    manifests = []
+    for step in range(2):
+        write(os.path.join(tree, "b-%d.bin" % step), os.urandom(200000).hex())
+        manifests.append((BackupRun(JOB, FilesSource({"path": tree}), source,
+                                    encryption={"passphrase": "correct horse"}).run(), snapshot(tree)))
+        time.sleep(1.05)
+    with pytest.raises(rs.KeyMismatchError):
+        offsite.copy_backups(source, destination, JOB,
+                             reencrypt=_reencrypt(destination_key, passphrase="wrong horse"))
+    assert listed(destination) == []
+
+    damaged = manifests[0][0]
+    payload = [obj for obj in damaged["objects"] if obj.get("payload")][0]
+    key = "%s/%s/%s" % (JOB, damaged["id"], payload["name"])
+    good = source.get_bytes(key)
+    broken = bytearray(good)
+    broken[len(broken) // 2] ^= 0xFF
+    source.put_bytes(key, bytes(broken))
+    outcome = offsite.copy_backups(source, destination, JOB,
+                                   reencrypt=_reencrypt(destination_key, passphrase="correct horse"))
+    assert [item["id"] for item in outcome["failed"]] == [damaged["id"]] and not outcome["ok"]
+    assert "at the source" in outcome["failed"][0]["error"]
+    assert listed(destination) == [manifests[1][0]["id"]]
+    source.put_bytes(key, good)
+    outcome = offsite.copy_backups(source, destination, JOB,
+                                   reencrypt=_reencrypt(destination_key, passphrase="correct horse"))
+    assert outcome["ok"] and [item["id"] for item in outcome["copied"]] == [damaged["id"]]
+    for manifest, tree_state in manifests:
+        copy = Catalog(destination).get(JOB, manifest["id"])
+        assert "key_object" not in copy["encryption"]
+        assert codecs.ENVELOPE_OBJECT not in [obj["name"] for obj in copy["objects"]]
+        assert not destination.exists("%s/%s/%s" % (JOB, manifest["id"], codecs.ENVELOPE_OBJECT))
+        assert restore_tree(destination, manifest["id"], destination_key[2], tmp_path, manifest["id"]) == tree_state
+    assert verify(destination, JOB, backup="all", identity=destination_key[2])["ok"]
+
+
+@pytest.mark.skipif(shutil.which("age") is None or shutil.which("zstd") is None,
+                    reason="the stock age and zstd CLIs are not installed")
+def test_stock_age_decrypts_a_reencrypted_object(tmp_path):
+    source = open_storage({"backend": "filesystem", "path": str(tmp_path / "primary")})
+    destination = open_storage({"backend": "filesystem", "path": str(tmp_path / "offsite")})
+    source_key = age_key(tmp_path)
+    team = tmp_path / "team"
+    team.mkdir()
+    destination_key = age_key(team)
+    manifest, dummy = make_backups(source, str(tmp_path / "tree"), source_key, count=1)[0]
+    assert offsite.copy_backups(source, destination, JOB,
+                                reencrypt=_reencrypt(destination_key, identity=source_key[2]))["ok"]
+    copy = Catalog(destination).get(JOB, manifest["id"])
+    payload = [obj for obj in copy["objects"] if obj.get("payload")][0]
+    path = os.path.join(str(tmp_path / "offsite"), JOB, manifest["id"], payload["name"])
+    decrypted = subprocess.run(["age", "-d", "-i", destination_key[0], path], capture_output=True, check=False)
+    assert decrypted.returncode == 0, decrypted.stderr
+    record = [p for p in copy["copied_from"]["reencrypted"]["plaintext"] if p["name"] == payload["name"]][0]
+    assert hashlib.sha256(decrypted.stdout).hexdigest() == record["sha256"]
+    tar = subprocess.run(["zstd", "-d", "-c"], input=decrypted.stdout, capture_output=True, check=True).stdout
+    assert tar and len(tar) == payload["raw_bytes"]
+    refused = subprocess.run(["age", "-d", "-i", source_key[0], path], capture_output=True, check=False)
+    assert refused.returncode != 0

@@ -322,3 +322,78 @@ def test_require_copy_and_retention_of_its_own_at_the_destination(tmp_path, keys
     missing.write_text(yaml.safe_dump(dict(base, retention={"keep_last": 1, "require_copy": True})))
     refused = run("prune", missing, env=env)
     assert refused.returncode == 2 and "require_copy needs the 'copy' section" in refused.stderr
+
+
+def test_runner_copy_reencrypts_for_another_team(tmp_path, keys, s3_server, offsite_s3):
+    """``copy.reencrypt``: the copies are encrypted to the other team's recipients with the
+    source's key given explicitly (identity_file); at the destination they restore with the
+    other team's key and not with the source's. A missing or wrong source key stops the run
+    (exit 2) before anything is written there; no key is printed."""
+    job = "reenc-%s" % uuid.uuid4().hex[:6]
+    tree = tmp_path / "data"
+    tree.mkdir()
+    (tree / "a.txt").write_text("alpha\n" * 100)
+    (tree / "b.bin").write_bytes(os.urandom(300_000))
+    team = x25519.Identity.generate()
+    (tmp_path / "team-identity").write_text("%s\n" % team)
+    (tmp_path / "team-recipients").write_text("# the other team\n%s\n" % team.to_public())
+    env = {"SRC_S3_ACCESS": s3_server.access_key, "SRC_S3_SECRET": s3_server.secret_key}
+    destination = storage_by_file(offsite_s3, "team-%s" % uuid.uuid4().hex[:6], tmp_path / "offsite-secret")
+    offsite = open_storage(dict(offsite_s3.storage_options(prefix=destination["prefix"])))
+
+    def job_file(name, reencrypt):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump({
+            "job": job, "kind": "files", "source": {"path": str(tree)},
+            "storage": storage_by_env(s3_server, "primary-%s" % job),
+            "encryption": {"recipients_file": keys["recipients_file"]},
+            "copy": {"destination": destination, "reencrypt": reencrypt}}))
+        return path
+
+    config = job_file("job.yaml", {"recipients_file": str(tmp_path / "team-recipients"),
+                                   "identity_file": keys["identity_file"]})
+    made = run("backup", config, env=env)
+    assert made.returncode == 0, made.stderr
+    backup_id = json.loads(made.stdout)["backup_id"]
+
+    # The source's key is required, explicitly, and refused when it cannot decrypt.
+    wrong = tmp_path / "wrong-identity"
+    wrong.write_text("%s\n" % x25519.Identity.generate())
+    missing = run("copy", job_file("no-key.yaml", {"recipients_file": str(tmp_path / "team-recipients")}), env=env)
+    assert missing.returncode == 2 and "source's key" in missing.stderr
+    absent = run("copy", job_file("absent-key.yaml", {"recipients_file": str(tmp_path / "team-recipients"),
+                                                      "identity_file": str(tmp_path / "nowhere")}), env=env)
+    assert absent.returncode == 2 and "copy.reencrypt.identity" in absent.stderr
+    refused = run("copy", job_file("wrong-key.yaml", {"recipients_file": str(tmp_path / "team-recipients"),
+                                                      "identity_file": str(wrong)}), env=env)
+    assert refused.returncode == 2 and "nothing was written" in refused.stderr, refused.stderr
+    assert list(offsite.list("%s/" % job)) == []  # nothing at all was written there
+
+    plan = run("copy", config, "--check", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert [step["id"] for step in json.loads(plan.stdout)["planned"]] == [backup_id]
+    copied = run("copy", config, env=env)
+    assert copied.returncode == 0, copied.stderr
+    outcome = json.loads(copied.stdout)
+    assert [item["id"] for item in outcome["copied"]] == [backup_id]
+    assert outcome["reencrypt"] == {"recipients": [str(team.to_public())]}
+    assert "re-encrypted to 1 recipients" in copied.stderr
+    again = run("copy", config, env=env)
+    assert again.returncode == 0 and not json.loads(again.stdout)["changed"]
+    assert Catalog(offsite).get(job, backup_id)["encryption"]["recipients"] == [str(team.to_public())]
+
+    # The other team restores with its own key; the source's key does not open the copy.
+    for name, identity_file, code in (("team", tmp_path / "team-identity", 0), ("source", keys["identity_file"], 2)):
+        at_offsite = tmp_path / ("offsite-%s.yaml" % name)
+        at_offsite.write_text(yaml.safe_dump({
+            "job": job, "kind": "files", "storage": destination,
+            "encryption": {"identity_file": str(identity_file)},
+            "restore": {"target": {"path": str(tmp_path / ("restored-" + name))}}}))
+        restored = run("restore", at_offsite)
+        assert restored.returncode == code, restored.stderr
+    assert tree_state(str(tmp_path / "restored-team")) == tree_state(str(tree))
+    assert "not a recipient" in restored.stderr
+    secrets = [keys["identity"], str(team), s3_server.secret_key, offsite_s3.secret_key]
+    for step in (missing, absent, refused, plan, copied, again):
+        for secret in secrets:
+            assert secret not in step.stdout and secret not in step.stderr

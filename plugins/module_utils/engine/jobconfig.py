@@ -37,6 +37,10 @@ Layout (only ``job``, ``kind`` and ``storage`` are required)::
       recheck: size               # size (listing) or full (read back every copied object)
       retention: {keep_yearly: 7} # the destination's own policy: `runner prune --destination`
                                   # applies it there, and copy skips what it would not keep
+      reencrypt:                  # optional: encrypt the copies to the destination's owners
+        recipients: [age1...]     # or recipients_file: their public keys
+        identity_file: /secrets/age-source/identity  # the source's key, given explicitly
+                                  # (or identity_env, passphrase_file, passphrase_env)
     log_format: text              # or json (JSON lines on stderr)
 """
 
@@ -116,6 +120,15 @@ COPY = Schema("copy", {
                      choices=("size", "full")),
     "retention": Field("dict", "the destination's own retention policy and prune options (runner prune "
                                "--destination); copy skips what it would not keep"),
+    "reencrypt": Field("dict", "re-encrypt the copies to other age recipients (a destination held by "
+                               "another team); needs the source's key"),
+})
+REENCRYPT = Schema("copy.reencrypt", {
+    "recipients": Field("list", "age public keys (age1...) the copies are encrypted to"),
+    "recipients_file": Field("path", "file of the destination's age public keys, one per line (# comments)"),
+    "identity": Field("str", "the source's age private key (AGE-SECRET-KEY-1...) that decrypts the backups "
+                             "being copied", secret=True),
+    "passphrase": Field("str", "the source's passphrase, for passphrase-encrypted backups", secret=True),
 })
 DRILL = Schema("drill", {
     "job": Field("str", "the job whose backups the drill restores (default: this job)", nonempty=True),
@@ -276,6 +289,8 @@ class JobConfig:
             self.copy["destination"] = location.check_storage(self.copy["destination"], "copy.destination")
         self.copy_retention = RETENTION.validate(self.copy["retention"], "copy.retention") if self.copy.get(
             "retention") is not None else {}
+        if self.copy.get("reencrypt") is not None:
+            self.copy["reencrypt"] = self._check_reencrypt(REENCRYPT.validate(self.copy["reencrypt"], "copy.reencrypt"))
         self.compression = codecs.compression_settings(self.compression_options)
         self._check_encryption()
         self.size_policy = SizePolicy.from_mapping(self.size_anomaly)
@@ -324,6 +339,22 @@ class JobConfig:
         if kinds.source_class(self.kind).requires_encryption and not self.encrypted:
             raise ConfigError("%s: kind %s stores secrets and must be encrypted: add encryption.recipients"
                               % (self.where, self.kind))
+
+    @staticmethod
+    def _check_reencrypt(options):
+        """Structure of copy.reencrypt (no secret read): recipients and the source's key."""
+        recipients = options.get("recipients") or []
+        for recipient in recipients:
+            if recipient.strip().upper().startswith("AGE-SECRET-KEY-"):
+                raise ConfigError("copy.reencrypt.recipients holds an age secret key; it takes the destination's "
+                                  "public keys (age1...)")
+            codecs.parse_recipient(recipient)  # ConfigError names the bad key
+        if not (recipients or options.get("recipients_file")):
+            raise ConfigError("copy.reencrypt needs the destination's recipients (recipients or recipients_file)")
+        if not any(options.get(key) for key in ("identity_file", "identity_env", "passphrase_file", "passphrase_env")):
+            raise ConfigError("copy.reencrypt needs the source's key, given explicitly: identity_file, identity_env, "
+                              "passphrase_file or passphrase_env (the encryption section's keys are not used)")
+        return options
 
     def _check_retention(self, section="retention"):
         values = self.retention if section == "retention" else self.copy_retention
@@ -375,6 +406,13 @@ class JobConfig:
         if not self.copy.get("destination"):
             return None
         return location.storage_options(self.copy["destination"])
+
+    def copy_reencrypt(self):
+        """copy.reencrypt normalised (offsite.reencrypt_settings), its key read; None without it."""
+        if not self.copy.get("reencrypt"):
+            return None
+        from .offsite import reencrypt_settings  # local: offsite pulls in the restore engine
+        return reencrypt_settings(resolve_secret_refs(self.copy["reencrypt"], "copy.reencrypt"))
 
     def open_storage(self):
         return location.build_storage(self.storage_options())
@@ -435,6 +473,7 @@ class JobConfig:
             if not self.copy.get("destination"):
                 raise ConfigError("%s: copy needs a 'copy' section with a destination storage" % self.where)
             prepared["destination"] = location.build_storage(self.copy_destination_options())
+            prepared["reencrypt"] = self.copy_reencrypt()
         if command == "prune" and self.retention_policy is None:
             raise ConfigError("%s: prune needs a 'retention' policy" % self.where)
         if command == "prune" and self.retention.get("require_copy"):

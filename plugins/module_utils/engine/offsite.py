@@ -19,6 +19,16 @@ than the source is not filled again with what its prune removed. Resumable: obje
 match, overwritten when not; unfinished objects are never read (prune removes them).
 Chains are copied parent first, and a backup whose parent could not be copied is skipped.
 
+Re-encryption (``reencrypt``, for a destination held by another team): each object is
+decrypted with the source's key, given explicitly, and encrypted to the destination's age
+recipients while it streams (:func:`reencrypt_object`, bounded memory); the source bytes are
+still checked against the source manifest before anything is published, the destination's
+manifest gets the new sizes and SHA-256 and records (``copied_from.reencrypted``) the
+recipients, the source objects it stands for and the SHA-256 of each object's plaintext. The
+key is checked (a recipient of every backup to copy, and a trial decryption) before anything
+is written at the destination. A backup the destination holds counts as present whatever it
+is encrypted to: a change of recipients applies to the backups copied from then on.
+
 A listed backup is repaired (manifest removed first, so it stops being listed, then copied
 again) when the destination listing shows one of its objects missing or of the wrong size,
 when its recorded verification at the destination failed and reading its stored bytes back
@@ -27,27 +37,91 @@ finds a difference, or (``recheck="full"``) when reading back any of its objects
 
 import hashlib
 
+from . import codecs
 from . import manifest as mf
 from .backup import ENGINE_VERSION
 from .catalog import Catalog
-from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError
-from .pipeline import CHUNK, check_object
+from .config import read_text_file
+from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
+from .pipeline import CHUNK, PlaintextStream, check_object, store_stream
 from .prune import plan as retention_plan
+from .restore import KeyMismatchError, identities as restore_identities
 from .storage.base import MissingLocationError, is_unfinished
 from .timeutil import is_backup_id, parse_iso, to_iso, utc_now
 
 RECHECKS = ("size", "full")
 COPY_ACTION, REPAIR_ACTION = "copy", "repair"
 _SIDE_OBJECTS = (mf.MANIFEST_NAME, mf.VERIFICATION_NAME)
+REENCRYPT_KEYS = ("recipients", "recipients_file", "identity", "passphrase")
+_NO_COMPRESSION = {"algorithm": "none", "level": 0, "threads": 0}
+
+
+def source_objects(destination_manifest):
+    """The source objects a destination manifest stands for: those recorded by a re-encrypting
+    copy (``copied_from.reencrypted.source_objects``), else its own (a byte-for-byte copy)."""
+    record = (destination_manifest.get("copied_from") or {}).get("reencrypted")
+    if isinstance(record, dict) and isinstance(record.get("source_objects"), list):
+        return record["source_objects"]
+    return destination_manifest["objects"]
 
 
 def same_backup(source_manifest, destination_manifest):
-    """Whether two manifests describe the same stored backup (same id, job and objects)."""
-    def objects(manifest):
-        return sorted((obj["name"], obj["size"], obj["sha256"]) for obj in manifest["objects"])
+    """Whether the destination's manifest is a copy of the source's stored backup (same id,
+    job and stored objects; for a re-encrypted copy, the source objects it records)."""
+    def objects(entries):
+        try:
+            return sorted((obj["name"], obj["size"], obj["sha256"]) for obj in entries)
+        except (KeyError, TypeError):
+            return None  # a malformed record is not the same backup: copied again
     return (source_manifest["id"] == destination_manifest["id"]
             and source_manifest["job"] == destination_manifest["job"]
-            and objects(source_manifest) == objects(destination_manifest))
+            and objects(source_manifest["objects"]) == objects(source_objects(destination_manifest)))
+
+
+def reencrypt_settings(options):
+    """Re-encryption options (secrets resolved) normalised, or None when none are given.
+
+    ``recipients`` / ``recipients_file``: the destination's age public keys; ``identity``
+    (AGE-SECRET-KEY lines) or ``passphrase``: the source's key, which must be given
+    explicitly (the job's own ``encryption`` keys are never used for it).
+    """
+    if not options:
+        return None
+    if "_recipients" in options:
+        return options  # already normalised
+    unknown = sorted(set(options) - set(REENCRYPT_KEYS))
+    if unknown:
+        raise ConfigError("reencrypt: unknown option(s) %s (known: %s)" % (", ".join(unknown), ", ".join(REENCRYPT_KEYS)))
+    recipients = options.get("recipients") or []
+    recipients = recipients.splitlines() if isinstance(recipients, str) else list(recipients)
+    if options.get("recipients_file"):
+        recipients += read_text_file(options["recipients_file"], "reencrypt.recipients_file").splitlines()
+    recipients = [str(line).strip() for line in recipients
+                  if str(line).strip() and not str(line).strip().startswith("#")]
+    if not recipients:
+        raise ConfigError("reencrypt: give the destination's age recipients (recipients or recipients_file)")
+    for line in recipients:
+        if line.upper().startswith("AGE-SECRET-KEY-"):
+            # Never echoed: the wrong half of a key pair is a secret.
+            raise ConfigError("reencrypt.recipients holds an age secret key (AGE-SECRET-KEY-...); it takes the "
+                              "destination's public keys (age1...)")
+    identity = options.get("identity") or None
+    passphrase = options.get("passphrase")
+    passphrase = None if passphrase in (None, "") else passphrase
+    if identity is None and passphrase is None:
+        raise ConfigError("reencrypt: the source's key must be given explicitly - identity (identity_file, "
+                          "identity_env) or passphrase (passphrase_file, passphrase_env); re-encrypting "
+                          "decrypts every copied object with it")
+    if identity is not None:
+        codecs.parse_identities(identity)  # a malformed key fails here, never echoed
+    parsed, seen = [], set()
+    for line in recipients:
+        recipient = codecs.parse_recipient(line)
+        if str(recipient) not in seen:
+            seen.add(str(recipient))
+            parsed.append(recipient)
+    return {"recipients": [str(item) for item in parsed], "_recipients": parsed,
+            "_identity": identity, "_passphrase": passphrase}
 
 
 def copied_manifest(source_manifest, source_description, copied_at):
@@ -60,6 +134,37 @@ def copied_manifest(source_manifest, source_description, copied_at):
     manifest["copied_from"] = {"storage": dict(source_description), "copied_at": to_iso(copied_at),
                                "engine": ENGINE_VERSION}
     return manifest
+
+
+def reencrypted_manifest(source_manifest, objects, plaintext, recipients, source_description, copied_at):
+    """The manifest of a re-encrypted copy: the source's, with the destination's ``objects``
+    (new sizes and SHA-256), encrypted to ``recipients``, and in ``copied_from.reencrypted``
+    what it was encrypted to before, the source objects it stands for (how later copies know
+    the backup is there) and the size and SHA-256 of each object's plaintext. Public keys only."""
+    manifest = copied_manifest(source_manifest, source_description, copied_at)
+    manifest["objects"] = objects
+    manifest["size_bytes"] = sum(obj["size"] for obj in objects)
+    manifest["encryption"] = {"mode": "age", "recipients": list(recipients)}
+    manifest["copied_from"]["reencrypted"] = {
+        "recipients": list(recipients),
+        "source_encryption": codecs.public_encryption_info(source_manifest.get("encryption") or {}),
+        "source_objects": [{"name": obj["name"], "size": obj["size"], "sha256": obj["sha256"]}
+                           for obj in source_manifest["objects"]],
+        "plaintext": plaintext,
+    }
+    return mf.validate(mf.build(**_build_args(manifest)))
+
+
+def _build_args(manifest):
+    """``manifest`` as mf.build's arguments (so that the secret-field check runs on it)."""
+    named = {"id": "backup_id", "job": "job", "kind": "kind", "started_at": "started_at",
+             "finished_at": "finished_at", "objects": "objects", "compression": "compression",
+             "encryption": "encryption", "tool_versions": "tool_versions", "stats": "stats",
+             "parent": "parent", "source": "source"}
+    args = {arg: manifest.get(key) for key, arg in named.items()}
+    args["extra"] = {key: value for key, value in manifest.items()
+                     if key not in named and key not in ("schema", "status", "size_bytes")}
+    return args
 
 
 def select_sources(backups, selector="all"):
@@ -86,12 +191,14 @@ def select_sources(backups, selector="all"):
 
 def plan_backup(source_manifest, destination_manifest, stored_sizes):
     """``(action, reason)`` for one source backup judged by the destination's catalog and
-    listing alone (no object read): ``copy``, ``repair`` or None (in sync as far as listed)."""
+    listing alone (no object read): ``copy``, ``repair`` or None (in sync as far as listed).
+    The listing is compared with the destination manifest's objects (a re-encrypted copy's
+    differ from the source's)."""
     if destination_manifest is None:
         return COPY_ACTION, "missing at the destination"
     if not same_backup(source_manifest, destination_manifest):
         return REPAIR_ACTION, "the destination's manifest lists other objects"
-    for obj in source_manifest["objects"]:
+    for obj in destination_manifest["objects"]:
         key = mf.object_key(source_manifest["job"], source_manifest["id"], obj["name"])
         if key not in stored_sizes:
             return REPAIR_ACTION, "%s is missing at the destination" % key
@@ -157,13 +264,70 @@ def stream_object(source, destination, key, obj):
     return size
 
 
+class _SourcePlaintext:
+    """The plaintext of one source object (decrypted, still compressed), hashed on its way;
+    at its end the stored bytes' size and SHA-256 are checked against the source manifest
+    (an error then, so that nothing is published)."""
+
+    def __init__(self, source, key, obj, identities):
+        self._key = key
+        self._stream = PlaintextStream(source, key, obj, "none", identities)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._done = False
+
+    def read(self, size=-1):
+        data = self._stream.read(CHUNK if size is None or size < 0 else size)
+        if data:
+            self.sha256.update(data)
+            self.size += len(data)
+            return data
+        if not self._done:
+            self._done = True
+            try:
+                self._stream.finish()
+            except ObjectMismatchError as exc:
+                raise ObjectMismatchError(exc.key, exc.field, exc.expected, exc.actual,
+                                          note="at the source: not copied") from None
+        return b""
+
+    def close(self):
+        self._stream.close()
+
+
+def reencrypt_object(source, destination, source_key, destination_key, obj, identities, recipients):
+    """Decrypt one stored object with ``identities`` (None: it is not encrypted) and encrypt it
+    to ``recipients`` (parsed age recipients) into ``destination_key``, streaming; published
+    only when the source bytes match ``obj``. Returns ``(stored, plaintext)``, each
+    ``{size, sha256}``: the new object's and its plaintext's."""
+    plain = _SourcePlaintext(source, source_key, obj, identities)
+    try:
+        try:
+            stored = store_stream(plain, destination, destination_key, _NO_COMPRESSION,
+                                  {"mode": "age", "_recipients": recipients})
+        except IntegrityError as exc:
+            if isinstance(exc, ObjectMismatchError):
+                raise
+            # Undecryptable: say so when the stored bytes themselves differ from the manifest.
+            problem = _read_back(source, source_key, obj)
+            if problem:
+                raise IntegrityError("%s (at the source: not copied)" % problem) from None
+            raise IntegrityError("%s: %s (at the source: not copied)" % (source_key, exc)) from None
+    finally:
+        plain.close()
+    return ({"size": stored["size"], "sha256": stored["sha256"]},
+            {"size": plain.size, "sha256": plain.sha256.hexdigest()})
+
+
 class Copier:
     """Copies ``job``'s backups from ``source`` to ``destination`` (two Storage objects)."""
 
-    def __init__(self, source, destination, job, recheck="size", log=None, policy=None, min_keep=1):
+    def __init__(self, source, destination, job, recheck="size", log=None, policy=None, min_keep=1,
+                 reencrypt=None):
         self.job = mf.validate_job_name(job)
         if recheck not in RECHECKS:
             raise ConfigError("recheck must be one of %s, got %r" % (", ".join(RECHECKS), recheck))
+        self.reencrypt = reencrypt_settings(reencrypt)
         self.source = source
         self.destination = destination
         self.recheck = recheck
@@ -183,11 +347,12 @@ class Copier:
             return {}, {}
         return {m["id"]: m for m in listed}, sizes
 
-    def _stored_damage(self, source_manifest):
-        """Read back the destination's objects of a listed backup (judged by the source's
-        entries: they are the truth): the first difference, or None."""
-        for obj in source_manifest["objects"]:
-            problem = _read_back(self.destination, mf.object_key(self.job, source_manifest["id"], obj["name"]), obj)
+    def _stored_damage(self, destination_manifest):
+        """Read back the destination's objects of a listed backup, judged by its manifest's
+        entries (for a byte-for-byte copy the source's, as same_backup found): the first
+        difference, or None."""
+        for obj in destination_manifest["objects"]:
+            problem = _read_back(self.destination, mf.object_key(self.job, destination_manifest["id"], obj["name"]), obj)
             if problem:
                 return problem
         return None
@@ -215,7 +380,7 @@ class Copier:
             if action is None:
                 record = (present[manifest["id"]].get("verification") or {})
                 if self.recheck == "full" or record.get("result") == "failed":
-                    problem = self._stored_damage(manifest)
+                    problem = self._stored_damage(present[manifest["id"]])
                     if problem:
                         action, reason = REPAIR_ACTION, problem
             if action is None:
@@ -225,18 +390,78 @@ class Copier:
                           "parent": manifest.get("parent"), "objects": len(manifest["objects"]),
                           "bytes": sum(obj["size"] for obj in manifest["objects"]),
                           "finished_at": manifest["finished_at"], "_manifest": manifest})
-        return {"source_backups": chosen, "steps": steps, "in_sync": in_sync,
+        other = []
+        if self.reencrypt is not None:
+            wanted = set(self.reencrypt["recipients"])
+            other = [backup_id for backup_id in in_sync
+                     if set((present[backup_id].get("encryption") or {}).get("recipients") or []) != wanted]
+        return {"source_backups": chosen, "steps": steps, "in_sync": in_sync, "other_recipients": other,
                 "present": set(present), "sizes": sizes, "unwanted": unwanted}
+
+    # -- keys (re-encryption) ------------------------------------------------------------
+    def _check_keys(self, steps):
+        """Find the source key of every backup to copy, before anything is written.
+
+        The identity must be a recipient of the backup (or the passphrase open its envelope)
+        and, once per set of recipients, decrypt the start of a payload: otherwise the run
+        stops here (KeyMismatchError). A backup whose key envelope or first payload is
+        damaged at the source fails alone (``_key_error``)."""
+        tried = set()
+        for step in steps:
+            manifest = step["_manifest"]
+            try:
+                found = restore_identities(self.source, manifest, self.reencrypt["_identity"],
+                                           self.reencrypt["_passphrase"])
+            except KeyMismatchError as exc:
+                raise KeyMismatchError("reencrypt: %s; nothing was written at the destination" % exc) from None
+            except IntegrityError as exc:
+                step["_key_error"] = exc
+                continue
+            step["_identities"] = found
+            encryption = manifest.get("encryption") or {}
+            recipients = (tuple(sorted(encryption.get("recipients") or [])), encryption.get("key_object"))
+            if found is None or (recipients in tried and not encryption.get("key_object")):
+                continue
+            try:
+                self._trial_decrypt(manifest, found)
+            except KeyMismatchError:
+                raise
+            except IntegrityError as exc:
+                step["_key_error"] = exc
+                continue
+            tried.add(recipients)
+
+    def _trial_decrypt(self, manifest, found):
+        for obj in manifest["objects"]:
+            if not obj.get("payload"):
+                continue
+            key = mf.object_key(self.job, manifest["id"], obj["name"])
+            stream = PlaintextStream(self.source, key, obj, "none", found)
+            try:
+                stream.read(CHUNK)
+            except DecryptionError:
+                problem = _read_back(self.source, key, obj)
+                if problem:
+                    raise IntegrityError("%s (at the source: not copied)" % problem) from None
+                raise KeyMismatchError("reencrypt: the given key does not decrypt %s (backup %s); nothing was "
+                                       "written at the destination" % (key, manifest["id"])) from None
+            finally:
+                stream.close()
+            return
 
     # -- copying -------------------------------------------------------------------------
     def _copy_one(self, step, sizes, now):
         manifest = step["_manifest"]
         job, backup_id = self.job, manifest["id"]
+        if step.get("_key_error") is not None:
+            raise step["_key_error"]  # found before anything was written
         if step["action"] == REPAIR_ACTION:
             # Unlist it first: from here on a kill leaves an unlisted directory, never a
             # listed backup that does not verify. Its old verdict goes with it.
             self.destination.delete(mf.object_key(job, backup_id, mf.MANIFEST_NAME))
             self.destination.delete(mf.object_key(job, backup_id, mf.VERIFICATION_NAME))
+        if self.reencrypt is not None:
+            return self._reencrypt_one(step, now)
         copied = reused = 0
         names = set()
         for obj in manifest["objects"]:
@@ -250,13 +475,50 @@ class Copier:
             problem = _read_back(self.destination, key, obj)
             if problem:
                 raise IntegrityError("read back from the destination after copying: %s" % problem)
-        prefix = "%s/%s/" % (job, backup_id)
+        self._remove_strays(backup_id, names)
+        self.destination_catalog.publish(copied_manifest(manifest, self.source.describe(), now))
+        return copied, reused
+
+    def _remove_strays(self, backup_id, names):
+        prefix = "%s/%s/" % (self.job, backup_id)
         for info in self.destination.list(prefix):
             name = info.key[len(prefix):]
             if name not in names and name not in _SIDE_OBJECTS and not is_unfinished(name):
                 self.destination.delete(info.key)  # a stray would fail verification there
-        self.destination_catalog.publish(copied_manifest(manifest, self.source.describe(), now))
-        return copied, reused
+
+    def _reencrypt_one(self, step, now):
+        """Every object decrypted and encrypted to the destination's recipients (age output
+        differs on every run, so nothing a killed run stored can be matched and reused)."""
+        manifest = step["_manifest"]
+        backup_id = manifest["id"]
+        encryption = manifest.get("encryption") or {}
+        algorithm = (manifest.get("compression") or {}).get("algorithm")
+        if algorithm not in codecs.SUFFIX:
+            raise IntegrityError("backup %s records unknown compression %r: not re-encrypted" % (backup_id, algorithm))
+        objects, plaintext, copied = [], [], 0
+        for obj in manifest["objects"]:
+            source_key = mf.object_key(self.job, backup_id, obj["name"])
+            if not obj.get("payload"):
+                if obj["name"] == encryption.get("key_object"):
+                    continue  # the source's passphrase envelope: the copy is encrypted to recipients
+                copied += stream_object(self.source, self.destination, source_key, obj)
+                entry = dict(obj)
+            else:
+                name = codecs.stored_name(obj["payload"], algorithm, "age")
+                stored, plain = reencrypt_object(self.source, self.destination, source_key,
+                                                 mf.object_key(self.job, backup_id, name), obj,
+                                                 step.get("_identities"), self.reencrypt["_recipients"])
+                copied += stored["size"]
+                entry = dict(obj, name=name, size=stored["size"], sha256=stored["sha256"])
+                plaintext.append({"name": name, "size": plain["size"], "sha256": plain["sha256"]})
+            problem = _read_back(self.destination, mf.object_key(self.job, backup_id, entry["name"]), entry)
+            if problem:
+                raise IntegrityError("read back from the destination after copying: %s" % problem)
+            objects.append(entry)
+        self._remove_strays(backup_id, {obj["name"] for obj in objects})
+        self.destination_catalog.publish(reencrypted_manifest(
+            manifest, objects, plaintext, self.reencrypt["recipients"], self.source.describe(), now))
+        return copied, 0
 
     def run(self, selector="all", check_mode=False, now=None):
         """Copy (or, in check mode, plan) and return the outcome; see module docstring."""
@@ -268,8 +530,16 @@ class Copier:
                    "destination": self.destination.describe(), "check_mode": bool(check_mode),
                    "in_sync": plan["in_sync"], "planned": [_public(step) for step in steps],
                    "copied": [], "failed": [], "skipped": [], "bytes_copied": 0, "bytes_reused": 0,
-                   "not_wanted": sorted(plan["unwanted"])}
+                   "not_wanted": sorted(plan["unwanted"]),
+                   "reencrypt": ({"recipients": self.reencrypt["recipients"]} if self.reencrypt is not None
+                                 else None),
+                   "other_recipients": plan["other_recipients"]}
+        if plan["other_recipients"]:
+            self.log("%d backups at the destination are encrypted to other recipients than reencrypt names; "
+                     "they are kept as they are" % len(plan["other_recipients"]))
         present = set(plan["present"])
+        if self.reencrypt is not None and steps:
+            self._check_keys(steps)  # reads only: a wrong key stops the run before any write
         if check_mode or not steps:
             present -= {step["id"] for step in steps}
         else:
@@ -310,10 +580,11 @@ def _public(step):
 
 
 def copy_backups(source, destination, job, backup="all", recheck="size", check_mode=False, log=None,
-                 now=None, policy=None, min_keep=1):
+                 now=None, policy=None, min_keep=1, reencrypt=None):
     """Copy ``job``'s backups (``all``, ``latest`` or an id, with its chain) from ``source`` to
-    ``destination`` (whose own retention ``policy``, when given, decides what is worth copying).
+    ``destination`` (whose own retention ``policy``, when given, decides what is worth copying);
+    with ``reencrypt`` (see :func:`reencrypt_settings`) encrypted to other recipients on the way.
     Returns ``{job, source, destination, planned, copied, failed, skipped, in_sync, not_wanted,
-    bytes_copied, bytes_reused, lag_seconds, changed, ok, check_mode}``."""
+    bytes_copied, bytes_reused, lag_seconds, changed, ok, check_mode, reencrypt, other_recipients}``."""
     return Copier(source, destination, job, recheck=recheck, log=log, policy=policy,
-                  min_keep=min_keep).run(backup, check_mode, now)
+                  min_keep=min_keep, reencrypt=reencrypt).run(backup, check_mode, now)

@@ -203,6 +203,9 @@ def _prepare(config, command, log, from_copy=False):
         log.add_secrets(list(prepared["keys"]))
     if command == "copy" or "destination" in prepared:
         log.add_secrets(secret_values(config.copy_destination_options()))
+    if prepared.get("reencrypt"):
+        identity = prepared["reencrypt"]["_identity"] or ""
+        log.add_secrets([identity, prepared["reencrypt"]["_passphrase"]] + identity.splitlines())
     return prepared
 
 
@@ -329,31 +332,76 @@ def cmd_restore(config, args, log):
     return EXIT_OK, report
 
 
+def _drill_prepare(config, log, from_copy):
+    """``_prepare`` for a drill. From the offsite copy, the copy's destination stands in for the
+    job's storage: only its credentials are read, so the drill proves a restore that needs
+    nothing of the primary storage (neither its objects nor its credentials)."""
+    if from_copy:
+        if not config.copy.get("destination"):
+            raise ConfigError("%s: --from-copy needs the 'copy' section's destination" % config.where)
+        config.storage = config.copy["destination"]
+    return _prepare(config, "drill", log)
+
+
+def drill_metrics_job(job, from_copy):
+    """The ``job`` label of a drill's metrics: ``<job>-offsite`` for a drill from the copy, so
+    that a failing offsite drill is not hidden by the next successful drill of the primary."""
+    return "%s-offsite" % job if from_copy else job
+
+
 def cmd_drill(config, args, log):
-    """Restore the latest backup into a scratch target and check it: the weekly recovery drill."""
+    """Restore the latest backup into a scratch target and check it: the weekly recovery drill.
+
+    A ``postgres_base`` job is drilled by a point-in-time restore to a random moment of its
+    recovery window (engine/pitr_drill.py).
+    """
     job = config.drill.get("job") or config.job
     log.job = job
-    metrics = Metrics(config, log, job=job)
+    metrics = Metrics(config, log, job=drill_metrics_job(job, args.from_copy))
     started = time.monotonic()
+    pitr = config.kind == "postgres_base"
+    if args.point_in_time and not pitr:
+        raise ConfigError("drill --point-in-time is for jobs of kind postgres_base; a %s drill restores the latest "
+                          "backup or --backup" % config.kind)
     try:
-        prepared = _prepare(config, "drill", log, args.from_copy)
-        identity, passphrase = prepared["keys"]
-        scratch = _scratch_options(config)
-        log.add_secrets(secret_values(scratch))
-        outcome = run_verify(prepared["storage"], job, backup=args.backup or "latest", identity=identity,
-                             passphrase=passphrase, test_restore=True, scratch_options=scratch,
-                             record=not args.check, log=log.info)
+        prepared = _drill_prepare(config, log, args.from_copy)
+        if pitr:
+            from . import pitr_drill
+            ok, outcome = pitr_drill.cmd_drill(config, args, log, prepared, job)
+        else:
+            identity, passphrase = prepared["keys"]
+            scratch = _scratch_options(config)
+            log.add_secrets(secret_values(scratch))
+            outcome = run_verify(prepared["storage"], job, backup=args.backup or "latest", identity=identity,
+                                 passphrase=passphrase, test_restore=True, scratch_options=scratch,
+                                 record=not args.check, log=log.info)
+            ok = outcome["ok"]
     except BaseException:
         metrics.record("record_drill", False, utc_now())
         metrics.ship()
         raise
     duration = time.monotonic() - started
-    ok = outcome["ok"]
+    outcome["duration_seconds"] = round(duration, 3)
+    outcome["from_copy"] = bool(args.from_copy)
+    if pitr:
+        if args.check:
+            log.info("check mode: would recover %s to %s and check it" % (job, outcome["target_time"]))
+            return EXIT_OK, outcome
+        metrics.record("record_drill", ok, utc_now(), duration_seconds=duration)
+        metrics.ship()
+        failed = [check for check in outcome["checks"] if not check["ok"]]
+        if ok:
+            log.info("drill passed: %s recovered to %s (last commit %s), %d tables, %d rows counted, %d checks, in %.1fs"
+                     % (job, outcome["target_time"], (outcome["recovered_to"] or {}).get("last_commit_time"),
+                        outcome["tables"] or 0, outcome["rows"] or 0, len(outcome["checks"]), duration))
+            return EXIT_OK, outcome
+        log.error("drill failed for %s at %s: %s" % (job, outcome["target_time"], "; ".join(
+            "%s: expected %s, got %s" % (check["what"], check.get("expected"), check.get("actual")) for check in failed)))
+        return EXIT_INTEGRITY, outcome
     metrics.record("record_drill", ok, utc_now(), duration_seconds=duration)
     if outcome["changed"]:
         metrics.record("record_verification", outcome["failed"] == 0, utc_now())
     metrics.ship()
-    outcome["duration_seconds"] = round(duration, 3)
     result = outcome["results"][0]
     if ok:
         log.info("drill passed: backup %s restored into a scratch target and checked (%d checks) in %.1fs"
@@ -396,13 +444,16 @@ def cmd_copy(config, args, log):
     try:
         prepared = _prepare(config, "copy", log)
         source, destination = prepared["storage"], prepared["destination"]
-        log.info("%s %s to %s" % ("check mode: planning the copy of" if args.check else "copying",
-                                  where(source.describe()), where(destination.describe())))
+        reencrypt = prepared.get("reencrypt")
+        log.info("%s %s to %s%s" % ("check mode: planning the copy of" if args.check else "copying",
+                                    where(source.describe()), where(destination.describe()),
+                                    ", re-encrypted to %d recipients" % len(reencrypt["recipients"]) if reencrypt else ""))
         outcome = copy_backups(source, destination, config.job,
                                backup=args.backup or config.copy.get("backup") or "all",
                                recheck=config.copy.get("recheck") or "size", check_mode=args.check, log=log.info,
                                policy=config.copy_policy,
-                               min_keep=config.prune_options("copy.retention").get("min_keep", 1))
+                               min_keep=config.prune_options("copy.retention").get("min_keep", 1),
+                               reencrypt=reencrypt)
     except BaseException:
         if not args.check:
             metrics.record("record_copy", False, utc_now())
@@ -483,9 +534,11 @@ def build_parser():
                              "verifies without writing, verify and drill record nothing, copy lists what it would copy")
     parser.add_argument("--backup", help="latest (default), a backup id, an ISO-8601 time, or all (verify); "
                         "copy: all (default), latest or a backup id")
-    parser.add_argument("--point-in-time", help="restore: the newest backup at or before this ISO-8601 time")
+    parser.add_argument("--point-in-time", help="restore: the newest backup at or before this ISO-8601 time; "
+                        "drill (postgres_base): recover to this time instead of a random one")
     parser.add_argument("--restore-point", help="restore (postgres_base): recover to this named restore point "
                         "(pg_create_restore_point); --point-in-time is then an upper bound")
+    parser.add_argument("--seed", type=int, help="drill (postgres_base): seed of the random target time")
     parser.add_argument("--target-file", help="restore: YAML/JSON of target options merged over restore.target")
     parser.add_argument("--test-restore", action="store_true", help="verify: also restore into a scratch target")
     parser.add_argument("--force", action="store_true", help="prune: delete more than max_delete")
@@ -545,10 +598,12 @@ def main(argv=None):
         parser.error("--from-copy is for verify, restore, drill and list")
     if args.destination and args.command != "prune":
         parser.error("--destination is for prune only")
-    if args.point_in_time and args.command != "restore":
-        parser.error("--point-in-time is for restore only")
+    if args.point_in_time and args.command not in ("restore", "drill"):
+        parser.error("--point-in-time is for restore and drill only")
     if args.restore_point and args.command != "restore":
         parser.error("--restore-point is for restore only")
+    if args.seed is not None and (args.command != "drill" or args.point_in_time):
+        parser.error("--seed is for drill only, without --point-in-time")
     if args.backup and args.point_in_time:
         parser.error("give --backup or --point-in-time, not both")
     if args.files and args.command != "wal-fetch":
