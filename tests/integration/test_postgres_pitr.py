@@ -290,6 +290,11 @@ def test_runner_commands(pg, tmp_path, scratch):
     assert plan["check_mode"] is True and plan["target"]["would_create"] == "enrol_cli"
     with pg.connect() as conn:
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'enrol_cli'").fetchone()[0] == 0
+    # A restore point the stored WAL does not hold is refused by the plan (the stream recorded none).
+    code, out, err = run("restore", "--check", "--restore-point", "never-created")
+    assert code != 0 and "restore point 'never-created' is not in the stored WAL" in err, (code, err)
+    code, out, err = run("list", "--restore-point", "x")
+    assert code == 2 and "--restore-point is for restore only" in err
     code, out, err = run("restore", "--point-in-time", (before + datetime.timedelta(milliseconds=100)).isoformat())
     assert code == 0, err
     report = json.loads(out)
@@ -375,12 +380,20 @@ def test_twenty_random_targets(pg, tmp_path, scratch):
     streamer.run(end_lsn=_lsn(pg))
     low = datetime.datetime.fromisoformat(base["finished_at"].replace("Z", "+00:00")) + datetime.timedelta(seconds=1)
     low = max(low, windows[1][0] - datetime.timedelta(milliseconds=200))
-    # Targets run up to the moment the newest partial copy was read from the spool (recorded
-    # to the microsecond): one just before it lies in the last second of the stored WAL,
-    # which the manifests' whole-second times alone would refuse ("cannot be recovered yet").
+    # The partial copy stored again 20 ms into a second, as a restarted stream does. Targets
+    # run up to the moment it was read from the spool (recorded to the microsecond): the one
+    # 1 ms before lies in the last second of the stored WAL, after the copy's whole-second
+    # manifest time, which alone would refuse it ("cannot be recovered yet").
+    again = _streamer(pg, storage, spool, slot="random_slot")
+    again.prepare()
+    time.sleep(1.02 - time.time() % 1.0)
+    again.sweep(final=True)
     last = max(WalState.load(storage, WAL_JOB).partials.values(), key=lambda m: m[0]["stats"]["segno"])[0]
     captured = datetime.datetime.fromisoformat(last["stats"]["captured_at"].replace("Z", "+00:00"))
     assert captured - datetime.timedelta(milliseconds=1) > windows[8][1]
+    stored_whole = max(datetime.datetime.fromisoformat(m["finished_at"].replace("Z", "+00:00"))
+                       for m in Catalog(storage).scan(WAL_JOB, with_orphans=False))
+    assert stored_whole < captured - datetime.timedelta(milliseconds=1), ("the copy took a second to store", last)
     high = min(windows[8][1] + datetime.timedelta(milliseconds=200), captured)
     rng = random.Random(14)
     targets = [captured - datetime.timedelta(milliseconds=1)]
@@ -551,6 +564,10 @@ def test_backup_restore_module_point_in_time(pg, tmp_path, scratch):
     assert _batches(pg, "enrol_module") == {1: 50}
     refused = call(backup="latest", point_in_time=None)
     assert refused["failed"] and "point_in_time" in refused["msg"]
+    unknown = call(check_mode=True, point_in_time=None, restore_point="never-created")
+    assert unknown["failed"] and "not in the stored WAL" in unknown["msg"]
+    wrong_kind = call(kind="postgres", point_in_time=None, restore_point="x")
+    assert wrong_kind["failed"] and "restore_point is for kind postgres_base" in wrong_kind["msg"]
 
 
 def _databases(server):
