@@ -66,6 +66,9 @@ def test_pushed_metrics_read_back_from_the_gateway(pushgateway_server):
     m.record_retention(kept=7, pruned=2, finished_at=1_700_000_600)
     m.record_copy(True, 1_700_000_700, lag_seconds=3600, bytes_copied=1 << 20)
     m.record_copy(False, 1_700_000_800)
+    m.record_wal_gap(1_700_000_850)
+    m.record_wal_stream(True, reported_at=1_700_000_900, last_archived_at=1_700_000_890, lag_bytes=8192,
+                        lag_seconds=2.5, segments_stored=4, window_start=1_699_900_000, window_end=1_700_000_890)
     assert m.push(pushgateway_server.url) == {"job": job, "kind": "postgres", "instance": "db1"}
 
     got = gateway_samples(pushgateway_server, job)
@@ -272,6 +275,9 @@ def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, pro
         m.record_retention(kept=7, pruned=pruned, finished_at=now)
         m.record_copy(False, now - 900)   # an older failed copy, then a good one
         m.record_copy(True, now - 300, lag_seconds=0, bytes_copied=8192)
+        m.record_wal_gap(now - 7200)   # an old gap, WAL stored since
+        m.record_wal_stream(True, reported_at=now, last_archived_at=now - 30, lag_bytes=16384, lag_seconds=4,
+                            segments_stored=pruned, window_start=now - 86400, window_end=now - 30)
         m.push(pushgateway_server.url)
         if pruned == 2:
             wait_until(lambda: api(prometheus, "/api/v1/query",
@@ -292,8 +298,8 @@ def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, pro
             def values(expr=expr):
                 return [float(item["value"][1]) for item in api(prometheus, "/api/v1/query", query=expr)["result"]]
 
-            if "backup_retention_pruned_total" in expr:
-                got = wait_until(lambda: [v for v in values() if v > 0], "an increase of the pruned counter")
+            if "backup_retention_pruned_total" in expr or "backup_wal_segments_stored_total" in expr:
+                got = wait_until(lambda: [v for v in values() if v > 0], "an increase of the counter")
             else:
                 got = wait_until(values, "panel %r to return data" % panel["title"])
             assert len(got) == 1, (panel["title"], got)
@@ -315,6 +321,19 @@ def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, pro
                 assert got == [0.0]
             elif expr.startswith("time() - backup_copy_last_success_timestamp_seconds"):
                 assert 300 <= got[0] < 300 + 600
+            elif expr.startswith("backup_wal_recovery_window_start_timestamp_seconds"):
+                assert got[0] == pytest.approx((now - 86400) * 1000, abs=1)
+            elif expr.startswith("backup_wal_recovery_window_end_timestamp_seconds"):
+                if "- backup_wal_recovery_window_start" in expr:
+                    assert got[0] == pytest.approx(86400 - 30, abs=0.01)
+                else:
+                    assert got[0] == pytest.approx((now - 30) * 1000, abs=1)
+            elif expr.startswith("backup_wal_archive_lag_seconds"):
+                assert got == [4.0]
+            elif expr.startswith("backup_wal_archive_lag_bytes"):
+                assert got == [16384.0]
+            elif expr.startswith("time() - backup_wal_last_archived_timestamp_seconds"):
+                assert 30 <= got[0] < 30 + 600
 
 
 # -- the WAL stream's metrics (runner wal-stream against a real PostgreSQL 15) -----------------

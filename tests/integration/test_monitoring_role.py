@@ -26,7 +26,8 @@ PROMTOOL_TESTS = os.path.join(REPO_ROOT, "tests", "promtool")
 RULES_FILE = "biometrics-backup.rules.yml"
 DEFAULT_ALERTS = ["BackupFailed", "BackupJobFailing", "BackupSizeAnomaly", "BackupVerificationFailed",
                   "BackupNotVerified", "BackupNotVerified", "RestoreDrillFailed", "RetentionNotRunning",
-                  "RetentionNotRunning", "BackupCopyLagging", "BackupCopyFailing"]
+                  "RetentionNotRunning", "BackupCopyLagging", "BackupCopyFailing", "WalStreamStalled",
+                  "WalStreamStalled", "WalGapDetected"]
 
 PLAYBOOK = """\
 - name: biometrics.backup.monitoring under test
@@ -125,10 +126,11 @@ def test_rendered_rules_file_passes_promtool_check_and_the_alert_unit_tests(tmp_
     rules = yaml.safe_load(rules_path.read_text())
     assert [rule["alert"] for group in rules["groups"] for rule in group["rules"]] == DEFAULT_ALERTS
     # firing and non-firing cases of every alert, on exactly this file
-    promtool_unit_tests(out, "alerts-minutes.test.yml", "alerts-hours.test.yml", "alerts-copy.test.yml")
+    promtool_unit_tests(out, "alerts-minutes.test.yml", "alerts-hours.test.yml", "alerts-copy.test.yml",
+                        "alerts-wal.test.yml")
     assert stats(output)["failures"] == 0
     assert sorted(os.listdir(out)) == sorted(["alerts-hours.test.yml", "alerts-minutes.test.yml",
-                                              "alerts-copy.test.yml", RULES_FILE,
+                                              "alerts-copy.test.yml", "alerts-wal.test.yml", RULES_FILE,
                                               "dashboard-configmap.yml", "prometheusrule.yml"])
     # the dashboard the role ships counts the jobs this rules file's BackupJobFailing fires for
     configmap = yaml.safe_load((out / "dashboard-configmap.yml").read_text())
@@ -162,10 +164,23 @@ def test_the_copy_lag_factor_moves_the_copy_alert_and_its_unit_tests_notice(tmp_
     assert "alertname: BackupCopyLagging, time: 6h" in report and "alertname: BackupCopyFailing" not in report
 
 
+def test_the_wal_stall_minutes_move_the_stall_alert_and_its_unit_tests_notice(tmp_path):
+    """With 20 minutes the stalled stream of alerts-wal.test.yml does not alert at 15 and 16 minutes."""
+    out, _output = render(tmp_path, {"monitoring_wal_stall_minutes": 20})
+    assert "backup_wal_archive_lag_seconds > 1200" in (out / RULES_FILE).read_text()
+    shutil.copy(os.path.join(PROMTOOL_TESTS, "alerts-wal.test.yml"), out)
+    result = promtool("test", "rules", "alerts-wal.test.yml", cwd=str(out))
+    report = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "alertname: WalStreamStalled, time: 15m" in report and "alertname: WalStreamStalled, time: 16m" in report
+    assert "alertname: WalGapDetected" not in report
+
+
 def test_the_copy_alerts_can_be_disabled(tmp_path):
     out, _output = render(tmp_path, {"monitoring_alerts_disabled": ["BackupCopyLagging", "BackupCopyFailing"]})
     rules = yaml.safe_load((out / RULES_FILE).read_text())
-    assert [rule["alert"] for rule in rules["groups"][0]["rules"]] == DEFAULT_ALERTS[:-2]
+    assert [rule["alert"] for rule in rules["groups"][0]["rules"]] == [
+        name for name in DEFAULT_ALERTS if name not in ("BackupCopyLagging", "BackupCopyFailing")]
 
 
 def test_prometheusrule_carries_exactly_the_rules_file(tmp_path):

@@ -128,7 +128,8 @@ class StreamStatus:
         self._last_report = None
         self._reported_segments = {}  # id(streamer) -> segments already counted
         self._window = (None, None)  # (start, when computed)
-        self.beat()
+        # No beat yet: the first comes with the first file stored or the first pass of the
+        # running stream (the Deployment's startup probe waits for it).
 
     def beat(self):
         if self.heartbeat:
@@ -219,6 +220,10 @@ class StreamStatus:
         values["segments_stored"] = streamer.result["segments_stored"] - counted
         self._reported_segments = {id(streamer): streamer.result["segments_stored"]}
         metrics = self._metrics()
+        if up:
+            # Streaming is the WAL job's backup succeeding, continuously: BackupFailed and the
+            # dashboard's job list see the WAL job like any other.
+            metrics.record("record_backup_result", True, now)
         metrics.record("record_wal_stream", up, **values)
         if gap_at is not None:
             metrics.record("record_wal_gap", gap_at)

@@ -219,6 +219,17 @@ def test_wal_stream_pod_base_backup_and_point_in_time_restore(
         second_time, lsn = _insert(postgres, 2)
         TIMES["commit -> WAL stored (s)"] = round(_wait_stored(storage, NAME + "-wal", lsn, second_time), 1)
 
+        # The heartbeat probes run in the image: the startup probe passed (the container is
+        # started and, without a readiness probe, ready) and the liveness probe restarted nothing.
+        def probed():
+            status = (_stream_pod(core, namespace).status.container_statuses or [None])[0]
+            return status is not None and status.started and status.ready
+        try:
+            wait_for(probed, timeout=60, what="the stream's startup probe passed", interval=1)
+        except AssertionError as exc:
+            raise AssertionError("%s\n%s" % (exc, _describe(core, namespace))) from None
+        assert _stream_pod(core, namespace).status.container_statuses[0].restart_count == 0
+
         for key in ("access_key", "secret_key"):
             (tmp_path / key).write_text(storage_config[key])
         host_storage = dict(storage_config, access_key_file=str(tmp_path / "access_key"),
@@ -241,7 +252,9 @@ def test_wal_stream_pod_base_backup_and_point_in_time_restore(
 
         # Stopping the stream: the pod stores the segment in progress on SIGTERM, then exits.
         _insert(postgres, 3)
-        pod_name = _stream_pod(core, namespace).metadata.name
+        pod = _stream_pod(core, namespace)
+        assert pod.status.container_statuses[0].restart_count == 0, _describe(core, namespace)
+        pod_name = pod.metadata.name
         log = {}
 
         def follow():

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -95,7 +96,7 @@ def test_stream_pod_is_the_cronjob_pod_with_the_streams_command(rendered):
     assert cron_container["args"] == ["backup", "--config", "/etc/biometrics-backup/config/job.yaml"]
     assert pod["restartPolicy"] == "Always" and cron_pod["restartPolicy"] == "Never"
     assert pod["terminationGracePeriodSeconds"] == 120
-    assert "livenessProbe" not in container and "readinessProbe" not in container  # the runner has no health check
+    assert "readinessProbe" not in container  # nothing connects to the stream
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     assert volumes["scratch"] == {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}
     # Everything else is the CronJob's pod, as the job role renders it.
@@ -103,11 +104,54 @@ def test_stream_pod_is_the_cronjob_pod_with_the_streams_command(rendered):
     for key in ("restartPolicy", "terminationGracePeriodSeconds"):
         same.pop(key)
     same["containers"][0]["args"] = cron_container["args"]
+    for key in ("startupProbe", "livenessProbe"):
+        same["containers"][0].pop(key)
+    same["containers"][0]["env"] = [item for item in same["containers"][0]["env"]
+                                    if item["name"] != "BACKUP_HEARTBEAT_FILE"]
+    if not same["containers"][0]["env"] and "env" not in cron_container:
+        same["containers"][0].pop("env")
     same["volumes"] = [volume if volume["name"] != "scratch" else next(
         v for v in cron_pod["volumes"] if v["name"] == "scratch") for volume in same["volumes"]]
     cron_same = dict(cron_pod)
     cron_same.pop("restartPolicy")
     assert same == cron_same
+
+
+def _probe_passes(probe, heartbeat, age):
+    """Run the probe's command as the kubelet would, with its file path pointed at ``heartbeat``."""
+    command = [part.replace("/tmp/wal-stream.heartbeat", str(heartbeat)) for part in probe["exec"]["command"]]
+    os.utime(heartbeat, (time.time() - age, time.time() - age))
+    return subprocess.run(command, check=False, timeout=10).returncode == 0
+
+
+def test_stream_has_a_heartbeat_liveness_probe_with_stock_tools(rendered, tmp_path):
+    container = rendered["deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "BACKUP_HEARTBEAT_FILE", "value": "/tmp/wal-stream.heartbeat"} in container["env"]
+    liveness, startup = container["livenessProbe"], container["startupProbe"]
+    assert liveness["exec"] == startup["exec"]
+    assert liveness["exec"]["command"][:2] == ["/bin/sh", "-c"]
+    assert (liveness["periodSeconds"], liveness["failureThreshold"]) == (30, 2)
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 1800
+    # /tmp is the pod's writable emptyDir (the root filesystem is read-only)
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert mounts["/tmp"] == "scratch"
+    # the command itself: fresh passes, 300 s old fails, no file fails
+    heartbeat = tmp_path / "heartbeat"
+    heartbeat.touch()
+    assert _probe_passes(liveness, heartbeat, 5)
+    assert _probe_passes(liveness, heartbeat, 290)
+    assert not _probe_passes(liveness, heartbeat, 301)
+    missing = [part.replace("/tmp/wal-stream.heartbeat", str(tmp_path / "none")) for part in liveness["exec"]["command"]]
+    assert subprocess.run(missing, check=False, capture_output=True, timeout=10).returncode != 0
+
+
+def test_liveness_and_startup_timeouts_are_options(tmp_path):
+    run, out = _play(tmp_path, postgres_wal_liveness_timeout=120, postgres_wal_startup_timeout=95)
+    assert run.returncode == 0, run
+    container = load_rendered(out)[("Deployment", NAMESPACE, "postgres-pitr-stream")]["spec"]["template"]["spec"][
+        "containers"][0]
+    assert container["livenessProbe"]["exec"]["command"][-1].endswith("-lt 120")
+    assert container["startupProbe"]["failureThreshold"] == 10
 
 
 def test_stream_pod_meets_pod_security_restricted(rendered):
@@ -124,7 +168,7 @@ def test_stream_pod_meets_pod_security_restricted(rendered):
 def test_credentials_reach_the_stream_as_mounted_secret_files(rendered):
     pod = rendered["deployment"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert [env["name"] for env in container["env"]] == ["HOME"]
+    assert [env["name"] for env in container["env"]] == ["HOME", "BACKUP_HEARTBEAT_FILE"]  # no secret in the env
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     files = {}
     for mount in container["volumeMounts"]:
@@ -193,6 +237,7 @@ def test_digest_spool_claim_resources_and_a_changed_job_file(rendered, tmp_path)
     ({"postgres_wal_slot": "Bad-Slot"}, "the slot"),
     ({"postgres_wal_spool_size": "lots"}, "the spool size"),
     ({"postgres_wal_termination_grace_period": 2}, "grace period"),
+    ({"postgres_wal_liveness_timeout": 10}, "liveness"),
     ({"postgres_wal_base_schedule": "weekly"}, "schedule"),
 ])
 def test_bad_settings_fail_before_anything_is_written(tmp_path, role_vars, message):
