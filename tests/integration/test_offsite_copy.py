@@ -380,3 +380,21 @@ def test_stock_age_decrypts_a_reencrypted_object(tmp_path):
     assert tar and len(tar) == payload["raw_bytes"]
     refused = subprocess.run(["age", "-d", "-i", source_key[0], path], capture_output=True, check=False)
     assert refused.returncode != 0
+
+
+def test_reencrypt_encrypts_an_unencrypted_backup(tmp_path):
+    source = open_storage({"backend": "filesystem", "path": str(tmp_path / "primary")})
+    destination = open_storage({"backend": "filesystem", "path": str(tmp_path / "offsite")})
+    source_key = age_key(tmp_path)
+    team = tmp_path / "team"
+    team.mkdir()
+    team_key = age_key(team)
+    tree = str(tmp_path / "tree")
+    write(os.path.join(tree, "a.txt"), "alpha\n" * 100)
+    manifest = BackupRun(JOB, FilesSource({"path": tree}), source, encryption={"enabled": False}).run()
+    outcome = offsite.copy_backups(source, destination, JOB, reencrypt=_reencrypt(team_key, identity=source_key[2]))
+    assert outcome["ok"] and [item["id"] for item in outcome["copied"]] == [manifest["id"]]
+    copy = Catalog(destination).get(JOB, manifest["id"])
+    assert [obj["name"] for obj in copy["objects"]] == [obj["name"] + ".age" for obj in manifest["objects"]]
+    assert copy["copied_from"]["reencrypted"]["source_encryption"] == {"mode": "none"}
+    assert restore_tree(destination, manifest["id"], team_key[2], tmp_path, "restored") == snapshot(tree)

@@ -10,11 +10,16 @@
    a killed copy's leftovers are taken over by the next run, and the last run leaves the
    destination in sync with the source. The seed is printed and named in failures
    (``BIOMETRICS_CRASH_SEED=<n>``); ``BIOMETRICS_COPY_KILLS=<n>`` sets the count.
+3. ``copy.reencrypt``: the copies are encrypted to another team's recipients with the source's
+   key given explicitly; they restore with that team's key only; a missing or wrong key stops
+   the run before anything is written; killed at random moments (at least 10 times), every
+   backup listed at the destination verifies with the team's key.
 """
 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -397,3 +402,67 @@ def test_runner_copy_reencrypts_for_another_team(tmp_path, keys, s3_server, offs
     for step in (missing, absent, refused, plan, copied, again):
         for secret in secrets:
             assert secret not in step.stdout and secret not in step.stderr
+
+
+def test_reencrypting_copy_killed_at_random_points(tmp_path, keys, s3_server):
+    """A re-encrypting ``runner copy`` killed with SIGKILL at random moments: every backup the
+    destination lists verifies with the other team's key, and the next run finishes the copy."""
+    seed = int(os.environ.get("BIOMETRICS_CRASH_SEED") or random.SystemRandom().randrange(1 << 32))
+    rng = random.Random(seed)
+    job = "reenckill"
+    source_options = s3_server.storage_options(prefix="reenckill-%s" % uuid.uuid4().hex[:6])
+    source = open_storage(source_options)
+    source_key = x25519.Identity.from_str(keys["identity"])
+    made = _big_backups(source, job, tmp_path, str(source_key.to_public()), count=3, mib=6)
+    ids = sorted(m["id"] for m in made)
+    team = x25519.Identity.generate()
+    (tmp_path / "team-recipients").write_text("%s\n" % team.to_public())
+    env = {"SRC_S3_ACCESS": s3_server.access_key, "SRC_S3_SECRET": s3_server.secret_key}
+    target = tmp_path / "team-copy"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "job": job, "kind": "files", "source": {"path": str(tmp_path)},
+        "storage": storage_by_env(s3_server, source_options["prefix"]),
+        "copy": {"destination": {"backend": "filesystem", "path": str(target)},
+                 "reencrypt": {"recipients_file": str(tmp_path / "team-recipients"),
+                               "identity_file": keys["identity_file"]}}}))
+    offsite = open_storage({"backend": "filesystem", "path": str(target)})
+    began = time.monotonic()
+    measured = run("copy", config, env=env)
+    assert measured.returncode == 0, measured.stderr
+    window = time.monotonic() - began
+    shutil.rmtree(target)
+    kills = max(10, KILLS // 2)
+    landed = {"killed": 0, "finished": 0, "partly listed": 0}
+    for kill in range(kills):
+        delay = rng.uniform(0, window)
+        process = subprocess.Popen([sys.executable, "-m", RUNNER, "copy", "--config", str(config)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=runner_env(env),
+                                   cwd="/", start_new_session=True)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            landed["killed"] += 1
+        else:
+            landed["finished"] += 1
+        try:
+            listed = sorted(m["id"] for m in Catalog(offsite).scan(job))
+        except MissingLocationError:
+            listed = []
+        landed["partly listed"] += 1 if listed and listed != ids else 0
+        where = "seed %d, kill %d after %.2fs" % (seed, kill, delay)
+        for backup_id in listed:
+            outcome = verify(offsite, job, backup=backup_id, identity=str(team), record=False)
+            assert outcome["ok"], "%s: %s listed but does not verify: %s" % (where, backup_id, outcome["results"])
+        if listed == ids:
+            shutil.rmtree(target)  # start over, so that kills keep landing mid-copy
+    last = run("copy", config, env=env)
+    assert last.returncode == 0, "seed %d: %s" % (seed, last.stderr)
+    assert sorted(m["id"] for m in Catalog(offsite).scan(job)) == ids
+    assert verify(offsite, job, backup="all", identity=str(team), record=False)["ok"]
+    again = run("copy", config, env=env)
+    assert again.returncode == 0 and not json.loads(again.stdout)["changed"]
+    print("re-encrypting copy kills: %d (seed %d, run %.2fs): %s" % (kills, seed, window, landed))
+    assert landed["killed"] >= kills // 2, landed

@@ -3,6 +3,11 @@
 how a re-encrypted copy is recognised as the source's backup, and its manifest."""
 
 import datetime
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from pyrage import x25519
@@ -133,3 +138,52 @@ def test_job_file_copy_reencrypt_reads_the_key_for_copy_only(tmp_path, monkeypat
         config.prepare("copy")
     assert "reencrypt" not in JobConfig.from_mapping(job({})).prepare("copy") or \
         JobConfig.from_mapping(job({})).prepare("copy")["reencrypt"] is None
+
+
+MIB = 1 << 20
+MEMORY_PROBE = textwrap.dedent("""
+    import hashlib, json, sys
+    import pyrage
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs, offsite
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.pipeline import check_object, store_stream
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.filesystem import FilesystemStorage
+
+    size, directory = int(sys.argv[1]), sys.argv[2]
+    block = hashlib.sha256(b"x").digest() * (1 << 15)  # 1 MiB
+
+    class Source:
+        pos = 0
+        def read(self, n=-1):
+            n = min(n, size - self.pos)
+            self.pos += n
+            return (b"%016x" % self.pos + block[16:n]) if n > 16 else block[:n]
+
+    source_key, team_key = pyrage.x25519.Identity.generate(), pyrage.x25519.Identity.generate()
+    source = FilesystemStorage(directory + "/source")
+    destination = FilesystemStorage(directory + "/destination")
+    stored = store_stream(Source(), source, "j/b/p.age", codecs.compression_settings({"algorithm": "none"}),
+                          codecs.encryption_settings({"recipients": [str(source_key.to_public())]}))
+    obj = {"name": "p.age", "size": stored["size"], "sha256": stored["sha256"]}
+    new, plain = offsite.reencrypt_object(source, destination, "j/b/p.age", "j/b/p.age", obj, [source_key],
+                                          [team_key.to_public()])
+    check_object(destination, "j/b/p.age", dict(new, name="p.age"), "none", [team_key])
+    with open("/proc/self/status") as status:
+        hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"maxrss_kib": hwm, "plain": plain["size"]}))
+""")
+
+
+def peak_rss_kib(size, directory):
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(size), str(directory)], check=True,
+                         capture_output=True, text=True, env=os.environ.copy()).stdout
+    result = json.loads(out)
+    assert result["plain"] == size
+    return result["maxrss_kib"]
+
+
+def test_reencryption_memory_does_not_grow_with_object_size(tmp_path):
+    """Decrypt + encrypt + read back of a 320 MiB object peaks at about the RSS of a 32 MiB one."""
+    low = peak_rss_kib(32 * MIB, tmp_path / "s")
+    high = peak_rss_kib(320 * MIB, tmp_path / "l")
+    assert high < 256 * 1024, "peak RSS %d KiB" % high
+    assert high - low < 24 * 1024, "peak RSS grew from %d to %d KiB" % (low, high)
