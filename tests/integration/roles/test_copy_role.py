@@ -1,9 +1,12 @@
-"""The offsite copy's CronJob rendered by biometrics.backup.job (issue 18, roles).
+"""The offsite copy's CronJobs rendered by biometrics.backup.job and mapped from the seed's
+values (backup.offsite) by biometrics.backup.deploy (issue 18, roles).
 
 Render-only mode (job_render_dir) through ansible-playbook: the storage role, two Redis jobs
 (one with a copy, one without) and, in a second play, a filesystem copy for every job with
-retention.require_copy and the retention role. The copy itself runs in the engine's tests
-(tests/integration/test_offsite_copy*.py); here: what the roles hand to the pod.
+retention.require_copy and the retention role; then playbooks/site.yml with the seed's values
+and backup.offsite (deploy_render_dir). The copy itself runs in the engine's tests
+(tests/integration/test_offsite_copy*.py) and as pods in
+tests/integration/kubernetes/test_copy_pods.py; here: what the roles hand to the pod.
 """
 
 import os
@@ -15,7 +18,7 @@ from kubernetes_validate import validate as validate_manifest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import JobConfig
 
-from .playbook import PlaybookRun, load_rendered
+from .playbook import PlaybookRun, load_rendered, run_site, seed_values
 
 KUBERNETES_VERSION = "1.34"
 NAMESPACE = "offsite"
@@ -85,8 +88,9 @@ def required(tmp_path_factory):
 
 def test_the_copy_cronjob_exists_only_for_the_job_that_asks_for_it(rendered):
     names = sorted(name for (kind, _ns, name) in rendered["manifests"] if kind == "CronJob")
-    assert names == ["redis-backup", "redis-backup-copy", "redis-cache"]
+    assert names == ["redis-backup", "redis-backup-copy", "redis-backup-copy-prune", "redis-cache"]
     assert ("ServiceAccount", NAMESPACE, "redis-backup-copy") in rendered["manifests"]
+    assert ("ServiceAccount", NAMESPACE, "redis-backup-copy-prune") in rendered["manifests"]
     # The copy reads the backup job's file: no ConfigMap of its own.
     assert ("ConfigMap", NAMESPACE, "redis-backup-copy-config") not in rendered["manifests"]
     assert "copy" not in _job_file(rendered["manifests"], "redis-cache")
@@ -228,3 +232,175 @@ def test_bad_copy_settings_fail_before_anything_is_written(tmp_path, job_vars, m
     assert "Traceback" not in run.output
     assert LEAKED not in run.output
     assert not list(out.glob("redis-backup*.yaml"))
+
+
+def test_copy_retention_renders_the_destination_prune_cronjob(rendered, required):
+    prune = rendered["manifests"][("CronJob", NAMESPACE, "redis-backup-copy-prune")]
+    copy = rendered["copy"]
+    # The copy's pod (same mounts, same ServiceAccount rules, restricted) with its own name,
+    # ServiceAccount, schedule and command: prune --destination on the backup job's file.
+    assert prune["spec"]["schedule"] == "30 5 * * *"
+    assert prune["metadata"]["labels"]["app.kubernetes.io/component"] == "copy"
+    pod, copy_pod = _pod(prune), _pod(copy)
+    assert pod["serviceAccountName"] == "redis-backup-copy-prune"
+    assert pod["containers"][0]["args"] == ["prune", "--destination", "--config",
+                                            "/etc/biometrics-backup/config/job.yaml"]
+    assert pod["volumes"] == copy_pod["volumes"]
+    assert pod["containers"][0]["volumeMounts"] == copy_pod["containers"][0]["volumeMounts"]
+    assert pod["securityContext"] == copy_pod["securityContext"]
+    assert pod["containers"][0]["securityContext"] == copy_pod["containers"][0]["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    # What it applies: copy.retention of the job file, with its rails (min_keep).
+    assert rendered["config"]["copy"]["retention"] == S3_COPY["retention"]
+    # No copy.retention, no destination prune.
+    assert not [name for (kind, _ns, name) in required if name.endswith("-copy-prune")]
+
+
+def test_the_prune_schedule_is_the_copys_own_setting(tmp_path):
+    run, out = _play(tmp_path, jobs=("redis-backup",),
+                     job_copy_by_job={"redis-backup": dict(S3_COPY, prune_schedule="15 7 * * 0")})
+    assert run.returncode == 0, run
+    prune = load_rendered(out)[("CronJob", NAMESPACE, "redis-backup-copy-prune")]
+    assert prune["spec"]["schedule"] == "15 7 * * 0"
+
+
+@pytest.mark.parametrize("job_vars,message", [
+    ({"job_copy_by_job": {"redis-backup": dict(S3_COPY, prune_schedule="0 25 * * *")}}, "`prune_schedule` a cron"),
+    ({"job_copy": S3_COPY, "jobs": ("redis-backup-" + "x" * 30,)}, "at most 41 with `retention`"),
+])
+def test_bad_destination_prune_settings_fail_before_anything_is_written(tmp_path, job_vars, message):
+    jobs = job_vars.pop("jobs", ("redis-backup",))
+    run, out = _play(tmp_path, jobs=jobs, **job_vars)
+    assert run.returncode != 0
+    assert message in run.output, run
+    assert "Traceback" not in run.output
+    assert not list(out.glob("redis-backup*.yaml"))
+
+
+# -- the umbrella role: backup.offsite in the seed's values ------------------------------------
+
+OFFSITE = {
+    "schedule": "30 4 * * *",
+    "storage": {"backend": "s3", "s3": {"bucket": "biometrics-offsite", "endpoint": "https://s3.site-b.example",
+                                        "region": "eu-north-1", "prefix": "biometrics/"}},
+    "credentialsSecret": "offsite-s3",
+    "retention": {"monthly": 12, "yearly": 7, "minKeep": 2},
+    "requireCopy": True,
+    "jobs": {
+        "redis-backup": {"enabled": False},
+        "config-backup": {"schedule": "0 7 * * *", "pruneSchedule": "0 8 * * 0", "recheck": "full",
+                          "retention": {"days": 3}, "storage": {"s3": {"prefix": "config/"}}},
+        "incremental-backup": {"storage": {"backend": "pvc", "pvc": "offsite-archive", "path": "/mnt/offsite"}},
+    },
+}
+# The jobs of the seed's values that make backups; the directory sync only mirrors.
+SEED_BACKUP_JOBS = ("postgres-backup", "redis-backup", "incremental-backup", "config-backup",
+                    "k8s-resources-backup", "biometrics-data-backup")
+SEED_NAMESPACE = "biometrics"
+
+
+def _seed_job_file(manifests, job):
+    return yaml.safe_load(manifests[("ConfigMap", SEED_NAMESPACE, job + "-config")]["data"]["job.yaml"])
+
+
+@pytest.fixture(scope="module")
+def seed_offsite(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("copy-seed")
+    out = tmp / "out"
+    run = run_site(seed_values(**{"backup.offsite": OFFSITE}), tmp, {"render_dir": str(out)})
+    assert run.returncode == 0, run
+    return load_rendered(out)
+
+
+def test_seed_values_with_backup_offsite_copy_every_backup_job_but_the_ones_switched_off(seed_offsite):
+    cronjobs = {name for (kind, _ns, name) in seed_offsite if kind == "CronJob"}
+    copied = sorted(name[:-len("-copy")] for name in cronjobs if name.endswith("-copy"))
+    assert copied == sorted(set(SEED_BACKUP_JOBS) - {"redis-backup"})
+    assert "directory-sync-backup-copy" not in cronjobs and "redis-backup-copy" not in cronjobs
+    assert sorted(name for name in cronjobs if name.endswith("-copy-prune")) == sorted(
+        job + "-copy-prune" for job in copied)
+    for manifest in seed_offsite.values():
+        validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_seed_values_map_backup_offsite_onto_the_job_files(seed_offsite):
+    postgres = _seed_job_file(seed_offsite, "postgres-backup")
+    JobConfig.from_mapping(postgres)
+    assert postgres["copy"] == {
+        "destination": {"backend": "s3", "bucket": "biometrics-offsite", "endpoint_url": "https://s3.site-b.example",
+                        "region": "eu-north-1", "prefix": "biometrics/",
+                        "access_key_file": SECRETS_ROOT + "offsite-s3/access_key",
+                        "secret_key_file": SECRETS_ROOT + "offsite-s3/secret_key"},
+        "retention": {"keep_monthly": 12, "keep_yearly": 7, "min_keep": 2}}
+    # requireCopy: the primary never prunes what the copy lacks; the seed's own retention stays.
+    assert postgres["retention"] == {"keep_daily": 30, "keep_weekly": 12, "keep_monthly": 12, "keep_yearly": 7,
+                                     "require_copy": True}
+    assert seed_offsite[("CronJob", SEED_NAMESPACE, "postgres-backup-copy")]["spec"]["schedule"] == "30 4 * * *"
+    assert seed_offsite[("CronJob", SEED_NAMESPACE, "postgres-backup-copy-prune")]["spec"]["schedule"] == "30 5 * * *"
+    # Per-job overrides merge over the global section, nested keys one by one.
+    config = _seed_job_file(seed_offsite, "config-backup")
+    JobConfig.from_mapping(config)
+    assert config["copy"]["destination"]["prefix"] == "config/"
+    assert config["copy"]["destination"]["bucket"] == "biometrics-offsite"
+    assert config["copy"]["recheck"] == "full"
+    assert config["copy"]["retention"] == {"keep_daily": 3, "keep_monthly": 12, "keep_yearly": 7, "min_keep": 2}
+    assert seed_offsite[("CronJob", SEED_NAMESPACE, "config-backup-copy")]["spec"]["schedule"] == "0 7 * * *"
+    assert seed_offsite[("CronJob", SEED_NAMESPACE, "config-backup-copy-prune")]["spec"]["schedule"] == "0 8 * * 0"
+    # A claim instead of a bucket for one job: mounted at the path, no S3 credentials for it.
+    incremental = _seed_job_file(seed_offsite, "incremental-backup")
+    assert incremental["copy"]["destination"] == {"backend": "filesystem", "path": "/mnt/offsite"}
+    pod = _pod(seed_offsite[("CronJob", SEED_NAMESPACE, "incremental-backup-copy")])
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v] == [
+        "offsite-archive"]
+    assert not [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "offsite-s3"]
+    # The job without a copy keeps the seed's retention, without require_copy.
+    redis = _seed_job_file(seed_offsite, "redis-backup")
+    assert "copy" not in redis and "require_copy" not in redis["retention"]
+
+
+def test_seed_values_with_backup_offsite_give_the_retention_job_the_destination(seed_offsite):
+    retention = _pod(seed_offsite[("CronJob", SEED_NAMESPACE, "retention-prune")])
+    secrets = {volume["secret"]["secretName"] for volume in retention["volumes"] if "secret" in volume}
+    assert "offsite-s3" in secrets
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in retention["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["offsite-archive"]
+    args = retention["containers"][0]["args"]
+    assert not [arg for arg in args if "-copy" in arg]
+
+
+def test_seed_values_without_backup_offsite_render_no_copy(tmp_path):
+    out = tmp_path / "out"
+    run = run_site(seed_values(**{"backup.offsite": {"enabled": False, "schedule": "30 4 * * *"}}), tmp_path,
+                   {"render_dir": str(out)})
+    assert run.returncode == 0, run
+    manifests = load_rendered(out)
+    assert not [name for (_kind, _ns, name) in manifests if "-copy" in name]
+    assert "copy" not in _seed_job_file(manifests, "postgres-backup")
+
+
+@pytest.mark.parametrize("offsite,message", [
+    ({key: value for key, value in OFFSITE.items() if key != "schedule"}, "backup.offsite.schedule is missing"),
+    (dict(OFFSITE, schedule="30 4 * *"), "backup.offsite.schedule: "),
+    (dict(OFFSITE, pruneSchedule="nightly"), "backup.offsite.pruneSchedule: "),
+    (dict(OFFSITE, storage={"backend": "ftp"}), "backup.offsite.storage.backend must be s3, pvc"),
+    (dict(OFFSITE, storage={"backend": "s3", "s3": {}}), "backup.offsite.storage.s3.bucket is missing"),
+    (dict(OFFSITE, credentialsSecret=""), "backup.offsite.credentialsSecret must name the Secret"),
+    (dict(OFFSITE, storage={"backend": "pvc"}), "backup.offsite.storage.pvc is missing"),
+    (dict(OFFSITE, recheck="sometimes"), "backup.offsite.recheck must be size or full"),
+    (dict(OFFSITE, retention={"months": 12}), "backup.offsite.retention.months is not a retention key"),
+    (dict(OFFSITE, retention={"yearly": "seven"}), "backup.offsite.retention.yearly must be a whole number"),
+    (dict(OFFSITE, jobs={"billing-backup": {}}), "backup.offsite.jobs.billing-backup: no such backup job"),
+    (dict(OFFSITE, jobs={"directory-sync-backup": {}}), "backup.offsite.jobs.directory-sync-backup: the directory"),
+    (dict(OFFSITE, jobs={"config-backup": {"schedule": "61 * * * *"}}), "backup.offsite.jobs.config-backup.schedule: "),
+    (dict(OFFSITE, jobs={"config-backup": {"storage": {"backend": "nfs"}}}),
+     "backup.offsite.jobs.config-backup.storage.pvc is missing"),
+    ("s3://elsewhere", "backup.offsite must be a mapping"),
+])
+def test_bad_backup_offsite_values_fail_before_anything_is_written(tmp_path, offsite, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    run = run_site(seed_values(**{"backup.offsite": offsite}), tmp_path, {"render_dir": str(out)})
+    assert run.returncode != 0
+    assert "values: " in run.output and message in run.output, run
+    assert "Traceback" not in run.output
+    assert list(out.iterdir()) == []
