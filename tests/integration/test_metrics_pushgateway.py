@@ -384,9 +384,13 @@ def test_wal_stream_pushes_lag_window_and_gaps_while_it_runs(wal_server, pushgat
                               capture_output=True, text=True, timeout=300, check=False, **kwargs)
 
     def wal_samples():
-        return {name: value for (name, instance, kind), (value, _type) in gateway_samples(pushgateway_server,
-                                                                                           wal_job).items()
+        return {name: value for (name, instance, kind), (value, _type)
+                in gateway_samples(pushgateway_server, wal_job).items()
                 if instance == "db1" and kind == "postgres_base"}
+
+    def samples_when(condition):
+        found = wal_samples()
+        return found if condition(found) else None
 
     done = run("wal-stream", "--duration", "1")   # the slot, before the base backup
     assert done.returncode == 0, done.stderr
@@ -401,10 +405,9 @@ def test_wal_stream_pushes_lag_window_and_gaps_while_it_runs(wal_server, pushgat
                               text=True)
     try:
         # While it runs: up, a fresh heartbeat, the window from the base backup to the newest WAL.
-        seen = wait_until(lambda: (lambda s: s if s.get("backup_wal_stream_up") == 1
-                                   and "backup_wal_archive_lag_bytes" in s
-                                   and "backup_wal_recovery_window_start_timestamp_seconds" in s else None)(
-                                       wal_samples()),
+        seen = wait_until(lambda: samples_when(lambda s: s.get("backup_wal_stream_up") == 1
+                                               and "backup_wal_archive_lag_bytes" in s
+                                               and "backup_wal_recovery_window_start_timestamp_seconds" in s),
                           "a report of the running stream with the recovery window", timeout=30)
         assert seen["backup_wal_stream_heartbeat_timestamp_seconds"] >= started - 1
         assert seen["backup_wal_recovery_window_start_timestamp_seconds"] == pytest.approx(
@@ -422,8 +425,8 @@ def test_wal_stream_pushes_lag_window_and_gaps_while_it_runs(wal_server, pushgat
         for _round in range(4):
             _write(wal_server, rows=40000)
         _write(wal_server, rows=10)
-        caught_up = wait_until(lambda: (lambda s: s if s.get("backup_wal_segments_stored_total", 0) >= before + 2
-                                        and s.get("backup_wal_archive_lag_bytes") == 0 else None)(wal_samples()),
+        caught_up = wait_until(lambda: samples_when(lambda s: s.get("backup_wal_segments_stored_total", 0) >= before + 2
+                                                    and s.get("backup_wal_archive_lag_bytes") == 0),
                                "the stream to store the new segments and catch up", timeout=30)
         assert caught_up["backup_wal_archive_lag_seconds"] == 0
         assert caught_up["backup_wal_last_archived_timestamp_seconds"] >= started
@@ -434,8 +437,8 @@ def test_wal_stream_pushes_lag_window_and_gaps_while_it_runs(wal_server, pushgat
             time.sleep(1)
         finally:
             stream.send_signal(signal.SIGCONT)
-        lagging = wait_until(lambda: (lambda s: s if s.get("backup_wal_archive_lag_bytes", 0) > 0 else None)(
-            wal_samples()), "a report with the write not stored yet", timeout=30)
+        lagging = wait_until(lambda: samples_when(lambda s: s.get("backup_wal_archive_lag_bytes", 0) > 0),
+                             "a report with the write not stored yet", timeout=30)
         assert lagging["backup_wal_archive_lag_seconds"] > 0
         out, err = stream.communicate(timeout=120)
     finally:
