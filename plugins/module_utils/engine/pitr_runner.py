@@ -219,11 +219,9 @@ class StreamStatus:
         counted = self._reported_segments.get(id(streamer), 0)
         values["segments_stored"] = streamer.result["segments_stored"] - counted
         self._reported_segments = {id(streamer): streamer.result["segments_stored"]}
+        # Not backup_last_success_timestamp_seconds: the alerts built on it (never verified, no
+        # retention pass) would fire for the WAL job, which has its own (WalStreamStalled).
         metrics = self._metrics()
-        if up:
-            # Streaming is the WAL job's backup succeeding, continuously: BackupFailed and the
-            # dashboard's job list see the WAL job like any other.
-            metrics.record("record_backup_result", True, now)
         metrics.record("record_wal_stream", up, **values)
         if gap_at is not None:
             metrics.record("record_wal_gap", gap_at)
