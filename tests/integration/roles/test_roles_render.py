@@ -59,13 +59,13 @@ def test_the_seed_renders_exactly_its_objects(rendered):
         | {"biometrics-backup.rules.yml", "prometheusrule.yml", "dashboard-configmap.yml"})
 
 
-def test_stale_job_removal_covers_every_kind_a_job_renders(rendered, hardened):
+def test_stale_job_removal_covers_every_kind_a_job_renders(rendered, hardened, pitr):
     # The deploy role removes a job that left the values by these kinds; a kind the job role
     # renders and the table lacks would stay behind in the cluster.
     table = yaml.safe_load((REPO_ROOT / "roles" / "deploy" / "vars" / "main.yml").read_text())["deploy_job_object_kinds"]
     removed = {(entry["api_version"], entry["kind"]) for entry in table}
     rendered_kinds = {(manifest["apiVersion"], manifest["kind"])
-                      for manifests in (rendered["manifests"], hardened)
+                      for manifests in (rendered["manifests"], hardened, pitr)
                       for manifest in manifests.values()
                       if "backup.biometrics.io/job" in manifest["metadata"].get("labels", {})}
     assert rendered_kinds == removed
@@ -390,3 +390,63 @@ def test_unusable_hardening_values_fail_before_the_job_is_written(tmp_path, over
     written = sorted(path.name for path in out.glob("*.yaml"))
     late = "drill" in message or "data_size" in message
     assert not [name for name in written if name.endswith("-drill.yaml" if late else "-backup.yaml")], written
+
+
+# database.pitr (docs/postgres-pitr.md): the WAL stream's Deployment and its base backup CronJob,
+# through biometrics.backup.postgres_wal, from the same values as the other jobs.
+PITR = {
+    "database.pitr": {"enabled": True, "baseSchedule": "15 1 * * 6", "user": "streamer",
+                      "passwordSecret": {"name": "pg-replication", "key": "pw"}, "slot": "enrolment_slot",
+                      "partialInterval": 5, "spoolSize": "2Gi"},
+}
+
+
+@pytest.fixture(scope="module")
+def pitr(tmp_path_factory):
+    out = tmp_path_factory.mktemp("render-pitr")
+    run = run_site(seed_values(**PITR), out, {"render_dir": str(out)})
+    assert run.returncode == 0, run
+    return load_rendered(out)
+
+
+def test_pitr_values_deploy_the_wal_stream_and_its_base_backups(pitr):
+    for manifest in pitr.values():
+        validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
+    cronjob = pitr[("CronJob", "biometrics", "postgres-pitr")]
+    assert cronjob["spec"]["schedule"] == "15 1 * * 6"
+    stream = pitr[("Deployment", "biometrics", "postgres-pitr-stream")]
+    assert stream["spec"]["replicas"] == 1
+    pod = stream["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"][0] == "wal-stream"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert {v["name"]: v.get("emptyDir", {}).get("sizeLimit") for v in pod["volumes"]}["scratch"] == "2Gi"
+    config = yaml.safe_load(pitr[("ConfigMap", "biometrics", "postgres-pitr-config")]["data"]["job.yaml"])
+    assert config["kind"] == "postgres_base"
+    assert config["source"]["host"] == "postgres.biometrics.svc"
+    assert config["source"]["user"] == "streamer"
+    assert config["source"]["slot"] == "enrolment_slot"
+    assert config["source"]["partial_interval"] == 5
+    assert config["source"]["password_file"] == "/etc/biometrics-backup/secrets/pg-replication/pw"
+    assert _secret_files(pod)["/etc/biometrics-backup/secrets/pg-replication/pw"] == ("pg-replication", "pw")
+    JobConfig(config)
+    # The nightly dump stays: PITR comes beside it, not instead.
+    assert ("CronJob", "biometrics", "postgres-backup") in pitr
+
+
+def test_pitr_is_off_unless_the_values_ask_for_it(rendered):
+    assert not [key for key in rendered["manifests"] if key[0] == "Deployment" or key[2].startswith("postgres-pitr")]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"database.pitr": {"enabled": True}, "database.host": None},
+     "database.pitr.enabled is true but database.host is missing"),
+    ({"database.pitr": {"enabled": True, "baseSchedule": "weekly"}}, "values: database.pitr.baseSchedule: "),
+    ({"database.pitr": {"enabled": True, "slot": "Bad-Slot"}}, "the slot lowercase letters, digits and underscores"),
+])
+def test_unusable_pitr_values_fail_before_anything_is_written(tmp_path, overrides, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    run = run_site(seed_values(**overrides), tmp_path, {"render_dir": str(out)})
+    assert run.returncode != 0
+    assert message in run.output, run
+    assert not [path.name for path in out.glob("postgres-pitr*")]
