@@ -30,6 +30,7 @@ def everything_recorded():
     m.record_verification(False, T0 + 3)
     m.record_drill(True, T0 + 4, duration_seconds=30)
     m.record_drill(False, T0 + 5)
+    m.record_drill_phases({"verify": 4.0, "transfer": 20.5, "load": 3.0, "checks": 0.5, "total": 29.0})
     m.record_retention(kept=7, pruned=2, finished_at=T0 + 6)
     m.record_copy(True, T0 + 7, lag_seconds=0, bytes_copied=1234)
     m.record_copy(False, T0 + 8)
@@ -47,8 +48,36 @@ def test_every_declared_metric_is_emitted_with_its_type_and_identity_labels():
     for family in families.values():
         sample_name = family.samples[0].name
         assert family.type == metrics.METRICS[sample_name][0]
-        assert family.samples[0].labels == {"job": "pg-main", "kind": "postgres", "instance": "db1"}
+        extra = metrics.LABELLED_METRICS.get(sample_name)
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if extra:
+                labels.pop(extra)
+            assert labels == {"job": "pg-main", "kind": "postgres", "instance": "db1"}
     assert families["backup_retention_pruned"].type == "counter"
+
+
+def test_drill_phases_are_one_series_per_phase_and_survive_a_textfile_merge(tmp_path):
+    phases = {"select": 0.1, "verify": 4.0, "prepare": 0.2, "transfer": 20.5, "load": 3.0, "checks": 0.5,
+              "total": 29.0}
+    m = BackupMetrics("pg-main", "postgres", "db1")
+    m.record_drill(True, T0, duration_seconds=30)
+    m.record_drill_phases(phases)
+    got = {labels: value for (name, labels), value in samples(m.exposition().decode()).items()
+           if name == "backup_restore_drill_phase_seconds"}
+    assert {dict(labels)["phase"]: value for labels, value in got.items()} == phases
+    path = str(tmp_path / "drill.prom")
+    m.write_textfile(path)
+    later = BackupMetrics("pg-main", "postgres", "db1")
+    later.record_drill(False, T0 + 60)   # a failed drill keeps the last good drill's phases
+    later.write_textfile(path)
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    assert text.count("backup_restore_drill_phase_seconds{") == len(phases)
+    with pytest.raises(ConfigError):
+        m.record_drill_phases({"verify": -1.0, "total": 1.0})
+    with pytest.raises(ConfigError):
+        m.record_drill_phases({"verify": 1.0})
 
 
 def test_names_follow_prometheus_conventions():
@@ -93,7 +122,8 @@ def test_size_ratio_of_a_failed_run_is_recorded_on_its_own():
 
 def test_push_exposition_leaves_identity_to_the_grouping_key():
     text = everything_recorded().exposition(with_identity_labels=False).decode()
-    assert all(labels == frozenset() for (_name, labels) in samples(text))
+    assert all(labels == frozenset() or (name in metrics.LABELLED_METRICS and len(labels) == 1)
+               for (name, labels) in samples(text))
 
 
 def test_counter_adds_this_runs_pruned_count_to_the_published_total():

@@ -84,6 +84,9 @@ METRICS = {
         GAUGE, "Unix time at which the last successful restore drill finished."),
     "backup_restore_drill_last_failure_timestamp_seconds": (
         GAUGE, "Unix time at which the last failed restore drill ended."),
+    "backup_restore_drill_phase_seconds": (
+        GAUGE, "Wall time of each phase (label phase) of the last successful drill's restore; phase=total is "
+               "the expected recovery time (RTO) of the job."),
     "backup_retention_kept": (
         GAUGE, "Number of backups the last retention pass kept."),
     "backup_retention_pruned_total": (
@@ -120,6 +123,9 @@ METRICS = {
     "backup_wal_recovery_window_end_timestamp_seconds": (
         GAUGE, "Newest time a point-in-time restore can reach: when the newest WAL was stored."),
 }
+
+# Metrics with one series per value of an extra label: name -> label name.
+LABELLED_METRICS = {"backup_restore_drill_phase_seconds": "phase"}
 
 COUNTER_METRICS = frozenset(name for name, (kind, _help) in METRICS.items() if kind == COUNTER)
 
@@ -196,6 +202,7 @@ class BackupMetrics:
         self.instance = instance
         self._values = {}
         self._increments = {}  # counter name -> what this run adds
+        self._labelled = {}  # LABELLED_METRICS name -> {label value: value}
 
     @property
     def identity(self):
@@ -203,9 +210,13 @@ class BackupMetrics:
 
     @property
     def recorded(self):
-        """Metric name -> value of everything recorded so far (the counter as this run's increment)."""
+        """Metric name -> value of everything recorded so far (the counter as this run's increment).
+
+        A LABELLED_METRICS name maps to ``{label value: value}``.
+        """
         values = dict(self._values)
         values.update((name, float(value)) for name, value in self._increments.items())
+        values.update((name, dict(series)) for name, series in self._labelled.items())
         return values
 
     def _add(self, name, increment):
@@ -275,6 +286,13 @@ class BackupMetrics:
         if duration_seconds is not None:
             self._set("backup_restore_drill_duration_seconds",
                       _non_negative("duration_seconds", duration_seconds))
+
+    def record_drill_phases(self, phases):
+        """The phases of a successful drill's restore (``{phase: seconds}``, with ``total``)."""
+        if not isinstance(phases, dict) or "total" not in phases:
+            raise ConfigError("drill phases must be a mapping that includes total, got %r" % (phases,))
+        self._labelled["backup_restore_drill_phase_seconds"] = {
+            str(name): _non_negative("phase %s" % name, value) for name, value in phases.items()}
 
     def record_retention(self, kept, pruned, finished_at):
         """A retention pass that kept ``kept`` backups and deleted ``pruned`` of them."""
@@ -427,6 +445,12 @@ class _RecordedCollector:
         for name in sorted(names):
             kind, help_text = METRICS[name]
             value = self._metrics.recorded[name]
+            if name in LABELLED_METRICS:
+                family = GaugeMetricFamily(name, help_text, labels=label_names + [LABELLED_METRICS[name]])
+                for label_value, series_value in sorted(value.items()):
+                    family.add_metric(label_values + [label_value], series_value)
+                yield family
+                continue
             if kind == COUNTER:
                 family = CounterMetricFamily(name, help_text, labels=label_names)
                 value += float(self._previous_totals.get(name) or 0.0)

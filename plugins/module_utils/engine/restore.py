@@ -15,6 +15,10 @@ Order of a restore (the same for the module, the runner and the drill):
    (a byte changed between step 3 and step 4 still fails the restore).
 
 Check mode stops after step 3 and reports what would be restored where.
+
+A :class:`RestoreClock` follows the restore: it reports progress (plaintext bytes done of the
+total the manifest records, and the rate) every few seconds, and splits the wall time into
+the ``phases`` of the report (see :meth:`RestoreClock.phases`).
 """
 
 import hashlib
@@ -25,7 +29,7 @@ from . import manifest as mf
 from .backup import open_payload
 from .catalog import Catalog
 from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
-from .pipeline import check_object
+from .pipeline import CHUNK, PlaintextStream, check_object
 from .storage.base import MissingLocationError, is_unfinished
 from .targets.base import RestoreContext, Target
 from .timeutil import parse_iso, to_iso, utc_now
@@ -242,10 +246,26 @@ def _raise_stored_bytes_error(storage, key, obj, decode_error):
                                   note="it does not decode either") from None
 
 
-def verify_objects(storage, manifest, backup_identities):
+def _check_object(storage, key, expected, algorithm, identities, clock=None):
+    """``pipeline.check_object`` (hash, decrypt, decompress, discard), counting plaintext on ``clock``."""
+    stream = PlaintextStream(storage, key, expected, algorithm, identities)
+    try:
+        while True:
+            data = stream.read(CHUNK)
+            if not data:
+                break
+            if clock is not None:
+                clock.advance(len(data))
+        return stream.finish()
+    finally:
+        stream.close()
+
+
+def verify_objects(storage, manifest, backup_identities, clock=None):
     """Read every object of one backup to the end; return the per-object report.
 
     Raises IntegrityError (DecryptionError for undecryptable payloads) on the first problem.
+    ``clock`` (a RestoreClock) counts the payloads' plaintext for progress lines.
     """
     seen = set()
     details = []
@@ -266,7 +286,7 @@ def verify_objects(storage, manifest, backup_identities):
         else:
             algorithm, ids = "none", None  # key envelope and other side objects: bytes only
         try:
-            report = check_object(storage, key, obj, algorithm, ids)
+            report = _check_object(storage, key, obj, algorithm, ids, clock if obj.get("payload") else None)
         except NotFoundError:
             raise IntegrityError("%s is listed in the manifest but missing from storage" % key) from None
         except IntegrityError as exc:
@@ -296,13 +316,21 @@ def _check_no_strays(storage, manifest, listed):
                              "(manifest edited, or a foreign object)" % (info.key, manifest["id"]))
 
 
-def verify_chain(storage, chain, keys_by_id, verified=None):
+def _recorded_plain_bytes(manifests):
+    """Plaintext bytes of the manifests' payloads as recorded at backup time (None if unrecorded)."""
+    sizes = [obj.get("raw_bytes") for item in manifests for obj in item["objects"] if obj.get("payload")]
+    return sum(sizes) if sizes and all(isinstance(size, int) for size in sizes) else None
+
+
+def verify_chain(storage, chain, keys_by_id, verified=None, clock=None):
     """Verify every backup of ``chain``; ``verified`` (a dict id -> summary) skips repeats."""
     verified = {} if verified is None else verified
     summary = {"backups": [], "objects": 0, "stored_bytes": 0, "plain_bytes": 0, "details": []}
+    if clock is not None:
+        clock.begin("verify", _recorded_plain_bytes([item for item in chain if item["id"] not in verified]))
     for item in chain:
         if item["id"] not in verified:
-            details = verify_objects(storage, item, keys_by_id.get(item["id"]))
+            details = verify_objects(storage, item, keys_by_id.get(item["id"]), clock)
             verified[item["id"]] = details
         details = verified[item["id"]]
         summary["backups"].append(item["id"])
@@ -313,19 +341,102 @@ def verify_chain(storage, chain, keys_by_id, verified=None):
     return summary
 
 
+# -- progress and phases -----------------------------------------------------------------
+
+PROGRESS_INTERVAL = 5.0
+
+# The phases of a restore, in order, each ending at the boundary of the same name (see
+# RestoreClock.phases).
+PHASES = ("select", "verify", "prepare", "transfer", "load", "checks")
+
+
+class RestoreClock:
+    """Times one restore and reports its progress.
+
+    Progress: ``report(phase, done_bytes, total_bytes, elapsed_seconds)`` is called at most
+    every ``interval`` seconds while plaintext flows, in the ``verify`` pass and in the
+    ``restore`` pass. ``total_bytes`` is the plaintext size the manifests recorded at backup
+    time (None for backups that did not record it); ``elapsed_seconds`` counts from the start
+    of that pass.
+
+    Phases: boundaries are marked on the monotonic clock as the restore passes them:
+    ``select`` (backup chosen, chain and keys read), ``verify`` (every object verified), then,
+    inside the target's restore, ``prepare`` (the first payload stream opened: preflight and
+    the target's set-up such as CREATE DATABASE lie before it), ``transfer`` (the last
+    payload stream reached its end: storage read, decrypted, decompressed and consumed by the
+    tool), ``load`` (the last payload stream finished: what the tool did after its input
+    ended, e.g. pg_restore's index builds and constraints) and ``checks`` (the target
+    returned: its checks, such as row counts, and a swap). A boundary that was not passed
+    (no payload opened) takes the time of the one before it, so that phase is 0.
+    """
+
+    def __init__(self, report=None, interval=PROGRESS_INTERVAL):
+        self.started = time.monotonic()
+        self._marks = {}
+        self._report = report
+        self._interval = interval
+        self.phase, self.done, self.total = None, 0, None
+        self._phase_started = self._last = self.started
+
+    def mark(self, boundary):
+        self._marks[boundary] = time.monotonic()
+
+    def begin(self, phase, total_bytes):
+        """A pass over the plaintext starts (``verify`` or ``restore``)."""
+        self.phase, self.done, self.total = phase, 0, total_bytes
+        self._phase_started = self._last = time.monotonic()
+
+    def advance(self, count):
+        self.done += count
+        if self._report is None:
+            return
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._report(self.phase, self.done, self.total, now - self._phase_started)
+
+    def stream_opened(self):
+        self._marks.setdefault("prepare", time.monotonic())
+
+    def phases(self):
+        """``{phase: seconds, ..., "total": seconds}`` up to now; each phase >= 0, their sum <= total.
+
+        Boundaries are rounded to whole milliseconds first, so the phases add up to at most
+        the total however they are rounded.
+        """
+        now = time.monotonic()
+        previous = 0
+        result = {}
+        for name in PHASES:
+            at = self._marks.get(name)
+            offset = previous if at is None else max(previous, int(round((at - self.started) * 1000)))
+            result[name] = (offset - previous) / 1000.0
+            previous = offset
+        result["total"] = max(previous, int(round((now - self.started) * 1000))) / 1000.0
+        return result
+
+
 # -- restoring ---------------------------------------------------------------------------
 
 class _CheckedStream:
     """A payload stream for targets: at EOF it checks size and SHA-256 once more."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, clock=None):
         self._stream = stream
         self._result = None
+        self._clock = clock
+        if clock is not None:
+            clock.stream_opened()
 
     def read(self, size=-1):
         data = self._stream.read(size if size and size > 0 else 1 << 20)
-        if not data and self._result is None:
+        if data:
+            if self._clock is not None:
+                self._clock.advance(len(data))
+        elif self._result is None:
             self._result = self._stream.finish()
+            if self._clock is not None:
+                self._clock.mark("transfer")
         return data
 
     def readinto(self, buffer):
@@ -340,6 +451,8 @@ class _CheckedStream:
         if self._result is None:
             while self.read(1 << 20):
                 pass
+        if self._clock is not None:
+            self._clock.mark("load")
         return self._result
 
     @property
@@ -357,13 +470,13 @@ class _CheckedStream:
         return False
 
 
-def restore_context(storage, manifest, chain, keys_by_id, check_mode=False, options=None):
+def restore_context(storage, manifest, chain, keys_by_id, check_mode=False, options=None, clock=None):
     allowed = {item["id"] for item in chain}
 
     def opener(which, payload_name):
         if which["id"] not in allowed:
             raise ConfigError("target asked for backup %s, which is not part of the restored chain" % which["id"])
-        return _CheckedStream(open_payload(storage, which, payload_name, keys_by_id.get(which["id"])))
+        return _CheckedStream(open_payload(storage, which, payload_name, keys_by_id.get(which["id"])), clock)
 
     return RestoreContext(manifest, chain, opener, check_mode=check_mode, options=options)
 
@@ -372,9 +485,18 @@ def _failed_checks(report):
     return [check for check in (report or {}).get("checks") or [] if not check.get("ok")]
 
 
-def restore_verified(storage, manifest, chain, keys_by_id, target):
-    """Run ``target.restore`` for an already verified chain; raise IntegrityError on failed checks."""
-    report = target.restore(restore_context(storage, manifest, chain, keys_by_id, options=target.options)) or {}
+def restore_verified(storage, manifest, chain, keys_by_id, target, clock=None):
+    """Run ``target.restore`` for an already verified chain; raise IntegrityError on failed checks.
+
+    With a ``clock`` (RestoreClock), the restore pass reports progress and marks the phases
+    from ``prepare`` to ``checks``.
+    """
+    if clock is not None:
+        clock.begin("restore", _recorded_plain_bytes(chain))
+    report = target.restore(restore_context(storage, manifest, chain, keys_by_id, options=target.options,
+                                            clock=clock)) or {}
+    if clock is not None:
+        clock.mark("checks")
     failed = _failed_checks(report)
     if failed:
         raise IntegrityError("restore of %s into %s failed its checks: %s" % (
@@ -384,17 +506,20 @@ def restore_verified(storage, manifest, chain, keys_by_id, target):
 
 
 def restore(storage, job, target, backup=None, point_in_time=None, identity=None, passphrase=None,
-            check_mode=False, log=None):
+            check_mode=False, log=None, progress=None, progress_interval=PROGRESS_INTERVAL):
     """Verified restore of one backup of ``job`` into ``target``.
 
     ``target`` is a Target instance, or a callable ``target(kind)`` returning one once the
-    backup (and so its kind) has been chosen.
+    backup (and so its kind) has been chosen. ``progress`` is called as
+    ``progress(phase, done_bytes, total_bytes, elapsed_seconds)`` at most every
+    ``progress_interval`` seconds (see RestoreClock).
 
     Returns the verification report: what was selected, what was compared (objects, bytes,
-    the target's checks), and how long it took. Nothing is written in check mode.
+    the target's checks), and how long it took (``phases``). Nothing is written in check mode.
     """
     log = log or (lambda message: None)
-    started = time.monotonic()
+    clock = RestoreClock(progress, progress_interval)
+    started = clock.started
     mf.validate_job_name(job)
     catalog = Catalog(storage)
     manifest, selected_by = select_backup(catalog, job, backup, point_in_time)
@@ -410,7 +535,9 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
         "chain of %d" % len(chain) if len(chain) > 1 else "full",
         " ".join("%s=%s" % item for item in sorted(target.describe().items()))))
     keys_by_id = chain_identities(storage, chain, identity, passphrase)
-    verification = verify_chain(storage, chain, keys_by_id)
+    clock.mark("select")
+    verification = verify_chain(storage, chain, keys_by_id, clock=clock)
+    clock.mark("verify")
     verified_at = time.monotonic()
     log("verified %d objects (%d stored bytes, %d plaintext bytes) in %.1fs" % (
         verification["objects"], verification["stored_bytes"], verification["plain_bytes"],
@@ -428,7 +555,7 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
             # The target's own plan (what it would create, rename, apply), from the verified
             # chain; it reads but writes nothing.
             plan = target.restore(restore_context(storage, manifest, chain, keys_by_id, check_mode=True,
-                                                  options=target.options)) or {}
+                                                  options=target.options, clock=clock)) or {}
         planned = plan or {}
         summary = planned.get("plan")
         report.update(changed=False, restore=plan, checks=planned.get("checks") or [],
@@ -438,10 +565,11 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
                           target.describe(),
                           ": %s" % summary if isinstance(summary, str) else ""))
     else:
-        result = restore_verified(storage, manifest, chain, keys_by_id, target)
+        result = restore_verified(storage, manifest, chain, keys_by_id, target, clock)
         report.update(changed=bool(result.get("changed", True)), restore=result,
                       checks=result.get("checks") or [])
-    finished = time.monotonic()
+    clock.mark("checks")
+    report["phases"] = clock.phases()
     report["verify_seconds"] = round(verified_at - started, 3)
-    report["duration_seconds"] = round(finished - started, 3)
+    report["duration_seconds"] = report["phases"]["total"]
     return report

@@ -306,6 +306,20 @@ def cmd_verify(config, args, log):
     return EXIT_OK, outcome
 
 
+def restore_progress(log):
+    """``progress`` for engine/restore.py: one log line per report, as backups print theirs."""
+    def report(phase, done, total, elapsed):
+        log.info("progress: %s %s of %s plaintext%s, %s/s" % (
+            phase, _human_bytes(done), _human_bytes(total) if total else "?",
+            " (%d%%)" % (100 * done // total) if total else "", _human_bytes(done / elapsed if elapsed else 0)),
+            phase=phase, plain_bytes=done, total_plain_bytes=total, elapsed_seconds=round(elapsed, 1))
+    return report
+
+
+def _phases_text(phases):
+    return ", ".join("%s %.1fs" % (name, seconds) for name, seconds in phases.items() if name != "total")
+
+
 def _load_override(path):
     if not path:
         return None
@@ -324,11 +338,13 @@ def cmd_restore(config, args, log):
     backup = args.backup or (None if args.point_in_time else config.restore.get("backup"))
     point_in_time = args.point_in_time or (None if args.backup else config.restore.get("point_in_time"))
     report = run_restore(prepared["storage"], config.job, target, backup=backup, point_in_time=point_in_time,
-                         identity=identity, passphrase=passphrase, check_mode=args.check, log=log.info)
-    log.info("%s %s backup %s: %d objects verified, %d checks passed" % (
+                         identity=identity, passphrase=passphrase, check_mode=args.check, log=log.info,
+                         progress=restore_progress(log), progress_interval=args.progress_interval)
+    log.info("%s %s backup %s: %d objects verified, %d checks passed in %.1fs (%s)" % (
         "verified (check mode, nothing written)" if args.check else "restored",
         report["kind"], report["backup_id"], report["verification"]["objects"],
-        sum(1 for check in report["checks"] if check.get("ok"))))
+        sum(1 for check in report["checks"] if check.get("ok")), report["phases"]["total"],
+        _phases_text(report["phases"])), phases=report["phases"])
     return EXIT_OK, report
 
 
@@ -374,7 +390,8 @@ def cmd_drill(config, args, log):
             log.add_secrets(secret_values(scratch))
             outcome = run_verify(prepared["storage"], job, backup=args.backup or "latest", identity=identity,
                                  passphrase=passphrase, test_restore=True, scratch_options=scratch,
-                                 record=not args.check, log=log.info)
+                                 record=not args.check, log=log.info, progress=restore_progress(log),
+                                 progress_interval=args.progress_interval)
             ok = outcome["ok"]
     except BaseException:
         metrics.record("record_drill", False, utc_now())
@@ -399,13 +416,18 @@ def cmd_drill(config, args, log):
             "%s: expected %s, got %s" % (check["what"], check.get("expected"), check.get("actual")) for check in failed)))
         return EXIT_INTEGRITY, outcome
     metrics.record("record_drill", ok, utc_now(), duration_seconds=duration)
+    phases = outcome["results"][0].get("phases")
+    if ok and phases:
+        metrics.record("record_drill_phases", phases)
     if outcome["changed"]:
         metrics.record("record_verification", outcome["failed"] == 0, utc_now())
     metrics.ship()
     result = outcome["results"][0]
     if ok:
-        log.info("drill passed: backup %s restored into a scratch target and checked (%d checks) in %.1fs"
-                 % (result["id"], len(result["checks"]), duration))
+        log.info("drill passed: backup %s restored into a scratch target and checked (%d checks) in %.1fs%s"
+                 % (result["id"], len(result["checks"]), duration,
+                    " (expected recovery time %.1fs: %s)" % (phases["total"], _phases_text(phases)) if phases else ""),
+                 phases=phases)
         return EXIT_OK, outcome
     log.error("drill failed for backup %s: %s" % (result["id"], result["error"]))
     return (EXIT_INTEGRITY if outcome["failed"] else EXIT_CONFIG), outcome
@@ -551,7 +573,7 @@ def build_parser():
     parser.add_argument("--end-lsn", help="wal-stream: stop once the WAL up to this LSN is stored")
     parser.add_argument("files", nargs="*", metavar="WAL_FILE PATH", help="wal-fetch: %%f and %%p")
     parser.add_argument("--progress-interval", type=float, default=PROGRESS_INTERVAL,
-                        help="seconds between progress lines of a backup (default %(default)s)")
+                        help="seconds between progress lines of a backup, restore or drill (default %(default)s)")
     return parser
 
 

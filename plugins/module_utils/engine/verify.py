@@ -16,6 +16,10 @@ Record format (``verification.json``)::
     {"schema": 1, "result": "ok" | "failed", "verified_at": "2024-01-15T02:10:00Z",
      "test_restore": false, "objects": 2, "stored_bytes": 1234, "plain_bytes": 5678,
      "checks": [...], "error": null, "duration_seconds": 1.2}
+
+A result with ``test_restore`` also carries ``phases``, the wall time of each phase of the
+verify-then-restore (engine/restore.py, RestoreClock): what a restore of this backup takes,
+which the drill publishes as the job's expected recovery time.
 """
 
 import time
@@ -24,8 +28,8 @@ from . import kinds
 from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError
-from .restore import (KeyMismatchError, backup_chain, chain_identities, restore_verified,
-                      check_selector, select_backup, verify_chain)
+from .restore import (PROGRESS_INTERVAL, KeyMismatchError, RestoreClock, backup_chain, chain_identities,
+                      restore_verified, check_selector, select_backup, verify_chain)
 from .timeutil import to_iso, utc_now
 
 RECORD_SCHEMA = 1
@@ -44,8 +48,13 @@ def select_backups(catalog, job, backup="latest"):
 
 
 def verify_one(storage, catalog, manifest, identity=None, passphrase=None, test_restore=False,
-               scratch_options=None, target_class=None, verified_cache=None):
-    """Verify one backup; returns the result dict (``result`` ok/failed/error), records nothing."""
+               scratch_options=None, target_class=None, verified_cache=None, clock=None):
+    """Verify one backup; returns the result dict (``result`` ok/failed/error), records nothing.
+
+    ``clock`` (a RestoreClock) reports progress; a test restore's result gets its ``phases``
+    (up to the end of the target's checks; dropping the scratch target is not part of them).
+    """
+    clock = clock or RestoreClock()
     started_clock = time.monotonic()
     result = {"id": manifest["id"], "job": manifest["job"], "kind": manifest["kind"],
               "finished_at": manifest["finished_at"], "test_restore": bool(test_restore),
@@ -54,13 +63,16 @@ def verify_one(storage, catalog, manifest, identity=None, passphrase=None, test_
         chain = backup_chain(catalog, manifest)
         manifest = chain[-1]
         keys = chain_identities(storage, chain, identity, passphrase)
-        summary = verify_chain(storage, chain, keys, verified_cache)
+        clock.mark("select")
+        summary = verify_chain(storage, chain, keys, verified_cache, clock)
+        clock.mark("verify")
         result.update(objects=summary["objects"], stored_bytes=summary["stored_bytes"],
                       plain_bytes=summary["plain_bytes"], chain=summary["backups"])
         if test_restore:
             cls = target_class or kinds.target_class(manifest["kind"])
             with cls.scratch(manifest, dict(scratch_options or {})) as target:
-                report = restore_verified(storage, manifest, chain, keys, target)
+                report = restore_verified(storage, manifest, chain, keys, target, clock)
+                result["phases"] = clock.phases()
             result["checks"] = report.get("checks") or []
             result["scratch"] = report.get("target") or target.describe()
         result["result"] = RESULT_OK
@@ -83,10 +95,12 @@ def record_of(result):
 
 
 def verify(storage, job, backup="latest", identity=None, passphrase=None, test_restore=False,
-           scratch_options=None, record=True, target_class=None, log=None):
+           scratch_options=None, record=True, target_class=None, log=None, progress=None,
+           progress_interval=PROGRESS_INTERVAL):
     """Verify the chosen backups of ``job``; record each verdict unless ``record`` is false.
 
-    Returns ``{job, backup, results, verified, failed, errors, ok, changed}``.
+    ``progress``: see engine/restore.py, RestoreClock. Returns
+    ``{job, backup, results, verified, failed, errors, ok, changed}``.
     """
     log = log or (lambda message: None)
     catalog = Catalog(storage)
@@ -97,7 +111,7 @@ def verify(storage, job, backup="latest", identity=None, passphrase=None, test_r
     changed = False
     for manifest in manifests:
         result = verify_one(storage, catalog, manifest, identity, passphrase, test_restore,
-                            scratch_options, target_class, cache)
+                            scratch_options, target_class, cache, RestoreClock(progress, progress_interval))
         if result["result"] in (RESULT_OK, RESULT_FAILED) and record:
             catalog.record_verification(manifest, record_of(result))
             result["recorded"] = True
