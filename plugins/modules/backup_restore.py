@@ -177,9 +177,21 @@ plan:
   returned: in check mode
   type: str
 duration_seconds:
-  description: Total time, verification included.
+  description: Total time, verification included (equals C(phases.total)).
   returned: success
   type: float
+phases:
+  description: >-
+    Wall time in seconds of each phase of the restore, one after the other: C(select) (backup chosen, chain and
+    keys read), C(verify) (every object read, hashed, decrypted and decompressed), C(prepare) (preflight and the
+    target's set-up, for example CREATE DATABASE, until the first payload is read), C(transfer) (payloads read,
+    decrypted, decompressed and fed to the target's tool until the last one ends), C(load) (what the tool does after
+    its input ended, for example pg_restore's index builds), C(checks) (the target's checks, such as row counts,
+    and a swap), and C(total). Each is at least 0 and they add up to at most C(total). A phase a restore does not
+    pass (check mode writes nothing) is 0.
+  returned: success
+  type: dict
+  sample: {"select": 0.012, "verify": 4.1, "prepare": 0.35, "transfer": 9.8, "load": 2.4, "checks": 0.2, "total": 16.9}
 verify_seconds:
   description: Time spent verifying before the target was touched.
   returned: success

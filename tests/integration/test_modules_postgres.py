@@ -4,6 +4,7 @@ backup, scratch verification, check-mode restore (no database created), restore 
 and passwords given as plain module values never appearing in -vvv output.
 """
 
+import json
 import uuid
 
 import pytest
@@ -60,9 +61,12 @@ def test_postgres_modules_end_to_end_without_leaking_passwords(tmp_path, postgre
     for secret in (password, passphrase):
         assert secret not in proc.stdout and secret not in proc.stderr
 
-    restore = [{"name": "restore", FQCN + "backup_restore": {
+    restore = [{"name": "restore", "register": "restored", FQCN + "backup_restore": {
         "job": "app-db", "target": dict(connection, database=target_db, swap=True), "storage": storage,
-        "encryption": {"passphrase": passphrase}}}]
+        "encryption": {"passphrase": passphrase}}},
+               {"name": "keep the result", "ansible.builtin.copy": {
+                   "content": "{{ restored | ansible.builtin.to_json }}", "dest": str(tmp_path / "restored.json"),
+                   "mode": "0600"}}]
     try:
         proc, results = ansible_playbook(tmp_path, restore, verbosity=3, diff=True, callback="default")
         assert proc.returncode == 0, proc.stdout[-3000:]
@@ -71,6 +75,13 @@ def test_postgres_modules_end_to_end_without_leaking_passwords(tmp_path, postgre
             assert secret not in proc.stdout and secret not in proc.stderr
         with postgres_server.connect(target_db) as conn:
             assert conn.execute("SELECT count(*) FROM subjects").fetchone()[0] == 250
+        restored = json.loads((tmp_path / "restored.json").read_text())
+        phases = restored["phases"]
+        assert set(phases) == {"select", "verify", "prepare", "transfer", "load", "checks", "total"}
+        assert all(value >= 0 for value in phases.values()), phases
+        assert sum(value for name, value in phases.items() if name != "total") <= phases["total"] + 1e-9, phases
+        assert phases["verify"] > 0 and phases["transfer"] > 0 and phases["checks"] > 0, phases
+        assert phases["total"] == restored["duration_seconds"]
     finally:
         for name in databases(postgres_server):
             if name.startswith(target_db):

@@ -78,6 +78,46 @@ def test_round_trip_restores_every_payload_and_reports_what_was_compared(storage
     assert verification["plain_bytes"] == sum(len(d) for d in payloads.values())
     assert [c["ok"] for c in report["checks"]] == [True, True]
     assert report["duration_seconds"] >= report["verify_seconds"] >= 0
+    assert_phases(report["phases"])
+    assert report["phases"]["total"] == report["duration_seconds"]
+
+
+def assert_phases(phases):
+    """Every phase of engine/restore.py's RestoreClock, each >= 0, their sum at most the total."""
+    assert list(phases) == list(rs.PHASES) + ["total"]
+    assert all(value >= 0 for value in phases.values()), phases
+    assert sum(phases[name] for name in rs.PHASES) <= phases["total"] + 1e-9, phases
+
+
+def test_progress_counts_both_passes_up_to_the_recorded_plaintext(storage, tmp_path):
+    payloads = {"a.bin": os.urandom(3 << 20), "b.bin": os.urandom(1 << 20)}
+    take(storage, payloads, compression={"algorithm": "zstd"})
+    lines = []
+    report = rs.restore(storage, JOB, DirTarget({"path": str(tmp_path / "out")}),
+                        progress=lambda *line: lines.append(line), progress_interval=0)
+    total = sum(len(data) for data in payloads.values())
+    for phase in ("verify", "restore"):
+        done = [line[1] for line in lines if line[0] == phase]
+        assert done and done == sorted(done) and done[-1] == total, (phase, done)
+        assert {line[2] for line in lines if line[0] == phase} == {total}
+        assert all(line[3] >= 0 for line in lines if line[0] == phase)
+    assert [line[0] for line in lines] == sorted((line[0] for line in lines), key=["verify", "restore"].index)
+    assert_phases(report["phases"])
+
+
+def test_phases_follow_the_boundaries_and_add_up_to_at_most_the_total():
+    clock = rs.RestoreClock()
+    assert clock.phases()["select"] == 0
+    clock.mark("select")
+    clock.mark("verify")
+    clock.mark("checks")   # no payload was opened: prepare, transfer and load take no time
+    phases = clock.phases()
+    assert phases["prepare"] == phases["transfer"] == phases["load"] == 0
+    assert_phases(phases)
+    late = rs.RestoreClock()
+    late.mark("load")     # a boundary passed before an earlier one never makes a phase negative
+    late.mark("verify")
+    assert_phases(late.phases())
 
 
 def test_check_mode_verifies_and_writes_nothing(storage, tmp_path, key):
@@ -196,6 +236,8 @@ def test_verify_with_test_restore_runs_the_scratch_target_checks(storage, key):
     assert [c["what"] for c in result["checks"]] == ["payload a", "payload b"]
     assert all(c["ok"] for c in result["checks"])
     assert Catalog(storage).get(JOB, manifest["id"])["verification"]["test_restore"] is True
+    assert_phases(result["phases"])
+    assert result["phases"]["transfer"] >= 0 and result["phases"]["total"] <= result["duration_seconds"]
 
 
 def test_verify_records_a_failure_but_not_a_wrong_key(storage, tmp_path, key):

@@ -166,6 +166,14 @@ def test_files_job_on_s3_full_cycle_with_metrics(tmp_path, tree, keys, s3_server
         assert_no_secret(step, s3_server.secret_key, s3_server.access_key)
 
 
+def assert_phases(phases):
+    """Phases of a restore (engine/restore.py RestoreClock): all there, each >= 0, their sum <= total."""
+    assert sorted(phases) == sorted(["select", "verify", "prepare", "transfer", "load", "checks", "total"])
+    assert all(isinstance(value, float) and value >= 0 for value in phases.values()), phases
+    assert sum(value for name, value in phases.items() if name != "total") <= phases["total"] + 1e-9, phases
+    assert phases["verify"] > 0 and phases["transfer"] > 0, phases   # both passes read every payload
+
+
 def test_postgres_job_backup_and_drill_into_a_scratch_database(
         tmp_path, keys, postgres_server, postgres_database, pushgateway_server):
     with postgres_server.connect(postgres_database.name) as conn:
@@ -202,8 +210,39 @@ def test_postgres_job_backup_and_drill_into_a_scratch_database(
         names = [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
     assert not [n for n in names if "_verify_" in n]
     assert metric(pushgateway_server, "backup_restore_drill_last_success_timestamp_seconds", job) is not None
+    assert_phases(result["phases"])
+    assert result["phases"]["total"] <= json.loads(drill.stdout)["duration_seconds"]
+    pushed = {labels["phase"]: value for labels, value in
+              samples(pushgateway_server.metrics_text(), "backup_restore_drill_phase_seconds") if labels.get("job") == job}
+    assert pushed == result["phases"]
+    assert "expected recovery time %.1fs" % result["phases"]["total"] in drill.stderr
     assert_no_secret(backup, env["RUNNER_PG_PASSWORD"])
     assert_no_secret(drill, env["RUNNER_PG_PASSWORD"])
+
+    # runner restore into a new database: progress lines of both passes, and the phases
+    restored_db = "runner_restored_%s" % uuid.uuid4().hex[:6]
+    restore_config = write_job(tmp_path / "restore.yaml", {
+        "job": job, "kind": "postgres", "source": source, "storage": storage, "encryption": dict(keys),
+        "restore": {"target": dict(source, database=postgres_database.name, restore_database=restored_db)}})
+    try:
+        restore = run("restore", restore_config, extra=["--progress-interval", "0", "--log-format", "json"], env=env)
+        assert restore.returncode == 0, restore.stderr
+        report = json.loads(restore.stdout)
+        assert_phases(report["phases"])
+        assert report["duration_seconds"] == report["phases"]["total"]
+        with postgres_server.connect(restored_db) as conn:
+            assert conn.execute("SELECT count(*) FROM subjects").fetchone()[0] == 321
+        lines = [json.loads(line) for line in restore.stderr.splitlines()]
+        progress = [line for line in lines if line["message"].startswith("progress: ")]
+        plain = report["verification"]["plain_bytes"]
+        for phase in ("verify", "restore"):
+            done = [line["plain_bytes"] for line in progress if line["phase"] == phase]
+            assert done and done == sorted(done) and done[-1] <= plain, (phase, done)
+            assert all(line["total_plain_bytes"] == plain for line in progress if line["phase"] == phase)
+        assert lines[-1]["phases"] == report["phases"]
+        assert_no_secret(restore, env["RUNNER_PG_PASSWORD"])
+    finally:
+        postgres_server.drop_database(restored_db)
 
 
 def test_unreachable_source_fails_with_one_clear_line_and_a_failure_metric(tmp_path, pushgateway_server):
