@@ -63,6 +63,9 @@ def test_pushed_metrics_read_back_from_the_gateway(pushgateway_server):
     m.record_verification(False, 1_700_000_300)
     m.record_drill(True, 1_700_000_400, duration_seconds=30)
     m.record_drill(False, 1_700_000_500)
+    phases = {"select": 0.05, "verify": 6.5, "prepare": 0.4, "transfer": 14.25, "load": 5.0, "checks": 0.3,
+              "total": 26.5}
+    m.record_drill_phases(phases)
     m.record_retention(kept=7, pruned=2, finished_at=1_700_000_600)
     m.record_copy(True, 1_700_000_700, lag_seconds=3600, bytes_copied=1 << 20)
     m.record_copy(False, 1_700_000_800)
@@ -74,6 +77,12 @@ def test_pushed_metrics_read_back_from_the_gateway(pushgateway_server):
     got = gateway_samples(pushgateway_server, job)
     assert {key[0] for key in got} == metrics.metric_names()
     expected = dict(m.recorded, backup_schedule_interval_seconds=86400.0)
+    assert expected.pop("backup_restore_drill_phase_seconds") == phases
+    pushed_phases = {sample.labels["phase"]: sample.value
+                     for family in text_string_to_metric_families(pushgateway_server.metrics_text())
+                     for sample in family.samples
+                     if sample.name == "backup_restore_drill_phase_seconds" and sample.labels.get("job") == job}
+    assert pushed_phases == phases
     for name, value in expected.items():
         read_value, family_type = got[(name, "db1", "postgres")]
         assert read_value == value, name
@@ -262,6 +271,10 @@ def test_alerts_fire_in_prometheus_for_what_the_engine_pushed(pushgateway_server
     assert labels and all(item["kind"] == "files" and item["instance"] == "node1" for item in labels)
 
 
+DRILL_PHASES = {"select": 0.5, "verify": 20.0, "prepare": 1.5, "transfer": 45.0, "load": 15.0, "checks": 3.0,
+                "total": 85.0}
+
+
 def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, prometheus):
     job = unique("dash")
     now = time.time()
@@ -272,6 +285,7 @@ def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, pro
         m.record_schedule(interval_seconds=86400)
         m.record_verification(True, now - 7200)
         m.record_drill(True, now - 3600, duration_seconds=95)
+        m.record_drill_phases(DRILL_PHASES)
         m.record_retention(kept=7, pruned=pruned, finished_at=now)
         m.record_copy(False, now - 900)   # an older failed copy, then a good one
         m.record_copy(True, now - 300, lag_seconds=0, bytes_copied=8192)
@@ -307,6 +321,9 @@ def test_every_dashboard_query_returns_the_pushed_values(pushgateway_server, pro
                 assert got == [4096.0]
             elif expr.startswith("backup_restore_drill_duration_seconds"):
                 assert got == [95.0]
+            elif expr.startswith("backup_restore_drill_phase_seconds"):
+                phase = expr.split('phase="')[1].split('"')[0]
+                assert got == [DRILL_PHASES[phase]], phase
             elif expr.startswith("backup_duration_seconds"):
                 assert got == [12.0]
             elif expr.startswith("backup_retention_kept"):
