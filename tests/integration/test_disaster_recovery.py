@@ -351,7 +351,7 @@ def test_postgres_point_in_time_with_stock_tools(pg, key):
                               run_env, work, check=False, user=owner)
             if check and done.returncode != 0:
                 log = os.path.join(recovery_dir, "postgres.log")
-                with open(log, encoding="utf-8") if os.path.exists(log) else open(os.devnull, encoding="utf-8") as handle:
+                with open(log if os.path.exists(log) else os.devnull, encoding="utf-8") as handle:
                     pytest.fail("the walkthrough failed:\n%s\n%s\npostgres.log:\n%s" % (
                         done.stdout[-2000:], done.stderr[-2000:], handle.read()[-3000:]))
             return done, run_env
