@@ -12,9 +12,15 @@ compressible rows); then times, in one run on the same database:
            pg_dump | gzip > file                                the seed's pipeline
            runner backup (zstd 1 + age + SHA-256 + manifest)    this collection (filesystem or S3)
   restore  pg_restore -d NEW uncompressed.dump                  stock restore of a local dump
+           pg_restore -j 2 -d NEW uncompressed.dump             the same with two jobs (a seekable file)
+           age -d | zstd -d | pg_restore -d NEW                 stock decrypt-and-restore of the stock pipeline's file
            runner restore (verify all objects, decrypt, decompress, pg_restore, row checks)
 
-and prints ratios with peak RSS. Numbers are printed, never judged.
+Every case runs ``--rounds`` times (default 3; the slow seed gzip pipeline only in the first
+``--seed-rounds``), interleaved, the order of the cases reversed every other round, and the
+best round of each case is kept. Every restore goes into a freshly created database. The
+runner restore's phases (engine/restore.py) of its best round are printed too. Numbers are
+printed, never judged.
 
   python bench/postgres_bench.py --size-mb 1024          # the issue's 1 GiB case
   python bench/postgres_bench.py --size-mb 200 --s3      # runner backups into SeaweedFS
@@ -23,7 +29,6 @@ and prints ratios with peak RSS. Numbers are printed, never judged.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -41,15 +46,38 @@ RUNNER = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runn
 ROW_BYTES = 1150  # a row of the table below takes about this much on disk, indexes included
 
 
-def timed(argv, env=None, shell=False):
-    """Wall seconds and peak RSS (MiB, largest process of the command) of one command."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def timed(argv, env=None, shell=False, output=None):
+    """Wall seconds and peak RSS (MiB) of one command: its largest process, shell pipelines included
+    (``wait4()`` reports the largest of the child and the descendants it waited for).
+
+    ``output``: a list that receives the command's stdout (else it is discarded).
+    """
     start = time.monotonic()
-    subprocess.run(argv, env=env, shell=shell, check=True, stdout=subprocess.DEVNULL,
-                   executable="/bin/bash" if shell else None)
+    proc = subprocess.Popen(argv, env=env, shell=shell,
+                            stdout=subprocess.PIPE if output is not None else subprocess.DEVNULL,
+                            executable="/bin/bash" if shell else None)
+    data = proc.stdout.read() if output is not None else None
+    _pid, status, usage = os.wait4(proc.pid, 0)
     seconds = time.monotonic() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, (peak / 1024.0 if peak > before else None)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, argv)
+    if output is not None:
+        output.append(data)
+    return seconds, usage.ru_maxrss / 1024.0
+
+
+def fresh_database(server, name):
+    with server.connect() as conn:
+        conn.autocommit = True
+        conn.execute("DROP DATABASE IF EXISTS %s" % name)
+        conn.execute("CREATE DATABASE %s" % name)
+
+
+def drop_database(server, name):
+    with server.connect() as conn:
+        conn.autocommit = True
+        conn.execute("DROP DATABASE IF EXISTS %s" % name)
 
 
 def fill(server, dbname, size_mb):
@@ -83,6 +111,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1024, help="approximate database size (default 1024)")
     parser.add_argument("--s3", action="store_true", help="runner backups into a private SeaweedFS instead of a directory")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every case, the best is kept (default 3)")
+    parser.add_argument("--seed-rounds", type=int, default=1,
+                        help="rounds of the slow seed gzip pipeline (default 1)")
     args = parser.parse_args()
 
     base = tempfile.mkdtemp(prefix="pg-bench-")
@@ -125,32 +156,74 @@ def main():
                                               "restore_database": "bench_engine", "bin_dir": pg.bin_dir}}}, handle)
 
         dump = tool("pg_dump")
-        results = {}
-        results["source limit: pg_dump -Fc -Z0 > /dev/null"] = timed("%s -Fc -Z0 -d bench > /dev/null" % dump, env, shell=True)
-        results["stock: pg_dump -Fc -Z0 | zstd -T0 -1 | age"] = timed(
-            "set -o pipefail; %s -Fc -Z0 -d bench | zstd -q -T0 -1 | age -r %s > %s/stock.age" % (dump, recipient, work),
-            env, shell=True)
-        results["seed: pg_dump | gzip"] = timed("set -o pipefail; %s -d bench | gzip > %s/seed.sql.gz" % (dump, work), env, shell=True)
-        results["runner backup (zstd 1 + age + sha256%s)" % (" -> S3" if args.s3 else "")] = timed(
-            [sys.executable, "-m", RUNNER, "backup", "--config", job_file], env)
+        plain = os.path.join(work, "plain.dump")
+        subprocess.run([dump, "-Fc", "-Z0", "-d", "bench", "-f", plain], env=env, check=True)
+        restore_tool = tool("pg_restore")
+        runner_output = {}
 
-        subprocess.run([dump, "-Fc", "-Z0", "-d", "bench", "-f", os.path.join(work, "plain.dump")], env=env, check=True)
-        with pg.connect() as conn:
-            conn.autocommit = True
-            conn.execute("CREATE DATABASE bench_stock")
-        results["stock restore: pg_restore of an uncompressed local dump"] = timed(
-            [tool("pg_restore"), "-d", "bench_stock", os.path.join(work, "plain.dump")], env)
-        results["runner restore (verify, decrypt, decompress, pg_restore, row checks)"] = timed(
-            [sys.executable, "-m", RUNNER, "restore", "--config", job_file], env)
+        def runner_restore():
+            drop_database(pg, "bench_engine")
+            out = []
+            result = timed([sys.executable, "-m", RUNNER, "restore", "--config", job_file], env, output=out)
+            runner_output[result] = json.loads(out[0])
+            return result
 
-        print("\n| run | seconds | peak RSS MiB |\n|---|---:|---:|")
+        def restore_into(name, argv, shell=False):
+            def run():
+                fresh_database(pg, name)
+                return timed(argv, env, shell=shell)
+            return run
+
+        backups = [
+            ("source limit: pg_dump -Fc -Z0 > /dev/null",
+             lambda: timed("%s -Fc -Z0 -d bench > /dev/null" % dump, env, shell=True)),
+            ("stock: pg_dump -Fc -Z0 | zstd -T0 -1 | age",
+             lambda: timed("set -o pipefail; %s -Fc -Z0 -d bench | zstd -q -T0 -1 | age -r %s > %s/stock.age"
+                           % (dump, recipient, work), env, shell=True)),
+            ("seed: pg_dump | gzip",
+             lambda: timed("set -o pipefail; %s -d bench | gzip > %s/seed.sql.gz" % (dump, work), env, shell=True)),
+            ("runner backup (zstd 1 + age + sha256%s)" % (" -> S3" if args.s3 else ""),
+             lambda: timed([sys.executable, "-m", RUNNER, "backup", "--config", job_file], env)),
+        ]
+        restores = [
+            ("stock restore: pg_restore of an uncompressed local dump",
+             restore_into("bench_stock", [restore_tool, "-d", "bench_stock", plain])),
+            ("stock restore: pg_restore -j 2 of an uncompressed local dump",
+             restore_into("bench_j2", [restore_tool, "-j", "2", "-d", "bench_j2", plain])),
+            ("stock pipe: age -d | zstd -d | pg_restore",
+             restore_into("bench_pipe", "set -o pipefail; age -d -i %s %s/stock.age | zstd -q -d | %s -d bench_pipe"
+                          % (key_file, work, restore_tool), shell=True)),
+            ("runner restore (verify, decrypt, decompress, pg_restore, row checks)", runner_restore),
+        ]
+        rounds = {name: [] for name, _run in backups + restores}
+        for number in range(args.rounds):
+            cases = [case for case in backups if case[0] != backups[2][0] or number < args.seed_rounds]
+            cases += restores  # the pipe restores the file this round's stock backup wrote
+            order = cases[:len(cases) - len(restores)], restores
+            for group in order:
+                for name, run in (group if number % 2 == 0 else list(reversed(group))):
+                    rounds[name].append(run())
+            print("round %d of %d done, load average %.2f" % (number + 1, args.rounds, os.getloadavg()[0]),
+                  flush=True)
+        results = {name: min(found) for name, found in rounds.items() if found}
+
+        print("\n| run | best s | rounds s | peak RSS MiB (largest process) |\n|---|---:|---|---:|")
         for name, (seconds, peak) in results.items():
-            print("| %s | %.1f | %s |" % (name, seconds, "%.0f" % peak if peak else "(below an earlier row)"))
-        names = list(results)
-        engine, stock, seed, limit = results[names[3]][0], results[names[1]][0], results[names[2]][0], results[names[0]][0]
+            print("| %s | %.1f | %s | %.0f |" % (name, seconds, " / ".join("%.1f" % r[0] for r in rounds[name]), peak))
+        best = {name: seconds for name, (seconds, _peak) in results.items()}
+        names = [name for name, _run in backups + restores]
+        engine, stock, seed, limit = best[names[3]], best[names[1]], best[names[2]], best[names[0]]
         print("\nbackup: runner / best stock pipeline = %.2fx, seed gzip / runner = %.1fx, runner / source limit = %.2fx"
               % (engine / stock, seed / engine, engine / limit))
-        print("restore: runner / stock pg_restore = %.2fx" % (results[names[5]][0] / results[names[4]][0]))
+        runner = best[names[7]]
+        print("restore: runner / pg_restore = %.2fx, runner / pg_restore -j 2 = %.2fx, "
+              "runner / age -d | zstd -d | pg_restore = %.2fx, pg_restore -j 2 / pg_restore = %.2fx"
+              % (runner / best[names[4]], runner / best[names[5]], runner / best[names[6]],
+                 best[names[5]] / best[names[4]]))
+        phases = runner_output[results[names[7]]]["phases"]
+        order = ("select", "verify", "prepare", "transfer", "load", "checks", "total")
+        print("runner restore phases (best round): %s" % ", ".join(
+            "%s %.1fs" % (name, phases[name]) for name in order if name in phases))
         print("load average at the end: %.2f %.2f %.2f on %d cores" % (os.getloadavg() + (os.cpu_count(),)))
     finally:
         if s3 is not None:
