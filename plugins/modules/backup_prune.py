@@ -28,6 +28,14 @@ description:
   - Objects in backup directories without a manifest (interrupted runs), C(.tmp-) leftovers and unfinished
     S3 multipart uploads older than O(orphan_grace) are removed as well. Junk the catalog cannot read
     (for example a manifest of a newer format) is reported, never deleted.
+  - "PostgreSQL point-in-time recovery: pruning a job of C(postgres_base) backups also prunes its WAL job
+    (the base backups' C(wal_job), by default C(<job>-wal)). A WAL file stays when a kept, complete base
+    backup needs it - on that backup's timeline from its C(wal_start) on, every later timeline, and every
+    timeline history file; older WAL goes after the base backups, oldest first, and only while at least one
+    complete base backup is kept. WAL deletions do not count against O(max_delete). With O(require_copy)
+    a WAL file goes only when the same location holds its copy (the WAL job is copied by a
+    M(biometrics.backup.backup_copy) run of its own naming the WAL job); WAL not copied stays."
+  - A policy pointed at a WAL job itself (backups of kind C(postgres_wal)) is refused.
 extends_documentation_fragment:
   - biometrics.backup.storage
   - biometrics.backup.copy_destination.require_copy
@@ -202,6 +210,41 @@ counts:
   returned: always
   type: dict
   sample: {backups: 40, kept: 31, pruned: 9, orphans_removed: 1, orphans_waiting: 0, junk: 0}
+  contains:
+    wal_pruned:
+      description: WAL files deleted (check mode - that would be deleted); only for jobs with base backups.
+      type: int
+      returned: when the job holds C(postgres_base) backups
+    wal_kept:
+      description: WAL files that stay; only for jobs with base backups.
+      type: int
+      returned: when the job holds C(postgres_base) backups
+wal:
+  description:
+    - What pruning the base backups does to their WAL, one entry per WAL job.
+    - C(keep_from) lists the first WAL segment each kept complete base backup needs (its C(wal_start)), oldest
+      first; WAL of that timeline before C(keep_from[0]), and WAL of older timelines, goes.
+    - C(prune) lists the WAL files that go (check mode - would go), oldest first, each with C(id), C(file),
+      C(type) (C(segment) or C(partial)), C(finished_at), C(size_bytes) and C(deleted); C(deleted) lists the
+      ids deleted by this run; C(kept) counts the WAL files that stay.
+    - C(reason) is set when no WAL may go (no complete base backup is kept); it is null otherwise.
+      With O(require_copy) a WAL file not held by the copy location stays and is counted in C(kept).
+  returned: when the job holds C(postgres_base) backups
+  type: list
+  elements: dict
+  sample:
+    - job: app-db-wal
+      keep_from: ["000000010000000000000005", "000000010000000000000009"]
+      kept: 12
+      prune:
+        - id: 20240101T020001Z-1c2d3e
+          file: "000000010000000000000004"
+          type: segment
+          finished_at: "2024-01-01T02:00:01Z"
+          size_bytes: 1423311
+          deleted: true
+      deleted: [20240101T020001Z-1c2d3e]
+      reason: null
 policy:
   description: The policy as applied (counts, C(keep_within), C(semantics), C(timezone)).
   returned: always
@@ -215,7 +258,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.backup_common im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import copied_ids
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import (
-    PartialPruneError, PruneRefusedError, prune)
+    BASE_KIND, PartialPruneError, PruneRefusedError, prune)
 
 POLICY_OPTIONS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
                   "keep_within", "semantics", "timezone")
@@ -229,15 +272,39 @@ def _lines(backups, orphans):
     return "".join(line + "\n" for line in lines)
 
 
+def _wal_lines(result, after):
+    lines = []
+    for entry in result.get("wal") or []:
+        going = entry["prune"]
+        if going and not after:
+            lines.append("wal %s: %d files, %s .. %s" % (entry["job"], len(going), going[0]["file"], going[-1]["file"]))
+        since = " from %s on" % entry["keep_from"][0] if entry["keep_from"] else ""
+        lines.append("wal %s: %d files kept%s" % (entry["job"], entry["kept"], since))
+    return "".join(line + "\n" for line in lines)
+
+
 def _diff(result, job):
     everything = sorted(result["keep"] + result["prune"], key=lambda e: (e["started_at"], e["id"]), reverse=True)
     waiting = [entry for entry in result["orphans"] if entry["action"].startswith("kept")]
     return {
         "before_header": "job %s: backups and orphans" % job,
         "after_header": "job %s: after pruning" % job,
-        "before": _lines(everything, result["orphans"]),
-        "after": _lines(result["keep"], waiting),
+        "before": _lines(everything, result["orphans"]) + _wal_lines(result, False),
+        "after": _lines(result["keep"], waiting) + _wal_lines(result, True),
     }
+
+
+def _copied_wal_ids(storage, destination, job, manifests):
+    """require_copy for PostgreSQL WAL: ids of the WAL files ``destination`` holds, of every WAL job the
+    base backups among ``manifests`` name (default ``<job>-wal``); None when there is no base backup."""
+    wal_jobs = sorted(set((m.get("stats") or {}).get("wal_job") or "%s-wal" % job
+                          for m in manifests if m.get("kind") == BASE_KIND))
+    if not wal_jobs:
+        return None
+    held = set()
+    for wal_job in wal_jobs:
+        held |= copied_ids(destination, wal_job, Catalog(storage).scan(wal_job, with_orphans=False))
+    return held
 
 
 def main():
@@ -266,14 +333,17 @@ def main():
     policy = dict((name, params[name]) for name in POLICY_OPTIONS)
     with engine_errors(module, changed=False, **EMPTY):
         storage = open_location(module)
-        copied = None
+        copied = wal_copied = None
         if params["require_copy"]:
-            copied = copied_ids(open_location(module, "require_copy"), params["job"],
-                                Catalog(storage).scan(params["job"], with_orphans=False))
+            destination = open_location(module, "require_copy")
+            manifests = Catalog(storage).scan(params["job"], with_orphans=False)
+            copied = copied_ids(destination, params["job"], manifests)
+            wal_copied = _copied_wal_ids(storage, destination, params["job"], manifests)
         try:
             result = prune(storage, params["job"], policy, min_keep=params["min_keep"],
                            max_delete=params["max_delete"], force=params["force"],
-                           orphan_grace=params["orphan_grace"], dry_run=module.check_mode, copied=copied)
+                           orphan_grace=params["orphan_grace"], dry_run=module.check_mode, copied=copied,
+                           wal_copied=wal_copied)
         except PruneRefusedError as exc:
             module.fail_json(msg=str(exc), changed=False, refused=True, **_public(exc.result))
         except PartialPruneError as exc:
@@ -285,7 +355,8 @@ def main():
 
 
 def _public(result):
-    return dict((key, result[key]) for key in ("keep", "prune", "deleted", "orphans", "junk", "counts", "policy"))
+    keys = ("keep", "prune", "deleted", "orphans", "junk", "counts", "policy", "wal")
+    return dict((key, result[key]) for key in keys if key in result)
 
 
 if __name__ == "__main__":

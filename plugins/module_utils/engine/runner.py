@@ -440,23 +440,44 @@ def cmd_prune(config, args, log):
     prepared = _prepare(config, "prune", log)
     options = config.prune_options()
     metrics = Metrics(config, log)
-    copied = None
+    copied = wal_copied = None
     if options.get("require_copy"):
         from .offsite import copied_ids
-        copied = copied_ids(prepared["destination"], config.job, Catalog(prepared["storage"]).scan(config.job))
-        log.info("require_copy: %d backups held by %s" % (len(copied), where(prepared["destination"].describe())))
+        manifests = Catalog(prepared["storage"]).scan(config.job)
+        copied = copied_ids(prepared["destination"], config.job, manifests)
+        wal_copied = _copied_wal_ids(prepared["storage"], prepared["destination"], config.job, manifests)
+        log.info("require_copy: %d backups%s held by %s" % (
+            len(copied), "" if wal_copied is None else " and %d WAL files" % len(wal_copied),
+            where(prepared["destination"].describe())))
     result = run_prune(prepared["storage"], config.job, config.retention_policy,
                        min_keep=options.get("min_keep", 1), max_delete=options.get("max_delete"),
                        force=bool(args.force or options.get("force")), orphan_grace=options.get("orphan_grace"),
-                       dry_run=args.check, log=log.info, copied=copied)
+                       dry_run=args.check, log=log.info, copied=copied, wal_copied=wal_copied)
     counts = result["counts"]
     if not args.check:
         metrics.record("record_retention", counts["kept"], len(result["deleted"]), utc_now())
         metrics.ship()
-    log.info("%s: kept %d, %s %d backups, %d orphans removed, %d junk objects reported" % (
+    log.info("%s: kept %d, %s %d backups%s, %d orphans removed, %d junk objects reported" % (
         "dry run" if args.check else "pruned", counts["kept"], "would prune" if args.check else "pruned",
-        counts["pruned"], counts["orphans_removed"], counts["junk"]))
+        counts["pruned"], "" if "wal_pruned" not in counts else " and %d WAL files (%d kept)" % (
+            counts["wal_pruned"], counts["wal_kept"]), counts["orphans_removed"], counts["junk"]))
     return EXIT_OK, result
+
+
+def _copied_wal_ids(storage, destination, job, manifests):
+    """require_copy for PostgreSQL WAL: the ids of the WAL files the copy destination holds, of
+    every WAL job the ``postgres_base`` backups among ``manifests`` name (``stats.wal_job``,
+    default ``<job>-wal``); None when there is no base backup. A WAL job is copied by a copy
+    run of its own (a job file or backup_copy naming ``<job>-wal``)."""
+    from .offsite import copied_ids
+    wal_jobs = sorted(set((m.get("stats") or {}).get("wal_job") or "%s-wal" % job
+                          for m in manifests if m.get("kind") == "postgres_base"))
+    if not wal_jobs:
+        return None
+    held = set()
+    for wal_job in wal_jobs:
+        held |= copied_ids(destination, wal_job, Catalog(storage).scan(wal_job, with_orphans=False))
+    return held
 
 
 def cmd_copy(config, args, log):
