@@ -61,12 +61,14 @@ def test_postgres_modules_end_to_end_without_leaking_passwords(tmp_path, postgre
     for secret in (password, passphrase):
         assert secret not in proc.stdout and secret not in proc.stderr
 
-    restore = [{"name": "restore", "register": "restored", FQCN + "backup_restore": {
-        "job": "app-db", "target": dict(connection, database=target_db, swap=True), "storage": storage,
-        "encryption": {"passphrase": passphrase}}},
-               {"name": "keep the result", "ansible.builtin.copy": {
-                   "content": "{{ restored | ansible.builtin.to_json }}", "dest": str(tmp_path / "restored.json"),
-                   "mode": "0600"}}]
+    restore = [
+        {"name": "restore", "register": "restored", FQCN + "backup_restore": {
+            "job": "app-db", "target": dict(connection, database=target_db, swap=True), "storage": storage,
+            "encryption": {"passphrase": passphrase}}},
+        {"name": "keep the result", "ansible.builtin.copy": {
+            "content": "{{ restored | ansible.builtin.to_json }}", "dest": str(tmp_path / "restored.json"),
+            "mode": "0600"}},
+    ]
     try:
         proc, results = ansible_playbook(tmp_path, restore, verbosity=3, diff=True, callback="default")
         assert proc.returncode == 0, proc.stdout[-3000:]
