@@ -70,8 +70,16 @@ def _options(server, **extra):
 
 
 def _insert(server, batch, rows=50):
-    """Insert one committed batch; returns the server time just after the commit."""
+    """Insert one committed batch; returns the server time just after the commit.
+
+    The test server runs with synchronous_commit=off (tests/servers.py), where a commit returns
+    before its WAL is written: the WAL writer writes it within wal_writer_delay, later when the
+    machine is loaded. ``_lsn`` (pg_current_wal_lsn, the write position) could then point before
+    this commit, a stream run up to it would stop without the commit, and a target between the
+    batches would find no commit after it in the stored WAL (``target_reached`` false). The
+    batch commits synchronously, so its commit record is written when this returns."""
     with server.connect(DB) as conn:
+        conn.execute("SET synchronous_commit = on")
         conn.execute("INSERT INTO enrolments (batch, payload) SELECT %s, repeat(md5(g::text), 20) "
                      "FROM generate_series(1, %s) g", (batch, rows))
         return conn.execute("SELECT clock_timestamp()").fetchone()[0]
