@@ -7,8 +7,8 @@
   subprocesses (PYTHONPATH, ANSIBLE_COLLECTIONS_PATH, PATH with the venv's bin first);
 - loads every ``tests/*_fixtures.py`` as a pytest plugin (real-server fixtures);
 - registers the Hypothesis profiles ``ci`` (fixed examples, no example database) and ``dev``;
-- ``require_or_skip(reason)``: skip outside CI, fail under ``CI=true``. Under ``CI=true`` any
-  other skip is turned into a failure as well, and a run in which no test passed fails.
+- under ``CI=true`` any skip is turned into a failure, and a run in which no test passed fails
+  (``require_or_skip`` and ``in_ci`` live in tests/ci_env.py, a plain module tests import).
 """
 
 import glob
@@ -19,26 +19,10 @@ import sysconfig
 
 import pytest
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
+from ci_env import REPO_ROOT, TESTS_DIR, in_ci
+
 COLLECTIONS_DIR = os.path.join(REPO_ROOT, "build", "collections")
 COLLECTION_LINK = os.path.join(COLLECTIONS_DIR, "ansible_collections", "biometrics", "backup")
-
-
-def in_ci():
-    """True when running under CI (``CI=true``)."""
-    return os.environ.get("CI", "").strip().lower() == "true"
-
-
-def require_or_skip(reason):
-    """Give up on the current test because something it needs is missing.
-
-    Outside CI the test is skipped; with ``CI=true`` it fails, so a CI run can never go green
-    by silently skipping what it was meant to test.
-    """
-    if in_ci():
-        pytest.fail("CI=true, required for this test: %s" % reason, pytrace=False)
-    pytest.skip(reason)
 
 
 def _prepend_env_path(name, entry):

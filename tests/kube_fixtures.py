@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTROL_PLANE = REPO_ROOT / "hack" / "control-plane.sh"

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 # Re-exported: tests import these helpers from here.
 from servers import (  # noqa: F401  pylint: disable=unused-import
     LOOPBACK, S3_REGION, GitRemote, PostgresDatabase, PostgresServer, PushgatewayServer, RedisServer,

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 from kube_fixtures import wait_for
 from servers import LOOPBACK, ServerProcess, ServerStartError, free_ports
 

@@ -21,7 +21,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.l
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.directory_sync import (
     DirectorySyncTarget)
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 
 from .files_helpers import decode_cmd, regular_file_totals as regular_files, sh, snapshot, stored_object, write
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 from server_fixtures import ServerProcess, ServerStartError, _http_status, free_port
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import metrics

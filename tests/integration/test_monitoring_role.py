@@ -18,7 +18,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, require_or_skip
+from ci_env import REPO_ROOT, require_or_skip
 from unit.test_dashboard import failed_jobs_agreement_tests, failed_jobs_panel_query, run_promtool_test
 
 ROLE_DIR = os.path.join(REPO_ROOT, "roles", "monitoring")

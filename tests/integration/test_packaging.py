@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.retention import evaluate
-from conftest import require_or_skip
+from ci_env import require_or_skip
 from restore_helpers import tree_state
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import in_ci, require_or_skip
+from ci_env import in_ci, require_or_skip
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.retention import (
     COUNT_RULES, OLDEST_SUFFIX, Backup, Policy, apply_policy)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "hack" / "runner-image.sh"

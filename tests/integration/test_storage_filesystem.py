@@ -20,7 +20,7 @@ import time
 import pyrage
 import pytest
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun

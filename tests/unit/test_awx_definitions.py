@@ -18,7 +18,7 @@ import jinja2.meta
 import pytest
 import yaml
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AWX_FILE = REPO_ROOT / "awx" / "biometrics-backup.json"

@@ -21,7 +21,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, require_or_skip
+from ci_env import REPO_ROOT, require_or_skip
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import metrics
 

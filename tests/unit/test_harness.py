@@ -34,7 +34,7 @@ def run_inner(tmp_path, source, ci, extra_env=None):
 
 
 REQUIRE = """
-    from conftest import require_or_skip
+    from ci_env import require_or_skip
 
     def test_needs_something():
         require_or_skip("the frobnicator is not installed")

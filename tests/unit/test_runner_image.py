@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_or_skip
+from ci_env import require_or_skip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINE = REPO_ROOT / "plugins" / "module_utils" / "engine"
