@@ -404,3 +404,198 @@ def test_bad_backup_offsite_values_fail_before_anything_is_written(tmp_path, off
     assert "values: " in run.output and message in run.output, run
     assert "Traceback" not in run.output
     assert list(out.iterdir()) == []
+
+
+# -- re-encryption (copy.reencrypt) and the PITR base backup job --------------------------------
+
+def _age_key():
+    """A fresh age identity: (secret key, public key). Made here, so no key is in the sources."""
+    lines = subprocess.run(["age-keygen"], capture_output=True, text=True, check=True, timeout=30).stdout.splitlines()
+    secret = [line for line in lines if line.startswith("AGE-SECRET-KEY-1")][0]
+    public = subprocess.run(["age-keygen", "-y"], input=secret + "\n", capture_output=True, text=True, check=True,
+                            timeout=30).stdout.strip()
+    return secret, public
+
+
+ESCROW_SECRET, ESCROW_PUBLIC = _age_key()
+OTHER_PUBLIC = _age_key()[1]
+IDENTITY_PATH = SECRETS_ROOT + "backup-encryption-key/identity"
+
+
+def _secret_items(pod):
+    """{(secret, key)} of every Secret the pod mounts, as files or as a volume of the storage role."""
+    return {(volume["secret"]["secretName"], item["key"]) for volume in pod["volumes"] if "secret" in volume
+            for item in volume["secret"].get("items", [])}
+
+
+@pytest.fixture(scope="module")
+def reencrypted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("copy-reencrypt")
+    copy = dict(S3_COPY, reencrypt={"recipients": [ESCROW_PUBLIC, " %s " % OTHER_PUBLIC],
+                                    "identity_secret": {"name": "backup-encryption-key"}})
+    run, out = _play(tmp, job_copy_by_job={"redis-backup": copy}, job_copy=FS_COPY)
+    assert run.returncode == 0, run
+    return load_rendered(out)
+
+
+def test_reencrypt_goes_to_the_job_file_with_the_identity_as_a_file(reencrypted):
+    config = _job_file(reencrypted, "redis-backup")
+    assert config["copy"]["reencrypt"] == {"recipients": [ESCROW_PUBLIC, OTHER_PUBLIC], "identity_file": IDENTITY_PATH}
+    # The runner accepts the file as the role wrote it.
+    job = JobConfig.from_mapping(config)
+    assert job.copy["reencrypt"]["identity_file"] == IDENTITY_PATH
+    # The job without reencrypt (job_copy) copies byte for byte.
+    assert "reencrypt" not in _job_file(reencrypted, "redis-cache")["copy"]
+    for manifest in reencrypted.values():
+        validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_only_the_copy_pod_with_reencrypt_mounts_the_identity(reencrypted):
+    copy = _pod(reencrypted[("CronJob", NAMESPACE, "redis-backup-copy")])
+    items = _secret_items(copy)
+    assert ("backup-encryption-key", "identity") in items
+    # Exactly the identity: one Secret volume with the one key, at the path the job file names.
+    volumes = [volume for volume in copy["volumes"]
+               if "identity" in [item["key"] for item in volume.get("secret", {}).get("items", [])]]
+    assert len(volumes) == 1
+    assert volumes[0]["secret"] == {"secretName": "backup-encryption-key", "defaultMode": 0o440,
+                                    "items": [{"key": "identity", "path": "identity"}]}
+    mounts = [mount for mount in copy["containers"][0]["volumeMounts"] if mount["name"] == volumes[0]["name"]]
+    assert mounts == [{"name": volumes[0]["name"], "mountPath": SECRETS_ROOT + "backup-encryption-key",
+                       "readOnly": True}]
+    # The destination's credentials and the primary's as before; no source credentials.
+    assert {("offsite-s3", "access_key"), ("offsite-s3", "secret_key")} <= items
+    assert not [item for item in items if item[0] == "redis-backup-auth"]
+    # The destination's prune, the backup job and a copy without reencrypt: no identity.
+    for name in ("redis-backup-copy-prune", "redis-backup", "redis-cache-copy", "redis-cache"):
+        pod = _pod(reencrypted[("CronJob", NAMESPACE, name)])
+        assert "identity" not in {key for _secret, key in _secret_items(pod)}, name
+        assert not [mount for mount in pod["containers"][0]["volumeMounts"]
+                    if mount["mountPath"].startswith((SECRETS_ROOT + "backup-encryption-key",
+                                                      "/etc/biometrics-backup/identity"))], name
+    prune = _pod(reencrypted[("CronJob", NAMESPACE, "redis-backup-copy-prune")])
+    assert ("offsite-s3", "secret_key") in _secret_items(prune)
+
+
+def test_reencrypt_keeps_the_identity_out_of_the_retention_job(tmp_path):
+    copy = dict(S3_COPY, reencrypt={"recipients": [ESCROW_PUBLIC], "identity_secret": {"name": "escrow-source",
+                                                                                       "key": "age"}})
+    run, out = _play(tmp_path, jobs=("redis-backup",), retention=True, job_copy=copy,
+                     job_retention={"keep_daily": 7, "require_copy": True})
+    assert run.returncode == 0, run
+    manifests = load_rendered(out)
+    assert ("escrow-source", "age") in _secret_items(_pod(manifests[("CronJob", NAMESPACE, "redis-backup-copy")]))
+    assert _job_file(manifests, "redis-backup")["copy"]["reencrypt"]["identity_file"] == (
+        SECRETS_ROOT + "escrow-source/age")
+    retention = _secret_items(_pod(manifests[("CronJob", NAMESPACE, "retention-prune")]))
+    assert ("offsite-s3", "secret_key") in retention and not [item for item in retention if item[0] == "escrow-source"]
+
+
+@pytest.mark.parametrize("reencrypt,message", [
+    ({"recipients": ["ESCROW_SECRET"], "identity_secret": {"name": "key"}},
+     "copy.reencrypt.recipients[0] is an age secret key"),
+    ({"recipients": ["ESCROW_PUBLIC", " escrow_secret "], "identity_secret": {"name": "key"}},
+     "copy.reencrypt.recipients[1] is an age secret key"),
+    ({"recipients": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE"], "identity_secret": {"name": "key"}},
+     "copy.reencrypt is invalid"),
+    ({"recipients": [], "identity_secret": {"name": "key"}}, "copy.reencrypt is invalid"),
+    ({"recipients": "ESCROW_PUBLIC", "identity_secret": {"name": "key"}}, "copy.reencrypt is invalid"),
+    ({"recipients": ["ESCROW_PUBLIC"]}, "`identity_secret` the Secret"),
+    ({"recipients": ["ESCROW_PUBLIC"], "identity_secret": {"name": "Bad_Name"}}, "copy.reencrypt is invalid"),
+    ({"recipients": ["ESCROW_PUBLIC"], "identity_file": "/etc/key", "identity_secret": {"name": "key"}},
+     "identity_file"),
+])
+def test_bad_reencrypt_settings_fail_before_anything_is_written(tmp_path, reencrypt, message):
+    keys = {"ESCROW_SECRET": ESCROW_SECRET, "escrow_secret": ESCROW_SECRET.lower(), "ESCROW_PUBLIC": ESCROW_PUBLIC}
+    recipients = reencrypt.get("recipients")
+    if isinstance(recipients, list):
+        reencrypt = dict(reencrypt, recipients=[keys.get(value.strip(), value) for value in recipients])
+    elif recipients is not None:
+        reencrypt = dict(reencrypt, recipients=keys[recipients])
+    run, out = _play(tmp_path, jobs=("redis-backup",),
+                     job_copy_by_job={"redis-backup": dict(S3_COPY, reencrypt=reencrypt)})
+    assert run.returncode != 0
+    assert message in run.output, run
+    assert "Traceback" not in run.output
+    assert ESCROW_SECRET not in run.output and ESCROW_SECRET.lower() not in run.output
+    assert ESCROW_SECRET[len("AGE-SECRET-KEY-1"):] not in run.output.upper()
+    assert not out.exists() or not list(out.glob("redis-backup*.yaml"))
+
+
+PITR = {"enabled": True, "baseSchedule": "15 1 * * 6"}
+
+
+def test_seed_values_reencrypt_and_the_pitr_job(tmp_path):
+    """backup.offsite.reencrypt on every copy; the PITR base backup job copied only by its own entry."""
+    offsite = dict(OFFSITE, reencrypt={"recipients": [ESCROW_PUBLIC],
+                                       "identitySecret": {"name": "backup-encryption-key"}},
+                   jobs=dict(OFFSITE["jobs"], **{"config-backup": {"reencrypt": None}}))
+    out = tmp_path / "out"
+    run = run_site(seed_values(**{"backup.offsite": offsite, "database.pitr": PITR}), tmp_path,
+                   {"render_dir": str(out)})
+    assert run.returncode == 0, run
+    manifests = load_rendered(out)
+    postgres = _seed_job_file(manifests, "postgres-backup")
+    assert postgres["copy"]["reencrypt"] == {"recipients": [ESCROW_PUBLIC], "identity_file": IDENTITY_PATH}
+    JobConfig.from_mapping(postgres)
+    pod = _pod(manifests[("CronJob", SEED_NAMESPACE, "postgres-backup-copy")])
+    assert ("backup-encryption-key", "identity") in _secret_items(pod)
+    prune = _pod(manifests[("CronJob", SEED_NAMESPACE, "postgres-backup-copy-prune")])
+    assert "identity" not in {key for _secret, key in _secret_items(prune)}
+    # reencrypt: null under jobs.<job>: that job's copy is byte for byte, without the identity.
+    assert "reencrypt" not in _seed_job_file(manifests, "config-backup")["copy"]
+    config_pod = _pod(manifests[("CronJob", SEED_NAMESPACE, "config-backup-copy")])
+    assert "identity" not in {key for _secret, key in _secret_items(config_pod)}
+    # The PITR base backups are not copied by the section alone (their WAL is not copied).
+    assert ("CronJob", SEED_NAMESPACE, "postgres-pitr") in manifests
+    assert ("CronJob", SEED_NAMESPACE, "postgres-pitr-copy") not in manifests
+    assert "copy" not in _seed_job_file(manifests, "postgres-pitr")
+    for manifest in manifests.values():
+        validate_manifest(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_seed_values_copy_the_pitr_job_when_its_entry_asks(tmp_path):
+    offsite = dict(OFFSITE, jobs={"postgres-pitr": {"schedule": "0 3 * * 6", "retention": {"yearly": 2}}})
+    out = tmp_path / "out"
+    run = run_site(seed_values(**{"backup.offsite": offsite, "database.pitr": PITR}), tmp_path,
+                   {"render_dir": str(out)})
+    assert run.returncode == 0, run
+    manifests = load_rendered(out)
+    config = _seed_job_file(manifests, "postgres-pitr")
+    JobConfig.from_mapping(config)
+    assert config["copy"]["destination"]["bucket"] == "biometrics-offsite"
+    assert config["copy"]["retention"] == {"keep_monthly": 12, "keep_yearly": 2, "min_keep": 2}
+    assert manifests[("CronJob", SEED_NAMESPACE, "postgres-pitr-copy")]["spec"]["schedule"] == "0 3 * * 6"
+    # Switched off explicitly: accepted, no copy.
+    out2 = tmp_path / "out2"
+    offsite = dict(OFFSITE, jobs={"postgres-pitr": {"enabled": False}})
+    run = run_site(seed_values(**{"backup.offsite": offsite, "database.pitr": PITR}), tmp_path,
+                   {"render_dir": str(out2)})
+    assert run.returncode == 0, run
+    assert ("CronJob", SEED_NAMESPACE, "postgres-pitr-copy") not in load_rendered(out2)
+
+
+@pytest.mark.parametrize("reencrypt,message", [
+    ({"recipients": ["ESCROW_SECRET"], "identitySecret": {"name": "k"}},
+     "backup.offsite.reencrypt.recipients[0] is an age secret key"),
+    ({"recipients": ["not-a-key"], "identitySecret": {"name": "k"}},
+     "backup.offsite.reencrypt.recipients[0] is not an age public key"),
+    ({"recipients": [], "identitySecret": {"name": "k"}}, "backup.offsite.reencrypt.recipients must list"),
+    ({"recipients": ["ESCROW_PUBLIC"]}, "backup.offsite.reencrypt.identitySecret must be"),
+    ({"recipients": ["ESCROW_PUBLIC"], "identitySecret": {"name": "k"}, "identity": "x"},
+     "backup.offsite.reencrypt.identity is not a reencrypt key"),
+    ("age1", "backup.offsite.reencrypt must be a mapping"),
+])
+def test_bad_backup_offsite_reencrypt_fails_before_anything_is_written(tmp_path, reencrypt, message):
+    keys = {"ESCROW_SECRET": ESCROW_SECRET, "ESCROW_PUBLIC": ESCROW_PUBLIC}
+    if isinstance(reencrypt, dict):
+        reencrypt = dict(reencrypt, recipients=[keys.get(value, value) for value in reencrypt["recipients"]])
+    out = tmp_path / "out"
+    out.mkdir()
+    run = run_site(seed_values(**{"backup.offsite": dict(OFFSITE, reencrypt=reencrypt)}), tmp_path,
+                   {"render_dir": str(out)})
+    assert run.returncode != 0
+    assert "values: " in run.output and message in run.output, run
+    assert "Traceback" not in run.output
+    assert ESCROW_SECRET not in run.output
+    assert list(out.iterdir()) == []
