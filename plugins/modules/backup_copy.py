@@ -29,6 +29,11 @@ description:
   - A backup at the destination is copied again when its listing shows an object missing or of the wrong
     size, when a verification recorded there (M(biometrics.backup.backup_verify) against the destination)
     failed and its stored bytes differ from the source's, or with O(recheck=full) when any stored byte differs.
+  - "PostgreSQL point-in-time recovery: for a job of C(postgres_base) backups the WAL jobs they name (C(wal_job),
+    by default C(<job>-wal)) are copied too, after the base backups and the same way, so that the destination can
+    be restored to a point in time and O(biometrics.backup.backup_prune#module:require_copy) can prune copied WAL.
+    Every WAL file is copied when O(backup=all) and there is no O(destination_retention); otherwise only the WAL
+    the base backups held at the destination need (from the oldest one's C(wal_start) on). See RV(wal)."
   - The destination is an ordinary location - M(biometrics.backup.backup_info), M(biometrics.backup.backup_verify),
     M(biometrics.backup.backup_restore) and M(biometrics.backup.backup_prune) (with a policy of its own) work on it
     unchanged.
@@ -223,6 +228,29 @@ lag_seconds:
   description: Seconds since the oldest backup the destination does not hold finished (0 when in sync).
   returned: always
   type: float
+wal:
+  description:
+    - For a job of C(postgres_base) backups, one entry per WAL job they name, copied after them (check mode -
+      what would be copied). C(changed) and a failure (O(fail_on_error)) of the module cover the WAL as well.
+    - C(planned), C(copied), C(failed) and C(skipped) list WAL files (backups of kind C(postgres_wal)) with the
+      fields of RV(planned) and RV(copied); C(in_sync) counts those the destination already held, C(not_wanted)
+      those no base backup at the destination needs.
+  returned: when the job holds C(postgres_base) backups
+  type: list
+  elements: dict
+  sample:
+    - job: app-db-wal
+      planned: []
+      copied: []
+      failed: []
+      skipped: []
+      in_sync: 42
+      not_wanted: 0
+      bytes_copied: 0
+      bytes_reused: 0
+      lag_seconds: 0.0
+      changed: false
+      ok: true
 reencrypt:
   description: The recipients the copies of this run are encrypted to (public keys), or null without O(reencrypt).
   returned: always
@@ -295,6 +323,8 @@ def main():
     returned = ("changed", "copied", "planned", "failed", "skipped", "in_sync", "not_wanted", "bytes_copied",
                 "lag_seconds", "source", "destination", "reencrypt", "other_recipients")
     result = dict((key, outcome[key]) for key in returned)
+    if "wal" in outcome:
+        result["wal"] = outcome["wal"]
     if module._diff:
         repaired = set(step["id"] for step in outcome["planned"] if step["action"] == "repair")
         before = sorted(set(outcome["in_sync"]) | repaired)
@@ -302,7 +332,8 @@ def main():
         result["diff"] = dict(before=text_of(before), after=text_of(sorted(set(before) | set(arrived))))
     if params["fail_on_error"] and not outcome["ok"]:
         bad = outcome["failed"] + outcome["skipped"]
-        module.fail_json(msg="%d backups of job %s were not copied: %s" % (
+        bad += [item for entry in outcome.get("wal") or [] for item in entry["failed"] + entry["skipped"]]
+        module.fail_json(msg="%d backups (or WAL files) of job %s were not copied: %s" % (
             len(bad), params["job"], "; ".join("%s: %s" % (item["id"], item["error"]) for item in bad[:3])), **result)
     module.exit_json(**result)
 

@@ -256,9 +256,9 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import copied_ids
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import copied_ids, copied_wal_ids
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import (
-    BASE_KIND, PartialPruneError, PruneRefusedError, prune)
+    PartialPruneError, PruneRefusedError, prune)
 
 POLICY_OPTIONS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
                   "keep_within", "semantics", "timezone")
@@ -294,19 +294,6 @@ def _diff(result, job):
     }
 
 
-def _copied_wal_ids(storage, destination, job, manifests):
-    """require_copy for PostgreSQL WAL: ids of the WAL files ``destination`` holds, of every WAL job the
-    base backups among ``manifests`` name (default ``<job>-wal``); None when there is no base backup."""
-    wal_jobs = sorted(set((m.get("stats") or {}).get("wal_job") or "%s-wal" % job
-                          for m in manifests if m.get("kind") == BASE_KIND))
-    if not wal_jobs:
-        return None
-    held = set()
-    for wal_job in wal_jobs:
-        held |= copied_ids(destination, wal_job, Catalog(storage).scan(wal_job, with_orphans=False))
-    return held
-
-
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -338,7 +325,7 @@ def main():
             destination = open_location(module, "require_copy")
             manifests = Catalog(storage).scan(params["job"], with_orphans=False)
             copied = copied_ids(destination, params["job"], manifests)
-            wal_copied = _copied_wal_ids(storage, destination, params["job"], manifests)
+            wal_copied = copied_wal_ids(storage, destination, params["job"], manifests)
         try:
             result = prune(storage, params["job"], policy, min_keep=params["min_keep"],
                            max_delete=params["max_delete"], force=params["force"],

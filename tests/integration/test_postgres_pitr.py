@@ -272,6 +272,7 @@ def test_runner_commands(pg, tmp_path, scratch):
            "source": _options(pg, wal_job=WAL_JOB, slot="runner_slot", spool_dir=str(tmp_path / "spool"),
                               partial_interval=0.5),
            "storage": {"backend": "filesystem", "path": str(tmp_path / "store")},
+           "copy": {"destination": {"backend": "filesystem", "path": str(tmp_path / "offsite")}},
            "encryption": {"recipients": [str(key.to_public())], "identity_file": str(tmp_path / "identity")},
            "restore": {"target": _options(pg, database=DB, restore_database="enrol_cli", scratch_dir=scratch)}}
     config = tmp_path / "job.yml"
@@ -316,6 +317,25 @@ def test_runner_commands(pg, tmp_path, scratch):
     assert (tmp_path / "fetched").stat().st_size == 16 << 20
     code, out, err = run("wal-fetch", "00000009.history", str(tmp_path / "nothing"))
     assert code == 1 and not (tmp_path / "nothing").exists()
+    # The offsite copy: the base backup and its WAL job go to copy.destination, and a restore to a
+    # point in time from the copy alone (the job's storage moved away) gives the same rows.
+    code, out, err = run("copy")
+    assert code == 0, err
+    copied = json.loads(out)
+    assert len(copied["copied"]) == 1 and copied["wal"][0]["job"] == WAL_JOB and copied["ok"]
+    assert len(copied["wal"][0]["copied"]) >= 2 and "WAL job %s:" % WAL_JOB in err
+    code, out, err = run("copy")
+    assert code == 0 and json.loads(out)["changed"] is False, err
+    (tmp_path / "copy-target.yml").write_text(yaml.safe_dump({"restore_database": "enrol_copy"}))
+    os.rename(tmp_path / "store", tmp_path / "store-away")
+    try:
+        code, out, err = run("restore", "--from-copy", "--target-file", str(tmp_path / "copy-target.yml"),
+                             "--point-in-time", (before + datetime.timedelta(milliseconds=100)).isoformat())
+    finally:
+        os.rename(tmp_path / "store-away", tmp_path / "store")
+    assert code == 0, err
+    assert json.loads(out)["target"]["database"] == "enrol_copy"
+    assert _batches(pg, "enrol_copy") == {1: 50}
     # A damaged identity file: recovery must abort (exit > 125), not end early.
     (tmp_path / "identity").write_text("AGE-SECRET-KEY-1BROKEN\n")
     code, out, err = run("wal-fetch", name, str(tmp_path / "fetched2"))

@@ -4,9 +4,9 @@ job, and under ``require_copy`` a WAL file goes only once the copy location hold
 
 The archive (base backups and WAL files) is written through the real pipeline into real
 storage (SeaweedFS for the runner, a filesystem for the module) with stand-in payloads: what
-is under test is which objects go, and that needs no PostgreSQL (the WAL of a real server:
-tests/integration/test_postgres_pitr.py). The WAL job is copied by a copy run of its own
-(``runner copy`` with a job file naming ``<job>-wal``, ``backup_copy`` with ``job: <job>-wal``).
+is under test is which objects go, and that needs no PostgreSQL (the WAL of a real server, and a
+point-in-time restore from the copy: tests/integration/test_postgres_pitr.py). A copy of the base
+job copies its WAL job with it; a copy run naming ``<job>-wal`` copies single WAL files.
 """
 
 import io
@@ -23,6 +23,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify
 
 from modules_helpers import ansible_playbook
 
@@ -51,18 +52,28 @@ class _StandIn(Source):
 def _archive(storage, job):
     """Base backups starting at segments 2, 5 and 8 of timeline 1 and WAL segments 1..9.
     Returns (base manifests, {segno: WAL manifest})."""
+    return _bases(storage, job), _wal(storage, job)
+
+
+def _bases(storage, job, starts=(2, 5, 8)):
     wal_job = "%s-wal" % job
-    bases, wal = [], {}
-    for segno in (2, 5, 8):
+    bases = []
+    for segno in starts:
         name = pgwal.segment_name(1, segno)
         bases.append(BackupRun(job, _StandIn("postgres_base", "base.tar", {
             "timeline": 1, "wal_job": wal_job, "wal_start": name, "wal_end": name, "segment_size": 16 << 20,
             "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno))}), storage).run())
-    for segno in range(1, 10):
+    return bases
+
+
+def _wal(storage, job, segnos=range(1, 10)):
+    wal_job = "%s-wal" % job
+    wal = {}
+    for segno in segnos:
         name = pgwal.segment_name(1, segno)
         wal[segno] = BackupRun(wal_job, _StandIn("postgres_wal", name, {
             "file": name, "type": "segment", "timeline": 1, "segno": segno}), storage).run()
-    return bases, wal
+    return wal
 
 
 def _stored_wal(storage, wal_job):
@@ -83,7 +94,7 @@ def test_runner_prunes_wal_only_once_copied(tmp_path, s3_server, offsite_s3):
     wal_job = "%s-wal" % job
     source_options = s3_server.storage_options(prefix="primary-%s" % uuid.uuid4().hex[:6])
     source = open_storage(dict(source_options))
-    bases, wal = _archive(source, job)
+    bases = _bases(source, job)
     destination = dict(offsite_s3.storage_options(prefix="offsite-%s" % uuid.uuid4().hex[:6]))
     for key in ("access_key", "secret_key"):
         (tmp_path / ("offsite-" + key)).write_text(destination.pop(key) + "\n")
@@ -97,8 +108,9 @@ def test_runner_prunes_wal_only_once_copied(tmp_path, s3_server, offsite_s3):
     wal_config = tmp_path / "wal.yaml"
     wal_config.write_text(yaml.safe_dump(dict(common, job=wal_job)))
 
-    # The base backups are copied, the WAL job is not: the oldest base backup goes, no WAL does.
+    # The base backups are copied before any WAL is stored: the oldest base backup goes, no WAL does.
     _run("copy", base_config, env=env)
+    wal = _wal(source, job)
     result, log = _run("prune", base_config, env=env)
     assert result["deleted"] == [bases[0]["id"]]
     assert result["wal"][0]["keep_from"][0] == pgwal.segment_name(1, 5)
@@ -117,8 +129,12 @@ def test_runner_prunes_wal_only_once_copied(tmp_path, s3_server, offsite_s3):
     assert "and 2 WAL files held by" in log
     assert _stored_wal(source, wal_job) == [2] + list(range(4, 10))
 
-    # The whole WAL job copied: the rest of what no kept base backup needs goes, nothing after it.
-    _run("copy", wal_config, env=env)
+    # A copy of the base job copies its WAL job too: the rest of what no kept base backup needs
+    # goes, nothing after it.
+    copied, log = _run("copy", base_config, env=env)
+    assert copied["wal"][0]["job"] == wal_job and copied["wal"][0]["ok"]
+    assert sorted(e["id"] for e in copied["wal"][0]["copied"]) == sorted(wal[n]["id"] for n in (2, 4, 5, 6, 7, 8, 9))
+    assert "WAL job %s: 7 files copied" % wal_job in log
     result, dummy = _run("prune", base_config, env=env)
     assert [e["file"] for e in result["wal"][0]["prune"]] == [pgwal.segment_name(1, n) for n in (2, 4)]
     assert _stored_wal(source, wal_job) == list(range(5, 10))
@@ -130,16 +146,20 @@ def test_backup_prune_module_prunes_wal_only_once_copied(tmp_path):
     primary = {"backend": "filesystem", "path": str(tmp_path / "primary")}
     offsite = {"backend": "filesystem", "path": str(tmp_path / "offsite")}
     storage = open_storage(primary)
-    bases, wal = _archive(storage, job)
+    bases = _bases(storage, job)
+    proc, dummy = ansible_playbook(tmp_path, [
+        {"name": "copy base backups", FQCN + "backup_copy": {"job": job, "storage": primary, "destination": offsite}},
+    ])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    wal = _wal(storage, job)  # stored after the base backups were copied
     guarded = dict(POLICY, job=job, storage=primary, require_copy=offsite)
     proc, results = ansible_playbook(tmp_path, [
-        {"name": "copy base backups", FQCN + "backup_copy": {"job": job, "storage": primary, "destination": offsite}},
         {"name": "prune, WAL not copied", FQCN + "backup_prune": guarded},
         {"name": "copy WAL 2", FQCN + "backup_copy": {"job": wal_job, "storage": primary, "destination": offsite,
                                                       "backup": wal[2]["id"]}},
         {"name": "preview", FQCN + "backup_prune": guarded, "check_mode": True},
         {"name": "prune, WAL 2 copied", FQCN + "backup_prune": guarded},
-        {"name": "copy WAL", FQCN + "backup_copy": {"job": wal_job, "storage": primary, "destination": offsite}},
+        {"name": "copy WAL", FQCN + "backup_copy": {"job": job, "storage": primary, "destination": offsite}},
         {"name": "prune, WAL copied", FQCN + "backup_prune": guarded},
         {"name": "again", FQCN + "backup_prune": guarded},
     ], diff=True)
@@ -157,5 +177,66 @@ def test_backup_prune_module_prunes_wal_only_once_copied(tmp_path):
     last = results["prune, WAL copied"]
     assert last["changed"] and [e["file"] for e in last["wal"][0]["prune"]] == [
         pgwal.segment_name(1, n) for n in (1, 3, 4)]
+    assert results["copy WAL"]["changed"] and len(results["copy WAL"]["wal"][0]["copied"]) == 8
     assert not results["again"]["changed"] and results["again"]["counts"]["wal_pruned"] == 0
     assert _stored_wal(storage, wal_job) == list(range(5, 10))
+
+
+def test_runner_copies_the_wal_the_destination_needs(tmp_path, s3_server, offsite_s3):
+    """``runner copy`` of a postgres_base job copies its WAL job to the same destination, verified;
+    with ``copy.retention`` only the WAL the base backups kept there need; idempotent; check mode
+    lists the WAL; ``prune --destination`` prunes the WAL there and the next copy leaves it out."""
+    job = "pg-%s" % uuid.uuid4().hex[:6]
+    wal_job = "%s-wal" % job
+    source_options = s3_server.storage_options(prefix="primary-%s" % uuid.uuid4().hex[:6])
+    source = open_storage(dict(source_options))
+    bases, wal = _archive(source, job)
+    destination_options = offsite_s3.storage_options(prefix="offsite-%s" % uuid.uuid4().hex[:6])
+    destination = open_storage(dict(destination_options))
+    storage = dict(source_options, access_key_env="SRC_S3_ACCESS", secret_key_env="SRC_S3_SECRET")
+    env = {"SRC_S3_ACCESS": storage.pop("access_key"), "SRC_S3_SECRET": storage.pop("secret_key")}
+    for key in ("access_key", "secret_key"):
+        (tmp_path / ("offsite-" + key)).write_text(destination_options.pop(key) + "\n")
+        destination_options[key + "_file"] = str(tmp_path / ("offsite-" + key))
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump({
+        "job": job, "kind": "postgres_base", "source": {"host": "127.0.0.1", "user": "postgres"}, "storage": storage,
+        "copy": {"destination": destination_options, "retention": dict(POLICY, min_keep=1)}}))
+
+    # keep_last 2 at the destination: bases 5 and 8 go there, and the WAL from segment 5 on.
+    preview, log = _run("copy", config, "--check", env=env)
+    assert preview["not_wanted"] == [bases[0]["id"]]
+    assert [e["id"] for e in preview["wal"][0]["planned"]] == [wal[n]["id"] for n in range(5, 10)]
+    assert preview["wal"][0]["not_wanted"] == 4 and preview["wal"][0]["copied"] == []
+    assert "WAL job %s: 5 files to copy" % wal_job in log
+    assert _stored_wal(destination, wal_job) == [], "check mode writes nothing"
+
+    result, log = _run("copy", config, env=env)
+    assert result["ok"] and result["changed"]
+    assert [e["id"] for e in result["wal"][0]["copied"]] == [wal[n]["id"] for n in range(5, 10)]
+    assert result["wal"][0]["bytes_copied"] > 0 and result["wal"][0]["failed"] == []
+    assert _stored_wal(destination, wal_job) == list(range(5, 10))
+    held = Catalog(destination).scan(wal_job, with_orphans=False)
+    assert all(m["copied_from"]["storage"]["prefix"] == source_options["prefix"] for m in held)
+    # Verified at the destination: every object read back, size and SHA-256 as the manifest says.
+    verified = verify(destination, wal_job, backup="all", record=False)
+    assert verified["ok"] and verified["verified"] == 5, verified
+
+    again, log = _run("copy", config, env=env)
+    assert not again["changed"] and again["wal"][0]["in_sync"] == 5 and again["wal"][0]["copied"] == []
+
+    # A new base backup from segment 9 on: copied, and prune --destination then removes base 5
+    # and WAL 5..8 at the destination (base 8 needs 8: it stays); the next copy does not bring them back.
+    newest = _bases(source, job, starts=(9,))[0]
+    more = _wal(source, job, segnos=(10,))
+    result, dummy = _run("copy", config, env=env)
+    assert [e["id"] for e in result["copied"]] == [newest["id"]]
+    assert [e["id"] for e in result["wal"][0]["copied"]] == [more[10]["id"]]
+    pruned, log = _run("prune", config, "--destination", env=env)
+    assert pruned["deleted"] == [bases[1]["id"]]
+    assert [e["file"] for e in pruned["wal"][0]["prune"]] == [pgwal.segment_name(1, n) for n in (5, 6, 7)]
+    assert "and 3 WAL files" in log
+    assert _stored_wal(destination, wal_job) == [8, 9, 10]
+    last, dummy = _run("copy", config, env=env)
+    assert not last["changed"] and last["wal"][0]["not_wanted"] == 7 and last["wal"][0]["in_sync"] == 3
+    assert _stored_wal(destination, wal_job) == [8, 9, 10]

@@ -29,6 +29,13 @@ key is checked (a recipient of every backup to copy, and a trial decryption) bef
 is written at the destination. A backup the destination holds counts as present whatever it
 is encrypted to: a change of recipients applies to the backups copied from then on.
 
+PostgreSQL point-in-time recovery: a copy of a job of ``postgres_base`` backups also copies
+the WAL jobs they name (``stats.wal_job``, default ``<job>-wal``), after the base backups and
+the same way, so that the destination can be restored to a point in time and ``require_copy``
+can prune copied WAL. Every WAL file is copied when every backup is and the destination has no
+retention policy of its own; otherwise only the WAL the base backups held at the destination
+need (from the oldest one's ``wal_start`` on), the WAL its prune would delete again.
+
 A listed backup is repaired (manifest removed first, so it stops being listed, then copied
 again) when the destination listing shows one of its objects missing or of the wrong size,
 when its recorded verification at the destination failed and reading its stored bytes back
@@ -39,12 +46,13 @@ import hashlib
 
 from . import codecs
 from . import manifest as mf
+from . import pgwal
 from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .config import read_text_file
 from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
 from .pipeline import CHUNK, PlaintextStream, check_object, store_stream
-from .prune import plan as retention_plan
+from .prune import BASE_KIND, WAL_KIND, plan as retention_plan, wal_job_names, wal_job_of
 from .restore import KeyMismatchError, identities as restore_identities
 from .storage.base import MissingLocationError, is_unfinished
 from .timeutil import is_backup_id, parse_iso, to_iso, utc_now
@@ -219,6 +227,30 @@ def copied_ids(destination, job, source_backups):
     return {m["id"] for m in source_backups if m["id"] in present and same_backup(m, present[m["id"]])}
 
 
+def copied_wal_ids(source, destination, job, manifests):
+    """require_copy for PostgreSQL WAL: the ids of the WAL files ``destination`` holds (same
+    objects as at ``source``), of every WAL job the ``postgres_base`` backups among ``manifests``
+    name (default ``<job>-wal``); None when there is no base backup."""
+    names = wal_job_names(job, manifests)
+    if not names:
+        return None
+    held = set()
+    for wal_job in names:
+        held |= copied_ids(destination, wal_job, Catalog(source, repair_index=False).scan(wal_job, with_orphans=False))
+    return held
+
+
+def wal_wanted(manifest, needs):
+    """Whether a WAL file (a ``postgres_wal`` manifest) is worth copying when the base backups the
+    destination holds need ``needs`` (``[(timeline, first segno)]``, see :func:`pgwal.wal_needed`):
+    history files and anything unparsable always are."""
+    wal = manifest.get("stats") or {}
+    if manifest.get("kind") != WAL_KIND or wal.get("type") not in ("segment", "partial"):
+        return True
+    parsed = pgwal.parse_segment_name(str(wal.get("file") or ""), wal.get("segment_size") or pgwal.DEFAULT_SEGMENT_SIZE)
+    return parsed is None or pgwal.wal_needed(needs, *parsed[:2])
+
+
 def copy_lag_seconds(source_backups, present_ids, now):
     """Seconds since the oldest source backup the destination lacks finished (0 in sync)."""
     missing = [parse_iso(m["finished_at"]) for m in source_backups if m["id"] not in present_ids]
@@ -323,7 +355,7 @@ class Copier:
     """Copies ``job``'s backups from ``source`` to ``destination`` (two Storage objects)."""
 
     def __init__(self, source, destination, job, recheck="size", log=None, policy=None, min_keep=1,
-                 reencrypt=None):
+                 reencrypt=None, wal_needs=None):
         self.job = mf.validate_job_name(job)
         if recheck not in RECHECKS:
             raise ConfigError("recheck must be one of %s, got %r" % (", ".join(RECHECKS), recheck))
@@ -333,6 +365,7 @@ class Copier:
         self.recheck = recheck
         self.policy = policy  # the destination's retention (a retention.Policy or its mapping), or None
         self.min_keep = min_keep
+        self.wal_needs = wal_needs  # WAL job only: [(timeline, first segno)] the destination's bases need, or None
         self.log = log or (lambda message: None)
         self.source_catalog = Catalog(source, repair_index=False)
         self.destination_catalog = Catalog(destination)
@@ -358,7 +391,11 @@ class Copier:
         return None
 
     def _unwanted(self, chosen, present, now):
-        """Ids of ``chosen`` missing at the destination that its own policy would prune."""
+        """Ids of ``chosen`` missing at the destination that its own policy would prune (for a WAL
+        job: that no base backup at the destination needs)."""
+        if self.wal_needs is not None:
+            return {m["id"]: "no base backup at the destination needs it" for m in chosen
+                    if m["id"] not in present and not wal_wanted(m, self.wal_needs)}
         if self.policy is None:
             return {}
         missing = [dict(m, verification=None) for m in chosen if m["id"] not in present]
@@ -396,7 +433,8 @@ class Copier:
             other = [backup_id for backup_id in in_sync
                      if set((present[backup_id].get("encryption") or {}).get("recipients") or []) != wanted]
         return {"source_backups": chosen, "steps": steps, "in_sync": in_sync, "other_recipients": other,
-                "present": set(present), "sizes": sizes, "unwanted": unwanted}
+                "present": set(present), "sizes": sizes, "unwanted": unwanted, "all_source": source_backups,
+                "present_manifests": present}
 
     # -- keys (re-encryption) ------------------------------------------------------------
     def _check_keys(self, steps):
@@ -572,7 +610,39 @@ class Copier:
         outcome["lag_seconds"] = copy_lag_seconds(plan["source_backups"], present, moment)
         outcome["changed"] = bool(steps) if check_mode else bool(outcome["copied"])
         outcome["ok"] = not outcome["failed"] and not outcome["skipped"]
+        if self.wal_needs is None and any(m.get("kind") == BASE_KIND for m in plan["all_source"]):
+            self._copy_wal(outcome, plan, present, selector, check_mode, moment)
         return outcome
+
+    def _copy_wal(self, outcome, plan, present, selector, check_mode, now):
+        """PostgreSQL point-in-time recovery: the WAL jobs the base backups name are copied after
+        them, the same way (verified, manifest last). All their WAL when every backup is copied
+        and the destination keeps everything; else only the WAL the base backups at the
+        destination after this run (check mode: after the planned copies) need."""
+        arriving = set(present) | ({step["id"] for step in plan["steps"]} if check_mode else set())
+        held = dict(plan["present_manifests"])
+        held.update((m["id"], m) for m in plan["source_backups"] if m["id"] in arriving)
+        outcome["wal"] = []
+        for wal_job in wal_job_names(self.job, plan["all_source"]):
+            needs = None
+            if self.policy is not None or selector not in (None, "", "all"):
+                needs = [start[:2] for start in (pgwal.base_wal_start(m) for m in held.values()
+                                                 if m.get("kind") == BASE_KIND and wal_job_of(self.job, m) == wal_job)
+                         if start is not None]
+            copier = Copier(self.source, self.destination, wal_job, recheck=self.recheck, log=self.log,
+                            reencrypt=self.reencrypt, wal_needs=needs)
+            result = copier.run("all", check_mode, now)
+            entry = {key: result[key] for key in ("job", "planned", "copied", "failed", "skipped", "bytes_copied",
+                                                  "bytes_reused", "lag_seconds", "changed", "ok")}
+            entry["in_sync"] = len(result["in_sync"])
+            entry["not_wanted"] = len(result["not_wanted"])
+            outcome["wal"].append(entry)
+            outcome["changed"] = outcome["changed"] or entry["changed"]
+            outcome["ok"] = outcome["ok"] and entry["ok"]
+            self.log("WAL job %s: %d files %s, %d in sync, %d not needed at the destination, %d failed, %d skipped" % (
+                wal_job, len(entry["planned"] if check_mode else entry["copied"]),
+                "to copy" if check_mode else "copied", entry["in_sync"], entry["not_wanted"],
+                len(entry["failed"]), len(entry["skipped"])))
 
 
 def _public(step):
@@ -585,6 +655,10 @@ def copy_backups(source, destination, job, backup="all", recheck="size", check_m
     ``destination`` (whose own retention ``policy``, when given, decides what is worth copying);
     with ``reencrypt`` (see :func:`reencrypt_settings`) encrypted to other recipients on the way.
     Returns ``{job, source, destination, planned, copied, failed, skipped, in_sync, not_wanted,
-    bytes_copied, bytes_reused, lag_seconds, changed, ok, check_mode, reencrypt, other_recipients}``."""
+    bytes_copied, bytes_reused, lag_seconds, changed, ok, check_mode, reencrypt, other_recipients}``
+    and, for a job of ``postgres_base`` backups, ``wal``: one entry per WAL job the base backups name
+    (copied after them, see :meth:`Copier._copy_wal`) with its ``planned``, ``copied``, ``failed``
+    and ``skipped`` lists, ``in_sync`` and ``not_wanted`` counts, bytes and lag; ``changed`` and
+    ``ok`` then cover the WAL too."""
     return Copier(source, destination, job, recheck=recheck, log=log, policy=policy,
                   min_keep=min_keep, reencrypt=reencrypt).run(backup, check_mode, now)

@@ -342,16 +342,16 @@ def wal_fetch_exit(code, result):
     return EXIT_ABORT_RECOVERY
 
 
-def _prepare_restore(config, log):
+def _prepare_restore(config, log, from_copy=False):
     from .runner import _prepare
-    return _prepare(config, "restore", log)
+    return _prepare(config, "restore", log, from_copy)
 
 
 def cmd_restore(config, args, log, target_override=None):
     """Point-in-time restore of a postgres_base job (the runner's ``restore`` for this kind)."""
     from .jobconfig import secret_values
     from .runner import EXIT_OK
-    prepared = _prepare_restore(config, log)
+    prepared = _prepare_restore(config, log, getattr(args, "from_copy", False))  # --from-copy: base backups and WAL
     identity, passphrase = prepared["keys"]
     options = TARGET_SCHEMA.validate(config.target_options("restore", target_override), "restore.target")
     log.add_secrets(secret_values(options))

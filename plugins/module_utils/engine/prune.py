@@ -306,6 +306,16 @@ def _orphan_report(entry, action):
             "bytes": entry["bytes"], "last_modified": to_iso(last) if last else None, "action": action}
 
 
+def wal_job_of(job, base):
+    """The WAL job a ``postgres_base`` backup names (``stats.wal_job``, default ``<job>-wal``)."""
+    return (base.get("stats") or {}).get("wal_job") or "%s-wal" % job
+
+
+def wal_job_names(job, manifests):
+    """The WAL jobs the ``postgres_base`` backups among ``manifests`` name, sorted (empty without one)."""
+    return sorted(set(wal_job_of(job, m) for m in manifests if m.get("kind") == BASE_KIND))
+
+
 def plan_wal(storage, job, manifests, kept_ids, copied=None, wal_copied=None):
     """What pruning ``job``'s base backups (``manifests``, with ``kept_ids`` staying) does to their WAL.
 
@@ -318,12 +328,11 @@ def plan_wal(storage, job, manifests, kept_ids, copied=None, wal_copied=None):
     if not bases:
         return None
     kept = [m for m in bases if m["id"] in kept_ids and m.get("status") == mf.STATUS_COMPLETE]
-    wal_jobs = sorted(set((m.get("stats") or {}).get("wal_job") or "%s-wal" % job for m in bases))
     plans = []
-    for wal_job in wal_jobs:
+    for wal_job in wal_job_names(job, bases):
         needs, starts = [], []
         for base in kept:
-            if ((base.get("stats") or {}).get("wal_job") or "%s-wal" % job) != wal_job:
+            if wal_job_of(job, base) != wal_job:
                 continue
             start = pgwal.base_wal_start(base)
             if start is not None:

@@ -442,10 +442,10 @@ def cmd_prune(config, args, log):
     metrics = Metrics(config, log)
     copied = wal_copied = None
     if options.get("require_copy"):
-        from .offsite import copied_ids
+        from .offsite import copied_ids, copied_wal_ids
         manifests = Catalog(prepared["storage"]).scan(config.job)
         copied = copied_ids(prepared["destination"], config.job, manifests)
-        wal_copied = _copied_wal_ids(prepared["storage"], prepared["destination"], config.job, manifests)
+        wal_copied = copied_wal_ids(prepared["storage"], prepared["destination"], config.job, manifests)
         log.info("require_copy: %d backups%s held by %s" % (
             len(copied), "" if wal_copied is None else " and %d WAL files" % len(wal_copied),
             where(prepared["destination"].describe())))
@@ -462,22 +462,6 @@ def cmd_prune(config, args, log):
         counts["pruned"], "" if "wal_pruned" not in counts else " and %d WAL files (%d kept)" % (
             counts["wal_pruned"], counts["wal_kept"]), counts["orphans_removed"], counts["junk"]))
     return EXIT_OK, result
-
-
-def _copied_wal_ids(storage, destination, job, manifests):
-    """require_copy for PostgreSQL WAL: the ids of the WAL files the copy destination holds, of
-    every WAL job the ``postgres_base`` backups among ``manifests`` name (``stats.wal_job``,
-    default ``<job>-wal``); None when there is no base backup. A WAL job is copied by a copy
-    run of its own (a job file or backup_copy naming ``<job>-wal``)."""
-    from .offsite import copied_ids
-    wal_jobs = sorted(set((m.get("stats") or {}).get("wal_job") or "%s-wal" % job
-                          for m in manifests if m.get("kind") == "postgres_base"))
-    if not wal_jobs:
-        return None
-    held = set()
-    for wal_job in wal_jobs:
-        held |= copied_ids(destination, wal_job, Catalog(storage).scan(wal_job, with_orphans=False))
-    return held
 
 
 def cmd_copy(config, args, log):
@@ -502,14 +486,19 @@ def cmd_copy(config, args, log):
             metrics.record("record_copy", False, utc_now())
             metrics.ship()
         raise
+    wal = outcome.get("wal") or []
     if not args.check:
         metrics.record("record_copy", outcome["ok"], utc_now(), lag_seconds=outcome["lag_seconds"],
-                       bytes_copied=outcome["bytes_copied"])
+                       bytes_copied=outcome["bytes_copied"] + sum(entry["bytes_copied"] for entry in wal))
         metrics.ship()
-    log.info("%s: %d backups %s, %d in sync, %d failed, %d skipped, %s copied, lag %ds" % (
+    log.info("%s: %d backups %s, %d in sync, %d failed, %d skipped, %s copied, lag %ds%s" % (
         "check mode" if args.check else "copy done", len(outcome["planned"] if args.check else outcome["copied"]),
         "to copy" if args.check else "copied", len(outcome["in_sync"]), len(outcome["failed"]),
-        len(outcome["skipped"]), _human_bytes(outcome["bytes_copied"]), outcome["lag_seconds"]),
+        len(outcome["skipped"]), _human_bytes(outcome["bytes_copied"]), outcome["lag_seconds"],
+        "".join("; WAL job %s: %d files %s, %d in sync, %d failed, %s" % (
+            entry["job"], len(entry["planned"] if args.check else entry["copied"]),
+            "to copy" if args.check else "copied", entry["in_sync"], len(entry["failed"]) + len(entry["skipped"]),
+            _human_bytes(entry["bytes_copied"])) for entry in wal)),
         bytes_copied=outcome["bytes_copied"], lag_seconds=outcome["lag_seconds"])
     return (EXIT_OK if outcome["ok"] else EXIT_INTEGRITY), outcome
 
@@ -524,9 +513,11 @@ def _prune_destination(config, args, log, run_prune):
     result = run_prune(destination, config.job, config.copy_policy, min_keep=options.get("min_keep", 1),
                        max_delete=options.get("max_delete"), force=bool(args.force or options.get("force")),
                        orphan_grace=options.get("orphan_grace"), dry_run=args.check, log=log.info)
-    log.info("%s at %s: kept %d, %s %d backups" % (
-        "dry run" if args.check else "pruned", where(destination.describe()), result["counts"]["kept"],
-        "would prune" if args.check else "pruned", result["counts"]["pruned"]))
+    counts = result["counts"]
+    log.info("%s at %s: kept %d, %s %d backups%s" % (
+        "dry run" if args.check else "pruned", where(destination.describe()), counts["kept"],
+        "would prune" if args.check else "pruned", counts["pruned"], "" if "wal_pruned" not in counts
+        else " and %d WAL files (%d kept)" % (counts["wal_pruned"], counts["wal_kept"])))
     return EXIT_OK, result
 
 
