@@ -356,17 +356,56 @@ def write_verified_wal(keys, manifest, name, path):
     return stream.plain_bytes
 
 
+def _inside(root, path):
+    return os.path.commonpath([root, path]) == root
+
+
+def _checked_member(member, data_dir):
+    """``member`` if extracting it stays inside ``data_dir``, else TarError.
+
+    The checks of Python's tarfile ``data`` filter, for interpreters that lack it (Debian 12's
+    3.11.2, which the runner image is built on): only files, directories and symbolic links;
+    no absolute names or ``..``; paths and link targets resolved on disk (an earlier link in
+    the archive counts) must stay inside; no set-id bits, no group/other write; owned by the
+    extracting user.
+    """
+    name = member.name
+    if name.startswith("/") or ".." in name.split("/"):
+        raise tarfile.TarError("member %r lies outside the data directory" % name)
+    root = os.path.realpath(data_dir)
+    if not _inside(root, os.path.realpath(os.path.join(root, name))):
+        raise tarfile.TarError("member %r lies outside the data directory" % name)
+    if member.issym():
+        target = os.path.join(root, os.path.dirname(name), member.linkname)
+        if os.path.isabs(member.linkname) or not _inside(root, os.path.realpath(target)):
+            raise tarfile.TarError("symbolic link %r points outside the data directory" % name)
+    elif member.isreg():
+        member.mode = (member.mode & 0o755) | 0o600
+    elif member.isdir():
+        member.mode = (member.mode & 0o755) | 0o700
+    else:
+        raise tarfile.TarError("member %r is neither a file, a directory nor a symbolic link" % name)
+    member.uid, member.gid, member.uname, member.gname = os.geteuid(), os.getegid(), "", ""
+    return member
+
+
+def _extract_checked(archive, data_dir):
+    """Extract a streamed archive member by member, each checked first (see _checked_member)."""
+    for member in archive:
+        archive.extract(_checked_member(member, data_dir), data_dir)
+
+
 def unpack_base(keys, plan, data_dir, log):
     """Stream the verified base tarball into ``data_dir`` (safe members only)."""
-    if not hasattr(tarfile, "data_filter"):
-        raise ConfigError("unpacking a base backup safely needs Python's tarfile data filter "
-                          "(Python 3.8.17, 3.9.17, 3.10.12, 3.11.4 or newer)")
     stream = keys.open(plan.base, _payload(plan.base, BASE_PAYLOAD))
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     try:
         try:
             with tarfile.open(fileobj=stream, mode="r|") as archive:
-                archive.extractall(data_dir, filter="data")
+                if hasattr(tarfile, "data_filter"):
+                    archive.extractall(data_dir, filter="data")
+                else:
+                    _extract_checked(archive, data_dir)
         except (tarfile.TarError, OSError) as exc:
             stream.finish()  # a damaged object explains a damaged tar best
             raise IntegrityError("base backup %s: its tarball does not unpack: %s" % (plan.base["id"], exc)) from None
