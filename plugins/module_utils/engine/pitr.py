@@ -259,14 +259,21 @@ def _locate_restore_point(bases, state, name, wal_job, target):
 def _horizon(segments, partials, newest):
     """Up to when the stored WAL is known to hold every commit (ISO-8601), or None.
 
-    A partial copy holds what pg_receivewal had written when it was read from the spool
-    (``stats.captured_at``, to the microsecond; manifests written before it was recorded:
-    their whole-second store time). A complete segment as the newest file says nothing
-    about the WAL after it: only its own last transaction end is known to be stored.
+    A partial copy records ``reach_time`` (sources.postgres_wal.partial_reach): the server's
+    clock read just before the copy was read from the spool, when the copy holds the WAL the
+    server had inserted by then; else null, and then only its own last commit
+    (``last_xact_time``) is known to be stored - a commit stamped just before the copy was read
+    may not have reached pg_receivewal yet. Copies stored before ``reach_time`` was recorded:
+    when they were read (``stats.captured_at``, else their whole-second store time). A complete
+    segment as the newest file says nothing about the WAL after it: only its own last
+    transaction end is known to be stored.
     """
     if newest in partials and newest not in segments:
         manifest = partials[newest]
-        return (manifest.get("stats") or {}).get("captured_at") or manifest["finished_at"]
+        stats = manifest.get("stats") or {}
+        if "reach_time" in stats:
+            return stats["reach_time"] or stats.get("last_xact_time")
+        return stats.get("captured_at") or manifest["finished_at"]
     return (segments[newest].get("stats") or {}).get("last_xact_time")
 
 

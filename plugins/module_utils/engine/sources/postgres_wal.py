@@ -18,6 +18,7 @@ reports a gap and stops: a new base backup is needed.
 The password reaches pg_receivewal / pg_basebackup through ``PGPASSWORD`` only.
 """
 
+import datetime
 import hashlib
 import io
 import os
@@ -50,6 +51,9 @@ _RESTORE_POINT_RE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+), prev [0-9A-F/]+, de
 _XACT_TIME_RE = re.compile(r"desc: (?:COMMIT|ABORT)(?:_PREPARED)? (?:\d+: )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
+_VALID_END_RE = re.compile(r"invalid record length at ([0-9A-Fa-f]+/[0-9A-Fa-f]+)")
+
+
 def scan_wal(waldump, directory, name):
     """What the restore needs to know of WAL file ``name``, read with pg_waldump; None when unknown.
 
@@ -71,9 +75,14 @@ def scan_wal(waldump, directory, name):
     text = done.stdout.decode("utf-8", "replace")
     times = _XACT_TIME_RE.findall(text)
     points = [{"name": point, "lsn": lsn} for lsn, point in _RESTORE_POINT_RE.findall(text)]
+    # Where the valid WAL ends: pg_waldump stops at the first record that is not there (its CRC
+    # covers the whole record, so everything before that position was received).
+    ends = _VALID_END_RE.findall(done.stderr.decode("utf-8", "replace"))
+    end = pgwal.parse_lsn(ends[-1]) if ends else None
     if not times:
-        return {"times": (None, None), "restore_points": points}
-    return {"times": (times[0].replace(" ", "T") + "Z", times[-1].replace(" ", "T") + "Z"), "restore_points": points}
+        return {"times": (None, None), "restore_points": points, "end_lsn": end}
+    return {"times": (times[0].replace(" ", "T") + "Z", times[-1].replace(" ", "T") + "Z"), "restore_points": points,
+            "end_lsn": end}
 
 
 def xact_times(waldump, directory, name):
@@ -325,6 +334,25 @@ class WalState:
         return max(parsed) if parsed else None
 
 
+def partial_reach(position, end):
+    """Manifest stats saying up to when a partial copy holds every commit (``reach_time``).
+
+    ``position`` is ``(server clock, WAL insert LSN)`` read from the server just before the spool
+    file was read, ``end`` the LSN the stored copy ends at. A commit record is inserted right
+    after its timestamp is taken, so every commit stamped before that clock reading lies before
+    that insert LSN (up to the microseconds between a backend taking its commit time and
+    inserting the record). When the copy reaches that LSN it holds every commit up to the clock
+    reading; when it does not (pg_receivewal had not received it yet, or the position is
+    unknown) ``reach_time`` is null and the restore planner uses the copy's last commit time
+    (``last_xact_time``) instead, never the time it was read from the spool."""
+    if position is None:
+        return {"reach_time": None, "reach_lsn": None}
+    clock, insert_lsn = position
+    stamp = clock.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"reach_time": stamp if end >= insert_lsn else None, "reach_lsn": pgwal.format_lsn(insert_lsn),
+            "server_clock": stamp}
+
+
 def _times_stats(scanned):
     """Manifest stats of ``scan_wal``'s answer: the times, the restore points, and whether they are known."""
     first, last = scanned["times"] if scanned is not None else (None, None)
@@ -512,6 +540,7 @@ class WalStreamer:
     def _store_partial(self, partial):
         name, (tli, segno, dummy) = partial
         read_at = time.monotonic()
+        position = self._server_position()  # before the read: what the copy must hold to reach that time
         try:
             data = self._read(os.path.join(self.spool_dir, name))
         except FileNotFoundError:
@@ -529,16 +558,33 @@ class WalStreamer:
             with open(os.path.join(scratch, base), "wb") as copy:
                 copy.write(data)
             times = self._xact_times(scratch, base)
-        manifest = self._store(base, data, dict(_times_stats(times), **{
-            "type": "partial", "timeline": tli, "segno": segno,
-            "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno, size))}))
-        self._last_partial_hash = digest
         # pg_receivewal fills a new segment file with zeros; records are 8-byte aligned.
-        self._stored_up_to(pgwal.segment_start_lsn(segno, size) + (len(data.rstrip(b"\0")) + 7) // 8 * 8)
+        end = pgwal.segment_start_lsn(segno, size) + (len(data.rstrip(b"\0")) + 7) // 8 * 8
+        if times is not None and times.get("end_lsn") is not None:
+            end = max(end, times["end_lsn"])  # a record may end in zero bytes the estimate leaves out
+        manifest = self._store(base, data, dict(_times_stats(times), **dict(partial_reach(position, end), **{
+            "type": "partial", "timeline": tli, "segno": segno, "end_lsn": pgwal.format_lsn(end),
+            "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno, size))})))
+        self._last_partial_hash = digest
+        self._stored_up_to(end)
         self.partial_read_at = read_at
         self.state.partials[base] = [manifest]
         self.result["partials_stored"] += 1
         self._delete(older)
+
+    def _server_position(self):
+        """``(server clock, WAL insert LSN)`` read just before a partial copy is read, or None when the
+        server cannot be asked (the copy's reach is then its last commit, see :func:`partial_reach`)."""
+        try:
+            with self.conn.connect(autocommit=True) as db:
+                row = db.execute("SELECT pg_catalog.clock_timestamp(), "
+                                 "pg_catalog.pg_current_wal_insert_lsn()::text").fetchone()
+        except Exception as exc:  # pylint: disable=broad-except  # a missing reach is conservative, never fatal
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self.log("could not read the server's WAL position before a partial copy (its reach is then its "
+                     "last commit): %s" % procutil.scrub(first, self.conn.secrets))
+            return None
+        return row[0], pgwal.parse_lsn(row[1])
 
     def _stored_up_to(self, lsn):
         if self.stored_end_lsn is None or lsn > self.stored_end_lsn:
