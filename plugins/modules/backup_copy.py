@@ -210,6 +210,13 @@ skipped:
   returned: always
   type: list
   elements: dict
+vanished:
+  description:
+    - Backups that left the source between the plan and their copy (a partial WAL copy the stream replaced by a newer
+      one, or a backup pruned meanwhile). Not an error; nothing of them is listed at the destination.
+  returned: always
+  type: list
+  elements: dict
 not_wanted:
   description: Ids of the backups not copied because O(destination_retention) would not keep them.
   returned: always
@@ -232,7 +239,7 @@ wal:
   description:
     - For a job of C(postgres_base) backups, one entry per WAL job they name, copied after them (check mode -
       what would be copied). C(changed) and a failure (O(fail_on_error)) of the module cover the WAL as well.
-    - C(planned), C(copied), C(failed) and C(skipped) list WAL files (backups of kind C(postgres_wal)) with the
+    - C(planned), C(copied), C(failed), C(skipped) and C(vanished) list WAL files (backups of kind C(postgres_wal)) with the
       fields of RV(planned) and RV(copied); C(in_sync) counts those the destination already held, C(not_wanted)
       those no base backup at the destination needs.
   returned: when the job holds C(postgres_base) backups
@@ -320,7 +327,7 @@ def main():
         outcome = copy_backups(source, destination, params["job"], backup=params["backup"],
                                recheck=params["recheck"], check_mode=module.check_mode, policy=policy,
                                min_keep=min_keep, reencrypt=reencrypt)
-    returned = ("changed", "copied", "planned", "failed", "skipped", "in_sync", "not_wanted", "bytes_copied",
+    returned = ("changed", "copied", "planned", "failed", "skipped", "vanished", "in_sync", "not_wanted", "bytes_copied",
                 "lag_seconds", "source", "destination", "reencrypt", "other_recipients")
     result = dict((key, outcome[key]) for key in returned)
     if "wal" in outcome:

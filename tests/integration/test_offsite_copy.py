@@ -398,3 +398,38 @@ def test_reencrypt_encrypts_an_unencrypted_backup(tmp_path):
     assert [obj["name"] for obj in copy["objects"]] == [obj["name"] + ".age" for obj in manifest["objects"]]
     assert copy["copied_from"]["reencrypted"]["source_encryption"] == {"mode": "none"}
     assert restore_tree(destination, manifest["id"], team_key[2], tmp_path, "restored") == snapshot(tree)
+
+
+def test_a_backup_that_leaves_the_source_during_the_copy(tmp_path, monkeypatch):
+    """Between the plan and the copy the stream replaces its partial WAL copy (or a prune runs):
+    the backup that left the source is reported as vanished, not failed, and nothing of it is
+    listed at the destination; one whose object alone is missing is a damaged source (failed)."""
+    primary = tmp_path / "primary"
+    source = open_storage({"backend": "filesystem", "path": str(primary)})
+    destination = open_storage({"backend": "filesystem", "path": str(tmp_path / "offsite")})
+    tree = str(tmp_path / "tree")
+    made = []
+    for step in range(3):
+        write(os.path.join(tree, "f%d.txt" % step), "data %d\n" % step * 500)
+        made.append(BackupRun(JOB, FilesSource({"path": tree}), source, encryption={"enabled": False}).run())
+        time.sleep(1.05)
+    kept, damaged, gone = (m["id"] for m in made)
+    planned = offsite.Copier.plan
+
+    def plan_then_change_the_source(self, *args, **kwargs):
+        result = planned(self, *args, **kwargs)
+        if self.job == JOB:
+            os.remove(str(primary / JOB / gone / mf.MANIFEST_NAME))  # unlisted first, as deletions go
+            shutil.rmtree(str(primary / JOB / gone))
+            payload = [obj for obj in made[1]["objects"] if obj.get("payload")][0]
+            os.remove(str(primary / JOB / damaged / payload["name"]))
+        return result
+
+    monkeypatch.setattr(offsite.Copier, "plan", plan_then_change_the_source)
+    outcome = offsite.copy_backups(source, destination, JOB)
+    assert [item["id"] for item in outcome["copied"]] == [kept]
+    assert [item["id"] for item in outcome["vanished"]] == [gone]
+    assert [item["id"] for item in outcome["failed"]] == [damaged]
+    assert "at the source" in outcome["failed"][0]["error"]
+    assert not outcome["ok"]  # the damaged one, not the vanished one
+    assert listed(destination) == [kept]

@@ -517,6 +517,10 @@ class Copier:
         self.destination_catalog.publish(copied_manifest(manifest, self.source.describe(), now))
         return copied, reused
 
+    def _listed_at_source(self, backup_id):
+        prefix = "%s/%s/" % (self.job, backup_id)
+        return any(info.key == prefix + mf.MANIFEST_NAME for info in self.source.list(prefix))
+
     def _remove_strays(self, backup_id, names):
         prefix = "%s/%s/" % (self.job, backup_id)
         for info in self.destination.list(prefix):
@@ -567,7 +571,7 @@ class Copier:
         outcome = {"job": self.job, "source": self.source.describe(),
                    "destination": self.destination.describe(), "check_mode": bool(check_mode),
                    "in_sync": plan["in_sync"], "planned": [_public(step) for step in steps],
-                   "copied": [], "failed": [], "skipped": [], "bytes_copied": 0, "bytes_reused": 0,
+                   "copied": [], "failed": [], "skipped": [], "vanished": [], "bytes_copied": 0, "bytes_reused": 0,
                    "not_wanted": sorted(plan["unwanted"]),
                    "reencrypt": ({"recipients": self.reencrypt["recipients"]} if self.reencrypt is not None
                                  else None),
@@ -598,6 +602,18 @@ class Copier:
                     present.discard(step["id"])
                     outcome["failed"].append(dict(_public(step), error=str(exc)))
                     self.log("backup %s not copied: %s" % (step["id"], exc))
+                    continue
+                except NotFoundError as exc:
+                    present.discard(step["id"])
+                    if self._listed_at_source(step["id"]):  # listed, yet an object is missing: damaged
+                        outcome["failed"].append(dict(_public(step), error="at the source: %s" % exc))
+                        self.log("backup %s not copied: at the source: %s" % (step["id"], exc))
+                        continue
+                    # Unlisted at the source since the plan: a partial WAL copy the stream
+                    # replaced by a newer one, or a backup pruned meanwhile. Nothing of it is
+                    # listed at the destination; the next run copies what replaced it.
+                    outcome["vanished"].append(dict(_public(step), error=str(exc)))
+                    self.log("backup %s not copied: it left the source while the copy ran (%s)" % (step["id"], exc))
                     continue
                 done.add(step["id"])
                 present.add(step["id"])
@@ -632,7 +648,7 @@ class Copier:
             copier = Copier(self.source, self.destination, wal_job, recheck=self.recheck, log=self.log,
                             reencrypt=self.reencrypt, wal_needs=needs)
             result = copier.run("all", check_mode, now)
-            entry = {key: result[key] for key in ("job", "planned", "copied", "failed", "skipped", "bytes_copied",
+            entry = {key: result[key] for key in ("job", "planned", "copied", "failed", "skipped", "vanished", "bytes_copied",
                                                   "bytes_reused", "lag_seconds", "changed", "ok")}
             entry["in_sync"] = len(result["in_sync"])
             entry["not_wanted"] = len(result["not_wanted"])
