@@ -10,6 +10,7 @@ the pods (schedules, arguments, which credentials, the job files the engine acce
 import os
 import subprocess
 
+import pyrage
 import pytest
 import yaml
 from kubernetes_validate import validate as validate_manifest
@@ -27,6 +28,11 @@ S3_COPY = {"schedule": "30 4 * * *",
            "credentials_secret": "offsite-s3"}
 FS_COPY = {"schedule": "45 4 * * *", "destination": {"backend": "filesystem", "path": "/mnt/offsite"},
            "claim": "offsite-archive"}
+# A copy re-encrypted to another team's key: this job's drill key cannot open it, so it gets no
+# offsite drill. The recipient is a fresh age public key (nothing is encrypted here).
+REENCRYPTED_COPY = dict(S3_COPY, reencrypt={
+    "recipients": [str(pyrage.x25519.Identity.generate().to_public())],
+    "identity_secret": {"name": "redis-cache-age", "key": "identity"}})
 PITR_IMAGE = "registry.example/backup-runner-pg15:0.1.0"
 DIGEST = "sha256:" + "cd" * 32
 
@@ -52,7 +58,8 @@ def _play(tmp_path, drill_vars=None, pitr=True, args=()):
     playbook.write_text(yaml.safe_dump([{
         "name": "Recovery drills", "hosts": "localhost", "connection": "local", "gather_facts": False,
         "vars": {"job_namespace": NAMESPACE, "job_render_dir": str(out),
-                 "job_copy_by_job": {"redis-backup": S3_COPY, "uploads": FS_COPY}},
+                 "job_copy_by_job": {"redis-backup": S3_COPY, "uploads": FS_COPY,
+                                     "redis-cache": REENCRYPTED_COPY}},
         "tasks": tasks}]))
     process = subprocess.run(["ansible-playbook", str(playbook), *args], capture_output=True, text=True,
                              env=dict(os.environ, ANSIBLE_NOCOLOR="1"), timeout=600, check=False)
@@ -82,6 +89,8 @@ def rendered(tmp_path_factory):
 
 
 def test_one_offsite_drill_per_job_with_a_copy_monthly(rendered):
+    # redis-cache has a copy too, re-encrypted to other recipients: no offsite drill for it.
+    assert ("CronJob", NAMESPACE, "redis-cache-copy") in rendered["manifests"]
     manifests = rendered["manifests"]
     drills = sorted(name for (kind, _ns, name) in manifests if kind == "CronJob" and "-drill" in name)
     assert drills == ["enrolment-db-drill", "redis-backup-drill", "redis-backup-drill-offsite", "redis-cache-drill",
