@@ -57,3 +57,18 @@ def test_a_complete_newest_segment_reaches_its_last_commit():
     segment = {"id": "s", "finished_at": "2026-12-05T00:00:09Z",
                "stats": {"type": "segment", "last_xact_time": LAST_COMMIT}}
     assert _horizon({3: segment}, {3: _partial(partial_reach((CLOCK, INSERT), INSERT))}, 3) == LAST_COMMIT
+
+
+def test_under_a_steady_load_an_earlier_reading_the_copy_reaches_gives_the_reach():
+    # The newest insert LSN is ahead of the copy (pg_receivewal is always a little behind under
+    # load), but the reading taken before the previous copy lies inside it: every commit stamped
+    # before that earlier clock is stored.
+    earlier = [(CLOCK - datetime.timedelta(seconds=20), INSERT - 4096), (CLOCK - datetime.timedelta(seconds=10), INSERT - 8)]
+    stats = partial_reach((CLOCK, INSERT), INSERT - 8, earlier)
+    assert stats["reach_time"] == (CLOCK - datetime.timedelta(seconds=10)).astimezone(
+        datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    assert stats["reach_lsn"] == pgwal.format_lsn(INSERT - 8)
+    # None of the readings reached: no reach, as before.
+    assert partial_reach((CLOCK, INSERT), INSERT - 4104, earlier[1:])["reach_time"] is None
+    # The newest reading reached: it wins over every earlier one.
+    assert partial_reach((CLOCK, INSERT), INSERT, earlier)["reach_time"] == partial_reach((CLOCK, INSERT), INSERT)["reach_time"]

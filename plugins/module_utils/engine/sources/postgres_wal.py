@@ -18,6 +18,7 @@ reports a gap and stops: a new base backup is needed.
 The password reaches pg_receivewal / pg_basebackup through ``PGPASSWORD`` only.
 """
 
+import collections
 import datetime
 import hashlib
 import io
@@ -334,7 +335,7 @@ class WalState:
         return max(parsed) if parsed else None
 
 
-def partial_reach(position, end):
+def partial_reach(position, end, earlier=()):
     """Manifest stats saying up to when a partial copy holds every commit (``reach_time``).
 
     ``position`` is ``(server clock, WAL insert LSN)`` read from the server just before the spool
@@ -344,13 +345,25 @@ def partial_reach(position, end):
     inserting the record). When the copy reaches that LSN it holds every commit up to the clock
     reading; when it does not (pg_receivewal had not received it yet, or the position is
     unknown) ``reach_time`` is null and the restore planner uses the copy's last commit time
-    (``last_xact_time``) instead, never the time it was read from the spool."""
-    if position is None:
+    (``last_xact_time``) instead, never the time it was read from the spool.
+
+    ``earlier``: readings taken before earlier copies (oldest first). Under a steady write load
+    the insert LSN is always ahead of what pg_receivewal has received, so the newest reading is
+    rarely reached; the newest earlier reading the copy does reach is just as true (every commit
+    stamped before it lies before its LSN), and keeps the recovery window moving.
+    """
+    def stamp(clock):
+        return clock.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+    reached = [reading for reading in list(earlier) + [position] if reading is not None and end >= reading[1]]
+    chosen = max(reached, key=lambda reading: reading[0]) if reached else None
+    if position is None and chosen is None:
         return {"reach_time": None, "reach_lsn": None}
-    clock, insert_lsn = position
-    stamp = clock.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"reach_time": stamp if end >= insert_lsn else None, "reach_lsn": pgwal.format_lsn(insert_lsn),
-            "server_clock": stamp}
+    stats = {"reach_time": stamp(chosen[0]) if chosen else None,
+             "reach_lsn": pgwal.format_lsn((chosen or position)[1])}
+    if position is not None:
+        stats["server_clock"] = stamp(position[0])
+    return stats
 
 
 def _times_stats(scanned):
@@ -390,6 +403,8 @@ class WalStreamer:
         # pg_receivewal had written into the spool before then.
         self.partial_read_at = None
         self._last_partial_hash = None
+        # (server clock, insert LSN) read before recent partial copies: see partial_reach.
+        self._positions = collections.deque(maxlen=64)
         self._waldump = None
         self._last_segno = None  # (timeline, segno) of the newest complete segment stored
         self._read_at = None
@@ -541,6 +556,9 @@ class WalStreamer:
         name, (tli, segno, dummy) = partial
         read_at = time.monotonic()
         position = self._server_position()  # before the read: what the copy must hold to reach that time
+        earlier = list(self._positions)
+        if position is not None:
+            self._positions.append(position)
         try:
             data = self._read(os.path.join(self.spool_dir, name))
         except FileNotFoundError:
@@ -562,7 +580,7 @@ class WalStreamer:
         end = pgwal.segment_start_lsn(segno, size) + (len(data.rstrip(b"\0")) + 7) // 8 * 8
         if times is not None and times.get("end_lsn") is not None:
             end = max(end, times["end_lsn"])  # a record may end in zero bytes the estimate leaves out
-        manifest = self._store(base, data, dict(_times_stats(times), **dict(partial_reach(position, end), **{
+        manifest = self._store(base, data, dict(_times_stats(times), **dict(partial_reach(position, end, earlier), **{
             "type": "partial", "timeline": tli, "segno": segno, "end_lsn": pgwal.format_lsn(end),
             "start_lsn": pgwal.format_lsn(pgwal.segment_start_lsn(segno, size))})))
         self._last_partial_hash = digest
