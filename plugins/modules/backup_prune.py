@@ -33,8 +33,8 @@ description:
     backup needs it - on that backup's timeline from its C(wal_start) on, every later timeline, and every
     timeline history file; older WAL goes after the base backups, oldest first, and only while at least one
     complete base backup is kept. WAL deletions do not count against O(max_delete). With O(require_copy)
-    a WAL file goes only when the same location holds its copy (the WAL job is copied by a
-    M(biometrics.backup.backup_copy) run of its own naming the WAL job); WAL not copied stays."
+    a WAL file goes only when the same location holds its copy (a M(biometrics.backup.backup_copy) run of the
+    base backup job copies its WAL job too); WAL not copied stays."
   - A policy pointed at a WAL job itself (backups of kind C(postgres_wal)) is refused.
 extends_documentation_fragment:
   - biometrics.backup.storage

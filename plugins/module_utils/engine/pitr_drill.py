@@ -3,8 +3,8 @@
 ``runner drill`` on a job of kind ``postgres_base`` (the weekly drill of a PITR job):
 
 1. the recovery window: from the completion of the oldest stored base backup to the end of
-   the stored WAL (as the restore's plan of ``latest`` reckons it: when the newest partial
-   copy was read). An empty window (no base backup, no WAL stored after it) fails the drill;
+   the stored WAL (as the restore's plan of ``latest`` reckons it: the newest partial copy's
+   ``reach_time``, else its last commit). An empty window (no base backup, no WAL stored after it) fails the drill;
 2. a target inside the window, drawn from a seed (``--seed``, else a fresh random one); the
    log and the result give the window, the seed and the target, and ``--point-in-time``
    repeats a drill at exactly that target;
