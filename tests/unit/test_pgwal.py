@@ -163,9 +163,9 @@ def test_xact_times_unknown_without_waldump(tmp_path):
 
 def test_base_backup_completion_time():
     precise = {"finished_at": "2026-01-01T10:00:00Z", "stats": {"completed_at": "2026-01-01T10:00:00.700000Z"}}
-    assert pitr._completed(precise) == parse_iso("2026-01-01T10:00:00.7Z")
+    assert pitr.base_completed_at(precise) == parse_iso("2026-01-01T10:00:00.7Z")
     # Without the precise time, the whole-second manifest time is rounded up, never down.
-    assert pitr._completed({"finished_at": "2026-01-01T10:00:00Z", "stats": {}}) == parse_iso("2026-01-01T10:00:01Z")
+    assert pitr.base_completed_at({"finished_at": "2026-01-01T10:00:00Z", "stats": {}}) == parse_iso("2026-01-01T10:00:01Z")
 
 
 def test_stored_wal_horizon_is_the_partial_copys_read_time():

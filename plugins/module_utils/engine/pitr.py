@@ -112,7 +112,7 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=N
     if not bases:
         raise NotFoundError("job %s has no %s backup" % (job, BASE_KIND))
     if target is not None:
-        usable = [m for m in bases if _completed(m) <= target]
+        usable = [m for m in bases if base_completed_at(m) <= target]
         if not usable:
             raise NotFoundError("job %s has no base backup finished at or before %s (the oldest finished at %s)"
                                 % (job, to_iso_precise(target), bases[-1]["finished_at"]))
@@ -277,7 +277,7 @@ def _horizon(segments, partials, newest):
     return (segments[newest].get("stats") or {}).get("last_xact_time")
 
 
-def _completed(base):
+def base_completed_at(base):
     """When a base backup was complete: ``stats.completed_at``, else its manifest time + 1 s (whole seconds)."""
     precise = (base.get("stats") or {}).get("completed_at")
     if precise:

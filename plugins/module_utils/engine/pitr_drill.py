@@ -49,14 +49,6 @@ IMAGE_HINT = ("a point-in-time drill runs a private PostgreSQL: it needs the Pos
               "(docs/postgres-pitr.md, Drill)")
 
 
-def _completed(base):
-    """When a base backup was complete (``stats.completed_at``, else its whole-second time + 1 s)."""
-    precise = (base.get("stats") or {}).get("completed_at")
-    if precise:
-        return parse_iso(precise)
-    return parse_iso(base["finished_at"]) + datetime.timedelta(seconds=1)
-
-
 def recovery_window(storage, job, wal_job=None):
     """``{oldest, newest, wal_job}``: the times a point-in-time restore of ``job`` can reach.
 
@@ -66,7 +58,7 @@ def recovery_window(storage, job, wal_job=None):
     bases = [m for m in Catalog(storage).scan(job, with_orphans=False) if m.get("kind") == BASE_KIND]
     if not bases:
         raise NotFoundError("job %s has no %s backup: there is nothing to drill" % (job, BASE_KIND))
-    oldest = min(_completed(m) for m in bases)
+    oldest = min(pitr.base_completed_at(m) for m in bases)
     plan = pitr.plan_restore(storage, job, pitr.LATEST, wal_job)
     if not plan.stored_until:
         raise NotFoundError("the end of the WAL stored in job %s is not known (its newest segment has neither a "

@@ -87,7 +87,6 @@ def _window_start(storage, job, state):
     """When the oldest base backup whose WAL is still stored (not pruned) was complete, or None."""
     from .catalog import Catalog
     from .sources.postgres_wal import BASE_KIND
-    from .timeutil import parse_iso
     stored = list(state.segments) + list(state.partials)
     if not stored:
         return None
@@ -97,7 +96,7 @@ def _window_start(storage, job, state):
         stats = base.get("stats") or {}
         if base.get("kind") != BASE_KIND or not stats.get("wal_start") or stats["wal_start"] < first:
             continue
-        done = parse_iso(stats["completed_at"]) if stats.get("completed_at") else parse_iso(base["finished_at"])
+        done = pitr.base_completed_at(base)
         oldest = done if oldest is None else min(oldest, done)
     return oldest
 
