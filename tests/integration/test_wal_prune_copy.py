@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import yaml
@@ -58,7 +59,9 @@ def _archive(storage, job):
 def _bases(storage, job, starts=(2, 5, 8)):
     wal_job = "%s-wal" % job
     bases = []
-    for segno in starts:
+    for index, segno in enumerate(starts):
+        if index:
+            time.sleep(1.05)  # whole-second backup times: otherwise which base backup is oldest is a draw
         name = pgwal.segment_name(1, segno)
         bases.append(BackupRun(job, _StandIn("postgres_base", "base.tar", {
             "timeline": 1, "wal_job": wal_job, "wal_start": name, "wal_end": name, "segment_size": 16 << 20,
