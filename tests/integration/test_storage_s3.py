@@ -280,9 +280,20 @@ def test_a_killed_upload_is_invisible_and_can_be_swept(s3_server, options):
     assert len(pending) == 1 and pending[0][0].startswith("killed/") and pending[0][0].endswith("/data.tar")
     catalog = Catalog(storage)
     assert [m["id"] for m in catalog.scan("killed")] == [good["id"]]
+
     # What backup_info reports: the killed run's parts, counted on the server.
-    server_parts = s3_server.client().list_parts(Bucket=s3_server.bucket, Key=options["prefix"] + "/" + pending[0].key,
-                                                 UploadId=pending[0].upload_id)["Parts"]
+    def parts_on_the_server():
+        return s3_server.client().list_parts(Bucket=s3_server.bucket, Key=options["prefix"] + "/" + pending[0].key,
+                                             UploadId=pending[0].upload_id)["Parts"]
+
+    # A part whose request was on the wire at the kill can still land: wait until the count settles.
+    server_parts, settle_by = parts_on_the_server(), time.monotonic() + 10
+    while time.monotonic() < settle_by:
+        time.sleep(0.5)
+        again = parts_on_the_server()
+        if len(again) == len(server_parts):
+            break
+        server_parts = again
     [reported] = catalog.incomplete_uploads("killed")
     assert reported["key"] == pending[0].key and reported["upload_id"] == pending[0].upload_id
     assert reported["parts"] == len(server_parts) >= 1
