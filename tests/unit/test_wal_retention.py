@@ -4,10 +4,13 @@
 with the rails (dry run, min_keep, require_copy); a policy on the WAL job itself is refused.
 Manifests are real ones in a filesystem storage (real PostgreSQL: tests/integration/test_postgres_pitr.py)."""
 
+import datetime
 import io
+import itertools
 
 import pytest
 
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import backup as backup_module
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import pgwal
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
@@ -19,6 +22,16 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.l
 JOB = "db"
 WAL_JOB = "db-wal"
 POLICY = {"keep_last": 2, "semantics": "restic"}
+
+
+@pytest.fixture(autouse=True)
+def _a_second_between_backups(monkeypatch):
+    """Backups made here follow each other within milliseconds; ids order by start time to
+    1/256 s and then by chance, so a "keep the newest" test could keep the older one (a CI
+    run did). Each backup starts one second after the previous one instead."""
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    ticks = itertools.count()
+    monkeypatch.setattr(backup_module, "utc_now", lambda: start + datetime.timedelta(seconds=next(ticks)))
 
 
 class _Fake(Source):
