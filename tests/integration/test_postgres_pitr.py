@@ -601,3 +601,30 @@ def test_backup_restore_module_point_in_time(pg, tmp_path, scratch):
 def _databases(server):
     with server.connect() as conn:
         return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+
+
+def test_server_position_reads_reuse_one_connection_and_a_lasting_failure_is_logged_once(pg, tmp_path):
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+    streamer = _streamer(pg, storage, tmp_path / "spool")
+    first = streamer._server_position()
+    connection = streamer._position_db
+    _insert(pg, 1)
+    second = streamer._server_position()
+    assert first is not None and second is not None
+    assert streamer._position_db is connection  # no new connection per partial copy
+    assert second[0] > first[0] and second[1] > first[1]
+    # The connection dies (server restart, failover): the next reading reconnects.
+    with pg.connect() as conn:
+        pid = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    logged = []
+    streamer.log = logged.append
+    assert streamer._server_position() is None and len(logged) == 1
+    assert streamer._server_position() is not None and streamer._position_db is not connection
+
+    # A server that cannot be reached at all: conservative (None) every time, said once.
+    unreachable = WalStreamer(PgConnection(_options(pg, port=1), "source"), storage, WAL_JOB, str(tmp_path / "spool2"),
+                              slot="pitr_slot", partial_interval=0.5, log=logged.append)
+    del logged[:]
+    assert [unreachable._server_position() for dummy in range(3)] == [None] * 3
+    assert len(logged) == 1 and "could not read the server's WAL position" in logged[0]

@@ -405,6 +405,10 @@ class WalStreamer:
         self._last_partial_hash = None
         # (server clock, insert LSN) read before recent partial copies: see partial_reach.
         self._positions = collections.deque(maxlen=64)
+        # One connection for those readings, kept between partial copies; the reason the
+        # last reading failed, so that a lasting failure is logged once, not every copy.
+        self._position_db = None
+        self._position_problem = None
         self._waldump = None
         self._last_segno = None  # (timeline, segno) of the newest complete segment stored
         self._read_at = None
@@ -592,17 +596,41 @@ class WalStreamer:
 
     def _server_position(self):
         """``(server clock, WAL insert LSN)`` read just before a partial copy is read, or None when the
-        server cannot be asked (the copy's reach is then its last commit, see :func:`partial_reach`)."""
+        server cannot be asked (the copy's reach is then its last commit, see :func:`partial_reach`).
+
+        A standby gives None too: its clock says nothing about commits on the primary that have not
+        reached it yet, so only the copy's own last commit is a safe reach.
+        """
         try:
-            with self.conn.connect(autocommit=True) as db:
-                row = db.execute("SELECT pg_catalog.clock_timestamp(), "
-                                 "pg_catalog.pg_current_wal_insert_lsn()::text").fetchone()
+            if self._position_db is None:
+                self._position_db = self.conn.connect(autocommit=True)
+            row = self._position_db.execute(
+                "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.clock_timestamp(), "
+                "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
+                "ELSE pg_catalog.pg_current_wal_insert_lsn()::text END").fetchone()
         except Exception as exc:  # pylint: disable=broad-except  # a missing reach is conservative, never fatal
+            self._close_position_db()
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            self.log("could not read the server's WAL position before a partial copy (its reach is then its "
-                     "last commit): %s" % procutil.scrub(first, self.conn.secrets))
-            return None
-        return row[0], pgwal.parse_lsn(row[1])
+            return self._no_position("could not read the server's WAL position before a partial copy (its reach "
+                                     "is then its last commit): %s" % procutil.scrub(first, self.conn.secrets))
+        if row[0]:
+            return self._no_position("the server is a standby: the reach of a partial WAL copy is its last commit")
+        self._position_problem = None
+        return row[1], pgwal.parse_lsn(row[2])
+
+    def _no_position(self, problem):
+        if problem != self._position_problem:
+            self.log(problem)
+            self._position_problem = problem
+        return None
+
+    def _close_position_db(self):
+        db, self._position_db = self._position_db, None
+        if db is not None:
+            try:
+                db.close()
+            except Exception:  # pylint: disable=broad-except  # closing a broken connection may fail too
+                pass
 
     def _stored_up_to(self, lsn):
         if self.stored_end_lsn is None or lsn > self.stored_end_lsn:
@@ -659,13 +687,19 @@ class WalStreamer:
                     proc.wait(timeout=30)
                     continue
                 time.sleep(poll)
+        except BaseException:
+            self._close_position_db()
+            raise
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             tail.join()
         returncode = proc.returncode
-        self.sweep(final=True)
+        try:
+            self.sweep(final=True)
+        finally:
+            self._close_position_db()
         self.result["duration_seconds"] = round(time.monotonic() - started, 3)
         if returncode != 0 and not stopped_by_us:
             raise SourceError(procutil.scrub("pg_receivewal stopped (exit %s): %s" % (returncode, tail.text()),
