@@ -9,10 +9,26 @@
 
 Any failure before the swap drops ``<new>``; a failure inside the swap renames everything
 back. The live database is never written to; it only changes name in step 4.
+
+With ``jobs`` above 1, step 2 becomes two: the verified stream is first written to a private
+spool file under ``scratch_dir`` (mode 0600; its size and SHA-256 are checked at its end,
+before ``CREATE DATABASE``), then ``pg_restore --jobs N`` reads that file, which it needs to
+be seekable. The spool is removed afterwards in every case; a scratch file system with less
+free space than the dump's recorded size plus a margin is refused before anything is
+created. See docs/performance.md for when this pays.
+
+One pass: the dump is declared to the engine (:meth:`PostgresTarget.one_pass_payloads`):
+its stream is read to its end and finished (size and SHA-256 checked) before the row counts
+and the swap, and the new database is dropped on any failure, so the live one is never
+touched by a bad backup. ``globals.sql`` is applied to the server in place and is verified
+in full by the engine first.
 """
 
 import contextlib
+import io
+import os
 import re
+import tempfile
 import time
 
 from ..errors import ConfigError, IntegrityError, SourceError
@@ -55,6 +71,70 @@ def _id_suffix(backup_id):
     return re.sub(r"[^a-z0-9]+", "_", backup_id.lower())
 
 
+# -- parallel restore ------------------------------------------------------------------
+
+AUTO_JOBS_MAX = 4
+MAX_JOBS = 64
+# Free space the spool leaves on the scratch file system beyond the dump itself.
+SPOOL_MARGIN_BYTES = 64 << 20
+SPOOL_MARGIN_FRACTION = 0.02
+SPOOL_PREFIX = ".biometrics-pg-restore-"
+
+
+def usable_cores():
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 ``cpu.max`` quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def parse_jobs(value):
+    """``jobs`` as an int: an integer 1..64, or ``auto`` (min(usable cores, 4))."""
+    if value is None:
+        return 1
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return min(usable_cores(), AUTO_JOBS_MAX)
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    else:
+        number = None
+    if number is None or not 1 <= number <= MAX_JOBS:
+        raise ConfigError("target.jobs must be an integer from 1 to %d or 'auto', got %r" % (MAX_JOBS, value))
+    return number
+
+
+def scratch_free_bytes(path):
+    """Bytes an unprivileged writer may still put on the file system of ``path`` (statvfs)."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def spool_needed_bytes(raw_bytes):
+    """Free space the spool of a ``raw_bytes`` dump asks for: the dump plus a margin."""
+    return raw_bytes + max(SPOOL_MARGIN_BYTES, int(raw_bytes * SPOOL_MARGIN_FRACTION))
+
+
+def _human(count):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return "%.1f %s" % (count, unit) if unit != "B" else "%d B" % count
+        count /= 1024.0
+    return "%d B" % count
+
+
 class PostgresTarget(Target):
     kind = "postgres"
     plans_in_check_mode = True
@@ -69,6 +149,10 @@ class PostgresTarget(Target):
         "restore_globals": Field("bool", "also replay globals.sql (roles, tablespaces; default false)"),
         "swap_timeout": Field("number", "seconds to wait for the live database's sessions to end (default 30)",
                               exclusive_minimum=0, maximum=86400),
+        "jobs": Field("any", "pg_restore --jobs: an integer 1-64, or auto (usable cores, at most 4); above 1 the "
+                             "verified dump is spooled to scratch_dir first (default 1)"),
+        "scratch_dir": Field("path", "directory for the spooled dump when jobs > 1 (default: the system temp dir); "
+                                     "needs the dump's size plus a margin free"),
     })
 
     def __init__(self, options):
@@ -85,6 +169,8 @@ class PostgresTarget(Target):
         self.no_privileges = options.get("no_privileges", False)
         self.restore_globals = options.get("restore_globals", False)
         self.swap_timeout = float(options.get("swap_timeout", 30))
+        self.jobs = parse_jobs(options.get("jobs"))
+        self.scratch_dir = options.get("scratch_dir")
         self._stamp = None
         self._created = set()   # databases this object created (the only ones it may drop on failure)
         if self.restore_database is not None:
@@ -106,7 +192,7 @@ class PostgresTarget(Target):
 
     def describe(self):
         return dict(self.conn.describe(), restore_database=self.restore_database, swap=self.swap,
-                    drop_old=self.drop_old)
+                    drop_old=self.drop_old, jobs=self.jobs)
 
     # -- helpers -----------------------------------------------------------------------
     def _admin(self):
@@ -126,6 +212,38 @@ class PostgresTarget(Target):
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
     # -- contract ----------------------------------------------------------------------
+    def one_pass_payloads(self, manifest, chain):
+        """The dump is read, finished (checked) and only then counted and swapped; the new
+        database it goes into is dropped on any failure. globals.sql is applied in place to
+        the server, so the engine verifies it in full first."""
+        return {(manifest["id"], DUMP_PAYLOAD)}
+
+    def _spool_dir(self):
+        return self.scratch_dir or tempfile.gettempdir()
+
+    def check_scratch(self, manifest):
+        """With jobs > 1: the spool's size from the manifest; ConfigError when it cannot fit."""
+        if self.jobs <= 1:
+            return 0
+        raw = [obj.get("raw_bytes") for obj in manifest.get("objects", []) if obj.get("payload") == DUMP_PAYLOAD]
+        if not raw or not isinstance(raw[0], int):
+            raise ConfigError("postgres target: backup %s does not record the size of its %s, so a spool for "
+                              "jobs: %d cannot be bounded; restore it with jobs: 1"
+                              % (manifest["id"], DUMP_PAYLOAD, self.jobs))
+        where = self._spool_dir()
+        if not os.path.isdir(where):
+            raise ConfigError("postgres target: scratch_dir %s is not a directory" % where)
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise ConfigError("postgres target: scratch_dir %s is not writable" % where)
+        needed = spool_needed_bytes(raw[0])
+        free = scratch_free_bytes(where)
+        if free < needed:
+            raise ConfigError("postgres target: jobs: %d spools the %s dump of backup %s to %s, which has %s free; "
+                              "it needs %s (the dump plus a margin). Give a larger scratch_dir or restore with "
+                              "jobs: 1 (no spool)" % (self.jobs, _human(raw[0]), manifest["id"], where, _human(free),
+                                                      _human(needed)))
+        return raw[0]
+
     def preflight(self, manifest):
         require_psycopg("PostgreSQL restores")
         if manifest.get("kind") != self.kind:
@@ -141,6 +259,7 @@ class PostgresTarget(Target):
                               "(install a newer pg_restore or set bin_dir)" % (dumped_with, restore_major))
         if self.restore_globals:
             self.conn.tool("psql")
+        self.check_scratch(manifest)
         target, new = self.names(manifest)
         with self._admin() as admin:
             if self._exists(admin, new):
@@ -157,19 +276,35 @@ class PostgresTarget(Target):
             return self.plan(manifest)
         target, new = self.names(manifest)
         started = time.monotonic()
-        with self._admin() as admin:
-            target_exists = self._exists(admin, target)
-            try:
-                admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(new)))
-            except Exception as exc:  # pylint: disable=broad-except  # psycopg errors, reported plainly
-                raise self._error("cannot create database %s" % new, exc) from None
-            self._created.add(new)
+        self.check_scratch(manifest)
+        spool = None
         report = {"changed": True, "database": new, "target_database": target, "restored_into": new,
-                  "swapped": False, "kept_database": None, "dropped_old": False}
+                  "swapped": False, "kept_database": None, "dropped_old": False, "jobs": self.jobs,
+                  "scratch_bytes": 0}
+        try:
+            if self.jobs > 1:
+                # The whole dump, checked at its end, before anything is created.
+                spool, report["scratch_bytes"], report["spool_seconds"] = self._spool(context)
+            with self._admin() as admin:
+                target_exists = self._exists(admin, target)
+                try:
+                    admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(new)))
+                except Exception as exc:  # pylint: disable=broad-except  # psycopg errors, reported plainly
+                    raise self._error("cannot create database %s" % new, exc) from None
+                self._created.add(new)
+        except BaseException:
+            _remove_quietly(spool)
+            raise
         try:
             if self.restore_globals:
                 report["globals_messages"] = self._restore_globals(context)
-            report["restore_bytes"] = self._pg_restore(context, new)
+            if spool is not None:
+                began = time.monotonic()
+                self._pg_restore_file(spool, new)
+                report["pg_restore_seconds"] = round(time.monotonic() - began, 3)
+                report["restore_bytes"] = report["scratch_bytes"]
+            else:
+                report["restore_bytes"] = self._pg_restore(context, new)
             actual = self._count(new)
             report["checks"] = compare_tables((manifest.get("stats") or {}).get("tables"), actual)
             report["tables"] = len(actual)
@@ -183,6 +318,8 @@ class PostgresTarget(Target):
         except BaseException:
             self._drop_quietly(new)
             raise
+        finally:
+            _remove_quietly(spool)
         if self.swap:
             try:
                 report["kept_database"] = self._swap(target, new, target_exists)
@@ -205,7 +342,8 @@ class PostgresTarget(Target):
             target_exists = self._exists(admin, target)
         plan = {"changed": True, "check_mode": True, "would_create": new, "target_database": target,
                 "would_restore": [DUMP_PAYLOAD] + ([GLOBALS_PAYLOAD] if self.restore_globals else []),
-                "would_rename": [], "would_drop": [], "checks": []}
+                "would_rename": [], "would_drop": [], "checks": [], "jobs": self.jobs,
+                "scratch_bytes": self.check_scratch(manifest)}
         if self.swap:
             if target_exists:
                 kept = self._kept_name(target)
@@ -217,19 +355,61 @@ class PostgresTarget(Target):
         return plan
 
     # -- steps -------------------------------------------------------------------------
-    def _pg_restore(self, context, new):
+    def _pg_restore_argv(self, new):
         argv = [self.conn.tool("pg_restore"), "--no-password", "--exit-on-error", "--dbname=%s" % new]
         if self.no_owner:
             argv.append("--no-owner")
         if self.no_privileges:
             argv.append("--no-privileges")
+        return argv
+
+    def _pg_restore(self, context, new):
         stream = context.open_payload(context.manifest, DUMP_PAYLOAD)
         try:
-            procutil.feed_tool(argv, stream, env=self.conn.tool_env(new), what="pg_restore",
+            procutil.feed_tool(self._pg_restore_argv(new), stream, env=self.conn.tool_env(new), what="pg_restore",
                                secrets=self.conn.secrets)
             return stream.finish()["plain_bytes"]
         finally:
             stream.close()
+
+    def _spool(self, context):
+        """The dump stream, read to its end and finished (size and SHA-256 checked), in a new
+        0600 file under the scratch dir: ``(path, bytes, seconds)``. The file is removed when
+        anything fails here; afterwards the caller removes it."""
+        began = time.monotonic()
+        where = self._spool_dir()
+        try:
+            handle, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".dump", dir=where)
+        except OSError as exc:
+            raise SourceError("postgres target: cannot create a spool file in %s: %s"
+                              % (where, exc.strerror or exc)) from None
+        written = 0
+        try:
+            with os.fdopen(handle, "wb") as spool:
+                stream = context.open_payload(context.manifest, DUMP_PAYLOAD)
+                try:
+                    while True:
+                        data = stream.read(procutil.CHUNK)
+                        if not data:
+                            break
+                        try:
+                            spool.write(data)
+                        except OSError as exc:
+                            raise SourceError("postgres target: cannot write the spooled dump to %s after %s: %s"
+                                              % (where, _human(written), exc.strerror or exc)) from None
+                        written += len(data)
+                    stream.finish()
+                finally:
+                    stream.close()
+        except BaseException:
+            _remove_quietly(path)
+            raise
+        return path, written, round(time.monotonic() - began, 3)
+
+    def _pg_restore_file(self, path, new):
+        argv = self._pg_restore_argv(new) + ["--jobs=%d" % self.jobs, path]
+        procutil.feed_tool(argv, io.BytesIO(b""), env=self.conn.tool_env(new), what="pg_restore",
+                           secrets=self.conn.secrets)
 
     def _restore_globals(self, context):
         """Roles and tablespaces into the server; "already exists" errors are expected and reported."""
@@ -375,6 +555,16 @@ class PostgresTarget(Target):
             yield target
         finally:
             target._drop_quietly(options["restore_database"])  # pylint: disable=protected-access
+
+
+def _remove_quietly(path):
+    """Remove the spool file ``path`` (None: nothing); a failure here must not hide the first one."""
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def compare_tables(expected, actual):

@@ -1,0 +1,200 @@
+# Copyright: contributors to biometrics.backup
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Parallel restore of the postgres target (``jobs`` > 1) against a real PostgreSQL 15.
+
+With ``jobs: 2`` the verified dump is spooled to a private file under ``scratch_dir`` and
+``pg_restore --jobs 2`` reads it. Proven here: the restored database equals the live one
+(row counts and per-table content checksums); the spool is 0600 while it exists and is gone
+after a success, a damaged dump, a failing ``pg_restore`` and a refused start; a scratch file
+system without room for the dump is refused before any database is created.
+"""
+
+import os
+import stat
+import uuid
+
+import pytest
+
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
+    ConfigError, IntegrityError, SourceError)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import DUMP_PAYLOAD
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets import postgres as pg_target
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
+
+from .test_postgres_kind import JOB, backup, databases, fill, source_options, tables_state, target_options
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+
+
+@pytest.fixture
+def filled(postgres_server, postgres_database):
+    fill(postgres_server, postgres_database.name, rows=3000)
+    return postgres_database
+
+
+@pytest.fixture
+def cleanup_databases(postgres_server):
+    before = databases(postgres_server)
+    yield
+    for name in databases(postgres_server) - before:
+        postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    path = tmp_path / "scratch"
+    path.mkdir()
+    return path
+
+
+class SpoolWatchingTarget(PostgresTarget):
+    """The real target; records the spool file's name and mode just before pg_restore reads it."""
+
+    seen = None
+
+    def _pg_restore_file(self, path, new):
+        info = os.stat(path)
+        self.seen = {"path": path, "mode": stat.S_IMODE(info.st_mode), "size": info.st_size}
+        return super()._pg_restore_file(path, new)
+
+
+def dump_raw_bytes(manifest):
+    return next(obj["raw_bytes"] for obj in manifest["objects"] if obj.get("payload") == DUMP_PAYLOAD)
+
+
+def test_jobs_2_restore_equals_the_live_database_and_leaves_no_spool(
+        postgres_server, filled, storage, scratch, cleanup_databases):
+    manifest = backup(storage, source_options(postgres_server, filled.name), compression={"algorithm": "zstd"})
+    before = tables_state(postgres_server, filled.name)
+    target = SpoolWatchingTarget(target_options(postgres_server, filled.name, jobs=2, scratch_dir=str(scratch)))
+    report = rs.restore(storage, JOB, target, backup=manifest["id"])
+    result = report["restore"]
+    assert result["jobs"] == 2
+    assert result["scratch_bytes"] == dump_raw_bytes(manifest) == target.seen["size"]
+    assert result["restore_bytes"] == result["scratch_bytes"]
+    assert os.path.dirname(target.seen["path"]) == str(scratch)
+    assert target.seen["mode"] == 0o600
+    assert all(check["ok"] for check in report["checks"])
+    assert tables_state(postgres_server, result["database"]) == before
+    assert tables_state(postgres_server, filled.name) == before
+    assert os.listdir(scratch) == []
+    assert report["target"]["jobs"] == 2
+
+
+def test_jobs_1_streams_without_a_spool(postgres_server, filled, storage, scratch, cleanup_databases):
+    manifest = backup(storage, source_options(postgres_server, filled.name))
+    target = SpoolWatchingTarget(target_options(postgres_server, filled.name, jobs=1, scratch_dir=str(scratch)))
+    result = rs.restore(storage, JOB, target, backup=manifest["id"])["restore"]
+    assert (result["jobs"], result["scratch_bytes"], target.seen) == (1, 0, None)
+    assert tables_state(postgres_server, result["database"]) == tables_state(postgres_server, filled.name)
+
+
+def test_too_small_scratch_is_refused_before_anything_is_created(
+        postgres_server, filled, storage, scratch, cleanup_databases, monkeypatch):
+    manifest = backup(storage, source_options(postgres_server, filled.name))
+    raw = dump_raw_bytes(manifest)
+    needed = pg_target.spool_needed_bytes(raw)
+    asked = []
+
+    def free_bytes(path):
+        asked.append(path)
+        return needed - 1   # one byte short of the dump plus the margin
+
+    monkeypatch.setattr(pg_target, "scratch_free_bytes", free_bytes)
+    before_dbs = databases(postgres_server)
+    target = PostgresTarget(target_options(postgres_server, filled.name, jobs=2, scratch_dir=str(scratch), swap=True))
+    with pytest.raises(ConfigError, match=r"jobs: 2 spools .* to %s, which has .* free; it needs .*jobs: 1"
+                       % str(scratch)):
+        rs.restore(storage, JOB, target, backup=manifest["id"])
+    assert asked and set(asked) == {str(scratch)}
+    assert databases(postgres_server) == before_dbs
+    assert os.listdir(scratch) == []
+    # The restore step itself refuses too (a caller that skipped preflight), before CREATE DATABASE.
+    context = rs.restore_context(storage, manifest, [manifest], {})
+    with pytest.raises(ConfigError, match="it needs"):
+        target.restore(context)
+    assert databases(postgres_server) == before_dbs
+    # Check mode says so as well, and with room the plan names the spool's size.
+    with pytest.raises(ConfigError, match="it needs"):
+        rs.restore(storage, JOB, target, backup=manifest["id"], check_mode=True)
+    monkeypatch.setattr(pg_target, "scratch_free_bytes", lambda path: needed)
+    plan = rs.restore(storage, JOB, target, backup=manifest["id"], check_mode=True)["restore"]
+    assert (plan["jobs"], plan["scratch_bytes"]) == (2, raw)
+    assert databases(postgres_server) == before_dbs
+
+
+def test_damaged_dump_fails_in_the_spool_before_any_database_exists(
+        postgres_server, filled, storage, tmp_path, scratch, cleanup_databases):
+    """The target's own check at the end of the spool (the one-pass path hands it unverified
+    streams): a flipped byte is caught before CREATE DATABASE, and the spool is removed."""
+    manifest = backup(storage, source_options(postgres_server, filled.name))
+    name = next(obj["name"] for obj in manifest["objects"] if obj.get("payload") == DUMP_PAYLOAD)
+    dump = tmp_path / "store" / JOB / manifest["id"] / name
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dump.write_bytes(bytes(data))
+    before_dbs = databases(postgres_server)
+    target = SpoolWatchingTarget(target_options(postgres_server, filled.name, jobs=2, scratch_dir=str(scratch)))
+    context = rs.restore_context(storage, manifest, [manifest], {})  # no verification pass before
+    with pytest.raises(IntegrityError, match="database.dump"):
+        target.restore(context)
+    assert target.seen is None  # pg_restore never started
+    assert databases(postgres_server) == before_dbs
+    assert os.listdir(scratch) == []
+
+
+def test_failing_pg_restore_drops_the_new_database_and_the_spool(
+        postgres_server, postgres_database, storage, scratch, cleanup_databases):
+    role = "bb_owner_" + uuid.uuid4().hex[:8]
+    with postgres_server.connect(postgres_database.name) as conn:
+        conn.execute("CREATE ROLE %s" % role)
+        conn.execute("CREATE TABLE owned (x int)")
+        conn.execute("INSERT INTO owned VALUES (1), (2)")
+        conn.execute("ALTER TABLE owned OWNER TO %s" % role)
+    manifest = backup(storage, source_options(postgres_server, postgres_database.name, include_globals=False))
+    with postgres_server.connect(postgres_database.name) as conn:
+        conn.execute("REASSIGN OWNED BY %s TO postgres" % role)
+        conn.execute("DROP ROLE %s" % role)
+    before_dbs = databases(postgres_server)
+    target = SpoolWatchingTarget(target_options(postgres_server, postgres_database.name, jobs=2,
+                                                scratch_dir=str(scratch), swap=True))
+    with pytest.raises(SourceError, match="pg_restore failed.*%s" % role):
+        rs.restore(storage, JOB, target, backup=manifest["id"])
+    assert target.seen is not None   # it failed in pg_restore, after the spool was written
+    assert databases(postgres_server) == before_dbs
+    assert os.listdir(scratch) == []
+
+
+def test_missing_scratch_dir_is_a_clear_error(postgres_server, filled, storage, tmp_path, cleanup_databases):
+    manifest = backup(storage, source_options(postgres_server, filled.name))
+    before_dbs = databases(postgres_server)
+    target = PostgresTarget(target_options(postgres_server, filled.name, jobs=2,
+                                           scratch_dir=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="scratch_dir .*nowhere is not a directory"):
+        rs.restore(storage, JOB, target, backup=manifest["id"])
+    assert databases(postgres_server) == before_dbs
+
+
+@pytest.mark.parametrize("value, expected", [(None, 1), (1, 1), (2, 2), ("3", 3), (" auto ", None)])
+def test_jobs_values(value, expected):
+    target = PostgresTarget({"database": "db", "jobs": value})
+    if expected is None:
+        expected = min(pg_target.usable_cores(), pg_target.AUTO_JOBS_MAX)
+    assert target.jobs == expected and target.describe()["jobs"] == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, 65, True, 2.5, "two", "", [2]])
+def test_bad_jobs_values_are_refused(value):
+    with pytest.raises(ConfigError, match="target.jobs must be an integer from 1 to 64 or 'auto'"):
+        PostgresTarget({"database": "db", "jobs": value})
+
+
+def test_one_pass_declares_the_dump_only():
+    target = PostgresTarget({"database": "db", "restore_globals": True})
+    manifest = {"id": "20260101T000000Z-abcd", "objects": []}
+    assert target.one_pass_payloads(manifest, [manifest]) == {(manifest["id"], DUMP_PAYLOAD)}
