@@ -3,7 +3,9 @@
 
 ``BlobSource`` stores the byte strings it is given (one payload each); ``DirTarget`` restores
 them as files into a directory, next to it first and swapped in only when every payload's
-size and SHA-256 match the manifest's ``stats``. Both go through the real engine: the real
+size and SHA-256 match the manifest's ``stats``. ``StagingDirTarget`` is the same target on
+the one-pass path: it declares every payload of the chain, and its restore checks that every
+stream it opened was finished before the swap. Both go through the real engine: the real
 pipeline, codecs, storage backends, catalog, restore and verify code. Only the kind is
 made up, so that orchestration is tested independently of the real kinds' tools.
 """
@@ -51,6 +53,21 @@ class DirTarget(Target):
         super().__init__(options)
         self.path = options["path"]
         self.calls = []
+        self.unfinished = 0  # payload streams opened and not (yet) finished
+        self.swapped = False
+
+    def staging_path(self):
+        return self.path + ".staging"
+
+    def _swap(self, staging):
+        if self.unfinished:
+            raise AssertionError("%d payload streams are not finished at the swap" % self.unfinished)
+        self.swapped = True
+        old = self.path + ".old"
+        if os.path.exists(self.path):
+            os.rename(self.path, old)
+        os.rename(staging, self.path)
+        shutil.rmtree(old, ignore_errors=True)
 
     def describe(self):
         return {"path": self.path}
@@ -60,7 +77,7 @@ class DirTarget(Target):
 
     def restore(self, context):
         self.calls.append("restore")
-        staging = self.path + ".staging"
+        staging = self.staging_path()
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         try:
@@ -69,6 +86,7 @@ class DirTarget(Target):
                     if not obj.get("payload"):
                         continue
                     stream = context.open_payload(manifest, obj["payload"])
+                    self.unfinished += 1
                     try:
                         with open(os.path.join(staging, obj["payload"]), "wb") as out:
                             while True:
@@ -77,6 +95,7 @@ class DirTarget(Target):
                                     break
                                 out.write(chunk)
                         stream.finish()
+                        self.unfinished -= 1
                     finally:
                         stream.close()
             checks = []
@@ -91,11 +110,7 @@ class DirTarget(Target):
                                "ok": actual == expected})
             if not all(check["ok"] for check in checks):
                 raise IntegrityError("restored payloads differ from the manifest's stats")
-            old = self.path + ".old"
-            if os.path.exists(self.path):
-                os.rename(self.path, old)
-            os.rename(staging, self.path)
-            shutil.rmtree(old, ignore_errors=True)
+            self._swap(staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {"changed": True, "checks": checks}
@@ -105,6 +120,18 @@ class DirTarget(Target):
     def scratch(cls, manifest, options):
         with tempfile.TemporaryDirectory(prefix="scratch-") as tmp:
             yield cls({"path": os.path.join(tmp, "restore")})
+
+
+class StagingDirTarget(DirTarget):
+    """DirTarget on the one-pass path: it declares every payload of the chain.
+
+    Its restore already keeps the promise: each stream is read to its end and finished
+    before the next is opened, all of them before the swap, and the staging directory is
+    removed on any exception.
+    """
+
+    def one_pass_payloads(self, manifest, chain):
+        return {(item["id"], obj["payload"]) for item in chain for obj in item["objects"] if obj.get("payload")}
 
 
 def tree_state(path):

@@ -7,11 +7,17 @@ Each case copies it, injects one fault — byte flips, truncations, appended byt
 swapped between backups or taken from the other job, deleted objects, manifest edits, stray
 objects, wrong keys — and then asks for a restore into a directory that holds data.
 
-Every case must raise IntegrityError (DecryptionError for keys) with the target's
+Every case runs on both restore paths. Two-pass (``DirTarget``, which declares nothing):
+the restore must raise IntegrityError (DecryptionError for keys) with the target's
 ``restore`` never called and the directory byte-for-byte as it was; ``verify`` of the same
-backup must not report it good either. A last group edits only the manifest's ``stats``:
-the bytes are intact, so verification passes, and the target's own checks must refuse the
-restored data while the live directory stays unchanged (restore next to it, then swap).
+backup must not report it good either. One-pass (``StagingDirTarget``, which declares every
+payload and so restores while the streams verify): the same error class as the two-pass
+path, the live directory byte-for-byte as it was, no staging directory left, and no swap;
+a flipped payload byte must reach the target (the fault is found on the fly, not before).
+
+A last group edits only the manifest's ``stats``: the bytes are intact, so verification
+passes, and the target's own checks must refuse the restored data while the live
+directory stays unchanged (restore next to it, then swap), on both paths.
 """
 
 import json
@@ -28,7 +34,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
-from restore_helpers import BlobSource, DirTarget, tree_state
+from restore_helpers import BlobSource, DirTarget, StagingDirTarget, tree_state
 
 JOB = "blobs"
 OTHER_JOB = "elsewhere"
@@ -453,8 +459,14 @@ ALL_CASES = ([(cid, role, ("bytes", spec)) for cid, role, spec in _byte_cases()]
              + [(cid, role, ("keys", keys)) for cid, role, keys in KEY_CASES])
 
 
+PATHS = ("two-pass", "one-pass")
+PATH_CASES = [(path, case) for path in PATHS for case in ALL_CASES]
+
+
 def test_at_least_two_hundred_distinct_faults():
     assert len({case[0] for case in ALL_CASES}) == len(ALL_CASES) >= 200
+    for path in PATHS:  # every fault runs on each path
+        assert len({case[0] for which, case in PATH_CASES if which == path}) == len(ALL_CASES)
 
 
 def _workspace(tmp_path, pristine):
@@ -470,8 +482,16 @@ def _workspace(tmp_path, pristine):
     return copy, made, str(live)
 
 
-@pytest.mark.parametrize("case_id, role, fault", ALL_CASES, ids=[c[0] for c in ALL_CASES])
-def test_fault_is_refused_before_the_target_is_touched(tmp_path, pristine, case_id, role, fault):
+@pytest.mark.parametrize("path, case", PATH_CASES, ids=["%s-%s" % (path, case[0]) for path, case in PATH_CASES])
+def test_fault_is_refused_and_the_live_directory_is_unchanged(tmp_path, pristine, path, case):
+    if path == "two-pass":
+        _two_pass_refuses_before_the_target_is_touched(tmp_path, pristine, *case)
+    else:
+        _one_pass_refuses_and_discards_its_staging(tmp_path, pristine, *case)
+
+
+def _faulty_backup(tmp_path, pristine, role, fault):
+    """The workspace with ``fault`` injected: ``(store, live, job, backup id, keys)``."""
     store, made, live = _workspace(tmp_path, pristine)
     how, what = fault
     keys = dict(KEYS.get(role, {}))
@@ -488,6 +508,11 @@ def test_fault_is_refused_before_the_target_is_touched(tmp_path, pristine, case_
         if role == "other":
             job = OTHER_JOB
     backup_id = made["other"]["id"] if role in ("other-in-job", "other") else made[role]["id"]
+    return store, live, job, backup_id, keys
+
+
+def _two_pass_refuses_before_the_target_is_touched(tmp_path, pristine, case_id, role, fault):
+    store, live, job, backup_id, keys = _faulty_backup(tmp_path, pristine, role, fault)
     storage = open_storage({"backend": "filesystem", "path": store})
     before = tree_state(live)
     target = DirTarget({"path": live})
@@ -508,6 +533,36 @@ def test_fault_is_refused_before_the_target_is_touched(tmp_path, pristine, case_
     assert outcome["results"][0]["error"]
 
 
+def _two_pass_error(storage, job, backup_id, keys, live):
+    """The error the two-pass path raises for this backup (the target is never called)."""
+    target = DirTarget({"path": live})
+    with pytest.raises(IntegrityError) as caught:
+        rs.restore(storage, job, target, backup=backup_id, verify_first=True, **keys)
+    assert target.calls == []
+    return caught.value
+
+
+def _one_pass_refuses_and_discards_its_staging(tmp_path, pristine, case_id, role, fault):
+    store, live, job, backup_id, keys = _faulty_backup(tmp_path, pristine, role, fault)
+    storage = open_storage({"backend": "filesystem", "path": store})
+    before = tree_state(live)
+    expected = _two_pass_error(storage, job, backup_id, keys, live)
+    target = StagingDirTarget({"path": live})
+    with pytest.raises(IntegrityError) as caught:
+        rs.restore(storage, job, target, backup=backup_id, **keys)
+    message = str(caught.value)
+    if os.environ.get("SHOW_FAULT_MESSAGES"):
+        print("\nFAULT one-pass %s -> %s (%s): %s" % (case_id, type(caught.value).__name__, target.calls, message))
+    assert type(caught.value) is type(expected), (message, str(expected))
+    assert message and "Traceback" not in message
+    assert not target.swapped
+    assert tree_state(live) == before
+    assert not os.path.exists(target.staging_path())
+    if fault[0] == "bytes" and fault[1][0] == "flip" and fault[1][2] != "key.age":
+        # a changed byte keeps the size: only the stream can find it, inside the target
+        assert target.calls == ["preflight", "restore"], message
+
+
 # Edits of the manifest's stats: the stored bytes are intact, so only the data checks can tell.
 STATS_EDITS = [
     ("stats-plain-sha", "plain", lambda m: m["stats"]["payloads"]["big.bin"].update(sha256="0" * 64)),
@@ -520,15 +575,19 @@ STATS_EDITS = [
 ]
 
 
+@pytest.mark.parametrize("target_class", [DirTarget, StagingDirTarget], ids=PATHS)
 @pytest.mark.parametrize("case_id, role, change", STATS_EDITS, ids=[c[0] for c in STATS_EDITS])
-def test_stats_edit_is_refused_by_the_data_checks_and_the_live_target_is_unchanged(tmp_path, pristine, case_id, role, change):
+def test_stats_edit_is_refused_by_the_data_checks_and_the_live_target_is_unchanged(tmp_path, pristine, case_id, role,
+                                                                                   change, target_class):
     store, made, live = _workspace(tmp_path, pristine)
     _edit(role, lambda manifest, _made: change(manifest))(store, made)
     storage = open_storage({"backend": "filesystem", "path": store})
     before = tree_state(live)
-    target = DirTarget({"path": live})
-    with pytest.raises(IntegrityError):
+    target = target_class({"path": live})
+    with pytest.raises(IntegrityError) as caught:
         rs.restore(storage, JOB, target, backup=made[role]["id"], **KEYS[role])
+    assert "restored payloads differ" in str(caught.value)  # the target's own error, not a diagnosis
+    assert target.calls == ["preflight", "restore"]
     assert tree_state(live) == before
     assert not os.path.exists(live + ".staging")
     outcome = vf.verify(storage, JOB, backup=made[role]["id"], test_restore=True, target_class=DirTarget, **KEYS[role])
@@ -539,10 +598,12 @@ def test_the_pristine_backups_restore(tmp_path, pristine):
     """Control: without a fault every backup restores, so the refusals above are about the faults."""
     store, made, live = _workspace(tmp_path, pristine)
     storage = open_storage({"backend": "filesystem", "path": store})
-    for role in ("plain", "gzip", "rcpt", "pass", "incr"):
-        target = DirTarget({"path": live})
+    for role, target_class in [(role, target_class) for role in ("plain", "gzip", "rcpt", "pass", "incr")
+                               for target_class in (DirTarget, StagingDirTarget)]:
+        target = target_class({"path": live})
         report = rs.restore(storage, JOB, target, backup=made[role]["id"], **KEYS[role])
         assert target.calls == ["preflight", "restore"]
+        assert report["verification"]["mode"] == ("one-pass" if target_class is StagingDirTarget else "two-pass")
         assert all(check["ok"] for check in report["checks"])
         expected = PAYLOADS if role != "incr" else dict(PAYLOADS, **{"small.txt": b"changed since the full\n"})
         for name, data in expected.items():

@@ -14,7 +14,16 @@ Order of a restore (the same for the module, the runner and the drill):
 4. hand the target a RestoreContext whose streams re-check size and SHA-256 at their end
    (a byte changed between step 3 and step 4 still fails the restore).
 
-Check mode stops after step 3 and reports what would be restored where.
+One pass: a target that restores next to the live data (a new database, a staging
+directory, a private server) declares the payloads it reads to their end before it touches
+anything else (``Target.one_pass_payloads``). Step 3 then reads every other object in full
+but only finds the declared ones in the listing with their recorded size, and step 4's
+streams are their verification (size and SHA-256 at the end, age's authentication per
+chunk, the compressed frames). When the target fails, the whole chain is verified: a
+damaged backup raises the same error as on the two-pass path, anything else the target's
+own error. ``verify_first`` keeps the two-pass path.
+
+Check mode stops after step 3 (always two-pass) and reports what would be restored where.
 
 A :class:`RestoreClock` follows the restore: it reports progress (plaintext bytes done of the
 total the manifest records, and the rate) every few seconds, and splits the wall time into
@@ -261,15 +270,21 @@ def _check_object(storage, key, expected, algorithm, identities, clock=None):
         stream.close()
 
 
-def verify_objects(storage, manifest, backup_identities, clock=None):
+def verify_objects(storage, manifest, backup_identities, clock=None, declared=frozenset()):
     """Read every object of one backup to the end; return the per-object report.
 
     Raises IntegrityError (DecryptionError for undecryptable payloads) on the first problem.
     ``clock`` (a RestoreClock) counts the payloads' plaintext for progress lines.
+
+    ``declared`` (one-pass restores): ``(backup_id, payload_name)`` pairs whose objects are
+    not read here, only found in the listing with the recorded size; their report entries
+    are ``{"name", "payload", "size", "pending": True}`` until their stream's result
+    replaces them (see :func:`one_pass_summary`).
     """
     seen = set()
     details = []
     payloads = 0
+    listing = None
     for obj in manifest["objects"]:
         name = obj["name"]
         if name in seen:
@@ -283,6 +298,12 @@ def verify_objects(storage, manifest, backup_identities, clock=None):
             algorithm = manifest["compression"]["algorithm"]
             ids = backup_identities
             payloads += 1
+            if (manifest["id"], obj["payload"]) in declared:
+                if listing is None:
+                    listing = _listed_sizes(storage, manifest)
+                _check_listed(listing, key, name, obj)
+                details.append({"name": name, "payload": obj["payload"], "size": obj["size"], "pending": True})
+                continue
         else:
             algorithm, ids = "none", None  # key envelope and other side objects: bytes only
         try:
@@ -298,6 +319,21 @@ def verify_objects(storage, manifest, backup_identities, clock=None):
         raise IntegrityError("backup %s lists no payload object" % manifest["id"])
     _check_no_strays(storage, manifest, seen)
     return details
+
+
+def _listed_sizes(storage, manifest):
+    """``{object name: size}`` of what storage lists under the backup's directory."""
+    prefix = "%s/%s/" % (manifest["job"], manifest["id"])
+    return {info.key[len(prefix):]: info.size for info in storage.list(prefix)}
+
+
+def _check_listed(listing, key, name, obj):
+    """An object the one-pass restore reads later: it must be stored, with the recorded size."""
+    size = listing.get(name)
+    if size is None:
+        raise IntegrityError("%s is listed in the manifest but missing from storage" % key)
+    if size != obj["size"]:
+        raise ObjectMismatchError(key, "size", obj["size"], size)
 
 
 # Objects a backup directory may hold besides those its manifest lists.
@@ -339,6 +375,86 @@ def verify_chain(storage, chain, keys_by_id, verified=None, clock=None):
         summary["plain_bytes"] += sum(d["plain_bytes"] for d in details if d.get("payload"))
         summary["details"].extend(dict(d, backup=item["id"]) for d in details)
     return summary
+
+
+# -- one pass ------------------------------------------------------------------------------
+
+def declared_payloads(target, manifest, chain):
+    """The payloads ``target`` reads unverified on the one-pass path (a frozenset), or None.
+
+    Only pairs naming a payload of the chain count; a target that declares nothing takes
+    the two-pass path.
+    """
+    declared = target.one_pass_payloads(manifest, chain)
+    if not declared:
+        return None
+    held = {(item["id"], obj["payload"]) for item in chain for obj in item["objects"] if obj.get("payload")}
+    try:
+        declared = frozenset(tuple(entry) for entry in declared) & held
+    except (TypeError, ValueError):
+        raise ConfigError("the %s target declared its one-pass payloads wrongly: %r" % (target.kind, declared)) from None
+    return declared or None
+
+
+def precheck_chain(storage, chain, keys_by_id, declared, clock=None):
+    """The one-pass path's checks before the target runs: ``{backup id: details}``.
+
+    Everything :func:`verify_objects` checks, except that the ``declared`` payloads are
+    only looked up in the listing (present, recorded size): their bytes are verified by
+    the streams the target reads.
+    """
+    if clock is not None:
+        clock.begin("verify", _recorded_plain_bytes([
+            {"objects": [obj for obj in item["objects"] if (item["id"], obj.get("payload")) not in declared]}
+            for item in chain]))
+    return {item["id"]: verify_objects(storage, item, keys_by_id.get(item["id"]), clock, declared)
+            for item in chain}
+
+
+def one_pass_summary(storage, chain, keys_by_id, details_by_id, results):
+    """The verification report of a one-pass restore, from the precheck and the streams' results.
+
+    ``results`` maps ``(backup_id, payload_name)`` to the report of a stream the target
+    finished. A declared payload the target never finished is verified in full now, so
+    the report (and the guarantee that every byte was checked) stays complete.
+    """
+    summary = {"backups": [], "objects": 0, "stored_bytes": 0, "plain_bytes": 0, "details": [], "mode": "one-pass"}
+    for item in chain:
+        details = []
+        for entry in details_by_id[item["id"]]:
+            if entry.get("pending"):
+                report = results.get((item["id"], entry["payload"]))
+                if report is None:
+                    obj = _object_entry(item, entry["name"])
+                    key = mf.object_key(item["job"], item["id"], entry["name"])
+                    try:
+                        report = _check_object(storage, key, obj, item["compression"]["algorithm"],
+                                               keys_by_id.get(item["id"]))
+                    except IntegrityError as exc:
+                        _raise_stored_bytes_error(storage, key, obj, exc)
+                        raise
+                entry = dict(report, payload=entry["payload"])
+            details.append(entry)
+        summary["backups"].append(item["id"])
+        summary["objects"] += len(details)
+        summary["stored_bytes"] += sum(d["size"] for d in details)
+        summary["plain_bytes"] += sum(d["plain_bytes"] for d in details if d.get("payload"))
+        summary["details"].extend(dict(d, backup=item["id"]) for d in details)
+    return summary
+
+
+def diagnose(storage, chain, keys_by_id, error, log):
+    """After a one-pass restore failed with ``error``: raise the error the full verification
+    of the chain finds (the two-pass path's error for a damaged backup), else return."""
+    log("the restore stopped (%s); verifying the whole backup to tell a damaged backup from a "
+        "problem of the target" % type(error).__name__)
+    try:
+        verify_chain(storage, chain, keys_by_id)
+    except IntegrityError as found:  # DecryptionError included
+        raise found from None
+    except Exception:  # pylint: disable=broad-except  # storage trouble while diagnosing: keep the first error
+        return
+    log("the backup verifies: the restore failed for another reason")
 
 
 # -- progress and phases -----------------------------------------------------------------
@@ -419,12 +535,14 @@ class RestoreClock:
 # -- restoring ---------------------------------------------------------------------------
 
 class _CheckedStream:
-    """A payload stream for targets: at EOF it checks size and SHA-256 once more."""
+    """A payload stream for targets: at EOF it checks size and SHA-256 (once more, or, on the
+    one-pass path, for the first time); ``on_result(report)`` gets the object's report then."""
 
-    def __init__(self, stream, clock=None):
+    def __init__(self, stream, clock=None, on_result=None):
         self._stream = stream
         self._result = None
         self._clock = clock
+        self._on_result = on_result
         if clock is not None:
             clock.stream_opened()
 
@@ -435,6 +553,8 @@ class _CheckedStream:
                 self._clock.advance(len(data))
         elif self._result is None:
             self._result = self._stream.finish()
+            if self._on_result is not None:
+                self._on_result(self._result)
             if self._clock is not None:
                 self._clock.mark("transfer")
         return data
@@ -470,13 +590,20 @@ class _CheckedStream:
         return False
 
 
-def restore_context(storage, manifest, chain, keys_by_id, check_mode=False, options=None, clock=None):
+def restore_context(storage, manifest, chain, keys_by_id, check_mode=False, options=None, clock=None,
+                    on_result=None):
+    """The target's RestoreContext; ``on_result(backup_id, payload_name, report)`` is called
+    when a payload stream reaches its end with size and SHA-256 as the manifest says."""
     allowed = {item["id"] for item in chain}
 
     def opener(which, payload_name):
         if which["id"] not in allowed:
             raise ConfigError("target asked for backup %s, which is not part of the restored chain" % which["id"])
-        return _CheckedStream(open_payload(storage, which, payload_name, keys_by_id.get(which["id"])), clock)
+        done = None
+        if on_result is not None:
+            def done(report, backup_id=which["id"]):
+                on_result(backup_id, payload_name, report)
+        return _CheckedStream(open_payload(storage, which, payload_name, keys_by_id.get(which["id"])), clock, done)
 
     return RestoreContext(manifest, chain, opener, check_mode=check_mode, options=options)
 
@@ -485,16 +612,17 @@ def _failed_checks(report):
     return [check for check in (report or {}).get("checks") or [] if not check.get("ok")]
 
 
-def restore_verified(storage, manifest, chain, keys_by_id, target, clock=None):
+def restore_verified(storage, manifest, chain, keys_by_id, target, clock=None, on_result=None):
     """Run ``target.restore`` for an already verified chain; raise IntegrityError on failed checks.
 
     With a ``clock`` (RestoreClock), the restore pass reports progress and marks the phases
-    from ``prepare`` to ``checks``.
+    from ``prepare`` to ``checks``. ``on_result``: see :func:`restore_context` (the one-pass
+    path, whose declared payloads are verified by their streams).
     """
     if clock is not None:
         clock.begin("restore", _recorded_plain_bytes(chain))
     report = target.restore(restore_context(storage, manifest, chain, keys_by_id, options=target.options,
-                                            clock=clock)) or {}
+                                            clock=clock, on_result=on_result)) or {}
     if clock is not None:
         clock.mark("checks")
     failed = _failed_checks(report)
@@ -506,7 +634,7 @@ def restore_verified(storage, manifest, chain, keys_by_id, target, clock=None):
 
 
 def restore(storage, job, target, backup=None, point_in_time=None, identity=None, passphrase=None,
-            check_mode=False, log=None, progress=None, progress_interval=PROGRESS_INTERVAL):
+            check_mode=False, log=None, progress=None, progress_interval=PROGRESS_INTERVAL, verify_first=False):
     """Verified restore of one backup of ``job`` into ``target``.
 
     ``target`` is a Target instance, or a callable ``target(kind)`` returning one once the
@@ -514,8 +642,15 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
     ``progress(phase, done_bytes, total_bytes, elapsed_seconds)`` at most every
     ``progress_interval`` seconds (see RestoreClock).
 
+    A target that declares payloads for the one-pass path (``Target.one_pass_payloads``)
+    reads them while they are verified; every other object is verified before it starts,
+    and when it fails the whole chain is verified to name a damaged backup as such.
+    ``verify_first`` (and check mode) keeps the two-pass path: every object read and
+    verified in full before the target is called.
+
     Returns the verification report: what was selected, what was compared (objects, bytes,
-    the target's checks), and how long it took (``phases``). Nothing is written in check mode.
+    the target's checks; ``verification.mode`` says which path), and how long it took
+    (``phases``). Nothing is written in check mode.
     """
     log = log or (lambda message: None)
     clock = RestoreClock(progress, progress_interval)
@@ -536,19 +671,19 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
         " ".join("%s=%s" % item for item in sorted(target.describe().items()))))
     keys_by_id = chain_identities(storage, chain, identity, passphrase)
     clock.mark("select")
+    declared = None if check_mode or verify_first else declared_payloads(target, manifest, chain)
+    if declared:
+        return _restore_one_pass(storage, job, target, chain, keys_by_id, declared, selected_by, point_in_time,
+                                 clock, log)
     verification = verify_chain(storage, chain, keys_by_id, clock=clock)
+    verification["mode"] = "two-pass"
     clock.mark("verify")
     verified_at = time.monotonic()
     log("verified %d objects (%d stored bytes, %d plaintext bytes) in %.1fs" % (
         verification["objects"], verification["stored_bytes"], verification["plain_bytes"],
         verified_at - started))
     target.preflight(manifest)
-    report = {
-        "job": job, "kind": manifest["kind"], "backup_id": manifest["id"], "selected_by": selected_by,
-        "point_in_time": point_in_time, "finished_at": manifest["finished_at"],
-        "chain": [item["id"] for item in chain], "target": target.describe(),
-        "verification": verification, "check_mode": bool(check_mode),
-    }
+    report = _report(job, manifest, chain, selected_by, point_in_time, target, verification, check_mode)
     if check_mode:
         plan = None
         if target.plans_in_check_mode:
@@ -568,8 +703,48 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
         result = restore_verified(storage, manifest, chain, keys_by_id, target, clock)
         report.update(changed=bool(result.get("changed", True)), restore=result,
                       checks=result.get("checks") or [])
+    return _finish_report(report, clock, verified_at)
+
+
+def _report(job, manifest, chain, selected_by, point_in_time, target, verification, check_mode):
+    return {
+        "job": job, "kind": manifest["kind"], "backup_id": manifest["id"], "selected_by": selected_by,
+        "point_in_time": point_in_time, "finished_at": manifest["finished_at"],
+        "chain": [item["id"] for item in chain], "target": target.describe(),
+        "verification": verification, "check_mode": bool(check_mode),
+    }
+
+
+def _finish_report(report, clock, verified_at):
     clock.mark("checks")
     report["phases"] = clock.phases()
-    report["verify_seconds"] = round(verified_at - started, 3)
+    report["verify_seconds"] = round(verified_at - clock.started, 3)
     report["duration_seconds"] = report["phases"]["total"]
     return report
+
+
+def _restore_one_pass(storage, job, target, chain, keys_by_id, declared, selected_by, point_in_time, clock, log):
+    """The one-pass path of :func:`restore` (never in check mode)."""
+    manifest = chain[-1]
+    results = {}
+
+    def on_result(backup_id, payload_name, report):
+        results.setdefault((backup_id, payload_name), report)
+
+    try:
+        details_by_id = precheck_chain(storage, chain, keys_by_id, declared, clock)
+        clock.mark("verify")
+        verified_at = time.monotonic()
+        log("checked %d objects (%d read in full) in %.1fs; the other %d payloads are verified as they are "
+            "restored" % (sum(len(details) for details in details_by_id.values()),
+                          sum(1 for details in details_by_id.values() for entry in details if not entry.get("pending")),
+                          verified_at - clock.started, len(declared)))
+        target.preflight(manifest)
+        result = restore_verified(storage, manifest, chain, keys_by_id, target, clock, on_result)
+    except Exception as exc:  # pylint: disable=broad-except  # re-raised unless the backup is damaged
+        diagnose(storage, chain, keys_by_id, exc, log)
+        raise
+    verification = one_pass_summary(storage, chain, keys_by_id, details_by_id, results)
+    report = _report(job, manifest, chain, selected_by, point_in_time, target, verification, False)
+    report.update(changed=bool(result.get("changed", True)), restore=result, checks=result.get("checks") or [])
+    return _finish_report(report, clock, verified_at)

@@ -1,9 +1,12 @@
 """The contract every restore target implements (the restore side of ``sources``).
 
 The engine (``restore.py``) resolves the backup, verifies every object (checksum, decrypt,
-decompress) and only then hands the target a ``RestoreContext``. A target therefore never
-sees an unverified byte, and a target's ``restore`` must itself leave the destination as it
-was when it fails (restore next to it, then swap).
+decompress) and only then hands the target a ``RestoreContext``, and a target's ``restore``
+must itself leave the destination as it was when it fails (restore next to it, then swap).
+
+A target that restores next to the live data may instead take the one-pass path (see
+:meth:`Target.one_pass_payloads`): the engine then checks everything that does not need the
+declared payloads' bytes, and those payloads are verified while the target consumes them.
 """
 
 from ..errors import ConfigError
@@ -44,6 +47,19 @@ class Target:
 
     def preflight(self, manifest):
         """Fail with ConfigError/SourceError before anything is written (unreachable, would clobber)."""
+
+    def one_pass_payloads(self, manifest, chain):
+        """Payloads this target may read unverified: a set of ``(backup_id, payload_name)``, or None.
+
+        None (the default) keeps the two-pass restore: every object is read and verified in
+        full before ``restore`` is called. A set is a promise, for this ``manifest`` and
+        ``chain``: ``restore`` reads each of those payload streams to its end and calls its
+        ``finish()`` (which raises IntegrityError when size or SHA-256 differ) before it
+        changes anything outside its own staging (a new database, a staging directory, a
+        private server), and on any exception it discards that staging. The engine verifies
+        every other object in full first, and checks the declared ones' presence and sizes.
+        """
+        return None
 
     def restore(self, context):
         """Restore ``context.manifest`` (with its chain); return the verification report dict.

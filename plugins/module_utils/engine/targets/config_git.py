@@ -10,6 +10,11 @@ Verification before the destination is touched: the commit resolves inside the b
 (and is the manifest's own commit when none was asked for), the restored files hash back
 to exactly the commit's git tree id (``git add`` into a throwaway index + ``write-tree``),
 and file count and bytes match the manifest's ``stats``.
+
+One pass (``one_pass_payloads``): ``config.bundle`` is declared. It is spooled into a private
+work directory and the stream finished (size and SHA-256 checked) before git reads it;
+the destination changes only in ``move_into_place`` after the checks, and any exception
+removes the staging and work directories.
 """
 
 import contextlib
@@ -68,6 +73,10 @@ class ConfigGitTarget(Target):
         if manifest.get("kind") != self.kind:
             raise ConfigError("backup %s is a %s backup, not config_git" % (manifest.get("id"), manifest.get("kind")))
         self.destination.preflight()
+
+    def one_pass_payloads(self, manifest, chain):
+        """``config.bundle``: spooled and finished before git or the destination see it."""
+        return {(manifest["id"], src.BUNDLE_PAYLOAD)}
 
     def restore(self, context):
         manifest = context.manifest

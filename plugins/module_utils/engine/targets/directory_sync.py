@@ -7,6 +7,10 @@ for ``delete: true`` syncs, whose mirror equals the source) — and refuses othe
 sync, or edits in the mirror): an older point in time cannot come from a mirror. Then rsync
 copies the mirror into a staging directory next to the destination, the copy is counted
 again, and only then moved into place.
+
+No one-pass path (``one_pass_payloads`` stays None): the restore reads no payload stream —
+the data comes from the mirror, and the record's only payload, ``sync.log``, is verified
+in full before the restore like every object; declaring nothing saves nothing.
 """
 
 import contextlib

@@ -10,6 +10,14 @@ directory and leaves the destination exactly as it was.
 Chains are applied oldest first: for each incremental, its ``files.deleted`` paths are
 removed, then its tar is extracted. Directory attributes are applied last (children first),
 so read-only directories restore too.
+
+One pass (``one_pass_payloads``): the target declares every payload it reads — the last
+backup's ``files.index`` and ``files.sha256``, each backup's ``files.tar`` and each
+incremental's ``files.deleted``. Each stream is read to its end and finished (size and
+SHA-256 checked) before the next step, all of them before ``move_into_place``; until then
+only the staging directory (and the spooled index) is written, and any exception removes
+the staging directory. So a damaged backup never reaches the destination, ``overwrite``
+included: the destination is replaced only by the swap.
 """
 
 import contextlib
@@ -338,6 +346,15 @@ class FilesTarget(Target):
         return desc
 
     # -- restore -------------------------------------------------------------------------
+    def one_pass_payloads(self, manifest, chain):
+        """Every payload ``restore`` reads (see the module docstring): all finished before the swap."""
+        declared = {(manifest["id"], fmt.INDEX_PAYLOAD), (manifest["id"], fmt.SUMS_PAYLOAD)}
+        for position, item in enumerate(chain):
+            declared.add((item["id"], fmt.TAR_PAYLOAD))
+            if position:
+                declared.add((item["id"], fmt.DELETED_PAYLOAD))
+        return declared
+
     def restore(self, context):
         chain = context.chain or [context.manifest]
         _check_chain(chain, context.manifest)

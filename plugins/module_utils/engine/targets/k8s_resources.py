@@ -25,6 +25,12 @@ Conflicts with fields other managers own fail the dry run unless ``force_conflic
 RoleBinding subjects that name a ServiceAccount of a mapped namespace follow the mapping.
 ``scratch()`` dry-runs the backup into throwaway namespaces (a ``backup_verify`` test
 restore that starts no workload) and deletes them afterwards.
+
+One pass (``one_pass_payloads``): ``resources.yaml`` is declared. Step 1 reads the stream to
+its end and finishes it (size and SHA-256 checked) before step 2 creates a namespace or
+step 3 sends a request (step 1 only reads the API's discovery), so a damaged backup stops
+there with the cluster untouched. The later steps read the stream again, and each of those reads is checked at
+its end as on the two-pass path.
 """
 
 import contextlib
@@ -129,6 +135,10 @@ class K8sResourcesTarget(Target):
             raise ConfigError("backup %s has no %s payload" % (manifest["id"], RESOURCES_PAYLOAD))
         self._selected(manifest.get("stats") or {})
         self.conn.get("/version", doing="reach the API server")
+
+    def one_pass_payloads(self, manifest, chain):
+        """``resources.yaml``: step 1 finishes it before the cluster is touched."""
+        return {(manifest["id"], RESOURCES_PAYLOAD)}
 
     # -- reading the payload ---------------------------------------------------------------
 

@@ -19,6 +19,13 @@ deleted again (they did not exist before), so the target is as it was. With ``re
 or ``flush`` the overwritten values are gone: the error says so.
 
 ``scratch()`` only does step 1: a temporary server, the checks, then it is stopped.
+
+One pass (``one_pass_payloads``): ``dump.rdb`` is declared. Step 1 writes the stream into the
+private directory and finishes it (size and SHA-256 checked) before the temporary server
+starts, and the live server is first touched in step 2 (read) and step 4 (write), so a
+damaged backup stops before it, with ``flush`` and ``replace`` as well: the flush comes
+only after the verified RDB loaded. Any exception removes the directory and stops the
+temporary server.
 """
 
 import contextlib
@@ -194,6 +201,10 @@ class RedisTarget(Target):
                 if configured is not None and dest >= configured:
                     raise ConfigError("redis target has %d databases; the backup's %s would go to db%d"
                                       % (configured, name, dest))
+
+    def one_pass_payloads(self, manifest, chain):
+        """``dump.rdb``: finished in the private directory before any server sees it."""
+        return {(manifest["id"], RDB_PAYLOAD)}
 
     def restore(self, context):
         manifest = context.manifest
