@@ -217,6 +217,14 @@ vanished:
   returned: always
   type: list
   elements: dict
+superseded:
+  description:
+    - For a job of C(postgres_wal) backups, ids of partial WAL copies deleted at the destination (check mode - that
+      would be deleted) because a WAL file held there supersedes them - the complete segment, or a partial copy of
+      the same segment that reaches further. The stream deletes them at the source the same way.
+  returned: always
+  type: list
+  elements: str
 not_wanted:
   description: Ids of the backups not copied because O(destination_retention) would not keep them.
   returned: always
@@ -241,7 +249,7 @@ wal:
       what would be copied). C(changed) and a failure (O(fail_on_error)) of the module cover the WAL as well.
     - C(planned), C(copied), C(failed), C(skipped) and C(vanished) list WAL files (backups of kind C(postgres_wal)) with the
       fields of RV(planned) and RV(copied); C(in_sync) counts those the destination already held, C(not_wanted)
-      those no base backup at the destination needs.
+      those no base backup at the destination needs or another WAL file supersedes; C(superseded) as RV(superseded).
   returned: when the job holds C(postgres_base) backups
   type: list
   elements: dict
@@ -327,8 +335,8 @@ def main():
         outcome = copy_backups(source, destination, params["job"], backup=params["backup"],
                                recheck=params["recheck"], check_mode=module.check_mode, policy=policy,
                                min_keep=min_keep, reencrypt=reencrypt)
-    returned = ("changed", "copied", "planned", "failed", "skipped", "vanished", "in_sync", "not_wanted", "bytes_copied",
-                "lag_seconds", "source", "destination", "reencrypt", "other_recipients")
+    returned = ("changed", "copied", "planned", "failed", "skipped", "vanished", "superseded", "in_sync", "not_wanted",
+                "bytes_copied", "lag_seconds", "source", "destination", "reencrypt", "other_recipients")
     result = dict((key, outcome[key]) for key in returned)
     if "wal" in outcome:
         result["wal"] = outcome["wal"]

@@ -50,7 +50,7 @@ from . import pgwal
 from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .config import read_text_file
-from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
+from .errors import BackupError, ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
 from .pipeline import CHUNK, PlaintextStream, check_object, store_stream
 from .prune import BASE_KIND, WAL_KIND, plan as retention_plan, wal_job_names, wal_job_of
 from .restore import KeyMismatchError, identities as restore_identities
@@ -392,10 +392,18 @@ class Copier:
 
     def _unwanted(self, chosen, present, now):
         """Ids of ``chosen`` missing at the destination that its own policy would prune (for a WAL
-        job: that no base backup at the destination needs)."""
+        job: that no base backup at the destination needs, or partial copies another WAL file
+        supersedes)."""
+        if any(m.get("kind") == WAL_KIND for m in chosen):
+            missing = [m for m in chosen if m["id"] not in present]
+            unwanted = {m["id"]: reason for m, reason in pgwal.superseded_partials(list(present.values()) + missing)
+                        if m["id"] not in present}
+            if self.wal_needs is not None:
+                unwanted.update((m["id"], "no base backup at the destination needs it") for m in missing
+                                if m["id"] not in unwanted and not wal_wanted(m, self.wal_needs))
+            return unwanted
         if self.wal_needs is not None:
-            return {m["id"]: "no base backup at the destination needs it" for m in chosen
-                    if m["id"] not in present and not wal_wanted(m, self.wal_needs)}
+            return {}
         if self.policy is None:
             return {}
         missing = [dict(m, verification=None) for m in chosen if m["id"] not in present]
@@ -571,8 +579,8 @@ class Copier:
         outcome = {"job": self.job, "source": self.source.describe(),
                    "destination": self.destination.describe(), "check_mode": bool(check_mode),
                    "in_sync": plan["in_sync"], "planned": [_public(step) for step in steps],
-                   "copied": [], "failed": [], "skipped": [], "vanished": [], "bytes_copied": 0, "bytes_reused": 0,
-                   "not_wanted": sorted(plan["unwanted"]),
+                   "copied": [], "failed": [], "skipped": [], "vanished": [], "superseded": [], "bytes_copied": 0,
+                   "bytes_reused": 0, "not_wanted": sorted(plan["unwanted"]),
                    "reencrypt": ({"recipients": self.reencrypt["recipients"]} if self.reencrypt is not None
                                  else None),
                    "other_recipients": plan["other_recipients"]}
@@ -626,9 +634,40 @@ class Copier:
         outcome["lag_seconds"] = copy_lag_seconds(plan["source_backups"], present, moment)
         outcome["changed"] = bool(steps) if check_mode else bool(outcome["copied"])
         outcome["ok"] = not outcome["failed"] and not outcome["skipped"]
+        if any(m.get("kind") == WAL_KIND for m in plan["all_source"]) or any(
+                m.get("kind") == WAL_KIND for m in plan["present_manifests"].values()):
+            outcome["superseded"] = self._drop_superseded(plan, check_mode)
+            outcome["changed"] = outcome["changed"] or bool(outcome["superseded"])
         if self.wal_needs is None and any(m.get("kind") == BASE_KIND for m in plan["all_source"]):
             self._copy_wal(outcome, plan, present, selector, check_mode, moment)
         return outcome
+
+    def _drop_superseded(self, plan, check_mode):
+        """A WAL job: delete the destination's partial copies that a WAL file now held there supersedes
+        (the stream does the same at the source; without it every copy run would leave one more).
+        Judged from a fresh listing after the copies, so a segment whose copy failed supersedes
+        nothing; in check mode from what the destination holds plus the planned copies.
+        Returns the ids (to delete, in check mode)."""
+        if check_mode:
+            planned = {step["id"]: step["_manifest"] for step in plan["steps"]}
+            held = list(dict(plan["present_manifests"], **planned).values())
+        else:
+            held = self.destination_catalog.scan(self.job, with_orphans=False)
+        gone = []
+        for manifest, reason in pgwal.superseded_partials(held):
+            if manifest["id"] not in plan["present"] and check_mode:
+                continue  # a planned copy that is itself superseded is not copied (see _unwanted)
+            if not check_mode:
+                try:
+                    self.destination_catalog.delete_backup(manifest)
+                except BackupError as exc:  # costs space, not correctness: the next run tries again
+                    self.log("could not delete superseded partial WAL copy %s at the destination: %s"
+                             % (manifest["id"], exc))
+                    continue
+            self.log("partial WAL copy %s %s at the destination: %s" % (
+                manifest["id"], "would be deleted" if check_mode else "deleted", reason))
+            gone.append(manifest["id"])
+        return gone
 
     def _copy_wal(self, outcome, plan, present, selector, check_mode, now):
         """PostgreSQL point-in-time recovery: the WAL jobs the base backups name are copied after
@@ -649,7 +688,7 @@ class Copier:
                             reencrypt=self.reencrypt, wal_needs=needs)
             result = copier.run("all", check_mode, now)
             entry = {key: result[key] for key in ("job", "planned", "copied", "failed", "skipped", "vanished", "bytes_copied",
-                                                  "bytes_reused", "lag_seconds", "changed", "ok")}
+                                                  "bytes_reused", "lag_seconds", "changed", "ok", "superseded")}
             entry["in_sync"] = len(result["in_sync"])
             entry["not_wanted"] = len(result["not_wanted"])
             outcome["wal"].append(entry)
@@ -670,8 +709,9 @@ def copy_backups(source, destination, job, backup="all", recheck="size", check_m
     """Copy ``job``'s backups (``all``, ``latest`` or an id, with its chain) from ``source`` to
     ``destination`` (whose own retention ``policy``, when given, decides what is worth copying);
     with ``reencrypt`` (see :func:`reencrypt_settings`) encrypted to other recipients on the way.
-    Returns ``{job, source, destination, planned, copied, failed, skipped, in_sync, not_wanted,
-    bytes_copied, bytes_reused, lag_seconds, changed, ok, check_mode, reencrypt, other_recipients}``
+    Returns ``{job, source, destination, planned, copied, failed, skipped, vanished, superseded,
+    in_sync, not_wanted, bytes_copied, bytes_reused, lag_seconds, changed, ok, check_mode, reencrypt,
+    other_recipients}`` (``superseded``: a WAL job's partial copies deleted at the destination)
     and, for a job of ``postgres_base`` backups, ``wal``: one entry per WAL job the base backups name
     (copied after them, see :meth:`Copier._copy_wal`) with its ``planned``, ``copied``, ``failed``
     and ``skipped`` lists, ``in_sync`` and ``not_wanted`` counts, bytes and lag; ``changed`` and

@@ -193,3 +193,40 @@ def wal_needed(needs, timeline, segno):
 def wal_keep_reason(wal_job, name):
     """The retention reason of the oldest kept base backup: the WAL range it keeps."""
     return "oldest kept base backup: WAL of job %s kept from %s on (older WAL is pruned)" % (wal_job, name)
+
+
+def superseded_partials(manifests):
+    """Manifests of partial WAL copies that another listed WAL file makes redundant, with the reason.
+
+    ``manifests`` are a WAL job's (``postgres_wal``) manifests. A partial copy of a segment is
+    superseded by the complete segment, or by a partial copy of the same segment that reaches
+    further (``stats.end_lsn``; the backup id breaks ties): pg_receivewal only appends to the
+    segment in progress, so the further copy holds every byte of the shorter one. The stream
+    deletes what it supersedes at once; a copy destination uses this to do the same.
+    Returns ``[(manifest, reason)]``.
+    """
+    complete = set()
+    partials = {}
+    for manifest in manifests:
+        wal = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else {}
+        if wal.get("type") == "segment" and wal.get("file"):
+            complete.add(wal["file"])
+        elif wal.get("type") == "partial" and wal.get("file"):
+            partials.setdefault(wal["file"], []).append(manifest)
+
+    def reach(manifest):
+        try:
+            end = parse_lsn(manifest["stats"].get("end_lsn"))
+        except ConfigError:
+            end = -1
+        return end, manifest.get("id") or ""
+
+    found = []
+    for name, copies in sorted(partials.items()):
+        if name in complete:
+            found.extend((m, "the complete segment %s is stored" % name) for m in copies)
+            continue
+        copies = sorted(copies, key=reach)
+        found.extend((m, "a newer partial copy of %s (%s) reaches further" % (name, copies[-1]["id"]))
+                     for m in copies[:-1])
+    return found
