@@ -16,10 +16,16 @@ author: biometrics.backup contributors (@biometrics)
 description:
   - Chooses one backup of a job - by id, the latest, or the newest one finished at or before a point in
     time; for incremental backups the full backup and every incremental up to it.
-  - Before the target is touched, every stored object of that chain is read to the end and checked
-    against the manifest (size and SHA-256), decrypted and decompressed. A corrupted, truncated, swapped
-    or foreign backup, an edited manifest or a wrong key fails the task with a clear message, and the
-    target stays exactly as it was.
+  - Every stored object of that chain is read to the end and checked against the manifest (size and
+    SHA-256), decrypted and decompressed. A corrupted, truncated, swapped or foreign backup, an edited
+    manifest or a wrong key fails the task with a clear message, and the target stays exactly as it was.
+  - Targets that restore next to the live data (C(files) into a staging directory, C(redis) into a
+    private temporary server, C(postgres) into a new database, C(config_git), C(k8s_resources)) take one
+    pass - their payloads are checked while the target reads them, and the live data is touched only once
+    every payload has been read to its end and matched the manifest; a failure discards the staging
+    area. Every other object (key envelopes, C(globals.sql)) is verified before the target starts. Other
+    targets, O(verify_first=true) and check mode take two passes - everything is verified before the
+    target is touched, then read again for the restore.
   - The target of the backup's kind then restores next to the live data, runs its checks against the
     manifest's statistics, and only then puts the result in place. C(postgres) restores into a new
     database and swaps it in by rename when asked (keeping the old one for rollback); C(redis) loads
@@ -82,6 +88,13 @@ options:
       - Values of secret fields (C(password), ...) are hidden from the output.
     type: dict
     required: true
+  verify_first:
+    description:
+      - Verify every object of the chain in full before the target is called, then read the payloads again for
+        the restore (two passes), also for targets that can verify while they restore.
+      - Takes longer; the guarantee for the live data is the same. Not used with O(kind=postgres_base).
+    type: bool
+    default: false
 seealso:
   - module: biometrics.backup.backup_verify
   - module: biometrics.backup.backup_info
@@ -156,9 +169,13 @@ target:
   returned: success
   type: dict
 verification:
-  description: What was verified before the target was touched - C(objects), C(stored_bytes), C(plain_bytes), per-object C(details).
+  description: >-
+    What was verified - C(objects), C(stored_bytes), C(plain_bytes), per-object C(details) (C(name), C(size),
+    C(sha256), C(plain_bytes), C(payload), C(backup)), and C(mode) - C(one-pass) when the target's payloads were
+    verified as it read them, C(two-pass) when everything was verified before the target was called.
   returned: success
   type: dict
+  sample: {"mode": "one-pass", "objects": 2, "stored_bytes": 1048913, "plain_bytes": 5242880}
 checks:
   description: >-
     The target's checks after the restore, each C(what), C(expected), C(actual), C(ok). In check mode, the checks
@@ -183,7 +200,8 @@ duration_seconds:
 phases:
   description: >-
     Wall time in seconds of each phase of the restore, one after the other: C(select) (backup chosen, chain and
-    keys read), C(verify) (every object read, hashed, decrypted and decompressed), C(prepare) (preflight and the
+    keys read), C(verify) (every object read, hashed, decrypted and decompressed; on the one-pass path only the
+    objects the target does not read itself, so it is near 0), C(prepare) (preflight and the
     target's set-up, for example CREATE DATABASE, until the first payload is read), C(transfer) (payloads read,
     decrypted, decompressed and fed to the target's tool until the last one ends), C(load) (what the tool does after
     its input ended, for example pg_restore's index builds), C(checks) (the target's checks, such as row counts,
@@ -193,7 +211,7 @@ phases:
   type: dict
   sample: {"select": 0.012, "verify": 4.1, "prepare": 0.35, "transfer": 9.8, "load": 2.4, "checks": 0.2, "total": 16.9}
 verify_seconds:
-  description: Time spent verifying before the target was touched.
+  description: Time spent verifying before the target was called (see C(phases.verify)).
   returned: success
   type: float
 """
@@ -223,6 +241,7 @@ def main():
             restore_point=dict(type="str"),
             kind=dict(type="str"),
             target=dict(type="dict", required=True),
+            verify_first=dict(type="bool", default=False),
         ),
         mutually_exclusive=[("backup", "point_in_time"), ("backup", "restore_point")],
         supports_check_mode=True,
@@ -248,7 +267,7 @@ def main():
 
         report = restore(storage, params["job"], make_target, backup=params["backup"],
                          point_in_time=params["point_in_time"], identity=identity, passphrase=passphrase,
-                         check_mode=module.check_mode)
+                         check_mode=module.check_mode, verify_first=params["verify_first"])
     result = dict(report)
     result["changed"] = True if module.check_mode else bool(report["changed"])
     if module._diff:

@@ -339,7 +339,8 @@ def cmd_restore(config, args, log):
     point_in_time = args.point_in_time or (None if args.backup else config.restore.get("point_in_time"))
     report = run_restore(prepared["storage"], config.job, target, backup=backup, point_in_time=point_in_time,
                          identity=identity, passphrase=passphrase, check_mode=args.check, log=log.info,
-                         progress=restore_progress(log), progress_interval=args.progress_interval)
+                         progress=restore_progress(log), progress_interval=args.progress_interval,
+                         verify_first=args.verify_first)
     log.info("%s %s backup %s: %d objects verified, %d checks passed in %.1fs (%s)" % (
         "verified (check mode, nothing written)" if args.check else "restored",
         report["kind"], report["backup_id"], report["verification"]["objects"],
@@ -574,6 +575,9 @@ def build_parser():
                         "(pg_create_restore_point); --point-in-time is then an upper bound")
     parser.add_argument("--seed", type=int, help="drill (postgres_base): seed of the random target time")
     parser.add_argument("--target-file", help="restore: YAML/JSON of target options merged over restore.target")
+    parser.add_argument("--verify-first", action="store_true",
+                        help="restore: verify every object in full before the target is called, then read the "
+                             "payloads again (two passes), also for targets that verify while they restore")
     parser.add_argument("--test-restore", action="store_true", help="verify: also restore into a scratch target")
     parser.add_argument("--force", action="store_true", help="prune: delete more than max_delete")
     parser.add_argument("--from-copy", action="store_true",
@@ -636,6 +640,8 @@ def main(argv=None):
         parser.error("--point-in-time is for restore and drill only")
     if args.restore_point and args.command != "restore":
         parser.error("--restore-point is for restore only")
+    if args.verify_first and args.command != "restore":
+        parser.error("--verify-first is for restore only")
     if args.seed is not None and (args.command != "drill" or args.point_in_time):
         parser.error("--seed is for drill only, without --point-in-time")
     if args.backup and args.point_in_time:
