@@ -29,9 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from ci_env import require_or_skip
 from server_fixtures import ServerProcess, ServerStartError, _http_status, free_port
 
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import metrics
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import metrics, pitr
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.metrics import BackupMetrics, MetricsError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 from integration import test_monitoring_role as monitoring_role
 from unit.test_dashboard import failed_jobs_panel_query, load_dashboard
@@ -436,8 +437,10 @@ def test_wal_stream_pushes_lag_window_and_gaps_while_it_runs(wal_server, pushgat
             datetime.datetime.fromisoformat(base_done.replace("Z", "+00:00")).timestamp(), abs=0.001)
         assert (seen["backup_wal_recovery_window_start_timestamp_seconds"]
                 < seen["backup_wal_recovery_window_end_timestamp_seconds"] <= time.time())
-        assert seen["backup_wal_last_archived_timestamp_seconds"] == seen[
-            "backup_wal_recovery_window_end_timestamp_seconds"]
+        # The window ends where a restore could reach (a partial copy's reach_time or last commit),
+        # at most when the newest file was stored (whole seconds in the manifest).
+        assert (seen["backup_wal_recovery_window_end_timestamp_seconds"]
+                < seen["backup_wal_last_archived_timestamp_seconds"] + 1)
         assert seen["backup_wal_segments_stored_total"] >= 1   # the switched segment
         assert seen["backup_wal_archive_lag_seconds"] >= 0 and seen["backup_wal_archive_lag_bytes"] >= 0
         assert time.time() - heartbeat.stat().st_mtime < 5
@@ -477,6 +480,11 @@ def test_wal_stream_pushes_lag_window_and_gaps_while_it_runs(wal_server, pushgat
     assert final["backup_wal_archive_lag_bytes"] == 0 and final["backup_wal_archive_lag_seconds"] == 0
     assert final["backup_wal_segments_stored_total"] >= before + 2 and result["gaps"] == []
     assert "backup_wal_gaps_total" not in final
+    # The last report's window end is what a restore to "latest" reaches, to the microsecond.
+    reach = pitr.plan_restore(open_storage({"backend": "filesystem", "path": str(tmp_path / "store")}), job,
+                              pitr.LATEST).stored_until
+    assert final["backup_wal_recovery_window_end_timestamp_seconds"] == pytest.approx(
+        datetime.datetime.fromisoformat(reach.replace("Z", "+00:00")).timestamp(), abs=1e-6)
 
     # The slot dropped and the spool lost while the server moves on: a gap, exit 3.
     with wal_server.connect() as conn:

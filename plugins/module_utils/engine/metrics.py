@@ -121,7 +121,8 @@ METRICS = {
     "backup_wal_recovery_window_start_timestamp_seconds": (
         GAUGE, "Oldest time a point-in-time restore can reach: the end of the oldest base backup with stored WAL."),
     "backup_wal_recovery_window_end_timestamp_seconds": (
-        GAUGE, "Newest time a point-in-time restore can reach: when the newest WAL was stored."),
+        GAUGE, "Newest time a point-in-time restore can reach: the reach of the newest stored WAL "
+        "(a partial copy's reach_time, else the last commit it holds)."),
 }
 
 # Metrics with one series per value of an extra label: name -> label name.

@@ -277,6 +277,27 @@ def _horizon(segments, partials, newest):
     return (segments[newest].get("stats") or {}).get("last_xact_time")
 
 
+def wal_reach(state, segment_size=pgwal.DEFAULT_SEGMENT_SIZE):
+    """Up to when the WAL a job holds (a WalState) is known to hold every commit (ISO-8601), or None.
+
+    The rule a restore to ``latest`` applies (:func:`_horizon`), on the newest timeline stored:
+    the recovery window's end the stream reports is then the time a restore could reach, not
+    the time its newest file was stored.
+    """
+    segments, partials = {}, {}
+    for name, manifest in state.segments.items():
+        parsed = pgwal.parse_segment_name(name, segment_size)
+        if parsed:
+            segments[parsed[:2]] = manifest
+    for name, manifests in state.partials.items():
+        parsed = pgwal.parse_segment_name(name, segment_size)
+        if parsed and manifests:
+            partials[parsed[:2]] = manifests[0]
+    if not segments and not partials:
+        return None
+    return _horizon(segments, partials, max(set(segments) | set(partials)))
+
+
 def base_completed_at(base):
     """When a base backup was complete: ``stats.completed_at``, else its manifest time + 1 s (whole seconds)."""
     precise = (base.get("stats") or {}).get("completed_at")

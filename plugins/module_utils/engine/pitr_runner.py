@@ -196,7 +196,11 @@ class StreamStatus:
             stored_at = max((m["finished_at"] for m in list(state.segments.values())
                              + [ms[0] for ms in state.partials.values() if ms]), default=None)
         if stored_at is not None:
-            values["last_archived_at"] = values["window_end"] = parse_iso(stored_at)
+            values["last_archived_at"] = parse_iso(stored_at)
+        if state is not None:
+            reach = pitr.wal_reach(state, streamer.facts["segment_size"] if streamer.facts else pgwal.DEFAULT_SEGMENT_SIZE)
+            if reach is not None:
+                values["window_end"] = parse_iso(reach)
         if measure and streamer.stored_end_lsn is not None:
             server = self._server_lsn()
             if server is not None:
