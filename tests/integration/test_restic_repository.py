@@ -17,7 +17,7 @@ from ci_env import require_or_skip
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restic as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
-    ConfigError, IntegrityError, SourceError)
+    ConfigError, IntegrityError, NotFoundError, SourceError, StorageError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.procutil import tool_env
 
 PASSWORD = "pw-Zq8-restic-repository-secret"
@@ -292,6 +292,8 @@ def test_manifest_names_the_snapshot_and_dump_matches_it(tmp_path):
 def test_s3_round_trip(s3_server, tmp_path):
     options = rs.job_repository_options(s3_server.storage_options(), "pg-main")
     repo = rs.ResticRepository(options, PASSWORD, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(NotFoundError, match="there is no restic repository at s3:"):
+        repo.snapshots()
     assert repo.url.startswith("s3:%s/%s/" % (s3_server.endpoint_url, s3_server.bucket))
     assert repo.url.endswith("/_restic/pg-main")
     assert s3_server.secret_key not in " ".join(repo._argv(["init"]))  # pylint: disable=protected-access
@@ -311,6 +313,6 @@ def test_s3_round_trip(s3_server, tmp_path):
     assert any("/data/" in key for key in keys) and any(key.endswith("/config") for key in keys)
 
     bad = dict(options, secret_key="wrong" + s3_server.secret_key)
-    with pytest.raises(Exception) as excinfo:
+    with pytest.raises(StorageError, match="cannot open the restic repository") as excinfo:
         rs.ResticRepository(bad, PASSWORD, cache_dir=str(tmp_path / "cache2")).snapshots()
     assert s3_server.secret_key not in str(excinfo.value) and PASSWORD not in str(excinfo.value)

@@ -58,6 +58,8 @@ _DROP_ENV = ("RESTIC_REPOSITORY", "RESTIC_REPOSITORY_FILE", "RESTIC_PASSWORD", "
 _LOCKED = "repository is already locked"
 _WRONG_PASSWORD = "wrong password or no key found"
 _NO_REPOSITORY = ("Is there a repository at the following location?", "unable to open config file")
+_ABSENT = ("no such file or directory", "does not exist")
+_CHECK_FOUND_ERRORS = "repository contains errors"
 _DATA_ERRORS = ("ciphertext verification failed", "does not match", "hash mismatch", "invalid data returned",
                 "pack file cannot be listed", "Load(<data/", "unexpected end of", "checksum mismatch")
 
@@ -294,7 +296,9 @@ class ResticRepository:
             return ConfigError("restic repository %s: the password does not open it (wrong password or "
                                "no key found)" % self.url)
         if any(marker in text for marker in _NO_REPOSITORY):
-            return NotFoundError("there is no restic repository at %s (initialise it first): %s" % (self.url, text))
+            if any(marker in text for marker in _ABSENT):
+                return NotFoundError("there is no restic repository at %s (initialise it first): %s" % (self.url, text))
+            return StorageError("cannot open the restic repository at %s: %s" % (self.url, text))
         if _LOCKED in text:
             return RepositoryLockedError(
                 "restic repository %s is locked by another process and the lock is live (not stale), "
@@ -564,7 +568,8 @@ class ResticRepository:
             output = [line for line in (done.stdout or "").splitlines() if line.strip()]
             if done.returncode == 0:
                 return [scrub(line, self._secrets) for line in output[-STDERR_TAIL_LINES:]]
-            error = self._failure("check", done, IntegrityError)
+            found_errors = _CHECK_FOUND_ERRORS in (done.stderr_text or "") + (done.stdout or "")
+            error = self._failure("check", done, IntegrityError if found_errors else StorageError)
             if isinstance(error, RepositoryLockedError):
                 if not unlocked:
                     unlocked = True
