@@ -505,3 +505,91 @@ def test_wal_stream_pushes_lag_window_and_gaps_while_it_runs(wal_server, pushgat
     # Each run that meets the gap counts it: the counter continues on the gateway.
     assert run("wal-stream", "--duration", "5").returncode == 3
     assert wal_samples()["backup_wal_gaps_total"] == 2
+
+
+def _slot_holder(server, slot):
+    with server.connect() as conn:
+        row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+        return row[0] if row else None  # the stream creates its slot when it starts
+
+
+def test_a_daemon_stream_that_reconnects_is_not_left_failing(wal_server, pushgateway_server, tmp_path):
+    """A lost connection whose first retry works records no failed attempt; a retry that fails too
+    records one, and the first file stored after reconnecting records a success, so that
+    BackupJobFailing (failure newer than success) ends with the outage."""
+    job = unique("walr")
+    wal_job = job + "-wal"
+    slot = "reconnect_slot"
+    config = tmp_path / "job.yml"
+    config.write_text(yaml.safe_dump({
+        "job": job, "kind": "postgres_base",
+        "source": {"host": wal_server.host, "port": wal_server.port, "user": "postgres", "bin_dir": wal_server.bin_dir,
+                   "slot": slot, "spool_dir": str(tmp_path / "spool"), "partial_interval": 1},
+        "storage": {"backend": "filesystem", "path": str(tmp_path / "store")},
+        "metrics": {"pushgateway_url": pushgateway_server.url, "instance": "db1"}}))
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "build", "collections"))
+    errors = tmp_path / "stream.log"
+
+    def samples():
+        return {name: value for (name, instance, kind), (value, _type)
+                in gateway_samples(pushgateway_server, wal_job).items() if instance == "db1"}
+
+    def holder_changed(old):
+        pid = _slot_holder(wal_server, slot)
+        return pid if pid not in (None, old) else None
+
+    with open(errors, "w", encoding="utf-8") as log_file:
+        stream = subprocess.Popen([sys.executable, "-m", RUNNER, "wal-stream", "--config", str(config)], env=env,
+                                  cwd="/", stdout=subprocess.DEVNULL, stderr=log_file)
+    blocker = None
+    try:
+        first = wait_until(lambda: holder_changed(None), "the daemon's walsender on the slot", timeout=60)
+        _write(wal_server, rows=10)
+        wait_until(lambda: samples().get("backup_wal_stream_up") == 1, "the running stream's report", timeout=30)
+        # 1. The connection is cut once: the retry connects again, no failed attempt is recorded.
+        with wal_server.connect() as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (first,))
+        second = wait_until(lambda: holder_changed(first), "the daemon to reconnect", timeout=60)
+        assert errors.read_text().count("streaming again") == 1
+        assert "backup_last_failure_timestamp_seconds" not in samples()
+        # 2. Cut again, and another receiver takes the slot: the retry fails, a failure is recorded.
+        with wal_server.connect() as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (second,))
+        blocker_dir = tmp_path / "blocker"
+        blocker_dir.mkdir()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            blocker = subprocess.Popen(
+                [os.path.join(wal_server.bin_dir, "pg_receivewal"), "--host", wal_server.host, "--port",
+                 str(wal_server.port), "--username", "postgres", "--slot", slot, "--directory", str(blocker_dir),
+                 "--no-loop", "--no-password"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            if blocker.poll() is None:
+                break
+        assert blocker.poll() is None, "no second receiver could take the slot"
+        failed = wait_until(lambda: samples().get("backup_last_failure_timestamp_seconds"),
+                            "a failed attempt after the retry failed", timeout=60)
+        assert samples().get("backup_last_success_timestamp_seconds", 0) < failed
+        # 3. The slot is free again: the daemon reconnects, stores a file, and records a success.
+        blocker.terminate()
+        blocker.wait(timeout=30)
+        wait_until(lambda: holder_changed(None), "the daemon to take the slot back", timeout=120)
+        _write(wal_server, rows=10)
+        recovered = wait_until(lambda: samples_when_success_after(samples(), failed), "a success after the failure",
+                               timeout=60)
+        assert recovered["backup_wal_stream_up"] == 1
+        assert stream.poll() is None  # a daemon: it never gave up
+    finally:
+        if blocker is not None and blocker.poll() is None:
+            blocker.kill()
+            blocker.wait()
+        stream.terminate()
+        try:
+            stream.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stream.kill()
+            stream.wait()
+
+
+def samples_when_success_after(found, failed):
+    return found if found.get("backup_last_success_timestamp_seconds", 0) >= failed else None

@@ -251,13 +251,26 @@ def cmd_wal_stream(config, args, log):
     bounded = args.duration is not None or args.end_lsn is not None
     attempt = 0
     totals = None
+    # A daemon's result metrics: a lost connection is retried after a short wait, and only a retry that fails
+    # too records a failed attempt (a server restart is not a failed backup; WalStreamStalled and
+    # backup_wal_stream_up tell of the outage). Once a failure is recorded, the first file a
+    # reconnected stream stores records a success, so BackupJobFailing ends with the outage.
+    failure_recorded = [False]
+
+    def stored_a_file():
+        status.beat()
+        if failure_recorded[0]:
+            failure_recorded[0] = False
+            metrics.record("record_backup_result", True, utc_now())
+            metrics.ship()
+
     try:
         while True:
             streamer = WalStreamer(PgConnection(options, "source"), prepared["storage"], wal_job, spool,
                                    slot=options.get("slot") or "biometrics_backup", compression=config.compression,
                                    encryption=prepared["encryption"],
                                    partial_interval=partial_interval, log=log.info)
-            streamer.progress = status.beat
+            streamer.progress = stored_a_file
             try:
                 result = streamer.run(end_lsn=args.end_lsn, duration=args.duration, stop=stop,
                                       on_tick=status.on_tick)
@@ -274,8 +287,10 @@ def cmd_wal_stream(config, args, log):
                 delay = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
                 attempt += 1
                 log.error("%s; streaming again in %d s" % (exc, delay))
-                metrics.record("record_backup_result", False, utc_now())
-                metrics.ship()
+                if attempt > 1:
+                    failure_recorded[0] = True
+                    metrics.record("record_backup_result", False, utc_now())
+                    metrics.ship()
                 # Waiting to retry is working: the heartbeat file goes on (the metrics' heartbeat
                 # does not, so a stream that cannot reach its server looks stalled).
                 deadline = time.monotonic() + delay
