@@ -9,7 +9,6 @@ path and reads every payload object once.
 """
 
 import os
-import time
 import uuid
 
 import pytest
