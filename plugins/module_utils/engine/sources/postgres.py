@@ -136,6 +136,11 @@ class PgConnection:
             return psycopg.connect(autocommit=autocommit, **params)
         except psycopg.Error as exc:
             message = procutil.scrub(_one_line(exc), self.secrets)
+            # The one text match left on purpose: libpq reports a refused connection (here
+            # FATAL 3D000, invalid_catalog_name) as text only, so psycopg's error carries no
+            # sqlstate and is a plain OperationalError, never errors.InvalidCatalogName. A
+            # server speaking another language gets the general message below, which holds
+            # the server's own words.
             if "does not exist" in message and "database" in message:
                 raise SourceError("postgres: database %s does not exist on %s" % (dbname, self.endpoint())) from None
             raise SourceError("postgres: cannot connect to database %s on %s as %s: %s"
@@ -174,6 +179,22 @@ def count_rows(conn, cancelled=None):
             cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table)))
             counts["%s.%s" % (schema, table)] = cur.fetchone()[0]
     return counts
+
+
+def reads_role_passwords(conn):
+    """Whether this session may read the roles' password hashes (pg_authid), which pg_dumpall
+    needs unless it runs with ``--no-role-passwords``. Managed services give a "superuser"
+    that still may not: the server refuses with SQLSTATE 42501 (insufficient_privilege).
+
+    Asked inside a savepoint when ``conn`` is in a transaction, so that the transaction (and a
+    snapshot it exported) goes on after a refusal.
+    """
+    try:
+        with conn.transaction():
+            conn.execute("SELECT rolpassword FROM pg_catalog.pg_authid LIMIT 1")
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return True
 
 
 def server_version_text(num):
@@ -265,7 +286,7 @@ class PostgresSource(Source):
             server_num = conn.info.server_version
             globals_info = None
             if self.include_globals:
-                data, role_hashes = self._dump_globals(bool(superuser))
+                data, role_hashes = self._dump_globals(bool(superuser) and reads_role_passwords(conn))
                 emit(GLOBALS_PAYLOAD, io.BytesIO(data))
                 globals_info = {"included": True, "role_hashes": role_hashes}
             tables = self._dump_database(emit, conn, snapshot)
@@ -317,18 +338,13 @@ class PostgresSource(Source):
                               % procutil.scrub(_one_line(counted["error"]), self.conn.secrets))
         return counted["tables"]
 
-    def _dump_globals(self, superuser):
-        """``pg_dumpall --globals-only`` (small: kept in memory so that it can be retried)."""
+    def _dump_globals(self, role_passwords):
+        """``pg_dumpall --globals-only`` (small: kept in memory so that it can be retried); with
+        the roles' password hashes when ``role_passwords`` (see reads_role_passwords)."""
         base = [self.conn.tool("pg_dumpall"), "--globals-only", "--no-password", "--database=%s" % self.conn.database]
-        env = self.conn.tool_env()
-        if superuser:
-            try:
-                return self._run_globals(base, env), True
-            except SourceError as exc:
-                # Managed services give a "superuser" that still may not read pg_authid.
-                if "permission denied" not in str(exc):
-                    raise
-        return self._run_globals(base + ["--no-role-passwords"], env), False
+        if role_passwords:
+            return self._run_globals(base, self.conn.tool_env()), True
+        return self._run_globals(base + ["--no-role-passwords"], self.conn.tool_env()), False
 
     def _run_globals(self, argv, env):
         stream = procutil.ToolStream(argv, env=env, what="pg_dumpall --globals-only", secrets=self.conn.secrets)
