@@ -628,3 +628,57 @@ def test_server_position_reads_reuse_one_connection_and_a_lasting_failure_is_log
     del logged[:]
     assert [unreachable._server_position() for dummy in range(3)] == [None] * 3
     assert len(logged) == 1 and "could not read the server's WAL position" in logged[0]
+
+
+def _twice_named(pg, storage, tmp_path, slot, switch_between, name):
+    """Base backup, batch 1, restore point ``name``, base backup, batch 2 (the bound just after it),
+    batch 3, ``name`` again, batch 4; with ``switch_between`` batch 3 and the second recording lie
+    in later WAL files. Returns (early base, middle base, bound, recordings)."""
+    streamer = _streamer(pg, storage, tmp_path / ("spool-" + slot), slot=slot)
+    streamer.prepare()
+    early = _base_backup(pg, storage)
+    _insert(pg, 1)
+    with pg.connect() as conn:
+        conn.execute("SELECT pg_create_restore_point(%s)", (name,))
+    middle = _base_backup(pg, storage)  # after the first recording, before the bound
+    bound = _insert(pg, 2) + datetime.timedelta(milliseconds=1)
+    time.sleep(0.05)
+    if switch_between:
+        _lsn(pg, switch=True)
+    _insert(pg, 3)
+    if switch_between:
+        _lsn(pg, switch=True)
+    with pg.connect() as conn:
+        conn.execute("SELECT pg_create_restore_point(%s)", (name,))
+    _insert(pg, 4)
+    streamer.run(end_lsn=_lsn(pg, switch=True))
+    recorded = [p for m in WalState.load(storage, WAL_JOB).segments.values()
+                for p in m["stats"].get("restore_points", []) if p["name"] == name]
+    assert len(recorded) == 2  # (the new slot's stream may start before this test's WAL)
+    return early, middle, bound, recorded
+
+
+def test_a_restore_point_recorded_again_after_the_bound_is_not_used(pg, tmp_path, scratch):
+    """The name is created twice and point_in_time (the upper bound) lies between the two. When a
+    commit stamped after the bound lies in a WAL file before the second recording, the plan knows
+    that recording is not the one asked for and stops at the first (from the base backup before
+    it). When both lie in one WAL file the plan cannot tell; the recovered state is checked
+    against the bound before anything is copied, and the restore is refused."""
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+    early, middle, bound, recorded = _twice_named(pg, storage, tmp_path, "twice_slot", True, "nightly")
+    report = pitr.restore_point_in_time(storage, JOB, bound, restore_point="nightly",
+                                        target=_target(pg, "enrol_nightly"), database=DB, bin_dir=pg.bin_dir,
+                                        scratch_dir=scratch)
+    assert _batches(pg, "enrol_nightly") == {1: 50}
+    assert report["plan"]["base_backup"] == early["id"] != middle["id"]
+    assert report["plan"]["restore_point_lsn"] == min(recorded, key=lambda p: pitr.pgwal.parse_lsn(p["lsn"]))["lsn"]
+
+    same_file = open_storage({"backend": "filesystem", "path": str(tmp_path / "store2")})
+    dummy, middle, bound, recorded = _twice_named(pg, same_file, tmp_path, "twice_slot2", False, "weekly")
+    with pytest.raises(NotFoundError) as info:
+        pitr.restore_point_in_time(same_file, JOB, bound, restore_point="weekly",
+                                   target=_target(pg, "enrol_nightly2"), database=DB, bin_dir=pg.bin_dir,
+                                   scratch_dir=scratch)
+    assert "after point_in_time" in str(info.value)
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'enrol_nightly2%'").fetchone()[0] == 0

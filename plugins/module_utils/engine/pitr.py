@@ -203,6 +203,21 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=N
     return plan
 
 
+def _provably_after(state, point, target):
+    """Whether the restore point recording ``point`` lies after ``target``: some WAL file before the
+    one holding it (same timeline, lower segment) has a commit stamped after ``target``."""
+    parsed = pgwal.parse_segment_name(str(point.get("file") or ""))
+    if parsed is None:
+        return False
+    for manifest in list(state.segments.values()) + [copies[0] for copies in state.partials.values()]:
+        wal = manifest.get("stats") or {}
+        other = pgwal.parse_segment_name(str(wal.get("file") or ""))
+        if (other is not None and other[0] == parsed[0] and other[1] < parsed[1] and wal.get("last_xact_time")
+                and parse_iso(wal["last_xact_time"]) > target):
+            return True
+    return False
+
+
 def _locate_restore_point(bases, state, name, wal_job, target):
     """``(base, point)`` for a restore to the restore point ``name``; ``point`` is None when unknown.
 
@@ -228,6 +243,15 @@ def _locate_restore_point(bases, state, name, wal_job, target):
     for point in found:  # a partial copy and its complete segment record the same point
         unique[(point["timeline"], pgwal.parse_lsn(point["lsn"]))] = point
     found = [unique[key] for key in sorted(unique)]
+    if target is not None and found:
+        # point_in_time is an upper bound: a recording that provably comes after it (a commit
+        # stamped after the bound lies in an earlier WAL file) is not the one asked for. A
+        # recording in doubt is checked after recovery (restore_point_in_time).
+        later = [p for p in found if _provably_after(state, p, target)]
+        if later and len(later) == len(found):
+            raise NotFoundError("restore point %r was created after %s (at LSN %s): give a later point_in_time"
+                                % (name, to_iso_precise(target), ", ".join(p["lsn"] for p in later)))
+        found = [p for p in found if p not in later]
     if not found:
         if not unknown:
             raise NotFoundError("restore point %r is not in the stored WAL of job %s" % (name, wal_job))
@@ -691,6 +715,12 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
         report["recovered_to"] = _recovered_to(server)
         recovered = report["recovered_to"]
         log("recovered to LSN %s, last commit %s" % (recovered["lsn"], recovered["last_commit_time"]))
+        if (restore_point is not None and plan.target_time is not None and recovered["last_commit_time"]
+                and parse_iso(recovered["last_commit_time"]) > plan.target_time):
+            # Nothing was copied yet: the private server is dropped with the scratch directory.
+            raise NotFoundError("restore point %r as recovered holds a commit of %s, after point_in_time %s: the "
+                                "name was created again after the bound (give an earlier bound, or a unique name)"
+                                % (restore_point, recovered["last_commit_time"], to_iso_precise(plan.target_time)))
         if target is not None:
             report["target"] = _copy_database(server, target, synthetic, database, bin_dir)
         else:
