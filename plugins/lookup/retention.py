@@ -150,7 +150,8 @@ _raw:
 from ansible.errors import AnsibleError, AnsibleLookupError
 from ansible.plugins.lookup import LookupBase
 
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.pgwal import base_wal_start, wal_keep_reason
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.pgwal import (
+    base_wal_start, wal_job_of, wal_keep_reason)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.retention import (
     SEMANTICS,
     RetentionError,
@@ -202,10 +203,8 @@ class LookupModule(LookupBase):
         for backup in reversed(result.keep):  # the oldest kept base backup names the WAL kept
             start = base_wal_start(backup.item)
             if start is not None:
-                wal_job = (backup.item.get("stats") or {}).get("wal_job") or backup.item.get("wal_job")
-                if not wal_job and backup.item.get("job"):
-                    wal_job = "%s-wal" % backup.item["job"]
-                answer["reasons"][backup.key].append(wal_keep_reason(wal_job or "<job>-wal", start[2]))
+                wal_job = wal_job_of(backup.item.get("job") or "<job>", backup.item)
+                answer["reasons"][backup.key].append(wal_keep_reason(wal_job, start[2]))
                 answer["wal_keep_from"] = start[2]
                 break
         return [answer]

@@ -52,7 +52,8 @@ from .catalog import Catalog
 from .config import read_text_file
 from .errors import BackupError, ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
 from .pipeline import CHUNK, PlaintextStream, check_object, store_stream
-from .prune import BASE_KIND, WAL_KIND, plan as retention_plan, wal_job_names, wal_job_of
+from .pgwal import wal_job_of
+from .prune import BASE_KIND, WAL_KIND, plan as retention_plan, wal_job_names
 from .restore import KeyMismatchError, identities as restore_identities
 from .storage.base import MissingLocationError, is_unfinished
 from .timeutil import is_backup_id, parse_iso, to_iso, utc_now

@@ -183,6 +183,16 @@ def base_wal_start(base):
     return None
 
 
+def wal_job_of(job, base):
+    """The WAL job a ``postgres_base`` backup names: ``stats.wal_job``, default ``<job>-wal``.
+
+    ``base`` is its manifest or a flat mapping with ``wal_job`` (the retention lookup's input),
+    as for :func:`base_wal_start`.
+    """
+    stats = base.get("stats") if isinstance(base.get("stats"), dict) else base
+    return stats.get("wal_job") or "%s-wal" % job
+
+
 def wal_needed(needs, timeline, segno):
     """Whether WAL segment ``(timeline, segno)`` is needed by any base backup in ``needs``
     (``[(timeline, first segno)]``): by one on the same timeline from its first segment on, and by

@@ -37,6 +37,7 @@ import datetime
 
 from . import manifest as mf
 from . import pgwal
+from .pgwal import wal_job_of
 from .catalog import Catalog
 from .errors import ConfigError, StorageError
 from .retention import Backup, Duration, Policy, RetentionError, apply_policy
@@ -304,11 +305,6 @@ def _orphan_report(entry, action):
     last = entry["last_modified"]
     return {"path": entry["path"], "objects": len(entry["objects"]), "uploads": len(entry["uploads"]),
             "bytes": entry["bytes"], "last_modified": to_iso(last) if last else None, "action": action}
-
-
-def wal_job_of(job, base):
-    """The WAL job a ``postgres_base`` backup names (``stats.wal_job``, default ``<job>-wal``)."""
-    return (base.get("stats") or {}).get("wal_job") or "%s-wal" % job
 
 
 def wal_job_names(job, manifests):
