@@ -15,6 +15,7 @@ compressible rows); then times, in one run on the same database:
            pg_restore -j 2 -d NEW uncompressed.dump             the same with two jobs (a seekable file)
            age -d | zstd -d | pg_restore -d NEW                 stock decrypt-and-restore of the stock pipeline's file
            runner restore (verify all objects, decrypt, decompress, pg_restore, row checks)
+           runner restore with jobs: 2 (verified dump spooled to a local file, pg_restore -j 2)
 
 Every case runs ``--rounds`` times (default 3; the slow seed gzip pipeline only in the first
 ``--seed-rounds``), interleaved, the order of the cases reversed every other round, and the
@@ -146,14 +147,20 @@ def main():
         else:
             storage = dict(backend="filesystem", path=os.path.join(work, "store"))
         job_file = os.path.join(work, "job.json")
-        with open(job_file, "w", encoding="utf-8") as handle:
-            json.dump({"job": "bench", "kind": "postgres",
-                       "source": {"host": pg.host, "port": pg.port, "user": pg.user, "database": "bench",
-                                  "bin_dir": pg.bin_dir},
-                       "storage": storage, "compression": {"algorithm": "zstd", "level": 1},
-                       "encryption": {"recipients": [recipient], "identity_file": key_file},
-                       "restore": {"target": {"host": pg.host, "port": pg.port, "user": pg.user, "database": "bench",
-                                              "restore_database": "bench_engine", "bin_dir": pg.bin_dir}}}, handle)
+        job_j2_file = os.path.join(work, "job-j2.json")
+        scratch = os.path.join(work, "scratch")
+        os.mkdir(scratch)
+        for path, extra in ((job_file, {"restore_database": "bench_engine"}),
+                            (job_j2_file, {"restore_database": "bench_engine_j2", "jobs": 2, "scratch_dir": scratch})):
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump({"job": "bench", "kind": "postgres",
+                           "source": {"host": pg.host, "port": pg.port, "user": pg.user, "database": "bench",
+                                      "bin_dir": pg.bin_dir},
+                           "storage": storage, "compression": {"algorithm": "zstd", "level": 1},
+                           "encryption": {"recipients": [recipient], "identity_file": key_file},
+                           "restore": {"target": dict({"host": pg.host, "port": pg.port, "user": pg.user,
+                                                       "database": "bench", "bin_dir": pg.bin_dir}, **extra)}},
+                          handle)
 
         dump = tool("pg_dump")
         plain = os.path.join(work, "plain.dump")
@@ -161,12 +168,14 @@ def main():
         restore_tool = tool("pg_restore")
         runner_output = {}
 
-        def runner_restore():
-            drop_database(pg, "bench_engine")
-            out = []
-            result = timed([sys.executable, "-m", RUNNER, "restore", "--config", job_file], env, output=out)
-            runner_output[result] = json.loads(out[0])
-            return result
+        def runner_restore(config=job_file, database="bench_engine"):
+            def run():
+                drop_database(pg, database)
+                out = []
+                result = timed([sys.executable, "-m", RUNNER, "restore", "--config", config], env, output=out)
+                runner_output[result] = json.loads(out[0])
+                return result
+            return run
 
         def restore_into(name, argv, shell=False):
             def run():
@@ -193,7 +202,9 @@ def main():
             ("stock pipe: age -d | zstd -d | pg_restore",
              restore_into("bench_pipe", "set -o pipefail; age -d -i %s %s/stock.age | zstd -q -d | %s -d bench_pipe"
                           % (key_file, work, restore_tool), shell=True)),
-            ("runner restore (verify, decrypt, decompress, pg_restore, row checks)", runner_restore),
+            ("runner restore (verify, decrypt, decompress, pg_restore, row checks)", runner_restore()),
+            ("runner restore, jobs: 2 (spool the verified dump, pg_restore -j 2 from it, row checks)",
+             runner_restore(job_j2_file, "bench_engine_j2")),
         ]
         rounds = {name: [] for name, _run in backups + restores}
         for number in range(args.rounds):
@@ -215,15 +226,25 @@ def main():
         engine, stock, seed, limit = best[names[3]], best[names[1]], best[names[2]], best[names[0]]
         print("\nbackup: runner / best stock pipeline = %.2fx, seed gzip / runner = %.1fx, runner / source limit = %.2fx"
               % (engine / stock, seed / engine, engine / limit))
-        runner = best[names[7]]
+        runner, runner_j2 = best[names[7]], best[names[8]]
         print("restore: runner / pg_restore = %.2fx, runner / pg_restore -j 2 = %.2fx, "
               "runner / age -d | zstd -d | pg_restore = %.2fx, pg_restore -j 2 / pg_restore = %.2fx"
               % (runner / best[names[4]], runner / best[names[5]], runner / best[names[6]],
                  best[names[5]] / best[names[4]]))
-        phases = runner_output[results[names[7]]]["phases"]
+        print("restore, jobs: 2: runner jobs 2 / pg_restore -j 2 = %.2fx, runner jobs 2 / pg_restore = %.2fx, "
+              "runner jobs 2 / runner = %.2fx" % (runner_j2 / best[names[5]], runner_j2 / best[names[4]],
+                                                  runner_j2 / runner))
         order = ("select", "verify", "prepare", "transfer", "load", "checks", "total")
-        print("runner restore phases (best round): %s" % ", ".join(
-            "%s %.1fs" % (name, phases[name]) for name in order if name in phases))
+        for name in names[7:9]:
+            output = runner_output[results[name]]
+            phases = output["phases"]
+            target = output.get("restore") or {}
+            print("%s, phases (best round): %s; verification mode %s; target: jobs %s, scratch %.0f MiB, "
+                  "spool %ss, pg_restore %ss" % (
+                      name.split(" (")[0], ", ".join("%s %.1fs" % (key, phases[key]) for key in order if key in phases),
+                      (output.get("verification") or {}).get("mode", "two-pass"), target.get("jobs"),
+                      (target.get("scratch_bytes") or 0) / 1048576.0, target.get("spool_seconds", "-"),
+                      target.get("pg_restore_seconds", "-")))
         print("load average at the end: %.2f %.2f %.2f on %d cores" % (os.getloadavg() + (os.cpu_count(),)))
     finally:
         if s3 is not None:
