@@ -98,8 +98,8 @@ def main():
         best = {name: min(seconds) for name, seconds in found.items()}
         print("\n| case | best s | rounds s | / j1 file |\n|---|---:|---|---:|")
         for name, seconds in found.items():
-            print("| %s | %.2f | %s | %.2f× |" % (name, best[name], " / ".join("%.2f" % s for s in seconds),
-                                                 best[name] / best["j1 file"]))
+            rounds = " / ".join("%.2f" % value for value in seconds)
+            print("| %s | %.2f | %s | %.2f× |" % (name, best[name], rounds, best[name] / best["j1 file"]))
         print("load average at the end: %.2f %.2f %.2f on %d cores" % (os.getloadavg() + (os.cpu_count(),)))
     finally:
         if pg is not None:
