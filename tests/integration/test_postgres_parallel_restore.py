@@ -84,6 +84,7 @@ def test_jobs_2_restore_equals_the_live_database_and_leaves_no_spool(
     assert tables_state(postgres_server, filled.name) == before
     assert os.listdir(scratch) == []
     assert report["target"]["jobs"] == 2
+    assert report["verification"]["mode"] == "one-pass"   # the dump is checked by the spool's stream
 
 
 def test_jobs_1_streams_without_a_spool(postgres_server, filled, storage, scratch, cleanup_databases):
@@ -145,6 +146,29 @@ def test_damaged_dump_fails_in_the_spool_before_any_database_exists(
         target.restore(context)
     assert target.seen is None  # pg_restore never started
     assert databases(postgres_server) == before_dbs
+    assert os.listdir(scratch) == []
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_one_pass_restore_of_a_damaged_dump_changes_nothing(
+        postgres_server, filled, storage, tmp_path, scratch, cleanup_databases, jobs):
+    """Through the engine (one pass: the dump is not read before the target runs): a byte
+    flipped near the end of the stored dump fails the restore, no database is left, the live
+    one is unchanged and the scratch directory is empty."""
+    manifest = backup(storage, source_options(postgres_server, filled.name), compression={"algorithm": "zstd"})
+    name = next(obj["name"] for obj in manifest["objects"] if obj.get("payload") == DUMP_PAYLOAD)
+    dump = tmp_path / "store" / JOB / manifest["id"] / name
+    data = bytearray(dump.read_bytes())
+    data[len(data) * 9 // 10] ^= 0x01
+    dump.write_bytes(bytes(data))
+    before_dbs = databases(postgres_server)
+    before = tables_state(postgres_server, filled.name)
+    target = PostgresTarget(target_options(postgres_server, filled.name, jobs=jobs, scratch_dir=str(scratch),
+                                           swap=True))
+    with pytest.raises(IntegrityError, match=name):
+        rs.restore(storage, JOB, target, backup=manifest["id"])
+    assert databases(postgres_server) == before_dbs
+    assert tables_state(postgres_server, filled.name) == before
     assert os.listdir(scratch) == []
 
 
