@@ -293,8 +293,8 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location, resolved, text_of
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import RETENTION, RETENTION_KEYS
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import (
-    RECHECKS, copy_backups, reencrypt_settings)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import RECHECKS, reencrypt_settings
 
 
 def main():
@@ -332,9 +332,9 @@ def main():
             # Key files are read (and masked) here; the engine checks recipients and the key.
             reencrypt = reencrypt_settings(resolved(module, "reencrypt"))
             module.no_log_values.update(line for line in (reencrypt["_identity"] or "").splitlines() if line)
-        outcome = copy_backups(source, destination, params["job"], backup=params["backup"],
-                               recheck=params["recheck"], check_mode=module.check_mode, policy=policy,
-                               min_keep=min_keep, reencrypt=reencrypt)
+        outcome = operations.copy(source, destination, params["job"], backup=params["backup"],
+                                  recheck=params["recheck"], check_mode=module.check_mode, policy=policy,
+                                  min_keep=min_keep, reencrypt=reencrypt)
     returned = ("changed", "copied", "planned", "failed", "skipped", "vanished", "superseded", "in_sync", "not_wanted",
                 "bytes_copied", "lag_seconds", "source", "destination", "reencrypt", "other_recipients")
     result = dict((key, outcome[key]) for key in returned)

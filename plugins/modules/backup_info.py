@@ -166,10 +166,10 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog, upload_summary
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import upload_summary
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.restore import select_backup
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import parse_iso, to_iso
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import parse_iso
 
 
 def _moment(value, name):
@@ -215,19 +215,12 @@ def main():
     with engine_errors(module, backups=[], count=0, jobs=[], junk=[], orphans=[], incomplete_uploads=[],
                        incomplete_uploads_summary=upload_summary([])):
         since, until = _moment(params["since"], "since"), _moment(params["until"], "until")
-        catalog = Catalog(open_location(module))
-        everything = catalog.scan(params["job"])
-        junk = list(catalog.junk)
-        orphans = [dict(key=info.key, size=info.size, modified=to_iso(info.modified)) for info in catalog.orphans]
-        jobs = sorted(set(m["job"] for m in everything))
-        uploads = catalog.incomplete_uploads(params["job"])
-        if params["backup"]:
-            chosen = [select_backup(catalog, params["job"], params["backup"])[0]]
-        else:
-            chosen = everything
-        backups = [m for m in chosen if _matches(m, params, since, until)]
-    module.exit_json(changed=False, backups=backups, count=len(backups), jobs=jobs, junk=junk, orphans=orphans,
-                     incomplete_uploads=uploads, incomplete_uploads_summary=upload_summary(uploads))
+        found = operations.inventory(open_location(module), params["job"], params["backup"])
+        jobs = sorted(set(m["job"] for m in found["backups"]))
+        backups = [m for m in found.get("selected", found["backups"]) if _matches(m, params, since, until)]
+    module.exit_json(changed=False, backups=backups, count=len(backups), jobs=jobs, junk=found["junk"],
+                     orphans=found["orphans"], incomplete_uploads=found["incomplete_uploads"],
+                     incomplete_uploads_summary=found["incomplete_uploads_summary"])
 
 
 if __name__ == "__main__":

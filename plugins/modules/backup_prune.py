@@ -255,10 +255,8 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import copied_ids, copied_wal_ids
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import (
-    PartialPruneError, PruneRefusedError, prune)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import PartialPruneError, PruneRefusedError
 
 POLICY_OPTIONS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
                   "keep_within", "semantics", "timezone")
@@ -320,17 +318,12 @@ def main():
     policy = dict((name, params[name]) for name in POLICY_OPTIONS)
     with engine_errors(module, changed=False, **EMPTY):
         storage = open_location(module)
-        copied = wal_copied = None
-        if params["require_copy"]:
-            destination = open_location(module, "require_copy")
-            manifests = Catalog(storage).scan(params["job"], with_orphans=False)
-            copied = copied_ids(destination, params["job"], manifests)
-            wal_copied = copied_wal_ids(storage, destination, params["job"], manifests)
+        destination = open_location(module, "require_copy") if params["require_copy"] else None
         try:
-            result = prune(storage, params["job"], policy, min_keep=params["min_keep"],
-                           max_delete=params["max_delete"], force=params["force"],
-                           orphan_grace=params["orphan_grace"], dry_run=module.check_mode, copied=copied,
-                           wal_copied=wal_copied)
+            result = operations.prune(storage, params["job"], policy, min_keep=params["min_keep"],
+                                      max_delete=params["max_delete"], force=params["force"],
+                                      orphan_grace=params["orphan_grace"], dry_run=module.check_mode,
+                                      copy_location=destination)
         except PruneRefusedError as exc:
             module.fail_json(msg=str(exc), changed=False, refused=True, **_public(exc.result))
         except PartialPruneError as exc:

@@ -166,11 +166,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.adapter import (
     ENCRYPTION_SPEC, STORAGE_SPEC, drop_none, engine_errors)
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import (
     open_location, reading_keys, resolved, text_of, writing_encryption)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.restore import parent_identities
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.base import MissingLocationError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
 
 
 def main():
@@ -200,17 +196,16 @@ def main():
     result = dict(changed=False, backup_id="")
     with engine_errors(module, **result):
         # Fields checked (types, bounds, unknown names) before a secret file is read.
-        kinds.check_source_options(params["kind"], drop_none(params["source"]))
-        source = kinds.make_source(params["kind"], resolved(module, "source"))
+        source = operations.make_source(params["kind"], drop_none(params["source"]),
+                                        lambda raw: resolved(module, "source", raw))
         storage = open_location(module)
         identity, passphrase = reading_keys(module)
         size_policy = None
         if params["size_anomaly"] is not None:
             size_policy = drop_none(params["size_anomaly"])
-        run = BackupRun(params["job"], source, storage, compression=drop_none(params["compression"]),
-                        encryption=writing_encryption(module),
-                        identities=parent_identities(storage, params["job"], identity, passphrase),
-                        size_policy=size_policy)
+        run = operations.prepare_backup(params["job"], source, storage, compression=drop_none(params["compression"]),
+                                        encryption=writing_encryption(module), identity=identity,
+                                        passphrase=passphrase, size_policy=size_policy)
         result["plan"] = run.plan()
         if module.check_mode:
             source.preflight()
@@ -219,12 +214,7 @@ def main():
                 result["diff"] = dict(before_header="job %s" % params["job"], after_header="job %s" % params["job"],
                                       before="", after=text_of({"new backup": result["plan"]}))
             module.exit_json(**result)
-        before = None
-        if module._diff:
-            try:
-                before = len(Catalog(storage).scan(params["job"], with_orphans=False))
-            except MissingLocationError:
-                before = 0  # a first backup creates its storage directory
+        before = operations.backup_count(storage, params["job"]) if module._diff else None
         manifest = run.run()
     result.update(changed=True, backup_id=manifest["id"], manifest=manifest)
     if module._diff:

@@ -162,8 +162,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.adapter import (
     ENCRYPTION_SPEC, STORAGE_SPEC, engine_errors)
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import (
     open_location, reading_keys, resolved, text_of)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
 
 
 def main():
@@ -185,12 +184,10 @@ def main():
         storage = open_location(module)
         identity, passphrase = reading_keys(module)
         scratch = resolved(module, "scratch")
-        previous = {}
-        if module._diff:
-            previous = dict((m["id"], m.get("verification")) for m in Catalog(storage).scan(params["job"], with_orphans=False))
-        outcome = verify(storage, params["job"], backup=params["backup"], identity=identity, passphrase=passphrase,
-                         test_restore=params["test_restore"], scratch_options=scratch,
-                         record=params["record"] and not module.check_mode)
+        previous = operations.verifications(storage, params["job"]) if module._diff else {}
+        outcome = operations.verify(storage, params["job"], backup=params["backup"], identity=identity,
+                                    passphrase=passphrase, test_restore=params["test_restore"],
+                                    scratch_options=scratch, record=params["record"] and not module.check_mode)
     result = dict(changed=outcome["changed"], job=outcome["job"], backup=outcome["backup"],
                   results=outcome["results"], passed=outcome["ok"],
                   summary=dict(verified=outcome["verified"], failed=outcome["failed"], errors=outcome["errors"]))

@@ -37,18 +37,16 @@ import signal
 import sys
 import time
 
-from . import kinds
-from .backup import BackupRun
-from .catalog import Catalog, upload_summary
+from . import kinds, operations
 from .config import read_text_file, resolve_secret_refs
 from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyError
 from .jobconfig import JobConfig, parse_text, secret_values
 from .pipeline import Progress
-from .restore import KeyMismatchError, parent_identities, restore as run_restore
+from .operations import where
+from .restore import KeyMismatchError, restore as run_restore
 from .storage import location
 from .storage.base import MissingLocationError
 from .timeutil import to_iso, utc_now
-from .verify import verify as run_verify
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -124,13 +122,6 @@ class Log:
 
     def error(self, message, **fields):
         self.emit("error", message, **fields)
-
-
-def where(description):
-    """``backend=s3 bucket=b prefix=p`` from a describe() dict, for log lines."""
-    if not isinstance(description, dict):
-        return str(description)
-    return " ".join("%s=%s" % (key, value) for key, value in description.items() if value not in (None, "", [], {}))
 
 
 def exit_code_for(exc):
@@ -223,11 +214,10 @@ def cmd_backup(config, args, log):
                 _human_bytes(raw), _human_bytes(stored), _human_bytes(raw / elapsed if elapsed else 0)),
                 raw_bytes=raw, stored_bytes=stored, elapsed_seconds=round(elapsed, 1))
 
-        run = BackupRun(config.job, prepared["source"], storage, compression=config.compression,
-                        encryption=prepared["encryption"],
-                        progress=Progress(report, interval=args.progress_interval),
-                        identities=parent_identities(storage, config.job, identity, passphrase),
-                        size_policy=config.size_policy)
+        run = operations.prepare_backup(config.job, prepared["source"], storage, compression=config.compression,
+                                        encryption=prepared["encryption"], identity=identity, passphrase=passphrase,
+                                        size_policy=config.size_policy,
+                                        progress=Progress(report, interval=args.progress_interval))
         if args.check:
             plan = run.plan()
             log.info("check mode: would back up %s to %s" % (where(plan["source"]), where(plan["storage"])))
@@ -281,7 +271,7 @@ class _SizeFailure(Exception):
 def _scratch_options(config):
     if config.drill.get("target") is not None:
         return config.target_options("drill")
-    return resolve_secret_refs(kinds.scratch_options_from_source(config.kind, config.source), "source")
+    return resolve_secret_refs(operations.scratch_options(config.kind, config.source), "source")
 
 
 def cmd_verify(config, args, log):
@@ -292,9 +282,9 @@ def cmd_verify(config, args, log):
     scratch = _scratch_options(config) if test_restore else None
     if scratch:
         log.add_secrets(secret_values(scratch))
-    outcome = run_verify(prepared["storage"], config.job, backup=selector, identity=identity,
-                         passphrase=passphrase, test_restore=test_restore, scratch_options=scratch,
-                         record=not args.check, log=log.info)
+    outcome = operations.verify(prepared["storage"], config.job, backup=selector, identity=identity,
+                                passphrase=passphrase, test_restore=test_restore, scratch_options=scratch,
+                                record=not args.check, log=log.info)
     metrics = Metrics(config, log)
     if outcome["changed"]:
         metrics.record("record_verification", outcome["failed"] == 0, utc_now())
@@ -389,10 +379,10 @@ def cmd_drill(config, args, log):
             identity, passphrase = prepared["keys"]
             scratch = _scratch_options(config)
             log.add_secrets(secret_values(scratch))
-            outcome = run_verify(prepared["storage"], job, backup=args.backup or "latest", identity=identity,
-                                 passphrase=passphrase, test_restore=True, scratch_options=scratch,
-                                 record=not args.check, log=log.info, progress=restore_progress(log),
-                                 progress_interval=args.progress_interval)
+            outcome = operations.drill(prepared["storage"], job, backup=args.backup or "latest", identity=identity,
+                                       passphrase=passphrase, scratch_options=scratch, record=not args.check,
+                                       log=log.info, progress=restore_progress(log),
+                                       progress_interval=args.progress_interval)
             ok = outcome["ok"]
     except BaseException:
         metrics.record("record_drill", False, utc_now())
@@ -435,25 +425,16 @@ def cmd_drill(config, args, log):
 
 
 def cmd_prune(config, args, log):
-    from .prune import prune as run_prune
     if args.destination:
-        return _prune_destination(config, args, log, run_prune)
+        return _prune_destination(config, args, log)
     prepared = _prepare(config, "prune", log)
     options = config.prune_options()
     metrics = Metrics(config, log)
-    copied = wal_copied = None
-    if options.get("require_copy"):
-        from .offsite import copied_ids, copied_wal_ids
-        manifests = Catalog(prepared["storage"]).scan(config.job)
-        copied = copied_ids(prepared["destination"], config.job, manifests)
-        wal_copied = copied_wal_ids(prepared["storage"], prepared["destination"], config.job, manifests)
-        log.info("require_copy: %d backups%s held by %s" % (
-            len(copied), "" if wal_copied is None else " and %d WAL files" % len(wal_copied),
-            where(prepared["destination"].describe())))
-    result = run_prune(prepared["storage"], config.job, config.retention_policy,
-                       min_keep=options.get("min_keep", 1), max_delete=options.get("max_delete"),
-                       force=bool(args.force or options.get("force")), orphan_grace=options.get("orphan_grace"),
-                       dry_run=args.check, log=log.info, copied=copied, wal_copied=wal_copied)
+    result = operations.prune(prepared["storage"], config.job, config.retention_policy,
+                              min_keep=options.get("min_keep", 1), max_delete=options.get("max_delete"),
+                              force=bool(args.force or options.get("force")),
+                              orphan_grace=options.get("orphan_grace"), dry_run=args.check, log=log.info,
+                              copy_location=prepared["destination"] if options.get("require_copy") else None)
     counts = result["counts"]
     if not args.check:
         metrics.record("record_retention", counts["kept"], len(result["deleted"]), utc_now())
@@ -467,7 +448,6 @@ def cmd_prune(config, args, log):
 
 def cmd_copy(config, args, log):
     """Copy the job's backups to ``copy.destination``, each verified there, manifest last."""
-    from .offsite import copy_backups
     metrics = Metrics(config, log)
     try:
         prepared = _prepare(config, "copy", log)
@@ -476,12 +456,12 @@ def cmd_copy(config, args, log):
         log.info("%s %s to %s%s" % ("check mode: planning the copy of" if args.check else "copying",
                                     where(source.describe()), where(destination.describe()),
                                     ", re-encrypted to %d recipients" % len(reencrypt["recipients"]) if reencrypt else ""))
-        outcome = copy_backups(source, destination, config.job,
-                               backup=args.backup or config.copy.get("backup") or "all",
-                               recheck=config.copy.get("recheck") or "size", check_mode=args.check, log=log.info,
-                               policy=config.copy_policy,
-                               min_keep=config.prune_options("copy.retention").get("min_keep", 1),
-                               reencrypt=reencrypt)
+        outcome = operations.copy(source, destination, config.job,
+                                  backup=args.backup or config.copy.get("backup") or "all",
+                                  recheck=config.copy.get("recheck") or "size", check_mode=args.check, log=log.info,
+                                  policy=config.copy_policy,
+                                  min_keep=config.prune_options("copy.retention").get("min_keep", 1),
+                                  reencrypt=reencrypt)
     except BaseException:
         if not args.check:
             metrics.record("record_copy", False, utc_now())
@@ -504,16 +484,16 @@ def cmd_copy(config, args, log):
     return (EXIT_OK if outcome["ok"] else EXIT_INTEGRITY), outcome
 
 
-def _prune_destination(config, args, log, run_prune):
+def _prune_destination(config, args, log):
     """``prune --destination``: copy.retention applied at copy.destination, with the same rails."""
     if config.copy_policy is None or not config.copy.get("destination"):
         raise ConfigError("%s: prune --destination needs copy.destination and copy.retention" % config.where)
     _prepare(config, "copy", log)  # secrets of both locations read and masked
     destination = location.build_storage(config.copy_destination_options())
     options = config.prune_options("copy.retention")
-    result = run_prune(destination, config.job, config.copy_policy, min_keep=options.get("min_keep", 1),
-                       max_delete=options.get("max_delete"), force=bool(args.force or options.get("force")),
-                       orphan_grace=options.get("orphan_grace"), dry_run=args.check, log=log.info)
+    result = operations.prune(destination, config.job, config.copy_policy, min_keep=options.get("min_keep", 1),
+                              max_delete=options.get("max_delete"), force=bool(args.force or options.get("force")),
+                              orphan_grace=options.get("orphan_grace"), dry_run=args.check, log=log.info)
     counts = result["counts"]
     log.info("%s at %s: kept %d, %s %d backups%s" % (
         "dry run" if args.check else "pruned", where(destination.describe()), counts["kept"],
@@ -524,17 +504,9 @@ def _prune_destination(config, args, log, run_prune):
 
 def cmd_list(config, args, log):
     storage = _prepare(config, "list", log, args.from_copy)["storage"]
-    catalog = Catalog(storage)
-    job = args.job or config.job
-    backups = catalog.scan(job)
-    uploads = catalog.incomplete_uploads(job)
-    result = {"job": job, "storage": storage.describe(), "backups": backups,
-              "junk": list(catalog.junk),
-              "orphans": [{"key": info.key, "size": info.size, "modified": to_iso(info.modified)}
-                          for info in catalog.orphans],
-              "incomplete_uploads": uploads, "incomplete_uploads_summary": upload_summary(uploads)}
+    result = operations.inventory(storage, args.job or config.job)
     log.info("%d backups, %d junk objects, %d orphaned objects, %d unfinished uploads (%s)" % (
-        len(backups), len(catalog.junk), len(catalog.orphans), len(uploads),
+        len(result["backups"]), len(result["junk"]), len(result["orphans"]), len(result["incomplete_uploads"]),
         _human_bytes(result["incomplete_uploads_summary"]["bytes"])))
     return EXIT_OK, result
 
