@@ -223,11 +223,11 @@ from ansible_collections.biometrics.backup.plugins.module_utils.adapter import (
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import (
     open_location, reading_keys, resolved, text_of)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import pitr
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.pitr_runner import TARGET_SCHEMA
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.restore import restore
 
 
 def main():
@@ -259,15 +259,10 @@ def main():
         options = resolved(module, "target")
         storage = open_location(module)
         identity, passphrase = reading_keys(module)
-
-        def make_target(kind):
-            if params["kind"] and params["kind"] != kind:
-                raise ConfigError("backup of job %s is of kind %s, not %s" % (params["job"], kind, params["kind"]))
-            return kinds.make_target(kind, options)
-
-        report = restore(storage, params["job"], make_target, backup=params["backup"],
-                         point_in_time=params["point_in_time"], identity=identity, passphrase=passphrase,
-                         check_mode=module.check_mode, verify_first=params["verify_first"])
+        report = operations.restore(storage, params["job"], options, kind=params["kind"] or None,
+                                    backup=params["backup"], point_in_time=params["point_in_time"],
+                                    identity=identity, passphrase=passphrase, check_mode=module.check_mode,
+                                    verify_first=params["verify_first"])
     result = dict(report)
     result["changed"] = True if module.check_mode else bool(report["changed"])
     if module._diff:

@@ -100,10 +100,32 @@ def test_prune_with_a_copy_location_prunes_only_what_the_copy_holds(tree, tmp_pa
     assert operations.prune(offsite, JOB, {"keep_last": 1}, dry_run=True)["counts"]["pruned"] == 1
 
 
+def test_restore_builds_the_target_of_the_chosen_kind_and_checks_the_kind_once(tree, tmp_path):
+    storage = _location(tmp_path / "store")
+    stored = _backup(tree, storage)
+    restored = tmp_path / "restored"
+    report = operations.restore(storage, JOB, {"path": str(restored)}, kind="files")
+    assert report["backup_id"] == stored["id"] and report["kind"] == "files" and report["changed"]
+    assert (restored / "a.txt").read_text() == (tree / "a.txt").read_text()
+    assert (restored / "sub" / "b.bin").read_bytes() == (tree / "sub" / "b.bin").read_bytes()
+
+    # Without a kind the backup's own kind is used; check mode writes nothing.
+    planned = operations.restore(storage, JOB, {"path": str(tmp_path / "planned")}, check_mode=True)
+    assert planned["kind"] == "files" and not planned["changed"] and not (tmp_path / "planned").exists()
+
+    # Another kind is refused once the backup is chosen, before its target is built.
+    with pytest.raises(ConfigError, match="backup of job %s is of kind files, not config_git" % JOB):
+        operations.restore(storage, JOB, {"path": str(tmp_path / "git")}, kind="config_git")
+    # A field the kind's target does not know is refused before anything is read.
+    with pytest.raises(ConfigError, match="pth"):
+        operations.restore(_location(tmp_path / "nowhere"), JOB, {"pth": "/x"}, kind="files")
+    assert not (tmp_path / "git").exists()
+
+
 # Engine calls that make up an operation: a caller that imports these assembles it itself.
 ASSEMBLY = {"BackupRun", "Catalog", "parent_identities", "select_backup", "copied_ids", "copied_wal_ids",
-            "copy_backups", "verify", "prune", "scratch_options_from_source"}
-CALLERS = ["plugins/modules/backup_%s.py" % name for name in ("run", "info", "verify", "prune", "copy")] + [
+            "copy_backups", "verify", "prune", "restore", "scratch_options_from_source"}
+CALLERS = ["plugins/modules/backup_%s.py" % name for name in ("run", "info", "verify", "prune", "copy", "restore")] + [
     "plugins/module_utils/engine/runner.py"]
 
 
@@ -118,4 +140,4 @@ def test_callers_go_through_the_facade(path):
                   if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "kinds"}
     assert not imported & ASSEMBLY, "%s imports %s: call engine/operations.py" % (path, sorted(imported & ASSEMBLY))
     assert "operations" in imported
-    assert not attributes & {"make_source", "check_source_options", "scratch_options_from_source"}
+    assert not attributes & {"make_source", "make_target", "check_source_options", "scratch_options_from_source"}

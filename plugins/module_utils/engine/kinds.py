@@ -71,7 +71,19 @@ def make_source(kind, options):
 
 
 def make_target(kind, options):
+    """Instantiate the target of ``kind`` (the class validates its own options)."""
     return target_class(kind)(options or {})
+
+
+def target_factory(options, kind=None, job=None):
+    """``factory(kind)`` for restore.restore, which calls it once the backup (and so its kind)
+    is chosen: the target of that kind built from ``options``. With ``kind`` the backup must be
+    of that kind; this is the one place a restore compares the two."""
+    def factory(chosen):
+        if kind is not None and chosen != kind:
+            raise ConfigError("backup of job %s is of kind %s, not %s" % (job, chosen, kind))
+        return make_target(chosen, options)
+    return factory
 
 
 def check_source_options(kind, options):

@@ -14,7 +14,7 @@ offsite copies are imported when used, as the runner did: a backup CronJob does 
 from . import kinds
 from .backup import BackupRun
 from .catalog import Catalog, upload_summary
-from .restore import PROGRESS_INTERVAL, parent_identities, select_backup
+from .restore import PROGRESS_INTERVAL, parent_identities, restore as restore_backup, select_backup
 from .storage.base import MissingLocationError
 from .timeutil import to_iso
 from .verify import verify as verify_backups
@@ -108,6 +108,26 @@ def drill(storage, job, backup="latest", identity=None, passphrase=None, scratch
 def scratch_options(kind, source_options):
     """The scratch target's options a drill derives from the job's source options (unresolved)."""
     return kinds.scratch_options_from_source(kind, source_options)
+
+
+# -- restore ------------------------------------------------------------------------------
+
+def restore(storage, job, target_options, kind=None, backup=None, point_in_time=None, identity=None,
+            passphrase=None, check_mode=False, log=None, progress=None, progress_interval=PROGRESS_INTERVAL,
+            verify_first=False):
+    """Verified restore of one backup of ``job`` (engine/restore.py) into the target of its kind,
+    built from ``target_options`` once the backup is chosen (kinds.target_factory).
+
+    With ``kind`` the options are checked against that kind's target schema before anything is
+    read, and a backup of another kind is refused. (PostgreSQL point-in-time recovery is
+    engine/pitr.py's.)
+    """
+    if kind is not None:
+        kinds.check_target_options(kind, target_options)
+    return restore_backup(storage, job, kinds.target_factory(target_options, kind, job), backup=backup,
+                          point_in_time=point_in_time, identity=identity, passphrase=passphrase,
+                          check_mode=check_mode, log=log, progress=progress, progress_interval=progress_interval,
+                          verify_first=verify_first)
 
 
 # -- prune --------------------------------------------------------------------------------

@@ -37,13 +37,13 @@ import signal
 import sys
 import time
 
-from . import kinds, operations
+from . import operations
 from .config import read_text_file, resolve_secret_refs
 from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyError
 from .jobconfig import JobConfig, parse_text, secret_values
 from .pipeline import Progress
 from .operations import where
-from .restore import KeyMismatchError, restore as run_restore
+from .restore import KeyMismatchError
 from .storage import location
 from .storage.base import MissingLocationError
 from .timeutil import to_iso, utc_now
@@ -324,13 +324,12 @@ def cmd_restore(config, args, log):
     identity, passphrase = prepared["keys"]
     options = config.target_options("restore", _load_override(args.target_file))
     log.add_secrets(secret_values(options))
-    target = kinds.make_target(config.kind, options)
     backup = args.backup or (None if args.point_in_time else config.restore.get("backup"))
     point_in_time = args.point_in_time or (None if args.backup else config.restore.get("point_in_time"))
-    report = run_restore(prepared["storage"], config.job, target, backup=backup, point_in_time=point_in_time,
-                         identity=identity, passphrase=passphrase, check_mode=args.check, log=log.info,
-                         progress=restore_progress(log), progress_interval=args.progress_interval,
-                         verify_first=args.verify_first)
+    report = operations.restore(prepared["storage"], config.job, options, kind=config.kind, backup=backup,
+                                point_in_time=point_in_time, identity=identity, passphrase=passphrase,
+                                check_mode=args.check, log=log.info, progress=restore_progress(log),
+                                progress_interval=args.progress_interval, verify_first=args.verify_first)
     log.info("%s %s backup %s: %d objects verified, %d checks passed in %.1fs (%s)" % (
         "verified (check mode, nothing written)" if args.check else "restored",
         report["kind"], report["backup_id"], report["verification"]["objects"],
