@@ -207,7 +207,7 @@ def run_scenario(scenario, args, work):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
-    parser.add_argument("--rows", type=int, default=48000, help="rows on the first day (default 48000, ~12 MiB)")
+    parser.add_argument("--rows", type=int, default=24000, help="rows on the first day (default 24000, 4.2 MiB)")
     parser.add_argument("--days", type=int, default=400)
     parser.add_argument("--scenario", choices=("uniform", "recent", "both"), default="both")
     parser.add_argument("--prune-every", type=int, default=30, help="days between forget+prune runs")
