@@ -9,6 +9,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -245,7 +246,8 @@ def test_backup_refused_while_another_job_holds_an_exclusive_lock(tmp_path):
     try:
         # Stop restic check (an exclusive lock) as soon as its lock file appears.
         deadline = time.monotonic() + 30
-        while not os.listdir(locks_dir):
+        # (restic writes a lock under a temporary name first, then renames it)
+        while not [name for name in os.listdir(locks_dir) if len(name) == 64 and "-" not in name]:
             assert check.poll() is None and time.monotonic() < deadline, "check finished before it was seen"
             time.sleep(0.002)
         os.kill(check.pid, signal.SIGSTOP)
@@ -316,3 +318,49 @@ def test_s3_round_trip(s3_server, tmp_path):
     with pytest.raises(StorageError, match="cannot open the restic repository") as excinfo:
         rs.ResticRepository(bad, PASSWORD, cache_dir=str(tmp_path / "cache2")).snapshots()
     assert s3_server.secret_key not in str(excinfo.value) and PASSWORD not in str(excinfo.value)
+
+
+KILLED_RUNNER = """
+import os, sys
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import restic as rs
+
+class Endless:
+    def __init__(self):
+        self.calls = 0
+
+    def read(self, size):
+        self.calls += 1
+        if self.calls == 3:
+            with open(sys.argv[2], "w") as flag:
+                flag.write("streaming")
+        return os.urandom(min(size, 1 << 16))
+
+repo = rs.ResticRepository({"backend": "filesystem", "path": sys.argv[1]}, sys.argv[3], cache_dir=False)
+repo.backup_stream(Endless(), "dump.pgdump", {"job": "pg-main", "kind": "postgres", "backup_id": "killed"})
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.4, 1.0])
+def test_runner_killed_mid_stream_leaves_no_truncated_snapshot(tmp_path, delay):
+    """SIGKILL of the runner closes restic's stdin, which restic alone would take for the end
+    of the stream and commit; restic runs with a parent-death signal so it dies too."""
+    repo = open_repo(tmp_path)
+    repo.init_if_missing()
+    flag = tmp_path / "streaming"
+    runner = subprocess.Popen([sys.executable, "-c", KILLED_RUNNER,
+                               str(tmp_path / "repo"), str(flag), PASSWORD], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert runner.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(delay)
+    finally:
+        runner.kill()
+        runner.wait()
+    time.sleep(2)  # what restic would need to commit the snapshot, had it survived
+    assert repo.snapshots() == []
+    assert [lock["stale"] for lock in repo.locks()] in ([], [True])
+    repo.unlock_stale()
+    assert repo.locks() == []
+    repo.check()

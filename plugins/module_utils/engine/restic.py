@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -273,6 +274,10 @@ class ResticRepository:
         elif cache_dir:
             self._global += ["--cache-dir", cache_dir]
         self._version = None
+        # A runner killed while it streams into restic closes restic's stdin, which restic
+        # takes for the end of the stream: it would commit a snapshot of the truncated bytes.
+        # setpriv (util-linux, in every Debian image) execs restic with a parent-death signal.
+        self._setpriv = shutil.which("setpriv")
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -286,8 +291,10 @@ class ResticRepository:
             extra.update(self._credentials)
         return tool_env(extra, drop=_DROP_ENV)
 
-    def _argv(self, args):
-        return [self.binary] + self._global + list(args)
+    def _argv(self, args, tied=False):
+        """restic's argv; ``tied``: restic is killed when this process dies (see ``_tie``)."""
+        prefix = [self._setpriv, "--pdeathsig", "KILL"] if tied and self._setpriv else []
+        return prefix + [self.binary] + self._global + list(args)
 
     def _failure(self, what, done, error_class):
         """The error for a failed command, classified by restic's own words, scrubbed."""
@@ -422,7 +429,7 @@ class ResticRepository:
             args += ["--time", time_]
         self._wait_for_exclusive_locks()
         try:
-            proc = subprocess.Popen(self._argv(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(self._argv(args, tied=True), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=self._env(), close_fds=True)
         except OSError as exc:
             raise ConfigError("cannot start restic (%s): %s" % (self.binary, exc.strerror)) from None
