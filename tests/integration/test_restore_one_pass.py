@@ -223,3 +223,27 @@ def test_declarations_outside_the_chain_are_ignored(tmp_path, store):
 
     report = rs.restore(store, JOB, Foreign({"path": str(tmp_path / "live")}))
     assert report["verification"]["mode"] == "two-pass"
+
+
+def test_a_test_restore_takes_the_path_of_a_real_restore(store, key):
+    """backup_verify's test restore (and so the drill's phases, the job's expected recovery time):
+    one pass into a scratch target that declares its payloads, as a real restore; a damaged
+    payload is still a failed verification."""
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import verify as vf
+    manifest = take(store, PAYLOADS, encryption={"recipients": [str(key.to_public())]})
+    two = CountingStorage(store)
+    two_pass = vf.verify(two, JOB, identity=str(key), test_restore=True, target_class=DirTarget, record=False)
+    one = CountingStorage(store)
+    one_pass = vf.verify(one, JOB, identity=str(key), test_restore=True, target_class=StagingDirTarget, record=False)
+    for name in _payload_keys(manifest):
+        assert (two.opened[name], one.opened[name]) == (2, 1), name
+    first, second = two_pass["results"][0], one_pass["results"][0]
+    assert (first["mode"], second["mode"]) == ("two-pass", "one-pass")
+    assert first["result"] == second["result"] == "ok"
+    for field in ("objects", "stored_bytes", "plain_bytes", "chain", "checks"):
+        assert first[field] == second[field], field
+    assert set(second["phases"]) == set(first["phases"])
+    _flip(store, manifest, "big.bin")
+    damaged = vf.verify(store, JOB, identity=str(key), test_restore=True, target_class=StagingDirTarget,
+                        record=False)["results"][0]
+    assert damaged["result"] == "failed" and "big.bin" in damaged["error"]

@@ -18,8 +18,9 @@ Record format (``verification.json``)::
      "checks": [...], "error": null, "duration_seconds": 1.2}
 
 A result with ``test_restore`` also carries ``phases``, the wall time of each phase of the
-verify-then-restore (engine/restore.py, RestoreClock): what a restore of this backup takes,
-which the drill publishes as the job's expected recovery time.
+restore (engine/restore.py, RestoreClock; one pass when the scratch target declares its
+payloads, as a real restore does): what a restore of this backup takes, which the drill
+publishes as the job's expected recovery time.
 """
 
 import time
@@ -28,8 +29,9 @@ from . import kinds
 from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError
-from .restore import (PROGRESS_INTERVAL, KeyMismatchError, RestoreClock, backup_chain, chain_identities,
-                      restore_verified, check_selector, select_backup, verify_chain)
+from .restore import (PROGRESS_INTERVAL, KeyMismatchError, RestoreClock, backup_chain, chain_identities, check_selector,
+                      declared_payloads, diagnose, one_pass_summary, precheck_chain, restore_verified, select_backup,
+                      verify_chain)
 from .timeutil import to_iso, utc_now
 
 RECORD_SCHEMA = 1
@@ -64,17 +66,19 @@ def verify_one(storage, catalog, manifest, identity=None, passphrase=None, test_
         manifest = chain[-1]
         keys = chain_identities(storage, chain, identity, passphrase)
         clock.mark("select")
-        summary = verify_chain(storage, chain, keys, verified_cache, clock)
-        clock.mark("verify")
-        result.update(objects=summary["objects"], stored_bytes=summary["stored_bytes"],
-                      plain_bytes=summary["plain_bytes"], chain=summary["backups"])
         if test_restore:
             cls = target_class or kinds.target_class(manifest["kind"])
             with cls.scratch(manifest, dict(scratch_options or {})) as target:
-                report = restore_verified(storage, manifest, chain, keys, target, clock)
+                summary, report = _test_restore(storage, manifest, chain, keys, target, verified_cache, clock)
                 result["phases"] = clock.phases()
             result["checks"] = report.get("checks") or []
             result["scratch"] = report.get("target") or target.describe()
+        else:
+            summary = verify_chain(storage, chain, keys, verified_cache, clock)
+            clock.mark("verify")
+        result.update(objects=summary["objects"], stored_bytes=summary["stored_bytes"],
+                      plain_bytes=summary["plain_bytes"], chain=summary["backups"],
+                      mode=summary.get("mode", "two-pass"))
         result["result"] = RESULT_OK
     except KeyMismatchError as exc:
         result.update(result="error", error=str(exc))
@@ -83,6 +87,40 @@ def verify_one(storage, catalog, manifest, identity=None, passphrase=None, test_
     result["duration_seconds"] = round(time.monotonic() - started_clock, 3)
     result["verified_at"] = to_iso(utc_now())
     return result
+
+
+def _test_restore(storage, manifest, chain, keys, target, verified_cache, clock):
+    """Verify ``chain`` and restore it into the scratch ``target``: ``(verification summary, report)``.
+
+    The path a real restore takes (engine/restore.py): one pass when the target declares its
+    payloads, so the phases a drill publishes are those of the restore it stands for; else
+    every object is read in full first. A scratch target is thrown away either way.
+    """
+    declared = declared_payloads(target, manifest, chain)
+    if declared is None:
+        summary = verify_chain(storage, chain, keys, verified_cache, clock)
+        clock.mark("verify")
+        return summary, restore_verified(storage, manifest, chain, keys, target, clock)
+    results = {}
+
+    def on_result(backup_id, payload_name, report):
+        results.setdefault((backup_id, payload_name), report)
+
+    try:
+        details_by_id = precheck_chain(storage, chain, keys, declared, clock)
+        clock.mark("verify")
+        target.preflight(manifest)
+        report = restore_verified(storage, manifest, chain, keys, target, clock, on_result)
+    except Exception as exc:  # pylint: disable=broad-except  # re-raised unless the backup is damaged
+        diagnose(storage, chain, keys, exc, lambda message: None)
+        raise
+    summary = one_pass_summary(storage, chain, keys, details_by_id, results)
+    if verified_cache is not None:
+        by_backup = {}
+        for detail in summary["details"]:
+            by_backup.setdefault(detail["backup"], []).append({k: v for k, v in detail.items() if k != "backup"})
+        verified_cache.update(by_backup)
+    return summary, report
 
 
 def record_of(result):
