@@ -110,6 +110,7 @@ def test_runner_copy_then_verify_and_restore_at_the_destination(
         "storage": storage_by_env(s3_server, "primary-%s" % uuid.uuid4().hex[:6]), "encryption": encryption,
         "copy": {"destination": destination},
         "metrics": {"pushgateway_url": pushgateway_server.url, "instance": "node-a"},
+        "restore": {"target": {"path": str(tmp_path / "restored-from-copy")}},
     }))
     ids = []
     for dummy in range(2):
@@ -150,16 +151,25 @@ def test_runner_copy_then_verify_and_restore_at_the_destination(
     assert restored.returncode == 0, restored.stderr
     assert tree_state(str(tmp_path / "restored")) == tree_state(str(tree))
     # ... and the job's own file reads the copy with --from-copy: the monthly drill from offsite.
-    drill = run("drill", config, "--from-copy", env=env)
+    # The primary's credentials are not given (the site is gone, its Secret with it): nothing
+    # run from the copy may need them.
+    drill = run("drill", config, "--from-copy")
     assert drill.returncode == 0, drill.stderr
     assert json.loads(drill.stdout)["results"][0]["id"] == ids[-1]
     # The verdict is recorded where the drill read: at the copy, not at the source.
     assert Catalog(offsite).get(job, ids[-1])["verification"]["test_restore"] is True
     primary = open_storage(dict(s3_server.storage_options(prefix=config_storage_prefix(config))))
     assert Catalog(primary).get(job, ids[-1])["verification"] is None
-    listed_offsite = run("list", config, "--from-copy", env=env)
+    listed_offsite = run("list", config, "--from-copy")
+    assert listed_offsite.returncode == 0, listed_offsite.stderr
     assert json.loads(listed_offsite.stdout)["storage"]["bucket"] == offsite_s3.bucket
-    for step in (plan, copied, again, checked, restored, drill, listed_offsite):
+    verified_offsite = run("verify", config, "--from-copy", "--backup", "all")
+    assert verified_offsite.returncode == 0, verified_offsite.stderr
+    assert json.loads(verified_offsite.stdout)["verified"] == 2
+    restored_offsite = run("restore", config, "--from-copy")
+    assert restored_offsite.returncode == 0, restored_offsite.stderr
+    assert tree_state(str(tmp_path / "restored-from-copy")) == tree_state(str(tree))
+    for step in (plan, copied, again, checked, restored, drill, listed_offsite, verified_offsite, restored_offsite):
         for secret in (s3_server.secret_key, s3_server.access_key, offsite_s3.secret_key, offsite_s3.access_key):
             assert secret not in step.stdout and secret not in step.stderr
 

@@ -178,15 +178,16 @@ def _finite(value):
 
 
 def _prepare(config, command, log, from_copy=False):
-    prepared = config.prepare(command)
-    log.add_secrets(secret_values(config.storage_options()))
     if from_copy:
-        # --from-copy: read the offsite copy (copy.destination) instead of the job's storage.
+        # --from-copy: the copy's destination stands in for the job's storage before anything is
+        # resolved, so only its credentials are read: a restore, verify, list or drill from the
+        # copy needs nothing of the primary storage (neither its objects nor its credentials),
+        # which is what a disaster leaves.
         if not config.copy.get("destination"):
             raise ConfigError("%s: --from-copy needs the 'copy' section's destination" % config.where)
-        options = config.copy_destination_options()
-        log.add_secrets(secret_values(options))
-        prepared["storage"] = location.build_storage(options)
+        config.storage = config.copy["destination"]
+    prepared = config.prepare(command)
+    log.add_secrets(secret_values(config.storage_options()))
     if command == "backup":
         log.add_secrets(secret_values(config.source_options()))
         log.add_secrets([prepared["encryption"].get("passphrase")])
@@ -338,17 +339,6 @@ def cmd_restore(config, args, log):
     return EXIT_OK, report
 
 
-def _drill_prepare(config, log, from_copy):
-    """``_prepare`` for a drill. From the offsite copy, the copy's destination stands in for the
-    job's storage: only its credentials are read, so the drill proves a restore that needs
-    nothing of the primary storage (neither its objects nor its credentials)."""
-    if from_copy:
-        if not config.copy.get("destination"):
-            raise ConfigError("%s: --from-copy needs the 'copy' section's destination" % config.where)
-        config.storage = config.copy["destination"]
-    return _prepare(config, "drill", log)
-
-
 def drill_metrics_job(job, from_copy):
     """The ``job`` label of a drill's metrics: ``<job>-offsite`` for a drill from the copy, so
     that a failing offsite drill is not hidden by the next successful drill of the primary."""
@@ -370,7 +360,7 @@ def cmd_drill(config, args, log):
         raise ConfigError("drill --point-in-time is for jobs of kind postgres_base; a %s drill restores the latest "
                           "backup or --backup" % config.kind)
     try:
-        prepared = _drill_prepare(config, log, args.from_copy)
+        prepared = _prepare(config, "drill", log, args.from_copy)
         if pitr:
             from . import pitr_drill
             ok, outcome = pitr_drill.cmd_drill(config, args, log, prepared, job)
