@@ -81,7 +81,8 @@ options:
   target:
     description:
       - Target options of the backup's kind. C(postgres) - C(host), C(port), C(user), C(password),
-        C(database), C(restore_database), C(swap), C(drop_old), C(restore_globals); C(redis) - C(host),
+        C(database), C(restore_database), C(swap), C(drop_old), C(restore_globals), C(jobs) (parallel
+        C(pg_restore --jobs); above 1 the verified dump is spooled to C(scratch_dir) first), C(scratch_dir); C(redis) - C(host),
         C(port), C(password), C(flush), C(replace), C(db_map); C(files) - C(path), C(subpath),
         C(overwrite), C(ownership); C(config_git) - C(path), C(overwrite); C(postgres_base) - the C(postgres)
         fields plus C(data_dir), C(scratch_dir), C(run_as), C(recovery_timeout). See C(docs/formats.md).

@@ -51,7 +51,7 @@ from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .config import read_text_file
 from .errors import BackupError, ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
-from .pipeline import CHUNK, PlaintextStream, check_object, store_stream
+from .pipeline import CHUNK, PlaintextStream, check_object, pump, store_stream
 from .pgwal import wal_job_of
 from .prune import BASE_KIND, WAL_KIND, plan as retention_plan, wal_job_names
 from .restore import KeyMismatchError, identities as restore_identities
@@ -274,23 +274,14 @@ def _read_back(storage, key, obj):
 def stream_object(source, destination, key, obj):
     """Copy one stored object in CHUNK pieces; the source bytes must match ``obj`` (size, SHA-256)
     or nothing is published. Returns the number of bytes copied."""
-    digest = hashlib.sha256()
-    size = 0
     reader = source.open_reader(key)
     try:
         with destination.open_writer(key) as writer:
-            while True:
-                data = reader.read(CHUNK)
-                if not data:
-                    break
-                digest.update(data)
-                size += len(data)
-                writer.write(data)
+            sha256, size = pump(reader.read, writer.write)
             if size != obj["size"]:
                 raise ObjectMismatchError(key, "size", obj["size"], size, note="at the source: not copied")
-            if digest.hexdigest() != obj["sha256"]:
-                raise ObjectMismatchError(key, "sha256", obj["sha256"], digest.hexdigest(),
-                                          note="at the source: not copied")
+            if sha256 != obj["sha256"]:
+                raise ObjectMismatchError(key, "sha256", obj["sha256"], sha256, note="at the source: not copied")
             writer.commit()
     finally:
         reader.close()

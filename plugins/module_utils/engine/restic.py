@@ -22,7 +22,6 @@ Standard library only (no Ansible imports).
 """
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,8 @@ import time
 
 from . import manifest as mf
 from .errors import ConfigError, IntegrityError, NotFoundError, StorageError
-from .procutil import CHUNK, STDERR_TAIL_LINES, _StderrTail, find_tool, scrub, tool_env
+from .pipeline import pump
+from .procutil import STDERR_TAIL_LINES, _StderrTail, find_tool, scrub, tool_env
 
 MIN_VERSION = (0, 14, 0)
 REPOSITORY_VERSION = 2
@@ -437,21 +437,13 @@ class ResticRepository:
         out = _JsonLines(proc.stdout)
         tail.start()
         out.start()
-        digest = hashlib.sha256()
-        size = 0
+        sha256, size = None, 0
         broken = False
         try:
-            while True:
-                chunk = readable.read(CHUNK)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                size += len(chunk)
-                try:
-                    proc.stdin.write(chunk)
-                except BrokenPipeError:
-                    broken = True
-                    break
+            try:
+                sha256, size = pump(readable.read, proc.stdin.write)
+            except BrokenPipeError:
+                broken = True
             try:
                 proc.stdin.close()
             except BrokenPipeError:
@@ -480,7 +472,7 @@ class ResticRepository:
         if summary.get("total_bytes_processed") not in (None, size):
             raise IntegrityError("restic backup stored %s bytes of %s, %d were streamed"
                                  % (summary.get("total_bytes_processed"), filename, size))
-        return self._backup_result(summary, size=size, sha256=digest.hexdigest())
+        return self._backup_result(summary, size=size, sha256=sha256)
 
     def backup_directory(self, path, tags, excludes=(), time_=None):
         """Back up the directory ``path`` (restic's change detection against the newest snapshot
@@ -606,16 +598,8 @@ class ResticRepository:
             raise ConfigError("cannot start restic (%s): %s" % (self.binary, exc.strerror)) from None
         tail = _StderrTail(proc.stderr)
         tail.start()
-        digest = hashlib.sha256()
-        size = 0
         try:
-            while True:
-                chunk = proc.stdout.read(CHUNK)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                size += len(chunk)
-                writer.write(chunk)
+            sha256, size = pump(proc.stdout.read, writer.write)
             returncode = proc.wait()
         except BaseException:
             if proc.poll() is None:
@@ -631,7 +615,7 @@ class ResticRepository:
             done = _Done(returncode, None, tail.text())
             data_error = any(marker in (done.stderr_text or "") for marker in _DATA_ERRORS)
             raise self._failure("dump", done, IntegrityError if data_error else StorageError)
-        return {"size": size, "sha256": digest.hexdigest()}
+        return {"size": size, "sha256": sha256}
 
     def restore(self, snapshot, target_dir, verify=True, include=None):
         """``restic restore <snapshot> --target <target_dir>`` (``--verify`` re-reads what was written)."""

@@ -358,6 +358,15 @@ def _recorded_plain_bytes(manifests):
     return sum(sizes) if sizes and all(isinstance(size, int) for size in sizes) else None
 
 
+def _add_to_summary(summary, backup_id, details):
+    """Count one backup's per-object reports into a verification summary."""
+    summary["backups"].append(backup_id)
+    summary["objects"] += len(details)
+    summary["stored_bytes"] += sum(d["size"] for d in details)
+    summary["plain_bytes"] += sum(d["plain_bytes"] for d in details if d.get("payload"))
+    summary["details"].extend(dict(d, backup=backup_id) for d in details)
+
+
 def verify_chain(storage, chain, keys_by_id, verified=None, clock=None):
     """Verify every backup of ``chain``; ``verified`` (a dict id -> summary) skips repeats."""
     verified = {} if verified is None else verified
@@ -369,11 +378,7 @@ def verify_chain(storage, chain, keys_by_id, verified=None, clock=None):
             details = verify_objects(storage, item, keys_by_id.get(item["id"]), clock)
             verified[item["id"]] = details
         details = verified[item["id"]]
-        summary["backups"].append(item["id"])
-        summary["objects"] += len(details)
-        summary["stored_bytes"] += sum(d["size"] for d in details)
-        summary["plain_bytes"] += sum(d["plain_bytes"] for d in details if d.get("payload"))
-        summary["details"].extend(dict(d, backup=item["id"]) for d in details)
+        _add_to_summary(summary, item["id"], details)
     return summary
 
 
@@ -435,11 +440,7 @@ def one_pass_summary(storage, chain, keys_by_id, details_by_id, results):
                         raise
                 entry = dict(report, payload=entry["payload"])
             details.append(entry)
-        summary["backups"].append(item["id"])
-        summary["objects"] += len(details)
-        summary["stored_bytes"] += sum(d["size"] for d in details)
-        summary["plain_bytes"] += sum(d["plain_bytes"] for d in details if d.get("payload"))
-        summary["details"].extend(dict(d, backup=item["id"]) for d in details)
+        _add_to_summary(summary, item["id"], details)
     return summary
 
 
