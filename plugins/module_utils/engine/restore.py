@@ -724,8 +724,15 @@ def _finish_report(report, clock, verified_at):
     return report
 
 
-def _restore_one_pass(storage, job, target, chain, keys_by_id, declared, selected_by, point_in_time, clock, log):
-    """The one-pass path of :func:`restore` (never in check mode)."""
+def restore_one_pass(storage, chain, keys_by_id, target, declared, clock, log=None):
+    """Restore ``chain`` into ``target`` in one pass (``declared``: see :func:`declared_payloads`).
+
+    Prechecks the chain, runs the target with the declared payloads verified by their streams,
+    and on any failure raises the error a full verification finds for a damaged backup (else
+    the target's own). Returns ``(verification summary, target report, monotonic time the
+    precheck ended)``. Used by :func:`restore` and by the test restores of engine/verify.py.
+    """
+    log = log or (lambda message: None)
     manifest = chain[-1]
     results = {}
 
@@ -745,7 +752,13 @@ def _restore_one_pass(storage, job, target, chain, keys_by_id, declared, selecte
     except Exception as exc:  # pylint: disable=broad-except  # re-raised unless the backup is damaged
         diagnose(storage, chain, keys_by_id, exc, log)
         raise
-    verification = one_pass_summary(storage, chain, keys_by_id, details_by_id, results)
+    return one_pass_summary(storage, chain, keys_by_id, details_by_id, results), result, verified_at
+
+
+def _restore_one_pass(storage, job, target, chain, keys_by_id, declared, selected_by, point_in_time, clock, log):
+    """The one-pass path of :func:`restore` (never in check mode)."""
+    manifest = chain[-1]
+    verification, result, verified_at = restore_one_pass(storage, chain, keys_by_id, target, declared, clock, log)
     report = _report(job, manifest, chain, selected_by, point_in_time, target, verification, False)
     report.update(changed=bool(result.get("changed", True)), restore=result, checks=result.get("checks") or [])
     return _finish_report(report, clock, verified_at)

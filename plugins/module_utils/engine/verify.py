@@ -30,8 +30,7 @@ from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError
 from .restore import (PROGRESS_INTERVAL, KeyMismatchError, RestoreClock, backup_chain, chain_identities, check_selector,
-                      declared_payloads, diagnose, one_pass_summary, precheck_chain, restore_verified, select_backup,
-                      verify_chain)
+                      declared_payloads, restore_one_pass, restore_verified, select_backup, verify_chain)
 from .timeutil import to_iso, utc_now
 
 RECORD_SCHEMA = 1
@@ -101,20 +100,7 @@ def _test_restore(storage, manifest, chain, keys, target, verified_cache, clock)
         summary = verify_chain(storage, chain, keys, verified_cache, clock)
         clock.mark("verify")
         return summary, restore_verified(storage, manifest, chain, keys, target, clock)
-    results = {}
-
-    def on_result(backup_id, payload_name, report):
-        results.setdefault((backup_id, payload_name), report)
-
-    try:
-        details_by_id = precheck_chain(storage, chain, keys, declared, clock)
-        clock.mark("verify")
-        target.preflight(manifest)
-        report = restore_verified(storage, manifest, chain, keys, target, clock, on_result)
-    except Exception as exc:  # pylint: disable=broad-except  # re-raised unless the backup is damaged
-        diagnose(storage, chain, keys, exc, lambda message: None)
-        raise
-    summary = one_pass_summary(storage, chain, keys, details_by_id, results)
+    summary, report, dummy = restore_one_pass(storage, chain, keys, target, declared, clock)
     if verified_cache is not None:
         by_backup = {}
         for detail in summary["details"]:
