@@ -51,7 +51,8 @@ from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .config import read_text_file
 from .errors import BackupError, ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
-from .pipeline import CHUNK, PlaintextStream, check_object, pump, store_stream
+from .pipeline import CHUNK, PlaintextStream, check_object, store_stream
+from .procutil import pump
 from .pgwal import wal_job_of
 from .prune import BASE_KIND, WAL_KIND, plan as retention_plan, wal_job_names
 from .restore import KeyMismatchError, identities as restore_identities

@@ -17,23 +17,6 @@ from .errors import BackupError, DecryptionError, IntegrityError, ObjectMismatch
 CHUNK = 1 << 20
 
 
-def pump(read, write, chunk=CHUNK):
-    """Move bytes from ``read(size)`` to ``write(data)`` until ``read`` returns nothing.
-
-    Returns ``(SHA-256 hex digest, byte count)`` of what went through. An error of ``write``
-    (BrokenPipeError from a tool that stopped reading) propagates.
-    """
-    digest = hashlib.sha256()
-    size = 0
-    while True:
-        data = read(chunk)
-        if not data:
-            return digest.hexdigest(), size
-        digest.update(data)
-        size += len(data)
-        write(data)
-
-
 class _HashingSink:
     """Counts and hashes the stored bytes on their way to the storage writer."""
 

@@ -15,6 +15,7 @@ a pipe); tools write straight into an OS pipe that we read, so no copying thread
 """
 
 import collections
+import hashlib
 import os
 import re
 import shutil
@@ -166,6 +167,43 @@ class ToolStream:
         self._stderr.join()
 
 
+def pump(read, write, chunk=CHUNK, hashed=True):
+    """Move bytes from ``read(size)`` to ``write(data)`` until ``read`` returns nothing.
+
+    Returns ``(SHA-256 hex digest, byte count)`` of what went through (the digest None unless
+    ``hashed``: hashing costs a core's time on a restore's critical path). An error of
+    ``write`` (BrokenPipeError from a tool that stopped reading) propagates.
+    """
+    digest = hashlib.sha256() if hashed else None
+    size = 0
+    while True:
+        data = read(chunk)
+        if not data:
+            return (digest.hexdigest() if hashed else None), size
+        if hashed:
+            digest.update(data)
+        size += len(data)
+        write(data)
+
+
+def feed_stdin(proc, readable, hashed=True):
+    """Stream ``readable`` into ``proc``'s stdin and close it.
+
+    Returns ``(SHA-256 hex digest, byte count, broken)``; ``broken``: the tool stopped reading
+    before the end (its stdin pipe broke), and then the digest is None.
+    """
+    sha256, size, broken = None, 0, False
+    try:
+        sha256, size = pump(readable.read, proc.stdin.write, hashed=hashed)
+    except BrokenPipeError:
+        broken = True
+    try:
+        proc.stdin.close()
+    except BrokenPipeError:
+        broken = True
+    return sha256, size, broken
+
+
 def feed_tool(argv, readable, env=None, what=None, secrets=(), error_class=SourceError, cwd=None):
     """Run ``argv`` with ``readable`` streamed into its stdin; return its stderr lines.
 
@@ -177,21 +215,8 @@ def feed_tool(argv, readable, env=None, what=None, secrets=(), error_class=Sourc
     proc = _spawn(argv, env, what, subprocess.PIPE, subprocess.DEVNULL, cwd=cwd)
     tail = _StderrTail(proc.stderr)
     tail.start()
-    broken = False
     try:
-        while True:
-            chunk = readable.read(CHUNK)
-            if not chunk:
-                break
-            try:
-                proc.stdin.write(chunk)
-            except BrokenPipeError:
-                broken = True
-                break
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            broken = True
+        broken = feed_stdin(proc, readable, hashed=False)[2]
         returncode = proc.wait()
     except BaseException:
         _stop(proc)

@@ -33,8 +33,7 @@ import time
 
 from . import manifest as mf
 from .errors import ConfigError, IntegrityError, NotFoundError, StorageError
-from .pipeline import pump
-from .procutil import STDERR_TAIL_LINES, _StderrTail, find_tool, scrub, tool_env
+from .procutil import STDERR_TAIL_LINES, _StderrTail, feed_stdin, find_tool, pump, scrub, tool_env
 
 MIN_VERSION = (0, 14, 0)
 REPOSITORY_VERSION = 2
@@ -437,27 +436,11 @@ class ResticRepository:
         out = _JsonLines(proc.stdout)
         tail.start()
         out.start()
-        sha256, size = None, 0
-        broken = False
         try:
-            try:
-                sha256, size = pump(readable.read, proc.stdin.write)
-            except BrokenPipeError:
-                broken = True
-            try:
-                proc.stdin.close()
-            except BrokenPipeError:
-                broken = True
+            sha256, size, broken = feed_stdin(proc, readable)
             returncode = proc.wait()
         except BaseException:
-            # Kill first: closing stdin would tell restic the stream ended and it would
-            # commit a snapshot of the truncated data.
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            tail.join()
-            out.join()
-            self._unlock_quietly()
+            self._abandon(proc, tail, out)
             raise
         tail.join()
         out.join()
@@ -602,11 +585,7 @@ class ResticRepository:
             sha256, size = pump(proc.stdout.read, writer.write)
             returncode = proc.wait()
         except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            tail.join()
-            self._unlock_quietly()
+            self._abandon(proc, tail)
             raise
         finally:
             proc.stdout.close()
@@ -687,6 +666,17 @@ class ResticRepository:
         self._run(["unlock"], what="unlock", retry_locked=False)
         remaining = {lock["id"] for lock in self.locks()}
         return [lock_id for lock_id in stale if lock_id not in remaining]
+
+    def _abandon(self, proc, *readers):
+        """After an error in the middle of a command: kill restic first (closing its stdin would
+        tell it the stream ended, and it would commit a snapshot of the truncated data), reap
+        it, stop the output readers and remove the lock it leaves behind."""
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for reader in readers:
+            reader.join()
+        self._unlock_quietly()
 
     def _unlock_quietly(self):
         try:
