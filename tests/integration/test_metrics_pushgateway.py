@@ -569,6 +569,10 @@ def test_a_daemon_stream_that_reconnects_is_not_left_failing(wal_server, pushgat
         assert blocker.poll() is None, "no second receiver could take the slot"
         failed = wait_until(lambda: samples().get("backup_last_failure_timestamp_seconds"),
                             "a failed attempt after the retry failed", timeout=60)
+        # The next retry fails too (its first sweep may store what the spool held: that is no
+        # sign of a working stream, and no success may be recorded for it).
+        time.sleep(12)
+        assert errors.read_text().count("streaming again") >= 4
         assert samples().get("backup_last_success_timestamp_seconds", 0) < failed
         # 3. The slot is free again: the daemon reconnects, stores a file, and records a success.
         blocker.terminate()

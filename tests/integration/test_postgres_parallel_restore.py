@@ -218,7 +218,21 @@ def test_bad_jobs_values_are_refused(value):
         PostgresTarget({"database": "db", "jobs": value})
 
 
-def test_one_pass_declares_the_dump_only():
-    target = PostgresTarget({"database": "db", "restore_globals": True})
+def test_one_pass_declares_the_dump_only_when_nothing_changes_before_it_is_checked():
     manifest = {"id": "20260101T000000Z-abcd", "objects": []}
-    assert target.one_pass_payloads(manifest, [manifest]) == {(manifest["id"], DUMP_PAYLOAD)}
+    for options in ({}, {"restore_globals": True, "jobs": 2}):
+        target = PostgresTarget(dict(options, database="db"))
+        assert target.one_pass_payloads(manifest, [manifest]) == {(manifest["id"], DUMP_PAYLOAD)}, options
+    # One job with the globals: they are applied to the live server before the dump stream is
+    # read, so the restore takes two passes (review finding: roles reset by a damaged backup).
+    target = PostgresTarget({"database": "db", "restore_globals": True})
+    assert target.one_pass_payloads(manifest, [manifest]) is None
+
+
+def test_a_point_in_time_restore_refuses_jobs_before_anything(tmp_path):
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import pitr
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path / "never-read")})
+    with pytest.raises(ConfigError, match="leave jobs at 1"):
+        pitr.restore_point_in_time(storage, "db", None, target=PostgresTarget({"database": "db", "jobs": 2}),
+                                   database="db")
+    assert not os.path.exists(tmp_path / "never-read")

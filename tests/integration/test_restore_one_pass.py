@@ -17,7 +17,7 @@ from pyrage import x25519
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
-    ConfigError, IntegrityError, ObjectMismatchError)
+    ConfigError, IntegrityError, ObjectMismatchError, SourceError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 from restore_helpers import BlobSource, DirTarget, StagingDirTarget, tree_state
@@ -247,3 +247,40 @@ def test_a_test_restore_takes_the_path_of_a_real_restore(store, key):
     damaged = vf.verify(store, JOB, identity=str(key), test_restore=True, target_class=StagingDirTarget,
                         record=False)["results"][0]
     assert damaged["result"] == "failed" and "big.bin" in damaged["error"]
+
+
+class SwapFailsTarget(StagingDirTarget):
+    """Reads and checks every declared stream, then its swap fails (the target's own problem)."""
+
+    def _swap(self, staging):
+        raise SourceError("the destination's file system went read-only")
+
+
+def test_a_failure_after_every_declared_stream_checked_out_is_not_diagnosed_again(tmp_path, store, key):
+    """The backup is proven good by then: the target's error is reported as it is, and the chain
+    is not read a second time (a re-read of a large backup would delay the operator's answer)."""
+    manifest = take(store, PAYLOADS, encryption={"recipients": [str(key.to_public())]})
+    counting = CountingStorage(store)
+    with pytest.raises(SourceError, match="went read-only"):
+        rs.restore(counting, JOB, SwapFailsTarget({"path": str(tmp_path / "live")}), identity=str(key))
+    for name in _payload_keys(manifest):
+        assert counting.opened[name] == 1, name
+
+
+class NoScratchTarget(StagingDirTarget):
+    """Its scratch target cannot be created (no server, no rights)."""
+
+    @classmethod
+    def scratch(cls, manifest, options):
+        raise SourceError("redis-server not found")
+
+
+def test_a_test_restore_without_a_scratch_target_still_fails_a_damaged_backup(store, key):
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import verify as vf
+    manifest = take(store, PAYLOADS, encryption={"recipients": [str(key.to_public())]})
+    with pytest.raises(SourceError, match="redis-server"):  # a good backup: the scratch's own error
+        vf.verify(store, JOB, identity=str(key), test_restore=True, target_class=NoScratchTarget, record=False)
+    _flip(store, manifest, "big.bin")
+    result = vf.verify(store, JOB, identity=str(key), test_restore=True, target_class=NoScratchTarget,
+                       record=False)["results"][0]
+    assert result["result"] == "failed" and "big.bin" in result["error"]

@@ -83,19 +83,26 @@ def test_copy_runs_delete_the_partials_the_destination_no_longer_needs(tmp_path)
     assert again["superseded"] == [] and not again["changed"]
 
 
-def test_a_superseded_source_partial_is_not_copied_and_check_mode_deletes_nothing(tmp_path):
+def test_only_files_the_destination_holds_supersede_and_check_mode_deletes_nothing(tmp_path):
     source, offsite = _locations(tmp_path)
     held = _store(source, SEG6, "partial", 100)
     copy_backups(source, offsite, WAL_JOB)
     leftover = _store(source, SEG6, "partial", 200)  # the stream failed to delete it (or not yet)
     newest = _store(source, SEG6, "partial", 300)
+    # A source leftover that a file already at the destination supersedes is not copied.
+    Catalog(source).delete_backup(held)
+    further = _store(source, SEG6, "partial", 250)  # superseded only by newest, which is not there yet
     preview = copy_backups(source, offsite, WAL_JOB, check_mode=True)
-    assert [s["id"] for s in preview["planned"]] == [newest["id"]]
-    assert leftover["id"] in preview["not_wanted"] and held["id"] not in preview["not_wanted"]
-    assert preview["superseded"] == [held["id"]]
+    assert [s["id"] for s in preview["planned"]] == [leftover["id"], newest["id"], further["id"]]
+    assert preview["superseded"] == [held["id"], leftover["id"], further["id"]]  # after the copies
     assert _held(offsite) == [held["id"]]  # check mode wrote nothing
     outcome = copy_backups(source, offsite, WAL_JOB)
-    assert outcome["superseded"] == [held["id"]] and _held(offsite) == [newest["id"]]
+    assert sorted(outcome["superseded"]) == sorted([held["id"], leftover["id"], further["id"]])
+    assert _held(offsite) == [newest["id"]]
+    # At the destination now: newest (300). A source leftover below it is not copied at all.
+    stale = _store(source, SEG6, "partial", 150)
+    again = copy_backups(source, offsite, WAL_JOB)
+    assert stale["id"] in again["not_wanted"] and not again["copied"] and _held(offsite) == [newest["id"]]
 
 
 def test_a_segment_whose_copy_failed_supersedes_nothing(tmp_path):

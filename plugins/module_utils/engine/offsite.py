@@ -385,25 +385,38 @@ class Copier:
 
     def _unwanted(self, chosen, present, now):
         """Ids of ``chosen`` missing at the destination that its own policy would prune (for a WAL
-        job: that no base backup at the destination needs, or partial copies another WAL file
-        supersedes)."""
-        if any(m.get("kind") == WAL_KIND for m in chosen):
-            missing = [m for m in chosen if m["id"] not in present]
-            unwanted = {m["id"]: reason for m, reason in pgwal.superseded_partials(list(present.values()) + missing)
-                        if m["id"] not in present}
-            if self.wal_needs is not None:
-                unwanted.update((m["id"], "no base backup at the destination needs it") for m in missing
-                                if m["id"] not in unwanted and not wal_wanted(m, self.wal_needs))
-            return unwanted
+        job: that no base backup at the destination needs), and partial WAL copies a file the
+        destination already holds supersedes."""
+        missing = [m for m in chosen if m["id"] not in present]
+        unwanted = self._superseded_at_destination(missing, present)
         if self.wal_needs is not None:
-            return {}
+            unwanted.update((m["id"], "no base backup at the destination needs it") for m in missing
+                            if m["id"] not in unwanted and not wal_wanted(m, self.wal_needs))
+            return unwanted
         if self.policy is None:
-            return {}
-        missing = [dict(m, verification=None) for m in chosen if m["id"] not in present]
+            return unwanted
+        missing = [dict(m, verification=None) for m in missing]
         decided = retention_plan(list(present.values()) + missing, self.policy, min_keep=self.min_keep, now=now)
         kept = {entry["id"] for entry in decided["keep"]}
-        return {m["id"]: "the destination's retention policy would not keep it" for m in missing
-                if m["id"] not in kept}
+        unwanted.update((m["id"], "the destination's retention policy would not keep it") for m in missing
+                        if m["id"] not in kept and m["id"] not in unwanted)
+        return unwanted
+
+    @staticmethod
+    def _superseded_at_destination(missing, present):
+        """Missing partial WAL copies that a file the destination holds supersedes. Only files
+        already there count: a complete segment still to be copied could fail to arrive, and then
+        its partial copy is what the destination has (it goes after the segment arrives, see
+        :meth:`_drop_superseded`)."""
+        held = [m for m in present.values() if m.get("kind") == WAL_KIND]
+        found = {}
+        for manifest in missing:
+            if manifest.get("kind") != WAL_KIND or (manifest.get("stats") or {}).get("type") != "partial":
+                continue
+            for superseded, reason in pgwal.superseded_partials(held + [manifest]):
+                if superseded["id"] == manifest["id"]:
+                    found[manifest["id"]] = reason
+        return found
 
     def plan(self, selector="all", now=None):
         """What a copy would do: ``{source_backups, steps, in_sync, present, unwanted}`` (reads only)."""
@@ -648,8 +661,6 @@ class Copier:
             held = self.destination_catalog.scan(self.job, with_orphans=False)
         gone = []
         for manifest, reason in pgwal.superseded_partials(held):
-            if manifest["id"] not in plan["present"] and check_mode:
-                continue  # a planned copy that is itself superseded is not copied (see _unwanted)
             if not check_mode:
                 try:
                     self.destination_catalog.delete_backup(manifest)

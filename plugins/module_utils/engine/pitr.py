@@ -663,6 +663,11 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
         raise ConfigError("point-in-time restore: give a target (with database) or data_dir, exactly one")
     if target is not None and not database:
         raise ConfigError("point-in-time restore: name the database to copy out of the recovered cluster")
+    if target is not None and getattr(target, "jobs", 1) != 1:
+        # The database is copied from the private server as a pg_dump stream of unknown size:
+        # there is nothing to size a spool by, and no gain from one.
+        raise ConfigError("point-in-time restore: target.jobs is for restores of postgres backups; a point-in-time "
+                          "restore copies the recovered database as a stream (leave jobs at 1)")
     if data_dir is not None and os.path.exists(data_dir):
         raise ConfigError("point-in-time restore: data_dir %s exists; give a path that does not" % data_dir)
     require_psycopg("point-in-time restores")

@@ -253,12 +253,19 @@ def cmd_wal_stream(config, args, log):
     totals = None
     # A daemon's result metrics: a lost connection is retried after a short wait, and only a retry that fails
     # too records a failed attempt (a server restart is not a failed backup; WalStreamStalled and
-    # backup_wal_stream_up tell of the outage). Once a failure is recorded, the first file a
-    # reconnected stream stores records a success, so BackupJobFailing ends with the outage.
+    # backup_wal_stream_up tell of the outage). Once streaming works again - a file stored while
+    # pg_receivewal runs, not one a new run's first sweep stores from the spool - the retries
+    # start over, and after a recorded failure a success is recorded, so BackupJobFailing ends
+    # with the outage.
     failure_recorded = [False]
+    streamer = None
 
     def stored_a_file():
+        nonlocal attempt
         status.beat()
+        if streamer is None or not streamer.receiving:
+            return
+        attempt = 0
         if failure_recorded[0]:
             failure_recorded[0] = False
             metrics.record("record_backup_result", True, utc_now())

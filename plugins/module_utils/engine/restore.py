@@ -750,7 +750,11 @@ def restore_one_pass(storage, chain, keys_by_id, target, declared, clock, log=No
         target.preflight(manifest)
         result = restore_verified(storage, manifest, chain, keys_by_id, target, clock, on_result)
     except Exception as exc:  # pylint: disable=broad-except  # re-raised unless the backup is damaged
-        diagnose(storage, chain, keys_by_id, exc, log)
+        # Every declared stream checked out and the rest was read in full before: the backup
+        # is good, the error is the target's own (its swap, a flush...) and is reported as it
+        # is, without reading the chain again.
+        if not declared <= set(results):
+            diagnose(storage, chain, keys_by_id, exc, log)
         raise
     return one_pass_summary(storage, chain, keys_by_id, details_by_id, results), result, verified_at
 

@@ -23,6 +23,7 @@ payloads, as a real restore does): what a restore of this backup takes, which th
 publishes as the job's expected recovery time.
 """
 
+import contextlib
 import time
 
 from . import kinds
@@ -30,7 +31,7 @@ from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError
 from .restore import (PROGRESS_INTERVAL, KeyMismatchError, RestoreClock, backup_chain, chain_identities, check_selector,
-                      declared_payloads, restore_one_pass, restore_verified, select_backup, verify_chain)
+                      declared_payloads, diagnose, restore_one_pass, restore_verified, select_backup, verify_chain)
 from .timeutil import to_iso, utc_now
 
 RECORD_SCHEMA = 1
@@ -67,7 +68,14 @@ def verify_one(storage, catalog, manifest, identity=None, passphrase=None, test_
         clock.mark("select")
         if test_restore:
             cls = target_class or kinds.target_class(manifest["kind"])
-            with cls.scratch(manifest, dict(scratch_options or {})) as target:
+            with contextlib.ExitStack() as stack:
+                try:
+                    target = stack.enter_context(cls.scratch(manifest, dict(scratch_options or {})))
+                except Exception as exc:  # pylint: disable=broad-except  # re-raised unless the backup is damaged
+                    # No scratch target (no redis-server, no rights): a damaged backup is still
+                    # a failed verdict, not an error, as when verification came first.
+                    diagnose(storage, chain, keys, exc, lambda message: None)
+                    raise
                 summary, report = _test_restore(storage, manifest, chain, keys, target, verified_cache, clock)
                 result["phases"] = clock.phases()
             result["checks"] = report.get("checks") or []

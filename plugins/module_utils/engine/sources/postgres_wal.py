@@ -399,6 +399,9 @@ class WalStreamer:
         # newest complete segment, or of the data in the newest partial copy.
         self.stored_end_lsn = None
         self.progress = None  # called after every file stored (the runner's heartbeat)
+        # True while pg_receivewal runs: a file stored then holds WAL received from the server
+        # (the sweeps before it starts and after it ended store what an earlier run left).
+        self.receiving = False
         # time.monotonic() of the read of the newest stored partial copy: it holds every byte
         # pg_receivewal had written into the spool before then.
         self.partial_read_at = None
@@ -667,6 +670,7 @@ class WalStreamer:
         tail = procutil._StderrTail(proc.stderr)  # pylint: disable=protected-access
         tail.start()
         started = time.monotonic()
+        self.receiving = True
         last_partial = started
         stopped_by_us = False
         try:
@@ -691,6 +695,7 @@ class WalStreamer:
             self._close_position_db()
             raise
         finally:
+            self.receiving = False
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

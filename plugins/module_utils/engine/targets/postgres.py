@@ -215,7 +215,12 @@ class PostgresTarget(Target):
     def one_pass_payloads(self, manifest, chain):
         """The dump is read, finished (checked) and only then counted and swapped; the new
         database it goes into is dropped on any failure. globals.sql is applied in place to
-        the server, so the engine verifies it in full first."""
+        the server, so the engine verifies it in full first. With ``restore_globals`` and one
+        job the globals are applied before the dump stream is read, so a dump damaged near its
+        end would be found after the server's roles changed: two passes then (with jobs > 1
+        the dump is spooled and checked before anything else, so one pass stays safe)."""
+        if self.restore_globals and self.jobs <= 1:
+            return None
         return {(manifest["id"], DUMP_PAYLOAD)}
 
     def _spool_dir(self):
