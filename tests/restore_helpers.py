@@ -152,3 +152,23 @@ def tree_state(path):
                 with open(full, "rb") as handle:
                     state[rel] = ("file", info.st_mode, digest(handle.read()))
     return state
+
+
+class CountingStorage:
+    """Wraps a storage location and counts how often each object is opened for reading
+    (one-pass restores read each payload once, two-pass ones twice)."""
+
+    def __init__(self, storage):
+        self._storage = storage
+        self.opened = {}
+
+    def open_reader(self, key):
+        self.opened[key] = self.opened.get(key, 0) + 1
+        return self._storage.open_reader(key)
+
+    def get_bytes(self, key):
+        self.opened[key] = self.opened.get(key, 0) + 1
+        return self._storage.get_bytes(key)
+
+    def __getattr__(self, name):
+        return getattr(self._storage, name)

@@ -20,7 +20,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors im
     ConfigError, IntegrityError, ObjectMismatchError, SourceError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
-from restore_helpers import BlobSource, DirTarget, StagingDirTarget, tree_state
+from restore_helpers import BlobSource, CountingStorage, DirTarget, StagingDirTarget, tree_state
 
 JOB = "blobs"
 PAYLOADS = {"big.bin": os.urandom(300_000) + b"words " * 50_000, "small.txt": b"small\n"}
@@ -33,25 +33,6 @@ def take(storage, payloads, encryption=None, incremental=False):
     TAKEN.append(int(time.time()))
     source = BlobSource({"payloads": payloads, "incremental": incremental})
     return BackupRun(JOB, source, storage, compression={"algorithm": "zstd"}, encryption=encryption).run()
-
-
-class CountingStorage:
-    """Wraps a storage location and counts how often each object is opened for reading."""
-
-    def __init__(self, storage):
-        self._storage = storage
-        self.opened = {}
-
-    def open_reader(self, key):
-        self.opened[key] = self.opened.get(key, 0) + 1
-        return self._storage.open_reader(key)
-
-    def get_bytes(self, key):
-        self.opened[key] = self.opened.get(key, 0) + 1
-        return self._storage.get_bytes(key)
-
-    def __getattr__(self, name):
-        return getattr(self._storage, name)
 
 
 @pytest.fixture

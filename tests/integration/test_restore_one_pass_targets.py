@@ -25,26 +25,11 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.f
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.redis import RedisTarget
 
-from restore_helpers import tree_state
+from restore_helpers import CountingStorage, tree_state
 
 KEY = x25519.Identity.generate()
 RECIPIENTS = {"recipients": [str(KEY.to_public())]}
 DIAGNOSIS = "verifying the whole backup"
-
-
-class CountingStorage:
-    """A storage location that counts how often each object is opened for reading."""
-
-    def __init__(self, storage):
-        self._storage = storage
-        self.opened = {}
-
-    def open_reader(self, key):
-        self.opened[key] = self.opened.get(key, 0) + 1
-        return self._storage.open_reader(key)
-
-    def __getattr__(self, name):
-        return getattr(self._storage, name)
 
 
 def storage_at(path):
