@@ -27,6 +27,8 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.r
 
 from restore_helpers import CountingStorage, tree_state
 
+from .test_postgres_kind import databases
+
 KEY = x25519.Identity.generate()
 RECIPIENTS = {"recipients": [str(KEY.to_public())]}
 DIAGNOSIS = "verifying the whole backup"
@@ -105,11 +107,6 @@ def test_files_one_pass_leaves_the_destination_and_no_staging(tmp_path):
 
 
 # -- postgres -------------------------------------------------------------------------------
-
-def databases(server):
-    with server.connect() as conn:
-        return sorted(row[0] for row in conn.execute("SELECT datname FROM pg_database").fetchall())
-
 
 def table_state(server, name):
     with server.connect(name) as conn:
