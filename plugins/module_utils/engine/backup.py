@@ -59,6 +59,12 @@ class BackupRun:
         }
 
     def run(self):
+        try:
+            return self._run()
+        finally:
+            self.source.close()
+
+    def _run(self):
         self.storage.ensure_ready()
         self.source.preflight()
         started = utc_now()

@@ -655,12 +655,21 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
     """
     log = log or (lambda message: None)
     clock = RestoreClock(progress, progress_interval)
-    started = clock.started
     mf.validate_job_name(job)
     catalog = Catalog(storage)
     manifest, selected_by = select_backup(catalog, job, backup, point_in_time)
     if not isinstance(target, Target):
         target = target(manifest["kind"])  # a factory: the kind is known once the backup is chosen
+    try:
+        return _restore_selected(storage, job, target, catalog, manifest, selected_by, point_in_time, identity,
+                                 passphrase, check_mode, log, clock, verify_first)
+    finally:
+        target.close()
+
+
+def _restore_selected(storage, job, target, catalog, manifest, selected_by, point_in_time, identity, passphrase,
+                      check_mode, log, clock, verify_first):
+    started = clock.started
     if target.kind != manifest["kind"]:
         raise ConfigError("backup %s of job %s is a %s backup; the target restores %s"
                           % (manifest["id"], job, manifest["kind"], target.kind))

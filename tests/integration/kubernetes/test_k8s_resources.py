@@ -13,6 +13,7 @@ recreates a deleted namespace.
 
 import base64
 import subprocess
+import tempfile
 import uuid
 
 import kubernetes
@@ -32,6 +33,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.l
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.base import RestoreContext
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.k8s_resources import (
     K8sResourcesTarget)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify as verify_backups
 
 from kube_fixtures import wait_for
 
@@ -527,3 +529,23 @@ def test_stock_tools_recreate_a_deleted_namespace(kube_cluster, api, seeded, tmp
     wait_for(lambda: (api.get(seeded, "v1", "Secret", "app-token").get("data") or {}).get("token"), timeout=30,
              what="the token controller to refill app-token")
     assert_same_objects(api, documents, seeded, seeded)
+
+
+def test_backup_restore_and_verify_leave_no_discovery_cache_behind(kube_cluster, api, seeded, tmp_path, monkeypatch):
+    # Each connection keeps the API discovery in a private temporary file; a runner or module
+    # run that did not close its connections left one per run in /tmp for ever.
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    storage, manifest, identity = encrypted_backup(kube_cluster, seeded, tmp_path)
+    dest = "restored-" + uuid.uuid4().hex[:8]
+    try:
+        report = rs.restore(storage, JOB, K8sResourcesTarget(target_options(kube_cluster, namespace_map={seeded: dest})),
+                            backup=manifest["id"], identity=str(identity))
+        assert report["restore"]["created_namespaces"] == [dest]
+        verdict = verify_backups(storage, JOB, manifest["id"], identity=str(identity), test_restore=True,
+                                 scratch_options=target_options(kube_cluster), record=False)
+        assert verdict["ok"] is True and verdict["verified"] == 1
+    finally:
+        kubernetes.client.CoreV1Api(api.dynamic.client).delete_namespace(dest)
+    assert sorted(path.name for path in private_tmp.iterdir() if path.name.startswith("bb-kube-discovery-")) == []

@@ -54,3 +54,7 @@ class Source:
 
     def tool_versions(self):
         return {}
+
+    def close(self):
+        """Release what the source holds (connections, caches); the engine calls it after a run.
+        A closed source opens them again when it is used again."""

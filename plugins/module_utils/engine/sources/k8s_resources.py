@@ -247,6 +247,9 @@ class K8sResourcesSource(Source):
     def tool_versions(self):
         return self.conn.tool_versions()
 
+    def close(self):
+        self.conn.close()
+
     def _resolve(self):
         if self._types is None:
             discovery = Discovery(self.conn)

@@ -121,6 +121,9 @@ class VeleroSource(Source):
     def tool_versions(self):
         return self.conn.tool_versions()
 
+    def close(self):
+        self.conn.close()
+
     def preflight(self):
         require_kubernetes("velero backups")
         self.conn.server_version()

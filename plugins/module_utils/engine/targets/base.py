@@ -70,6 +70,10 @@ class Target:
         """
         raise NotImplementedError
 
+    def close(self):
+        """Release what the target holds (connections, caches); the engine calls it after a
+        restore. A closed target opens them again when it is used again."""
+
     @classmethod
     def scratch(cls, manifest, options):
         """Context manager yielding a throwaway Target for test restores (``backup_verify``)."""

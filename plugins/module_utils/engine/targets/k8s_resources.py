@@ -97,6 +97,9 @@ class K8sResourcesTarget(Target):
         self.temporary_namespaces = False  # scratch(): create namespaces, delete them afterwards
         self.created_namespaces = []
 
+    def close(self):
+        self.conn.close()
+
     def describe(self):
         described = dict(self.conn.describe(), force_conflicts=self.force_conflicts,
                          create_namespaces=self.create_namespaces)
@@ -414,4 +417,4 @@ class K8sResourcesTarget(Target):
             yield target
         finally:
             target.delete_created_namespaces()
-            target.conn.close()
+            target.close()
