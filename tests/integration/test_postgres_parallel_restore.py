@@ -4,13 +4,17 @@
 
 With ``jobs: 2`` the verified dump is spooled to a private file under ``scratch_dir`` and
 ``pg_restore --jobs 2`` reads it. Proven here: the restored database equals the live one
-(row counts and per-table content checksums); the spool is 0600 while it exists and is gone
-after a success, a damaged dump, a failing ``pg_restore`` and a refused start; a scratch file
+(row counts and per-table content checksums); the spool is 0600 and nameless while it exists
+and is gone after a success, a damaged dump, a failing ``pg_restore``, a refused start and a
+SIGKILL; a scratch file
 system without room for the dump is refused before any database is created.
 """
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -53,14 +57,16 @@ def scratch(tmp_path):
 
 
 class SpoolWatchingTarget(PostgresTarget):
-    """The real target; records the spool file's name and mode just before pg_restore reads it."""
+    """The real target; records the spool file's mode, size, links and file system, and what
+    the scratch directory lists, just before pg_restore reads it."""
 
     seen = None
 
-    def _pg_restore_file(self, path, new):
-        info = os.stat(path)
-        self.seen = {"path": path, "mode": stat.S_IMODE(info.st_mode), "size": info.st_size}
-        return super()._pg_restore_file(path, new)
+    def _pg_restore_file(self, spool, new):
+        info = os.fstat(spool.fileno())
+        self.seen = {"mode": stat.S_IMODE(info.st_mode), "size": info.st_size, "links": info.st_nlink,
+                     "device": info.st_dev, "scratch_lists": os.listdir(self.scratch_dir)}
+        return super()._pg_restore_file(spool, new)
 
 
 def dump_raw_bytes(manifest):
@@ -77,14 +83,43 @@ def test_jobs_2_restore_equals_the_live_database_and_leaves_no_spool(
     assert result["jobs"] == 2
     assert result["scratch_bytes"] == dump_raw_bytes(manifest) == target.seen["size"]
     assert result["restore_bytes"] == result["scratch_bytes"]
-    assert os.path.dirname(target.seen["path"]) == str(scratch)
+    # On the scratch file system, private, and without a name even while pg_restore reads it.
+    assert target.seen["device"] == os.stat(scratch).st_dev
     assert target.seen["mode"] == 0o600
+    assert (target.seen["links"], target.seen["scratch_lists"]) == (0, [])
     assert all(check["ok"] for check in report["checks"])
     assert tables_state(postgres_server, result["database"]) == before
     assert tables_state(postgres_server, filled.name) == before
     assert os.listdir(scratch) == []
     assert report["target"]["jobs"] == 2
     assert report["verification"]["mode"] == "one-pass"   # the dump is checked by the spool's stream
+
+
+KILLED_RESTORE = """
+import os, signal, sys
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
+
+class KilledTarget(PostgresTarget):
+    def _pg_restore_file(self, spool, new):
+        os.kill(os.getpid(), signal.SIGKILL)   # as a node kills the runner: no cleanup runs
+
+store, job, backup_id, options = sys.argv[1], sys.argv[2], sys.argv[3], eval(sys.argv[4])
+rs.restore(open_storage({"backend": "filesystem", "path": store}), job, KilledTarget(options), backup=backup_id)
+"""
+
+
+def test_a_killed_restore_leaves_no_decrypted_spool(
+        postgres_server, filled, storage, tmp_path, scratch, cleanup_databases):
+    """Review finding: a SIGKILLed runner left the whole decrypted dump in scratch_dir."""
+    manifest = backup(storage, source_options(postgres_server, filled.name))
+    options = target_options(postgres_server, filled.name, jobs=2, scratch_dir=str(scratch))
+    killed = subprocess.run([sys.executable, "-c", KILLED_RESTORE, str(tmp_path / "store"), JOB, manifest["id"],
+                             repr(options)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert os.listdir(scratch) == []
 
 
 def test_jobs_1_streams_without_a_spool(postgres_server, filled, storage, scratch, cleanup_databases):

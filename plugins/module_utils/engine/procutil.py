@@ -101,10 +101,10 @@ def _describe_failure(what, returncode, stderr_text, secrets):
     return "%s %s: %s" % (what, status, detail)
 
 
-def _spawn(argv, env, what, stdin, stdout, cwd=None):
+def _spawn(argv, env, what, stdin, stdout, cwd=None, pass_fds=()):
     try:
         return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
-                                env=env, cwd=cwd, close_fds=True)
+                                env=env, cwd=cwd, close_fds=True, pass_fds=pass_fds)
     except OSError as exc:
         raise SourceError("cannot start %s (%s): %s" % (what, argv[0], exc.strerror)) from None
 
@@ -204,15 +204,16 @@ def feed_stdin(proc, readable, hashed=True):
     return sha256, size, broken
 
 
-def feed_tool(argv, readable, env=None, what=None, secrets=(), error_class=SourceError, cwd=None):
+def feed_tool(argv, readable, env=None, what=None, secrets=(), error_class=SourceError, cwd=None, pass_fds=()):
     """Run ``argv`` with ``readable`` streamed into its stdin; return its stderr lines.
 
     The tool's stdout is discarded. If the tool stops reading early, the remaining input
     is not read and ``error_class`` is raised with the tool's own explanation. An error
     raised by ``readable`` (a failed integrity check) kills the tool and propagates.
+    ``pass_fds``: open file descriptors the tool inherits (see ``fd_path``).
     """
     what = what or os.path.basename(argv[0])
-    proc = _spawn(argv, env, what, subprocess.PIPE, subprocess.DEVNULL, cwd=cwd)
+    proc = _spawn(argv, env, what, subprocess.PIPE, subprocess.DEVNULL, cwd=cwd, pass_fds=pass_fds)
     tail = _StderrTail(proc.stderr)
     tail.start()
     try:
@@ -226,6 +227,12 @@ def feed_tool(argv, readable, env=None, what=None, secrets=(), error_class=Sourc
     if returncode != 0 or broken:
         raise error_class(_describe_failure(what, returncode, tail.text(), secrets))
     return [scrub(line, secrets) for line in tail.lines()]
+
+
+def fd_path(fd):
+    """A path under which a child that inherits ``fd`` opens that file again (with an offset
+    of its own): the way to hand a tool that wants a file name a file that has none."""
+    return "%s/%d" % ("/dev/fd" if os.path.isdir("/dev/fd") else "/proc/self/fd", fd)
 
 
 def run_tool(argv, env=None, what=None, secrets=(), error_class=SourceError, timeout=120, input_bytes=None):

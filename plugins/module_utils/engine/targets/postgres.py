@@ -11,11 +11,14 @@ Any failure before the swap drops ``<new>``; a failure inside the swap renames e
 back. The live database is never written to; it only changes name in step 4.
 
 With ``jobs`` above 1, step 2 becomes two: the verified stream is first written to a private
-spool file under ``scratch_dir`` (mode 0600; its size and SHA-256 are checked at its end,
-before ``CREATE DATABASE``), then ``pg_restore --jobs N`` reads that file, which it needs to
-be seekable. The spool is removed afterwards in every case; a scratch file system with less
-free space than the dump's recorded size plus a margin is refused before anything is
-created. See docs/performance.md for when this pays.
+spool file under ``scratch_dir`` (its size and SHA-256 are checked at its end, before
+``CREATE DATABASE``), then ``pg_restore --jobs N`` reads that file, which it needs to be
+seekable. The spool never has a name (``O_TMPFILE``, or unlinked at once where that is not
+supported; 0600): pg_restore inherits its descriptor and opens it as ``/dev/fd/N``, so the
+kernel frees it when the last process holding it ends, whether the restore finished, failed
+or was killed (a SIGKILLed runner on a host left a decrypted dump behind before). A scratch
+file system with less free space than the dump's recorded size plus a margin is refused
+before anything is created. See docs/performance.md for when this pays.
 
 One pass: the dump is declared to the engine (:meth:`PostgresTarget.one_pass_payloads`):
 its stream is read to its end and finished (size and SHA-256 checked) before the row counts
@@ -298,7 +301,7 @@ class PostgresTarget(Target):
                     raise self._error("cannot create database %s" % new, exc) from None
                 self._created.add(new)
         except BaseException:
-            _remove_quietly(spool)
+            _close_quietly(spool)
             raise
         try:
             if self.restore_globals:
@@ -324,7 +327,7 @@ class PostgresTarget(Target):
             self._drop_quietly(new)
             raise
         finally:
-            _remove_quietly(spool)
+            _close_quietly(spool)
         if self.swap:
             try:
                 report["kept_database"] = self._swap(target, new, target_exists)
@@ -379,42 +382,44 @@ class PostgresTarget(Target):
 
     def _spool(self, context):
         """The dump stream, read to its end and finished (size and SHA-256 checked), in a new
-        0600 file under the scratch dir: ``(path, bytes, seconds)``. The file is removed when
-        anything fails here; afterwards the caller removes it."""
+        nameless file under the scratch dir: ``(file, bytes, seconds)``. The file is closed
+        (and so freed) when anything fails here; afterwards the caller closes it."""
         began = time.monotonic()
         where = self._spool_dir()
         try:
-            handle, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=".dump", dir=where)
+            spool = tempfile.TemporaryFile(prefix=SPOOL_PREFIX, suffix=".dump", dir=where)  # pylint: disable=consider-using-with
         except OSError as exc:
             raise SourceError("postgres target: cannot create a spool file in %s: %s"
                               % (where, exc.strerror or exc)) from None
         written = 0
         try:
-            with os.fdopen(handle, "wb") as spool:
-                stream = context.open_payload(context.manifest, DUMP_PAYLOAD)
-                try:
-                    while True:
-                        data = stream.read(procutil.CHUNK)
-                        if not data:
-                            break
-                        try:
-                            spool.write(data)
-                        except OSError as exc:
-                            raise SourceError("postgres target: cannot write the spooled dump to %s after %s: %s"
-                                              % (where, _human(written), exc.strerror or exc)) from None
-                        written += len(data)
-                    stream.finish()
-                finally:
-                    stream.close()
+            stream = context.open_payload(context.manifest, DUMP_PAYLOAD)
+            try:
+                while True:
+                    data = stream.read(procutil.CHUNK)
+                    if not data:
+                        break
+                    try:
+                        spool.write(data)
+                    except OSError as exc:
+                        raise SourceError("postgres target: cannot write the spooled dump to %s after %s: %s"
+                                          % (where, _human(written), exc.strerror or exc)) from None
+                    written += len(data)
+                stream.finish()
+            finally:
+                stream.close()
+            spool.flush()
         except BaseException:
-            _remove_quietly(path)
+            _close_quietly(spool)
             raise
-        return path, written, round(time.monotonic() - began, 3)
+        return spool, written, round(time.monotonic() - began, 3)
 
-    def _pg_restore_file(self, path, new):
-        argv = self._pg_restore_argv(new) + ["--jobs=%d" % self.jobs, path]
+    def _pg_restore_file(self, spool, new):
+        """``pg_restore --jobs`` from the spool: it (and its forked workers) open the inherited
+        descriptor by its /dev/fd path, each with an offset of its own."""
+        argv = self._pg_restore_argv(new) + ["--jobs=%d" % self.jobs, procutil.fd_path(spool.fileno())]
         procutil.feed_tool(argv, io.BytesIO(b""), env=self.conn.tool_env(new), what="pg_restore",
-                           secrets=self.conn.secrets)
+                           secrets=self.conn.secrets, pass_fds=(spool.fileno(),))
 
     def _restore_globals(self, context):
         """Roles and tablespaces into the server; "already exists" errors are expected and reported."""
@@ -562,12 +567,12 @@ class PostgresTarget(Target):
             target._drop_quietly(options["restore_database"])  # pylint: disable=protected-access
 
 
-def _remove_quietly(path):
-    """Remove the spool file ``path`` (None: nothing); a failure here must not hide the first one."""
-    if path is None:
+def _close_quietly(spool):
+    """Close (and so free) the spool file (None: nothing); a failure here must not hide the first one."""
+    if spool is None:
         return
     try:
-        os.unlink(path)
+        spool.close()
     except OSError:
         pass
 
