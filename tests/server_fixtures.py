@@ -81,6 +81,16 @@ def postgres_database(postgres_server):
     postgres_server.drop_database(database.name)
 
 
+@pytest.fixture
+def cleanup_databases(postgres_server):
+    """Drops every database a test created beyond those that existed before it (restores
+    create ``<name>_restore_<id>`` and keep ``<name>_pre_restore_<time>``)."""
+    before = postgres_server.databases()
+    yield
+    for name in postgres_server.databases() - before:
+        postgres_server.drop_database(name)
+
+
 # --------------------------------------------------------------------------- Redis
 
 @pytest.fixture(scope="session")

@@ -284,6 +284,11 @@ class PostgresServer:
         with self.connect() as conn:
             conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
 
+    def databases(self):
+        """The names of every database of the server (templates included)."""
+        with self.connect() as conn:
+            return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+
 
 def start_postgres(base, host=LOOPBACK):
     """PostgreSQL on ``host`` (the node IP for pods: then clients of that subnet are trusted too)."""

@@ -82,8 +82,7 @@ def tables_state(server, dbname):
 
 
 def databases(server):
-    with server.connect() as conn:
-        return {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    return server.databases()
 
 
 def source_options(server, dbname, **extra):
@@ -107,15 +106,6 @@ def storage(tmp_path):
 def filled(postgres_server, postgres_database):
     fill(postgres_server, postgres_database.name)
     return postgres_database
-
-
-@pytest.fixture
-def cleanup_databases(postgres_server):
-    """Drops every database a test created beyond those that existed before it."""
-    before = databases(postgres_server)
-    yield
-    for name in databases(postgres_server) - before:
-        postgres_server.drop_database(name)
 
 
 @pytest.fixture(scope="module")

@@ -42,14 +42,6 @@ def filled(postgres_server, postgres_database):
 
 
 @pytest.fixture
-def cleanup_databases(postgres_server):
-    before = databases(postgres_server)
-    yield
-    for name in databases(postgres_server) - before:
-        postgres_server.drop_database(name)
-
-
-@pytest.fixture
 def scratch(tmp_path):
     path = tmp_path / "scratch"
     path.mkdir()
