@@ -86,6 +86,37 @@ options:
             connections are retried, refusals such as a wrong key are not.
           - Defaults to 5.
         type: int
+      format:
+        description:
+          - How the jobs' backups are stored. C(archive) keeps one age-encrypted archive per payload
+            under C(<prefix>/<job>/<backup-id>/). C(restic) streams the payloads into a restic
+            repository per job under C(<prefix>/_restic/<job>/) (deduplicated, compressed and encrypted
+            by restic, which must be installed, 0.14 or newer); the engine manifest is still written last
+            into C(<prefix>/<job>/<backup-id>/).
+          - The kinds C(postgres), C(redis), C(k8s_resources) and C(config_git) can be stored in the
+            C(restic) format; other kinds are refused before anything is written.
+          - Reading (list, verify, restore, prune) follows each backup's manifest, so a location may
+            hold backups of both formats; reading a C(restic) backup needs O(storage.restic_password).
+          - The C(encryption) option does not apply to the C(restic) format (restic encrypts with the
+            repository password) and is refused with it.
+        type: str
+        default: archive
+        choices: [archive, restic]
+      restic_password:
+        description:
+          - Password of the restic repositories (O(storage.format=restic)); hidden from output and never
+            written to a manifest. A new repository is created with it on the first backup.
+        type: str
+      restic_password_file:
+        description: File holding the restic repository password (for example a mounted Secret).
+        type: path
+      restic_read_data_subset:
+        description:
+          - What part of the restic repository's data a verification also reads with C(restic check)
+            (C(n%), C(n/t), a size such as C(500M), or C(all)). By default C(restic check) checks the
+            repository's structure only; the verified backups themselves are always read in full
+            through C(restic dump) and compared with the SHA-256 their manifest records.
+        type: str
 """
 
     ENCRYPTION = r"""

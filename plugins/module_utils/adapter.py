@@ -37,6 +37,10 @@ STORAGE_OPTIONS = dict(
     sse_kms_key_id=dict(type="str"),
     part_size=dict(type="int"),
     max_attempts=dict(type="int"),
+    format=dict(type="str", default="archive", choices=["archive", "restic"]),
+    restic_password=dict(type="str", no_log=True),
+    restic_password_file=dict(type="path"),
+    restic_read_data_subset=dict(type="str"),
 )
 
 STORAGE_SPEC = dict(type="dict", required=True, options=STORAGE_OPTIONS)

@@ -36,6 +36,11 @@ description:
     a WAL file goes only when the same location holds its copy (a M(biometrics.backup.backup_copy) run of the
     base backup job copies its WAL job too); WAL not copied stays."
   - A policy pointed at a WAL job itself (backups of kind C(postgres_wal)) is refused.
+  - "Restic format (O(storage.format=restic), or a job with restic-format backups): the manifests of the pruned
+    backups are deleted first, then their snapshots are forgotten in the job's restic repository, together with
+    snapshots of a backup that never got a manifest (an interrupted run) once older than O(orphan_grace), and
+    C(restic prune) deletes the data no snapshot references. The result's C(restic) reports it; check mode lists
+    the snapshots it would forget."
 extends_documentation_fragment:
   - biometrics.backup.storage
   - biometrics.backup.copy_destination.require_copy

@@ -32,6 +32,9 @@ description:
     into a running server and checks key counts per database; C(files) restores a tree or a subpath
     into a directory and checks file count, bytes and checksums; C(config_git) checks out the backed-up
     commit into a directory.
+  - A backup in the restic format is read with C(restic dump) on both paths, each payload checked against the
+    size and SHA-256 of its manifest (restic also checks every block it reads), so a damaged repository fails
+    the task before the live data is touched. It needs O(storage.restic_password).
 extends_documentation_fragment:
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption

@@ -24,6 +24,10 @@ description:
   - Each verdict is recorded next to the backup (C(verification.json)), so retention can keep the newest
     verified backup and metrics can report the last verified time. A wrong key or an unreachable scratch
     server is reported but not recorded, since it says nothing about the backup.
+  - Backups in the restic format (O(storage.format=restic)) are read with C(restic dump) and every payload is
+    compared with the size and SHA-256 its manifest recorded; before that, C(restic check) checks the job's
+    repository once per run (its structure, plus the share of pack data O(storage.restic_read_data_subset)
+    names). Each result then carries C(restic_check); errors found by it fail the verdict.
 extends_documentation_fragment:
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption

@@ -6,7 +6,9 @@ import platform
 from . import anomaly
 from . import codecs
 from . import manifest as mf
+from . import resticstore
 from .catalog import Catalog
+from .restic import build_streams_manifest
 from .errors import BackupError, ConfigError, NotFoundError
 from .sources.base import BackupContext
 from .pipeline import PlaintextStream, Progress, store_stream
@@ -16,7 +18,10 @@ ENGINE_VERSION = "0.1.0"
 
 
 def open_payload(storage, manifest, payload_name, identities=None):
-    """A PlaintextStream of one payload of a stored backup (used by incrementals and restores)."""
+    """A PlaintextStream of one payload of a stored backup (used by incrementals and restores);
+    for a restic-format backup a stream of ``restic dump`` with the same checks."""
+    if resticstore.is_restic(manifest):
+        return resticstore.ResticPayloadStream(storage, manifest, payload_name)
     for obj in manifest["objects"]:
         if obj.get("payload") == payload_name:
             key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
@@ -32,9 +37,17 @@ class BackupRun:
         self.job = mf.validate_job_name(job)
         self.source = source
         self.storage = storage
+        self.format = resticstore.storage_format(storage)
         self.compression = codecs.compression_settings(compression)
         self.encryption = codecs.encryption_settings(encryption)
-        if source.requires_encryption and self.encryption["mode"] == "none":
+        if self.format == resticstore.RESTIC:
+            # Refused before anything is read or written.
+            resticstore.check_kind(source.kind, self.job)
+            if self.encryption["mode"] != "none":
+                raise ConfigError("job %s: storage.format restic encrypts with the repository password; "
+                                  "remove the encryption option (or keep the job in the archive format)" % job)
+            self.repository = resticstore.repository(storage, self.job)
+        elif source.requires_encryption and self.encryption["mode"] == "none":
             raise ConfigError("job %s (%s) stores secrets: refusing to back it up without encryption"
                               % (job, source.kind))
         self.progress = progress or Progress()
@@ -55,7 +68,7 @@ class BackupRun:
         return {
             "job": self.job, "kind": self.source.kind, "source": self.source.describe(),
             "storage": self.storage.describe(), "compression": self.compression,
-            "encryption": codecs.public_encryption_info(self.encryption),
+            "encryption": codecs.public_encryption_info(self.encryption), "storage_format": self.format,
         }
 
     def run(self):
@@ -65,6 +78,8 @@ class BackupRun:
             self.source.close()
 
     def _run(self):
+        if self.format == resticstore.RESTIC:
+            return self._run_restic()
         self.storage.ensure_ready()
         self.source.preflight()
         started = utc_now()
@@ -111,6 +126,61 @@ class BackupRun:
             self._discard()
             raise
 
+    def _run_restic(self):
+        """The restic format: each payload streamed into the job's repository (one snapshot each,
+        tagged job, kind, backup id and payload), the manifest written last."""
+        self.storage.ensure_ready()
+        self.source.preflight()
+        self.repository.init_if_missing()
+        repository_config = self.repository.config()
+        started = utc_now()
+        self.backup_id = new_backup_id(started)
+        streams = []
+        try:
+            context = self._context()
+
+            def emit(payload_name, readable):
+                if any(name == payload_name for name, dummy in streams):
+                    raise BackupError("source %s emitted payload %s twice" % (self.source.kind, payload_name))
+                result = self.repository.backup_stream(
+                    _Counted(readable, self.progress), payload_name,
+                    {"job": self.job, "kind": self.source.kind, "backup_id": self.backup_id,
+                     "payload": payload_name})
+                streams.append((payload_name, result))
+                self.progress.stored(result.get("data_added") or 0)
+                return result
+
+            stats = self.source.produce(emit, context)
+            if not streams:
+                raise BackupError("source %s produced no data" % self.source.kind)
+            finished = utc_now()
+            manifest = build_streams_manifest(
+                self.backup_id, self.job, self.source.kind, to_iso(started), to_iso(finished), streams,
+                repository_config, dict(self.source.tool_versions(), engine=ENGINE_VERSION,
+                                        python=platform.python_version(), restic="%d.%d.%d" % self.repository.version()[1]),
+                stats or {}, source=self.source.describe(),
+                extra=dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
+                           raw_bytes=sum(result["size"] for dummy, result in streams)))
+            if self.size_policy is not None:
+                self.size_verdict = anomaly.check_new_backup(self.catalog, manifest, self.size_policy)
+                manifest.update(anomaly.manifest_fields(self.size_verdict))
+            self.catalog.publish(manifest)
+            return manifest
+        except BaseException:
+            self._forget_unpublished([result["snapshot_id"] for dummy, result in streams])
+            self._discard()
+            raise
+
+    def _forget_unpublished(self, snapshots):
+        """Best effort: forget the snapshots of a backup whose manifest was not stored."""
+        if not snapshots:
+            return
+        try:
+            if not self.storage.exists(mf.object_key(self.job, self.backup_id, mf.MANIFEST_NAME)):
+                self.repository.forget(snapshots)
+        except Exception:  # pylint: disable=broad-except  # the original error matters more
+            pass
+
     def _context(self):
         context = BackupContext(self.job, self.storage, self.catalog, options=self.source.options,
                                 open_object=lambda manifest, name: open_payload(self.storage, manifest, name, self.identities))
@@ -138,3 +208,17 @@ class BackupRun:
                 self.storage.delete(info.key)
         except Exception:  # pylint: disable=broad-except  # the original error matters more
             pass
+
+
+class _Counted:
+    """A readable that counts what is read into a Progress (the restic format's streams)."""
+
+    def __init__(self, readable, progress):
+        self._readable = readable
+        self._progress = progress
+
+    def read(self, size=-1):
+        data = self._readable.read(size)
+        if data:
+            self._progress.read(len(data))
+        return data

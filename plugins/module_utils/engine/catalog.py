@@ -17,6 +17,9 @@ from .timeutil import is_backup_id, parse_iso, to_iso, utc_now
 
 INDEX_NAME = "index.json"
 INDEX_SCHEMA = 1
+# restic.REPOSITORY_DIR: the restic format's repositories live under <prefix>/_restic/<job>/
+# (no job can be named so: job names start with a letter or digit).
+RESTIC_DIR = "_restic"
 
 
 class Catalog:
@@ -65,6 +68,8 @@ class Catalog:
         indexed = set()
         for info in objects:
             parts = info.key.split("/")
+            if parts[0] == RESTIC_DIR:
+                continue  # the restic format's repositories (engine/restic.py): not a job, not junk
             if len(parts) == 2 and parts[1] == INDEX_NAME:
                 by_job.setdefault(parts[0], {})
                 indexed.add(parts[0])
@@ -158,6 +163,8 @@ class Catalog:
         now = now or utc_now()
         report = []
         for upload in self.storage.list_incomplete_uploads("%s/" % job if job else ""):
+            if upload.key.split("/", 1)[0] == RESTIC_DIR:
+                continue  # restic writes whole objects; nothing of its own to abort here
             held = self.storage.incomplete_upload_size(upload.key, upload.upload_id)
             report.append({
                 "key": upload.key, "upload_id": upload.upload_id, "initiated": to_iso(upload.initiated),

@@ -12,7 +12,7 @@ from .errors import ConfigError
 
 SECRET_FIELDS = frozenset((
     "password", "access_key", "secret_key", "session_token", "passphrase", "token",
-    "identity", "basic_auth_password",
+    "identity", "basic_auth_password", "restic_password",
 ))
 
 

@@ -421,6 +421,9 @@ class Copier:
     def plan(self, selector="all", now=None):
         """What a copy would do: ``{source_backups, steps, in_sync, present, unwanted}`` (reads only)."""
         source_backups = self.source_catalog.scan(self.job, with_orphans=False)
+        if any(manifest.get("storage_format") == "restic" for manifest in source_backups):
+            raise ConfigError("job %s has backups in the restic format, which cannot be copied yet (the copy "
+                              "would need the job's restic repository as well); nothing was copied" % self.job)
         chosen = select_sources(source_backups, selector)
         present, sizes = self._destination_state()
         unwanted = self._unwanted(chosen, present, now or utc_now())

@@ -12,8 +12,10 @@ offsite copies are imported when used, as the runner did: a backup CronJob does 
 """
 
 from . import kinds
+from . import resticstore
 from .backup import BackupRun
 from .catalog import Catalog, upload_summary
+from .errors import ConfigError
 from .restore import PROGRESS_INTERVAL, parent_identities, restore as restore_backup, select_backup
 from .storage.base import MissingLocationError
 from .timeutil import to_iso
@@ -163,5 +165,8 @@ def copy(source, destination, job, backup="all", recheck="size", check_mode=Fals
     """Copy ``job``'s backups (and a PITR job's WAL) from ``source`` to ``destination``, each
     verified there, manifest last (engine/offsite.py)."""
     from .offsite import copy_backups
+    if resticstore.RESTIC in (resticstore.storage_format(source), resticstore.storage_format(destination)):
+        raise ConfigError("job %s: backups in the restic format cannot be copied yet (the copy would need the "
+                          "job's restic repository as well); nothing was copied" % job)
     return copy_backups(source, destination, job, backup=backup, recheck=recheck, check_mode=check_mode,
                         log=log, policy=policy, min_keep=min_keep, reencrypt=reencrypt)

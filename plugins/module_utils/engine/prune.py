@@ -37,6 +37,7 @@ import datetime
 
 from . import manifest as mf
 from . import pgwal
+from . import resticstore
 from .pgwal import wal_job_of
 from .catalog import Catalog
 from .errors import ConfigError, StorageError
@@ -436,12 +437,22 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         result["counts"]["wal_pruned"] = wal_pruned
         result["counts"]["wal_kept"] = sum(entry["kept"] for entry in wal_plans)
     result["changed"] = bool(result["prune"] or orphans_remove or wal_pruned)
+    restic_plan = None
+    if resticstore.uses_restic(storage, manifests):
+        # Before anything is deleted: a missing password fails here, not half-way.
+        # Snapshots of a backup whose manifest is junk (unreadable) stay, as the junk does.
+        junk_ids = {item["key"].split("/")[1] for item in catalog.junk if item["key"].count("/") >= 2}
+        restic_plan = resticstore.plan_repository_prune(
+            storage, job, manifests, {entry["id"] for entry in result["prune"]}, grace, now, junk_ids)
+        result["changed"] = result["changed"] or bool(restic_plan[1]["orphan_snapshots"])
     if max_delete is not None and len(result["prune"]) > max_delete and not force:
         raise PruneRefusedError(
             "job %s: the policy would delete %d backups, more than max_delete=%d; nothing was "
             "deleted. Check the policy, then raise max_delete or set force to go ahead"
             % (job, len(result["prune"]), max_delete), result)
     if dry_run:
+        if restic_plan is not None:
+            result["restic"] = resticstore.prune_repository(restic_plan[0], restic_plan[1], True, log)
         return result
 
     by_id = {m["id"]: m for m in manifests}
@@ -473,6 +484,14 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         for key, upload_id in entry["uploads"]:
             storage.abort_incomplete_upload(key, upload_id)
         log("removed orphaned %s (%d objects, %d uploads)" % (entry["path"], len(entry["objects"]), len(entry["uploads"])))
+    if restic_plan is not None:
+        # The manifests are gone first (a backup is never listed without its data); the
+        # snapshots of the backups actually deleted are forgotten, then restic prunes.
+        deleted = set(result["deleted"])
+        restic_plan[1]["forget"] = [snapshot for manifest in manifests if manifest["id"] in deleted
+                                    and resticstore.is_restic(manifest)
+                                    for snapshot in resticstore.manifest_snapshots(manifest)]
+        result["restic"] = resticstore.prune_repository(restic_plan[0], restic_plan[1], False, log)
     return result
 
 

@@ -61,7 +61,8 @@ _NO_REPOSITORY = ("Is there a repository at the following location?", "unable to
 _ABSENT = ("no such file or directory", "does not exist")
 _CHECK_FOUND_ERRORS = "repository contains errors"
 _DATA_ERRORS = ("ciphertext verification failed", "does not match", "hash mismatch", "invalid data returned",
-                "pack file cannot be listed", "Load(<data/", "unexpected end of", "checksum mismatch")
+                "pack file cannot be listed", "Load(<data/", "unexpected end of", "checksum mismatch",
+                "no matching ID found")
 
 
 class RepositoryLockedError(StorageError):
@@ -233,6 +234,42 @@ class _JsonLines(threading.Thread):
                     del self.lines[:-STDERR_TAIL_LINES]
         except (OSError, ValueError):
             pass
+
+
+class _DumpReader:
+    """The stdout of a running ``restic dump``; see :meth:`ResticRepository.open_dump`."""
+
+    def __init__(self, repository, proc):
+        self._repository = repository
+        self._proc = proc
+        self._tail = _StderrTail(proc.stderr)
+        self._tail.start()
+        self._done = False
+
+    def read(self, size=-1):
+        if self._done:
+            return b""
+        data = self._proc.stdout.read(size if size and size > 0 else 1 << 20)
+        if data:
+            return data
+        self._done = True
+        returncode = self._proc.wait()
+        self._tail.join()
+        self._proc.stdout.close()
+        if returncode != 0:
+            done = _Done(returncode, None, self._tail.text())
+            data_error = any(marker in (done.stderr_text or "") for marker in _DATA_ERRORS)
+            raise self._repository._failure(  # pylint: disable=protected-access
+                "dump", done, IntegrityError if data_error else StorageError)
+        return b""
+
+    def close(self):
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._tail.join()
+        self._proc.stdout.close()
+        self._done = True
 
 
 class ResticRepository:
@@ -596,6 +633,20 @@ class ResticRepository:
             raise self._failure("dump", done, IntegrityError if data_error else StorageError)
         return {"size": size, "sha256": sha256}
 
+    def open_dump(self, snapshot, filename):
+        """A reader of the file ``filename`` of ``snapshot`` (``restic dump`` streaming): ``read(n)``
+        returns bytes, and at the end raises IntegrityError (damaged data) or StorageError when
+        restic failed; ``close()`` stops restic early. The caller hashes what it reads."""
+        _check_snapshot_id(snapshot)
+        path = _snapshot_path(filename)
+        self.version()
+        try:
+            proc = subprocess.Popen(self._argv(["dump", snapshot, path], tied=True), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self._env(), close_fds=True)
+        except OSError as exc:
+            raise ConfigError("cannot start restic (%s): %s" % (self.binary, exc.strerror)) from None
+        return _DumpReader(self, proc)
+
     def restore(self, snapshot, target_dir, verify=True, include=None):
         """``restic restore <snapshot> --target <target_dir>`` (``--verify`` re-reads what was written)."""
         _check_snapshot_id(snapshot)
@@ -745,6 +796,51 @@ def build_manifest(backup_id, job, kind, started_at, finished_at, result, reposi
     return mf.build(backup_id, job, kind, started_at, finished_at, [entry],
                     compression={"algorithm": "restic"}, encryption={"mode": "restic"},
                     tool_versions=tool_versions, stats=stats, parent=parent, source=source, extra=merged)
+
+
+def build_streams_manifest(backup_id, job, kind, started_at, finished_at, streams, repository, tool_versions,
+                           stats, source=None, extra=None):
+    """The engine manifest of a backup whose payloads were streamed into restic, one snapshot
+    per payload: ``streams`` is ``[(payload name, backup_stream result), ...]`` in the order
+    they were written. Each object entry holds the size and SHA-256 of the streamed bytes and
+    its snapshot; ``restic.snapshot_id`` is the last one, ``restic.snapshots`` all of them."""
+    if not streams:
+        raise ConfigError("a restic-format manifest needs at least one stream")
+    entries = []
+    for filename, result in streams:
+        _snapshot_path(filename)
+        entries.append({"name": filename, "payload": filename, "size": result["size"], "sha256": result["sha256"],
+                        "raw_bytes": result["size"], "restic_snapshot": result["snapshot_id"]})
+    section = {
+        "snapshot_id": streams[-1][1]["snapshot_id"],
+        "snapshots": [result["snapshot_id"] for dummy, result in streams],
+        "repository_id": (repository or {}).get("id"),
+        "repository_version": (repository or {}).get("version"),
+        "paths": [path for dummy, result in streams for path in (result.get("paths") or [])],
+        "data_added": sum(result.get("data_added") or 0 for dummy, result in streams),
+        "total_bytes_processed": sum(result.get("total_bytes_processed") or 0 for dummy, result in streams),
+    }
+    merged = {"storage_format": FORMAT_NAME, "restic": section}
+    merged.update(extra or {})
+    return mf.build(backup_id, job, kind, started_at, finished_at, entries,
+                    compression={"algorithm": "restic"}, encryption={"mode": "restic"},
+                    tool_versions=tool_versions, stats=stats, source=source, extra=merged)
+
+
+def manifest_snapshots(manifest):
+    """Every restic snapshot id a manifest names (its payloads' and ``restic.snapshot_id``),
+    [] for an archive-format manifest."""
+    first = manifest_snapshot(manifest)
+    if first is None:
+        return []
+    found = []
+    for snapshot in [obj.get("restic_snapshot") for obj in manifest.get("objects") or []] + [first]:
+        if snapshot and snapshot not in found:
+            if not isinstance(snapshot, str) or not re.match(r"^[0-9a-f]{64}$", snapshot):
+                raise IntegrityError("manifest %s/%s names %r as a restic snapshot"
+                                     % (manifest.get("job"), manifest.get("id"), snapshot))
+            found.append(snapshot)
+    return found
 
 
 def manifest_snapshot(manifest):

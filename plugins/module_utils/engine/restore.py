@@ -35,6 +35,7 @@ import time
 
 from . import codecs
 from . import manifest as mf
+from . import resticstore
 from .backup import open_payload
 from .catalog import Catalog
 from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
@@ -173,8 +174,8 @@ def identities(storage, manifest, identity=None, passphrase=None):
     """
     encryption = manifest.get("encryption") or {}
     mode = encryption.get("mode", "none")
-    if mode == "none":
-        return None
+    if mode == "none" or (mode == "restic" and resticstore.is_restic(manifest)):
+        return None  # restic decrypts with the repository password (storage.restic_password)
     if mode != "age":
         raise IntegrityError("backup %s uses unknown encryption mode %r" % (manifest["id"], mode))
     key_object = encryption.get("key_object")
@@ -281,6 +282,8 @@ def verify_objects(storage, manifest, backup_identities, clock=None, declared=fr
     are ``{"name", "payload", "size", "pending": True}`` until their stream's result
     replaces them (see :func:`one_pass_summary`).
     """
+    if resticstore.is_restic(manifest):
+        return resticstore.verify_objects(storage, manifest, clock, declared)
     seen = set()
     details = []
     payloads = 0
@@ -429,6 +432,8 @@ def one_pass_summary(storage, chain, keys_by_id, details_by_id, results):
         for entry in details_by_id[item["id"]]:
             if entry.get("pending"):
                 report = results.get((item["id"], entry["payload"]))
+                if report is None and resticstore.is_restic(item):
+                    report = _read_payload(storage, item, entry["payload"])
                 if report is None:
                     obj = _object_entry(item, entry["name"])
                     key = mf.object_key(item["job"], item["id"], entry["name"])
@@ -442,6 +447,17 @@ def one_pass_summary(storage, chain, keys_by_id, details_by_id, results):
             details.append(entry)
         _add_to_summary(summary, item["id"], details)
     return summary
+
+
+def _read_payload(storage, manifest, payload_name, identities=None):
+    """One payload read to its end through open_payload and checked (size, SHA-256)."""
+    stream = open_payload(storage, manifest, payload_name, identities)
+    try:
+        while stream.read(CHUNK):
+            pass
+        return stream.finish()
+    finally:
+        stream.close()
 
 
 def diagnose(storage, chain, keys_by_id, error, log):

@@ -27,6 +27,7 @@ import contextlib
 import time
 
 from . import kinds
+from . import resticstore
 from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError
@@ -141,9 +142,25 @@ def verify(storage, job, backup="latest", identity=None, passphrase=None, test_r
     cache = {}
     results = []
     changed = False
+    restic_check = None
+    if any(resticstore.is_restic(manifest) for manifest in manifests):
+        # The repository's own check, once per run: structure, plus the configured share of
+        # the pack data (storage.restic_read_data_subset). Each backup's payloads are then
+        # dumped in full and compared with their manifest's SHA-256.
+        try:
+            restic_check = dict(resticstore.check_repository(storage, job), ok=True)
+        except IntegrityError as exc:
+            restic_check = {"ok": False, "error": str(exc), "read_data_subset": resticstore.read_data_subset(storage)}
+        log("restic check of job %s (read data: %s): %s" % (
+            job, restic_check.get("read_data_subset") or "none",
+            "ok" if restic_check["ok"] else restic_check["error"]))
     for manifest in manifests:
         result = verify_one(storage, catalog, manifest, identity, passphrase, test_restore,
                             scratch_options, target_class, cache, RestoreClock(progress, progress_interval))
+        if resticstore.is_restic(manifest):
+            result["restic_check"] = restic_check
+            if not restic_check["ok"] and result["result"] == RESULT_OK:
+                result.update(result=RESULT_FAILED, error=restic_check["error"])
         if result["result"] in (RESULT_OK, RESULT_FAILED) and record:
             catalog.record_verification(manifest, record_of(result))
             result["recorded"] = True

@@ -79,6 +79,10 @@ class Storage(abc.ABC):
     default that is right for a backend without the feature."""
 
     backend = None
+    # The checked ``storage`` options this location was opened from, secrets read
+    # (storage.location.build_storage sets them; None for a Storage built directly). The restic
+    # format takes a job's repository and its password from them (engine/resticstore.py).
+    location_options = None
 
     @abc.abstractmethod
     def open_writer(self, key):

@@ -15,6 +15,7 @@ from .filesystem import FilesystemStorage
 from .s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_PART_SIZE, MAX_PART_SIZE, MIN_PART_SIZE, S3Storage
 
 BACKENDS = ("filesystem", "s3", "nfs")
+FORMATS = ("archive", "restic")
 _URL_RE = re.compile(r"^https?://[^\s/]+")
 
 SCHEMA = Schema("storage", {
@@ -36,6 +37,12 @@ SCHEMA = Schema("storage", {
                        minimum=MIN_PART_SIZE, maximum=MAX_PART_SIZE),
     "max_attempts": Field("int", "tries per S3 request, the first included (default %d)" % DEFAULT_MAX_ATTEMPTS,
                           minimum=1, maximum=100),
+    "format": Field("enum", "how a job's backups are stored: archive (default; age archives) or restic "
+                    "(a restic repository per job under _restic/<job>)", choices=FORMATS),
+    "restic_password": Field("str", "password of the jobs' restic repositories (format restic)", secret=True),
+    "restic_read_data_subset": Field("str", "part of the restic repository's pack data a verification reads "
+                                     "with restic check (n%, n/t, a size such as 500M, or all; default: "
+                                     "structure only)", nonempty=True),
 })
 
 
@@ -43,6 +50,10 @@ def check_storage(options, where="storage"):
     """``options`` validated field by field, and complete for their backend; no secret is read."""
     options = SCHEMA.validate(options, where)
     backend = options.get("backend", "filesystem")
+    if options.get("format") == "restic" and not any(
+            options.get(key) for key in ("restic_password", "restic_password_file", "restic_password_env")):
+        raise ConfigError("%s.format restic needs the repository password: give %s.restic_password, "
+                          "restic_password_file or restic_password_env" % (where, where))
     if backend in ("filesystem", "nfs"):
         if not options.get("path"):
             raise ConfigError("%s.path is required for backend %s: an absolute directory" % (where, backend))
@@ -75,7 +86,16 @@ def open_storage(options):
 
 
 def build_storage(options):
-    """A Storage for options :func:`storage_options` returned (checked, secrets read)."""
+    """A Storage for options :func:`storage_options` returned (checked, secrets read).
+
+    The storage keeps ``options`` as ``location_options``: the restic format
+    (engine/resticstore.py) derives a job's repository and its password from them."""
+    storage = _build_storage(options)
+    storage.location_options = dict(options)
+    return storage
+
+
+def _build_storage(options):
     backend = options.get("backend", "filesystem")
     prefix = (options.get("prefix") or "").strip("/")
     if backend in ("filesystem", "nfs"):

@@ -1,0 +1,242 @@
+"""The restic storage format wired into the engine's operations (issue 16).
+
+``storage.format: restic`` makes a backup stream each payload of its kind into the job's
+restic repository (engine/restic.py, ``<prefix>/_restic/<job>``) instead of an age archive;
+the engine manifest, written last into ``<prefix>/<job>/<backup-id>/`` as for archives, names
+the snapshots and records the size and SHA-256 of every streamed payload.
+
+Reading follows the manifest, not the option: a manifest with ``storage_format: restic`` is
+read through ``restic dump`` (:class:`ResticPayloadStream`, checked against the manifest's
+size and SHA-256 like an archive's object), so listings, verification, restores and prune
+work on a location holding both formats. The repository password comes from the storage
+options the Storage was built from (``storage.location.build_storage`` keeps them).
+
+Standard library only (no Ansible imports).
+"""
+
+import hashlib
+
+from . import manifest as mf
+from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError
+from .restic import FORMAT_NAME, ResticRepository, job_repository_options, manifest_snapshots
+from .storage.base import is_unfinished
+
+ARCHIVE = "archive"
+RESTIC = FORMAT_NAME
+# Kinds whose payloads are streams the restic format can hold (one snapshot per payload).
+STREAM_KINDS = ("postgres", "redis", "k8s_resources", "config_git")
+
+
+def storage_format(storage):
+    """The ``format`` storage option of the location ``storage`` was built from."""
+    return (storage.location_options or {}).get("format") or ARCHIVE
+
+
+def is_restic(manifest):
+    return manifest.get("storage_format") == RESTIC
+
+
+def check_kind(kind, job):
+    """ConfigError unless backups of ``kind`` can be stored in the restic format."""
+    if kind not in STREAM_KINDS:
+        raise ConfigError("job %s: kind %s cannot be stored in the restic format (storage.format: restic); "
+                          "the restic format holds the kinds %s: keep this job in the archive format"
+                          % (job, kind, ", ".join(STREAM_KINDS)))
+
+
+def repository(storage, job):
+    """The ResticRepository of ``job`` at the location of ``storage`` (one per storage and job)."""
+    options = storage.location_options
+    if options is None:
+        raise ConfigError("job %s is stored in the restic format, but this location was not opened from "
+                          "storage options (no repository password)" % job)
+    password = options.get("restic_password")
+    if not password:
+        raise ConfigError("job %s has backups in the restic format: give storage.restic_password "
+                          "(or restic_password_file / restic_password_env) to read them" % job)
+    cache = storage.__dict__.setdefault("_restic_repositories", {})
+    if job not in cache:
+        cache[job] = ResticRepository(job_repository_options(options, job), password)
+    return cache[job]
+
+
+def read_data_subset(storage):
+    """The ``restic_read_data_subset`` storage option (None: ``restic check`` of the structure only)."""
+    return (storage.location_options or {}).get("restic_read_data_subset")
+
+
+def _object_entry(manifest, payload_name):
+    for obj in manifest["objects"]:
+        if obj.get("payload") == payload_name:
+            return obj
+    return None
+
+
+def _where(manifest, obj):
+    return "restic snapshot %s (%s of backup %s/%s)" % (
+        (obj.get("restic_snapshot") or "?")[:12], obj.get("payload"), manifest["job"], manifest["id"])
+
+
+class ResticPayloadStream:
+    """The plaintext of one payload of a restic-format backup, read by ``restic dump``.
+
+    Same protocol as pipeline.PlaintextStream: read to EOF, then ``finish()`` proves that size
+    and SHA-256 are those the manifest recorded at backup time (ObjectMismatchError, an
+    IntegrityError, otherwise); restic's own failures on damaged data are IntegrityErrors.
+    """
+
+    def __init__(self, storage, manifest, payload_name):
+        obj = _object_entry(manifest, payload_name)
+        if obj is None:
+            raise IntegrityError("backup %s has no payload %s" % (manifest["id"], payload_name))
+        snapshot = obj.get("restic_snapshot")
+        if snapshot not in manifest_snapshots(manifest):
+            raise IntegrityError("backup %s: payload %s names no restic snapshot of its manifest"
+                                 % (manifest["id"], payload_name))
+        self._expected = obj
+        self._where = _where(manifest, obj)
+        self._reader = repository(storage, manifest["job"]).open_dump(snapshot, obj["name"])
+        self._sha256 = hashlib.sha256()
+        self.plain_bytes = 0
+        self._ended = False
+
+    def read(self, size=1 << 20):
+        data = self._reader.read(size)
+        if data:
+            self._sha256.update(data)
+            self.plain_bytes += len(data)
+        else:
+            self._ended = True
+        return data
+
+    def finish(self):
+        while not self._ended:
+            self.read(1 << 20)
+        if self.plain_bytes != self._expected["size"]:
+            raise ObjectMismatchError(self._where, "size", self._expected["size"], self.plain_bytes)
+        digest = self._sha256.hexdigest()
+        if digest != self._expected["sha256"]:
+            raise ObjectMismatchError(self._where, "sha256", self._expected["sha256"], digest)
+        return {"name": self._expected["name"], "size": self.plain_bytes, "sha256": digest,
+                "plain_bytes": self.plain_bytes}
+
+    def close(self):
+        self._reader.close()
+
+
+def verify_objects(storage, manifest, clock=None, declared=frozenset()):
+    """restore.verify_objects for a restic-format backup: every payload dumped and checked
+    against its size and SHA-256 (the declared ones of a one-pass restore are only looked up:
+    their snapshot must exist and their stream is checked as the target reads it)."""
+    seen = set()
+    details = []
+    repo = repository(storage, manifest["job"])
+    snapshots = manifest_snapshots(manifest)
+    section = manifest.get("restic") or {}
+    config = repo.config()
+    if section.get("repository_id") and config.get("id") != section["repository_id"]:
+        raise IntegrityError("backup %s was written to restic repository %s, but %s is repository %s (foreign "
+                             "or re-created repository)"
+                             % (manifest["id"], section["repository_id"], repo.url, config.get("id")))
+    for obj in manifest["objects"]:
+        if not obj.get("payload") or obj["name"] in seen:
+            raise IntegrityError("backup %s: malformed restic object entry %s" % (manifest["id"], obj.get("name")))
+        seen.add(obj["name"])
+        if obj.get("restic_snapshot") not in snapshots:
+            raise IntegrityError("backup %s: payload %s names no snapshot" % (manifest["id"], obj["payload"]))
+        if (manifest["id"], obj["payload"]) in declared:
+            try:
+                repo.snapshot(obj["restic_snapshot"])
+            except NotFoundError:
+                raise IntegrityError("%s is missing from %s" % (_where(manifest, obj), repo.url)) from None
+            details.append({"name": obj["name"], "payload": obj["payload"], "size": obj["size"], "pending": True})
+            continue
+        stream = ResticPayloadStream(storage, manifest, obj["payload"])
+        try:
+            while True:
+                data = stream.read(1 << 20)
+                if not data:
+                    break
+                if clock is not None:
+                    clock.advance(len(data))
+            report = stream.finish()
+        finally:
+            stream.close()
+        report["payload"] = obj["payload"]
+        details.append(report)
+    if not details:
+        raise IntegrityError("backup %s lists no payload object" % manifest["id"])
+    prefix = "%s/%s/" % (manifest["job"], manifest["id"])
+    for info in storage.list(prefix):
+        name = info.key[len(prefix):]
+        if name not in (mf.MANIFEST_NAME, mf.VERIFICATION_NAME) and not is_unfinished(name):
+            raise IntegrityError("%s is stored in restic-format backup %s, which keeps its data in restic "
+                                 "(manifest edited, or a foreign object)" % (info.key, manifest["id"]))
+    return details
+
+
+def check_repository(storage, job):
+    """``restic check`` of ``job``'s repository with the configured read-data subset; returns
+    ``{"read_data_subset", "output"}``; IntegrityError when restic finds errors."""
+    subset = read_data_subset(storage)
+    output = repository(storage, job).check(subset)
+    return {"read_data_subset": subset, "output": output[-5:]}
+
+
+def uses_restic(storage, manifests):
+    """Whether ``manifests`` (a job's) or the location's ``format`` option involve restic."""
+    return storage_format(storage) == RESTIC or any(is_restic(manifest) for manifest in manifests)
+
+
+def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_ids=frozenset()):
+    """What a prune of ``job`` removes from its restic repository: the snapshots of the pruned
+    backups, and snapshots tagged with a backup id that has no manifest (a runner killed between
+    snapshot and manifest) once older than ``grace`` (except those of ``keep_ids``). Returns ``(repository, plan)``; ``plan``
+    is ``{"forget": [ids], "orphan_snapshots": [{id, backup_id, time}], "waiting": n}``."""
+    repo = repository(storage, job)
+    complete = {manifest["id"] for manifest in manifests} | set(keep_ids)
+    forget = []
+    for manifest in manifests:
+        if manifest["id"] in pruned_ids and is_restic(manifest):
+            forget.extend(manifest_snapshots(manifest))
+    orphans, waiting = [], 0
+    try:
+        snapshots = repo.snapshots({"job": job})
+    except NotFoundError:
+        if forget:
+            raise IntegrityError("job %s has restic-format backups to prune, but there is no restic repository at "
+                                 "%s" % (job, repo.url)) from None
+        snapshots = []  # format restic, no backup taken yet
+    for snap in snapshots:
+        backup_id = snap["tag_map"].get("backup_id")
+        if not backup_id or backup_id in complete or snap["id"] in forget:
+            continue
+        moment = _snapshot_time(snap)
+        if moment is not None and now - moment < grace:
+            waiting += 1
+            continue
+        orphans.append({"id": snap["id"], "backup_id": backup_id, "time": snap.get("time")})
+    return repo, {"forget": sorted(set(forget)), "orphan_snapshots": orphans, "waiting": waiting}
+
+
+def _snapshot_time(snap):
+    from .restic import _parse_time  # pylint: disable=import-outside-toplevel
+    return _parse_time(snap.get("time"))
+
+
+def prune_repository(repo, plan, dry_run, log):
+    """Forget the planned snapshots and let restic delete the data nobody references; returns
+    the report merged into prune's result (``restic``)."""
+    ids = plan["forget"] + [entry["id"] for entry in plan["orphan_snapshots"]]
+    report = {"repository": repo.describe(), "forgotten": [] if dry_run else ids,
+              "would_forget": ids if dry_run else [], "orphan_snapshots": plan["orphan_snapshots"],
+              "orphan_snapshots_waiting": plan["waiting"], "pruned": False}
+    if dry_run or not ids:
+        return report
+    repo.forget(ids)
+    log("forgot %d restic snapshots (%d of pruned backups, %d without a manifest)"
+        % (len(ids), len(plan["forget"]), len(plan["orphan_snapshots"])))
+    report["prune_output"] = repo.prune()[-5:]
+    report["pruned"] = True
+    log("restic prune of %s done" % repo.describe())
+    return report

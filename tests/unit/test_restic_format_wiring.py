@@ -1,0 +1,82 @@
+"""The restic format's wiring that needs no restic: the catalog leaves the repositories alone,
+the storage option's format and password are checked and masked, kinds are refused, and the
+manifest of several streams names every snapshot (the rest: tests/integration/test_restic_format.py)."""
+
+import pytest
+
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import catalog as cat
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import restic as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.config import redact
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError, IntegrityError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import secret_values
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import (
+    open_storage, storage_options)
+
+SNAP_A = "a" * 64
+SNAP_B = "b" * 64
+
+
+def test_the_catalog_skips_the_restic_repositories(tmp_path):
+    assert cat.RESTIC_DIR == rs.REPOSITORY_DIR
+    repo = tmp_path / "_restic" / "pg"
+    (repo / "data" / "00").mkdir(parents=True)
+    (repo / "config").write_bytes(b"x")
+    (repo / "data" / "00" / "00aa").write_bytes(b"pack")
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path)})
+    catalog = cat.Catalog(storage)
+    assert catalog.scan() == [] and catalog.junk == [] and catalog.orphans == []
+    assert catalog.incomplete_uploads() == []
+
+
+def test_format_and_password_options(tmp_path, monkeypatch):
+    base = {"backend": "filesystem", "path": str(tmp_path)}
+    with pytest.raises(ConfigError, match="storage.format must be one of archive, restic"):
+        storage_options(dict(base, format="borg"))
+    with pytest.raises(ConfigError, match="format restic needs the repository password"):
+        storage_options(dict(base, format="restic"))
+    monkeypatch.setenv("RESTIC_PW_TEST", "s3cret-pw")
+    options = storage_options(dict(base, format="restic", restic_password_env="RESTIC_PW_TEST"))
+    assert options["restic_password"] == "s3cret-pw"
+    assert "s3cret-pw" in secret_values(options)
+    assert redact(options)["restic_password"] == "********"
+    storage = open_storage(dict(base, format="restic", restic_password="pw"))
+    assert resticstore.storage_format(storage) == "restic"
+    assert resticstore.storage_format(open_storage(base)) == "archive"
+    assert "pw" not in str(storage.describe())
+
+
+def test_kinds_the_format_does_not_hold_are_refused():
+    for kind in resticstore.STREAM_KINDS:
+        resticstore.check_kind(kind, "job")
+    for kind in ("files", "directory_sync", "velero", "postgres_base", "postgres_wal"):
+        with pytest.raises(ConfigError, match="kind %s cannot be stored in the restic format" % kind):
+            resticstore.check_kind(kind, "job")
+
+
+def test_the_manifest_of_several_streams():
+    streams = [("globals.sql", {"snapshot_id": SNAP_A, "size": 10, "sha256": "1" * 64, "data_added": 5,
+                                "total_bytes_processed": 10, "paths": ["/globals.sql"]}),
+               ("database.dump", {"snapshot_id": SNAP_B, "size": 20, "sha256": "2" * 64, "data_added": 7,
+                                  "total_bytes_processed": 20, "paths": ["/database.dump"]})]
+    manifest = rs.build_streams_manifest("20240101T000000Z-abcd", "pg", "postgres", "2024-01-01T00:00:00Z",
+                                         "2024-01-01T00:00:01Z", streams, {"id": "r" * 64, "version": 2},
+                                         {"restic": "0.14.0"}, {})
+    assert manifest["size_bytes"] == 30 and manifest["restic"]["data_added"] == 12
+    assert rs.manifest_snapshots(manifest) == [SNAP_A, SNAP_B]
+    assert resticstore.is_restic(manifest) and manifest["encryption"] == {"mode": "restic"}
+    manifest["objects"][0]["restic_snapshot"] = "nope"
+    with pytest.raises(IntegrityError):
+        rs.manifest_snapshots(manifest)
+    assert rs.manifest_snapshots({"objects": []}) == []
+
+
+def test_copies_of_restic_format_jobs_are_refused(tmp_path):
+    archive = open_storage({"backend": "filesystem", "path": str(tmp_path / "a")})
+    restic = open_storage({"backend": "filesystem", "path": str(tmp_path / "r"), "format": "restic",
+                           "restic_password": "pw"})
+    for source, destination in ((restic, archive), (archive, restic)):
+        with pytest.raises(ConfigError, match="restic format cannot be copied yet"):
+            operations.copy(source, destination, "pg")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
