@@ -114,8 +114,9 @@ options:
         description:
           - What part of the restic repository's data a verification also reads with C(restic check)
             (C(n%), C(n/t), a size such as C(500M), or C(all)). By default C(restic check) checks the
-            repository's structure only; the verified backups themselves are always read in full
-            through C(restic dump) and compared with the SHA-256 their manifest records.
+            repository's structure only, and reads all of its data for a test restore or a drill; the
+            verified backups themselves are always read in full through C(restic dump) and compared with
+            the SHA-256 their manifest records.
         type: str
 """
 

@@ -27,7 +27,8 @@ description:
   - Backups in the restic format (O(storage.format=restic)) are read with C(restic dump) and every payload is
     compared with the size and SHA-256 its manifest recorded; before that, C(restic check) checks the job's
     repository once per run (its structure, plus the share of pack data O(storage.restic_read_data_subset)
-    names). Each result then carries C(restic_check); errors found by it fail the verdict.
+    names; all of it with O(test_restore=true) unless a share is configured). Each result then carries
+    C(restic_check); errors found by it fail the verdict.
 extends_documentation_fragment:
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption

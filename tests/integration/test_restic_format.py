@@ -299,15 +299,16 @@ def test_modules_round_trip_postgres_and_redis(tmp_path, postgres_server, pg_db,
                   "password": pg_password, "bin_dir": postgres_server.bin_dir}
     restored = "restic_modules_%s" % uuid.uuid4().hex[:6]
     tasks = []
-    for job, kind, source, target in (
+    for job, kind, source, target, verify in (
             ("pg", "postgres", dict(connection, database=pg_db),
-             dict(connection, database=pg_db, restore_database=restored)),
-            ("cache", "redis", redis_source(redis_db), redis_target(redis_db))):
+             dict(connection, database=pg_db, restore_database=restored),
+             {"test_restore": True, "scratch": dict(connection, database=pg_db)}),
+            ("cache", "redis", redis_source(redis_db), redis_target(redis_db), {})):
         tasks += [
             {"name": "backup " + job, FQCN + "backup_run": {
                 "job": job, "kind": kind, "source": source, "storage": storage}},
             {"name": "info " + job, FQCN + "backup_info": {"job": job, "storage": storage}},
-            {"name": "verify " + job, FQCN + "backup_verify": {"job": job, "storage": storage}},
+            {"name": "verify " + job, FQCN + "backup_verify": dict(verify, job=job, storage=storage)},
             {"name": "restore " + job, FQCN + "backup_restore": {"job": job, "target": target, "storage": storage}},
         ]
     tasks.append({"name": "refused", "ignore_errors": True, FQCN + "backup_run": {
@@ -321,6 +322,12 @@ def test_modules_round_trip_postgres_and_redis(tmp_path, postgres_server, pg_db,
             assert [b["id"] for b in results["info " + job]["backups"]] == [manifest["id"]]
             assert results["verify " + job]["results"][0]["result"] == "ok"
             assert results["restore " + job]["backup_id"] == manifest["id"]
+        # a test restore (as in a drill) reads all of the repository's data with restic check
+        [verified] = results["verify pg"]["results"]
+        assert verified["restic_check"]["read_data_subset"] == "all"
+        rows = [check for check in verified["checks"] if check["what"] == "rows public.subjects"]
+        assert rows and rows[0]["ok"] and rows[0]["actual"] == 77
+        assert results["verify cache"]["results"][0]["restic_check"]["read_data_subset"] is None
         assert "kind files cannot be stored in the restic format" in results["refused"]["msg"]
         assert not (tmp_path / "store" / "docs").exists()
         with postgres_server.connect(restored) as conn:

@@ -175,10 +175,11 @@ def verify_objects(storage, manifest, clock=None, declared=frozenset()):
     return details
 
 
-def check_repository(storage, job):
-    """``restic check`` of ``job``'s repository with the configured read-data subset; returns
+def check_repository(storage, job, full=False):
+    """``restic check`` of ``job``'s repository with the configured read-data subset (``full``:
+    all pack data unless a subset is configured, as drills and test restores do); returns
     ``{"read_data_subset", "output"}``; IntegrityError when restic finds errors."""
-    subset = read_data_subset(storage)
+    subset = read_data_subset(storage) or ("all" if full else None)
     output = repository(storage, job).check(subset)
     return {"read_data_subset": subset, "output": output[-5:]}
 

@@ -145,12 +145,14 @@ def verify(storage, job, backup="latest", identity=None, passphrase=None, test_r
     restic_check = None
     if any(resticstore.is_restic(manifest) for manifest in manifests):
         # The repository's own check, once per run: structure, plus the configured share of
-        # the pack data (storage.restic_read_data_subset). Each backup's payloads are then
-        # dumped in full and compared with their manifest's SHA-256.
+        # the pack data (storage.restic_read_data_subset; all of it in a drill or test restore
+        # unless a share is configured). Each backup's payloads are then dumped in full and
+        # compared with their manifest's SHA-256.
         try:
-            restic_check = dict(resticstore.check_repository(storage, job), ok=True)
+            restic_check = dict(resticstore.check_repository(storage, job, full=test_restore), ok=True)
         except IntegrityError as exc:
-            restic_check = {"ok": False, "error": str(exc), "read_data_subset": resticstore.read_data_subset(storage)}
+            restic_check = {"ok": False, "error": str(exc),
+                            "read_data_subset": resticstore.read_data_subset(storage) or ("all" if test_restore else None)}
         log("restic check of job %s (read data: %s): %s" % (
             job, restic_check.get("read_data_subset") or "none",
             "ok" if restic_check["ok"] else restic_check["error"]))
