@@ -254,6 +254,21 @@ policy:
   description: The policy as applied (counts, C(keep_within), C(semantics), C(timezone)).
   returned: always
   type: dict
+restic:
+  description:
+    - The restic format - what was done to the job's restic repository after the manifests went.
+    - C(forgotten) (check mode - C(would_forget)) lists the snapshot ids forgotten, those of the pruned backups
+      and C(orphan_snapshots) (snapshots of a backup that never got a manifest, older than O(orphan_grace));
+      C(orphan_snapshots_waiting) counts younger ones; C(pruned) says whether C(restic prune) ran.
+  returned: when the job has restic-format backups or O(storage.format=restic)
+  type: dict
+  sample:
+    repository: "local:/backups/_restic/app-db"
+    forgotten: ["6050f1a11be0bd0af166c2ab0056e301e708a32670dec5c57e01cf8b4fe2f32f"]
+    would_forget: []
+    orphan_snapshots: []
+    orphan_snapshots_waiting: 0
+    pruned: true
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -340,7 +355,7 @@ def main():
 
 
 def _public(result):
-    keys = ("keep", "prune", "deleted", "orphans", "junk", "counts", "policy", "wal")
+    keys = ("keep", "prune", "deleted", "orphans", "junk", "counts", "policy", "wal", "restic")
     return dict((key, result[key]) for key in keys if key in result)
 
 

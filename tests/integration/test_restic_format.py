@@ -307,19 +307,26 @@ def test_modules_round_trip_postgres_and_redis(tmp_path, postgres_server, pg_db,
         tasks += [
             {"name": "backup " + job, FQCN + "backup_run": {
                 "job": job, "kind": kind, "source": source, "storage": storage}},
+            {"name": "backup %s again" % job, "when": job == "cache", FQCN + "backup_run": {
+                "job": job, "kind": kind, "source": source, "storage": storage}},
             {"name": "info " + job, FQCN + "backup_info": {"job": job, "storage": storage}},
             {"name": "verify " + job, FQCN + "backup_verify": dict(verify, job=job, storage=storage)},
             {"name": "restore " + job, FQCN + "backup_restore": {"job": job, "target": target, "storage": storage}},
         ]
+    tasks += [
+        {"name": "prune preview", "check_mode": True, FQCN + "backup_prune": {
+            "job": "cache", "keep_last": 1, "storage": storage}},
+        {"name": "prune", FQCN + "backup_prune": {"job": "cache", "keep_last": 1, "storage": storage}},
+    ]
     tasks.append({"name": "refused", "ignore_errors": True, FQCN + "backup_run": {
         "job": "docs", "kind": "files", "source": {"path": str(tmp_path)}, "storage": storage}})
     try:
         proc, results = ansible_playbook(tmp_path, tasks, verbosity=3)
         assert proc.returncode == 0, proc.stdout[-3000:]
-        for job in ("pg", "cache"):
-            manifest = results["backup " + job]["manifest"]
+        for job, name in (("pg", "backup pg"), ("cache", "backup cache again")):
+            manifest = results[name]["manifest"]
             assert manifest["storage_format"] == "restic"
-            assert [b["id"] for b in results["info " + job]["backups"]] == [manifest["id"]]
+            assert [b["id"] for b in results["info " + job]["backups"]][0] == manifest["id"]
             assert results["verify " + job]["results"][0]["result"] == "ok"
             assert results["restore " + job]["backup_id"] == manifest["id"]
         # a test restore (as in a drill) reads all of the repository's data with restic check
@@ -328,6 +335,13 @@ def test_modules_round_trip_postgres_and_redis(tmp_path, postgres_server, pg_db,
         rows = [check for check in verified["checks"] if check["what"] == "rows public.subjects"]
         assert rows and rows[0]["ok"] and rows[0]["actual"] == 77
         assert results["verify cache"]["results"][0]["restic_check"]["read_data_subset"] is None
+        first = results["backup cache"]["manifest"]
+        snapshots = sorted(first["restic"]["snapshots"])
+        preview, pruned = results["prune preview"], results["prune"]
+        assert [entry["id"] for entry in preview["prune"]] == [first["id"]] and preview["deleted"] == []
+        assert preview["restic"]["would_forget"] == snapshots and preview["restic"]["forgotten"] == []
+        assert pruned["deleted"] == [first["id"]] and pruned["changed"]
+        assert sorted(pruned["restic"]["forgotten"]) == snapshots and pruned["restic"]["pruned"]
         assert "kind files cannot be stored in the restic format" in results["refused"]["msg"]
         assert not (tmp_path / "store" / "docs").exists()
         with postgres_server.connect(restored) as conn:
