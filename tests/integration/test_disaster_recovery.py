@@ -29,7 +29,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.config_git import ConfigGitSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import PostgresSource
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import WalState
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import WalState
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.redis import RedisSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 

@@ -28,7 +28,7 @@ from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import WalState
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import WalState
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import parse_iso
 

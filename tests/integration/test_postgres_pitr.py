@@ -29,10 +29,10 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors im
     ConfigError, IntegrityError, NotFoundError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import prune
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import PgConnection
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import (
-    PostgresBaseSource, WalGapError, WalStreamer, WalState)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import PostgresBaseSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import WalGapError, WalStreamer, WalState
 
 from servers import server_dir, start_postgres
 

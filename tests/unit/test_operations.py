@@ -141,3 +141,20 @@ def test_callers_go_through_the_facade(path):
     assert not imported & ASSEMBLY, "%s imports %s: call engine/operations.py" % (path, sorted(imported & ASSEMBLY))
     assert "operations" in imported
     assert not attributes & {"make_source", "make_target", "check_source_options", "scratch_options_from_source"}
+
+
+# What stores and lists backups. A source produces payloads; storing them is the engine's job
+# (the WAL stream, which stores every file it receives, is engine/walstream.py for that reason).
+STORING = {"catalog", "backup", "offsite", "prune", "operations", "walstream", "verify", "restore"}
+
+
+@pytest.mark.parametrize("path", sorted(str(path.relative_to(REPO_ROOT)) for path in
+                                        pathlib.Path(REPO_ROOT, "plugins/module_utils/engine/sources").glob("*.py")))
+def test_sources_do_not_import_storage_or_the_catalog(path):
+    tree = ast.parse(pathlib.Path(REPO_ROOT, path).read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level >= 1 and node.module:
+            modules.add(node.module.split(".")[0])
+    reached = modules & (STORING | {"storage"})
+    assert not reached, "%s imports %s: sources produce payloads, the engine stores them" % (path, sorted(reached))

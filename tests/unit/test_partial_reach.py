@@ -9,7 +9,7 @@ import datetime
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import pgwal
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.pitr import _horizon
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import partial_reach
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import partial_reach
 
 CLOCK = datetime.datetime(2026, 12, 5, 1, 0, 0, 123456, tzinfo=datetime.timezone(datetime.timedelta(hours=1)))
 INSERT = pgwal.parse_lsn("0/3000100")

@@ -47,7 +47,8 @@ from .pipeline import CHUNK, PlaintextStream
 from . import manifest as mf
 from .restore import identities as backup_identities
 from .sources.postgres import DUMP_PAYLOAD, count_rows, require_psycopg, psycopg
-from .sources.postgres_wal import BASE_KIND, BASE_PAYLOAD, WalState, default_wal_job
+from .sources.postgres_wal import BASE_KIND, BASE_PAYLOAD, default_wal_job
+from .walstream import WalState
 from .targets.base import RestoreContext
 from .timeutil import parse_iso
 
@@ -283,7 +284,7 @@ def _locate_restore_point(bases, state, name, wal_job, target):
 def _horizon(segments, partials, newest):
     """Up to when the stored WAL is known to hold every commit (ISO-8601), or None.
 
-    A partial copy records ``reach_time`` (sources.postgres_wal.partial_reach): the server's
+    A partial copy records ``reach_time`` (walstream.partial_reach): the server's
     clock read just before the copy was read from the spool, when the copy holds the WAL the
     server had inserted by then; else null, and then only its own last commit
     (``last_xact_time``) is known to be stored - a commit stamped just before the copy was read

@@ -24,7 +24,8 @@ from . import pgwal
 from . import pitr
 from .errors import BackupError, ConfigError, SourceError
 from .sources.postgres import PgConnection
-from .sources.postgres_wal import (DEFAULT_PARTIAL_INTERVAL, WalGapError, WalStreamer, default_wal_job)
+from .sources.postgres_wal import default_wal_job
+from .walstream import DEFAULT_PARTIAL_INTERVAL, WalGapError, WalStreamer
 from .targets.postgres import PostgresTarget
 from .schema import Field
 
@@ -325,7 +326,7 @@ def cmd_wal_stream(config, args, log):
 
 def cmd_wal_fetch(config, args, log):
     """Fetch one WAL file; raises _FetchExit with PostgreSQL's exit-code convention."""
-    from .sources.postgres_wal import WalState
+    from .walstream import WalState
     _check_kind(config, "wal-fetch")
     if len(args.files) != 2:
         raise ConfigError("wal-fetch takes two arguments: the WAL file name (%%f) and the path to write (%%p)")
