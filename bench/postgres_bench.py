@@ -326,9 +326,10 @@ def main():
         print("(CPU: the best round; client = the command and the descendants it waited for, pg_dump "
               "included; PostgreSQL = its backends that ended)")
         best = {name: found[0] for name, found in results.items()}
-        engine, stock, seed, limit = best[names[3]], best[names[1]], best[names[2]], best[names[0]]
-        print("\nbackup: runner / best stock pipeline = %.2fx, seed gzip / runner = %.1fx, runner / source limit = %.2fx"
-              % (engine / stock, seed / engine, engine / limit))
+        engine, stock, limit = best[names[3]], best[names[1]], best[names[0]]
+        seed = best.get(names[2])   # absent with --seed-rounds 0
+        print("\nbackup: runner / best stock pipeline = %.2fx, seed gzip / runner = %s, runner / source limit = %.2fx"
+              % (engine / stock, "%.1fx" % (seed / engine) if seed else "not run", engine / limit))
         runner, runner_j2 = best[names[7]], best[names[8]]
         print("restore: runner / pg_restore = %.2fx, runner / pg_restore -j 2 = %.2fx, "
               "runner / age -d | zstd -d | pg_restore = %.2fx, pg_restore -j 2 / pg_restore = %.2fx"
