@@ -8,6 +8,7 @@ written; the repository password never in a manifest or in output.
 Databases are tiny: the point is the wiring, not restic's speed (docs/restic-format.md).
 """
 
+import hashlib
 import io
 import json
 import os
@@ -108,6 +109,11 @@ def test_redis_round_trip_through_the_facade(tmp_path, redis_db):
     # the manifest is the only object of the backup directory; the data is in the repository
     assert os.listdir(tmp_path / "store" / "cache" / manifest["id"]) == ["manifest.json"]
     assert os.path.isfile(tmp_path / "store" / "_restic" / "cache" / "config")
+    # stock restorability: restic alone, with the password, gives back the bytes the manifest records
+    dumped = subprocess.run(["restic", "-r", "local:%s" % (tmp_path / "store" / "_restic" / "cache"), "--no-cache",
+                             "dump", obj["restic_snapshot"], "/dump.rdb"], capture_output=True, check=True,
+                            env=dict(os.environ, RESTIC_PASSWORD=secret))
+    assert hashlib.sha256(dumped.stdout).hexdigest() == obj["sha256"] and len(dumped.stdout) == obj["size"]
 
     listed = operations.inventory(storage)
     assert [m["id"] for m in listed["backups"]] == [manifest["id"]]
