@@ -80,3 +80,18 @@ def test_copies_of_restic_format_jobs_are_refused(tmp_path):
         with pytest.raises(ConfigError, match="restic format cannot be copied yet"):
             operations.copy(source, destination, "pg")
     assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", ["50", "x", "%", "1/", "-5%", ""])
+def test_a_read_data_subset_restic_would_refuse_is_refused_with_the_options(tmp_path, value):
+    # Review finding: "50" was accepted, backups ran with it, and only the verification failed.
+    with pytest.raises(ConfigError, match="restic_read_data_subset"):
+        storage_options({"backend": "filesystem", "path": str(tmp_path), "format": "restic",
+                         "restic_password": "pw", "restic_read_data_subset": value})
+
+
+@pytest.mark.parametrize("value", ["all", "50%", "2.5%", "1/5", "500M"])
+def test_the_read_data_subsets_restic_accepts(tmp_path, value):
+    options = storage_options({"backend": "filesystem", "path": str(tmp_path), "format": "restic",
+                               "restic_password": "pw", "restic_read_data_subset": value})
+    assert options["restic_read_data_subset"] == value

@@ -65,11 +65,20 @@ class BackupRun:
 
     def plan(self):
         """What would run, for check mode: no source is read and nothing is written."""
-        return {
+        planned = {
             "job": self.job, "kind": self.source.kind, "source": self.source.describe(),
             "storage": self.storage.describe(), "compression": self.compression,
             "encryption": codecs.public_encryption_info(self.encryption), "storage_format": self.format,
         }
+        if self.format == resticstore.RESTIC:
+            # What the real run would fail on first, read-only: restic too old or missing, a
+            # repository the password does not open (none yet is fine: the run creates it).
+            planned["restic_version"] = self.repository.version()[0]
+            try:
+                planned["restic_repository"] = dict(self.repository.config(), exists=True)
+            except NotFoundError:
+                planned["restic_repository"] = {"exists": False}
+        return planned
 
     def run(self):
         try:

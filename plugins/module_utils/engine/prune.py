@@ -40,7 +40,7 @@ from . import pgwal
 from . import resticstore
 from .pgwal import wal_job_of
 from .catalog import Catalog
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, IntegrityError, StorageError
 from .retention import Backup, Duration, Policy, RetentionError, apply_policy
 from .storage.base import is_unfinished
 from .timeutil import parse_iso, to_iso, utc_now
@@ -71,8 +71,8 @@ class PartialPruneError(StorageError):
     """Deleting a backup failed after others were deleted; ``result`` is the prune's result
     up to there (``deleted`` lists what went), ``backup_id`` the backup that failed."""
 
-    def __init__(self, job, backup_id, result, cause):
-        super().__init__("job %s: deleting backup %s failed after %d deletions: %s"
+    def __init__(self, job, backup_id, result, cause, message=None):
+        super().__init__(message or "job %s: deleting backup %s failed after %d deletions: %s"
                          % (job, backup_id, len(result["deleted"]), cause))
         self.backup_id = backup_id
         self.result = result
@@ -452,7 +452,7 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
             % (job, len(result["prune"]), max_delete), result)
     if dry_run:
         if restic_plan is not None:
-            result["restic"] = resticstore.prune_repository(restic_plan[0], restic_plan[1], True, log)
+            result["restic"] = resticstore.prune_repository(storage, job, restic_plan[0], restic_plan[1], True, log)
         return result
 
     by_id = {m["id"]: m for m in manifests}
@@ -491,7 +491,15 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         restic_plan[1]["forget"] = [snapshot for manifest in manifests if manifest["id"] in deleted
                                     and resticstore.is_restic(manifest)
                                     for snapshot in resticstore.manifest_snapshots(manifest)]
-        result["restic"] = resticstore.prune_repository(restic_plan[0], restic_plan[1], False, log)
+        try:
+            result["restic"] = resticstore.prune_repository(storage, job, restic_plan[0], restic_plan[1], False, log)
+        except (StorageError, IntegrityError, ConfigError) as exc:
+            # The manifests are gone already: say what was deleted, and that the repository
+            # catches up later (snapshots without a manifest are forgotten after the orphan
+            # grace; an unfinished restic prune runs again at the next prune).
+            raise PartialPruneError(job, None, result, exc, message=(
+                "job %s: %d backups deleted, then cleaning the restic repository failed (the next prune "
+                "finishes it): %s" % (job, len(result["deleted"]), exc))) from None
     return result
 
 

@@ -126,6 +126,14 @@ def repository_location(options):
     return url, extended, flags, env
 
 
+def check_read_data_subset(value, name="read_data_subset"):
+    """``value`` when restic check accepts it as a share of the pack data (``all``, ``n%``,
+    ``n/t`` or a size such as ``500M``); ConfigError naming ``name`` otherwise."""
+    if value == "all" or (isinstance(value, str) and _SUBSET_RE.match(value)):
+        return value
+    raise ConfigError("%s %r: use all, n%%, n/t or a size such as 500M" % (name, value))
+
+
 def format_tags(tags):
     """``{"job": "pg", "kind": "postgres"}`` -> ``["job=pg", "kind=postgres"]`` (sorted), checked:
     restic separates tags with commas, so keys and values are kept to a safe alphabet."""
@@ -264,12 +272,22 @@ class _DumpReader:
         return b""
 
     def close(self):
-        if self._proc.poll() is None:
-            self._proc.kill()
+        stopped_early = self._proc.poll() is None
+        if stopped_early:
+            # A reader that stops early (a target that failed half-way, an interrupt): a dump
+            # writes nothing, so SIGTERM is safe and lets restic remove its own lock.
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
         self._proc.wait()
         self._tail.join()
         self._proc.stdout.close()
         self._done = True
+        if stopped_early:
+            # A lock it could not remove would keep other hosts' commands out for 30 minutes.
+            self._repository._unlock_quietly()  # pylint: disable=protected-access
 
 
 class ResticRepository:
@@ -576,10 +594,7 @@ class ResticRepository:
         if read_data_subset in ("all", True):
             args.append("--read-data")
         elif read_data_subset:
-            if not isinstance(read_data_subset, str) or not _SUBSET_RE.match(read_data_subset):
-                raise ConfigError("read_data_subset %r: use all, n%%, n/t or a size such as 500M"
-                                  % (read_data_subset,))
-            args.append("--read-data-subset=%s" % read_data_subset)
+            args.append("--read-data-subset=%s" % check_read_data_subset(read_data_subset))
         deadline = time.monotonic() + self.lock_wait
         unlocked = False
         while True:

@@ -18,11 +18,15 @@ import hashlib
 
 from . import manifest as mf
 from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError
-from .restic import FORMAT_NAME, ResticRepository, job_repository_options, manifest_snapshots
+from .restic import FORMAT_NAME, REPOSITORY_DIR, ResticRepository, job_repository_options, manifest_snapshots
 from .storage.base import is_unfinished
 
 ARCHIVE = "archive"
 RESTIC = FORMAT_NAME
+# Seconds a command waits for a live lock of the same job's repository before it is refused:
+# a verification's restic check (exclusive in restic 0.14) or a prune must not make the next
+# scheduled backup fail at once; one that holds the lock longer is refused with its holder named.
+LOCK_WAIT = 600
 # Kinds whose payloads are streams the restic format can hold (one snapshot per payload).
 STREAM_KINDS = ("postgres", "redis", "k8s_resources", "config_git")
 
@@ -52,11 +56,11 @@ def repository(storage, job):
                           "storage options (no repository password)" % job)
     password = options.get("restic_password")
     if not password:
-        raise ConfigError("job %s has backups in the restic format: give storage.restic_password "
-                          "(or restic_password_file / restic_password_env) to read them" % job)
+        raise ConfigError("job %s has backups in the restic format: give storage.restic_password or "
+                          "restic_password_file (restic_password_env in a runner job file) to read them" % job)
     cache = storage.__dict__.setdefault("_restic_repositories", {})
     if job not in cache:
-        cache[job] = ResticRepository(job_repository_options(options, job), password)
+        cache[job] = ResticRepository(job_repository_options(options, job), password, lock_wait=LOCK_WAIT)
     return cache[job]
 
 
@@ -192,15 +196,15 @@ def uses_restic(storage, manifests):
 def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_ids=frozenset()):
     """What a prune of ``job`` removes from its restic repository: the snapshots of the pruned
     backups, and snapshots tagged with a backup id that has no manifest (a runner killed between
-    snapshot and manifest) once older than ``grace`` (except those of ``keep_ids``). Returns ``(repository, plan)``; ``plan``
-    is ``{"forget": [ids], "orphan_snapshots": [{id, backup_id, time}], "waiting": n}``."""
+    snapshot and manifest) once the newest snapshot of that backup is older than ``grace``
+    (except those of ``keep_ids``). Returns ``(repository, plan)``; ``plan`` is
+    ``{"forget": [ids], "orphan_snapshots": [{id, backup_id, time}], "waiting": n}``."""
     repo = repository(storage, job)
     complete = {manifest["id"] for manifest in manifests} | set(keep_ids)
     forget = []
     for manifest in manifests:
         if manifest["id"] in pruned_ids and is_restic(manifest):
             forget.extend(manifest_snapshots(manifest))
-    orphans, waiting = [], 0
     try:
         snapshots = repo.snapshots({"job": job})
     except NotFoundError:
@@ -208,15 +212,22 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
             raise IntegrityError("job %s has restic-format backups to prune, but there is no restic repository at "
                                  "%s" % (job, repo.url)) from None
         snapshots = []  # format restic, no backup taken yet
+    # A backup's snapshots are judged together, by the newest of them: a postgres backup writes
+    # its globals snapshot long before its dump's, and only then its manifest. A snapshot whose
+    # time cannot be read waits (it is never taken for old).
+    candidates = {}
     for snap in snapshots:
         backup_id = snap["tag_map"].get("backup_id")
         if not backup_id or backup_id in complete or snap["id"] in forget:
             continue
-        moment = _snapshot_time(snap)
-        if moment is not None and now - moment < grace:
-            waiting += 1
+        candidates.setdefault(backup_id, []).append(snap)
+    orphans, waiting = [], 0
+    for backup_id, snaps in sorted(candidates.items()):
+        moments = [_snapshot_time(snap) for snap in snaps]
+        if any(moment is None for moment in moments) or now - max(moments) < grace:
+            waiting += len(snaps)
             continue
-        orphans.append({"id": snap["id"], "backup_id": backup_id, "time": snap.get("time")})
+        orphans.extend({"id": snap["id"], "backup_id": backup_id, "time": snap.get("time")} for snap in snaps)
     return repo, {"forget": sorted(set(forget)), "orphan_snapshots": orphans, "waiting": waiting}
 
 
@@ -225,19 +236,41 @@ def _snapshot_time(snap):
     return _parse_time(snap.get("time"))
 
 
-def prune_repository(repo, plan, dry_run, log):
+def prune_pending_key(job):
+    """Where a prune notes that ``restic prune`` of ``job``'s repository is still owed: written
+    before ``forget``, removed after ``restic prune`` succeeded (beside the repository, which
+    the catalog skips)."""
+    return "%s/%s.prune-pending" % (REPOSITORY_DIR, job)
+
+
+def prune_repository(storage, job, repo, plan, dry_run, log):
     """Forget the planned snapshots and let restic delete the data nobody references; returns
-    the report merged into prune's result (``restic``)."""
-    ids = plan["forget"] + [entry["id"] for entry in plan["orphan_snapshots"]]
+    the report merged into prune's result (``restic``).
+
+    ``restic prune`` also runs with nothing to forget when an earlier prune forgot snapshots but
+    did not finish (its note is still there), so the space it freed is reclaimed. Snapshots
+    without a manifest are looked at once more just before ``forget``: a backup that published
+    its manifest since the plan keeps them."""
+    pending = storage.exists(prune_pending_key(job))
+    orphans = plan["orphan_snapshots"]
+    if not dry_run:
+        orphans = [entry for entry in orphans
+                   if not storage.exists(mf.object_key(job, entry["backup_id"], mf.MANIFEST_NAME))]
+    ids = plan["forget"] + [entry["id"] for entry in orphans]
     report = {"repository": repo.describe(), "forgotten": [] if dry_run else ids,
-              "would_forget": ids if dry_run else [], "orphan_snapshots": plan["orphan_snapshots"],
-              "orphan_snapshots_waiting": plan["waiting"], "pruned": False}
-    if dry_run or not ids:
+              "would_forget": ids if dry_run else [], "orphan_snapshots": orphans,
+              "orphan_snapshots_waiting": plan["waiting"], "pruned": False,
+              "prune_pending": pending}
+    if dry_run or not (ids or pending):
         return report
-    repo.forget(ids)
-    log("forgot %d restic snapshots (%d of pruned backups, %d without a manifest)"
-        % (len(ids), len(plan["forget"]), len(plan["orphan_snapshots"])))
+    storage.put_bytes(prune_pending_key(job), b"restic forget ran; restic prune is owed\n")
+    if ids:
+        repo.forget(ids)
+        log("forgot %d restic snapshots (%d of pruned backups, %d without a manifest)"
+            % (len(ids), len(plan["forget"]), len(orphans)))
     report["prune_output"] = repo.prune()[-5:]
+    storage.delete(prune_pending_key(job))
     report["pruned"] = True
+    report["prune_pending"] = False
     log("restic prune of %s done" % repo.describe())
     return report

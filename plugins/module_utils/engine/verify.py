@@ -162,7 +162,12 @@ def verify(storage, job, backup="latest", identity=None, passphrase=None, test_r
         if resticstore.is_restic(manifest):
             result["restic_check"] = restic_check
             if not restic_check["ok"] and result["result"] == RESULT_OK:
-                result.update(result=RESULT_FAILED, error=restic_check["error"])
+                # The repository's check covers every job's packs, and this backup's own payloads
+                # just dumped with their recorded SHA-256: a run-level error, not a failed verdict
+                # recorded on this backup (prune deletes failed backups after the grace period, so
+                # one damaged pack elsewhere would otherwise condemn the whole history).
+                result.update(result="error", error="restic check of the repository found errors elsewhere "
+                                                    "(this backup's payloads dumped intact): %s" % restic_check["error"])
         if result["result"] in (RESULT_OK, RESULT_FAILED) and record:
             catalog.record_verification(manifest, record_of(result))
             result["recorded"] = True

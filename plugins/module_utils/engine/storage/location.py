@@ -10,6 +10,7 @@ import re
 
 from ..config import resolve_secret_refs
 from ..errors import ConfigError
+from ..restic import check_read_data_subset
 from ..schema import Field, Schema
 from .filesystem import FilesystemStorage
 from .s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_PART_SIZE, MAX_PART_SIZE, MIN_PART_SIZE, S3Storage
@@ -52,8 +53,11 @@ def check_storage(options, where="storage"):
     backend = options.get("backend", "filesystem")
     if options.get("format") == "restic" and not any(
             options.get(key) for key in ("restic_password", "restic_password_file", "restic_password_env")):
-        raise ConfigError("%s.format restic needs the repository password: give %s.restic_password, "
-                          "restic_password_file or restic_password_env" % (where, where))
+        raise ConfigError("%s.format restic needs the repository password: give %s.restic_password or "
+                          "restic_password_file (restic_password_env in a runner job file)" % (where, where))
+    if options.get("restic_read_data_subset") is not None:
+        # Refused here, before a backup runs, not first by the verification that would use it.
+        check_read_data_subset(options["restic_read_data_subset"], "%s.restic_read_data_subset" % where)
     if backend in ("filesystem", "nfs"):
         if not options.get("path"):
             raise ConfigError("%s.path is required for backend %s: an absolute directory" % (where, backend))
