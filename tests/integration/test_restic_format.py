@@ -488,3 +488,23 @@ def test_check_mode_opens_the_repository_as_the_real_run_would(tmp_path, redis_d
     wrong = open_storage(fs_storage(tmp_path, password()))
     with pytest.raises(ConfigError, match="wrong password"):
         operations.prepare_backup("cache", operations.make_source("redis", source), wrong).plan()
+
+
+def test_a_source_failing_after_a_committed_snapshot_leaves_neither_snapshot_nor_manifest(tmp_path):
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import SourceError
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+
+    class FirstPayloadThenFailure(Source):
+        """As a postgres source whose row counts fail after globals.sql was stored."""
+        kind = "redis"
+
+        def produce(self, emit, context):
+            emit("first.bin", io.BytesIO(os.urandom(4096)))   # a complete snapshot
+            raise SourceError("the source failed after its first payload")
+
+    storage = open_storage(fs_storage(tmp_path, password()))
+    with pytest.raises(SourceError, match="after its first payload"):
+        operations.prepare_backup("cache", FirstPayloadThenFailure({}), storage).run()
+    assert _snapshots(storage, "cache") == []
+    assert operations.inventory(storage)["backups"] == []
+    assert [name for name in os.listdir(tmp_path / "store") if name != "_restic"] in ([], ["cache"])
