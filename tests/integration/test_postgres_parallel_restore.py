@@ -54,11 +54,11 @@ class SpoolWatchingTarget(PostgresTarget):
 
     seen = None
 
-    def _pg_restore_file(self, spool, new):
+    def _pg_restore_file(self, spool, new, context=None):
         info = os.fstat(spool.fileno())
         self.seen = {"mode": stat.S_IMODE(info.st_mode), "size": info.st_size, "links": info.st_nlink,
                      "device": info.st_dev, "scratch_lists": os.listdir(self.scratch_dir)}
-        return super()._pg_restore_file(spool, new)
+        return super()._pg_restore_file(spool, new, context)
 
 
 def dump_raw_bytes(manifest):
@@ -94,7 +94,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.l
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
 
 class KilledTarget(PostgresTarget):
-    def _pg_restore_file(self, spool, new):
+    def _pg_restore_file(self, spool, new, context=None):
         os.kill(os.getpid(), signal.SIGKILL)   # as a node kills the runner: no cleanup runs
 
 store, job, backup_id, options = sys.argv[1], sys.argv[2], sys.argv[3], eval(sys.argv[4])
@@ -112,6 +112,27 @@ def test_a_killed_restore_leaves_no_decrypted_spool(
                             timeout=300, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert os.listdir(scratch) == []
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_progress_counts_the_tables_pg_restore_loaded(postgres_server, filled, storage, scratch, cleanup_databases,
+                                                      jobs):
+    manifest = backup(storage, source_options(postgres_server, filled.name))
+    # Every table with data of its own (a partitioned parent has none): what pg_restore loads.
+    with postgres_server.connect(filled.name) as conn:
+        tables = conn.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                              "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                              "AND n.nspname !~ '^pg_toast'").fetchone()[0]
+    assert tables >= 2
+    reports = []
+    rs.restore(storage, JOB, PostgresTarget(target_options(postgres_server, filled.name, jobs=jobs,
+                                                           scratch_dir=str(scratch))),
+               backup=manifest["id"], progress=lambda *args, **kwargs: reports.append((args, kwargs)),
+               progress_interval=0)
+    counted = [kwargs["items"]["tables"] for args, kwargs in reports if "items" in kwargs]
+    loaded = [done for done, total in counted]   # bytes reports repeat the count: non-decreasing
+    assert loaded == sorted(loaded) and sorted(set(loaded)) == list(range(1, tables + 1)), reports[-3:]
+    assert {total for done, total in counted} == {None}
 
 
 def test_jobs_1_streams_without_a_spool(postgres_server, filled, storage, scratch, cleanup_databases):
@@ -214,8 +235,10 @@ def test_failing_pg_restore_drops_the_new_database_and_the_spool(
     before_dbs = databases(postgres_server)
     target = SpoolWatchingTarget(target_options(postgres_server, postgres_database.name, jobs=2,
                                                 scratch_dir=str(scratch), swap=True))
-    with pytest.raises(SourceError, match="pg_restore failed.*%s" % role):
+    with pytest.raises(SourceError, match="pg_restore failed.*%s" % role) as failed:
         rs.restore(storage, JOB, target, backup=manifest["id"])
+    # --verbose (the table progress) adds no chatter to the message: the error and its context only.
+    assert "processing data" not in str(failed.value) and "creating " not in str(failed.value)
     assert target.seen is not None   # it failed in pg_restore, after the spool was written
     assert databases(postgres_server) == before_dbs
     assert os.listdir(scratch) == []

@@ -66,16 +66,18 @@ def tool_env(extra, drop=()):
 class _StderrTail(threading.Thread):
     """Drains a tool's stderr (so it never blocks on a full pipe), keeping the last lines."""
 
-    def __init__(self, pipe, lines=STDERR_TAIL_LINES):
+    def __init__(self, pipe, lines=STDERR_TAIL_LINES, on_line=None):
         super().__init__(name="stderr-tail", daemon=True)
         self._pipe = pipe
         self._tail = collections.deque(maxlen=lines)
+        # on_line(line) -> True: the line was progress chatter, used and not kept for messages.
+        self._on_line = on_line
 
     def run(self):
         try:
             for raw in iter(self._pipe.readline, b""):
                 line = raw.decode("utf-8", "replace").rstrip()
-                if line:
+                if line and not (self._on_line is not None and self._on_line(line)):
                     self._tail.append(line[:1000])
         except (OSError, ValueError):
             pass
@@ -204,17 +206,20 @@ def feed_stdin(proc, readable, hashed=True):
     return sha256, size, broken
 
 
-def feed_tool(argv, readable, env=None, what=None, secrets=(), error_class=SourceError, cwd=None, pass_fds=()):
+def feed_tool(argv, readable, env=None, what=None, secrets=(), error_class=SourceError, cwd=None, pass_fds=(),
+              on_stderr_line=None):
     """Run ``argv`` with ``readable`` streamed into its stdin; return its stderr lines.
 
     The tool's stdout is discarded. If the tool stops reading early, the remaining input
     is not read and ``error_class`` is raised with the tool's own explanation. An error
     raised by ``readable`` (a failed integrity check) kills the tool and propagates.
-    ``pass_fds``: open file descriptors the tool inherits (see ``fd_path``).
+    ``pass_fds``: open file descriptors the tool inherits (see ``fd_path``). ``on_stderr_line``
+    sees every stderr line as it comes (progress); a line it returns True for is left out of
+    the lines kept for messages.
     """
     what = what or os.path.basename(argv[0])
     proc = _spawn(argv, env, what, subprocess.PIPE, subprocess.DEVNULL, cwd=cwd, pass_fds=pass_fds)
-    tail = _StderrTail(proc.stderr)
+    tail = _StderrTail(proc.stderr, on_line=on_stderr_line)
     tail.start()
     try:
         broken = feed_stdin(proc, readable, hashed=False)[2]

@@ -31,6 +31,7 @@ the ``phases`` of the report (see :meth:`RestoreClock.phases`).
 """
 
 import hashlib
+import threading
 import time
 
 from . import codecs
@@ -488,7 +489,9 @@ class RestoreClock:
 
     Progress: ``report(phase, done_bytes, total_bytes, elapsed_seconds)`` is called at most
     every ``interval`` seconds while plaintext flows, in the ``verify`` pass and in the
-    ``restore`` pass. ``total_bytes`` is the plaintext size the manifests recorded at backup
+    ``restore`` pass; once a target noted progress in its own units (the postgres target:
+    tables whose data pg_restore loaded), also while no byte flows, with the keyword
+    ``items={"tables": (done, total)}``. ``total_bytes`` is the plaintext size the manifests recorded at backup
     time (None for backups that did not record it); ``elapsed_seconds`` counts from the start
     of that pass.
 
@@ -510,6 +513,8 @@ class RestoreClock:
         self._interval = interval
         self.phase, self.done, self.total = None, 0, None
         self._phase_started = self._last = self.started
+        self.items = {}   # target units (tables): name -> (done, total)
+        self._lock = threading.Lock()   # note() comes from a tool's stderr reader thread
 
     def mark(self, boundary):
         self._marks[boundary] = time.monotonic()
@@ -521,11 +526,26 @@ class RestoreClock:
 
     def advance(self, count):
         self.done += count
+        self._maybe_report()
+
+    def note(self, what, done, total=None):
+        """Progress in a target's units (``tables``), reported with the bytes; also reported
+        when no byte flows (``pg_restore --jobs`` reading its spool, index builds)."""
+        self.items[what] = (done, total)
+        self._maybe_report()
+
+    def _maybe_report(self):
         if self._report is None:
             return
-        now = time.monotonic()
-        if now - self._last >= self._interval:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self._interval:
+                return
             self._last = now
+        if self.items:
+            self._report(self.phase or "restore", self.done, self.total, now - self._phase_started,
+                         items=dict(self.items))
+        else:
             self._report(self.phase, self.done, self.total, now - self._phase_started)
 
     def stream_opened(self):
@@ -622,7 +642,8 @@ def restore_context(storage, manifest, chain, keys_by_id, check_mode=False, opti
                 on_result(backup_id, payload_name, report)
         return _CheckedStream(open_payload(storage, which, payload_name, keys_by_id.get(which["id"])), clock, done)
 
-    return RestoreContext(manifest, chain, opener, check_mode=check_mode, options=options)
+    return RestoreContext(manifest, chain, opener, check_mode=check_mode, options=options,
+                          note_progress=clock.note if clock is not None else None)
 
 
 def _failed_checks(report):

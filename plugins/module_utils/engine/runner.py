@@ -299,11 +299,16 @@ def cmd_verify(config, args, log):
 
 def restore_progress(log):
     """``progress`` for engine/restore.py: one log line per report, as backups print theirs."""
-    def report(phase, done, total, elapsed):
-        log.info("progress: %s %s of %s plaintext%s, %s/s" % (
+    def report(phase, done, total, elapsed, items=None):
+        counted = sorted((items or {}).items())
+        units = "".join(", %s %d of %d" % (what, did, whole) if whole is not None else ", %s %d" % (what, did)
+                        for what, (did, whole) in counted)
+        fields = {"%s_%s" % (what, key): value for what, (did, whole) in counted
+                  for key, value in (("done", did), ("total", whole))}
+        log.info("progress: %s %s of %s plaintext%s, %s/s%s" % (
             phase, _human_bytes(done), _human_bytes(total) if total else "?",
-            " (%d%%)" % (100 * done // total) if total else "", _human_bytes(done / elapsed if elapsed else 0)),
-            phase=phase, plain_bytes=done, total_plain_bytes=total, elapsed_seconds=round(elapsed, 1))
+            " (%d%%)" % (100 * done // total) if total else "", _human_bytes(done / elapsed if elapsed else 0), units),
+            phase=phase, plain_bytes=done, total_plain_bytes=total, elapsed_seconds=round(elapsed, 1), **fields)
     return report
 
 

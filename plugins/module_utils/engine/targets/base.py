@@ -15,12 +15,19 @@ from ..errors import ConfigError
 class RestoreContext:
     """What a target gets: the chain of manifests and a way to read their payloads."""
 
-    def __init__(self, manifest, chain, open_payload, check_mode=False, options=None):
+    def __init__(self, manifest, chain, open_payload, check_mode=False, options=None, note_progress=None):
         self.manifest = manifest        # the backup being restored
         self.chain = chain              # [full, incr1, ..., manifest] oldest first (just [manifest] for fulls)
         self.open_payload = open_payload  # open_payload(manifest, payload_name) -> PlaintextStream
         self.check_mode = check_mode
         self.options = options or {}
+        self._note_progress = note_progress
+
+    def note_progress(self, what, done, total=None):
+        """Progress in the target's own units (``what`` such as ``tables``: ``done`` of
+        ``total``), reported with the byte progress; safe to call from a reader thread."""
+        if self._note_progress is not None:
+            self._note_progress(what, done, total)
 
 
 class Target:

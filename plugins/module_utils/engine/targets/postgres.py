@@ -308,7 +308,7 @@ class PostgresTarget(Target):
                 report["globals_messages"] = self._restore_globals(context)
             if spool is not None:
                 began = time.monotonic()
-                self._pg_restore_file(spool, new)
+                self._pg_restore_file(spool, new, context)
                 report["pg_restore_seconds"] = round(time.monotonic() - began, 3)
                 report["restore_bytes"] = report["scratch_bytes"]
             else:
@@ -364,7 +364,9 @@ class PostgresTarget(Target):
 
     # -- steps -------------------------------------------------------------------------
     def _pg_restore_argv(self, new):
-        argv = [self.conn.tool("pg_restore"), "--no-password", "--exit-on-error", "--dbname=%s" % new]
+        # --verbose: pg_restore names each table as it loads its data, which is the restore's
+        # progress in tables (TableProgress); its other chatter is kept out of error messages.
+        argv = [self.conn.tool("pg_restore"), "--no-password", "--exit-on-error", "--verbose", "--dbname=%s" % new]
         if self.no_owner:
             argv.append("--no-owner")
         if self.no_privileges:
@@ -375,7 +377,7 @@ class PostgresTarget(Target):
         stream = context.open_payload(context.manifest, DUMP_PAYLOAD)
         try:
             procutil.feed_tool(self._pg_restore_argv(new), stream, env=self.conn.tool_env(new), what="pg_restore",
-                               secrets=self.conn.secrets)
+                               secrets=self.conn.secrets, on_stderr_line=TableProgress(context))
             return stream.finish()["plain_bytes"]
         finally:
             stream.close()
@@ -414,12 +416,13 @@ class PostgresTarget(Target):
             raise
         return spool, written, round(time.monotonic() - began, 3)
 
-    def _pg_restore_file(self, spool, new):
+    def _pg_restore_file(self, spool, new, context=None):
         """``pg_restore --jobs`` from the spool: it (and its forked workers) open the inherited
         descriptor by its /dev/fd path, each with an offset of its own."""
         argv = self._pg_restore_argv(new) + ["--jobs=%d" % self.jobs, procutil.fd_path(spool.fileno())]
         procutil.feed_tool(argv, io.BytesIO(b""), env=self.conn.tool_env(new), what="pg_restore",
-                           secrets=self.conn.secrets, pass_fds=(spool.fileno(),))
+                           secrets=self.conn.secrets, pass_fds=(spool.fileno(),),
+                           on_stderr_line=TableProgress(context) if context is not None else None)
 
     def _restore_globals(self, context):
         """Roles and tablespaces into the server; "already exists" errors are expected and reported."""
@@ -565,6 +568,29 @@ class PostgresTarget(Target):
             yield target
         finally:
             target._drop_quietly(options["restore_database"])  # pylint: disable=protected-access
+
+
+class TableProgress:
+    """A ``pg_restore --verbose`` stderr hook: counts the tables whose data was loaded, notes
+    them as the restore's progress and tells the tail to drop pg_restore's chatter, so a
+    failure's message keeps its errors and their context. No total: the manifest counts
+    partitioned parents too, which have no data of their own (the bytes give the percentage)."""
+
+    _DATA = re.compile(r'^pg_restore: processing data for table "(.+)"$')
+    _CHATTER = re.compile(r"^pg_restore: (?:processing |creating |connecting |executing |launching |finished |"
+                          r"entering |setting |dropping |implied |disabling |enabling |skipping |"
+                          r"restoring |warning: errors ignored)")
+
+    def __init__(self, context):
+        self._context = context
+        self.loaded = 0
+
+    def __call__(self, line):
+        if self._DATA.match(line):
+            self.loaded += 1
+            self._context.note_progress("tables", self.loaded)
+            return True
+        return bool(self._CHATTER.match(line))
 
 
 def _close_quietly(spool):
