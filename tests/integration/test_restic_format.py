@@ -508,3 +508,32 @@ def test_a_source_failing_after_a_committed_snapshot_leaves_neither_snapshot_nor
     assert _snapshots(storage, "cache") == []
     assert operations.inventory(storage)["backups"] == []
     assert [name for name in os.listdir(tmp_path / "store") if name != "_restic"] in ([], ["cache"])
+
+
+def test_a_job_moves_to_the_restic_format_with_its_archive_history_side_by_side(tmp_path, redis_db):
+    """Migration (issue 16 point 5): switching a job's storage.format keeps its archive backups
+    listed, verifiable, restorable and pruned by the same policy; the retention counts both."""
+    from pyrage import x25519
+    identity = x25519.Identity.generate()
+    encryption = {"recipients": [str(identity.to_public())]}
+    archives = open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+    source = operations.make_source("redis", redis_source(redis_db))
+    old = operations.prepare_backup("cache", source, archives, encryption=encryption).run()
+    assert old.get("storage_format") in (None, "archive")
+    restic_store = open_storage(fs_storage(tmp_path, password()))
+    new = backup(restic_store, "cache", "redis", redis_source(redis_db))
+    assert new["storage_format"] == "restic"
+
+    listed = operations.inventory(restic_store, "cache")
+    assert [m["id"] for m in listed["backups"]] == [new["id"], old["id"]] and listed["junk"] == []
+    verified = operations.verify(restic_store, "cache", backup="all", identity=str(identity))
+    assert [r["result"] for r in verified["results"]] == ["ok", "ok"], verified
+    report = operations.restore(restic_store, "cache", redis_target(redis_db), kind="redis", backup=old["id"],
+                                identity=str(identity))
+    assert report["backup_id"] == old["id"] and redis_state(redis_db, 13) == redis_state(redis_db, 3)
+
+    pruned = operations.prune(restic_store, "cache", {"keep_last": 1}, orphan_grace="0")
+    assert pruned["deleted"] == [old["id"]]
+    assert not (tmp_path / "store" / "cache" / old["id"]).exists()   # the archive's objects went
+    assert pruned["restic"]["forgotten"] == []                     # the restic backup is kept
+    assert [m["id"] for m in operations.inventory(restic_store, "cache")["backups"]] == [new["id"]]
