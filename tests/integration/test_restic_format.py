@@ -265,7 +265,8 @@ def test_runner_round_trips_postgres_and_redis(tmp_path, postgres_server, pg_db,
             "restore": {"target": dict(pg_source, restore_database=restored)}}),
         "cache": write_job(tmp_path / "cache.json", {
             "job": "cache", "kind": "redis", "source": redis_options, "storage": storage,
-            "restore": {"target": dict(redis_options, db_map={3: 13})}}),
+            "restore": {"target": dict(redis_options, db_map={3: 13})},
+            "metrics": {"textfile": str(tmp_path / "cache.prom")}}),
     }
     outputs = []
     try:
@@ -288,6 +289,14 @@ def test_runner_round_trips_postgres_and_redis(tmp_path, postgres_server, pg_db,
                 else:
                     assert result["backup_id"] == manifest["id"]
             assert secret not in (tmp_path / "store" / job / manifest["id"] / "manifest.json").read_text()
+        # The metrics of a restic backup: what restic stored new, and the repository's size.
+        values = dict(line.split("{", 1)[0:1] + [float(line.rsplit(" ", 1)[1])]
+                      for line in (tmp_path / "cache.prom").read_text().splitlines()
+                      if line.startswith(("backup_stored_new_bytes", "backup_repository_size_bytes")))
+        repository = sum(os.path.getsize(os.path.join(d, f)) for d, dummy, files in
+                         os.walk(tmp_path / "store" / "_restic" / "cache") for f in files)
+        assert values["backup_repository_size_bytes"] == repository
+        assert 0 < values["backup_stored_new_bytes"] <= repository
         with postgres_server.connect(restored) as conn:
             assert conn.execute("SELECT count(*) FROM subjects").fetchone()[0] == 77
         assert redis_state(redis_db, 13) == redis_state(redis_db, 3)

@@ -23,7 +23,8 @@ def values_by_name(text):
 
 def everything_recorded():
     m = BackupMetrics("pg-main", "postgres", "db1")
-    m.record_backup_result(True, T0, duration_seconds=12.5, size_bytes=4096, size_change_ratio=1.25)
+    m.record_backup_result(True, T0, duration_seconds=12.5, size_bytes=4096, size_change_ratio=1.25,
+                           stored_new_bytes=512, repository_bytes=65536)
     m.record_backup_result(False, T0 + 1)
     m.record_schedule(interval_seconds=3600)
     m.record_verification(True, T0 + 2)
@@ -99,6 +100,12 @@ def test_values_and_timestamps():
     assert values["backup_size_change_ratio"] == float("inf")
     naive = datetime.datetime(2024, 1, 2, 3, 4, 5)
     assert metrics.unix_time(naive) == finished.timestamp()
+    assert "backup_stored_new_bytes" not in values and "backup_repository_size_bytes" not in values
+    m.record_backup_result(True, finished, size_bytes=1000, stored_new_bytes=37, repository_bytes=5000)
+    values = values_by_name(m.exposition().decode())
+    assert (values["backup_stored_new_bytes"], values["backup_repository_size_bytes"]) == (37, 5000)
+    with pytest.raises(ConfigError):
+        m.record_backup_result(True, finished, stored_new_bytes=-1)
 
 
 def test_failure_records_only_the_failure_timestamp():

@@ -66,6 +66,12 @@ METRICS = {
         GAUGE, "Wall-clock duration of the last successful backup run."),
     "backup_size_bytes": (
         GAUGE, "Stored size of the last successful backup (after compression and encryption)."),
+    "backup_stored_new_bytes": (
+        GAUGE, "Bytes the last successful backup added to storage: its whole stored size in the archive "
+               "format, the new (deduplicated, compressed) data in the restic format."),
+    "backup_repository_size_bytes": (
+        GAUGE, "Bytes the job's restic repository occupies in storage after the last successful backup "
+               "(restic format only)."),
     "backup_size_change_ratio": (
         GAUGE, "Size of the last successful backup divided by the size of the one before it."),
     "backup_last_success_timestamp_seconds": (
@@ -235,8 +241,8 @@ class BackupMetrics:
     # -- recording ---------------------------------------------------------------------
 
     def record_backup_result(self, success, finished_at, duration_seconds=None, size_bytes=None,
-                             size_change_ratio=None):
-        """One backup attempt. Duration, size and ratio describe successful backups only:
+                             size_change_ratio=None, stored_new_bytes=None, repository_bytes=None):
+        """One backup attempt. Duration, sizes and ratio describe successful backups only:
         a failed attempt just moves ``backup_last_failure_timestamp_seconds``."""
         when = unix_time(finished_at)
         if not success:
@@ -250,6 +256,10 @@ class BackupMetrics:
         if size_change_ratio is not None:
             # +Inf is a legal ratio (the previous backup was empty); NaN is not.
             self._set("backup_size_change_ratio", _non_negative("size_change_ratio", size_change_ratio))
+        if stored_new_bytes is not None:
+            self._set("backup_stored_new_bytes", _non_negative("stored_new_bytes", stored_new_bytes))
+        if repository_bytes is not None:
+            self._set("backup_repository_size_bytes", _non_negative("repository_bytes", repository_bytes))
 
     def record_size_change_ratio(self, ratio):
         """The size ratio of a stored backup on its own, for a run the size policy failed.

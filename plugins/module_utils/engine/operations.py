@@ -15,7 +15,7 @@ from . import kinds
 from . import resticstore
 from .backup import BackupRun
 from .catalog import Catalog, upload_summary
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .restore import PROGRESS_INTERVAL, parent_identities, restore as restore_backup, select_backup
 from .storage.base import MissingLocationError
 from .timeutil import to_iso
@@ -47,6 +47,19 @@ def prepare_backup(job, source, storage, compression=None, encryption=None, iden
     parent's file index with them (restore.parent_identities)."""
     return BackupRun(job, source, storage, compression=compression, encryption=encryption, progress=progress,
                      identities=parent_identities(storage, job, identity, passphrase), size_policy=size_policy)
+
+
+def stored_figures(storage, manifest):
+    """``(stored_new_bytes, repository_bytes)`` of a backup just made, for the metrics: an
+    archive adds its whole stored size and has no repository (None); a restic backup adds what
+    restic stored new, and its job's repository is measured (a listing of its objects)."""
+    if not resticstore.is_restic(manifest):
+        return manifest["size_bytes"], None
+    added = (manifest.get("restic") or {}).get("data_added")
+    try:
+        return added, resticstore.repository(storage, manifest["job"]).stored_bytes()
+    except (StorageError, ConfigError):
+        return added, None   # the backup is stored: a listing that fails now only costs a metric
 
 
 def backup_count(storage, job):

@@ -239,10 +239,12 @@ def cmd_backup(config, args, log):
         metrics.record("record_backup_result", False, finished)
         metrics.record("record_size_change_ratio", verdict.ratio)
     else:
+        stored_new, repository_bytes = operations.stored_figures(storage, manifest)
         metrics.record("record_backup_result", True, finished,
                        duration_seconds=manifest.get("duration_seconds", time.monotonic() - started),
                        size_bytes=manifest["size_bytes"],
-                       size_change_ratio=verdict.ratio if verdict is not None else None)
+                       size_change_ratio=verdict.ratio if verdict is not None else None,
+                       stored_new_bytes=stored_new, repository_bytes=repository_bytes)
     if config.schedule:
         metrics.record("record_schedule", cron_expression=config.schedule)
     metrics.ship()
