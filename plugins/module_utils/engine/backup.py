@@ -126,11 +126,7 @@ class BackupRun:
                 extra=dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
                            raw_bytes=sum(obj.get("raw_bytes", 0) for obj in objects)),
             )
-            if self.size_policy is not None:
-                self.size_verdict = anomaly.check_new_backup(self.catalog, manifest, self.size_policy)
-                manifest.update(anomaly.manifest_fields(self.size_verdict))
-            self.catalog.publish(manifest)
-            return manifest
+            return self._publish(manifest)
         except BaseException:
             self._discard()
             raise
@@ -170,15 +166,20 @@ class BackupRun:
                 stats or {}, source=self.source.describe(),
                 extra=dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
                            raw_bytes=sum(result["size"] for dummy, result in streams)))
-            if self.size_policy is not None:
-                self.size_verdict = anomaly.check_new_backup(self.catalog, manifest, self.size_policy)
-                manifest.update(anomaly.manifest_fields(self.size_verdict))
-            self.catalog.publish(manifest)
-            return manifest
+            return self._publish(manifest)
         except BaseException:
             self._forget_unpublished([result["snapshot_id"] for dummy, result in streams])
             self._discard()
             raise
+
+    def _publish(self, manifest):
+        """The size check (its verdict goes into the manifest), then the manifest, stored last:
+        from here on the backup is listed."""
+        if self.size_policy is not None:
+            self.size_verdict = anomaly.check_new_backup(self.catalog, manifest, self.size_policy)
+            manifest.update(anomaly.manifest_fields(self.size_verdict))
+        self.catalog.publish(manifest)
+        return manifest
 
     def _forget_unpublished(self, snapshots):
         """Best effort: forget the snapshots of a backup whose manifest was not stored."""

@@ -343,7 +343,12 @@ class PlaintextStream:
 
 def check_object(storage, key, expected, compression, identities=None):
     """Full integrity pass of one object: hash, decrypt, decompress, discard."""
-    stream = PlaintextStream(storage, key, expected, compression, identities)
+    return drain(PlaintextStream(storage, key, expected, compression, identities))
+
+
+def drain(stream):
+    """Read a checked plaintext stream to its end and discard it; ``finish()``'s report (its
+    integrity error when size or SHA-256 differ). The stream is closed either way."""
     try:
         while stream.read(CHUNK):
             pass

@@ -40,7 +40,7 @@ from . import resticstore
 from .backup import open_payload
 from .catalog import Catalog
 from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
-from .pipeline import CHUNK, PlaintextStream, check_object
+from .pipeline import CHUNK, PlaintextStream, check_object, drain
 from .storage.base import MissingLocationError, is_unfinished
 from .targets.base import RestoreContext, Target
 from .timeutil import parse_iso, to_iso, utc_now
@@ -452,13 +452,7 @@ def one_pass_summary(storage, chain, keys_by_id, details_by_id, results):
 
 def _read_payload(storage, manifest, payload_name, identities=None):
     """One payload read to its end through open_payload and checked (size, SHA-256)."""
-    stream = open_payload(storage, manifest, payload_name, identities)
-    try:
-        while stream.read(CHUNK):
-            pass
-        return stream.finish()
-    finally:
-        stream.close()
+    return drain(open_payload(storage, manifest, payload_name, identities))
 
 
 def diagnose(storage, chain, keys_by_id, error, log):
