@@ -119,12 +119,10 @@ class BackupRun:
                 started_at=to_iso(started), finished_at=to_iso(finished), objects=objects,
                 compression={"algorithm": self.compression["algorithm"], "level": self.compression["level"]},
                 encryption=codecs.public_encryption_info(self.encryption),
-                tool_versions=dict(self.source.tool_versions(), engine=ENGINE_VERSION,
-                                   python=platform.python_version()),
+                tool_versions=self._tool_versions(),
                 stats=stats or {}, parent=context.parent["id"] if context.parent else None,
                 source=self.source.describe(),
-                extra=dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
-                           raw_bytes=sum(obj.get("raw_bytes", 0) for obj in objects)),
+                extra=self._extra(started, finished, sum(obj.get("raw_bytes", 0) for obj in objects)),
             )
             return self._publish(manifest)
         except BaseException:
@@ -161,16 +159,23 @@ class BackupRun:
             finished = utc_now()
             manifest = build_streams_manifest(
                 self.backup_id, self.job, self.source.kind, to_iso(started), to_iso(finished), streams,
-                repository_config, dict(self.source.tool_versions(), engine=ENGINE_VERSION,
-                                        python=platform.python_version(), restic="%d.%d.%d" % self.repository.version()[1]),
+                repository_config, self._tool_versions(restic=self.repository.version()[0]),
                 stats or {}, source=self.source.describe(),
-                extra=dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
-                           raw_bytes=sum(result["size"] for dummy, result in streams)))
+                extra=self._extra(started, finished, sum(result["size"] for dummy, result in streams)))
             return self._publish(manifest)
         except BaseException:
             self._forget_unpublished([result["snapshot_id"] for dummy, result in streams])
             self._discard()
             raise
+
+    def _tool_versions(self, **more):
+        """The manifest's ``tool_versions``: the source's tools, the engine and Python (and ``more``)."""
+        return dict(self.source.tool_versions(), engine=ENGINE_VERSION, python=platform.python_version(), **more)
+
+    def _extra(self, started, finished, raw_bytes):
+        """The manifest fields every format adds: the caller's, the run's duration, the plaintext bytes."""
+        return dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
+                    raw_bytes=raw_bytes)
 
     def _publish(self, manifest):
         """The size check (its verdict goes into the manifest), then the manifest, stored last:
