@@ -10,7 +10,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import re
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.config import redact
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError, IntegrityError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import secret_values
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import JobConfig, secret_values
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import (
     open_storage, storage_options)
 
@@ -53,6 +53,33 @@ def test_kinds_the_format_does_not_hold_are_refused():
     for kind in ("files", "directory_sync", "velero", "postgres_base", "postgres_wal"):
         with pytest.raises(ConfigError, match="kind %s cannot be stored in the restic format" % kind):
             resticstore.check_kind(kind, "job")
+
+
+RESTIC_STORAGE = {"backend": "filesystem", "path": "/backups", "format": "restic",
+                  "restic_password_file": "/etc/biometrics-backup/secrets/backup-restic-password/password"}
+PG_SOURCE = {"host": "db", "database": "biometrics"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"kind": "files", "source": {"path": "/data"}}, "kind files cannot be stored in the restic format"),
+    ({"encryption": {"recipients_file": "/keys/recipients"}}, "restic encrypts with the repository password"),
+    ({"copy": {"destination": {"backend": "filesystem", "path": "/copy"}}}, "cannot have an offsite copy yet"),
+])
+def test_a_job_file_the_restic_format_cannot_run_is_refused_with_the_file(extra, message):
+    """The roles check each rendered job file (checked_job_file) with this validation: what the
+    backup or the copy would refuse at run time fails the deploy instead."""
+    job_file = dict({"job": "pg", "kind": "postgres", "source": PG_SOURCE, "storage": RESTIC_STORAGE}, **extra)
+    with pytest.raises(ConfigError, match=message):
+        JobConfig.from_mapping(job_file)
+    # the same file in the archive format (copy and recipients allowed; files is a kind of its own)
+    JobConfig.from_mapping(dict(job_file, storage=dict(RESTIC_STORAGE, format="archive")))
+
+
+def test_a_restic_job_file_may_carry_the_identity_for_its_archive_history():
+    """A drill's job file: age decryption identity (archives from before the switch), no recipients."""
+    config = JobConfig.from_mapping({"job": "pg", "kind": "postgres", "source": PG_SOURCE, "storage": RESTIC_STORAGE,
+                                     "encryption": {"enabled": False, "identity_file": "/keys/identity"}})
+    assert config.encrypted is False
 
 
 def test_the_manifest_of_several_streams():

@@ -49,6 +49,7 @@ import re
 
 from . import codecs
 from . import kinds
+from . import resticstore
 from .anomaly import SizePolicy
 from .config import SECRET_FIELDS, read_text_file, resolve_secret_refs
 from .errors import ConfigError
@@ -293,6 +294,7 @@ class JobConfig:
             self.copy["reencrypt"] = self._check_reencrypt(REENCRYPT.validate(self.copy["reencrypt"], "copy.reencrypt"))
         self.compression = codecs.compression_settings(self.compression_options)
         self._check_encryption()
+        self._check_storage_format()
         self.size_policy = SizePolicy.from_mapping(self.size_anomaly)
         self.retention_policy = self._check_retention()
         self.copy_policy = self._check_retention("copy.retention")
@@ -339,6 +341,21 @@ class JobConfig:
         if kinds.source_class(self.kind).requires_encryption and not self.encrypted:
             raise ConfigError("%s: kind %s stores secrets and must be encrypted: add encryption.recipients"
                               % (self.where, self.kind))
+
+    def _check_storage_format(self):
+        """What BackupRun and the copy would refuse of a restic-format job, refused with the job file
+        (the roles' deploy-time check runs this, not a backup)."""
+        if resticstore.storage_format_of(self.storage) != resticstore.RESTIC:
+            return
+        resticstore.check_kind(self.kind, self.job)
+        if self.encrypted:
+            raise ConfigError("%s: storage.format restic encrypts with the repository password: remove the "
+                              "encryption recipients (encryption.enabled: false), or keep the job in the archive "
+                              "format" % self.where)
+        if self.copy:
+            raise ConfigError("%s: a job in the restic format cannot have an offsite copy yet (the copy would need "
+                              "its restic repository as well): remove the copy section, or keep the job in the "
+                              "archive format" % self.where)
 
     @staticmethod
     def _check_reencrypt(options):

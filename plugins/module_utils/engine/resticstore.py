@@ -31,9 +31,14 @@ LOCK_WAIT = 600
 STREAM_KINDS = ("postgres", "redis", "k8s_resources", "config_git")
 
 
+def storage_format_of(options):
+    """The ``format`` of the storage options ``options`` (archive when unset)."""
+    return (options or {}).get("format") or ARCHIVE
+
+
 def storage_format(storage):
     """The ``format`` storage option of the location ``storage`` was built from."""
-    return (storage.location_options or {}).get("format") or ARCHIVE
+    return storage_format_of(storage.location_options)
 
 
 def is_restic(manifest):
