@@ -40,12 +40,18 @@ def kubectl_binary():
     return candidate if os.access(candidate, os.X_OK) else (shutil.which("kubectl") or "kubectl")
 
 
-def create_seed_inputs(api, namespace, recipient, identity, access_key, secret_key, config_files):
+def create_seed_inputs(api, namespace, recipient, identity, access_key, secret_key, config_files,
+                       restic_password=None):
     """The objects the seed's values refer to but do not create: the encryption key Secret
     (recipients and identity), the S3 credentials Secret and the application's configuration
-    ConfigMap (what the config-to-git job commits). An operator creates these before deploying."""
+    ConfigMap (what the config-to-git job commits); with ``restic_password`` the restic
+    repositories' password Secret (``backup-restic-password``). An operator creates these before
+    deploying."""
     client = _kubernetes().client
     core = client.CoreV1Api(api)
+    if restic_password is not None:
+        core.create_namespaced_secret(namespace, client.V1Secret(
+            metadata=client.V1ObjectMeta(name="backup-restic-password"), string_data={"password": restic_password}))
     core.create_namespaced_secret(namespace, client.V1Secret(
         metadata=client.V1ObjectMeta(name="backup-encryption-key"),
         string_data={"recipients": recipient + "\n", "identity": identity}))

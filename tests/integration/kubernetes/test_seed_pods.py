@@ -10,6 +10,8 @@ On the session cluster's node (``kube_node``) with the runner image built from t
   where pods reach the host; the seed's values point at them;
 * the data claim and the directory-sync claim are hostPath PersistentVolumes on the node;
 * a real Velero server (``velero_server``) completes the Backup the seed's Velero job asks for;
+* the PostgreSQL job is stored in the restic format (``backup.postgres.storageFormat``), its
+  repository password a Secret mounted as a file; the other jobs keep age archives;
 * each CronJob runs as ``kubectl create job --from=cronjob/<name>`` does, and the pod must
   complete; the backup it took is then listed by ``biometrics.backup.backup_info`` and
   verified by ``biometrics.backup.backup_verify`` from the host;
@@ -52,6 +54,7 @@ BACKUP_JOBS = {  # CronJob -> kind of the backup it takes
     "biometrics-data-backup": "velero",
 }
 API_JOBS = ("k8s-resources-backup", "biometrics-data-backup")
+RESTIC_JOBS = ("postgres-backup",)  # stored in the restic format (the drill follows its job)
 DRILLS = ("postgres-backup-drill", "redis-backup-drill", "incremental-backup-drill")
 CONFIG_FILES = {"matcher.yaml": "threshold: 0.82\n", "retention.yaml": "raw_captures_days: 90\n"}
 JOB_TIMEOUT = 300
@@ -135,8 +138,9 @@ def deployment(kube_cluster, kube_api, kube_node, runner_image, velero_server, n
     database = postgres.create_database("seed")
     try:
         identity_file, recipient, identity_text = _age_keypair(tmp)
+        restic_password = "restic-" + uuid.uuid4().hex
         create_seed_inputs(kube_api, namespace, recipient, identity_text, s3.access_key, s3.secret_key,
-                           CONFIG_FILES)
+                           CONFIG_FILES, restic_password=restic_password)
         with postgres.connect(database.name) as conn:
             conn.execute("CREATE TABLE subjects (id int PRIMARY KEY, ref text NOT NULL)")
             conn.execute("CREATE TABLE templates (id int PRIMARY KEY, subject int REFERENCES subjects, data bytea)")
@@ -160,16 +164,21 @@ def deployment(kube_cluster, kube_api, kube_node, runner_image, velero_server, n
             "backup.git.repo": remote.url,
             "backup.pvc.veleroNamespace": velero_server.namespace,
             "backup.metrics.pushgateway": node_servers["pushgateway"].url,
+            "backup.postgres.storageFormat": "restic",
         })
         run = run_site(values, tmp, env=kube_cluster.env)
         assert run.returncode == 0, run
         storage = {"backend": "s3", "bucket": s3.bucket, "prefix": prefix, "endpoint_url": s3.endpoint_url,
                    "region": s3.region, "access_key": s3.access_key, "secret_key": s3.secret_key}
+        # Read from the host like any other job's: the restic password is one more storage option.
+        restic_storage = dict(storage, format="restic", restic_password=restic_password)
         yield Deployment(kubeconfig=kube_cluster.kubeconfig, api=kube_api, core=core, namespace=namespace,
                          database=database, data_dir=data_dir, sync_dir=sync_dir, remote=remote, storage=storage,
+                         storage_of={job: restic_storage if job in RESTIC_JOBS else storage for job in BACKUP_JOBS},
                          identity_file=identity_file, postgres=postgres, redis=redis, s3=s3, velero=velero_server,
                          pushgateway=node_servers["pushgateway"], image=runner_image, node_name=kube_node.name,
-                         secrets=(s3.access_key, s3.secret_key, identity_text.strip().splitlines()[-1]),
+                         secrets=(s3.access_key, s3.secret_key, identity_text.strip().splitlines()[-1],
+                                  restic_password),
                          results={})
     finally:
         _delete_namespace(core, namespace)
@@ -216,9 +225,9 @@ def _backups_verified(deployment, tmp_path, jobs):
     tasks = []
     for job in jobs:
         tasks.append({"name": "info %s" % job, "biometrics.backup.backup_info": {
-            "job": job, "storage": deployment.storage}})
+            "job": job, "storage": deployment.storage_of[job]}})
         tasks.append({"name": "verify %s" % job, "biometrics.backup.backup_verify": {
-            "job": job, "backup": "latest", "storage": deployment.storage,
+            "job": job, "backup": "latest", "storage": deployment.storage_of[job],
             "encryption": {"identity_file": str(deployment.identity_file)}}})
     return deployment.modules(tmp_path, tasks)
 
@@ -231,9 +240,12 @@ def test_every_backup_taken_in_a_pod_is_listed_and_verified(deployment, tmp_path
         listed = results["info %s" % job]["backups"]
         assert [item["id"] for item in listed][:1] == [deployment.results[job]["backup_id"]], job
         assert listed[0]["kind"] == kind and listed[0]["status"] == "complete", listed[0]
+        assert (listed[0]["encryption"]["mode"] == "restic") is (job in RESTIC_JOBS), listed[0]
         verified = results["verify %s" % job]["results"]
         assert [item["id"] for item in verified] == [deployment.results[job]["backup_id"]], verified
         assert verified[0]["result"] == "ok", verified
+        if job in RESTIC_JOBS:   # restic check ran on the repository the pod wrote
+            assert verified[0]["restic_check"]["ok"] is True, verified
 
 
 def test_what_the_pods_backed_up_is_the_real_data(deployment):
@@ -287,6 +299,8 @@ def test_retention_cronjob_prunes_in_a_pod(deployment, tmp_path):
         ids.append(deployment.run("redis-backup").result["backup_id"])
     run = deployment.run("retention-prune")
     by_job = {item["job"]: item for item in run.result}
+    # The pod also opened the PostgreSQL job's restic repository (the password mounted for it).
+    assert "restic" in by_job["postgres-backup"], by_job["postgres-backup"]
     redis = by_job["redis-backup"]
     # The seed keeps one backup a day (borg semantics: plus the oldest while the rule is not
     # filled): of three taken in a row the middle one goes.

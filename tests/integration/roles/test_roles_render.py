@@ -152,7 +152,7 @@ def assert_credentials_only_in_mounted_secret_files(manifests):
             assert path in files, (name, option, path, sorted(files))
             checked += 1
         for section in (config.get("storage", {}), config.get("source", {})):
-            for secret in ("password", "access_key", "secret_key", "token"):
+            for secret in ("password", "access_key", "secret_key", "token", "restic_password"):
                 assert secret not in section, (name, secret)
                 assert secret + "_env" not in section, (name, secret)
     return checked
@@ -258,6 +258,15 @@ def test_a_job_file_the_runner_would_refuse_fails_the_render_before_anything_is_
     assert list(out.iterdir()) == []
 
 
+def test_a_storage_format_the_runner_does_not_know_fails_the_render(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    run = run_site(seed_values(**{"backup.postgres.storageFormat": "borg"}), tmp_path, {"render_dir": str(out)})
+    assert run.returncode != 0
+    assert "job file of postgres-backup: storage.format must be one of archive, restic" in run.output, run
+    assert list(out.iterdir()) == []
+
+
 def test_kubernetes_macros_and_the_runners_compression_default(tmp_path):
     # @daily is a schedule Kubernetes runs (the roles used to want five fields); without an
     # algorithm in the values the job file leaves compression to the runner: zstd, level 3.
@@ -298,6 +307,9 @@ HARDENED = {
     "database.passwordSecret": {"name": "pg-credentials", "key": "pw"},
     "redis.passwordSecret": {"name": "redis-credentials"},
     "redis.dataSize": "2Gi",
+    # The Redis job (and with it its drill) in the restic format; the others stay archives.
+    "backup.redis.storageFormat": "restic",
+    "storage.restic": {"passwordSecret": "restic-pw", "readDataSubset": "5%"},
     "backup.recoveryTest.jobs": {"incremental-backup": {"dataSize": "10Gi"},
                                  "postgres-backup": {"scratchSize": "2Gi", "resources": {
                                      "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}}}},
@@ -365,6 +377,40 @@ def test_drills_sized_per_job_from_the_values(hardened):
     postgres = _pod(hardened, "postgres-backup-drill")
     assert _scratch(postgres) == "2Gi"
     assert postgres["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "256Mi"}
+
+
+def _job_file(manifests, job):
+    return yaml.safe_load(manifests[("ConfigMap", "biometrics", job + "-config")]["data"]["job.yaml"])
+
+
+def _mounted_secret_items(pod):
+    """{secret name: [keys]} of the pod's Secret volumes."""
+    return {v["secret"]["secretName"]: [item["key"] for item in v["secret"].get("items", [])]
+            for v in pod["volumes"] if "secret" in v}
+
+
+def test_a_job_in_the_restic_format_reads_its_repository_password_from_the_secret(hardened):
+    """backup.redis.storageFormat: restic (issue 16 point 4): the job file asks for the restic format
+    with the password as the mounted file of storage.restic.passwordSecret and no age recipients;
+    its drill reads the same repository (and keeps the age identity for the job's archive history);
+    the retention job that prunes it mounts the password; the archive-format jobs see neither."""
+    password_file = "/etc/biometrics-backup/secrets/restic-pw/password"
+    for job in ("redis-backup", "redis-backup-drill"):
+        storage = _job_file(hardened, job)["storage"]
+        assert storage["format"] == "restic" and storage["restic_password_file"] == password_file, job
+        assert storage["restic_read_data_subset"] == "5%"
+        assert _secret_files(_pod(hardened, job))[password_file] == ("restic-pw", "password"), job
+        JobConfig(_job_file(hardened, job))   # what the runner in the pod loads
+    backup = _job_file(hardened, "redis-backup")
+    assert backup["encryption"] == {"enabled": False}
+    assert "backup-encryption-key" not in _mounted_secret_items(_pod(hardened, "redis-backup"))
+    drill = _job_file(hardened, "redis-backup-drill")
+    assert drill["encryption"] == {"enabled": False, "identity_file": "/etc/biometrics-backup/identity/identity"}
+    assert _mounted_secret_items(_pod(hardened, "retention-prune"))["restic-pw"] == ["password"]
+    for job in ("postgres-backup", "postgres-backup-drill", "k8s-resources-backup", "incremental-backup"):
+        assert "format" not in _job_file(hardened, job)["storage"], job
+        assert "restic-pw" not in _mounted_secret_items(_pod(hardened, job)), job
+    assert "recipients_file" in _job_file(hardened, "postgres-backup")["encryption"]
 
 
 @pytest.mark.parametrize("overrides,message", [
