@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -234,6 +235,28 @@ def test_stale_lock_of_a_killed_restic_is_removed_live_lock_is_refused(tmp_path)
             live.kill()
             live.wait()
     repo.check()
+
+
+@pytest.mark.parametrize("command", ["prune", "check"])
+def test_a_lock_that_turns_stale_during_the_wait_is_removed_then(tmp_path, command):
+    """A job killed a moment ago: its lock is live when the next command is refused, and stale
+    once its process is reaped. The waiting command removes it then and goes on, instead of
+    retrying against it until lock_wait has passed."""
+    repo = open_repo(tmp_path)
+    repo.init_if_missing()
+    repo.backup_stream(io.BytesIO(b"x" * 1000), "dump.pgdump", tags("20240101T000000Z-aaaaaa"))
+    holder = _start_held_backup(repo)
+    reaper = threading.Timer(3.0, lambda: (holder.kill(), holder.wait()))
+    reaper.start()
+    waiting = open_repo(tmp_path, lock_wait=90)
+    started = time.monotonic()
+    try:
+        getattr(waiting, command)()
+    finally:
+        reaper.join()
+    assert holder.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 45, "the stale lock was not removed during the wait"
+    assert waiting.locks() == []
 
 
 def test_backup_refused_while_another_job_holds_an_exclusive_lock(tmp_path):

@@ -388,21 +388,24 @@ class ResticRepository:
         and retries until ``lock_wait`` has passed."""
         what = what or args[0]
         deadline = time.monotonic() + self.lock_wait
-        unlocked = False
         while True:
             done = self._run_once(args, timeout)
             if done.returncode == 0:
                 return done.stdout
             error = self._failure(what, done, error_class)
-            if not (retry_locked and isinstance(error, RepositoryLockedError)):
+            if not (retry_locked and isinstance(error, RepositoryLockedError)) or not self._wait_out_lock(deadline):
                 raise error
-            if not unlocked:
-                unlocked = True
-                if self.unlock_stale():
-                    continue
-            if time.monotonic() >= deadline:
-                raise error
-            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+    def _wait_out_lock(self, deadline):
+        """After a refusal because of a lock: remove the stale locks and retry at once if one went,
+        else wait a little; False once ``deadline`` has passed. Tried at every retry, not once: the
+        lock of a job killed a moment ago is live until its process is reaped, stale after."""
+        if self.unlock_stale():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+        return True
 
     # -- repository -------------------------------------------------------------------------
 
@@ -596,7 +599,6 @@ class ResticRepository:
         elif read_data_subset:
             args.append("--read-data-subset=%s" % check_read_data_subset(read_data_subset))
         deadline = time.monotonic() + self.lock_wait
-        unlocked = False
         while True:
             done = self._run_once(args)
             output = [line for line in (done.stdout or "").splitlines() if line.strip()]
@@ -605,12 +607,7 @@ class ResticRepository:
             found_errors = _CHECK_FOUND_ERRORS in (done.stderr_text or "") + (done.stdout or "")
             error = self._failure("check", done, IntegrityError if found_errors else StorageError)
             if isinstance(error, RepositoryLockedError):
-                if not unlocked:
-                    unlocked = True
-                    if self.unlock_stale():
-                        continue
-                if time.monotonic() < deadline:
-                    time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+                if self._wait_out_lock(deadline):
                     continue
                 raise error
             if isinstance(error, IntegrityError):

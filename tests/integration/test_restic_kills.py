@@ -1,0 +1,223 @@
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Kill campaign of the restic format (issue 16): the runner killed with SIGKILL at random points
+of restic-format backups and prunes, 20 times (``BIOMETRICS_RESTIC_KILLS=<n>`` for more).
+
+The CronJob's command (``python -m ...engine.runner backup|prune --config job.yaml``) runs a Redis
+job stored in the restic format on a filesystem location, and its whole process group (the
+runner and the restic it drives, as a container runtime kills a pod) is killed after a delay
+drawn uniformly over the measured duration of an uninterrupted run of the same command, from a
+seed printed in every failure (``BIOMETRICS_CRASH_SEED=<n>`` repeats the plan). In turn, a
+delay is drawn over the whole run, over its restic part only (from restic's first lock on, where
+the repository changes, so that kills do not mostly land in the interpreter's start), or a
+backup is killed the moment restic commits a snapshot, before the engine publishes the
+manifest. Half the kills
+hit backups, half hit prunes (retention ``keep_last: 2``, ``orphan_grace: 0``, so every prune
+deletes, forgets and runs ``restic prune``).
+
+After every kill, read with restic itself and the engine:
+
+1. the repository is consistent: the stock ``restic check`` passes (``--no-lock``: the killed
+   process's lock is still there, which is the next point);
+2. nothing incomplete is listed: the listing shows the backups that completed before, plus the
+   killed run's only when its manifest was stored, and every listed backup verifies;
+3. the next run of the job (a backup before a prune round, the prune after a backup round)
+   succeeds despite the killed process's stale lock.
+
+At the end a prune leaves no snapshot that belongs to no listed backup, no prune-pending note
+and no lock, and a final ``restic check --read-data`` reads every pack.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
+
+RUNNER = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+JOB = "kills"
+DB = 6
+KEYS, VALUE_BYTES = 8, 512 * 1024   # 4 MiB of incompressible values: restic's part takes a while
+KILLS = int(os.environ.get("BIOMETRICS_RESTIC_KILLS", "20"))
+
+
+def _seed():
+    value = os.environ.get("BIOMETRICS_CRASH_SEED")
+    return int(value) if value else random.SystemRandom().randrange(1 << 32)
+
+
+class Campaign:
+    def __init__(self, tmp_path, redis_server, seed):
+        self.seed = seed
+        self.random = random.Random(seed)
+        self.store = tmp_path / "store"
+        self.repository = self.store / "_restic" / JOB
+        self.password = "restic-kills-" + uuid.uuid4().hex
+        password_file = tmp_path / "restic-password"
+        password_file.write_text(self.password + "\n")
+        password_file.chmod(0o600)
+        self.options = {"backend": "filesystem", "path": str(self.store), "format": "restic",
+                        "restic_password_file": str(password_file)}
+        self.config = tmp_path / "job.json"
+        self.config.write_text(json.dumps({
+            "job": JOB, "kind": "redis", "source": {"host": redis_server.host, "port": redis_server.port},
+            "storage": self.options, "retention": {"keep_last": 2, "orphan_grace": "0"}}))
+        self.source = {"host": redis_server.host, "port": redis_server.port}
+        self.durations = {}
+        self.landed = []
+        self.log = open(tmp_path / "runner.log", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
+
+    def where(self, message):
+        return "%s (BIOMETRICS_CRASH_SEED=%d)" % (message, self.seed)
+
+    def storage(self):
+        return open_storage(self.options)
+
+    def command(self, command):
+        argv = [sys.executable, "-m", RUNNER, command, "--config", str(self.config)]
+        env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "build", "collections"))
+        self.log.seek(0)
+        self.log.truncate()
+        return subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd="/",
+                                start_new_session=True)
+
+    def run(self, command):
+        """One uninterrupted run as a process; returns its duration and when restic first held a
+        lock of the repository (its first command), both from the start."""
+        started = time.monotonic()
+        proc = self.command(command)
+        locked_at = None
+        while proc.poll() is None:
+            if locked_at is None and os.path.isdir(self.repository / "locks") and os.listdir(self.repository / "locks"):
+                locked_at = time.monotonic() - started
+            time.sleep(0.01)
+        self.log.seek(0)
+        assert proc.returncode == 0, self.where("%s failed: %s" % (command, self.log.read()[-4000:]))
+        return time.monotonic() - started, locked_at
+
+    def measure(self, command, runs=1):
+        durations = [self.run(command) for dummy in range(runs)]
+        duration = min(item[0] for item in durations)
+        locked_at = min([item[1] for item in durations if item[1] is not None] or [0.0])
+        self.durations[command] = (duration, locked_at)
+
+    def kill(self, command):
+        """Start ``command`` and SIGKILL its process group (the runner and its restic) after a delay:
+        every other kill uniform over the whole measured run (the interpreter's start included),
+        the others uniform over its restic part (from restic's first lock to the end), where the
+        repository changes. Returns whether the kill hit a running process."""
+        duration, locked_at = self.durations[command]
+        turn = len(self.landed) // 2   # the how-manieth kill of this command
+        modes = ("whole run", "restic part", "new snapshot") if command == "backup" else ("whole run", "restic part")
+        mode = modes[turn % len(modes)]
+        delay = self.random.uniform(locked_at if mode == "restic part" else 0.0, duration)
+        snapshots_dir = self.repository / "snapshots"
+        committed = set(os.listdir(snapshots_dir))
+        proc = self.command(command)
+        deadline = time.monotonic() + (120 if mode == "new snapshot" else delay)
+        # "new snapshot": killed the moment restic commits a snapshot, before the engine can
+        # publish the manifest of the backup it belongs to.
+        while proc.poll() is None and time.monotonic() < deadline:
+            if mode == "new snapshot" and set(os.listdir(snapshots_dir)) - committed:
+                break
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        return proc.returncode == -signal.SIGKILL
+
+    def restic(self, *args):
+        return subprocess.run(["restic", "-r", "local:%s" % self.repository, "--no-cache"] + list(args),
+                              capture_output=True, text=True, check=False,
+                              env=dict(os.environ, RESTIC_PASSWORD=self.password), timeout=600)
+
+    def snapshots(self):
+        proc = self.restic("--no-lock", "snapshots", "--json")
+        assert proc.returncode == 0, self.where(proc.stderr)
+        return json.loads(proc.stdout or "[]") or []
+
+    def listed(self):
+        listing = operations.inventory(self.storage(), JOB)
+        assert listing["junk"] == [], self.where("junk listed: %s" % listing["junk"])
+        return [manifest["id"] for manifest in listing["backups"]]
+
+    def packs(self):
+        return sum(len(files) for dummy, dummy2, files in os.walk(self.repository / "data"))
+
+    def check_after_kill(self, command, before, snapshots_before, packs_before):
+        proc = self.restic("--no-lock", "check")
+        assert proc.returncode == 0, self.where("restic check after a killed %s: %s%s"
+                                                % (command, proc.stdout[-2000:], proc.stderr[-2000:]))
+        listed = self.listed()
+        new = [backup_id for backup_id in listed if backup_id not in before]
+        if command == "backup":
+            assert set(before) <= set(listed) and len(new) <= 1, self.where((before, listed))
+        else:   # a prune only ever removes, the newest backup always stays
+            assert set(listed) <= set(before) and not new and listed[:1] == before[:1], self.where((before, listed))
+        if new or command == "prune":
+            verified = operations.verify(self.storage(), JOB, backup="all")
+            assert [r["result"] for r in verified["results"]] == ["ok"] * len(listed), self.where(verified)
+        # Where the kill landed, as the storage shows it (for the summary line).
+        snapshots = len(self.snapshots())
+        if command == "backup":
+            self.landed.append("backup: " + ("after its manifest" if new else "after a snapshot, before the manifest"
+                                             if snapshots > snapshots_before else "packs written, no snapshot"
+                                             if self.packs() > packs_before else "before restic stored data"))
+        else:
+            self.landed.append("prune: " + ("after forget" if snapshots < snapshots_before else "after deleting manifests"
+                                            if len(listed) < len(before) else "before deleting"))
+
+    def backup_in_process(self):
+        return operations.prepare_backup(JOB, operations.make_source("redis", self.source), self.storage()).run()
+
+
+def test_sigkill_during_restic_backups_and_prunes(tmp_path, redis_server):
+    client = redis_server.client(DB)
+    client.flushdb()
+    for index in range(KEYS):
+        client.set("template:%03d" % index, os.urandom(VALUE_BYTES))
+    campaign = Campaign(tmp_path, redis_server, _seed())
+    try:
+        # The uninterrupted durations the kill delays are drawn over (interpreter start included).
+        campaign.measure("backup", runs=2)
+        campaign.run("backup")
+        campaign.measure("prune")
+        hits = 0
+        for round_ in range(KILLS):
+            command = ("backup", "prune")[round_ % 2]
+            if command == "prune":   # something for the prune to delete: a third backup
+                campaign.backup_in_process()   # (and the stale lock of the killed backup met)
+            before, snapshots_before, packs_before = campaign.listed(), len(campaign.snapshots()), campaign.packs()
+            hits += campaign.kill(command)
+            client.set("template:%03d" % campaign.random.randrange(KEYS), os.urandom(VALUE_BYTES))
+            campaign.check_after_kill(command, before, snapshots_before, packs_before)
+        print("\nrestic kills (seed %d): %d of %d hit a running process; durations %s; landed %s" % (
+            campaign.seed, hits, KILLS, {k: [round(v, 2) for v in pair] for k, pair in campaign.durations.items()},
+            {where: campaign.landed.count(where) for where in sorted(set(campaign.landed))}))
+        assert hits >= KILLS // 2, campaign.where("most runs ended before their kill: the delays are wrong")
+
+        # The job goes on: a backup and a prune after the last kill, whatever it left.
+        campaign.run("backup")
+        campaign.run("prune")
+        listed = campaign.listed()
+        assert len(listed) == 2, campaign.where(listed)
+        owners = {tag[len("backup_id="):] for snap in campaign.snapshots() for tag in snap.get("tags") or []
+                  if tag.startswith("backup_id=")}
+        assert owners == set(listed), campaign.where("snapshots of no listed backup: %s" % (owners - set(listed)))
+        assert not os.path.exists(str(campaign.repository) + ".prune-pending")
+        locks = campaign.restic("--no-lock", "list", "locks")
+        assert locks.returncode == 0 and locks.stdout.strip() == "", campaign.where(locks.stdout + locks.stderr)
+        full = campaign.restic("check", "--read-data")
+        assert full.returncode == 0, campaign.where(full.stdout[-2000:] + full.stderr[-2000:])
+        assert all(resticstore.is_restic(manifest) for manifest in operations.inventory(campaign.storage(), JOB)["backups"])
+    finally:
+        campaign.log.close()
+        client.flushdb()
+        client.close()
