@@ -328,6 +328,8 @@ class ResticRepository:
         elif cache_dir:
             self._global += ["--cache-dir", cache_dir]
         self._version = None
+        self._config = None
+        self._lock_storage = None
         # A runner killed while it streams into restic closes restic's stdin, which restic
         # takes for the end of the stream: it would commit a snapshot of the truncated bytes.
         # setpriv (util-linux, in every Debian image) execs restic with a parent-death signal.
@@ -438,13 +440,18 @@ class ResticRepository:
         return done.stdout.decode("utf-8", "replace")
 
     def config(self):
-        """The repository's config (``id``, ``version``...); NotFoundError when there is none."""
-        text = self._run(["cat", "config", "--no-lock"], what="cat config")
-        try:
-            config = json.loads(text)
-        except ValueError:
-            raise StorageError("restic cat config on %s returned no JSON" % self.url) from None
-        return {key: config.get(key) for key in ("id", "version")}
+        """The repository's config (``id``, ``version``...); NotFoundError when there is none.
+
+        Read once per instance: a repository's config never changes, and every restic start
+        costs its key derivation (about half a second)."""
+        if self._config is None:
+            text = self._run(["cat", "config", "--no-lock"], what="cat config")
+            try:
+                config = json.loads(text)
+            except ValueError:
+                raise StorageError("restic cat config on %s returned no JSON" % self.url) from None
+            self._config = {key: config.get(key) for key in ("id", "version")}
+        return dict(self._config)
 
     def init_if_missing(self):
         """Create the repository (version 2, compression) unless it exists; True when created.
@@ -750,6 +757,8 @@ class ResticRepository:
     def _wait_for_exclusive_locks(self):
         """Before a backup (which cannot be retried once its input was read): wait until no live
         exclusive lock (prune, forget, check) is held, up to ``lock_wait`` seconds."""
+        if self._lock_files_present() is False:
+            return
         deadline = time.monotonic() + self.lock_wait
         while True:
             locks = self.locks()
@@ -765,6 +774,19 @@ class ResticRepository:
                     "or check of another job; the lock is live, not stale): backup refused"
                     % (self.url, holder["pid"], holder["hostname"], holder["time"]))
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+    def _lock_files_present(self):
+        """Whether the repository's ``locks/`` holds any object, listed through the engine's own
+        storage instead of a restic start (whose key derivation costs about half a second): the
+        common case, no lock at all, then needs no restic command. Anything there, a lock being
+        written included, sends the caller to restic's own listing; None when it cannot be listed."""
+        from .storage.location import build_storage  # pylint: disable=import-outside-toplevel
+        try:
+            if self._lock_storage is None:
+                self._lock_storage = build_storage(self.options)
+            return bool(self._lock_storage.list("locks/"))
+        except (StorageError, ConfigError, NotFoundError):
+            return None
 
     # -- size ---------------------------------------------------------------------------------
 
