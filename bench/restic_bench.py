@@ -99,7 +99,14 @@ def main():
             return path
 
         def runner(command, config):
-            return pb.timed([sys.executable, "-m", pb.RUNNER, command, "--config", config], env, output=[])
+            # A cold restic cache every time, as in a CronJob's new pod (HOME on an emptyDir); the
+            # stock commands run with --no-cache.
+            cache = tempfile.mkdtemp(prefix="restic-cache-", dir=work)
+            try:
+                return pb.timed([sys.executable, "-m", pb.RUNNER, command, "--config", config],
+                                dict(env, XDG_CACHE_HOME=cache), output=[])
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
 
         rounds = {}
         extra = {"runner second: new bytes stored": [], "stock second: new bytes stored": [],

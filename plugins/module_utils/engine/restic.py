@@ -402,8 +402,11 @@ class ResticRepository:
         """After a refusal because of a lock: remove the stale locks and retry at once if one went,
         else wait a little; False once ``deadline`` has passed. Tried at every retry, not once: the
         lock of a job killed a moment ago is live until its process is reaped, stale after."""
-        if self.unlock_stale():
-            return True
+        try:
+            if self.unlock_stale():
+                return True
+        except StorageError:
+            pass  # the lock listing failed this time: the lock stays, and so does the wait
         if time.monotonic() >= deadline:
             return False
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))

@@ -1,5 +1,6 @@
 """The roles against the real control plane: apply, idempotence, check mode, removal, RBAC, Pod Security."""
 
+import base64
 import copy
 import uuid
 import json
@@ -142,15 +143,31 @@ def test_no_secret_in_ansible_output(kube_cluster, make_kube_namespace, tmp_path
     values["backup"]["encryption"]["enabled"] = False
     values["backup"]["resources"] = {"enabled": False}
     values["backup"]["recoveryTest"] = {"enabled": False}
+    # The PostgreSQL job in the restic format: its repository password comes from the vault too.
+    values["backup"]["postgres"] = {"storageFormat": "restic"}
     secret = "s3-secret-value-that-must-not-leak"
+    restic_password = "restic-password-that-must-not-leak"
     run = run_site(values, tmp_path, env=kube_cluster.env, args=("-vvv",),
-                   extra_vars={"storage_s3_access_key": "AKIAEXAMPLEKEY", "storage_s3_secret_key": secret})
+                   extra_vars={"storage_s3_access_key": "AKIAEXAMPLEKEY", "storage_s3_secret_key": secret,
+                               "storage_restic_password": restic_password})
     assert run.returncode == 0, run
-    assert secret not in run.output
-    stored = subprocess.run([kube_cluster.kubectl_bin, "--kubeconfig", kube_cluster.kubeconfig, "-n", namespace,
-                             "get", "secret", "backup-s3-credentials", "-o", "jsonpath={.data.secret_key}"],
-                            capture_output=True, text=True, check=True)
-    assert stored.stdout  # the credentials reached the Secret, only there
+    assert secret not in run.output and restic_password not in run.output
+
+    def stored(name, key):
+        return subprocess.run([kube_cluster.kubectl_bin, "--kubeconfig", kube_cluster.kubeconfig, "-n", namespace,
+                               "get", "secret", name, "-o", "jsonpath={.data.%s}" % key],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert stored("backup-s3-credentials", "secret_key")  # the credentials reached the Secret, only there
+    assert base64.b64decode(stored("backup-restic-password", "password")).decode() == restic_password
+    # Another password would lock every existing repository out: refused, the Secret kept.
+    other = "another-restic-password"
+    again = run_site(values, tmp_path, env=kube_cluster.env,
+                     extra_vars={"storage_s3_access_key": "AKIAEXAMPLEKEY", "storage_s3_secret_key": secret,
+                                 "storage_restic_password": other})
+    assert again.returncode != 0 and "already holds a different restic password" in again.output, again
+    assert other not in again.output and restic_password not in again.output
+    assert base64.b64decode(stored("backup-restic-password", "password")).decode() == restic_password
 
 
 def _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state):

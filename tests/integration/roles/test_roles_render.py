@@ -258,6 +258,22 @@ def test_a_job_file_the_runner_would_refuse_fails_the_render_before_anything_is_
     assert list(out.iterdir()) == []
 
 
+def test_without_age_the_resource_export_runs_in_the_restic_format_only(tmp_path):
+    """backup.encryption.enabled: false drops the resource export (it holds Secrets), unless its
+    storageFormat is restic, whose repository encrypts it."""
+    for resources, expected in (({}, False), ({"storageFormat": "restic"}, True)):
+        out = tmp_path / ("out-%s" % expected)
+        out.mkdir()
+        run = run_site(seed_values(**{"backup.encryption.enabled": False, "backup.resources": resources}), tmp_path,
+                       {"render_dir": str(out)})
+        assert run.returncode == 0, run
+        rendered = load_rendered(out)
+        assert (("CronJob", "biometrics", "k8s-resources-backup") in rendered) is expected, sorted(rendered)
+        if expected:
+            job_file = yaml.safe_load(rendered[("ConfigMap", "biometrics", "k8s-resources-backup-config")]["data"]["job.yaml"])
+            assert job_file["storage"]["format"] == "restic" and job_file["encryption"] == {"enabled": False}
+
+
 def test_a_storage_format_the_runner_does_not_know_fails_the_render(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -398,7 +414,8 @@ def test_a_job_in_the_restic_format_reads_its_repository_password_from_the_secre
     for job in ("redis-backup", "redis-backup-drill"):
         storage = _job_file(hardened, job)["storage"]
         assert storage["format"] == "restic" and storage["restic_password_file"] == password_file, job
-        assert storage["restic_read_data_subset"] == "5%"
+        # the backup job's verifications read the subset; the drill reads every pack
+        assert storage.get("restic_read_data_subset") == (None if job.endswith("-drill") else "5%"), job
         assert _secret_files(_pod(hardened, job))[password_file] == ("restic-pw", "password"), job
         JobConfig(_job_file(hardened, job))   # what the runner in the pod loads
     backup = _job_file(hardened, "redis-backup")
