@@ -39,47 +39,8 @@ options:
     type: list
     elements: raw
     required: true
-  keep_last:
-    description: Keep the newest N backups. C(-1) keeps all. With O(semantics=borg) backups taken within
-      the same second count once (borg's C(--keep-last) is its C(--keep-secondly)).
-    type: int
-    default: 0
-  keep_hourly:
-    description: Keep the newest backup of each of the last N hours that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_daily:
-    description: Keep the newest backup of each of the last N days that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_weekly:
-    description: Keep the newest backup of each of the last N ISO weeks that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_monthly:
-    description: Keep the newest backup of each of the last N months that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_yearly:
-    description: Keep the newest backup of each of the last N years that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_within:
-    description:
-      - Keep every backup taken within this duration before the newest backup, for example C(36h),
-        C(7d), C(2w), C(6m), C(1y) or C(1y6m).
-      - With O(semantics=borg) a month is 31 days and a year 365 days; with O(semantics=restic) months
-        and years are calendar months and years of the newest backup's local date.
-    type: str
-  semantics:
-    description: Which tool's meaning of the policy to reproduce.
-    type: str
-    choices: [borg, restic]
-    default: borg
-  timezone:
-    description: IANA time zone whose local time defines hours, days, ISO weeks, months and years.
-    type: str
-    default: UTC
+extends_documentation_fragment:
+  - biometrics.backup.retention_policy
 notes:
   - C(-1) means unlimited with both semantics. restic 0.14 itself ignores a rule set to C(-1);
     this lookup uses the meaning later restic releases give it.

@@ -43,6 +43,7 @@ description:
     the snapshots it would forget."
 extends_documentation_fragment:
   - biometrics.backup.storage
+  - biometrics.backup.retention_policy
   - biometrics.backup.copy_destination.require_copy
 attributes:
   check_mode:
@@ -58,48 +59,6 @@ options:
     description: The job whose backups are pruned.
     type: str
     required: true
-  keep_last:
-    description:
-      - Keep the newest N backups. C(-1) keeps all.
-      - With O(semantics=borg) backups of the same second count once (borg's C(--keep-last) is C(--keep-secondly)).
-    type: int
-    default: 0
-  keep_hourly:
-    description: Keep the newest backup of each of the last N hours that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_daily:
-    description: Keep the newest backup of each of the last N days that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_weekly:
-    description: Keep the newest backup of each of the last N ISO weeks that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_monthly:
-    description: Keep the newest backup of each of the last N months that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_yearly:
-    description: Keep the newest backup of each of the last N years that have backups. C(-1) for unlimited.
-    type: int
-    default: 0
-  keep_within:
-    description:
-      - Keep every backup taken within this duration before the newest successful backup, for example
-        C(36h), C(7d), C(2w), C(6m), C(1y) or C(1y6m).
-      - With O(semantics=borg) a month is 31 days and a year 365 days; with O(semantics=restic) they are
-        calendar months and years.
-    type: str
-  semantics:
-    description: Which tool's meaning of the policy to apply.
-    type: str
-    choices: [borg, restic]
-    default: borg
-  timezone:
-    description: IANA time zone whose local time defines hours, days, ISO weeks, months and years.
-    type: str
-    default: UTC
   min_keep:
     description: At least this many successful backups stay, the newest ones, whatever the policy says.
     type: int
