@@ -27,32 +27,29 @@ from ..schema import Field, Schema
 from ..sources import config_git as src
 from ..sources import files as fmt
 from .base import Target
-from .files import StagedDestination, force_rmtree
+from .files import DESTINATION_FIELDS, DirectoryDestination, force_rmtree
 
 CHUNK = 1 << 20
 
 
-class ConfigGitTarget(Target):
+class ConfigGitTarget(DirectoryDestination, Target):
     """Options: ``path`` (destination directory), ``commit`` (default: the backup's commit),
     ``subdir`` (default: the backed-up subdir; ``/`` = whole repository), ``clone`` (a git
     clone instead of plain files), ``overwrite`` (replace a non-empty destination)."""
 
     kind = "config_git"
     plans_in_check_mode = True
-    SCHEMA = Schema("target", {
-        "path": Field("path", "destination directory", absolute=True),
-        "commit": Field("str", "commit to check out (default: the backup's commit)", nonempty=True),
-        "subdir": Field("str", "part of the repository (default: the backed-up subdir; / for all)", nonempty=True),
-        "clone": Field("bool", "restore a git clone instead of plain files (default false)"),
-        "overwrite": Field("bool", "replace a non-empty destination (default false)"),
-    })
+    SCHEMA = Schema("target", dict(
+        DESTINATION_FIELDS,
+        commit=Field("str", "commit to check out (default: the backup's commit)", nonempty=True),
+        subdir=Field("str", "part of the repository (default: the backed-up subdir; / for all)", nonempty=True),
+        clone=Field("bool", "restore a git clone instead of plain files (default false)"),
+    ))
 
     def __init__(self, options):
         super().__init__(options)
         options = self.options
-        self.overwrite = options.get("overwrite", False)
-        self.destination = StagedDestination(options.get("path"), self.overwrite, "target.path")
-        self.path = self.destination.path
+        self._stage_destination(options)
         self.commit = options.get("commit")
         if self.commit is not None and (not isinstance(self.commit, str) or not self.commit.strip()
                                         or self.commit.startswith("-")):

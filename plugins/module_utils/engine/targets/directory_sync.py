@@ -23,7 +23,7 @@ from ..procutil import find_tool, run_tool, tool_env
 from ..sources import files as fmt
 from ..sources.directory_sync import parse_stats
 from .base import Target
-from .files import StagedDestination, force_rmtree
+from .files import DESTINATION_FIELDS, DirectoryDestination, force_rmtree
 
 
 def mirror_counts(root):
@@ -39,27 +39,24 @@ def mirror_counts(root):
     return files, size
 
 
-class DirectorySyncTarget(Target):
+class DirectorySyncTarget(DirectoryDestination, Target):
     """Options: ``path`` (destination directory), ``mirror`` (default: the record's
     ``stats.destination``), ``overwrite``, ``require_record_match`` (default true: refuse when
     the mirror no longer matches the sync record), ``rsync`` (binary)."""
 
     kind = "directory_sync"
     plans_in_check_mode = True
-    SCHEMA = Schema("target", {
-        "path": Field("path", "destination directory", absolute=True),
-        "mirror": Field("path", "the mirror to restore from (default: the record's destination)", absolute=True),
-        "overwrite": Field("bool", "replace a non-empty destination (default false)"),
-        "require_record_match": Field("bool", "refuse when the mirror no longer matches the sync record (default true)"),
-        "rsync": Field("path", "rsync binary (default: PATH)"),
-    })
+    SCHEMA = Schema("target", dict(
+        DESTINATION_FIELDS,
+        mirror=Field("path", "the mirror to restore from (default: the record's destination)", absolute=True),
+        require_record_match=Field("bool", "refuse when the mirror no longer matches the sync record (default true)"),
+        rsync=Field("path", "rsync binary (default: PATH)"),
+    ))
 
     def __init__(self, options):
         super().__init__(options)
         options = self.options
-        self.overwrite = options.get("overwrite", False)
-        self.destination = StagedDestination(options.get("path"), self.overwrite, "target.path")
-        self.path = self.destination.path
+        self._stage_destination(options)
         self.mirror = options.get("mirror")
         self.require_record_match = options.get("require_record_match", True)
         self.rsync = options.get("rsync") or "rsync"

@@ -225,6 +225,23 @@ class _Tree:
         os.utime(full, ns=(entry["mtime"], entry["mtime"]), follow_symlinks=False)
 
 
+# The options of every target that restores into a directory (files, config_git, directory_sync).
+DESTINATION_FIELDS = {
+    "path": Field("path", "destination directory", absolute=True),
+    "overwrite": Field("bool", "replace a non-empty destination (default false)"),
+}
+
+
+class DirectoryDestination:
+    """Mixin of the targets that restore into a directory: their ``path`` and ``overwrite``
+    options (:data:`DESTINATION_FIELDS`) as a :class:`StagedDestination`."""
+
+    def _stage_destination(self, options):
+        self.overwrite = options.get("overwrite", False)
+        self.destination = StagedDestination(options.get("path"), self.overwrite, "target.path")
+        self.path = self.destination.path
+
+
 class StagedDestination:
     """A restore destination that is only touched once the restored data is verified.
 
@@ -308,7 +325,7 @@ class StagedDestination:
             os.rename(staging, self.path)  # replaces an empty directory, or creates the destination
 
 
-class FilesTarget(Target):
+class FilesTarget(DirectoryDestination, Target):
     """Options: ``path`` (absolute destination directory), ``subpath`` (restore only this
     part of the tree, kept at its relative location), ``overwrite`` (replace a non-empty
     destination), ``ownership`` (``auto``: restore owners when running as root; ``true``;
@@ -316,20 +333,17 @@ class FilesTarget(Target):
 
     kind = "files"
     plans_in_check_mode = True
-    SCHEMA = Schema("target", {
-        "path": Field("path", "destination directory", absolute=True),
-        "subpath": Field("str", "restore only this part of the tree, kept at its relative location", nonempty=True),
-        "overwrite": Field("bool", "replace a non-empty destination (default false)"),
-        "ownership": Field("any", "restore owners: auto (when running as root; default), or a boolean"),
-        "tmpdir": Field("path", "where the index is spooled (default: system temp)"),
-    })
+    SCHEMA = Schema("target", dict(
+        DESTINATION_FIELDS,
+        subpath=Field("str", "restore only this part of the tree, kept at its relative location", nonempty=True),
+        ownership=Field("any", "restore owners: auto (when running as root; default), or a boolean"),
+        tmpdir=Field("path", "where the index is spooled (default: system temp)"),
+    ))
 
     def __init__(self, options):
         super().__init__(options)
         options = self.options
-        self.overwrite = options.get("overwrite", False)
-        self.destination = StagedDestination(options.get("path"), self.overwrite, "target.path")
-        self.path = self.destination.path
+        self._stage_destination(options)
         self.subpath = normalize_subpath(options.get("subpath"))
         ownership = options.get("ownership", "auto")
         if ownership == "auto":
