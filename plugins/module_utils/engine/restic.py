@@ -329,7 +329,7 @@ class ResticRepository:
             self._global += ["--cache-dir", cache_dir]
         self._version = None
         self._config = None
-        self._lock_storage = None
+        self._storage = None
         # A runner killed while it streams into restic closes restic's stdin, which restic
         # takes for the end of the stream: it would commit a snapshot of the truncated bytes.
         # setpriv (util-linux, in every Debian image) execs restic with a parent-death signal.
@@ -783,21 +783,23 @@ class ResticRepository:
         storage instead of a restic start (whose key derivation costs about half a second): the
         common case, no lock at all, then needs no restic command. Anything there, a lock being
         written included, sends the caller to restic's own listing; None when it cannot be listed."""
-        from .storage.location import build_storage  # pylint: disable=import-outside-toplevel
         try:
-            if self._lock_storage is None:
-                self._lock_storage = build_storage(self.options)
-            return bool(self._lock_storage.list("locks/"))
+            return bool(self._location().list("locks/"))
         except (StorageError, ConfigError, NotFoundError):
             return None
+
+    def _location(self):
+        """The repository's location as an engine Storage (listings without restic), built once."""
+        if self._storage is None:
+            from .storage.location import build_storage  # pylint: disable=import-outside-toplevel
+            self._storage = build_storage(self.options)
+        return self._storage
 
     # -- size ---------------------------------------------------------------------------------
 
     def stored_bytes(self):
         """Bytes the repository occupies in storage (every object under its location)."""
-        from .storage.location import build_storage  # pylint: disable=import-outside-toplevel
-        storage = build_storage(self.options)
-        return sum(info.size for info in storage.list(""))
+        return sum(info.size for info in self._location().list(""))
 
 
 def build_manifest(backup_id, job, kind, started_at, finished_at, result, repository, tool_versions, stats,
