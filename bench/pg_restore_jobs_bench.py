@@ -23,10 +23,8 @@ the order reversed every other round; the best round counts.
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +41,7 @@ def main():
     parser.add_argument("--size-mb", type=int, default=300, help="approximate database size (default 300)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every case (default 3)")
     args = parser.parse_args()
-    base = tempfile.mkdtemp(prefix="pg-jobs-bench-")
-    pg = None
-    try:
-        pg = servers.start_postgres(base)
+    with servers.private_postgres("pg-jobs-bench") as (base, pg):
         env = dict(os.environ, PGHOST=pg.host, PGPORT=str(pg.port), PGUSER=pg.user)
         psql, dump, restore = pg.tool("psql"), pg.tool("pg_dump"), pg.tool("pg_restore")
 
@@ -101,10 +96,6 @@ def main():
             rounds = " / ".join("%.2f" % value for value in seconds)
             print("| %s | %.2f | %s | %.2f× |" % (name, best[name], rounds, best[name] / best["j1 file"]))
         print("load average at the end: %.2f %.2f %.2f on %d cores" % (os.getloadavg() + (os.cpu_count(),)))
-    finally:
-        if pg is not None:
-            pg.process.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="rounds of every case, the best is kept (default 2)")
     args = parser.parse_args()
 
-    base = tempfile.mkdtemp(prefix="restic-bench-")
-    pg = None
-    try:
-        pg = pb.servers.start_postgres(base)
+    with pb.servers.private_postgres("restic-bench") as (base, pg):
         work = os.path.join(base, "work")
         os.mkdir(work)
         password_file = os.path.join(work, "restic-password")
@@ -159,10 +156,6 @@ def main():
             seconds["runner first (restic format)"] / seconds["stock first: pg_dump -Fc -Z0 | restic backup --stdin"]))
         print("restore from restic / from archive: %.2fx (goal <= 1.3)" % (
             seconds["runner restore from the restic format"] / seconds["runner restore from the archive format"]))
-    finally:
-        if pg is not None:
-            pg.process.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,18 @@ def server_dir(prefix):
             shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def private_postgres(prefix):
+    """A PostgreSQL of its own in a :func:`server_dir`, stopped and removed on exit (the
+    benchmarks' server): yields ``(directory, server)``."""
+    with server_dir(prefix) as base:
+        server = start_postgres(base)
+        try:
+            yield base, server
+        finally:
+            server.process.stop()
+
+
 def start_with_port_retry(start, attempts=3):
     """``start()`` picks its ports itself; another process may grab one first: try again."""
     for attempt in range(attempts):
