@@ -96,8 +96,9 @@ options:
             repository per job under C(<prefix>/_restic/<job>/) (deduplicated, compressed and encrypted
             by restic, which must be installed, 0.14 or newer); the engine manifest is still written last
             into C(<prefix>/<job>/<backup-id>/).
-          - The kinds C(postgres), C(redis), C(k8s_resources) and C(config_git) can be stored in the
-            C(restic) format; other kinds are refused before anything is written.
+          - The kinds C(postgres), C(redis), C(k8s_resources), C(config_git) and C(files) (whole trees,
+            C(incremental) is refused) can be stored in the C(restic) format; other kinds are refused before
+            anything is written.
           - Reading (list, verify, restore, prune) follows each backup's manifest, so a location may
             hold backups of both formats; reading a C(restic) backup needs O(destination.restic_password).
           - The C(encryption) option does not apply to the C(restic) format (restic encrypts with the
@@ -206,8 +207,9 @@ options:
             repository per job under C(<prefix>/_restic/<job>/) (deduplicated, compressed and encrypted
             by restic, which must be installed, 0.14 or newer); the engine manifest is still written last
             into C(<prefix>/<job>/<backup-id>/).
-          - The kinds C(postgres), C(redis), C(k8s_resources) and C(config_git) can be stored in the
-            C(restic) format; other kinds are refused before anything is written.
+          - The kinds C(postgres), C(redis), C(k8s_resources), C(config_git) and C(files) (whole trees,
+            C(incremental) is refused) can be stored in the C(restic) format; other kinds are refused before
+            anything is written.
           - Reading (list, verify, restore, prune) follows each backup's manifest, so a location may
             hold backups of both formats; reading a C(restic) backup needs O(require_copy.restic_password).
           - The C(encryption) option does not apply to the C(restic) format (restic encrypts with the

@@ -25,7 +25,8 @@ description:
   - With O(storage.format=restic) the payloads are streamed into the job's restic repository (created on the
     first run) instead, one snapshot per payload tagged with job, kind and backup id; the manifest names the
     snapshots and records each payload's size and SHA-256, and is still written last. Kinds C(postgres),
-    C(redis), C(k8s_resources) and C(config_git) only; O(encryption) does not apply (restic encrypts).
+    C(redis), C(k8s_resources), C(config_git) and C(files) (whole trees, without C(incremental)) only;
+    O(encryption) does not apply (restic encrypts).
 extends_documentation_fragment:
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption

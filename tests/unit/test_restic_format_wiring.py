@@ -50,9 +50,13 @@ def test_format_and_password_options(tmp_path, monkeypatch):
 def test_kinds_the_format_does_not_hold_are_refused():
     for kind in resticstore.STREAM_KINDS:
         resticstore.check_kind(kind, "job")
-    for kind in ("files", "directory_sync", "velero", "postgres_base", "postgres_wal"):
+    for kind in ("directory_sync", "velero", "postgres_base", "postgres_wal"):
         with pytest.raises(ConfigError, match="kind %s cannot be stored in the restic format" % kind):
             resticstore.check_kind(kind, "job")
+    # files: whole trees only (restic keeps what changed; a chain would need its parents' tars)
+    resticstore.check_kind("files", "job", {"path": "/data", "incremental": False})
+    with pytest.raises(ConfigError, match="source.incremental cannot be used with storage.format restic"):
+        resticstore.check_kind("files", "job", {"path": "/data", "incremental": True})
 
 
 RESTIC_STORAGE = {"backend": "filesystem", "path": "/backups", "format": "restic",
@@ -61,7 +65,10 @@ PG_SOURCE = {"host": "db", "database": "biometrics"}
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"kind": "files", "source": {"path": "/data"}}, "kind files cannot be stored in the restic format"),
+    ({"kind": "directory_sync", "source": {"path": "/data", "destination": "/mirror"}},
+     "kind directory_sync cannot be stored in the restic format"),
+    ({"kind": "files", "source": {"path": "/data", "incremental": "yes"}},
+     "source.incremental cannot be used with storage.format restic"),
     ({"encryption": {"recipients_file": "/keys/recipients"}}, "restic encrypts with the repository password"),
     ({"copy": {"destination": {"backend": "filesystem", "path": "/copy"}}}, "cannot have an offsite copy yet"),
 ])

@@ -42,7 +42,7 @@ class BackupRun:
         self.encryption = codecs.encryption_settings(encryption)
         if self.format == resticstore.RESTIC:
             # Refused before anything is read or written.
-            resticstore.check_kind(source.kind, self.job)
+            resticstore.check_kind(source.kind, self.job, source.options)
             if self.encryption["mode"] != "none":
                 raise ConfigError("job %s: storage.format restic encrypts with the repository password; "
                                   "remove the encryption option (or keep the job in the archive format)" % job)

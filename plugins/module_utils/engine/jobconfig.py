@@ -347,7 +347,7 @@ class JobConfig:
         (the roles' deploy-time check runs this, not a backup)."""
         if resticstore.storage_format_of(self.storage) != resticstore.RESTIC:
             return
-        resticstore.check_kind(self.kind, self.job)
+        resticstore.check_kind(self.kind, self.job, self.source)
         if self.encrypted:
             raise ConfigError("%s: storage.format restic encrypts with the repository password: remove the "
                               "encryption recipients (encryption.enabled: false), or keep the job in the archive "

@@ -27,8 +27,11 @@ RESTIC = FORMAT_NAME
 # a verification's restic check (exclusive in restic 0.14) or a prune must not make the next
 # scheduled backup fail at once; one that holds the lock longer is refused with its holder named.
 LOCK_WAIT = 600
-# Kinds whose payloads are streams the restic format can hold (one snapshot per payload).
-STREAM_KINDS = ("postgres", "redis", "k8s_resources", "config_git")
+# Kinds whose payloads are streams the restic format can hold (one snapshot per payload). A
+# files backup streams its whole tree as the engine's pax tar every time: restic stores only
+# the chunks it has not seen, so the tar of an unchanged tree adds (almost) nothing, and the
+# restore keeps the files target's checks (index, per-file SHA-256, staging) unchanged.
+STREAM_KINDS = ("postgres", "redis", "k8s_resources", "config_git", "files")
 
 
 def storage_format_of(options):
@@ -45,12 +48,18 @@ def is_restic(manifest):
     return manifest.get("storage_format") == RESTIC
 
 
-def check_kind(kind, job):
-    """ConfigError unless backups of ``kind`` can be stored in the restic format."""
+def check_kind(kind, job, source_options=None):
+    """ConfigError unless backups of ``kind`` with ``source_options`` can be stored in the restic format."""
     if kind not in STREAM_KINDS:
         raise ConfigError("job %s: kind %s cannot be stored in the restic format (storage.format: restic); "
                           "the restic format holds the kinds %s: keep this job in the archive format"
                           % (job, kind, ", ".join(STREAM_KINDS)))
+    if kind == "files" and (source_options or {}).get("incremental") is True:
+        # A chain would need its parents' tars to restore; the repository already keeps only
+        # what changed, so every restic files backup is whole and restores on its own.
+        raise ConfigError("job %s: source.incremental cannot be used with storage.format restic: every files "
+                          "backup in the restic format is a whole tree of which restic stores only the new "
+                          "data; set source.incremental false (or keep the job in the archive format)" % job)
 
 
 def repository(storage, job):

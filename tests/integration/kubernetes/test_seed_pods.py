@@ -10,8 +10,9 @@ On the session cluster's node (``kube_node``) with the runner image built from t
   where pods reach the host; the seed's values point at them;
 * the data claim and the directory-sync claim are hostPath PersistentVolumes on the node;
 * a real Velero server (``velero_server``) completes the Backup the seed's Velero job asks for;
-* the PostgreSQL job is stored in the restic format (``backup.postgres.storageFormat``), its
-  repository password a Secret mounted as a file; the other jobs keep age archives;
+* the PostgreSQL job and the file-tree job are stored in the restic format
+  (``backup.postgres.storageFormat``, ``backup.incremental.storageFormat``), the repository
+  password a Secret mounted as a file; the other jobs keep age archives;
 * each CronJob runs as ``kubectl create job --from=cronjob/<name>`` does, and the pod must
   complete; the backup it took is then listed by ``biometrics.backup.backup_info`` and
   verified by ``biometrics.backup.backup_verify`` from the host;
@@ -54,7 +55,8 @@ BACKUP_JOBS = {  # CronJob -> kind of the backup it takes
     "biometrics-data-backup": "velero",
 }
 API_JOBS = ("k8s-resources-backup", "biometrics-data-backup")
-RESTIC_JOBS = ("postgres-backup",)  # stored in the restic format (the drill follows its job)
+# stored in the restic format (the drill follows its job)
+RESTIC_JOBS = ("postgres-backup", "incremental-backup")
 DRILLS = ("postgres-backup-drill", "redis-backup-drill", "incremental-backup-drill")
 CONFIG_FILES = {"matcher.yaml": "threshold: 0.82\n", "retention.yaml": "raw_captures_days: 90\n"}
 JOB_TIMEOUT = 300
@@ -165,6 +167,7 @@ def deployment(kube_cluster, kube_api, kube_node, runner_image, velero_server, n
             "backup.pvc.veleroNamespace": velero_server.namespace,
             "backup.metrics.pushgateway": node_servers["pushgateway"].url,
             "backup.postgres.storageFormat": "restic",
+            "backup.incremental.storageFormat": "restic",
         })
         run = run_site(values, tmp, env=kube_cluster.env)
         assert run.returncode == 0, run
@@ -197,8 +200,9 @@ def test_the_deployment_runs_the_runner_image_under_restricted_pod_security(depl
         container = cronjob.spec.job_template.spec.template.spec.containers[0]
         assert container.image == deployment.image, name
         assert not container.command, name  # the image's entrypoint: the runner
-        # The age identity reaches only the jobs that read backups.
-        reads_backups = name.endswith("-drill") or name == "incremental-backup"
+        # The age identity reaches only the jobs that read backups: the drills, and the incremental
+        # file job when it chains (archive format: it reads its parent's encrypted index).
+        reads_backups = name.endswith("-drill") or (name == "incremental-backup" and name not in RESTIC_JOBS)
         mounts = {mount.mount_path for mount in container.volume_mounts or []}
         assert ("/etc/biometrics-backup/identity" in mounts) is reads_backups, (name, mounts)
         # Only the jobs that read the API get a token.
@@ -248,13 +252,20 @@ def test_every_backup_taken_in_a_pod_is_listed_and_verified(deployment, tmp_path
             assert verified[0]["restic_check"]["ok"] is True, verified
 
 
-def test_what_the_pods_backed_up_is_the_real_data(deployment):
+def test_what_the_pods_backed_up_is_the_real_data(deployment, tmp_path):
     # directory sync: the mirror on the backup-storage claim equals the data claim
     mirrors = list(deployment.sync_dir.rglob("matcher.ini"))
     assert mirrors, "the directory sync wrote nothing to the backup-storage claim"
     mirror = mirrors[0].parent.parent
     assert snapshot(mirror, owners=False, mtimes=False, dir_mtimes=False) == snapshot(
         deployment.data_dir, owners=False, mtimes=False, dir_mtimes=False)
+    # the file tree, stored by its pod in the restic format: restored from the host, equal to the claim
+    restored = deployment.modules(tmp_path, [{"name": "restore", "biometrics.backup.backup_restore": {
+        "job": "incremental-backup", "storage": deployment.storage_of["incremental-backup"],
+        "target": {"path": str(tmp_path / "tree")}}}])["restore"]
+    assert restored["backup_id"] == deployment.results["incremental-backup"]["backup_id"], restored
+    assert snapshot(tmp_path / "tree", owners=False, dir_mtimes=False) == snapshot(
+        deployment.data_dir, owners=False, dir_mtimes=False)
     # configuration to git: pushed over git:// from the pod
     commit = deployment.results["config-backup"]["stats"]["commit"]
     assert deployment.remote.refs()["refs/heads/main"] == commit

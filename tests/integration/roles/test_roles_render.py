@@ -274,6 +274,32 @@ def test_without_age_the_resource_export_runs_in_the_restic_format_only(tmp_path
             assert job_file["storage"]["format"] == "restic" and job_file["encryption"] == {"enabled": False}
 
 
+def test_the_incremental_file_job_in_the_restic_format_backs_up_whole_trees(tmp_path):
+    """backup.incremental.storageFormat: restic: the files job has no chain (incremental false, no
+    full_every), so it reads no parent index and mounts no age key at all; the repository password
+    is its only Secret besides the storage's. Its drill reads the same repository."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run = run_site(seed_values(**{"backup.incremental": {"storageFormat": "restic"}}), tmp_path,
+                   {"render_dir": str(out)})
+    assert run.returncode == 0, run
+    rendered = load_rendered(out)
+    job_file = _job_file(rendered, "incremental-backup")
+    assert job_file["kind"] == "files" and job_file["storage"]["format"] == "restic"
+    assert job_file["source"]["incremental"] is False and "full_every" not in job_file["source"]
+    assert job_file["encryption"] == {"enabled": False}
+    config = JobConfig(job_file)
+    assert config.source["incremental"] is False
+    mounted = _mounted_secret_items(_pod(rendered, "incremental-backup"))
+    assert mounted["backup-restic-password"] == ["password"] and "backup-encryption-key" not in mounted, mounted
+    # the other jobs stay archives, with their age recipients
+    postgres = _job_file(rendered, "postgres-backup")
+    assert "format" not in postgres["storage"] and "recipients_file" in postgres["encryption"]
+    drill = _job_file(rendered, "incremental-backup-drill")
+    assert drill["storage"]["format"] == "restic" and drill["kind"] == "files"
+    JobConfig(drill)
+
+
 def test_a_storage_format_the_runner_does_not_know_fails_the_render(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

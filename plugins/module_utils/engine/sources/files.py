@@ -501,6 +501,11 @@ class FilesSource(Source):
     def _full_due(self, context, latest):
         if latest.get("kind") != self.kind:
             return "latest backup %s is of kind %s" % (latest["id"], latest.get("kind"))
+        if latest.get("storage_format", "archive") != "archive":
+            # Only archive-format jobs chain (the restic format refuses incremental): a job moved
+            # back from restic starts over with a full, so that a chain never needs the
+            # repository password or mixes the two formats.
+            return "latest backup %s is in the %s format" % (latest["id"], latest["storage_format"])
         if (latest.get("source") or {}).get("path") != self.path:
             return "the source path changed since %s" % latest["id"]
         try:
