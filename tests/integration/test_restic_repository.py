@@ -76,6 +76,28 @@ def restic_env(password=PASSWORD):
     return tool_env({"RESTIC_PASSWORD": password}, drop=rs._DROP_ENV)  # pylint: disable=protected-access
 
 
+def test_a_backup_learns_its_full_snapshot_id_from_the_listing_not_from_restic(tmp_path, monkeypatch):
+    """restic 0.14's backup summary names the snapshot by its short id; the full id comes from the
+    names under snapshots/ (no second restic start, no decryption of every snapshot), and only an
+    ambiguous prefix asks restic."""
+    repo = open_repo(tmp_path)
+    repo.init_if_missing()
+    listed = []
+    real = rs.ResticRepository._snapshots_json
+    monkeypatch.setattr(rs.ResticRepository, "_snapshots_json",
+                        lambda self, args: listed.append(args) or real(self, args))
+    result = repo.backup_stream(io.BytesIO(b"enrolment"), "dump.rdb", tags("20240101T000000Z-aaaaaa", kind="redis"))
+    assert listed == []
+    [snap] = repo.snapshots()
+    assert result["snapshot_id"] == snap["id"] and result["short_id"] == snap["short_id"]
+    assert result["paths"] == snap["paths"] == ["/dump.rdb"]
+    # a name that shares the short id (as a second snapshot might): restic decides
+    decoy = tmp_path / "repo" / "snapshots" / (snap["id"][:8] + "0" * 56)
+    decoy.write_bytes(b"")
+    assert repo._full_snapshot_id(snap["id"][:8]) == snap["id"]   # pylint: disable=protected-access
+    assert listed, "an ambiguous short id must be resolved by restic"
+
+
 def test_stream_round_trip_dedup_tags_and_check(tmp_path):
     repo = open_repo(tmp_path)
     assert repo.init_if_missing() is True

@@ -523,7 +523,7 @@ class ResticRepository:
         if summary.get("total_bytes_processed") not in (None, size):
             raise IntegrityError("restic backup stored %s bytes of %s, %d were streamed"
                                  % (summary.get("total_bytes_processed"), filename, size))
-        return self._backup_result(summary, size=size, sha256=sha256)
+        return self._backup_result(summary, [path], size=size, sha256=sha256)
 
     def backup_directory(self, path, tags, excludes=(), time_=None):
         """Back up the directory ``path`` (restic's change detection against the newest snapshot
@@ -551,21 +551,34 @@ class ResticRepository:
         summary = parse_backup_summary(done.stdout.splitlines())
         if summary is None or not summary.get("snapshot_id"):
             raise StorageError("restic backup on %s wrote no summary with a snapshot id" % self.url)
-        return self._backup_result(summary, size=summary.get("total_bytes_processed"), sha256=None)
+        return self._backup_result(summary, [os.path.normpath(path)], size=summary.get("total_bytes_processed"),
+                                   sha256=None)
 
-    def _backup_result(self, summary, size, sha256):
-        short = summary["snapshot_id"]
-        full = self.snapshot(short)
+    def _backup_result(self, summary, paths, size, sha256):
+        full = self._full_snapshot_id(summary["snapshot_id"])
         return {
-            "snapshot_id": full["id"], "short_id": full.get("short_id", short[:8]),
-            "time": full.get("time"), "tree": full.get("tree"), "paths": full.get("paths"),
-            "size": size, "sha256": sha256,
+            "snapshot_id": full, "short_id": full[:8], "paths": paths, "size": size, "sha256": sha256,
             "data_added": summary.get("data_added"),
             "total_bytes_processed": summary.get("total_bytes_processed"),
             "files_new": summary.get("files_new"), "files_changed": summary.get("files_changed"),
             "files_unmodified": summary.get("files_unmodified"),
             "duration_seconds": summary.get("total_duration"),
         }
+
+    def _full_snapshot_id(self, short):
+        """The full id of the snapshot a backup reported by its short id (restic 0.14's summary):
+        the one name under the repository's ``snapshots/`` that starts with it, listed through
+        the engine's storage (no restic start, whose key derivation costs about half a second,
+        and no decryption of every snapshot); restic's own listing when that is not conclusive."""
+        _check_snapshot_id(short)
+        try:
+            names = [info.key.rsplit("/", 1)[-1] for info in self._location().list("snapshots/")]
+        except (StorageError, ConfigError, NotFoundError):
+            names = []
+        found = [name for name in names if len(name) == 64 and name.startswith(short) and _SNAPSHOT_RE.match(name)]
+        if len(found) == 1:
+            return found[0]
+        return self.snapshot(short)["id"]
 
     def snapshot(self, snapshot):
         """One snapshot by (short or full) id; NotFoundError when the repository has none such."""
