@@ -36,6 +36,7 @@ import tarfile
 import tempfile
 
 from .. import manifest as mf
+from .. import resticstore
 from ..errors import ConfigError, IntegrityError, NotFoundError, SourceError
 from ..pipeline import ProducerStream
 from ..schema import Field, Schema
@@ -501,11 +502,11 @@ class FilesSource(Source):
     def _full_due(self, context, latest):
         if latest.get("kind") != self.kind:
             return "latest backup %s is of kind %s" % (latest["id"], latest.get("kind"))
-        if latest.get("storage_format", "archive") != "archive":
+        if resticstore.is_restic(latest):
             # Only archive-format jobs chain (the restic format refuses incremental): a job moved
             # back from restic starts over with a full, so that a chain never needs the
             # repository password or mixes the two formats.
-            return "latest backup %s is in the %s format" % (latest["id"], latest["storage_format"])
+            return "latest backup %s is in the restic format" % latest["id"]
         if (latest.get("source") or {}).get("path") != self.path:
             return "the source path changed since %s" % latest["id"]
         try:
