@@ -253,6 +253,8 @@ def test_a_files_job_moved_to_restic_and_back_starts_a_new_chain_without_the_pas
     operations.restore(archive, "docs", {"path": str(tmp_path / "old")}, kind="files", backup=increment["id"])
     operations.restore(restic, "docs", {"path": str(tmp_path / "moved")}, kind="files", backup=moved["id"])
     assert (tmp_path / "moved" / "README").read_text() == "enrolment templates\n"
+    # both were taken of the same tree: the chain's end and the restic backup restore alike
+    assert snapshot(tmp_path / "old") == snapshot(tmp_path / "moved")
 
 
 def test_a_damaged_files_backup_is_refused_before_the_destination_exists(tmp_path):
