@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from .playbook import PlaybookRun, load_rendered, run_site, seed_values
+from .test_copy_role import FS_COPY, S3_COPY
 
 kubernetes = pytest.importorskip("kubernetes")
 
@@ -230,3 +231,86 @@ def test_hardened_manifests_pass_the_api_servers_dry_run(kube_cluster, make_kube
     assert all(p["spec"]["policyTypes"] == ["Egress"] for p in policies)
     for cronjob in cronjobs:
         assert cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@" + DIGEST)
+
+
+def _run_tasks(kube_cluster, tmp_path, name, tasks):
+    """One play of role includes, run by ansible-playbook against the real API server."""
+    playbook = tmp_path / (name + ".yml")
+    playbook.write_text(yaml.safe_dump([{"name": name, "hosts": "localhost", "connection": "local",
+                                         "gather_facts": False, "tasks": tasks}]))
+    process = subprocess.run(["ansible-playbook", str(playbook)], capture_output=True, text=True,
+                             env=dict(kube_cluster.env, ANSIBLE_NOCOLOR="1"), timeout=600, check=False)
+    return PlaybookRun(process)
+
+
+def _secret_keys_mounted(cronjob):
+    """{(secret, key)} of the Secret volumes the CronJob's pods mount."""
+    volumes = cronjob.spec.job_template.spec.template.spec.volumes or []
+    return {(v.secret.secret_name, item.key) for v in volumes if v.secret for item in v.secret.items or []}
+
+
+def test_retention_of_jobs_deployed_by_another_play(kube_cluster, kube_api, make_kube_namespace, tmp_path):
+    """retention_jobs naming another play's jobs: their job files (ConfigMaps) say what to mount.
+
+    A restic-format job deployed by one play is pruned by a retention job deployed by another:
+    without the job's repository password mounted, every prune of it would fail.
+    """
+    namespace = make_kube_namespace("roles-other-play")
+    storage = {"name": "Storage", "ansible.builtin.include_role": {"name": "biometrics.backup.storage"},
+               "vars": {"storage_namespace": namespace, "storage_encryption_enabled": False}}
+    password = "restic-password-" + uuid.uuid4().hex
+    jobs = _run_tasks(kube_cluster, tmp_path, "jobs", [
+        dict(storage, vars=dict(storage["vars"], storage_restic_password=password)),
+        {"name": "PostgreSQL job in the restic format", "ansible.builtin.include_role": {"name": "biometrics.backup.postgres"},
+         "vars": {"job_namespace": namespace, "job_storage_format_by_job": {"postgres-backup": "restic"}}},
+        {"name": "Redis job in the archive format", "ansible.builtin.include_role": {"name": "biometrics.backup.redis"},
+         "vars": {"job_namespace": namespace}},
+        {"name": "Redis job whose retention requires its S3 copy", "ansible.builtin.include_role": {"name": "biometrics.backup.redis"},
+         "vars": {"job_namespace": namespace, "redis_name": "redis-s3-copied", "job_copy": S3_COPY,
+                  "job_retention": {"keep_daily": 7, "require_copy": True}}},
+        {"name": "Redis job whose retention requires its copy on a claim", "ansible.builtin.include_role": {"name": "biometrics.backup.redis"},
+         "vars": {"job_namespace": namespace, "redis_name": "redis-fs-copied", "job_copy": FS_COPY,
+                  "job_retention": {"keep_daily": 7, "require_copy": True}}},
+    ])
+    assert jobs.returncode == 0, jobs
+
+    def retention(names, play):
+        return _run_tasks(kube_cluster, tmp_path, play, [
+            storage,
+            {"name": "Retention", "ansible.builtin.include_role": {"name": "biometrics.backup.retention"},
+             "vars": {"job_namespace": namespace, "retention_jobs": names}},
+        ])
+
+    pruned = retention(["postgres-backup", "redis-backup", "redis-s3-copied"], "retention")
+    assert pruned.returncode == 0, pruned
+    assert password not in pruned.output
+    cronjob = _cronjobs(kube_api, namespace)["retention-prune"]
+    assert _secret_keys_mounted(cronjob) == {("backup-restic-password", "password"), ("offsite-s3", "access_key"),
+                                             ("offsite-s3", "secret_key")}
+    config = yaml.safe_load(kubernetes.client.CoreV1Api(kube_api).read_namespaced_config_map(
+        "postgres-backup-config", namespace).data["job.yaml"])
+    # The file the job reads its password from is where the retention pod finds it.
+    assert config["storage"]["restic_password_file"] == "/etc/biometrics-backup/secrets/backup-restic-password/password"
+    assert "--config" in cronjob.spec.job_template.spec.template.spec.containers[0].args
+
+    # Idempotent: a second run changes nothing.
+    again = retention(["postgres-backup", "redis-backup", "redis-s3-copied"], "retention-again")
+    assert again.returncode == 0 and again.changed == 0, again
+
+    # Only archive-format jobs: no password mounted.
+    archive_only = retention(["redis-backup"], "retention-archive-only")
+    assert archive_only.returncode == 0, archive_only
+    assert not any(secret == "backup-restic-password"
+                   for secret, _key in _secret_keys_mounted(_cronjobs(kube_api, namespace)["retention-prune"]))
+
+    # A name that no play deployed fails before anything changes, naming it; so does a job of
+    # another play whose copy is on a claim this play cannot know.
+    before = _cronjobs(kube_api, namespace)["retention-prune"].metadata.resource_version
+    on_claim = retention(["redis-backup", "redis-fs-copied"], "retention-claim")
+    assert on_claim.returncode != 0, on_claim
+    assert "retention_jobs names redis-fs-copied, deployed by another play" in on_claim.output, on_claim
+    missing = retention(["redis-backup", "nosuch-backup"], "retention-missing")
+    assert missing.returncode != 0, missing
+    assert "job nosuch-backup was not deployed earlier in this play" in missing.output, missing
+    assert "nosuch-backup-config" in missing.output and "Traceback" not in missing.output
+    assert _cronjobs(kube_api, namespace)["retention-prune"].metadata.resource_version == before
