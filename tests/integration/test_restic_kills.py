@@ -25,8 +25,15 @@ After every kill, read with restic itself and the engine:
 
 At the end a prune leaves no snapshot that belongs to no listed backup, no prune-pending note
 and no lock, and a final ``restic check --read-data`` reads every pack.
+
+The killed runner's restic is an orphan; until some process reaps it, it is a zombie whose PID
+answers as alive, so its lock would look live and the next run would wait out the lock. In a
+pod tini reaps it. Here the test does it itself: it is a child subreaper while it runs (orphans
+of its process groups come to it) and, after each kill, reaps every member of the killed group,
+so the campaign does not depend on what runs as PID 1 (a CI container's may not reap).
 """
 
+import ctypes
 import json
 import os
 import random
@@ -35,6 +42,8 @@ import subprocess
 import sys
 import time
 import uuid
+
+import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore
@@ -46,6 +55,53 @@ JOB = "kills"
 DB = 6
 KEYS, VALUE_BYTES = 8, 512 * 1024   # 4 MiB of incompressible values: restic's part takes a while
 KILLS = int(os.environ.get("BIOMETRICS_RESTIC_KILLS", "20"))
+
+
+PR_SET_CHILD_SUBREAPER = 36   # prctl(2)
+
+
+@pytest.fixture
+def child_subreaper():
+    """This process adopts the orphans of its descendants while the test runs."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def _group_members(pgid):
+    """PIDs whose process group is ``pgid``, zombies included (they keep theirs until reaped)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except OSError:   # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:   # after the name: state, ppid, pgrp
+            members.append(int(entry))
+    return members
+
+
+def _reap_group(pgid, timeout=60):
+    """Wait until no process of the killed group ``pgid`` is left, reaping those adopted here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = _group_members(pgid)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:   # not adopted yet (its parent is still exiting)
+                pass
+        assert time.monotonic() < deadline, "processes of the killed group %d outlived it: %s" % (pgid, left)
+        time.sleep(0.01)
 
 
 def _seed():
@@ -131,6 +187,7 @@ class Campaign:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+        _reap_group(proc.pid)
         return proc.returncode == -signal.SIGKILL
 
     def restic(self, *args):
@@ -182,6 +239,7 @@ class Campaign:
         return operations.prepare_backup(JOB, operations.make_source("redis", self.source), self.storage()).run()
 
 
+@pytest.mark.usefixtures("child_subreaper")
 def test_sigkill_during_restic_backups_and_prunes(tmp_path, redis_server):
     client = redis_server.client(DB)
     client.flushdb()
