@@ -663,3 +663,56 @@ def test_a_job_moves_to_the_restic_format_with_its_archive_history_side_by_side(
     assert not (tmp_path / "store" / "cache" / old["id"]).exists()   # the archive's objects went
     assert pruned["restic"]["forgotten"] == []                     # the restic backup is kept
     assert [m["id"] for m in operations.inventory(restic_store, "cache")["backups"]] == [new["id"]]
+
+
+def test_a_job_moved_back_to_archives_reads_its_restic_backups_with_the_password(tmp_path, redis_db):
+    """The job file the roles write for a job moved back from the restic format (archive format,
+    storage.restic_password_file kept): the runner stores archives, and lists, verifies, restores
+    and prunes the restic backups from before; without the password the prune is refused, naming it."""
+    secret = password()
+    password_file = tmp_path / "restic-password"
+    password_file.write_text(secret + "\n")
+    password_file.chmod(0o600)
+    source = {key: value for key, value in redis_source(redis_db).items() if key != "password"}
+    source["password_env"] = "RUNNER_REDIS"
+    env = {"RUNNER_REDIS": REDIS_SECRET}
+    base = {"job": "cache", "kind": "redis", "source": source, "encryption": {"enabled": False},
+            "restore": {"target": dict(source, db_map={3: 13})}, "retention": {"keep_last": 1, "orphan_grace": "0"}}
+    location = {"backend": "filesystem", "path": str(tmp_path / "store")}
+    restic_job = write_job(tmp_path / "restic.json", dict(
+        base, storage=dict(location, format="restic", restic_password_file=str(password_file))))
+    moved_back = write_job(tmp_path / "archive.json", dict(
+        base, storage=dict(location, restic_password_file=str(password_file))))
+    without_password = write_job(tmp_path / "plain.json", dict(base, storage=location))
+
+    done = run("backup", restic_job, env)
+    assert done.returncode == 0, done.stderr
+    old = json.loads(done.stdout)["manifest"]
+    assert old["storage_format"] == "restic"
+    done = run("backup", moved_back, env)
+    assert done.returncode == 0, done.stderr
+    new = json.loads(done.stdout)["manifest"]
+    assert new.get("storage_format", "archive") == "archive"
+
+    done = run("verify", moved_back, env, ["--backup", "all"])
+    assert done.returncode == 0, done.stderr
+    assert {r["id"]: r["result"] for r in json.loads(done.stdout)["results"]} == {old["id"]: "ok", new["id"]: "ok"}
+    done = run("restore", moved_back, env, ["--backup", old["id"]])
+    assert done.returncode == 0, done.stderr
+    assert redis_state(redis_db, 13) == redis_state(redis_db, 3)
+
+    refused = run("prune", without_password, env)
+    assert refused.returncode != 0
+    assert "job cache has backups in the restic format: give storage.restic_password" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert (tmp_path / "store" / "cache" / old["id"]).exists()
+
+    done = run("prune", moved_back, env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["deleted"] == [old["id"]]
+    snapshots = subprocess.run(["restic", "-r", str(tmp_path / "store" / "_restic" / "cache"), "--no-cache",
+                                "snapshots", "--json"], capture_output=True, text=True, check=True,
+                               env=dict(os.environ, RESTIC_PASSWORD=secret)).stdout
+    assert json.loads(snapshots) == []   # the old backup's snapshots were forgotten too
+    for output in (done.stdout, done.stderr, refused.stderr):
+        assert secret not in output

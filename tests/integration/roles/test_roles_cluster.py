@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from .playbook import PlaybookRun, load_rendered, run_site, seed_values
-from .test_copy_role import FS_COPY, S3_COPY
+from .test_copy_role import FS_COPY, OFFSITE, S3_COPY
 
 kubernetes = pytest.importorskip("kubernetes")
 
@@ -233,12 +233,12 @@ def test_hardened_manifests_pass_the_api_servers_dry_run(kube_cluster, make_kube
         assert cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@" + DIGEST)
 
 
-def _run_tasks(kube_cluster, tmp_path, name, tasks):
+def _run_tasks(kube_cluster, tmp_path, name, tasks, args=()):
     """One play of role includes, run by ansible-playbook against the real API server."""
     playbook = tmp_path / (name + ".yml")
     playbook.write_text(yaml.safe_dump([{"name": name, "hosts": "localhost", "connection": "local",
                                          "gather_facts": False, "tasks": tasks}]))
-    process = subprocess.run(["ansible-playbook", str(playbook)], capture_output=True, text=True,
+    process = subprocess.run(["ansible-playbook", str(playbook), *args], capture_output=True, text=True,
                              env=dict(kube_cluster.env, ANSIBLE_NOCOLOR="1"), timeout=600, check=False)
     return PlaybookRun(process)
 
@@ -274,12 +274,12 @@ def test_retention_of_jobs_deployed_by_another_play(kube_cluster, kube_api, make
     ])
     assert jobs.returncode == 0, jobs
 
-    def retention(names, play):
+    def retention(names, play, args=(), storage_vars=None):
         return _run_tasks(kube_cluster, tmp_path, play, [
-            storage,
+            dict(storage, vars=dict(storage["vars"], **(storage_vars or {}))),
             {"name": "Retention", "ansible.builtin.include_role": {"name": "biometrics.backup.retention"},
              "vars": {"job_namespace": namespace, "retention_jobs": names}},
-        ])
+        ], args=args)
 
     pruned = retention(["postgres-backup", "redis-backup", "redis-s3-copied"], "retention")
     assert pruned.returncode == 0, pruned
@@ -309,8 +309,71 @@ def test_retention_of_jobs_deployed_by_another_play(kube_cluster, kube_api, make
     on_claim = retention(["redis-backup", "redis-fs-copied"], "retention-claim")
     assert on_claim.returncode != 0, on_claim
     assert "retention_jobs names redis-fs-copied, deployed by another play" in on_claim.output, on_claim
+    elsewhere = retention(["redis-backup"], "retention-elsewhere", storage_vars={"storage_mount_path": "/elsewhere"})
+    assert elsewhere.returncode != 0, elsewhere
+    assert "deployed by another play with a storage other than this play's" in elsewhere.output, elsewhere
     missing = retention(["redis-backup", "nosuch-backup"], "retention-missing")
     assert missing.returncode != 0, missing
-    assert "job nosuch-backup was not deployed earlier in this play" in missing.output, missing
-    assert "nosuch-backup-config" in missing.output and "Traceback" not in missing.output
+    assert "job nosuch-backup: ConfigMap %s/nosuch-backup-config" % namespace in missing.output, missing
+    assert "does not exist" in missing.output and "Traceback" not in missing.output
     assert _cronjobs(kube_api, namespace)["retention-prune"].metadata.resource_version == before
+    # In check mode an earlier play of the same run may be about to create it: said, not refused.
+    preview = retention(["redis-backup", "nosuch-backup"], "retention-missing-preview", args=("--check",))
+    assert preview.returncode == 0, preview
+    assert "Not read (check mode: no ConfigMap with a job.yaml yet): nosuch-backup" in preview.output, preview
+    assert _cronjobs(kube_api, namespace)["retention-prune"].metadata.resource_version == before
+
+
+def test_a_job_moved_back_from_restic_keeps_reading_its_restic_backups(kube_cluster, kube_api, make_kube_namespace,
+                                                                        tmp_path):
+    """A job moved from the restic format back to archives still has restic backups: its job file
+    keeps the repository password (and its pod and the retention pod mount it), so that prune,
+    verify and restore read them; before, the retention job failed on them every night."""
+    namespace = make_kube_namespace("roles-move-back")
+    values = seed_values(namespace=namespace, redis=None, data=None, **{"backup.git": None, "backup.pvc": None,
+                                                                        "storage.backend": "pvc"})
+    values["backup"]["schedule"] = {"postgres": values["backup"]["schedule"]["postgres"]}
+    values["backup"]["encryption"]["enabled"] = False
+    values["backup"]["resources"] = {"enabled": False}
+    values["backup"]["postgres"] = {"storageFormat": "restic"}
+    secrets = {"storage_restic_password": "restic-" + uuid.uuid4().hex}
+    core = kubernetes.client.CoreV1Api(kube_api)
+
+    def job_file(name):
+        return yaml.safe_load(core.read_namespaced_config_map(name + "-config", namespace).data["job.yaml"])
+
+    def password_mounted(name):
+        return ("backup-restic-password", "password") in _secret_keys_mounted(_cronjobs(kube_api, namespace)[name])
+
+    stored = run_site(values, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert stored.returncode == 0, stored
+    assert job_file("postgres-backup")["storage"]["format"] == "restic"
+    archive = copy.deepcopy(values)
+    archive["backup"]["postgres"] = {"storageFormat": "archive"}
+    for attempt in ("moved back", "deployed again"):   # and it stays so on the next deploy
+        moved = run_site(archive, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+        assert moved.returncode == 0, (attempt, moved)
+        storage = job_file("postgres-backup")["storage"]
+        assert storage.get("format", "archive") == "archive", attempt
+        assert storage["restic_password_file"] == "/etc/biometrics-backup/secrets/backup-restic-password/password"
+        assert password_mounted("postgres-backup") and password_mounted("retention-prune"), attempt
+        assert password_mounted("postgres-backup-drill"), attempt
+    # Its archives only are copied offsite: the section-wide copy leaves it out, a copy of its own is refused.
+    copied = copy.deepcopy(archive)
+    copied["backup"]["offsite"] = dict(OFFSITE, jobs={})
+    section = run_site(copied, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert section.returncode == 0, section
+    assert "postgres-backup-copy" not in _cronjobs(kube_api, namespace)
+    copied["backup"]["offsite"]["jobs"] = {"postgres-backup": {"schedule": "0 6 * * *"}}
+    own = run_site(copied, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert own.returncode != 0, own
+    assert "job postgres-backup: an offsite copy cannot be built yet for a job moved back from the restic format" \
+        in own.output, own
+    assert "postgres-backup-copy" not in _cronjobs(kube_api, namespace)
+    # A job that never had the format gets neither.
+    never = copy.deepcopy(archive)
+    never["namespace"] = make_kube_namespace("roles-never-restic")
+    fresh = run_site(never, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert fresh.returncode == 0, fresh
+    plain = yaml.safe_load(core.read_namespaced_config_map("postgres-backup-config", never["namespace"]).data["job.yaml"])
+    assert "restic_password_file" not in plain["storage"]
