@@ -324,8 +324,8 @@ def test_retention_of_jobs_deployed_by_another_play(kube_cluster, kube_api, make
     assert _cronjobs(kube_api, namespace)["retention-prune"].metadata.resource_version == before
 
 
-def test_a_job_moved_back_from_restic_keeps_reading_its_restic_backups(kube_cluster, kube_api, make_kube_namespace,
-                                                                        tmp_path):
+def test_a_job_moved_back_from_restic_keeps_reading_its_restic_backups(kube_cluster, kube_api,
+                                                                       make_kube_namespace, tmp_path):
     """A job moved from the restic format back to archives still has restic backups: its job file
     keeps the repository password (and its pod and the retention pod mount it), so that prune,
     verify and restore read them; before, the retention job failed on them every night."""
