@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "build", "collections"))
 import servers  # noqa: E402  pylint: disable=wrong-import-position
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import offsite  # noqa: E402  pylint: disable=wrong-import-position
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun  # noqa: E402  pylint: disable=wrong-import-position
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource  # noqa: E402  pylint: disable=wrong-import-position
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource  # noqa: E402  pylint: disable=wrong-import-position
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage  # noqa: E402  pylint: disable=wrong-import-position
 
 MIB = 1 << 20

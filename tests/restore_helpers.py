@@ -17,9 +17,9 @@ import os
 import shutil
 import tempfile
 
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.base import Target
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError, NotFoundError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Target
 
 
 def digest(data):
@@ -35,8 +35,10 @@ class BlobSource(Source):
     def wants_parent(self, context):
         if not self.options.get("incremental"):
             return None
-        found = context.catalog.scan(context.job, with_orphans=False)
-        return found[0] if found else None
+        try:
+            return context.latest()
+        except NotFoundError:
+            return None
 
     def produce(self, emit, context):
         stats = {}

@@ -230,7 +230,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import ki
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import pitr
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.pitr_runner import TARGET_SCHEMA
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.target import PostgresTarget
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
 
 

@@ -21,9 +21,10 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import ba
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import NotFoundError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import plan
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.retention import Policy
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import new_backup_id, to_iso
 
@@ -42,8 +43,10 @@ class NoteSource(Source):
     def wants_parent(self, context):
         if not self.options.get("incremental"):
             return None
-        found = context.catalog.scan(context.job, with_orphans=False)
-        return found[0] if found else None
+        try:
+            return context.latest()
+        except NotFoundError:
+            return None
 
     def produce(self, emit, context):
         data = ("backup of %s\n" % self.options["note"]).encode() * 20

@@ -20,10 +20,10 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, IntegrityError, SourceError)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.config_git import (
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.config_git.source import (
     ConfigGitSource, GitSession)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.config_git import ConfigGitTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.config_git.target import ConfigGitTarget
 
 from .files_helpers import age_key, decode_cmd, flip_byte, sh, snapshot, stored_object, write
 

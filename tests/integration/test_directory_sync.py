@@ -15,10 +15,10 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, IntegrityError, SourceError)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.directory_sync import (
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.directory_sync.source import (
     DirectorySyncSource, parse_stats)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.directory_sync import (
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.directory_sync.target import (
     DirectorySyncTarget)
 
 from ci_env import require_or_skip

@@ -26,11 +26,11 @@ from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.config_git import ConfigGitSource
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import PostgresSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.config_git.source import ConfigGitSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.source import PostgresSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import WalState
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.redis import RedisSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis.source import RedisSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 from restore_helpers import tree_state

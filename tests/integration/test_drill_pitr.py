@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import WalState
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import parse_iso

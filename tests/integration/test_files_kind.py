@@ -22,10 +22,10 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, IntegrityError, SourceError)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources import files as fmt
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files import archive as fmt
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.files import FilesTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.target import FilesTarget
 
 from .files_helpers import (
     age_key, decode_cmd, flip_byte, regular_file_totals, sh, snapshot, stored_object, write)
@@ -186,9 +186,9 @@ def test_large_file_streams_in_bounded_memory(tmp_path):
         import json, sys
         from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
-        from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
+        from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource
         from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-        from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.files import FilesTarget
+        from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.target import FilesTarget
         def peak_kib():
             # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so the child
             # would report pytest's peak instead of its own.

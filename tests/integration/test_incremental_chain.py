@@ -19,9 +19,9 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import re
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError, IntegrityError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.files import FilesTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.target import FilesTarget
 
 from .files_helpers import age_key, decode_cmd, flip_byte, sh, snapshot, stored_object, write
 from .test_files_kind import ROOT, make_tree

@@ -33,7 +33,7 @@ from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.base import MissingLocationError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify

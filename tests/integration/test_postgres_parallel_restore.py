@@ -22,10 +22,10 @@ import pytest
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, IntegrityError, SourceError)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import DUMP_PAYLOAD
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.source import DUMP_PAYLOAD
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets import postgres as pg_target
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres import target as pg_target
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.target import PostgresTarget
 
 from .test_postgres_kind import JOB, backup, databases, fill, source_options, tables_state, target_options
 
@@ -91,7 +91,7 @@ KILLED_RESTORE = """
 import os, signal, sys
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.target import PostgresTarget
 
 class KilledTarget(PostgresTarget):
     def _pg_restore_file(self, spool, new, context=None):

@@ -28,10 +28,10 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog i
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, IntegrityError, NotFoundError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import prune
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import PgConnection
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import PostgresBaseSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.connection import PgConnection
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.wal import PostgresBaseSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.target import PostgresTarget
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import WalGapError, WalStreamer, WalState
 
 from servers import server_dir, start_postgres

@@ -1,12 +1,12 @@
 """Whether a backup's globals carry the roles' password hashes is decided by PostgreSQL's
 SQLSTATE (42501, insufficient_privilege) on reading pg_authid, not by the text of an error:
-engine/sources/postgres.py, reads_role_passwords. Against the real PostgreSQL test server."""
+engine/kinds/postgres/connection.py, reads_role_passwords. Against the real PostgreSQL test server."""
 
 import uuid
 
 import psycopg
 
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import reads_role_passwords
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.connection import reads_role_passwords
 
 
 def _role(postgres_server):

@@ -25,9 +25,9 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, IntegrityError, SourceError)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.redis import RedisSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis.source import RedisSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.redis import RedisTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis.target import RedisTarget
 
 JOB = "redis-test"
 USER = "bb_backup"

@@ -618,7 +618,7 @@ def test_check_mode_opens_the_repository_as_the_real_run_would(tmp_path, redis_d
 
 def test_a_source_failing_after_a_committed_snapshot_leaves_neither_snapshot_nor_manifest(tmp_path):
     from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import SourceError
-    from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 
     class FirstPayloadThenFailure(Source):
         """As a postgres source whose row counts fail after globals.sql was stored."""

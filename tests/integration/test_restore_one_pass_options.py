@@ -14,7 +14,7 @@ import pytest
 from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 from modules_helpers import ansible_playbook

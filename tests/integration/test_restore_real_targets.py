@@ -15,13 +15,13 @@ from pyrage import x25519
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.files import FilesSource
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres import PostgresSource
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.redis import RedisSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.source import PostgresSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis.source import RedisSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.files import FilesTarget
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.postgres import PostgresTarget
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.redis import RedisTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.target import FilesTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.target import PostgresTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis.target import RedisTarget
 
 from restore_helpers import tree_state
 

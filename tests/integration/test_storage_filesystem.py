@@ -28,7 +28,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog i
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, NotFoundError, StorageError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.pipeline import store_stream
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage import filesystem
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.filesystem import FilesystemStorage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
@@ -150,7 +150,7 @@ def test_replacing_an_object_is_atomic_for_readers(tmp_path):
 CRASH_WRITER = textwrap.dedent("""
     import sys
     from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
-    from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
     from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.filesystem import FilesystemStorage
 
     class Endless(Source):

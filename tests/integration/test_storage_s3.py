@@ -30,7 +30,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog i
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, NotFoundError, SourceError, StorageError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.pipeline import check_object, store_stream
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage import s3 as s3mod
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import UTC, new_backup_id, to_iso
@@ -243,7 +243,7 @@ def test_part_size_below_the_s3_minimum_is_refused(options):
 KILLED_UPLOAD = textwrap.dedent("""
     import json, os, sys
     from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
-    from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
     from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
     class Endless(Source):
@@ -613,7 +613,7 @@ def test_backup_run_on_s3_end_to_end(s3_server, options):
 
     def produce(emit, context):
         stats = original(emit, context)
-        seen["keys"] = [i.key for i in context.storage.list("")]
+        seen["keys"] = [i.key for i in storage.list("")]
         return stats
 
     source.produce = produce

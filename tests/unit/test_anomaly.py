@@ -12,7 +12,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.manifest import MANIFEST_NAME
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 
@@ -145,7 +145,7 @@ class _Bytes(Source):
     def wants_parent(self, context):
         if not self.options.get("incremental"):
             return None
-        return context.catalog.latest(context.job)
+        return context.latest()
 
     def produce(self, emit, context):
         emit("data", io.BytesIO(bytes(range(256)) * (self.options["size"] // 256)))

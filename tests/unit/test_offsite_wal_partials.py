@@ -12,7 +12,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import pg
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import copy_backups
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 WAL_JOB = "db-wal"

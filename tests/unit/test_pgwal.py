@@ -10,7 +10,7 @@ import pytest
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import pgwal
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import pitr
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.postgres_wal import TarSniffer, xact_times
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.wal import TarSniffer, xact_times
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import WalState
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import parse_iso
 

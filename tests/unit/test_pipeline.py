@@ -26,7 +26,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors im
     BackupError, ConfigError, DecryptionError, IntegrityError, SourceError, StorageError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.pipeline import (
     PlaintextStream, ProducerStream, Progress, check_object, store_stream)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.filesystem import FilesystemStorage
 
 MiB = 1 << 20
@@ -462,6 +462,7 @@ class ChunkSource(Source):
 
     def __init__(self, options):
         super().__init__(options)
+        self.watched_storage = None  # the storage a test lists while the source produces
         self.seen_after_payload = None
         self.payload_sha = {}
 
@@ -482,7 +483,8 @@ class ChunkSource(Source):
             emit(name, source)
             self.payload_sha[name] = source.sha256.hexdigest()
             # What anyone listing the storage right now would see.
-            self.seen_after_payload = [info.key for info in context.storage.list("")]
+            if self.watched_storage is not None:
+                self.seen_after_payload = [info.key for info in self.watched_storage.list("")]
             if self.options.get("fail_after_first"):
                 raise SourceError("source died after its first payload")
         if self.options.get("twice"):
@@ -496,6 +498,7 @@ class SecretSource(ChunkSource):
 
 def test_backup_run_stores_payloads_then_the_manifest_last(storage, identity):
     source = ChunkSource({"payloads": {"data.tar": 3 * MiB, "meta.json": 1000}})
+    source.watched_storage = storage
     run = BackupRun("files-main", source, storage, {"algorithm": "zstd", "level": 3},
                     {"recipients": [str(identity.to_public())]})
     manifest = run.run()

@@ -26,7 +26,8 @@ def test_client_libraries_are_imported_only_when_a_kind_uses_them():
 
 def test_a_kind_gets_its_library_when_it_connects():
     loaded = modules_after(
-        "from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources import postgres, redis\n"
+        "from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres import connection as postgres\n"
+        "from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis import connection as redis\n"
         "postgres.require_psycopg('a test')\n"
         "redis.require_redis('a test')\n"
         "postgres.sql.Identifier('x')\n")

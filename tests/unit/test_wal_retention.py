@@ -16,7 +16,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import prune
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.base import Source
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 JOB = "db"

@@ -10,8 +10,8 @@ from . import resticstore
 from .catalog import Catalog
 from .restic import build_streams_manifest
 from .errors import BackupError, ConfigError, NotFoundError
-from .sources.base import BackupContext
-from .pipeline import PlaintextStream, Progress, store_stream
+from .kinds.contract import BackupContext
+from .pipeline import CHUNK, PlaintextStream, Progress, store_stream
 from .timeutil import new_backup_id, to_iso, utc_now
 
 ENGINE_VERSION = "0.1.0"
@@ -27,6 +27,48 @@ def open_payload(storage, manifest, payload_name, identities=None):
             key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
             return PlaintextStream(storage, key, obj, manifest["compression"]["algorithm"], identities)
     raise NotFoundError("backup %s has no payload %s" % (manifest["id"], payload_name))
+
+
+class _RunContext(BackupContext):
+    """The engine's answers to a source's questions during one backup run."""
+
+    def __init__(self, job, options, storage, catalog, identities):
+        super().__init__(job, options)
+        self._storage = storage
+        self._catalog = catalog
+        self._identities = identities
+
+    def latest(self):
+        return self._catalog.latest(self.job)
+
+    def chain(self, manifest):
+        return self._catalog.chain(manifest)
+
+    def chains_onto(self, manifest):
+        # A chain never needs the repository password or mixes the two formats.
+        return not resticstore.is_restic(manifest)
+
+    def open_object(self, manifest, payload_name):
+        return open_payload(self._storage, manifest, payload_name, self._identities)
+
+    def stored_intact(self, manifest, payload_name):
+        for obj in manifest["objects"]:
+            if obj.get("payload") == payload_name:
+                digest = hashlib.sha256()
+                try:
+                    reader = self._storage.open_reader(mf.object_key(manifest["job"], manifest["id"], obj["name"]))
+                except NotFoundError:
+                    return False
+                try:
+                    for chunk in iter(lambda: reader.read(CHUNK), b""):
+                        digest.update(chunk)
+                finally:
+                    reader.close()
+                return digest.hexdigest() == obj["sha256"]
+        return False
+
+    def storage_directory(self):
+        return self._storage.local_directory()
 
 
 class BackupRun:
@@ -197,8 +239,7 @@ class BackupRun:
             pass
 
     def _context(self):
-        context = BackupContext(self.job, self.storage, self.catalog, options=self.source.options,
-                                open_object=lambda manifest, name: open_payload(self.storage, manifest, name, self.identities))
+        context = _RunContext(self.job, self.source.options, self.storage, self.catalog, self.identities)
         context.parent = self.source.wants_parent(context)
         return context
 

@@ -10,7 +10,7 @@ anything runs; secrets are read later, per command, by :meth:`JobConfig.prepare`
 Layout (only ``job``, ``kind`` and ``storage`` are required)::
 
     job: nightly-db               # name: path segment and metrics label
-    kind: postgres                # see kinds.py
+    kind: postgres                # see kinds/__init__.py
     source: {host: db, dbname: app, user: backup, password_env: PGPASSWORD}
     storage: {backend: s3, bucket: backups, endpoint_url: http://s3:8333,
               access_key_env: S3_ACCESS_KEY, secret_key_file: /secrets/s3/secret_key}

@@ -1,6 +1,6 @@
 """Third-party client libraries imported when first used, not when the engine is imported.
 
-The kind registry (``kinds.py``) imports every kind's source and target, and so every client
+The kind registry (``kinds/__init__.py``) imports every kind's source and target, and so every client
 library: the Kubernetes client alone takes one to three seconds to import, psycopg and
 redis a few tenths more. A CronJob of any kind paid all of it on every start, and so did
 every module run. A ``LazyModule`` stands where the module would be bound and imports it on

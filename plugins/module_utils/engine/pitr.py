@@ -46,10 +46,11 @@ from .errors import ConfigError, IntegrityError, NotFoundError, SourceError
 from .pipeline import CHUNK, PlaintextStream
 from . import manifest as mf
 from .restore import identities as backup_identities
-from .sources.postgres import DUMP_PAYLOAD, count_rows, require_psycopg, psycopg
-from .sources.postgres_wal import BASE_KIND, BASE_PAYLOAD, default_wal_job
+from .kinds.postgres.connection import count_rows, psycopg, require_psycopg
+from .kinds.postgres.source import DUMP_PAYLOAD
+from .kinds.postgres.wal import BASE_KIND, BASE_PAYLOAD, default_wal_job
 from .walstream import WalState
-from .targets.base import RestoreContext
+from .kinds.contract import RestoreContext
 from .timeutil import parse_iso
 
 LATEST = "latest"

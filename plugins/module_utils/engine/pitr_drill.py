@@ -30,8 +30,8 @@ from .catalog import Catalog
 from .errors import ConfigError, NotFoundError
 from .pipeline import CHUNK
 from .schema import Field, Schema
-from .sources.postgres import DUMP_PAYLOAD
-from .sources.postgres_wal import BASE_KIND
+from .kinds.postgres.source import DUMP_PAYLOAD
+from .kinds.postgres.wal import BASE_KIND
 from .timeutil import parse_iso
 
 # drill.target of a postgres_base job: where the private recovery happens and what it checks.

@@ -23,10 +23,10 @@ import time
 from . import pgwal
 from . import pitr
 from .errors import BackupError, ConfigError, SourceError
-from .sources.postgres import PgConnection
-from .sources.postgres_wal import default_wal_job
+from .kinds.postgres.connection import PgConnection
+from .kinds.postgres.wal import default_wal_job
 from .walstream import DEFAULT_PARTIAL_INTERVAL, WalGapError, WalStreamer
-from .targets.postgres import PostgresTarget
+from .kinds.postgres.target import PostgresTarget
 from .schema import Field
 
 EXIT_NOT_STORED = 1
@@ -48,7 +48,7 @@ TARGET_SCHEMA = PostgresTarget.SCHEMA.extend("target", {
 
 
 def _check_kind(config, command):
-    from .sources.postgres_wal import BASE_KIND
+    from .kinds.postgres.wal import BASE_KIND
     if config.kind != BASE_KIND:
         raise ConfigError("%s needs a job of kind %s, not %s" % (command, BASE_KIND, config.kind))
 
@@ -87,7 +87,7 @@ def _touch(path):
 def _window_start(storage, job, state):
     """When the oldest base backup whose WAL is still stored (not pruned) was complete, or None."""
     from .catalog import Catalog
-    from .sources.postgres_wal import BASE_KIND
+    from .kinds.postgres.wal import BASE_KIND
     stored = list(state.segments) + list(state.partials)
     if not stored:
         return None

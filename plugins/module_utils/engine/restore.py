@@ -42,7 +42,7 @@ from .catalog import Catalog
 from .errors import ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
 from .pipeline import CHUNK, PlaintextStream, check_object, drain
 from .storage.base import MissingLocationError, is_unfinished
-from .targets.base import RestoreContext, Target
+from .kinds.contract import RestoreContext, Target
 from .timeutil import parse_iso, to_iso, utc_now
 
 

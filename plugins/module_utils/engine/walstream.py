@@ -30,7 +30,7 @@ from .errors import BackupError, ConfigError, IntegrityError, SourceError
 from . import pgwal
 from . import procutil
 from .timeutil import to_iso, utc_now
-from .sources.postgres_wal import WAL_KIND, WalFileSource, check_slot, scan_wal, server_facts
+from .kinds.postgres.wal import WAL_KIND, WalFileSource, check_slot, scan_wal, server_facts
 
 DEFAULT_PARTIAL_INTERVAL = 10.0
 

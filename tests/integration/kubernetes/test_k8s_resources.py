@@ -27,11 +27,11 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup im
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, IntegrityError, SourceError)
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.k8s_resources import (
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.k8s_resources.source import (
     RESOURCES_PAYLOAD, K8sResourcesSource, clean_object)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.base import RestoreContext
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.k8s_resources import (
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import RestoreContext
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.k8s_resources.target import (
     K8sResourcesTarget)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.verify import verify as verify_backups
 

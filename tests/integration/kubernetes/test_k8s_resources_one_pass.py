@@ -18,9 +18,9 @@ from pyrage import x25519
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ObjectMismatchError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.k8s_resources import K8sResourcesSource
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.k8s_resources.source import K8sResourcesSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.targets.k8s_resources import K8sResourcesTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.k8s_resources.target import K8sResourcesTarget
 
 JOB = "k8s-one-pass"
 CONFIGMAPS = 150  # ~1.5 MB of YAML: several age chunks and zstd blocks before the damaged byte

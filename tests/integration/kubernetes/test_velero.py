@@ -18,7 +18,7 @@ from pyrage import x25519
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun, open_payload
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError, SourceError
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.velero import (
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.velero.source import (
     BACKUP_PAYLOAD, VeleroSource, backup_name)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 

@@ -30,7 +30,7 @@ import yaml
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import open_payload
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.sources.velero import BACKUP_PAYLOAD
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.velero.source import BACKUP_PAYLOAD
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 RUNNER = "ansible_collections.biometrics.backup.plugins.module_utils.engine.runner"

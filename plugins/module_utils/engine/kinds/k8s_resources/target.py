@@ -38,12 +38,12 @@ import copy
 import time
 import uuid
 
-from ..errors import ConfigError, IntegrityError, SourceError
-from ..schema import Field
-from ..kubeapi import (CONNECTION, FIELD_MANAGER, Discovery, KubeConnection, KubeError, check_namespace_name,
-                       require_kubernetes, string_list)
-from ..sources.k8s_resources import RESOURCES_PAYLOAD
-from .base import Target
+from ...errors import ConfigError, IntegrityError, SourceError
+from ...schema import Field
+from ...kubeapi import (CONNECTION, FIELD_MANAGER, Discovery, KubeConnection, KubeError, check_namespace_name,
+                        require_kubernetes, string_list)
+from .source import RESOURCES_PAYLOAD
+from ..contract import Target
 
 try:
     import yaml

@@ -11,10 +11,10 @@ the same way. For point-in-time recovery use the ``files`` kind (incremental cha
 import os
 import re
 
-from ..errors import ConfigError, SourceError
-from ..procutil import ToolStream, find_tool, tool_env, tool_version
-from ..schema import Field, Schema
-from .base import Source
+from ...errors import ConfigError, SourceError
+from ...procutil import ToolStream, find_tool, tool_env, tool_version
+from ...schema import Field, Schema
+from ..contract import Source
 
 LOG_PAYLOAD = "sync.log"
 TAIL_BYTES = 16384

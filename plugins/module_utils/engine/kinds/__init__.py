@@ -1,6 +1,6 @@
 """The registry of backup kinds: kind name -> Source class and Target class.
 
-Imports here are deliberately static (``from .sources.x import XSource``): Ansible's module
+Imports here are deliberately static (``from .postgres.source import PostgresSource``): Ansible's module
 packer (AnsiballZ) only ships the module_utils a module imports visibly, so a registry built
 with ``importlib`` would work from a checkout and break inside a module run on a host.
 
@@ -9,21 +9,21 @@ redis, kubernetes...), so importing every kind here stays cheap and never fails 
 missing library; using a kind whose library is absent raises MissingDependencyError then.
 """
 
-from .errors import ConfigError
-from .sources.config_git import ConfigGitSource
-from .sources.directory_sync import DirectorySyncSource
-from .sources.files import FilesSource
-from .sources.k8s_resources import K8sResourcesSource
-from .sources.postgres import PostgresSource
-from .sources.postgres_wal import PostgresBaseSource
-from .sources.redis import RedisSource
-from .sources.velero import VeleroSource
-from .targets.config_git import ConfigGitTarget
-from .targets.directory_sync import DirectorySyncTarget
-from .targets.files import FilesTarget
-from .targets.k8s_resources import K8sResourcesTarget
-from .targets.postgres import PostgresTarget
-from .targets.redis import RedisTarget
+from ..errors import ConfigError
+from .config_git.source import ConfigGitSource
+from .directory_sync.source import DirectorySyncSource
+from .files.source import FilesSource
+from .k8s_resources.source import K8sResourcesSource
+from .postgres.source import PostgresSource
+from .postgres.wal import PostgresBaseSource
+from .redis.source import RedisSource
+from .velero.source import VeleroSource
+from .config_git.target import ConfigGitTarget
+from .directory_sync.target import DirectorySyncTarget
+from .files.target import FilesTarget
+from .k8s_resources.target import K8sResourcesTarget
+from .postgres.target import PostgresTarget
+from .redis.target import RedisTarget
 
 # kind -> Source subclass (the backup side)
 SOURCES = {cls.kind: cls for cls in (

@@ -36,11 +36,12 @@ import subprocess
 import tempfile
 import time
 
-from ..errors import BackupError, ConfigError, IntegrityError, SourceError
-from .. import procutil
-from ..schema import Field
-from ..sources.redis import CONNECTION, RDB_PAYLOAD, RedisConnection, keyspace, redis, require_redis
-from .base import Target
+from ...errors import BackupError, ConfigError, IntegrityError, SourceError
+from ... import procutil
+from ...schema import Field
+from ..contract import Target
+from .connection import CONNECTION, RedisConnection, keyspace, redis, require_redis
+from .source import RDB_PAYLOAD
 
 CHUNK = 1 << 20
 _DB_RE = re.compile(r"^(?:db)?(\d+)$")

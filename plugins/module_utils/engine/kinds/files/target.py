@@ -30,10 +30,10 @@ import stat
 import tarfile
 import tempfile
 
-from ..errors import ConfigError, IntegrityError
-from ..schema import Field, Schema, parse_bool
-from ..sources import files as fmt
-from .base import Target
+from ...errors import ConfigError, IntegrityError
+from ...schema import Field, Schema, parse_bool
+from . import archive as fmt
+from ..contract import Target
 
 CHUNK = 1 << 20
 MAX_EXAMPLES = 10

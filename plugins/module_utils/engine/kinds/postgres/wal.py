@@ -18,13 +18,13 @@ import io
 import re
 import subprocess
 
-from ..errors import ConfigError, SourceError
-from .. import pgwal
-from .. import procutil
-from ..schema import Field, Schema
-from ..timeutil import utc_now
-from .base import Source
-from .postgres import CONNECTION, PgConnection, server_version_text
+from ...errors import ConfigError, SourceError
+from ... import pgwal
+from ... import procutil
+from ...schema import Field, Schema
+from ...timeutil import utc_now
+from ..contract import Source
+from .connection import CONNECTION, PgConnection, server_version_text
 
 BASE_PAYLOAD = "base.tar"
 WAL_KIND = "postgres_wal"

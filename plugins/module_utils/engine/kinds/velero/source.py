@@ -22,12 +22,12 @@ import io
 import re
 import time
 
-from ..errors import ConfigError, SourceError
-from ..schema import Field
-from ..kubeapi import CONNECTION, KubeConnection, KubeError, check_namespace_name, require_kubernetes, string_list
-from ..timeutil import utc_now
-from .base import Source
-from .k8s_resources import dump_document
+from ...errors import ConfigError, SourceError
+from ...schema import Field
+from ...kubeapi import CONNECTION, KubeConnection, KubeError, check_namespace_name, require_kubernetes, string_list
+from ...timeutil import utc_now
+from ..contract import Source
+from ..k8s_resources.source import dump_document
 
 BACKUP_PAYLOAD = "velero-backup.yaml"
 API_PATH = "/apis/velero.io/v1/namespaces/%s/backups"

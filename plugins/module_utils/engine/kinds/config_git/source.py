@@ -26,12 +26,12 @@ import subprocess
 import tempfile
 import urllib.parse
 
-from ..config import read_secret_file
-from ..errors import ConfigError, SourceError
-from ..schema import Field, Schema
-from ..procutil import ToolStream, find_tool, run_tool, scrub, tool_env, tool_version
-from ..timeutil import to_iso, utc_now
-from .base import Source
+from ...config import read_secret_file
+from ...errors import ConfigError, SourceError
+from ...schema import Field, Schema
+from ...procutil import ToolStream, find_tool, run_tool, scrub, tool_env, tool_version
+from ...timeutil import to_iso, utc_now
+from ..contract import Source
 
 BUNDLE_PAYLOAD = "config.bundle"
 PUSH_ATTEMPTS = 3

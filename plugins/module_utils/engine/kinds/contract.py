@@ -1,4 +1,8 @@
-"""The contract every restore target implements (the restore side of ``sources``).
+"""The contract every kind implements: a ``Source`` backs up, a ``Target`` restores.
+
+A source never touches storage itself: it hands readable streams to ``emit`` and the
+engine compresses, encrypts, hashes and stores them. That keeps every kind on the same
+verified data path.
 
 The engine (``restore.py``) resolves the backup, verifies every object (checksum, decrypt,
 decompress) and only then hands the target a ``RestoreContext``, and a target's ``restore``
@@ -10,6 +14,87 @@ declared payloads' bytes, and those payloads are verified while the target consu
 """
 
 from ..errors import ConfigError
+
+
+class BackupContext:
+    """What a source may know about the run, and what it may ask the engine.
+
+    A source never reaches the storage or the catalog itself: the engine (``backup.py``)
+    answers these questions for it, so that every read of a stored backup goes through the
+    verified data path.
+    """
+
+    def __init__(self, job, options=None):
+        self.job = job
+        self.options = options or {}
+        self.parent = None  # manifest of the parent backup (incremental chains) or None
+
+    def latest(self):
+        """The job's newest complete backup (its manifest); NotFoundError when it has none."""
+        raise NotImplementedError
+
+    def chain(self, manifest):
+        """``[full, incr1, ..., manifest]``: the backups ``manifest`` builds on, oldest first;
+        IntegrityError when one of them is missing."""
+        raise NotImplementedError
+
+    def chains_onto(self, manifest):
+        """Whether an incremental may build on ``manifest`` (only the archive format chains)."""
+        raise NotImplementedError
+
+    def open_object(self, manifest, payload_name):
+        """The checked plaintext stream of a payload of an earlier backup (``PlaintextStream``:
+        read to the end, then ``finish()``)."""
+        raise NotImplementedError
+
+    def stored_intact(self, manifest, payload_name):
+        """Whether the stored bytes of that payload still match their SHA-256 (needs no key:
+        tells a wrong key from a damaged object)."""
+        raise NotImplementedError
+
+    def storage_directory(self):
+        """The local directory backups are stored in, or None: a source must not archive it."""
+        raise NotImplementedError
+
+
+class Source:
+    """Base class. Subclasses set ``kind`` and implement the methods below."""
+
+    kind = None
+    #: Sources whose payload always contains secrets (e.g. Kubernetes Secrets) set this so
+    #: the engine refuses to store them unencrypted.
+    requires_encryption = False
+
+    #: The kind's fields (schema.Schema): checked, and converted to their types, before the
+    #: subclass reads any of them.
+    SCHEMA = None
+
+    def __init__(self, options):
+        if not isinstance(options, dict):
+            raise ConfigError("source options for %s must be a mapping, got %s" % (self.kind, type(options).__name__))
+        self.options = self.SCHEMA.validate(options) if self.SCHEMA is not None else options
+
+    def describe(self):
+        """Where the data comes from, for the manifest: never credentials."""
+        return {}
+
+    def preflight(self):
+        """Fail with SourceError before anything is written (unreachable, bad credentials)."""
+
+    def wants_parent(self, context):
+        """For incremental sources: the manifest this backup builds on, or None for a full."""
+        return None
+
+    def produce(self, emit, context):
+        """Call ``emit(payload_name, readable)`` for each payload; return the ``stats`` dict."""
+        raise NotImplementedError
+
+    def tool_versions(self):
+        return {}
+
+    def close(self):
+        """Release what the source holds (connections, caches); the engine calls it after a run.
+        A closed source opens them again when it is used again."""
 
 
 class RestoreContext:

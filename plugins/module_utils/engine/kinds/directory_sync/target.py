@@ -17,13 +17,13 @@ import contextlib
 import os
 import tempfile
 
-from ..errors import ConfigError, IntegrityError
-from ..schema import Field, Schema
-from ..procutil import find_tool, run_tool, tool_env
-from ..sources import files as fmt
-from ..sources.directory_sync import parse_stats
-from .base import Target
-from .files import DESTINATION_FIELDS, DirectoryDestination, force_rmtree
+from ...errors import ConfigError, IntegrityError
+from ...schema import Field, Schema
+from ...procutil import find_tool, run_tool, tool_env
+from ..files import archive as fmt
+from .source import parse_stats
+from ..contract import Target
+from ..files.target import DESTINATION_FIELDS, DirectoryDestination, force_rmtree
 
 
 def mirror_counts(root):

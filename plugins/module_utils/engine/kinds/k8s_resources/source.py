@@ -20,11 +20,11 @@ list without them); a backup holding Secrets is refused without encryption.
 
 import copy
 
-from ..errors import ConfigError
-from ..schema import Field
-from ..kubeapi import (CONNECTION, Discovery, KubeConnection, KubeError, check_namespace_name,
-                       require_kubernetes, string_list)
-from .base import Source
+from ...errors import ConfigError
+from ...schema import Field
+from ...kubeapi import (CONNECTION, Discovery, KubeConnection, KubeError, check_namespace_name,
+                        require_kubernetes, string_list)
+from ..contract import Source
 
 try:
     import yaml

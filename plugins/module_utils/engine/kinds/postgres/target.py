@@ -34,13 +34,13 @@ import re
 import tempfile
 import time
 
-from ..errors import ConfigError, IntegrityError, SourceError
-from .. import procutil
-from ..schema import Field
-from ..sources.postgres import (CONNECTION, DUMP_PAYLOAD, GLOBALS_PAYLOAD, PgConnection, count_rows,
-                                require_psycopg, sql)
-from ..timeutil import utc_now
-from .base import Target
+from ...errors import ConfigError, IntegrityError, SourceError
+from ... import procutil
+from ...schema import Field
+from ...timeutil import utc_now
+from ..contract import Target
+from .connection import CONNECTION, PgConnection, count_rows, require_psycopg, sql
+from .source import DUMP_PAYLOAD, GLOBALS_PAYLOAD
 
 MAX_IDENTIFIER = 63
 KEPT_MARKER = "_pre_restore_"

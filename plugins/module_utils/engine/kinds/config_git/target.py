@@ -22,12 +22,12 @@ import os
 import shutil
 import tempfile
 
-from ..errors import ConfigError, IntegrityError
-from ..schema import Field, Schema
-from ..sources import config_git as src
-from ..sources import files as fmt
-from .base import Target
-from .files import DESTINATION_FIELDS, DirectoryDestination, force_rmtree
+from ...errors import ConfigError, IntegrityError
+from ...schema import Field, Schema
+from . import source as src
+from ..files import archive as fmt
+from ..contract import Target
+from ..files.target import DESTINATION_FIELDS, DirectoryDestination, force_rmtree
 
 CHUNK = 1 << 20
 
