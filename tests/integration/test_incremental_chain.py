@@ -16,6 +16,7 @@ import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import keys as backup_keys
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError, IntegrityError
@@ -304,7 +305,7 @@ def test_passphrase_encrypted_chain(tmp_path, storage):
     for step in range(2):  # scrypt (age passphrases) is slow on purpose: two backups suffice
         if step:
             mutate(source, step)
-        parents = rs.parent_identities(storage, JOB, passphrase=encryption["passphrase"])
+        parents = backup_keys.parent_identities(storage, JOB, passphrase=encryption["passphrase"])
         states.append((run(storage, options, encryption=encryption, identities=parents),
                        snapshot(source, owners=ROOT)))
     assert [point[0]["stats"]["type"] for point in states] == ["full", "incremental"]

@@ -23,6 +23,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import co
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import offsite
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import keys as backup_keys
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
@@ -243,7 +244,7 @@ def test_reencrypted_copy_restores_with_the_destination_key_only(locations, tmp_
     assert outcome["ok"] and outcome["verified"] == len(ids)
     assert restore_tree(destination, ids[-1], destination_key[2], tmp_path, "restored-last") == made[-1][1]
     assert restore_tree(destination, ids[0], destination_key[2], tmp_path, "restored-first") == made[0][1]
-    with pytest.raises(rs.KeyMismatchError):
+    with pytest.raises(backup_keys.KeyMismatchError):
         restore_tree(destination, ids[-1], source_key[2], tmp_path, "not-with-the-source-key")
     assert not verify(destination, JOB, backup="latest", identity=source_key[2])["ok"]
 
@@ -291,7 +292,7 @@ def test_reencrypt_refuses_a_missing_or_wrong_key_before_writing(s3_server, tmp_
                              reencrypt={"recipients": [source_key[2]], "identity": source_key[2]})
     # A valid key that is not a recipient of the source's backups: refused, nothing written.
     for check_mode in (True, False):
-        with pytest.raises(rs.KeyMismatchError, match="nothing was written") as caught:
+        with pytest.raises(backup_keys.KeyMismatchError, match="nothing was written") as caught:
             offsite.copy_backups(source, destination, JOB, check_mode=check_mode,
                                  reencrypt=_reencrypt(destination_key, identity=destination_key[2]))
         assert destination_key[2] not in str(caught.value) and source_key[2] not in str(caught.value)
@@ -305,7 +306,7 @@ def test_reencrypt_refuses_a_missing_or_wrong_key_before_writing(s3_server, tmp_
     edited = dict(full, encryption=dict(full["encryption"], recipients=[impostor_key[1]]))
     source.put_bytes("%s/%s/manifest.json" % (JOB, full["id"]), mf.dumps(edited))
     source.delete("%s/index.json" % JOB)  # the catalog's cache of the manifests
-    with pytest.raises(rs.KeyMismatchError, match="does not decrypt"):
+    with pytest.raises(backup_keys.KeyMismatchError, match="does not decrypt"):
         offsite.copy_backups(source, destination, JOB, backup=full["id"],
                              reencrypt=_reencrypt(destination_key, identity=impostor_key[2]))
     assert not target.exists()
@@ -327,7 +328,7 @@ def test_reencrypt_passphrase_backups_and_damaged_source(s3_server, offsite_s3, 
         manifests.append((BackupRun(JOB, FilesSource({"path": tree}), source,
                                     encryption={"passphrase": "correct horse"}).run(), snapshot(tree)))
         time.sleep(1.05)
-    with pytest.raises(rs.KeyMismatchError):
+    with pytest.raises(backup_keys.KeyMismatchError):
         offsite.copy_backups(source, destination, JOB,
                              reencrypt=_reencrypt(destination_key, passphrase="wrong horse"))
     assert listed(destination) == []

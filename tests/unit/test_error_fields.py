@@ -19,7 +19,7 @@ import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import prune as pr
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import integrity
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     BackupError, ConfigError, IntegrityError, ObjectMismatchError, StorageError)
@@ -87,7 +87,7 @@ def _gzip_backup(storage, payload):
 def test_a_damaged_payload_is_reported_as_damaged_bytes_not_as_a_decode_error(storage):
     plain = os.urandom(1 << 16)
     manifest, key = _gzip_backup(storage, gzip.compress(plain))
-    assert rs.verify_objects(storage, manifest, None)  # intact: verifies
+    assert integrity.verify_objects(storage, manifest, None)  # intact: verifies
     path = os.path.join(storage.root, *key.split("/"))
     with open(path, "r+b") as handle:  # flip one byte in the middle: gzip fails before the hash ends
         handle.seek(os.path.getsize(path) // 2)
@@ -95,7 +95,7 @@ def test_a_damaged_payload_is_reported_as_damaged_bytes_not_as_a_decode_error(st
         handle.seek(-1, os.SEEK_CUR)
         handle.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(ObjectMismatchError) as caught:
-        rs.verify_objects(storage, manifest, None)
+        integrity.verify_objects(storage, manifest, None)
     error = caught.value
     assert (error.key, error.field, error.note) == (key, "sha256", "it does not decode either")
     assert error.expected == manifest["objects"][0]["sha256"] and error.actual != error.expected
@@ -109,7 +109,7 @@ def test_a_truncated_payload_is_reported_once(storage):
     with open(path, "r+b") as handle:
         handle.truncate(os.path.getsize(path) - 100)
     with pytest.raises(IntegrityError) as caught:
-        rs.verify_objects(storage, manifest, None)
+        integrity.verify_objects(storage, manifest, None)
     error = caught.value
     # Decoding fails first (the stream ends early); the plain check names the size.
     assert isinstance(error, ObjectMismatchError) and error.field == "size"

@@ -145,7 +145,8 @@ def test_callers_go_through_the_facade(path):
 
 # What stores and lists backups. A source produces payloads; storing them is the engine's job
 # (the WAL stream, which stores every file it receives, is engine/walstream.py for that reason).
-STORING = {"catalog", "backup", "offsite", "prune", "operations", "walstream", "verify", "restore"}
+STORING = {"catalog", "backup", "offsite", "prune", "operations", "walstream", "verify", "restore", "selection", "keys",
+           "integrity"}
 
 
 ENGINE_DIR = pathlib.Path(REPO_ROOT, "plugins/module_utils/engine")

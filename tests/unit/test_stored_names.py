@@ -11,7 +11,8 @@ import pytest
 from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import keys as backup_keys
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import integrity
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
@@ -46,10 +47,10 @@ def test_backup_names_and_restore_checks_by_the_same_rule(tmp_path, algorithm, e
     mode = "age" if encrypted else "none"
     assert [obj["name"] for obj in manifest["objects"] if obj.get("payload")] == [
         codecs.stored_name("data.tar", algorithm, mode)]
-    ids = rs.identities(storage, manifest, identity=str(identity) if encrypted else None)
-    assert [entry["name"] for entry in rs.verify_objects(storage, manifest, ids)] == [
+    ids = backup_keys.identities(storage, manifest, identity=str(identity) if encrypted else None)
+    assert [entry["name"] for entry in integrity.verify_objects(storage, manifest, ids)] == [
         codecs.stored_name("data.tar", algorithm, mode)]
     # The same manifest claiming the other encryption mode breaks the rule: refused.
     forged = dict(manifest, encryption={"mode": "none" if encrypted else "age"})
     with pytest.raises(IntegrityError, match="does not carry payload data.tar as its name"):
-        rs.verify_objects(storage, forged, ids)
+        integrity.verify_objects(storage, forged, ids)

@@ -13,7 +13,7 @@ import re
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import prune as pr
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import integrity
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.base import (
     TMP_MARKER, is_unfinished, unfinished_name)
@@ -70,7 +70,7 @@ def test_a_crashed_write_is_named_by_the_helper_and_treated_alike_everywhere(tmp
     assert catalog.junk == [] and catalog.orphans == []
     # Restore: not a stray object of the backup.
     listed = {obj["name"] for obj in manifest["objects"]}
-    rs._check_no_strays(storage, manifest, listed)  # pylint: disable=protected-access
+    integrity._check_no_strays(storage, manifest, listed)  # pylint: disable=protected-access
     # Prune: a leftover to remove once the grace period is over, and only that.
     remove, wait = pr.find_orphans(storage, catalog, "j", {manifest["id"]}, datetime.timedelta(0),
                                    datetime.datetime.now(UTC) + datetime.timedelta(minutes=1))

@@ -141,3 +141,11 @@ def summary(manifest):
     keys = ("id", "job", "kind", "status", "started_at", "finished_at", "size_bytes", "parent",
             "compression", "encryption")
     return {key: manifest.get(key) for key in keys}
+
+
+def object_entry(manifest, name):
+    """The entry of the stored object ``name`` in ``manifest``, or None."""
+    for obj in manifest["objects"]:
+        if obj["name"] == name:
+            return obj
+    return None

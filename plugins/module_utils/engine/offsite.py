@@ -55,7 +55,7 @@ from .pipeline import CHUNK, PlaintextStream, check_object, store_stream
 from .procutil import pump
 from .pgwal import wal_job_of
 from .prune import BASE_KIND, WAL_KIND, plan as retention_plan, wal_job_names
-from .restore import KeyMismatchError, identities as restore_identities
+from .keys import KeyMismatchError, identities as restore_identities
 from .storage.base import MissingLocationError, is_unfinished
 from .timeutil import is_backup_id, parse_iso, to_iso, utc_now
 

@@ -16,7 +16,9 @@ from . import resticstore
 from .backup import BackupRun
 from .catalog import Catalog, upload_summary
 from .errors import ConfigError, StorageError
-from .restore import PROGRESS_INTERVAL, parent_identities, restore as restore_backup, select_backup
+from .keys import parent_identities
+from .restore import PROGRESS_INTERVAL, restore as restore_backup
+from .selection import select_backup
 from .storage.base import MissingLocationError
 from .timeutil import to_iso
 from .verify import verify as verify_backups
@@ -44,7 +46,7 @@ def prepare_backup(job, source, storage, compression=None, encryption=None, iden
     """A BackupRun of ``source`` into ``storage``, ready for ``plan()`` or ``run()``.
 
     ``identity``/``passphrase`` are the reading keys: an incremental backup reads its
-    parent's file index with them (restore.parent_identities)."""
+    parent's file index with them (keys.parent_identities)."""
     return BackupRun(job, source, storage, compression=compression, encryption=encryption, progress=progress,
                      identities=parent_identities(storage, job, identity, passphrase), size_policy=size_policy)
 

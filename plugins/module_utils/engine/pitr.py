@@ -45,7 +45,7 @@ from .catalog import Catalog
 from .errors import ConfigError, IntegrityError, NotFoundError, SourceError
 from .pipeline import CHUNK, PlaintextStream
 from . import manifest as mf
-from .restore import identities as backup_identities
+from .keys import identities as backup_identities
 from .kinds.postgres.connection import count_rows, psycopg, require_psycopg
 from .kinds.postgres.source import DUMP_PAYLOAD
 from .kinds.postgres.wal import BASE_KIND, BASE_PAYLOAD, default_wal_job

@@ -143,7 +143,7 @@ class ResticPayloadStream:
 
 
 def verify_objects(storage, manifest, clock=None, declared=frozenset()):
-    """restore.verify_objects for a restic-format backup: every payload dumped and checked
+    """integrity.verify_objects for a restic-format backup: every payload dumped and checked
     against its size and SHA-256 (the declared ones of a one-pass restore are only looked up:
     their snapshot must exist and their stream is checked as the target reads it)."""
     seen = set()

@@ -43,7 +43,7 @@ from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyE
 from .jobconfig import JobConfig, parse_text, secret_values
 from .pipeline import Progress
 from .operations import where
-from .restore import KeyMismatchError
+from .keys import KeyMismatchError
 from .storage import location
 from .storage.base import MissingLocationError
 from .timeutil import to_iso, utc_now

@@ -31,8 +31,10 @@ from . import resticstore
 from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError
-from .restore import (PROGRESS_INTERVAL, KeyMismatchError, RestoreClock, backup_chain, chain_identities, check_selector,
-                      declared_payloads, diagnose, restore_one_pass, restore_verified, select_backup, verify_chain)
+from .integrity import declared_payloads, diagnose, verify_chain
+from .keys import KeyMismatchError, chain_identities
+from .restore import PROGRESS_INTERVAL, RestoreClock, restore_one_pass, restore_verified
+from .selection import backup_chain, check_selector, select_backup
 from .timeutil import to_iso, utc_now
 
 RECORD_SCHEMA = 1

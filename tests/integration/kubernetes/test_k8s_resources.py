@@ -23,6 +23,7 @@ from pyrage import x25519
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restore as rs
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import keys as backup_keys
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun, open_payload
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import Catalog
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
@@ -418,7 +419,7 @@ def test_restore_over_drifted_objects_needs_force(kube_cluster, api, seeded, tmp
 def test_check_mode_is_a_server_side_dry_run(kube_cluster, api, seeded, tmp_path):
     storage, manifest, identity = encrypted_backup(kube_cluster, seeded, tmp_path)
     kubernetes.client.CoreV1Api(api.dynamic.client).delete_namespaced_config_map("settings", seeded)
-    keys = rs.chain_identities(storage, [manifest], identity=str(identity))
+    keys = backup_keys.chain_identities(storage, [manifest], identity=str(identity))
 
     # Into the source namespace: the deleted ConfigMap would be created, nothing is written.
     target = K8sResourcesTarget(target_options(kube_cluster))
@@ -472,7 +473,7 @@ def test_refused_dry_run_leaves_every_namespace_as_it_was(kube_cluster, api, see
 
 def test_payload_that_disagrees_with_its_manifest_is_refused_before_any_request(kube_cluster, api, seeded, tmp_path):
     storage, manifest, identity = encrypted_backup(kube_cluster, seeded, tmp_path)
-    keys = rs.chain_identities(storage, [manifest], identity=str(identity))
+    keys = backup_keys.chain_identities(storage, [manifest], identity=str(identity))
     dest = "never-" + uuid.uuid4().hex[:8]
     forged = dict(manifest, stats=dict(manifest["stats"], per_namespace={
         seeded: dict(manifest["stats"]["per_namespace"][seeded], configmaps=2)}))
@@ -486,7 +487,7 @@ def test_payload_that_disagrees_with_its_manifest_is_refused_before_any_request(
 
 def test_scratch_verification_dry_runs_into_throwaway_namespaces(kube_cluster, api, seeded, tmp_path):
     storage, manifest, identity = encrypted_backup(kube_cluster, seeded, tmp_path)
-    keys = rs.chain_identities(storage, [manifest], identity=str(identity))
+    keys = backup_keys.chain_identities(storage, [manifest], identity=str(identity))
     before = set(api.names(None, "v1", "Namespace"))
     with K8sResourcesTarget.scratch(manifest, source_options(kube_cluster, seeded)) as target:
         report = rs.restore_verified(storage, manifest, [manifest], keys, target)

@@ -4,9 +4,10 @@ A source never touches storage itself: it hands readable streams to ``emit`` and
 engine compresses, encrypts, hashes and stores them. That keeps every kind on the same
 verified data path.
 
-The engine (``restore.py``) resolves the backup, verifies every object (checksum, decrypt,
-decompress) and only then hands the target a ``RestoreContext``, and a target's ``restore``
-must itself leave the destination as it was when it fails (restore next to it, then swap).
+The engine (``restore.py``, with ``selection.py`` and ``integrity.py``) resolves the backup,
+verifies every object (checksum, decrypt, decompress) and only then hands the target a
+``RestoreContext``, and a target's ``restore`` must itself leave the destination as it was
+when it fails (restore next to it, then swap).
 
 A target that restores next to the live data may instead take the one-pass path (see
 :meth:`Target.one_pass_payloads`): the engine then checks everything that does not need the
