@@ -156,7 +156,10 @@ SOURCE_SIDE = sorted(str(path.relative_to(REPO_ROOT)) for path in ENGINE_DIR.glo
 
 
 def engine_modules_imported(path):
-    """The engine-relative module names (``storage.base``, ``catalog``) that ``path`` imports."""
+    """The engine-relative module names (``storage.base``, ``catalog``) that ``path`` imports.
+
+    Relative imports only: the engine imports itself relatively (an absolute
+    ``ansible_collections...`` import inside it would be a defect of its own)."""
     package = list(pathlib.Path(REPO_ROOT, path).parent.relative_to(ENGINE_DIR).parts)
     found = set()
     for node in ast.walk(ast.parse(pathlib.Path(REPO_ROOT, path).read_text())):

@@ -55,7 +55,7 @@ REASON_MIN_KEEP = "min_keep=%d (at least that many successful backups stay)"
 REASON_PARENT = "parent of kept backup %s"
 REASON_POLICY = "not kept by the policy"
 REASON_NOT_COPIED = "not copied to the offsite destination yet (require_copy)"
-WAL_KIND = "postgres_wal"    # sources.postgres_wal (not imported: it needs psycopg's module)
+WAL_KIND = "postgres_wal"    # kinds/postgres/wal.py (not imported: prune stays free of the kinds)
 BASE_KIND = "postgres_base"
 
 

@@ -12,7 +12,7 @@ reports a gap and stops: a new base backup is needed.
 
 This is orchestration, not a source: it drives ``pg_receivewal``, reads the catalog
 (:class:`WalState`) and stores each file through a ``BackupRun`` of
-``sources.postgres_wal.WalFileSource``. The password reaches pg_receivewal through
+``WalFileSource`` (``kinds/postgres/wal.py``). The password reaches pg_receivewal through
 ``PGPASSWORD`` only.
 """
 

@@ -4,9 +4,10 @@ Imports here are deliberately static (``from .postgres.source import PostgresSou
 packer (AnsiballZ) only ships the module_utils a module imports visibly, so a registry built
 with ``importlib`` would work from a checkout and break inside a module run on a host.
 
-A kind's source and target modules guard their third-party imports themselves (psycopg,
-redis, kubernetes...), so importing every kind here stays cheap and never fails for a
-missing library; using a kind whose library is absent raises MissingDependencyError then.
+The modules that talk to a kind's server (``postgres/connection.py``, ``redis/connection.py``,
+``kubeapi.py``) bind their client libraries lazily (psycopg, redis, kubernetes), so importing
+every kind here stays cheap and never fails for a missing library; using a kind whose library
+is absent raises MissingDependencyError then.
 """
 
 from ..errors import ConfigError

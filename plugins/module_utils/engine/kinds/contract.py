@@ -49,8 +49,9 @@ class BackupContext:
         raise NotImplementedError
 
     def stored_intact(self, manifest, payload_name):
-        """Whether the stored bytes of that payload still match their SHA-256 (needs no key:
-        tells a wrong key from a damaged object)."""
+        """Whether the stored object of that payload still matches its SHA-256 (needs no key:
+        tells a wrong key from a damaged object). False for a restic-format backup, whose
+        payloads are snapshots rather than objects."""
         raise NotImplementedError
 
     def storage_directory(self):

@@ -153,7 +153,8 @@ class Storage(abc.ABC):
 
     def local_directory(self):
         """The directory on this machine that holds the location, or None when it is not a
-        local directory (the files source uses it to leave the storage out of a tree it archives).
+        local directory (``BackupContext.storage_directory`` answers the files source with it, which
+        leaves the storage out of a tree it archives).
 
         Default: None."""
         return None

@@ -1,6 +1,7 @@
-"""``files``: a directory tree as a POSIX (pax) tar, full or incremental.
+"""The ``files`` format: tree walk, index, checksum list and pax tar writer, written by the
+files source and read by the files, directory_sync and config_git targets.
 
-Payloads of one backup (see docs/formats.md, section files):
+Payloads of one ``files`` backup, full or incremental (see docs/formats.md, section files):
 
 ``files.tar``
     pax tar of the tree (a full) or of what changed since the parent (an incremental).
@@ -16,7 +17,7 @@ Payloads of one backup (see docs/formats.md, section files):
     type) now; apply with ``xargs -0 rm -rf --`` *before* extracting that incremental's tar.
 
 The tar is written here rather than by ``tarfile`` so that big files stream in 1 MiB
-chunks with no extra copies, and every file is hashed while it is read. Hard links are
+chunks with no extra copies (the source hashes every file while it reads it). Hard links are
 stored as independent copies (like ``rsync -a`` without ``-H``) so that every archive, and
 every subpath of it, restores on its own.
 

@@ -15,12 +15,11 @@ from ...pipeline import ProducerStream
 from ...schema import Field, Schema
 from ...timeutil import parse_iso, utc_now
 from ..contract import Source
-from .archive import (DELETED_PAYLOAD, INDEX_PAYLOAD, SUMS_PAYLOAD, TAR_PAYLOAD, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK,
+from .archive import (CHUNK, DELETED_PAYLOAD, INDEX_PAYLOAD, SUMS_PAYLOAD, TAR_PAYLOAD, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK,
                       TarWriter, TreeSummary, changed, copy_to_tempfile, entry_from_stat, file_type, index_header,
                       index_line, read_index, sort_key, sums_line, walk)
 
 
-CHUNK = 1 << 20
 MAX_LISTED = 100  # paths listed in stats for warnings (the counts are always complete)
 
 
