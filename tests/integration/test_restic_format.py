@@ -22,6 +22,7 @@ import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError, IntegrityError
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.restic import ResticRepository
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
 
 from .files_helpers import snapshot
@@ -305,6 +306,31 @@ def test_a_damaged_pack_fails_verify_and_restore_before_the_target_changes(tmp_p
     assert redis_state(redis_db, 13) == before
     [result] = operations.verify(storage, "cache")["results"]
     assert result["result"] == "failed"
+
+
+def test_a_missing_snapshot_is_refused_before_the_target_changes_without_listing_the_repository(
+        tmp_path, redis_db, monkeypatch):
+    """The one-pass restore finds its declared payload's snapshot by name in the repository's
+    storage: no ``restic snapshots`` (a restic start and the decryption of every snapshot)."""
+    storage = open_storage(fs_storage(tmp_path, password()))
+    kept = backup(storage, "cache", "redis", redis_source(redis_db))
+    gone = backup(storage, "cache", "redis", redis_source(redis_db))
+
+    def no_listing(*_args, **_kwargs):
+        raise AssertionError("restic snapshots was run")
+
+    monkeypatch.setattr(ResticRepository, "_snapshots_json", no_listing)
+    done = operations.restore(storage, "cache", redis_target(redis_db), backup=kept["id"], kind="redis")
+    assert done["changed"] and done["verification"]["mode"] == "one-pass"
+
+    [snapshot_id] = [obj["restic_snapshot"] for obj in gone["objects"]]
+    (tmp_path / "store" / "_restic" / "cache" / "snapshots" / snapshot_id).unlink()
+    redis_db.client(13).flushdb()
+    redis_db.client(13).set("untouched", "yes")
+    before = redis_state(redis_db, 13)
+    with pytest.raises(IntegrityError, match="restic snapshot %s .* is missing from" % snapshot_id[:12]):
+        operations.restore(storage, "cache", redis_target(redis_db), backup=gone["id"], kind="redis")
+    assert redis_state(redis_db, 13) == before
 
 
 def test_postgres_on_seaweedfs_round_trip_and_prune(tmp_path, s3_server, postgres_server, postgres_database):

@@ -580,6 +580,26 @@ class ResticRepository:
             return found[0]
         return self.snapshot(short)["id"]
 
+    def has_snapshot(self, snapshot_id):
+        """Whether the repository holds the snapshot with the full id ``snapshot_id``.
+
+        Snapshot files are named by their full id, so the engine's storage answers (one stat or
+        HEAD request) where ``restic snapshots`` would cost a restic start with its key
+        derivation and the decryption of every snapshot of the repository; restic's own listing
+        only when the storage cannot answer. Whether the snapshot reads back intact is for the
+        ``restic dump`` that streams it to tell."""
+        _check_snapshot_id(snapshot_id)
+        if len(snapshot_id) == 64:
+            try:
+                return self._location().exists("snapshots/" + snapshot_id)
+            except (StorageError, ConfigError):
+                pass
+        try:
+            self.snapshot(snapshot_id)
+        except NotFoundError:
+            return False
+        return True
+
     def snapshot(self, snapshot):
         """One snapshot by (short or full) id; NotFoundError when the repository has none such."""
         _check_snapshot_id(snapshot)

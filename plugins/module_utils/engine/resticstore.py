@@ -163,10 +163,8 @@ def verify_objects(storage, manifest, clock=None, declared=frozenset()):
         if obj.get("restic_snapshot") not in snapshots:
             raise IntegrityError("backup %s: payload %s names no snapshot" % (manifest["id"], obj["payload"]))
         if (manifest["id"], obj["payload"]) in declared:
-            try:
-                repo.snapshot(obj["restic_snapshot"])
-            except NotFoundError:
-                raise IntegrityError("%s is missing from %s" % (_where(manifest, obj), repo.url)) from None
+            if not repo.has_snapshot(obj["restic_snapshot"]):
+                raise IntegrityError("%s is missing from %s" % (_where(manifest, obj), repo.url))
             details.append({"name": obj["name"], "payload": obj["payload"], "size": obj["size"], "pending": True})
             continue
         stream = ResticPayloadStream(storage, manifest, obj["payload"])

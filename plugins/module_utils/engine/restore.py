@@ -357,14 +357,16 @@ def restore_one_pass(storage, chain, keys_by_id, target, declared, clock, log=No
     def on_result(backup_id, payload_name, report):
         results.setdefault((backup_id, payload_name), report)
 
+    # A failing precheck is already the verdict on the backup (the same checks as the two-pass
+    # path's): it is raised as it is, without reading the chain again to diagnose it.
+    details_by_id = precheck_chain(storage, chain, keys_by_id, declared, clock)
+    clock.mark("verify")
+    verified_at = time.monotonic()
+    log("checked %d objects (%d read in full) in %.1fs; the other %d payloads are verified as they are "
+        "restored" % (sum(len(details) for details in details_by_id.values()),
+                      sum(1 for details in details_by_id.values() for entry in details if not entry.get("pending")),
+                      verified_at - clock.started, len(declared)))
     try:
-        details_by_id = precheck_chain(storage, chain, keys_by_id, declared, clock)
-        clock.mark("verify")
-        verified_at = time.monotonic()
-        log("checked %d objects (%d read in full) in %.1fs; the other %d payloads are verified as they are "
-            "restored" % (sum(len(details) for details in details_by_id.values()),
-                          sum(1 for details in details_by_id.values() for entry in details if not entry.get("pending")),
-                          verified_at - clock.started, len(declared)))
         target.preflight(manifest)
         result = restore_verified(storage, manifest, chain, keys_by_id, target, clock, on_result)
     except Exception as exc:  # pylint: disable=broad-except  # re-raised unless the backup is damaged
