@@ -311,7 +311,8 @@ def test_a_damaged_pack_fails_verify_and_restore_before_the_target_changes(tmp_p
 def test_a_missing_snapshot_is_refused_before_the_target_changes_without_listing_the_repository(
         tmp_path, redis_db, monkeypatch):
     """The one-pass restore finds its declared payload's snapshot by name in the repository's
-    storage: no ``restic snapshots`` (a restic start and the decryption of every snapshot)."""
+    storage: no ``restic snapshots`` (a restic start and the decryption of every snapshot). A
+    snapshot the storage does not show is looked up by restic before the backup is refused."""
     storage = open_storage(fs_storage(tmp_path, password()))
     kept = backup(storage, "cache", "redis", redis_source(redis_db))
     gone = backup(storage, "cache", "redis", redis_source(redis_db))
@@ -323,6 +324,7 @@ def test_a_missing_snapshot_is_refused_before_the_target_changes_without_listing
     done = operations.restore(storage, "cache", redis_target(redis_db), backup=kept["id"], kind="redis")
     assert done["changed"] and done["verification"]["mode"] == "one-pass"
 
+    monkeypatch.undo()
     [snapshot_id] = [obj["restic_snapshot"] for obj in gone["objects"]]
     (tmp_path / "store" / "_restic" / "cache" / "snapshots" / snapshot_id).unlink()
     redis_db.client(13).flushdb()

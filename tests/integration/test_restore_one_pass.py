@@ -150,9 +150,12 @@ def test_an_undeclared_payload_is_verified_before_the_target_starts(tmp_path, st
     manifest = take(store, PAYLOADS)
     _flip(store, manifest, "small.txt", offset=0)
     target = PartialTarget({"path": str(tmp_path / "live")})
+    logged = []
     with pytest.raises(IntegrityError):
-        rs.restore(store, JOB, target)
+        rs.restore(store, JOB, target, log=logged.append)
     assert target.calls == []
+    # The precheck's error is the verdict: the chain is not read again to diagnose it.
+    assert logged and not any("verifying the whole backup" in line for line in logged)
 
 
 def test_a_declared_payload_damaged_mid_object_is_found_in_the_target_and_nothing_is_swapped(tmp_path, store, key):

@@ -583,15 +583,18 @@ class ResticRepository:
     def has_snapshot(self, snapshot_id):
         """Whether the repository holds the snapshot with the full id ``snapshot_id``.
 
-        Snapshot files are named by their full id, so the engine's storage answers (one stat or
-        HEAD request) where ``restic snapshots`` would cost a restic start with its key
-        derivation and the decryption of every snapshot of the repository; restic's own listing
-        only when the storage cannot answer. Whether the snapshot reads back intact is for the
-        ``restic dump`` that streams it to tell."""
+        Snapshot files are named by their full id, so the engine's storage confirms one (a stat
+        or HEAD request) where ``restic snapshots`` would cost a restic start with its key
+        derivation and the decryption of every snapshot of the repository. Only a snapshot the
+        storage does not confirm is looked up by restic: a storage that answers "no" for a file
+        it cannot read (permissions, a stale NFS handle) must not make an intact backup look
+        damaged. Whether the snapshot reads back intact is for the ``restic dump`` that streams
+        it to tell."""
         _check_snapshot_id(snapshot_id)
         if len(snapshot_id) == 64:
             try:
-                return self._location().exists("snapshots/" + snapshot_id)
+                if self._location().exists("snapshots/" + snapshot_id):
+                    return True
             except (StorageError, ConfigError):
                 pass
         try:

@@ -345,9 +345,9 @@ def _finish_report(report, clock, verified_at):
 def restore_one_pass(storage, chain, keys_by_id, target, declared, clock, log=None):
     """Restore ``chain`` into ``target`` in one pass (``declared``: see :func:`declared_payloads`).
 
-    Prechecks the chain, runs the target with the declared payloads verified by their streams,
-    and on any failure raises the error a full verification finds for a damaged backup (else
-    the target's own). Returns ``(verification summary, target report, monotonic time the
+    Prechecks the chain (its error, if any, is raised as it is), then runs the target with the
+    declared payloads verified by their streams; when the target fails, raises the error a full
+    verification finds for a damaged backup (else the target's own). Returns ``(verification summary, target report, monotonic time the
     precheck ended)``. Used by :func:`restore` and by the test restores of engine/verify.py.
     """
     log = log or (lambda message: None)
@@ -357,8 +357,9 @@ def restore_one_pass(storage, chain, keys_by_id, target, declared, clock, log=No
     def on_result(backup_id, payload_name, report):
         results.setdefault((backup_id, payload_name), report)
 
-    # A failing precheck is already the verdict on the backup (the same checks as the two-pass
-    # path's): it is raised as it is, without reading the chain again to diagnose it.
+    # A failing precheck is already the verdict on the backup (the two-pass path's checks, but
+    # for the declared payloads, which it only finds in the listing): it is raised as it is,
+    # without reading the chain again to diagnose it.
     details_by_id = precheck_chain(storage, chain, keys_by_id, declared, clock)
     clock.mark("verify")
     verified_at = time.monotonic()

@@ -5,7 +5,7 @@ packer (AnsiballZ) only ships the module_utils a module imports visibly, so a re
 with ``importlib`` would work from a checkout and break inside a module run on a host.
 
 The modules that talk to a kind's server (``postgres/connection.py``, ``redis/connection.py``,
-``kubeapi.py``) bind their client libraries lazily (psycopg, redis, kubernetes), so importing
+the engine's ``kubeapi.py``) bind their client libraries lazily (psycopg, redis, kubernetes), so importing
 every kind here stays cheap and never fails for a missing library; using a kind whose library
 is absent raises MissingDependencyError then.
 """
