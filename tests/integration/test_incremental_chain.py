@@ -280,6 +280,20 @@ def test_damaged_parent_index_starts_a_new_full(tmp_path, storage):
     assert "damaged" in second["stats"]["full_reason"]
 
 
+def test_a_damaged_encrypted_parent_index_without_the_key_starts_a_new_full(tmp_path, storage):
+    """Without the key the index cannot be read either way: only when its stored bytes are
+    intact is the missing key the problem (a clear error); a damaged one means a new full."""
+    source = make_tree(tmp_path / "src")
+    _identity_file, recipient, _identity = age_key(tmp_path)
+    options = {"path": source, "incremental": True}
+    encryption = {"recipients": [recipient]}
+    first = run(storage, options, encryption=encryption)
+    flip_byte(stored_object(tmp_path / "store", JOB, first, "files.index"))
+    second = run(storage, options, encryption=encryption)
+    assert second["parent"] is None and second["stats"]["type"] == "full"
+    assert "damaged" in second["stats"]["full_reason"]
+
+
 def test_chain_on_s3(tmp_path, s3_server):
     storage = open_storage(s3_server.storage_options())
     source = make_tree(tmp_path / "src")

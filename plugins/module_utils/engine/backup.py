@@ -9,9 +9,9 @@ from . import manifest as mf
 from . import resticstore
 from .catalog import Catalog
 from .restic import build_streams_manifest
-from .errors import BackupError, ConfigError, NotFoundError
+from .errors import BackupError, ConfigError, IntegrityError, NotFoundError
 from .kinds.contract import BackupContext
-from .pipeline import CHUNK, PlaintextStream, Progress, store_stream
+from .pipeline import PlaintextStream, Progress, check_object, store_stream
 from .timeutil import new_backup_id, to_iso, utc_now
 
 ENGINE_VERSION = "0.1.0"
@@ -54,17 +54,12 @@ class _RunContext(BackupContext):
     def stored_intact(self, manifest, payload_name):
         for obj in manifest["objects"]:
             if obj.get("payload") == payload_name:
-                digest = hashlib.sha256()
+                key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
                 try:
-                    reader = self._storage.open_reader(mf.object_key(manifest["job"], manifest["id"], obj["name"]))
-                except NotFoundError:
+                    check_object(self._storage, key, obj, "none")  # the stored bytes, not decoded
+                except (IntegrityError, NotFoundError):
                     return False
-                try:
-                    for chunk in iter(lambda: reader.read(CHUNK), b""):
-                        digest.update(chunk)
-                finally:
-                    reader.close()
-                return digest.hexdigest() == obj["sha256"]
+                return True
         return False
 
     def storage_directory(self):
