@@ -22,11 +22,11 @@ def open_payload(storage, manifest, payload_name, identities=None):
     for a restic-format backup a stream of ``restic dump`` with the same checks."""
     if resticstore.is_restic(manifest):
         return resticstore.ResticPayloadStream(storage, manifest, payload_name)
-    for obj in manifest["objects"]:
-        if obj.get("payload") == payload_name:
-            key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
-            return PlaintextStream(storage, key, obj, manifest["compression"]["algorithm"], identities)
-    raise NotFoundError("backup %s has no payload %s" % (manifest["id"], payload_name))
+    obj = mf.payload_entry(manifest, payload_name)
+    if obj is None:
+        raise NotFoundError("backup %s has no payload %s" % (manifest["id"], payload_name))
+    key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
+    return PlaintextStream(storage, key, obj, manifest["compression"]["algorithm"], identities)
 
 
 class _RunContext(BackupContext):
@@ -52,15 +52,15 @@ class _RunContext(BackupContext):
         return open_payload(self._storage, manifest, payload_name, self._identities)
 
     def stored_intact(self, manifest, payload_name):
-        for obj in manifest["objects"]:
-            if obj.get("payload") == payload_name:
-                key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
-                try:
-                    check_object(self._storage, key, obj, "none")  # the stored bytes, not decoded
-                except (IntegrityError, NotFoundError):
-                    return False
-                return True
-        return False
+        obj = mf.payload_entry(manifest, payload_name)
+        if obj is None:
+            return False
+        key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
+        try:
+            check_object(self._storage, key, obj, "none")  # the stored bytes, not decoded
+        except (IntegrityError, NotFoundError):
+            return False
+        return True
 
     def storage_directory(self):
         return self._storage.local_directory()

@@ -149,3 +149,11 @@ def object_entry(manifest, name):
         if obj["name"] == name:
             return obj
     return None
+
+
+def payload_entry(manifest, payload_name):
+    """The entry of the stored object holding the payload ``payload_name``, or None."""
+    for obj in manifest["objects"]:
+        if obj.get("payload") == payload_name:
+            return obj
+    return None

@@ -83,13 +83,6 @@ def read_data_subset(storage):
     return (storage.location_options or {}).get("restic_read_data_subset")
 
 
-def _object_entry(manifest, payload_name):
-    for obj in manifest["objects"]:
-        if obj.get("payload") == payload_name:
-            return obj
-    return None
-
-
 def _where(manifest, obj):
     return "restic snapshot %s (%s of backup %s/%s)" % (
         (obj.get("restic_snapshot") or "?")[:12], obj.get("payload"), manifest["job"], manifest["id"])
@@ -104,7 +97,7 @@ class ResticPayloadStream:
     """
 
     def __init__(self, storage, manifest, payload_name):
-        obj = _object_entry(manifest, payload_name)
+        obj = mf.payload_entry(manifest, payload_name)
         if obj is None:
             raise IntegrityError("backup %s has no payload %s" % (manifest["id"], payload_name))
         snapshot = obj.get("restic_snapshot")
