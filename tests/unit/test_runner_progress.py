@@ -5,6 +5,7 @@ counts them (the postgres target, from pg_restore --verbose)."""
 
 import io
 import json
+import time
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import runner
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.restore import RestoreClock
@@ -40,3 +41,15 @@ def test_the_clock_reports_a_noted_count_even_when_no_byte_flows():
     clock.note("tables", 2)
     assert [kwargs.get("items") for args, kwargs in calls] == [None, {"tables": (1, None)}, {"tables": (2, None)}]
     assert all(args[:3] == ("restore", 100, 100) for args, kwargs in calls)
+
+
+def test_a_phase_passed_in_under_a_millisecond_is_not_reported_as_zero():
+    # A small payload streams in well under a millisecond (a CI run once read transfer 0.0).
+    clock = RestoreClock()
+    for boundary in ("select", "verify", "prepare"):
+        clock.mark(boundary)
+    time.sleep(0.0003)
+    clock.mark("transfer")
+    phases = clock.phases()
+    assert 0.0003 <= phases["transfer"] < 0.5, phases
+    assert sum(value for name, value in phases.items() if name != "total") <= phases["total"]

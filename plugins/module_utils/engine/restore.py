@@ -126,18 +126,19 @@ class RestoreClock:
     def phases(self):
         """``{phase: seconds, ..., "total": seconds}`` up to now; each phase >= 0, their sum <= total.
 
-        Boundaries are rounded to whole milliseconds first, so the phases add up to at most
-        the total however they are rounded.
+        Boundaries are rounded to whole microseconds first, so the phases add up to at most
+        the total however they are rounded. Microseconds, not milliseconds: a small payload
+        streams in well under a millisecond, and a phase that was passed should not read 0.
         """
         now = time.monotonic()
         previous = 0
         result = {}
         for name in PHASES:
             at = self._marks.get(name)
-            offset = previous if at is None else max(previous, int(round((at - self.started) * 1000)))
-            result[name] = (offset - previous) / 1000.0
+            offset = previous if at is None else max(previous, int(round((at - self.started) * 1e6)))
+            result[name] = (offset - previous) / 1e6
             previous = offset
-        result["total"] = max(previous, int(round((now - self.started) * 1000))) / 1000.0
+        result["total"] = max(previous, int(round((now - self.started) * 1e6))) / 1e6
         return result
 
 
