@@ -7,6 +7,7 @@ modules and the runner do not go back to assembling these operations from engine
 import ast
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -33,6 +34,9 @@ def _location(path):
 
 
 def _backup(tree, storage):
+    # Ids order backups of one second by 1/256 s: two backups started within the same 4 ms
+    # would sort at random (this small tree backs up that fast), and "latest" with them.
+    time.sleep(0.01)
     source = operations.make_source("files", {"path": str(tree)})
     return operations.prepare_backup(JOB, source, storage, compression={"algorithm": "none"}).run()
 
