@@ -182,15 +182,15 @@ def _moment(value, name):
 
 
 def _matches(manifest, params, since, until):
-    if params["kind"] and manifest["kind"] != params["kind"]:
+    if params["kind"] and manifest.kind != params["kind"]:
         return False
-    if params["status"] and manifest["status"] != params["status"]:
+    if params["status"] and manifest.status != params["status"]:
         return False
-    finished = parse_iso(manifest["finished_at"])
+    finished = parse_iso(manifest.finished_at)
     if (since is not None and finished < since) or (until is not None and finished > until):
         return False
     if params["verified"] is not None:
-        passed = (manifest.get("verification") or {}).get("result") == "ok"
+        passed = manifest.verification_result == "ok"
         if passed != params["verified"]:
             return False
     return True

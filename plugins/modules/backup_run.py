@@ -221,20 +221,20 @@ def main():
             module.exit_json(**result)
         before = operations.backup_count(storage, params["job"]) if module._diff else None
         manifest = run.run()
-    result.update(changed=True, backup_id=manifest["id"], manifest=manifest)
+    result.update(changed=True, backup_id=manifest.id, manifest=manifest.to_dict())
     if module._diff:
         result["diff"] = dict(
             before_header="job %s" % params["job"], after_header="job %s" % params["job"],
             before=text_of({"backups": before}),
             after=text_of({"backups": before + 1, "new backup": {
-                "id": manifest["id"], "size_bytes": manifest["size_bytes"], "parent": manifest.get("parent"),
-                "stats": manifest.get("stats")}}))
+                "id": manifest.id, "size_bytes": manifest.size_bytes, "parent": manifest.parent,
+                "stats": manifest.stats}}))
     verdict = run.size_verdict
     if verdict is not None:
-        result["size_check"] = manifest.get("size_check")
+        result["size_check"] = manifest.size_check
         if verdict.failed:
             module.fail_json(msg="backup %s was stored, but its size breaks the size policy: %s"
-                             % (manifest["id"], verdict.reason), **result)
+                             % (manifest.id, verdict.reason), **result)
         if verdict.level != "ok":
             module.warn("size anomaly: %s" % verdict.reason)
     module.exit_json(**result)

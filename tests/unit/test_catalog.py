@@ -16,6 +16,7 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine import ma
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.catalog import INDEX_NAME, Catalog, upload_summary
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import (
     ConfigError, IntegrityError, NotFoundError, StorageError)
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import plan as prune_plan
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.base import MissingLocationError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.filesystem import FilesystemStorage
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import UTC, new_backup_id, to_iso
@@ -288,6 +289,17 @@ def test_unreadable_verification_record_is_junk(storage):
     storage.put_bytes(mf.object_key("j", backup["id"], mf.VERIFICATION_NAME), b"\xff garbage")
     assert catalog.latest("j")["verification"] is None
     assert catalog.junk == [{"key": "j/%s/verification.json" % backup["id"], "reason": "unreadable verification record"}]
+
+
+def test_a_verification_record_that_is_not_an_object_reads_as_never_verified(storage):
+    catalog = Catalog(storage)
+    backup = make_backup(catalog, "j", T0)
+    storage.put_bytes(mf.object_key("j", backup["id"], mf.VERIFICATION_NAME), b'"ok"')
+    listed = catalog.latest("j")
+    assert isinstance(listed, mf.Manifest) and listed["verification"] == "ok"   # listed as stored
+    assert listed.verification is None and listed.verification_result is None
+    decided = prune_plan(catalog.scan("j"), {"keep_last": 1})
+    assert [entry["verification"] for entry in decided["keep"]] == [None]
 
 
 # -- the index cache -------------------------------------------------------------------

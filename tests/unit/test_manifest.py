@@ -1,6 +1,8 @@
 """engine/manifest: what a backup is, and what a manifest may never hold."""
 
+import copy
 import json
+import pickle
 
 import pytest
 
@@ -155,7 +157,61 @@ def test_invalid_job_names_are_config_errors(job):
         mf.validate_job_name(job)
 
 
-def test_summary_keeps_the_listing_fields():
-    summary = mf.summary(sample())
-    assert summary["id"] == "20240115T020304Z-0a1b2c" and summary["size_bytes"] == 1024
-    assert "objects" not in summary and "stats" not in summary
+def test_a_manifest_reads_its_fields_as_properties_and_stays_the_json_it_came_from():
+    built = sample()
+    loaded = mf.loads(mf.dumps(built))
+    for manifest in (built, loaded):
+        assert isinstance(manifest, mf.Manifest) and all(isinstance(o, mf.StoredObject) for o in manifest["objects"])
+        assert (manifest.id, manifest.job, manifest.kind) == ("20240115T020304Z-0a1b2c", "pg-main", "postgres")
+        assert manifest.is_complete and manifest.parent is None and manifest.size_bytes == 1024
+        assert manifest.stats == {"tables": {"public.users": 10}}
+        assert manifest.encryption == {"mode": "age", "recipients": ["age1qqq"]}
+        assert manifest.verification is None and manifest.verification_result is None
+        assert [(o.name, o.size, o.sha256) for o in manifest.objects] == [
+            ("dump.pgdump.zst.age", 1000, SHA), ("globals.sql.zst.age", 24, "cd" * 32)]
+    # Equal to, and serialised exactly like, the plain JSON: the index cache and the
+    # re-read check of a restore compare manifests with what storage holds.
+    plain = json.loads(mf.dumps(built))
+    assert built == plain and loaded == plain and mf.dumps(loaded) == mf.dumps(plain)
+    assert json.dumps(loaded, sort_keys=True) == json.dumps(plain, sort_keys=True)
+    assert not isinstance(loaded.to_dict(), mf.Manifest) and not isinstance(loaded.to_dict()["objects"][0], mf.StoredObject)
+    assert copy.deepcopy(loaded) == plain and isinstance(copy.deepcopy(loaded), mf.Manifest)
+    assert isinstance(loaded.copy(), mf.Manifest) and pickle.loads(pickle.dumps(loaded)) == plain
+
+
+def test_validate_returns_a_typed_copy_and_leaves_its_argument_alone():
+    plain = json.loads(mf.dumps(sample()))
+    typed = mf.validate(plain)
+    assert not isinstance(plain, mf.Manifest) and not isinstance(plain["objects"][0], mf.StoredObject)
+    assert isinstance(typed.objects[0], mf.StoredObject) and typed == plain
+
+
+def test_copies_keep_the_type_and_never_change_the_original():
+    manifest = sample()
+    listed = manifest.with_fields(verification={"result": "ok", "verified_at": "2024-01-16T00:00:00Z"})
+    assert isinstance(listed, mf.Manifest) and "verification" not in manifest
+    assert listed.verification_result == "ok"
+    assert listed.without("verification") == manifest and isinstance(listed.without("verification"), mf.Manifest)
+
+
+@pytest.mark.parametrize("value", [None, "ok", ["ok"], 3])
+def test_fields_of_the_wrong_type_read_as_absent(value):
+    # validate() does not check these types and verification.json may hold any JSON.
+    manifest = mf.Manifest.wrap(dict(sample(), stats=value, encryption=value, verification=value))
+    assert manifest.stats == {} and manifest.encryption == {}
+    assert manifest.verification is None and manifest.verification_result is None
+
+
+def test_wrap_never_validates_and_required_fields_read_strictly():
+    partial = mf.Manifest.wrap({"id": "x", "stats": {"database": "app"}})
+    assert partial.id == "x" and partial.stats == {"database": "app"} and partial.objects == []
+    assert partial.parent is None and partial.status is None and not partial.is_complete
+    with pytest.raises(KeyError):
+        partial.job  # pylint: disable=pointless-statement
+    assert mf.Manifest.wrap(partial) is partial
+
+
+def test_no_property_hides_a_dict_method():
+    for cls in (mf.Manifest, mf.StoredObject):
+        own = {name for name, value in vars(cls).items() if isinstance(value, property)}
+        assert own and not own & set(dir(dict)), own

@@ -141,7 +141,7 @@ def test_manifest_of_stream_and_directory():
     assert manifest["objects"] == [{"name": "dump.pgdump", "payload": "dump.pgdump", "size": 1234,
                                     "sha256": "a" * 64, "restic_snapshot": snap}]
     assert rs.manifest_snapshot(manifest) == snap
-    assert mf.summary(manifest)["size_bytes"] == 1234
+    assert isinstance(manifest, mf.Manifest) and manifest.size_bytes == 1234 and manifest.objects[0].sha256 == "a" * 64
 
     directory = dict(result, sha256=None, size=None, total_bytes_processed=99)
     manifest = rs.build_manifest("20240101T000000Z-aaaaaa", "files", "files", "2024-01-01T00:00:00Z",

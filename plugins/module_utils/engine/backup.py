@@ -70,7 +70,7 @@ class BackupRun:
     """One backup of one job. Construct (validates everything), then ``run()``."""
 
     def __init__(self, job, source, storage, compression=None, encryption=None, progress=None,
-                 identities=None, extra_manifest=None, size_policy=None):
+                 identities=None, size_policy=None):
         self.job = mf.validate_job_name(job)
         self.source = source
         self.storage = storage
@@ -89,7 +89,6 @@ class BackupRun:
                               % (job, source.kind))
         self.progress = progress or Progress()
         self.identities = identities  # for incrementals that must read their parent's state
-        self.extra_manifest = extra_manifest or {}
         # None: no size check. Otherwise a SizePolicy or its mapping ({} = defaults): the new
         # size is judged against the previous good backup before the manifest is published,
         # and the manifest records size_change_ratio and size_check (engine/anomaly.py).
@@ -210,8 +209,8 @@ class BackupRun:
         return dict(self.source.tool_versions(), engine=ENGINE_VERSION, python=platform.python_version(), **more)
 
     def _extra(self, started, finished, raw_bytes):
-        """The manifest fields every format adds: the caller's, the run's duration, the plaintext bytes."""
-        return dict(self.extra_manifest, duration_seconds=round((finished - started).total_seconds(), 3),
+        """The manifest fields every format adds: the run's duration and the plaintext bytes."""
+        return dict(duration_seconds=round((finished - started).total_seconds(), 3),
                     raw_bytes=raw_bytes)
 
     def _publish(self, manifest):
@@ -219,7 +218,7 @@ class BackupRun:
         from here on the backup is listed."""
         if self.size_policy is not None:
             self.size_verdict = anomaly.check_new_backup(self.catalog, manifest, self.size_policy)
-            manifest.update(anomaly.manifest_fields(self.size_verdict))
+            manifest = manifest.with_fields(**anomaly.manifest_fields(self.size_verdict))
         self.catalog.publish(manifest)
         return manifest
 

@@ -141,9 +141,7 @@ class Catalog:
             fresh[backup_id] = {"manifest": manifest, "manifest_size": manifest_info.size}
             if verification is not None:
                 fresh[backup_id].update(verification=verification, verification_size=ver_info.size)
-            item = dict(manifest)
-            item["verification"] = verification
-            found.append(item)
+            found.append(manifest.with_fields(verification=verification))
         if self.repair_index and fresh != index:
             self._write_index(job, fresh)
         return found

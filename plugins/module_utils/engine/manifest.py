@@ -2,6 +2,16 @@
 
 A backup exists only when its manifest exists; everything else under a backup directory
 is garbage for the next prune. The manifest never holds key material or credentials.
+
+In memory a manifest is a :class:`Manifest` and each of its ``objects`` a
+:class:`StoredObject`: dicts (so they serialise, compare and copy exactly like the JSON
+they come from, and the catalog index stays byte-for-byte what it was) with typed,
+read-only properties. The properties hold the reading rules in one place: which fields
+every manifest has (``id``, ``job``, ``kind``...), which are optional, and how a field of
+the wrong type reads (``stats`` that is not an object reads ``{}``, a verification record
+that is not an object reads None). Helpers that tests and callers also hand plain or
+partial mappings (``prune.plan``, the offsite copy's manifests, ``reread_manifest``) wrap
+their input with :meth:`Manifest.wrap`, which never validates.
 """
 
 import json
@@ -14,7 +24,6 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VERIFICATION_NAME = "verification.json"
 STATUS_COMPLETE = "complete"
-KINDS = ("postgres", "redis", "files", "directory_sync", "kubernetes", "config_git", "velero")
 _JOB_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 _REQUIRED = ("schema", "id", "job", "kind", "status", "started_at", "finished_at", "objects",
              "compression", "encryption", "tool_versions", "parent", "stats")
@@ -64,10 +73,160 @@ def _check_no_secrets(value, path="manifest"):
             _check_no_secrets(item, "%s[%d]" % (path, index))
 
 
+class StoredObject(dict):
+    """One entry of a manifest's ``objects``: the object ``name`` (relative to the backup's
+    directory), its stored ``size`` and ``sha256``; a payload's entry also names the
+    ``payload`` it holds and its plaintext size (``raw_bytes``), read by subscript."""
+
+    __slots__ = ()
+
+    @classmethod
+    def wrap(cls, mapping):
+        return mapping if isinstance(mapping, cls) else cls(mapping)
+
+    def copy(self):
+        return StoredObject(self)
+
+    @property
+    def name(self):
+        return self["name"]
+
+    @property
+    def size(self):
+        return self["size"]
+
+    @property
+    def sha256(self):
+        return self["sha256"]
+
+
+class Manifest(dict):
+    """A backup's manifest (see the module docstring): a dict with typed read-only fields.
+
+    Required fields read strictly (a missing one raises KeyError, as it did when callers
+    subscripted); optional ones read None; ``stats``, ``encryption`` and the
+    catalog's ``verification`` read leniently, since ``validate`` does not check their types
+    and ``verification.json`` may hold any JSON.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def wrap(cls, mapping):
+        """``mapping`` as a Manifest (itself if it is one); never validates, so a partial
+        mapping stays partial."""
+        return mapping if isinstance(mapping, cls) else cls(mapping)
+
+    def copy(self):
+        return Manifest(self)
+
+    def with_fields(self, **changes):
+        """A copy with ``changes`` applied (a Manifest is not changed in place once built)."""
+        copy = Manifest(self)
+        copy.update(changes)
+        return copy
+
+    def without(self, *keys):
+        """A copy without ``keys`` (the catalog's ``verification`` before comparing)."""
+        return Manifest((key, value) for key, value in self.items() if key not in keys)
+
+    def to_dict(self):
+        """Plain dicts and lists all the way down (for outputs that must not see the types)."""
+        return json.loads(json.dumps(self))
+
+    # -- fields every manifest has ----------------------------------------------------------
+    @property
+    def id(self):
+        return self["id"]
+
+    @property
+    def job(self):
+        return self["job"]
+
+    @property
+    def kind(self):
+        return self["kind"]
+
+    @property
+    def started_at(self):
+        return self["started_at"]
+
+    @property
+    def finished_at(self):
+        return self["finished_at"]
+
+    @property
+    def objects(self):
+        """The stored objects, as :class:`StoredObject` (a new list; entries are shared)."""
+        return [StoredObject.wrap(obj) for obj in self.get("objects") or ()]
+
+    # -- optional fields --------------------------------------------------------------------
+    @property
+    def status(self):
+        return self.get("status")
+
+    @property
+    def is_complete(self):
+        return self.get("status") == STATUS_COMPLETE
+
+    @property
+    def parent(self):
+        """The id of the backup this incremental builds on, or None for a full."""
+        return self.get("parent")
+
+    @property
+    def size_bytes(self):
+        return self.get("size_bytes")
+
+    @property
+    def duration_seconds(self):
+        return self.get("duration_seconds")
+
+    @property
+    def raw_bytes(self):
+        """Plaintext bytes the source produced (None in manifests that predate the field)."""
+        return self.get("raw_bytes")
+
+    @property
+    def size_check(self):
+        """The size check's verdict recorded at backup time (engine/anomaly.py), or None."""
+        return self.get("size_check")
+
+    @property
+    def size_change_ratio(self):
+        return self.get("size_change_ratio")
+
+    @property
+    def stats(self):
+        """What the source reported (per kind); ``{}`` when absent or not an object."""
+        return _dict_or_empty(self.get("stats"))
+
+    @property
+    def encryption(self):
+        return _dict_or_empty(self.get("encryption"))
+
+    @property
+    def verification(self):
+        """The catalog's latest verification record of this backup, or None (never stored in
+        manifest.json; a listing attaches it)."""
+        record = self.get("verification")
+        return record if isinstance(record, dict) else None
+
+    @property
+    def verification_result(self):
+        """``ok``, ``failed``... of the latest verification, or None when never verified."""
+        return (self.verification or {}).get("result")
+
+
+def _dict_or_empty(value):
+    return value if isinstance(value, dict) else {}
+
+
 def build(backup_id, job, kind, started_at, finished_at, objects, compression, encryption,
           tool_versions, stats, parent=None, source=None, extra=None):
     """Assemble a complete manifest and check it holds nothing secret-looking."""
-    manifest = {
+    objects = [StoredObject.wrap(obj) for obj in objects]
+    manifest = Manifest({
         "schema": SCHEMA_VERSION,
         "id": backup_id,
         "job": job,
@@ -83,7 +242,7 @@ def build(backup_id, job, kind, started_at, finished_at, objects, compression, e
         "parent": parent,
         "stats": stats,
         "source": source or {},
-    }
+    })
     if extra:
         manifest.update(extra)
     _check_no_secrets(manifest)
@@ -104,7 +263,10 @@ def loads(data, where="manifest"):
 
 
 def validate(manifest, where="manifest"):
-    """Structural check of a parsed manifest (also applied to the catalog index's cached copies)."""
+    """Structural check of a parsed manifest (also applied to the catalog index's cached copies).
+
+    Returns it as a :class:`Manifest` whose entries are :class:`StoredObject`; the argument
+    itself is not changed."""
     if not isinstance(manifest, dict):
         raise IntegrityError("%s is not a JSON object" % where)
     missing = [field for field in _REQUIRED if field not in manifest]
@@ -124,7 +286,9 @@ def validate(manifest, where="manifest"):
     for obj in objects:
         if not _is_object_entry(obj):
             raise IntegrityError("%s has a malformed object entry: %r" % (where, obj))
-    return manifest
+    typed = Manifest(manifest)
+    typed["objects"] = [StoredObject.wrap(obj) for obj in objects]
+    return typed
 
 
 def _is_object_entry(obj):
@@ -134,13 +298,6 @@ def _is_object_entry(obj):
     relative = name and not name.startswith("/") and ".." not in name.split("/")
     return bool(relative and isinstance(obj.get("size"), int) and obj["size"] >= 0
                 and re.match(r"^[0-9a-f]{64}$", str(obj.get("sha256"))))
-
-
-def summary(manifest):
-    """The fields the catalog index keeps for each backup (enough to list, filter and prune)."""
-    keys = ("id", "job", "kind", "status", "started_at", "finished_at", "size_bytes", "parent",
-            "compression", "encryption")
-    return {key: manifest.get(key) for key in keys}
 
 
 def object_entry(manifest, name):

@@ -140,10 +140,8 @@ def copied_manifest(source_manifest, source_description, copied_at):
     Verification reads the objects list, never the manifest's own bytes, so the extra field
     changes nothing there; the catalog's listing entry (``verification``) is dropped.
     """
-    manifest = {key: value for key, value in source_manifest.items() if key != "verification"}
-    manifest["copied_from"] = {"storage": dict(source_description), "copied_at": to_iso(copied_at),
-                               "engine": ENGINE_VERSION}
-    return manifest
+    copied_from = {"storage": dict(source_description), "copied_at": to_iso(copied_at), "engine": ENGINE_VERSION}
+    return mf.Manifest.wrap(source_manifest).without("verification").with_fields(copied_from=copied_from)
 
 
 def reencrypted_manifest(source_manifest, objects, plaintext, recipients, source_description, copied_at):
@@ -151,17 +149,19 @@ def reencrypted_manifest(source_manifest, objects, plaintext, recipients, source
     (new sizes and SHA-256), encrypted to ``recipients``, and in ``copied_from.reencrypted``
     what it was encrypted to before, the source objects it stands for (how later copies know
     the backup is there) and the size and SHA-256 of each object's plaintext. Public keys only."""
+    source_manifest = mf.Manifest.wrap(source_manifest)
     manifest = copied_manifest(source_manifest, source_description, copied_at)
-    manifest["objects"] = objects
-    manifest["size_bytes"] = sum(obj["size"] for obj in objects)
-    manifest["encryption"] = {"mode": "age", "recipients": list(recipients)}
-    manifest["copied_from"]["reencrypted"] = {
+    reencrypted = {
         "recipients": list(recipients),
-        "source_encryption": codecs.public_encryption_info(source_manifest.get("encryption") or {}),
-        "source_objects": [{"name": obj["name"], "size": obj["size"], "sha256": obj["sha256"]}
-                           for obj in source_manifest["objects"]],
+        "source_encryption": codecs.public_encryption_info(source_manifest.encryption),
+        "source_objects": [{"name": obj.name, "size": obj.size, "sha256": obj.sha256}
+                           for obj in source_manifest.objects],
         "plaintext": plaintext,
     }
+    manifest = manifest.with_fields(
+        objects=objects, size_bytes=sum(obj["size"] for obj in objects),
+        encryption={"mode": "age", "recipients": list(recipients)},
+        copied_from=dict(manifest["copied_from"], reencrypted=reencrypted))
     return mf.validate(mf.build(**_build_args(manifest)))
 
 
@@ -395,7 +395,7 @@ class Copier:
             return unwanted
         if self.policy is None:
             return unwanted
-        missing = [dict(m, verification=None) for m in missing]
+        missing = [mf.Manifest.wrap(m).with_fields(verification=None) for m in missing]
         decided = retention_plan(list(present.values()) + missing, self.policy, min_keep=self.min_keep, now=now)
         kept = {entry["id"] for entry in decided["keep"]}
         unwanted.update((m["id"], "the destination's retention policy would not keep it") for m in missing
@@ -432,8 +432,7 @@ class Copier:
         for manifest in chosen:
             action, reason = plan_backup(manifest, present.get(manifest["id"]), sizes)
             if action is None:
-                record = (present[manifest["id"]].get("verification") or {})
-                if self.recheck == "full" or record.get("result") == "failed":
+                if self.recheck == "full" or present[manifest["id"]].verification_result == "failed":
                     problem = self._stored_damage(present[manifest["id"]])
                     if problem:
                         action, reason = REPAIR_ACTION, problem

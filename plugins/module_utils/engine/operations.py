@@ -96,7 +96,7 @@ def inventory(storage, job=None, backup=None):
 
 def verifications(storage, job):
     """``{backup id: last verification record or None}`` of every complete backup of ``job``."""
-    return {manifest["id"]: manifest.get("verification")
+    return {manifest.id: manifest.verification
             for manifest in Catalog(storage).scan(job, with_orphans=False)}
 
 

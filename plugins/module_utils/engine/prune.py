@@ -101,23 +101,16 @@ def _validate_limit(name, value, minimum):
     return value
 
 
-def _verification_result(manifest):
-    record = manifest.get("verification")
-    if isinstance(record, dict):
-        return record.get("result")
-    return None
-
-
 def _summary(manifest):
-    verification = manifest.get("verification") if isinstance(manifest.get("verification"), dict) else {}
+    verification = manifest.verification or {}
     return {
-        "id": manifest["id"],
+        "id": manifest.id,
         "started_at": manifest.get("started_at"),
         "finished_at": manifest.get("finished_at"),
         "kind": manifest.get("kind"),
-        "status": manifest.get("status"),
-        "parent": manifest.get("parent"),
-        "size_bytes": manifest.get("size_bytes"),
+        "status": manifest.status,
+        "parent": manifest.parent,
+        "size_bytes": manifest.size_bytes,
         "verification": verification.get("result"),
         "verified_at": verification.get("verified_at"),
     }
@@ -127,7 +120,7 @@ def _age_reference(manifest, failed_verification):
     """When a failed backup's grace period starts: the failed verification, else the run."""
     candidates = []
     if failed_verification:
-        candidates.append(manifest["verification"].get("verified_at"))
+        candidates.append(manifest.verification.get("verified_at"))
     candidates += [manifest.get("finished_at"), manifest.get("started_at")]
     for value in candidates:
         if value:
@@ -152,13 +145,14 @@ def plan(manifests, policy, min_keep=1, orphan_grace=None, now=None, within_refe
     min_keep = _validate_limit("min_keep", min_keep, 0) or 0
     grace = parse_grace(orphan_grace)
     now = now or utc_now()
-    ordered = sorted(manifests, key=lambda m: (parse_iso(m["started_at"]), m["id"]), reverse=True)
-    by_id = {m["id"]: m for m in ordered}
+    ordered = sorted((mf.Manifest.wrap(m) for m in manifests), key=lambda m: (parse_iso(m.started_at), m.id),
+                     reverse=True)
+    by_id = {m.id: m for m in ordered}
 
     successful, failed = [], []
     for manifest in ordered:
-        complete = manifest.get("status") == mf.STATUS_COMPLETE
-        bad = _verification_result(manifest) == VERIFIED_FAILED
+        complete = manifest.is_complete
+        bad = manifest.verification_result == VERIFIED_FAILED
         if complete and not bad:
             successful.append(manifest)
         else:
@@ -167,7 +161,7 @@ def plan(manifests, policy, min_keep=1, orphan_grace=None, now=None, within_refe
     reasons = {}  # id -> [reasons] for every kept backup
     if successful:
         result = apply_policy(
-            [Backup(m["id"], parse_iso(m["started_at"]), m) for m in successful],
+            [Backup(m.id, parse_iso(m.started_at), m) for m in successful],
             policy, now=now, within_reference=within_reference)
         for backup_id, why in result.reasons.items():
             reasons[backup_id] = list(why)
@@ -178,67 +172,67 @@ def plan(manifests, policy, min_keep=1, orphan_grace=None, now=None, within_refe
             reasons[backup_id].append(why)
 
     # Rail: the newest complete backup stays whatever the policy and verifications say.
-    complete = [m for m in ordered if m.get("status") == mf.STATUS_COMPLETE]
+    complete = [m for m in ordered if m.is_complete]
     if complete:
         newest = complete[0]
-        if newest["id"] not in reasons:
-            keep(newest["id"], REASON_NEWEST)
+        if newest.id not in reasons:
+            keep(newest.id, REASON_NEWEST)
     # Rail: the newest backup that passed verification.
-    verified = [m for m in complete if _verification_result(m) == VERIFIED_OK]
-    if verified and verified[0]["id"] not in reasons:
-        keep(verified[0]["id"], REASON_NEWEST_VERIFIED)
+    verified = [m for m in complete if m.verification_result == VERIFIED_OK]
+    if verified and verified[0].id not in reasons:
+        keep(verified[0].id, REASON_NEWEST_VERIFIED)
     # Rail: at least min_keep successful backups.
-    kept_successful = sum(1 for m in successful if m["id"] in reasons)
+    kept_successful = sum(1 for m in successful if m.id in reasons)
     for manifest in successful:
         if kept_successful >= min_keep:
             break
-        if manifest["id"] not in reasons:
+        if manifest.id not in reasons:
             kept_successful += 1
-            keep(manifest["id"], REASON_MIN_KEEP % min_keep)
+            keep(manifest.id, REASON_MIN_KEEP % min_keep)
 
     # Rail: require_copy - a successful backup the offsite copy does not hold yet stays.
     if copied is not None:
         for manifest in successful:
-            if manifest["id"] not in copied:
-                keep(manifest["id"], REASON_NOT_COPIED)
+            if manifest.id not in copied:
+                keep(manifest.id, REASON_NOT_COPIED)
 
     # Failed backups wait out the grace period, then go.
     failed_reason = {}
     for manifest in failed:
-        bad = _verification_result(manifest) == VERIFIED_FAILED
-        if manifest.get("status") != mf.STATUS_COMPLETE:
-            what = "failed backup (status %s)" % manifest.get("status")
+        bad = manifest.verification_result == VERIFIED_FAILED
+        if not manifest.is_complete:
+            what = "failed backup (status %s)" % manifest.status
         else:
-            what = "verification failed at %s" % manifest["verification"].get("verified_at")
-        since = _age_reference(manifest, bad and manifest.get("status") == mf.STATUS_COMPLETE)
-        if manifest["id"] in reasons:
+            what = "verification failed at %s" % manifest.verification.get("verified_at")
+        since = _age_reference(manifest, bad and manifest.is_complete)
+        if manifest.id in reasons:
             continue  # kept by a rail above
         if since is not None and now - since < grace:
-            keep(manifest["id"], "%s, within the grace period of %s" % (what, _format_grace(grace)))
+            keep(manifest.id, "%s, within the grace period of %s" % (what, _format_grace(grace)))
         else:
-            failed_reason[manifest["id"]] = "%s, older than the grace period of %s" % (what, _format_grace(grace))
+            failed_reason[manifest.id] = "%s, older than the grace period of %s" % (what, _format_grace(grace))
 
     # Rail: an incremental needs its whole chain. Walk from the newest, so a parent kept for
     # a child is itself followed to its own parent.
     for manifest in ordered:
-        if manifest["id"] not in reasons:
+        if manifest.id not in reasons:
             continue
         child = manifest
-        seen = {child["id"]}
-        while child.get("parent") and child["parent"] in by_id and child["parent"] not in seen:
-            parent_id = child["parent"]
+        seen = {child.id}
+        while child.parent and child.parent in by_id and child.parent not in seen:
+            parent_id = child.parent
             seen.add(parent_id)
-            keep(parent_id, REASON_PARENT % child["id"])
+            keep(parent_id, REASON_PARENT % child.id)
             child = by_id[parent_id]
 
     kept, pruned = [], []
     for manifest in ordered:
         entry = _summary(manifest)
-        if manifest["id"] in reasons:
-            entry["reasons"] = reasons[manifest["id"]]
+        if manifest.id in reasons:
+            entry["reasons"] = reasons[manifest.id]
             kept.append(entry)
         else:
-            entry["reason"] = failed_reason.get(manifest["id"], REASON_POLICY)
+            entry["reason"] = failed_reason.get(manifest.id, REASON_POLICY)
             pruned.append(entry)
     return {"keep": kept, "prune": pruned}
 

@@ -232,33 +232,34 @@ def cmd_backup(config, args, log):
         metrics.ship()
         raise
     verdict = run.size_verdict
-    finished = datetime.datetime.fromisoformat(manifest["finished_at"].replace("Z", "+00:00"))
-    ratio = _finite(manifest.get("size_change_ratio"))
+    finished = datetime.datetime.fromisoformat(manifest.finished_at.replace("Z", "+00:00"))
+    ratio = _finite(manifest.size_change_ratio)
     failed_size = verdict is not None and verdict.failed
     if failed_size:
         metrics.record("record_backup_result", False, finished)
         metrics.record("record_size_change_ratio", verdict.ratio)
     else:
         stored_new, repository_bytes = operations.stored_figures(storage, manifest)
+        duration = manifest.duration_seconds
         metrics.record("record_backup_result", True, finished,
-                       duration_seconds=manifest.get("duration_seconds", time.monotonic() - started),
-                       size_bytes=manifest["size_bytes"],
+                       duration_seconds=time.monotonic() - started if duration is None else duration,
+                       size_bytes=manifest.size_bytes,
                        size_change_ratio=verdict.ratio if verdict is not None else None,
                        stored_new_bytes=stored_new, repository_bytes=repository_bytes)
     if config.schedule:
         metrics.record("record_schedule", cron_expression=config.schedule)
     metrics.ship()
     log.info("backup %s stored: %s in %d objects (%s before compression) in %.1fs" % (
-        manifest["id"], _human_bytes(manifest["size_bytes"]), len(manifest["objects"]),
-        _human_bytes(manifest.get("raw_bytes") or 0), manifest.get("duration_seconds") or 0),
-        backup_id=manifest["id"], size_bytes=manifest["size_bytes"])
+        manifest.id, _human_bytes(manifest.size_bytes), len(manifest.objects),
+        _human_bytes(manifest.raw_bytes or 0), manifest.duration_seconds or 0),
+        backup_id=manifest.id, size_bytes=manifest.size_bytes)
     if verdict is not None and verdict.level != "ok":
         (log.error if failed_size else log.warning)("size anomaly: %s" % verdict.reason, size_change_ratio=ratio)
-    result = {"changed": True, "backup_id": manifest["id"], "job": manifest["job"], "kind": manifest["kind"],
-              "size_bytes": manifest["size_bytes"], "size_change_ratio": ratio,
-              "size_check": manifest.get("size_check"), "parent": manifest.get("parent"),
-              "duration_seconds": manifest.get("duration_seconds"), "stats": manifest.get("stats"),
-              "manifest": manifest}
+    result = {"changed": True, "backup_id": manifest.id, "job": manifest.job, "kind": manifest.kind,
+              "size_bytes": manifest.size_bytes, "size_change_ratio": ratio,
+              "size_check": manifest.size_check, "parent": manifest.parent,
+              "duration_seconds": manifest.duration_seconds, "stats": manifest.stats,
+              "manifest": manifest.to_dict()}
     if failed_size:
         raise _SizeFailure(result, verdict.reason)
     return EXIT_OK, result

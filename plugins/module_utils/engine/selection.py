@@ -63,7 +63,7 @@ def select_backup(catalog, job, backup=None, point_in_time=None):
         raise exc
     if selector in (None, "", "latest"):
         return manifest, "latest"
-    return manifest, "id" if manifest["id"] == selector else "time"
+    return manifest, "id" if manifest.id == selector else "time"
 
 
 def reread_manifest(storage, manifest):
@@ -78,11 +78,10 @@ def reread_manifest(storage, manifest):
         fresh = mf.loads(storage.get_bytes(key), key)
     except NotFoundError:
         raise IntegrityError("%s disappeared while the restore was being prepared" % key) from None
-    listed = {k: v for k, v in manifest.items() if k != "verification"}
-    if fresh != listed:
+    if fresh != mf.Manifest.wrap(manifest).without("verification"):
         raise IntegrityError("%s differs from the copy indexed when the backup was published "
                              "(edited afterwards?)" % key)
-    return dict(fresh, verification=manifest.get("verification"))
+    return fresh.with_fields(verification=manifest.get("verification"))
 
 
 def backup_chain(catalog, manifest):
@@ -90,7 +89,7 @@ def backup_chain(catalog, manifest):
 
     Every manifest of the chain is re-read from storage (see :func:`reread_manifest`).
     """
-    chain = catalog.chain(manifest) if manifest.get("parent") else [manifest]
+    chain = catalog.chain(manifest) if manifest.parent else [manifest]
     chain = [reread_manifest(catalog.storage, item) for item in chain]
     for parent, child in zip(chain, chain[1:]):
         if parent["job"] != child["job"] or parent["kind"] != child["kind"]:

@@ -61,8 +61,8 @@ def verify_one(storage, catalog, manifest, identity=None, passphrase=None, test_
     """
     clock = clock or RestoreClock()
     started_clock = time.monotonic()
-    result = {"id": manifest["id"], "job": manifest["job"], "kind": manifest["kind"],
-              "finished_at": manifest["finished_at"], "test_restore": bool(test_restore),
+    result = {"id": manifest.id, "job": manifest.job, "kind": manifest.kind,
+              "finished_at": manifest.finished_at, "test_restore": bool(test_restore),
               "objects": 0, "stored_bytes": 0, "plain_bytes": 0, "checks": [], "error": None}
     try:
         chain = backup_chain(catalog, manifest)
@@ -70,7 +70,7 @@ def verify_one(storage, catalog, manifest, identity=None, passphrase=None, test_
         keys = chain_identities(storage, chain, identity, passphrase)
         clock.mark("select")
         if test_restore:
-            cls = target_class or kinds.target_class(manifest["kind"])
+            cls = target_class or kinds.target_class(manifest.kind)
             with contextlib.ExitStack() as stack:
                 try:
                     target = stack.enter_context(cls.scratch(manifest, dict(scratch_options or {})))
@@ -176,7 +176,7 @@ def verify(storage, job, backup="latest", identity=None, passphrase=None, test_r
             changed = True
         else:
             result["recorded"] = False
-        log("backup %s: %s%s" % (manifest["id"], result["result"],
+        log("backup %s: %s%s" % (manifest.id, result["result"],
                                  ": " + result["error"] if result["error"] else
                                  " (%d objects, %d bytes)" % (result["objects"], result["stored_bytes"])))
         results.append(result)
