@@ -167,8 +167,14 @@ def test_a_manifest_reads_its_fields_as_properties_and_stays_the_json_it_came_fr
         assert manifest.stats == {"tables": {"public.users": 10}}
         assert manifest.encryption == {"mode": "age", "recipients": ["age1qqq"]}
         assert manifest.verification is None and manifest.verification_result is None
-        assert [(o.name, o.size, o.sha256) for o in manifest.objects] == [
-            ("dump.pgdump.zst.age", 1000, SHA), ("globals.sql.zst.age", 24, "cd" * 32)]
+        assert [(o.name, o.size, o.sha256, o.payload) for o in manifest.objects] == [
+            ("dump.pgdump.zst.age", 1000, SHA, "dump.pgdump"), ("globals.sql.zst.age", 24, "cd" * 32, "globals.sql")]
+        assert manifest.compression_algorithm == "zstd" and manifest.encryption_mode == "age"
+        assert manifest.source == {"host": "db", "dbname": "app", "password_file": "/run/secrets/pg"}
+        assert manifest.payload_object("globals.sql").name == "globals.sql.zst.age"
+        assert manifest.object_named("dump.pgdump.zst.age").payload == "dump.pgdump"
+        assert manifest.payload_object("nope") is None and manifest.object_named("nope") is None
+        assert manifest.objects[0].raw_bytes is None and manifest.objects[0].restic_snapshot is None
     # Equal to, and serialised exactly like, the plain JSON: the index cache and the
     # re-read check of a restore compare manifests with what storage holds.
     plain = json.loads(mf.dumps(built))
@@ -197,8 +203,10 @@ def test_copies_keep_the_type_and_never_change_the_original():
 @pytest.mark.parametrize("value", [None, "ok", ["ok"], 3])
 def test_fields_of_the_wrong_type_read_as_absent(value):
     # validate() does not check these types and verification.json may hold any JSON.
-    manifest = mf.Manifest.wrap(dict(sample(), stats=value, encryption=value, verification=value))
-    assert manifest.stats == {} and manifest.encryption == {}
+    manifest = mf.Manifest.wrap(dict(sample(), stats=value, encryption=value, compression=value, source=value,
+                                     verification=value))
+    assert manifest.stats == {} and manifest.encryption == {} and manifest.source == {}
+    assert manifest.encryption_mode is None and manifest.compression_algorithm is None
     assert manifest.verification is None and manifest.verification_result is None
 
 

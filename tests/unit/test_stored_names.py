@@ -13,7 +13,7 @@ from pyrage import x25519
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import keys as backup_keys
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import integrity
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun, open_payload
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.filesystem import FilesystemStorage
@@ -54,3 +54,27 @@ def test_backup_names_and_restore_checks_by_the_same_rule(tmp_path, algorithm, e
     forged = dict(manifest, encryption={"mode": "none" if encrypted else "age"})
     with pytest.raises(IntegrityError, match="does not carry payload data.tar as its name"):
         integrity.verify_objects(storage, forged, ids)
+
+
+class CountingStorage(FilesystemStorage):
+    """A real filesystem location that counts the objects opened for reading."""
+
+    opened = 0
+
+    def open_reader(self, key):
+        CountingStorage.opened += 1
+        return super().open_reader(key)
+
+
+@pytest.mark.parametrize("compression", [None, {}, "zstd", {"algorithm": "lz4"}])
+def test_a_payload_of_a_manifest_with_unknown_compression_is_refused_before_it_is_opened(tmp_path, compression):
+    storage = CountingStorage(str(tmp_path / "store"))
+    manifest = BackupRun("names", BytesSource({}), storage, {"algorithm": "zstd"}).run()
+    forged = dict(manifest, compression=compression)
+    CountingStorage.opened = 0
+    with pytest.raises(IntegrityError, match="records unknown compression"):
+        open_payload(storage, forged, "data.tar")
+    with pytest.raises(IntegrityError, match="records unknown compression"):
+        integrity.verify_objects(storage, forged, None)
+    assert CountingStorage.opened == 0
+    assert open_payload(storage, manifest, "data.tar").read(13) == b"stored names "

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .manifest import Manifest
 from .timeutil import parse_iso
 
 OK = "ok"
@@ -186,10 +187,10 @@ def check_new_backup(catalog, manifest, policy=None):
     """
     if not isinstance(policy, SizePolicy):
         policy = SizePolicy.from_mapping(policy)
-    history = catalog.scan(manifest["job"], with_orphans=False)
-    previous = previous_successful(history, manifest["job"], incremental=bool(manifest.get("parent")),
-                                   exclude_id=manifest.get("id"))
-    verdict = evaluate_size(manifest["size_bytes"], previous["size_bytes"] if previous else None, policy)
+    manifest = Manifest.wrap(manifest)
+    history = catalog.scan(manifest.job, with_orphans=False)
+    previous = previous_successful(history, manifest.job, incremental=bool(manifest.parent), exclude_id=manifest.id)
+    verdict = evaluate_size(manifest.size_bytes, previous["size_bytes"] if previous else None, policy)
     if previous is None:
         return verdict
     return SizeVerdict(verdict.level, verdict.ratio, verdict.current_bytes, verdict.previous_bytes,

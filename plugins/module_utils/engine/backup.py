@@ -17,16 +17,26 @@ from .timeutil import new_backup_id, to_iso, utc_now
 ENGINE_VERSION = "0.1.0"
 
 
+def recorded_compression(manifest):
+    """The compression algorithm ``manifest`` records; IntegrityError for one this engine does
+    not know (checked before any object is opened)."""
+    algorithm = manifest.compression_algorithm
+    if algorithm not in codecs.SUFFIX:
+        raise IntegrityError("backup %s records unknown compression %r" % (manifest.id, algorithm))
+    return algorithm
+
+
 def open_payload(storage, manifest, payload_name, identities=None):
     """A PlaintextStream of one payload of a stored backup (used by incrementals and restores);
     for a restic-format backup a stream of ``restic dump`` with the same checks."""
+    manifest = mf.Manifest.wrap(manifest)
     if resticstore.is_restic(manifest):
         return resticstore.ResticPayloadStream(storage, manifest, payload_name)
-    obj = mf.payload_entry(manifest, payload_name)
+    obj = manifest.payload_object(payload_name)
     if obj is None:
-        raise NotFoundError("backup %s has no payload %s" % (manifest["id"], payload_name))
-    key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
-    return PlaintextStream(storage, key, obj, manifest["compression"]["algorithm"], identities)
+        raise NotFoundError("backup %s has no payload %s" % (manifest.id, payload_name))
+    key = mf.object_key(manifest.job, manifest.id, obj.name)
+    return PlaintextStream(storage, key, obj, recorded_compression(manifest), identities)
 
 
 class _RunContext(BackupContext):
@@ -52,10 +62,10 @@ class _RunContext(BackupContext):
         return open_payload(self._storage, manifest, payload_name, self._identities)
 
     def stored_intact(self, manifest, payload_name):
-        obj = mf.payload_entry(manifest, payload_name)
+        obj = manifest.payload_object(payload_name)
         if obj is None:
             return False
-        key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
+        key = mf.object_key(manifest.job, manifest.id, obj.name)
         try:
             check_object(self._storage, key, obj, "none")  # the stored bytes, not decoded
         except (IntegrityError, NotFoundError):

@@ -11,17 +11,14 @@ first and verified by the streams the target reads; the report stays complete ei
 from . import codecs
 from . import manifest as mf
 from . import resticstore
-from .backup import open_payload
+from .backup import open_payload, recorded_compression
 from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError
 from .pipeline import CHUNK, PlaintextStream, check_object, drain
 from .storage.base import is_unfinished
 
 
 def _expected_name(obj, manifest):
-    algorithm = (manifest.get("compression") or {}).get("algorithm")
-    if algorithm not in codecs.SUFFIX:
-        raise IntegrityError("backup %s records unknown compression %r" % (manifest["id"], algorithm))
-    return codecs.stored_name(obj["payload"], algorithm, (manifest.get("encryption") or {}).get("mode"))
+    return codecs.stored_name(obj.payload, recorded_compression(manifest), manifest.encryption_mode)
 
 
 def _raise_stored_bytes_error(storage, key, obj, decode_error):
@@ -66,51 +63,52 @@ def verify_objects(storage, manifest, backup_identities, clock=None, declared=fr
     are ``{"name", "payload", "size", "pending": True}`` until their stream's result
     replaces them (see :func:`one_pass_summary`).
     """
+    manifest = mf.Manifest.wrap(manifest)
     if resticstore.is_restic(manifest):
         return resticstore.verify_objects(storage, manifest, clock, declared)
     seen = set()
     details = []
     payloads = 0
     listing = None
-    for obj in manifest["objects"]:
-        name = obj["name"]
+    for obj in manifest.objects:
+        name = obj.name
         if name in seen:
-            raise IntegrityError("backup %s lists object %s twice" % (manifest["id"], name))
+            raise IntegrityError("backup %s lists object %s twice" % (manifest.id, name))
         seen.add(name)
-        key = mf.object_key(manifest["job"], manifest["id"], name)
-        if obj.get("payload"):
+        key = mf.object_key(manifest.job, manifest.id, name)
+        if obj.payload:
             if name != _expected_name(obj, manifest):
                 raise IntegrityError("backup %s: object %s does not carry payload %s as its name, compression "
-                                     "and encryption say (manifest edited?)" % (manifest["id"], name, obj["payload"]))
-            algorithm = manifest["compression"]["algorithm"]
+                                     "and encryption say (manifest edited?)" % (manifest.id, name, obj.payload))
+            algorithm = manifest.compression_algorithm
             ids = backup_identities
             payloads += 1
-            if (manifest["id"], obj["payload"]) in declared:
+            if (manifest.id, obj.payload) in declared:
                 if listing is None:
                     listing = _listed_sizes(storage, manifest)
                 _check_listed(listing, key, name, obj)
-                details.append({"name": name, "payload": obj["payload"], "size": obj["size"], "pending": True})
+                details.append({"name": name, "payload": obj.payload, "size": obj.size, "pending": True})
                 continue
         else:
             algorithm, ids = "none", None  # key envelope and other side objects: bytes only
         try:
-            report = _check_object(storage, key, obj, algorithm, ids, clock if obj.get("payload") else None)
+            report = _check_object(storage, key, obj, algorithm, ids, clock if obj.payload else None)
         except NotFoundError:
             raise IntegrityError("%s is listed in the manifest but missing from storage" % key) from None
         except IntegrityError as exc:
             _raise_stored_bytes_error(storage, key, obj, exc)
             raise
-        report["payload"] = obj.get("payload")
+        report["payload"] = obj.payload
         details.append(report)
     if not payloads:
-        raise IntegrityError("backup %s lists no payload object" % manifest["id"])
+        raise IntegrityError("backup %s lists no payload object" % manifest.id)
     _check_no_strays(storage, manifest, seen)
     return details
 
 
 def _listed_sizes(storage, manifest):
     """``{object name: size}`` of what storage lists under the backup's directory."""
-    prefix = "%s/%s/" % (manifest["job"], manifest["id"])
+    prefix = "%s/%s/" % (manifest.job, manifest.id)
     return {info.key[len(prefix):]: info.size for info in storage.list(prefix)}
 
 
@@ -119,8 +117,8 @@ def _check_listed(listing, key, name, obj):
     size = listing.get(name)
     if size is None:
         raise IntegrityError("%s is listed in the manifest but missing from storage" % key)
-    if size != obj["size"]:
-        raise ObjectMismatchError(key, "size", obj["size"], size)
+    if size != obj.size:
+        raise ObjectMismatchError(key, "size", obj.size, size)
 
 
 # Objects a backup directory may hold besides those its manifest lists.
@@ -130,18 +128,20 @@ _SIDE_OBJECTS = (mf.MANIFEST_NAME, mf.VERIFICATION_NAME)
 def _check_no_strays(storage, manifest, listed):
     """An object in the backup directory that the manifest does not list means the manifest
     lost an entry (edited) or something foreign was put there: refuse rather than guess."""
-    prefix = "%s/%s/" % (manifest["job"], manifest["id"])
+    prefix = "%s/%s/" % (manifest.job, manifest.id)
     for info in storage.list(prefix):
         name = info.key[len(prefix):]
         if name in listed or name in _SIDE_OBJECTS or is_unfinished(name):
             continue
         raise IntegrityError("%s is stored in backup %s but not listed in its manifest "
-                             "(manifest edited, or a foreign object)" % (info.key, manifest["id"]))
+                             "(manifest edited, or a foreign object)" % (info.key, manifest.id))
 
 
-def recorded_plain_bytes(manifests):
-    """Plaintext bytes of the manifests' payloads as recorded at backup time (None if unrecorded)."""
-    sizes = [obj.get("raw_bytes") for item in manifests for obj in item["objects"] if obj.get("payload")]
+def recorded_plain_bytes(manifests, skip=frozenset()):
+    """Plaintext bytes of the manifests' payloads as recorded at backup time (None if unrecorded),
+    leaving out the ``(backup id, payload)`` pairs in ``skip``."""
+    sizes = [obj.raw_bytes for item in map(mf.Manifest.wrap, manifests) for obj in item.objects
+             if obj.payload and (item.id, obj.payload) not in skip]
     return sum(sizes) if sizes and all(isinstance(size, int) for size in sizes) else None
 
 
@@ -159,13 +159,13 @@ def verify_chain(storage, chain, keys_by_id, verified=None, clock=None):
     verified = {} if verified is None else verified
     summary = {"backups": [], "objects": 0, "stored_bytes": 0, "plain_bytes": 0, "details": []}
     if clock is not None:
-        clock.begin("verify", recorded_plain_bytes([item for item in chain if item["id"] not in verified]))
+        clock.begin("verify", recorded_plain_bytes([item for item in chain if item.id not in verified]))
     for item in chain:
-        if item["id"] not in verified:
-            details = verify_objects(storage, item, keys_by_id.get(item["id"]), clock)
-            verified[item["id"]] = details
-        details = verified[item["id"]]
-        _add_to_summary(summary, item["id"], details)
+        if item.id not in verified:
+            details = verify_objects(storage, item, keys_by_id.get(item.id), clock)
+            verified[item.id] = details
+        details = verified[item.id]
+        _add_to_summary(summary, item.id, details)
     return summary
 
 
@@ -180,7 +180,7 @@ def declared_payloads(target, manifest, chain):
     declared = target.one_pass_payloads(manifest, chain)
     if not declared:
         return None
-    held = {(item["id"], obj["payload"]) for item in chain for obj in item["objects"] if obj.get("payload")}
+    held = {(item.id, obj.payload) for item in chain for obj in item.objects if obj.payload}
     try:
         declared = frozenset(tuple(entry) for entry in declared) & held
     except (TypeError, ValueError):
@@ -196,10 +196,8 @@ def precheck_chain(storage, chain, keys_by_id, declared, clock=None):
     the streams the target reads.
     """
     if clock is not None:
-        clock.begin("verify", recorded_plain_bytes([
-            {"objects": [obj for obj in item["objects"] if (item["id"], obj.get("payload")) not in declared]}
-            for item in chain]))
-    return {item["id"]: verify_objects(storage, item, keys_by_id.get(item["id"]), clock, declared)
+        clock.begin("verify", recorded_plain_bytes(chain, skip=declared))
+    return {item.id: verify_objects(storage, item, keys_by_id.get(item.id), clock, declared)
             for item in chain}
 
 
@@ -213,23 +211,23 @@ def one_pass_summary(storage, chain, keys_by_id, details_by_id, results):
     summary = {"backups": [], "objects": 0, "stored_bytes": 0, "plain_bytes": 0, "details": [], "mode": "one-pass"}
     for item in chain:
         details = []
-        for entry in details_by_id[item["id"]]:
+        for entry in details_by_id[item.id]:
             if entry.get("pending"):
-                report = results.get((item["id"], entry["payload"]))
+                report = results.get((item.id, entry["payload"]))
                 if report is None and resticstore.is_restic(item):
                     report = _read_payload(storage, item, entry["payload"])
                 if report is None:
                     obj = mf.object_entry(item, entry["name"])
-                    key = mf.object_key(item["job"], item["id"], entry["name"])
+                    key = mf.object_key(item.job, item.id, entry["name"])
                     try:
-                        report = _check_object(storage, key, obj, item["compression"]["algorithm"],
-                                               keys_by_id.get(item["id"]))
+                        report = _check_object(storage, key, obj, item.compression_algorithm,
+                                               keys_by_id.get(item.id))
                     except IntegrityError as exc:
                         _raise_stored_bytes_error(storage, key, obj, exc)
                         raise
                 entry = dict(report, payload=entry["payload"])
             details.append(entry)
-        _add_to_summary(summary, item["id"], details)
+        _add_to_summary(summary, item.id, details)
     return summary
 
 

@@ -76,7 +76,7 @@ def _check_no_secrets(value, path="manifest"):
 class StoredObject(dict):
     """One entry of a manifest's ``objects``: the object ``name`` (relative to the backup's
     directory), its stored ``size`` and ``sha256``; a payload's entry also names the
-    ``payload`` it holds and its plaintext size (``raw_bytes``), read by subscript."""
+    ``payload`` it holds and its plaintext size (``raw_bytes``)."""
 
     __slots__ = ()
 
@@ -99,12 +99,27 @@ class StoredObject(dict):
     def sha256(self):
         return self["sha256"]
 
+    @property
+    def payload(self):
+        """The payload this object holds, or None for a side object (a key envelope)."""
+        return self.get("payload")
+
+    @property
+    def raw_bytes(self):
+        """Plaintext size recorded at backup time (None where it was not recorded)."""
+        return self.get("raw_bytes")
+
+    @property
+    def restic_snapshot(self):
+        """The restic snapshot holding this payload (restic-format backups), else None."""
+        return self.get("restic_snapshot")
+
 
 class Manifest(dict):
     """A backup's manifest (see the module docstring): a dict with typed read-only fields.
 
     Required fields read strictly (a missing one raises KeyError, as it did when callers
-    subscripted); optional ones read None; ``stats``, ``encryption`` and the
+    subscripted); optional ones read None; ``stats``, ``encryption``, ``compression`` and the
     catalog's ``verification`` read leniently, since ``validate`` does not check their types
     and ``verification.json`` may hold any JSON.
     """
@@ -202,8 +217,31 @@ class Manifest(dict):
         return _dict_or_empty(self.get("stats"))
 
     @property
+    def source(self):
+        """What the source described of itself (host, path...; never a secret); ``{}`` if absent."""
+        return _dict_or_empty(self.get("source"))
+
+    @property
     def encryption(self):
         return _dict_or_empty(self.get("encryption"))
+
+    @property
+    def encryption_mode(self):
+        return self.encryption.get("mode")
+
+    @property
+    def compression_algorithm(self):
+        return _dict_or_empty(self.get("compression")).get("algorithm")
+
+    def object_named(self, name):
+        """The entry of the stored object ``name``, or None."""
+        found = object_entry(self, name)
+        return None if found is None else StoredObject.wrap(found)
+
+    def payload_object(self, payload_name):
+        """The entry of the stored object holding the payload ``payload_name``, or None."""
+        found = payload_entry(self, payload_name)
+        return None if found is None else StoredObject.wrap(found)
 
     @property
     def verification(self):

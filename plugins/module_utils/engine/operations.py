@@ -56,10 +56,10 @@ def stored_figures(storage, manifest):
     archive adds its whole stored size and has no repository (None); a restic backup adds what
     restic stored new, and its job's repository is measured (a listing of its objects)."""
     if not resticstore.is_restic(manifest):
-        return manifest["size_bytes"], None
+        return manifest.size_bytes, None
     added = (manifest.get("restic") or {}).get("data_added")
     try:
-        return added, resticstore.repository(storage, manifest["job"]).stored_bytes()
+        return added, resticstore.repository(storage, manifest.job).stored_bytes()
     except (StorageError, ConfigError):
         return added, None   # the backup is stored: a listing that fails now only costs a metric
 

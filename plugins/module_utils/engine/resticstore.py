@@ -85,7 +85,7 @@ def read_data_subset(storage):
 
 def _where(manifest, obj):
     return "restic snapshot %s (%s of backup %s/%s)" % (
-        (obj.get("restic_snapshot") or "?")[:12], obj.get("payload"), manifest["job"], manifest["id"])
+        (obj.restic_snapshot or "?")[:12], obj.payload, manifest.job, manifest.id)
 
 
 class ResticPayloadStream:
@@ -97,16 +97,17 @@ class ResticPayloadStream:
     """
 
     def __init__(self, storage, manifest, payload_name):
-        obj = mf.payload_entry(manifest, payload_name)
+        manifest = mf.Manifest.wrap(manifest)
+        obj = manifest.payload_object(payload_name)
         if obj is None:
-            raise IntegrityError("backup %s has no payload %s" % (manifest["id"], payload_name))
-        snapshot = obj.get("restic_snapshot")
+            raise IntegrityError("backup %s has no payload %s" % (manifest.id, payload_name))
+        snapshot = obj.restic_snapshot
         if snapshot not in manifest_snapshots(manifest):
             raise IntegrityError("backup %s: payload %s names no restic snapshot of its manifest"
-                                 % (manifest["id"], payload_name))
+                                 % (manifest.id, payload_name))
         self._expected = obj
         self._where = _where(manifest, obj)
-        self._reader = repository(storage, manifest["job"]).open_dump(snapshot, obj["name"])
+        self._reader = repository(storage, manifest.job).open_dump(snapshot, obj.name)
         self._sha256 = hashlib.sha256()
         self.plain_bytes = 0
         self._ended = False
@@ -123,12 +124,12 @@ class ResticPayloadStream:
     def finish(self):
         while not self._ended:
             self.read(1 << 20)
-        if self.plain_bytes != self._expected["size"]:
-            raise ObjectMismatchError(self._where, "size", self._expected["size"], self.plain_bytes)
+        if self.plain_bytes != self._expected.size:
+            raise ObjectMismatchError(self._where, "size", self._expected.size, self.plain_bytes)
         digest = self._sha256.hexdigest()
-        if digest != self._expected["sha256"]:
-            raise ObjectMismatchError(self._where, "sha256", self._expected["sha256"], digest)
-        return {"name": self._expected["name"], "size": self.plain_bytes, "sha256": digest,
+        if digest != self._expected.sha256:
+            raise ObjectMismatchError(self._where, "sha256", self._expected.sha256, digest)
+        return {"name": self._expected.name, "size": self.plain_bytes, "sha256": digest,
                 "plain_bytes": self.plain_bytes}
 
     def close(self):
@@ -139,28 +140,29 @@ def verify_objects(storage, manifest, clock=None, declared=frozenset()):
     """integrity.verify_objects for a restic-format backup: every payload dumped and checked
     against its size and SHA-256 (the declared ones of a one-pass restore are only looked up:
     their snapshot must exist and their stream is checked as the target reads it)."""
+    manifest = mf.Manifest.wrap(manifest)
     seen = set()
     details = []
-    repo = repository(storage, manifest["job"])
+    repo = repository(storage, manifest.job)
     snapshots = manifest_snapshots(manifest)
     section = manifest.get("restic") or {}
     config = repo.config()
     if section.get("repository_id") and config.get("id") != section["repository_id"]:
         raise IntegrityError("backup %s was written to restic repository %s, but %s is repository %s (foreign "
                              "or re-created repository)"
-                             % (manifest["id"], section["repository_id"], repo.url, config.get("id")))
-    for obj in manifest["objects"]:
-        if not obj.get("payload") or obj["name"] in seen:
-            raise IntegrityError("backup %s: malformed restic object entry %s" % (manifest["id"], obj.get("name")))
-        seen.add(obj["name"])
-        if obj.get("restic_snapshot") not in snapshots:
-            raise IntegrityError("backup %s: payload %s names no snapshot" % (manifest["id"], obj["payload"]))
-        if (manifest["id"], obj["payload"]) in declared:
-            if not repo.has_snapshot(obj["restic_snapshot"]):
+                             % (manifest.id, section["repository_id"], repo.url, config.get("id")))
+    for obj in manifest.objects:
+        if not obj.payload or obj.name in seen:
+            raise IntegrityError("backup %s: malformed restic object entry %s" % (manifest.id, obj.name))
+        seen.add(obj.name)
+        if obj.restic_snapshot not in snapshots:
+            raise IntegrityError("backup %s: payload %s names no snapshot" % (manifest.id, obj.payload))
+        if (manifest.id, obj.payload) in declared:
+            if not repo.has_snapshot(obj.restic_snapshot):
                 raise IntegrityError("%s is missing from %s" % (_where(manifest, obj), repo.url))
-            details.append({"name": obj["name"], "payload": obj["payload"], "size": obj["size"], "pending": True})
+            details.append({"name": obj.name, "payload": obj.payload, "size": obj.size, "pending": True})
             continue
-        stream = ResticPayloadStream(storage, manifest, obj["payload"])
+        stream = ResticPayloadStream(storage, manifest, obj.payload)
         try:
             while True:
                 data = stream.read(1 << 20)
@@ -171,16 +173,16 @@ def verify_objects(storage, manifest, clock=None, declared=frozenset()):
             report = stream.finish()
         finally:
             stream.close()
-        report["payload"] = obj["payload"]
+        report["payload"] = obj.payload
         details.append(report)
     if not details:
-        raise IntegrityError("backup %s lists no payload object" % manifest["id"])
-    prefix = "%s/%s/" % (manifest["job"], manifest["id"])
+        raise IntegrityError("backup %s lists no payload object" % manifest.id)
+    prefix = "%s/%s/" % (manifest.job, manifest.id)
     for info in storage.list(prefix):
         name = info.key[len(prefix):]
         if name not in (mf.MANIFEST_NAME, mf.VERIFICATION_NAME) and not is_unfinished(name):
             raise IntegrityError("%s is stored in restic-format backup %s, which keeps its data in restic "
-                                 "(manifest edited, or a foreign object)" % (info.key, manifest["id"]))
+                                 "(manifest edited, or a foreign object)" % (info.key, manifest.id))
     return details
 
 

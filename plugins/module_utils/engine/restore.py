@@ -204,7 +204,7 @@ def restore_context(storage, manifest, chain, keys_by_id, check_mode=False, opti
                     on_result=None):
     """The target's RestoreContext; ``on_result(backup_id, payload_name, report)`` is called
     when a payload stream reaches its end with size and SHA-256 as the manifest says."""
-    allowed = {item["id"] for item in chain}
+    allowed = {item.id for item in chain}
 
     def opener(which, payload_name):
         if which["id"] not in allowed:
@@ -238,9 +238,9 @@ def restore_verified(storage, manifest, chain, keys_by_id, target, clock=None, o
         clock.mark("checks")
     failed = _failed_checks(report)
     if failed:
-        raise IntegrityError("restore of %s into %s failed its checks: %s" % (
-            manifest["id"], target.kind, "; ".join("%s: expected %s, got %s" % (c.get("what"), c.get("expected"), c.get("actual"))
-                                                   for c in failed[:5])))
+        described = "; ".join("%s: expected %s, got %s" % (c.get("what"), c.get("expected"), c.get("actual"))
+                              for c in failed[:5])
+        raise IntegrityError("restore of %s into %s failed its checks: %s" % (manifest.id, target.kind, described))
     return report
 
 
@@ -269,7 +269,7 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
     catalog = Catalog(storage)
     manifest, selected_by = select_backup(catalog, job, backup, point_in_time)
     if not isinstance(target, Target):
-        target = target(manifest["kind"])  # a factory: the kind is known once the backup is chosen
+        target = target(manifest.kind)  # a factory: the kind is known once the backup is chosen
     try:
         return _restore_selected(storage, job, target, catalog, manifest, selected_by, point_in_time, identity,
                                  passphrase, check_mode, log, clock, verify_first)
@@ -280,13 +280,13 @@ def restore(storage, job, target, backup=None, point_in_time=None, identity=None
 def _restore_selected(storage, job, target, catalog, manifest, selected_by, point_in_time, identity, passphrase,
                       check_mode, log, clock, verify_first):
     started = clock.started
-    if target.kind != manifest["kind"]:
+    if target.kind != manifest.kind:
         raise ConfigError("backup %s of job %s is a %s backup; the target restores %s"
-                          % (manifest["id"], job, manifest["kind"], target.kind))
+                          % (manifest.id, job, manifest.kind, target.kind))
     chain = backup_chain(catalog, manifest)
     manifest = chain[-1]
     log("restoring %s backup %s of job %s (%s) into %s" % (
-        manifest["kind"], manifest["id"], job,
+        manifest.kind, manifest.id, job,
         "chain of %d" % len(chain) if len(chain) > 1 else "full",
         " ".join("%s=%s" % item for item in sorted(target.describe().items()))))
     keys_by_id = chain_identities(storage, chain, identity, passphrase)
@@ -315,7 +315,7 @@ def _restore_selected(storage, job, target, catalog, manifest, selected_by, poin
         summary = planned.get("plan")
         report.update(changed=False, restore=plan, checks=planned.get("checks") or [],
                       plan="would restore %s backup %s%s into %s%s" % (
-                          manifest["kind"], manifest["id"],
+                          manifest.kind, manifest.id,
                           " (with %d earlier backups of its chain)" % (len(chain) - 1) if len(chain) > 1 else "",
                           target.describe(),
                           ": %s" % summary if isinstance(summary, str) else ""))
@@ -328,9 +328,9 @@ def _restore_selected(storage, job, target, catalog, manifest, selected_by, poin
 
 def _report(job, manifest, chain, selected_by, point_in_time, target, verification, check_mode):
     return {
-        "job": job, "kind": manifest["kind"], "backup_id": manifest["id"], "selected_by": selected_by,
-        "point_in_time": point_in_time, "finished_at": manifest["finished_at"],
-        "chain": [item["id"] for item in chain], "target": target.describe(),
+        "job": job, "kind": manifest.kind, "backup_id": manifest.id, "selected_by": selected_by,
+        "point_in_time": point_in_time, "finished_at": manifest.finished_at,
+        "chain": [item.id for item in chain], "target": target.describe(),
         "verification": verification, "check_mode": bool(check_mode),
     }
 

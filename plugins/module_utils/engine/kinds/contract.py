@@ -31,7 +31,7 @@ class BackupContext:
         self.parent = None  # manifest of the parent backup (incremental chains) or None
 
     def latest(self):
-        """The job's newest complete backup (its manifest); NotFoundError when it has none."""
+        """The job's newest complete backup (its ``manifest.Manifest``); NotFoundError when it has none."""
         raise NotImplementedError
 
     def chain(self, manifest):
@@ -103,7 +103,7 @@ class RestoreContext:
     """What a target gets: the chain of manifests and a way to read their payloads."""
 
     def __init__(self, manifest, chain, open_payload, check_mode=False, options=None, note_progress=None):
-        self.manifest = manifest        # the backup being restored
+        self.manifest = manifest        # the backup being restored (a Manifest, or a mapping with its fields)
         self.chain = chain              # [full, incr1, ..., manifest] oldest first (just [manifest] for fulls)
         self.open_payload = open_payload  # open_payload(manifest, payload_name) -> PlaintextStream
         self.check_mode = check_mode

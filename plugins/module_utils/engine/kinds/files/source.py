@@ -132,15 +132,15 @@ class FilesSource(Source):
         try:
             self._parent_spool = self._fetch_index(context, latest)
         except NotFoundError:
-            self.full_reason = "latest backup %s has no file index" % latest["id"]
+            self.full_reason = "latest backup %s has no file index" % latest.id
             return None
         except IntegrityError as exc:
-            if (latest.get("encryption") or {}).get("mode") == "age" and context.stored_intact(latest, INDEX_PAYLOAD):
+            if latest.encryption_mode == "age" and context.stored_intact(latest, INDEX_PAYLOAD):
                 raise ConfigError(
                     "incremental backup of job %s must read the file index of %s, which does not decrypt "
                     "with the identity given (none, or the wrong one): give the job its age identity "
-                    "(encryption.identity_file) or set incremental: false" % (context.job, latest["id"])) from None
-            self.full_reason = "parent %s is damaged (%s)" % (latest["id"], exc)
+                    "(encryption.identity_file) or set incremental: false" % (context.job, latest.id)) from None
+            self.full_reason = "parent %s is damaged (%s)" % (latest.id, exc)
             return None
         return latest
 
@@ -158,18 +158,18 @@ class FilesSource(Source):
             stream.close()
 
     def _full_due(self, context, latest):
-        if latest.get("kind") != self.kind:
-            return "latest backup %s is of kind %s" % (latest["id"], latest.get("kind"))
+        if latest.kind != self.kind:
+            return "latest backup %s is of kind %s" % (latest.id, latest.kind)
         if not context.chains_onto(latest):
             # Only archive-format jobs chain (the restic format refuses incremental): a job moved
             # back from restic starts over with a full.
-            return "latest backup %s is in the restic format" % latest["id"]
-        if (latest.get("source") or {}).get("path") != self.path:
-            return "the source path changed since %s" % latest["id"]
+            return "latest backup %s is in the restic format" % latest.id
+        if latest.source.get("path") != self.path:
+            return "the source path changed since %s" % latest.id
         try:
             chain = context.chain(latest)
         except IntegrityError as exc:
-            return "chain of %s is broken (%s)" % (latest["id"], exc)
+            return "chain of %s is broken (%s)" % (latest.id, exc)
         if self.full_every and len(chain) - 1 >= self.full_every:
             return "full_every=%d reached" % self.full_every
         if self.full_every == 0 and not self.max_chain_age:
