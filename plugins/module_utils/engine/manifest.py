@@ -9,9 +9,10 @@ they come from, and the catalog index stays byte-for-byte what it was) with type
 read-only properties. The properties hold the reading rules in one place: which fields
 every manifest has (``id``, ``job``, ``kind``...), which are optional, and how a field of
 the wrong type reads (``stats`` that is not an object reads ``{}``, a verification record
-that is not an object reads None). Helpers that tests and callers also hand plain or
-partial mappings (``prune.plan``, the offsite copy's manifests, ``reread_manifest``) wrap
-their input with :meth:`Manifest.wrap`, which never validates.
+that is not an object reads None). Entry points that callers and tests also hand plain or
+partial mappings (``prune.plan``, ``open_payload``, the key and integrity checks, the
+offsite copy's manifests...) wrap their input with :meth:`Manifest.wrap`, which never
+validates.
 """
 
 import json
@@ -137,9 +138,9 @@ class Manifest(dict):
 
     def with_fields(self, **changes):
         """A copy with ``changes`` applied (a Manifest is not changed in place once built)."""
-        copy = Manifest(self)
-        copy.update(changes)
-        return copy
+        changed = self.copy()
+        changed.update(changes)
+        return changed
 
     def without(self, *keys):
         """A copy without ``keys`` (the catalog's ``verification`` before comparing)."""
