@@ -235,7 +235,20 @@ def _compress_then_encrypt(source, sink, compression, encryption, progress):
         raise worker.error
 
 
-class _HashingReader:
+class ReadsInto:
+    """``readinto()`` and ``readable()`` from a class's ``read()``: what io.BufferedReader and
+    the tools' file objects ask of a raw stream."""
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readable(self):
+        return True
+
+
+class _HashingReader(ReadsInto):
     """Reads stored bytes, hashing and counting them for the integrity check."""
 
     def __init__(self, raw):
@@ -248,14 +261,6 @@ class _HashingReader:
         self.sha256.update(data)
         self.size += len(data)
         return data
-
-    def readinto(self, buffer):
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def readable(self):
-        return True
 
     def close(self):
         self._raw.close()

@@ -44,6 +44,7 @@ from .kinds.contract import RestoreContext, Target
 from .integrity import (declared_payloads, diagnose, one_pass_summary, precheck_chain, recorded_plain_bytes,
                         verify_chain)
 from .keys import chain_identities
+from .pipeline import ReadsInto
 from .selection import backup_chain, select_backup
 
 
@@ -144,7 +145,7 @@ class RestoreClock:
 
 # -- restoring ---------------------------------------------------------------------------
 
-class _CheckedStream:
+class _CheckedStream(ReadsInto):
     """A payload stream for targets: at EOF it checks size and SHA-256 (once more, or, on the
     one-pass path, for the first time); ``on_result(report)`` gets the object's report then."""
 
@@ -168,14 +169,6 @@ class _CheckedStream:
             if self._clock is not None:
                 self._clock.mark("transfer")
         return data
-
-    def readinto(self, buffer):
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def readable(self):
-        return True
 
     def finish(self):
         if self._result is None:
