@@ -474,6 +474,45 @@ def test_wal_stored_without_transaction_times_still_stops_at_the_target(pg, tmp_
     assert report["plan"]["restore_point"] == "between" and report["plan"]["restore_point_lsn"] is None
 
 
+def test_wal_without_commit_times_and_nothing_committed_after_the_target_recovers_to_its_end(pg, tmp_path, scratch):
+    """WAL stored without commit times, a target after the last commit and before the end of the
+    stored WAL: PostgreSQL, given the target, replays everything without meeting it and stops
+    ("recovery ended before configured recovery target was reached"). The stored WAL holds every
+    commit up to its end, so the end is the target's state: the restore recovers to it. A target
+    after the end is refused as not stored yet, and nothing is created."""
+    with pg.connect() as conn:  # no autovacuum commit may land after the target
+        conn.execute("ALTER SYSTEM SET autovacuum = off")
+        conn.execute("SELECT pg_reload_conf()")
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path / "store")})
+    streamer = _streamer(pg, storage, tmp_path / "spool", slot="quiet_slot")
+    streamer._waldump = ""  # pylint: disable=protected-access  # as if pg_waldump were not installed
+    streamer.prepare()
+    _base_backup(pg, storage)
+    _insert(pg, 1)
+    last_commit = _insert(pg, 2)
+    time.sleep(0.5)
+    streamer.run(end_lsn=_lsn(pg))
+    target = last_commit + datetime.timedelta(milliseconds=200)
+    plan = pitr.plan_restore(storage, JOB, target.isoformat())
+    assert plan.times_unknown and not plan.no_commit_after_target
+    assert plan.covers_target(), plan.describe()
+    messages = []
+    report = pitr.restore_point_in_time(storage, JOB, target.isoformat(), target=_target(pg, "enrol_quiet"),
+                                        database=DB, bin_dir=pg.bin_dir, scratch_dir=scratch, log=messages.append)
+    assert _batches(pg, "enrol_quiet") == {1: 50, 2: 50}
+    assert report["target_reached"] is False
+    assert report["plan"]["no_commit_after_target"] is True and report["plan"]["wal_times_known"] is False
+    assert any("recovering to its end" in message for message in messages), messages
+
+    beyond = pitr.parse_target(plan.stored_until) + datetime.timedelta(seconds=30)
+    with pytest.raises(NotFoundError) as info:
+        pitr.restore_point_in_time(storage, JOB, beyond.isoformat(), target=_target(pg, "enrol_beyond"),
+                                   database=DB, bin_dir=pg.bin_dir, scratch_dir=scratch)
+    assert "cannot be recovered yet" in str(info.value) and plan.stored_until in str(info.value)
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'enrol_beyond'").fetchone()[0] == 0
+
+
 def test_restore_to_a_named_restore_point(pg, tmp_path, scratch):
     """pg_create_restore_point between two batches: the stream records where it lies, the restore
     picks the base backup that ended before it and replays exactly up to it."""

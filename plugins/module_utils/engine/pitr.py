@@ -25,7 +25,9 @@ If the stored WAL holds no transaction end after the target (the database was id
 PostgreSQL would stop with "recovery ended before configured recovery target was reached";
 when that WAL was stored after the target, the state at the target is the state at its end,
 so the private server then recovers to the end of the stored WAL instead (reported as
-``target_reached: false``, ``no_commit_after_target: true``).
+``target_reached: false``, ``no_commit_after_target: true``). The planner tells it from the
+commit times the stream recorded; for WAL stored without them, PostgreSQL's stop says it (see
+``_recover_after_a_missed_target``).
 """
 
 import datetime
@@ -69,6 +71,7 @@ class RestorePlan:
         self.wal_job = wal_job
         self.stored_until = stored_until
         self.no_commit_after_target = False
+        self.times_unknown = False      # some WAL was stored without commit times (no pg_waldump)
         self.restore_point = None       # recover to this named restore point instead
         self.restore_point_lsn = None   # where it lies, when the stored WAL says
 
@@ -83,7 +86,21 @@ class RestorePlan:
                 "wal_segments": len(self.wal), "wal_partial": bool(self.wal and self.wal[-1][2] == "partial"),
                 "restore_point": self.restore_point, "restore_point_lsn": self.restore_point_lsn,
                 "wal_stored_until": self.stored_until, "no_commit_after_target": self.no_commit_after_target,
+                "wal_times_known": not self.times_unknown,
                 "bytes_to_read": self.base["size_bytes"] + sum(m["size_bytes"] for dummy, m, dummy2 in self.wal)}
+
+    def covers_target(self):
+        """Whether the stored WAL is known to hold every commit up to the target time."""
+        return (self.target_time is not None and self.stored_until is not None
+                and parse_iso(self.stored_until) >= self.target_time)
+
+
+def _beyond_stored_wal(wal_job, stored_until, target):
+    """The error for a ``target`` time after the end of the WAL stored in ``wal_job``."""
+    return NotFoundError("the stored WAL of job %s ends at %s, before the target %s: it cannot be recovered yet "
+                         "(is the WAL stream running?)"
+                         % (wal_job, stored_until or "an unknown time (a complete segment without the partial "
+                            "copy after it)", to_iso_precise(target)))
 
 
 def to_iso_precise(moment):
@@ -155,7 +172,7 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=N
                             % (base["id"], pgwal.segment_name(timeline, first, size), wal_job))
     newest = max(candidates)
     stored_until = _horizon(segments, partials, newest)
-    beyond = False
+    beyond = unknown_times = False
     if point is not None:
         # Recovery stops at the restore point's record: WAL up to the segment holding it.
         last = min(newest, pgwal.segment_number(point["lsn"], size))
@@ -165,18 +182,16 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=N
         last = _last_needed(candidates, segments, partials, target)
         if last == UNKNOWN:
             # Some WAL was stored without transaction times (no pg_waldump): replay all of it
-            # and let PostgreSQL's recovery_target_time find the stop.
-            last = newest
+            # and let PostgreSQL's recovery_target_time find the stop (or, when it finds none,
+            # restore_point_in_time recovers to the end of it: see covers_target).
+            last, unknown_times = newest, True
         elif last is None:
             # No transaction ended after the target in the stored WAL: the target's state is
             # the state at the end of the stored WAL, provided that WAL was stored after it.
             if restore_point is not None:
                 last = newest  # the point lies before the target: all stored WAL up to it
             elif stored_until is None or parse_iso(stored_until) < target:
-                raise NotFoundError("the stored WAL of job %s ends at %s, before the target %s: it cannot be "
-                                    "recovered yet (is the WAL stream running?)"
-                                    % (wal_job, stored_until or "an unknown time (a complete segment without "
-                                       "the partial copy after it)", to_iso_precise(target)))
+                raise _beyond_stored_wal(wal_job, stored_until, target)
             else:
                 last, beyond = newest, True
     last = max(last, min(needed_end, newest))
@@ -200,6 +215,7 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=N
             wal.append((name, partials[segno], "partial"))
     plan = RestorePlan(base, wal, target, wal_job, stored_until)
     plan.no_commit_after_target = beyond
+    plan.times_unknown = unknown_times
     plan.restore_point = restore_point
     plan.restore_point_lsn = point["lsn"] if point else None
     return plan
@@ -710,14 +726,7 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
             log("no transaction ended after the target in the stored WAL: recovering to its end (the same state)")
         server.start(with_target=report["target_reached"])
         if not server.wait_promoted(timeout):
-            if _NOT_REACHED in server.log_text() and restore_point is not None:
-                raise NotFoundError("recovery from base backup %s replayed the stored WAL without meeting restore "
-                                    "point %r: it was not created after that base backup (%s)"
-                                    % (plan.base["id"], restore_point, server.log_tail(3)))
-            if _NOT_REACHED in server.log_text():
-                raise IntegrityError("recovery ended before the target %s was reached: the stored WAL is "
-                                     "incomplete (%s)" % (plan.describe()["target_time"], server.log_tail(3)))
-            raise SourceError("the private PostgreSQL stopped during recovery: %s" % server.log_tail())
+            _recover_after_a_missed_target(server, plan, report, timeout, log)
         report["recovery_seconds"] = round(time.monotonic() - started, 3)
         report["recovered_to"] = _recovered_to(server)
         recovered = report["recovered_to"]
@@ -740,6 +749,41 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _recover_after_a_missed_target(server, plan, report, timeout, log):
+    """The private server stopped before it promoted: recover to the end of the stored WAL when
+    that is the target's state, else raise the error that says why it stopped.
+
+    WAL stored without commit times (no pg_waldump) does not tell the planner that no
+    transaction ended after the target, so PostgreSQL is given the target and stops with "recovery
+    ended before configured recovery target was reached" when none did. It replayed every stored
+    file up to the newest without meeting a transaction end after the target; when that WAL is
+    known to hold every commit up to the target or later (``stored_until``), nothing committed
+    between the target and the end of it, and the end of it is the state at the target. The
+    stopped server is started again without a target: it resumes the recovery from its last
+    restartpoint, replays to the end and promotes.
+    """
+    missed = _NOT_REACHED in server.log_text()
+    if missed and plan.restore_point is not None:
+        raise NotFoundError("recovery from base backup %s replayed the stored WAL without meeting restore "
+                            "point %r: it was not created after that base backup (%s)"
+                            % (plan.base["id"], plan.restore_point, server.log_tail(3)))
+    if not missed:
+        raise SourceError("the private PostgreSQL stopped during recovery: %s" % server.log_tail())
+    if not plan.times_unknown:
+        raise IntegrityError("recovery ended before the target %s was reached: the stored WAL is "
+                             "incomplete (%s)" % (plan.describe()["target_time"], server.log_tail(3)))
+    if not plan.covers_target():
+        raise _beyond_stored_wal(plan.wal_job, plan.stored_until, plan.target_time)
+    log("no transaction ended after the target in the stored WAL (stored without commit times, up to %s): "
+        "recovering to its end (the same state)" % plan.stored_until)
+    plan.no_commit_after_target = True
+    report["plan"] = plan.describe()
+    report["target_reached"] = False
+    server.start(with_target=False)
+    if not server.wait_promoted(timeout):
+        raise SourceError("the private PostgreSQL stopped during recovery: %s" % server.log_tail())
 
 
 def _recovered_to(server):
