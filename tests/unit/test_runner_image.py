@@ -34,11 +34,14 @@ TOOL_PATTERNS = [
 ]
 
 
-# What only the point-in-time restore (and the WAL stream's commit times) needs, from the
-# PostgreSQL server package: postgresql-15 pulls in LLVM, about 160 MB, over the image's
-# 400 MB budget. Such a restore runs where the server is installed (docs/postgres-pitr.md);
-# the stream works without pg_waldump, storing no commit times.
-SERVER_ONLY = {"pg_waldump", "postgres"}
+# What only the point-in-time restore needs, from the PostgreSQL server package:
+# postgresql-15 pulls in LLVM, about 160 MB, over the image's 400 MB budget. Such a restore
+# runs where the server is installed (docs/postgres-pitr.md; the image's pitr variant).
+SERVER_ONLY = {"postgres"}
+# Taken out of a package the image does not install (the server's): pg_waldump, with which the
+# WAL stream records commit times. Only the stream runs it, and the stream runs in the image's
+# pods, never in an execution environment: bindep.txt leaves the server package out.
+EXTRACTED = {"pg_waldump": "postgresql-${PG_MAJOR}"}
 
 
 def engine_tools():
@@ -84,6 +87,15 @@ def checked_tools():
         if match:
             return set(match.group(1).split())
     return set()
+
+
+def extracted_tools():
+    """``{tool: package}`` the final stage takes out of a downloaded package (not installed)."""
+    found = {}
+    for instruction in final_stage():
+        for package, path in re.findall(r'apt-get download "([^"]+)".*?tar -x -C / "([^"]+)"', instruction):
+            found[path.rsplit("/", 1)[-1]] = package
+    return found
 
 
 def apt_packages():
@@ -156,7 +168,10 @@ def _dpkg_owner(path):
 def _real_tool(name):
     found = shutil.which(name)
     if found is None:
-        return None
+        # Debian links only the client tools into /usr/bin; the server's stay in its bin directory
+        # (the image puts that directory on PATH).
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/%s" % name))
+        return str(candidates[-1]) if candidates else None
     real = os.path.realpath(found)
     if os.path.basename(real) == "pg_wrapper":
         # Debian's wrapper picks the newest installed major; the binary itself is versioned.
@@ -184,8 +199,16 @@ def debian():
     return True
 
 
+def test_the_default_image_takes_pg_waldump_out_of_the_server_package_without_installing_it():
+    assert extracted_tools() == EXTRACTED
+    # The tool check runs it (a library missing from the image fails the build), in every variant.
+    checks = " ".join(final_stage())
+    assert "pg_waldump --version" in checks
+    assert not re.search(r"case \"\$tool\" in [^)]*pg_waldump", checks)
+
+
 def test_image_packages_provide_every_engine_tool_on_debian(debian):
-    packages = apt_packages()
+    packages = apt_packages() | set(extracted_tools().values())
     assert packages
     for tool in sorted(engine_tools()):
         real = _real_tool(tool)
@@ -211,7 +234,7 @@ def test_bindep_lists_every_engine_tool_for_debian_and_it_is_all_installed_here(
     for depth in range(3):
         frontier = set().union(*(_depends(package) for package in frontier)) - closure
         closure |= frontier
-    for tool in sorted(engine_tools() | {"age", "zstd"}):
+    for tool in sorted((engine_tools() - set(EXTRACTED)) | {"age", "zstd"}):
         real = _real_tool(tool)
         if real is None:
             require_or_skip("%s is not installed here (hack/install-deps.sh)" % tool)
