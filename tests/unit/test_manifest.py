@@ -204,8 +204,9 @@ def test_copies_keep_the_type_and_never_change_the_original():
 def test_fields_of_the_wrong_type_read_as_absent(value):
     # validate() does not check these types and verification.json may hold any JSON.
     manifest = mf.Manifest.wrap(dict(sample(), stats=value, encryption=value, compression=value, source=value,
-                                     verification=value))
+                                     verification=value, restic=value, tool_versions=value, copied_from=value))
     assert manifest.stats == {} and manifest.encryption == {} and manifest.source == {}
+    assert manifest.restic == {} and manifest.tool_versions == {} and manifest.copied_from == {}
     assert manifest.encryption_mode is None and manifest.compression_algorithm is None
     assert manifest.verification is None and manifest.verification_result is None
 

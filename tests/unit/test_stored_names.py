@@ -13,6 +13,7 @@ from pyrage import x25519
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import codecs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import keys as backup_keys
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import integrity
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import pitr
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun, open_payload
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import IntegrityError
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.contract import Source
@@ -76,5 +77,13 @@ def test_a_payload_of_a_manifest_with_unknown_compression_is_refused_before_it_i
         open_payload(storage, forged, "data.tar")
     with pytest.raises(IntegrityError, match="records unknown compression"):
         integrity.verify_objects(storage, forged, None)
+    payload = [obj for obj in manifest["objects"] if obj.get("payload")][0]
+    with pytest.raises(IntegrityError, match="records unknown compression"):
+        pitr.Keys(storage).open(forged, payload)  # how a point-in-time restore reads each object
     assert CountingStorage.opened == 0
+    stream = pitr.Keys(storage).open(manifest, payload)
+    try:
+        assert stream.read(13) == b"stored names "
+    finally:
+        stream.close()
     assert open_payload(storage, manifest, "data.tar").read(13) == b"stored names "

@@ -234,6 +234,26 @@ class Manifest(dict):
     def compression_algorithm(self):
         return _dict_or_empty(self.get("compression")).get("algorithm")
 
+    @property
+    def storage_format(self):
+        """``restic`` for a backup stored in a restic repository; None for the archive format."""
+        return self.get("storage_format")
+
+    @property
+    def restic(self):
+        """The restic section (snapshot id, repository id, data added); ``{}`` if absent."""
+        return _dict_or_empty(self.get("restic"))
+
+    @property
+    def tool_versions(self):
+        """Versions of the tools that wrote the backup (``pg_dump``...); ``{}`` if absent."""
+        return _dict_or_empty(self.get("tool_versions"))
+
+    @property
+    def copied_from(self):
+        """Where an offsite copy came from (location, re-encryption); ``{}`` for an original."""
+        return _dict_or_empty(self.get("copied_from"))
+
     def object_named(self, name):
         """The entry of the stored object ``name``, or None."""
         found = object_entry(self, name)

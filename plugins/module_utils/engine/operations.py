@@ -57,7 +57,7 @@ def stored_figures(storage, manifest):
     restic stored new, and its job's repository is measured (a listing of its objects)."""
     if not resticstore.is_restic(manifest):
         return manifest.size_bytes, None
-    added = (manifest.get("restic") or {}).get("data_added")
+    added = manifest.restic.get("data_added")
     try:
         return added, resticstore.repository(storage, manifest.job).stored_bytes()
     except (StorageError, ConfigError):

@@ -42,6 +42,7 @@ import tempfile
 import time
 
 from . import pgwal
+from .backup import recorded_compression
 from . import procutil
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError, NotFoundError, SourceError
@@ -377,9 +378,11 @@ class Keys:
         self.passphrase = passphrase
 
     def open(self, manifest, obj):
-        key = mf.object_key(manifest["job"], manifest["id"], obj["name"])
+        manifest = mf.Manifest.wrap(manifest)
+        algorithm = recorded_compression(manifest)  # an unknown one is refused before the object is read
+        key = mf.object_key(manifest.job, manifest.id, mf.StoredObject.wrap(obj).name)
         found = backup_identities(self.storage, manifest, self.identity, self.passphrase)
-        return PlaintextStream(self.storage, key, obj, manifest["compression"]["algorithm"], found)
+        return PlaintextStream(self.storage, key, obj, algorithm, found)
 
 
 def _payload(manifest, name=None):
@@ -694,9 +697,11 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
     account = _account(run_as)
     plan = plan_restore(storage, job, point_in_time, wal_job, restore_point=restore_point)
     report = {"kind": BASE_KIND, "job": job, "plan": plan.describe(), "changed": False}
-    synthetic = {"id": "pitr-" + plan.base["id"], "kind": "postgres", "objects": [{"payload": DUMP_PAYLOAD}],
-                 "tool_versions": {"pg_dump": (plan.base.get("stats") or {}).get("server_version", "0")},
-                 "stats": {"database": database}}
+    # What the target is told it restores: the recovered server's dump of ``database`` (built
+    # here, not by mf.build: it is never stored and has no times or sizes).
+    synthetic = mf.Manifest({"id": "pitr-" + plan.base.id, "kind": "postgres", "objects": [{"payload": DUMP_PAYLOAD}],
+                             "tool_versions": {"pg_dump": plan.base.stats.get("server_version", "0")},
+                             "stats": {"database": database}})
     if target is not None:
         target.preflight(synthetic)
     if check_mode:
@@ -803,7 +808,7 @@ def _recovered_to(server):
 def _copy_database(server, target, synthetic, database, bin_dir):
     with server.connect(database) as conn:
         tables = count_rows(conn)
-    synthetic["stats"]["tables"] = tables
+    synthetic = synthetic.with_fields(stats=dict(synthetic.stats, tables=tables))
     env = procutil.tool_env({"PGHOST": server.socket_dir, "PGPORT": server.port, "PGUSER": server.user,
                              "PGDATABASE": database}, drop=("PGPASSWORD", "PGSERVICE", "PGSERVICEFILE"))
     argv = [os.path.join(bin_dir, "pg_dump"), "--format=custom", "--compress=0", "--no-password"]

@@ -55,7 +55,7 @@ def recovery_window(storage, job, wal_job=None):
     ``oldest``: the oldest base backup's completion; ``newest``: up to when the stored WAL is
     known to hold every commit, as the restore's own plan (of ``latest``) reckons it.
     """
-    bases = [m for m in Catalog(storage).scan(job, with_orphans=False) if m.get("kind") == BASE_KIND]
+    bases = [m for m in Catalog(storage).scan(job, with_orphans=False) if m.kind == BASE_KIND]
     if not bases:
         raise NotFoundError("job %s has no %s backup: there is nothing to drill" % (job, BASE_KIND))
     oldest = min(pitr.base_completed_at(m) for m in bases)
@@ -101,7 +101,7 @@ class PrivateCheck:
         return {"changed": False, "check_mode": True, "would_check": self.database, "checks": []}
 
     def restore(self, context):
-        tables = dict((context.manifest.get("stats") or {}).get("tables") or {})
+        tables = dict(context.manifest.stats.get("tables") or {})
         stream = context.open_payload(context.manifest, DUMP_PAYLOAD)
         try:
             while stream.read(CHUNK):

@@ -909,7 +909,7 @@ def manifest_snapshots(manifest):
     if first is None:
         return []
     found = []
-    for snapshot in [obj.get("restic_snapshot") for obj in manifest.get("objects") or []] + [first]:
+    for snapshot in [obj.restic_snapshot for obj in mf.Manifest.wrap(manifest).objects] + [first]:
         if snapshot and snapshot not in found:
             if not isinstance(snapshot, str) or not re.match(r"^[0-9a-f]{64}$", snapshot):
                 raise IntegrityError("manifest %s/%s names %r as a restic snapshot"
@@ -920,9 +920,10 @@ def manifest_snapshots(manifest):
 
 def manifest_snapshot(manifest):
     """The restic snapshot id a manifest names, or None for an archive-format manifest."""
-    if manifest.get("storage_format") != FORMAT_NAME:
+    manifest = mf.Manifest.wrap(manifest)
+    if manifest.storage_format != FORMAT_NAME:
         return None
-    snapshot = (manifest.get("restic") or {}).get("snapshot_id")
+    snapshot = manifest.restic.get("snapshot_id")
     if not isinstance(snapshot, str) or not re.match(r"^[0-9a-f]{64}$", snapshot):
         raise IntegrityError("manifest %s/%s is in the restic format but names no snapshot id"
                              % (manifest.get("job"), manifest.get("id")))

@@ -45,7 +45,7 @@ def storage_format(storage):
 
 
 def is_restic(manifest):
-    return manifest.get("storage_format") == RESTIC
+    return mf.Manifest.wrap(manifest).storage_format == RESTIC
 
 
 def check_kind(kind, job, source_options=None):
@@ -145,7 +145,7 @@ def verify_objects(storage, manifest, clock=None, declared=frozenset()):
     details = []
     repo = repository(storage, manifest.job)
     snapshots = manifest_snapshots(manifest)
-    section = manifest.get("restic") or {}
+    section = manifest.restic
     config = repo.config()
     if section.get("repository_id") and config.get("id") != section["repository_id"]:
         raise IntegrityError("backup %s was written to restic repository %s, but %s is repository %s (foreign "

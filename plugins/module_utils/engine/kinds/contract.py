@@ -15,6 +15,7 @@ declared payloads' bytes, and those payloads are verified while the target consu
 """
 
 from ..errors import ConfigError
+from ..manifest import Manifest
 
 
 class BackupContext:
@@ -103,8 +104,10 @@ class RestoreContext:
     """What a target gets: the chain of manifests and a way to read their payloads."""
 
     def __init__(self, manifest, chain, open_payload, check_mode=False, options=None, note_progress=None):
-        self.manifest = manifest        # the backup being restored (a Manifest, or a mapping with its fields)
-        self.chain = chain              # [full, incr1, ..., manifest] oldest first (just [manifest] for fulls)
+        # Manifests: a plain mapping with the fields is wrapped (tests, the point-in-time copy).
+        self.manifest = Manifest.wrap(manifest)  # the backup being restored
+        # [full, incr1, ..., manifest] oldest first (just [manifest] for fulls)
+        self.chain = [Manifest.wrap(item) for item in chain] if chain is not None else None
         self.open_payload = open_payload  # open_payload(manifest, payload_name) -> PlaintextStream
         self.check_mode = check_mode
         self.options = options or {}
@@ -140,7 +143,10 @@ class Target:
         return {}
 
     def preflight(self, manifest):
-        """Fail with ConfigError/SourceError before anything is written (unreachable, would clobber)."""
+        """Fail with ConfigError/SourceError before anything is written (unreachable, would clobber).
+
+        ``manifest`` here and in the other methods: a Manifest, or a plain mapping with its fields
+        that the method wraps (``Manifest.wrap``) before it reads them."""
 
     def one_pass_payloads(self, manifest, chain):
         """Payloads this target may read unverified: a set of ``(backup_id, payload_name)``, or None.

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 
 from ...errors import ConfigError, IntegrityError
+from ...manifest import Manifest
 from ...schema import Field, Schema
 from . import source as src
 from ..files import archive as fmt
@@ -67,17 +68,18 @@ class ConfigGitTarget(DirectoryDestination, Target):
         return desc
 
     def preflight(self, manifest):
-        if manifest.get("kind") != self.kind:
-            raise ConfigError("backup %s is a %s backup, not config_git" % (manifest.get("id"), manifest.get("kind")))
+        manifest = Manifest.wrap(manifest)
+        if manifest.kind != self.kind:
+            raise ConfigError("backup %s is a %s backup, not config_git" % (manifest.id, manifest.kind))
         self.destination.preflight()
 
     def one_pass_payloads(self, manifest, chain):
         """``config.bundle``: spooled and finished before git or the destination see it."""
-        return {(manifest["id"], src.BUNDLE_PAYLOAD)}
+        return {(Manifest.wrap(manifest).id, src.BUNDLE_PAYLOAD)}
 
     def restore(self, context):
         manifest = context.manifest
-        stats = manifest.get("stats") or {}
+        stats = manifest.stats
         subdir = self.subdir if self.subdir is not None else stats.get("subdir", "")
         work = tempfile.mkdtemp(prefix="config-git-restore-")
         try:
@@ -88,10 +90,10 @@ class ConfigGitTarget(DirectoryDestination, Target):
             session.run(None, "clone", "-q", "--bare", bundle, repo, what="git clone of the bundle")
             wanted = self.commit or stats.get("commit")
             if not wanted:
-                raise IntegrityError("backup %s records no commit in its stats" % manifest["id"])
+                raise IntegrityError("backup %s records no commit in its stats" % manifest.id)
             code, _err = session.status(None, "--git-dir", repo, "rev-parse", "--verify", "-q", "%s^{commit}" % wanted)
             if code != 0:
-                raise IntegrityError("commit %s is not in the bundle of backup %s" % (wanted, manifest["id"]))
+                raise IntegrityError("commit %s is not in the bundle of backup %s" % (wanted, manifest.id))
             commit = session.run(None, "--git-dir", repo, "rev-parse", "%s^{commit}" % wanted).strip()
             checks = []
             if not self.commit:
@@ -120,7 +122,7 @@ class ConfigGitTarget(DirectoryDestination, Target):
                 failed = [check for check in checks if not check["ok"]]
                 if failed:
                     raise IntegrityError("restored config of backup %s does not match commit %s: %s" % (
-                        manifest["id"], commit[:12], "; ".join("%s: expected %s, got %s" % (
+                        manifest.id, commit[:12], "; ".join("%s: expected %s, got %s" % (
                             c["what"], c["expected"], c["actual"]) for c in failed)))
                 os.chmod(staging, 0o755)
                 self.destination.move_into_place(staging, inside)

@@ -18,6 +18,7 @@ import os
 import tempfile
 
 from ...errors import ConfigError, IntegrityError
+from ...manifest import Manifest
 from ...schema import Field, Schema
 from ...procutil import find_tool, run_tool, tool_env
 from ..files import archive as fmt
@@ -65,15 +66,16 @@ class DirectorySyncTarget(DirectoryDestination, Target):
         return {"path": self.path, "mirror": self.mirror or "(the record's destination)", "overwrite": self.overwrite}
 
     def _mirror_of(self, manifest):
-        mirror = self.mirror or (manifest.get("stats") or {}).get("destination")
+        mirror = self.mirror or manifest.stats.get("destination")
         if not mirror or not os.path.isdir(mirror):
             raise ConfigError("the mirror %s of sync %s is not a directory here (mount it, or give "
-                              "target mirror: ...)" % (mirror, manifest.get("id")))
+                              "target mirror: ...)" % (mirror, manifest.id))
         return os.path.normpath(mirror)
 
     def preflight(self, manifest):
-        if manifest.get("kind") != self.kind:
-            raise ConfigError("backup %s is a %s backup, not directory_sync" % (manifest.get("id"), manifest.get("kind")))
+        manifest = Manifest.wrap(manifest)
+        if manifest.kind != self.kind:
+            raise ConfigError("backup %s is a %s backup, not directory_sync" % (manifest.id, manifest.kind))
         mirror = self._mirror_of(manifest)
         real_mirror, real_path = os.path.realpath(mirror), os.path.realpath(self.path)
         if real_path == real_mirror or real_path.startswith(real_mirror + "/") or real_mirror.startswith(real_path + "/"):
@@ -82,7 +84,7 @@ class DirectorySyncTarget(DirectoryDestination, Target):
 
     def restore(self, context):
         manifest = context.manifest
-        stats = manifest.get("stats") or {}
+        stats = manifest.stats
         mirror = self._mirror_of(manifest)
         files, size = mirror_counts(mirror)
         checks = []
@@ -96,9 +98,9 @@ class DirectorySyncTarget(DirectoryDestination, Target):
                         "mirror %s no longer matches sync record %s (%d files, %d bytes now; the record says %s): "
                         "a later sync or edits changed it, and a mirror keeps no older state. Restore from the "
                         "newest sync record, or set require_record_match: false to copy what the mirror holds now"
-                        % (mirror, manifest["id"], files, size, record))
+                        % (mirror, manifest.id, files, size, record))
                 checks.append({"what": "mirror still matches sync record %s (regular files, total bytes)"
-                               % manifest["id"], "expected": record, "actual": [files, size], "ok": True})
+                               % manifest.id, "expected": record, "actual": [files, size], "ok": True})
         if context.check_mode:
             return {"changed": True, "destination": self.path, "mirror": mirror, "checks": checks,
                     "plan": "would copy %d files (%d bytes) from %s to %s" % (files, size, mirror, self.path)}

@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 
 from ...errors import ConfigError, IntegrityError
+from ...manifest import Manifest
 from ...schema import Field, Schema, parse_bool
 from . import archive as fmt
 from ..contract import Target
@@ -362,11 +363,12 @@ class FilesTarget(DirectoryDestination, Target):
     # -- restore -------------------------------------------------------------------------
     def one_pass_payloads(self, manifest, chain):
         """Every payload ``restore`` reads (see the module docstring): all finished before the swap."""
-        declared = {(manifest["id"], fmt.INDEX_PAYLOAD), (manifest["id"], fmt.SUMS_PAYLOAD)}
+        backup_id = Manifest.wrap(manifest).id
+        declared = {(backup_id, fmt.INDEX_PAYLOAD), (backup_id, fmt.SUMS_PAYLOAD)}
         for position, item in enumerate(chain):
-            declared.add((item["id"], fmt.TAR_PAYLOAD))
+            declared.add((Manifest.wrap(item).id, fmt.TAR_PAYLOAD))
             if position:
-                declared.add((item["id"], fmt.DELETED_PAYLOAD))
+                declared.add((Manifest.wrap(item).id, fmt.DELETED_PAYLOAD))
         return declared
 
     def restore(self, context):
@@ -378,7 +380,7 @@ class FilesTarget(DirectoryDestination, Target):
             expected, index_checks = self._expected(context, final, index, selected)
             if context.check_mode:
                 return {"changed": True, "destination": self.path, "subpath": self.subpath or None,
-                        "chain": [m["id"] for m in chain], "checks": index_checks,
+                        "chain": [m.id for m in chain], "checks": index_checks,
                         "plan": "would restore %d files (%d bytes) into %s" % (expected.files, expected.bytes, self.path)}
             staging, inside = self.destination.make_staging()
             try:
@@ -393,14 +395,14 @@ class FilesTarget(DirectoryDestination, Target):
                 failed = [check for check in checks if not check["ok"]]
                 if failed:
                     raise IntegrityError("restored tree of backup %s does not match it: %s" % (
-                        final["id"], "; ".join("%s: expected %s, got %s" % (c["what"], c["expected"], c["actual"])
+                        final.id, "; ".join("%s: expected %s, got %s" % (c["what"], c["expected"], c["actual"])
                                                for c in failed[:5])))
                 self.destination.move_into_place(staging, inside, _root_finalizer(tree, root_entry))
             except BaseException:
                 force_rmtree(staging)
                 raise
         return {"changed": True, "destination": self.path, "subpath": self.subpath or None,
-                "chain": [m["id"] for m in chain], "files": actual.files, "bytes": actual.bytes,
+                "chain": [m.id for m in chain], "files": actual.files, "bytes": actual.bytes,
                 "directories": actual.directories, "symlinks": actual.symlinks,
                 "ownership_restored": self.ownership, "checks": checks}
 
@@ -432,7 +434,7 @@ class FilesTarget(DirectoryDestination, Target):
             sums_check = checked.result()
         finally:
             checked.close()
-        stats = final.get("stats") or {}
+        stats = final.stats
         checks = [{
             "what": "files.index agrees with the manifest stats (files, bytes, tree_sha256)",
             "expected": [stats.get("files"), stats.get("bytes"), stats.get("tree_sha256")],
@@ -472,7 +474,7 @@ class FilesTarget(DirectoryDestination, Target):
                         continue
                     tree.add(tar, member, rel)
             except tarfile.TarError as exc:
-                raise IntegrityError("the tar of backup %s is damaged: %s" % (manifest["id"], exc)) from None
+                raise IntegrityError("the tar of backup %s is damaged: %s" % (manifest.id, exc)) from None
             while buffered.read(CHUNK):
                 pass
             stream.finish()
@@ -636,16 +638,17 @@ def _root_finalizer(tree, root_entry):
 
 
 def _check_chain(chain, manifest):
-    if chain[-1]["id"] != manifest["id"]:
-        raise IntegrityError("restore chain does not end with backup %s" % manifest["id"])
+    """``chain`` (Manifests, oldest first) is a full backup and its incrementals, up to ``manifest``."""
+    if chain[-1].id != manifest.id:
+        raise IntegrityError("restore chain does not end with backup %s" % manifest.id)
     for position, item in enumerate(chain):
-        if item.get("kind") != "files":
-            raise IntegrityError("backup %s in the chain is of kind %s" % (item["id"], item.get("kind")))
-        kind = (item.get("stats") or {}).get("type")
-        if position == 0 and (item.get("parent") or kind != "full"):
-            raise IntegrityError("chain of %s does not start with a full backup" % manifest["id"])
-        if position and (item.get("parent") != chain[position - 1]["id"] or kind != "incremental"):
-            raise IntegrityError("backup %s does not continue the chain at %s" % (item["id"], chain[position - 1]["id"]))
+        if item.kind != "files":
+            raise IntegrityError("backup %s in the chain is of kind %s" % (item.id, item.kind))
+        kind = item.stats.get("type")
+        if position == 0 and (item.parent or kind != "full"):
+            raise IntegrityError("chain of %s does not start with a full backup" % manifest.id)
+        if position and (item.parent != chain[position - 1].id or kind != "incremental"):
+            raise IntegrityError("backup %s does not continue the chain at %s" % (item.id, chain[position - 1].id))
 
 
 class _SumsCheck:

@@ -39,6 +39,7 @@ import time
 import uuid
 
 from ...errors import ConfigError, IntegrityError, SourceError
+from ...manifest import Manifest
 from ...schema import Field
 from ...kubeapi import (CONNECTION, FIELD_MANAGER, Discovery, KubeConnection, KubeError, check_namespace_name,
                         require_kubernetes, string_list)
@@ -132,16 +133,17 @@ class K8sResourcesTarget(Target):
         require_kubernetes("k8s_resources restores")
         if yaml is None:
             raise ConfigError("k8s_resources restores need PyYAML")
-        if manifest.get("kind") != self.kind:
-            raise ConfigError("k8s_resources target cannot restore a %s backup" % manifest.get("kind"))
-        if not any(obj.get("payload") == RESOURCES_PAYLOAD for obj in manifest.get("objects", [])):
-            raise ConfigError("backup %s has no %s payload" % (manifest["id"], RESOURCES_PAYLOAD))
-        self._selected(manifest.get("stats") or {})
+        manifest = Manifest.wrap(manifest)
+        if manifest.kind != self.kind:
+            raise ConfigError("k8s_resources target cannot restore a %s backup" % manifest.kind)
+        if manifest.payload_object(RESOURCES_PAYLOAD) is None:
+            raise ConfigError("backup %s has no %s payload" % (manifest.id, RESOURCES_PAYLOAD))
+        self._selected(manifest.stats)
         self.conn.get("/version", doing="reach the API server")
 
     def one_pass_payloads(self, manifest, chain):
         """``resources.yaml``: step 1 finishes it before the cluster is touched."""
-        return {(manifest["id"], RESOURCES_PAYLOAD)}
+        return {(Manifest.wrap(manifest).id, RESOURCES_PAYLOAD)}
 
     # -- reading the payload ---------------------------------------------------------------
 
@@ -326,7 +328,7 @@ class K8sResourcesTarget(Target):
     def restore(self, context):
         started = time.monotonic()
         manifest = context.manifest
-        stats = manifest.get("stats") or {}
+        stats = manifest.stats
         dry_run = bool(context.check_mode or self.dry_run)
         selected = self._selected(stats)
         discovery = Discovery(self.conn)
@@ -399,7 +401,7 @@ class K8sResourcesTarget(Target):
         failed = [check for check in checks if not check["ok"]]
         if failed:
             raise IntegrityError("k8s_resources restore of %s: %s: expected %s, found %s" % (
-                manifest["id"], failed[0]["what"], failed[0]["expected"], failed[0]["actual"]))
+                manifest.id, failed[0]["what"], failed[0]["expected"], failed[0]["actual"]))
         return report
 
     @classmethod
@@ -409,7 +411,7 @@ class K8sResourcesTarget(Target):
         keep = {key: value for key, value in (options or {}).items() if key in CONNECTION.spellings()}
         suffix = uuid.uuid4().hex[:6]
         mapping = {}
-        for namespace in (manifest.get("stats") or {}).get("namespaces") or []:
+        for namespace in Manifest.wrap(manifest).stats.get("namespaces") or []:
             mapping[namespace] = "%s-verify-%s" % (namespace[:48].rstrip("-"), suffix)
         target = cls(dict(keep, namespace_map=mapping, dry_run=True, create_namespaces=True))
         target.temporary_namespaces = True

@@ -35,6 +35,7 @@ import tempfile
 import time
 
 from ...errors import ConfigError, IntegrityError, SourceError
+from ...manifest import Manifest
 from ... import procutil
 from ...schema import Field
 from ...timeutil import utc_now
@@ -184,10 +185,11 @@ class PostgresTarget(Target):
     # -- names -------------------------------------------------------------------------
     def names(self, manifest):
         """``(target database, new database)`` for restoring ``manifest``."""
-        target = self.conn.database or (manifest.get("stats") or {}).get("database")
+        manifest = Manifest.wrap(manifest)
+        target = self.conn.database or manifest.stats.get("database")
         if not target:
             raise ConfigError("postgres target: give database (the backup's stats name none)")
-        new = self.restore_database or database_name(target, "_restore_" + _id_suffix(manifest["id"]))
+        new = self.restore_database or database_name(target, "_restore_" + _id_suffix(manifest.id))
         if new == target:
             raise ConfigError("postgres target: restore_database must differ from database %s: the restore "
                               "always goes into a new database first" % target)
@@ -224,7 +226,7 @@ class PostgresTarget(Target):
         the dump is spooled and checked before anything else, so one pass stays safe)."""
         if self.restore_globals and self.jobs <= 1:
             return None
-        return {(manifest["id"], DUMP_PAYLOAD)}
+        return {(Manifest.wrap(manifest).id, DUMP_PAYLOAD)}
 
     def _spool_dir(self):
         return self.scratch_dir or tempfile.gettempdir()
@@ -233,11 +235,13 @@ class PostgresTarget(Target):
         """With jobs > 1: the spool's size from the manifest; ConfigError when it cannot fit."""
         if self.jobs <= 1:
             return 0
-        raw = [obj.get("raw_bytes") for obj in manifest.get("objects", []) if obj.get("payload") == DUMP_PAYLOAD]
+        manifest = Manifest.wrap(manifest)
+        dump = manifest.payload_object(DUMP_PAYLOAD)
+        raw = [dump.raw_bytes] if dump is not None else []
         if not raw or not isinstance(raw[0], int):
             raise ConfigError("postgres target: backup %s does not record the size of its %s, so a spool for "
                               "jobs: %d cannot be bounded; restore it with jobs: 1"
-                              % (manifest["id"], DUMP_PAYLOAD, self.jobs))
+                              % (manifest.id, DUMP_PAYLOAD, self.jobs))
         where = self._spool_dir()
         if not os.path.isdir(where):
             raise ConfigError("postgres target: scratch_dir %s is not a directory" % where)
@@ -248,19 +252,20 @@ class PostgresTarget(Target):
         if free < needed:
             raise ConfigError("postgres target: jobs: %d spools the %s dump of backup %s to %s, which has %s free; "
                               "it needs %s (the dump plus a margin). Give a larger scratch_dir or restore with "
-                              "jobs: 1 (no spool)" % (self.jobs, _human(raw[0]), manifest["id"], where, _human(free),
+                              "jobs: 1 (no spool)" % (self.jobs, _human(raw[0]), manifest.id, where, _human(free),
                                                       _human(needed)))
         return raw[0]
 
     def preflight(self, manifest):
         require_psycopg("PostgreSQL restores")
-        if manifest.get("kind") != self.kind:
-            raise ConfigError("postgres target cannot restore a %s backup" % manifest.get("kind"))
-        if not any(obj.get("payload") == DUMP_PAYLOAD for obj in manifest.get("objects", [])):
-            raise ConfigError("backup %s has no %s payload" % (manifest["id"], DUMP_PAYLOAD))
+        manifest = Manifest.wrap(manifest)
+        if manifest.kind != self.kind:
+            raise ConfigError("postgres target cannot restore a %s backup" % manifest.kind)
+        if manifest.payload_object(DUMP_PAYLOAD) is None:
+            raise ConfigError("backup %s has no %s payload" % (manifest.id, DUMP_PAYLOAD))
         restore_path = self.conn.tool("pg_restore")
         restore_major = procutil.tool_version(restore_path)[1][0]
-        dumped_with = str((manifest.get("tool_versions") or {}).get("pg_dump") or "0")
+        dumped_with = str(manifest.tool_versions.get("pg_dump") or "0")
         dump_major = int(re.match(r"\d*", dumped_with).group(0) or 0)
         if dump_major > restore_major:
             raise ConfigError("postgres target: the dump was made by pg_dump %s; pg_restore %d cannot read it "
@@ -279,7 +284,7 @@ class PostgresTarget(Target):
                     raise ConfigError("postgres target: database %s (for the old %s) already exists" % (kept, target))
 
     def restore(self, context):
-        manifest = context.manifest
+        manifest = context.manifest  # a Manifest (RestoreContext wraps it)
         if context.check_mode:
             return self.plan(manifest)
         target, new = self.names(manifest)
@@ -314,14 +319,14 @@ class PostgresTarget(Target):
             else:
                 report["restore_bytes"] = self._pg_restore(context, new)
             actual = self._count(new)
-            report["checks"] = compare_tables((manifest.get("stats") or {}).get("tables"), actual)
+            report["checks"] = compare_tables(manifest.stats.get("tables"), actual)
             report["tables"] = len(actual)
             report["rows"] = sum(actual.values())
             failed = [check for check in report["checks"] if not check["ok"]]
             if failed:
                 raise IntegrityError("postgres restore of %s: %d table check(s) failed, e.g. %s expected %s rows, "
                                      "found %s; the restored copy was dropped"
-                                     % (manifest["id"], len(failed), failed[0]["what"], failed[0]["expected"],
+                                     % (manifest.id, len(failed), failed[0]["what"], failed[0]["expected"],
                                         failed[0]["actual"]))
         except BaseException:
             self._drop_quietly(new)
@@ -359,7 +364,7 @@ class PostgresTarget(Target):
                 if self.drop_old:
                     plan["would_drop"].append(kept)
             plan["would_rename"].append({"from": new, "to": target})
-        plan["expected_tables"] = len((manifest.get("stats") or {}).get("tables") or {})
+        plan["expected_tables"] = len(Manifest.wrap(manifest).stats.get("tables") or {})
         return plan
 
     # -- steps -------------------------------------------------------------------------
@@ -557,10 +562,11 @@ class PostgresTarget(Target):
         options = dict(options or {})
         for key in ("swap", "drop_old", "restore_globals", "restore_database"):
             options.pop(key, None)
-        base = options.get("database") or options.get("dbname") or (manifest.get("stats") or {}).get("database") or "db"
+        manifest = Manifest.wrap(manifest)
+        base = options.get("database") or options.get("dbname") or manifest.stats.get("database") or "db"
         options.pop("dbname", None)
         options["database"] = base
-        options["restore_database"] = database_name(base, "_verify_" + _id_suffix(manifest["id"]))
+        options["restore_database"] = database_name(base, "_verify_" + _id_suffix(manifest.id))
         options.setdefault("no_owner", True)
         options.setdefault("no_privileges", True)
         target = cls(options)

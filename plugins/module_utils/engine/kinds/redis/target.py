@@ -37,6 +37,7 @@ import tempfile
 import time
 
 from ...errors import BackupError, ConfigError, IntegrityError, SourceError
+from ...manifest import Manifest
 from ... import procutil
 from ...schema import Field
 from ..contract import Target
@@ -184,10 +185,11 @@ class RedisTarget(Target):
 
     def preflight(self, manifest):
         require_redis("Redis restores")
-        if manifest.get("kind") != self.kind:
-            raise ConfigError("redis target cannot restore a %s backup" % manifest.get("kind"))
-        if not any(obj.get("payload") == RDB_PAYLOAD for obj in manifest.get("objects", [])):
-            raise ConfigError("backup %s has no %s payload" % (manifest["id"], RDB_PAYLOAD))
+        manifest = Manifest.wrap(manifest)
+        if manifest.kind != self.kind:
+            raise ConfigError("redis target cannot restore a %s backup" % manifest.kind)
+        if manifest.payload_object(RDB_PAYLOAD) is None:
+            raise ConfigError("backup %s has no %s payload" % (manifest.id, RDB_PAYLOAD))
         self._server_binary()
         if not self.scratch_only:
             client = self.conn.client()
@@ -197,7 +199,7 @@ class RedisTarget(Target):
                 configured = None  # CONFIG may be disabled; RESTORE into a missing db fails clearly later
             finally:
                 client.close()
-            for name in (manifest.get("stats") or {}).get("keys") or {}:
+            for name in manifest.stats.get("keys") or {}:
                 dest = self._dest(_db_index(name, "stats.keys"))
                 if configured is not None and dest >= configured:
                     raise ConfigError("redis target has %d databases; the backup's %s would go to db%d"
@@ -205,11 +207,11 @@ class RedisTarget(Target):
 
     def one_pass_payloads(self, manifest, chain):
         """``dump.rdb``: finished in the private directory before any server sees it."""
-        return {(manifest["id"], RDB_PAYLOAD)}
+        return {(Manifest.wrap(manifest).id, RDB_PAYLOAD)}
 
     def restore(self, context):
         manifest = context.manifest
-        stats = manifest.get("stats") or {}
+        stats = manifest.stats
         started = time.monotonic()
         if context.check_mode:
             return self.plan(manifest)
@@ -227,7 +229,7 @@ class RedisTarget(Target):
             failed = [check for check in checks if not check["ok"]]
             if failed:
                 raise IntegrityError("redis restore of %s: the backup holds %s keys in %s, the source reported %s"
-                                     % (manifest["id"], failed[0]["actual"], failed[0]["what"],
+                                     % (manifest.id, failed[0]["actual"], failed[0]["what"],
                                         failed[0]["expected"]))
             if not self.scratch_only:
                 copy = self._copy_into_target(server, loaded)
@@ -236,7 +238,7 @@ class RedisTarget(Target):
                 failed = [check for check in report["checks"] if not check["ok"]]
                 if failed:
                     raise IntegrityError("redis restore of %s: %s: expected %s, found %s"
-                                         % (manifest["id"], failed[0]["what"], failed[0]["expected"],
+                                         % (manifest.id, failed[0]["what"], failed[0]["expected"],
                                             failed[0]["actual"]))
             report["duration_seconds"] = round(time.monotonic() - started, 3)
             return report
@@ -247,7 +249,7 @@ class RedisTarget(Target):
 
     def plan(self, manifest):
         """What ``restore`` would load, write and flush (check mode); reads, never writes."""
-        stats = manifest.get("stats") or {}
+        stats = Manifest.wrap(manifest).stats
         plan = {"changed": not self.scratch_only, "check_mode": True, "checks": [],
                 "would_load": dict(stats.get("keys") or {})}
         if self.scratch_only:
