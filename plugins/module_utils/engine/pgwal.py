@@ -13,6 +13,7 @@ timeline history files are ``TTTTTTTT.history``.
 import re
 
 from .errors import ConfigError
+from .manifest import Manifest
 
 DEFAULT_SEGMENT_SIZE = 16 << 20
 PARTIAL_SUFFIX = ".partial"
@@ -218,18 +219,19 @@ def superseded_partials(manifests):
     complete = set()
     partials = {}
     for manifest in manifests:
-        wal = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else {}
+        wal = Manifest.wrap(manifest).stats
         if wal.get("type") == "segment" and wal.get("file"):
             complete.add(wal["file"])
         elif wal.get("type") == "partial" and wal.get("file"):
             partials.setdefault(wal["file"], []).append(manifest)
 
     def reach(manifest):
+        manifest = Manifest.wrap(manifest)
         try:
-            end = parse_lsn(manifest["stats"].get("end_lsn"))
+            end = parse_lsn(manifest.stats.get("end_lsn"))
         except ConfigError:
             end = -1
-        return end, manifest.get("id") or ""
+        return end, manifest.id
 
     found = []
     for name, copies in sorted(partials.items()):
@@ -237,6 +239,6 @@ def superseded_partials(manifests):
             found.extend((m, "the complete segment %s is stored" % name) for m in copies)
             continue
         copies = sorted(copies, key=reach)
-        found.extend((m, "a newer partial copy of %s (%s) reaches further" % (name, copies[-1]["id"]))
+        found.extend((m, "a newer partial copy of %s (%s) reaches further" % (name, Manifest.wrap(copies[-1]).id))
                      for m in copies[:-1])
     return found

@@ -77,8 +77,8 @@ class RestorePlan:
         self.restore_point_lsn = None   # where it lies, when the stored WAL says
 
     def describe(self):
-        stats = self.base.get("stats") or {}
-        return {"base_backup": self.base["id"], "base_finished_at": self.base["finished_at"],
+        stats = self.base.stats
+        return {"base_backup": self.base.id, "base_finished_at": self.base.finished_at,
                 "timeline": stats.get("timeline"), "start_lsn": stats.get("start_lsn"),
                 "end_lsn": stats.get("end_lsn"), "wal_job": self.wal_job,
                 "target_time": (to_iso_precise(self.target_time) if self.target_time
@@ -88,7 +88,7 @@ class RestorePlan:
                 "restore_point": self.restore_point, "restore_point_lsn": self.restore_point_lsn,
                 "wal_stored_until": self.stored_until, "no_commit_after_target": self.no_commit_after_target,
                 "wal_times_known": not self.times_unknown,
-                "bytes_to_read": self.base["size_bytes"] + sum(m["size_bytes"] for dummy, m, dummy2 in self.wal)}
+                "bytes_to_read": self.base.size_bytes + sum(m.size_bytes for dummy, m, dummy2 in self.wal)}
 
     def covers_target(self):
         """Whether the stored WAL is known to hold every commit up to the target time."""
@@ -128,24 +128,24 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=N
                                       or len(restore_point) > 63):
         raise ConfigError("restore_point %r is not a restore point name (1 to 63 characters)" % (restore_point,))
     catalog = Catalog(storage)
-    bases = [m for m in catalog.scan(job, with_orphans=False) if m.get("kind") == BASE_KIND]
+    bases = [m for m in catalog.scan(job, with_orphans=False) if m.kind == BASE_KIND]
     if not bases:
         raise NotFoundError("job %s has no %s backup" % (job, BASE_KIND))
     if target is not None:
         usable = [m for m in bases if base_completed_at(m) <= target]
         if not usable:
             raise NotFoundError("job %s has no base backup finished at or before %s (the oldest finished at %s)"
-                                % (job, to_iso_precise(target), bases[-1]["finished_at"]))
+                                % (job, to_iso_precise(target), bases[-1].finished_at))
     else:
         usable = bases
     base = usable[0]
     state = None
     point = None
     if restore_point is not None:
-        wal_job = wal_job or (base.get("stats") or {}).get("wal_job") or default_wal_job(job, {})
+        wal_job = wal_job or base.stats.get("wal_job") or default_wal_job(job, {})
         state = WalState.load(storage, wal_job)
         base, point = _locate_restore_point(usable, state, restore_point, wal_job, target)
-    stats = base.get("stats") or {}
+    stats = base.stats
     wal_job = wal_job or stats.get("wal_job") or default_wal_job(job, {})
     size = int(stats.get("segment_size") or pgwal.DEFAULT_SEGMENT_SIZE)
     timeline = int(stats["timeline"])
@@ -163,14 +163,14 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=N
             partials[parsed[1]] = manifests[0]
     system = stats.get("system_identifier")
     for manifest in list(segments.values()) + list(partials.values()):
-        if system and (manifest.get("stats") or {}).get("system_identifier") not in (None, system):
+        wal_stats = manifest.stats
+        if system and wal_stats.get("system_identifier") not in (None, system):
             raise IntegrityError("WAL %s in job %s belongs to database system %s, the base backup %s to %s"
-                                 % (manifest["stats"]["file"], wal_job, manifest["stats"]["system_identifier"],
-                                    base["id"], system))
+                                 % (wal_stats.get("file"), wal_job, wal_stats["system_identifier"], base.id, system))
     candidates = sorted(set(segments) | set(partials))
     if not candidates:
         raise NotFoundError("no WAL of base backup %s (from segment %s) is stored in job %s"
-                            % (base["id"], pgwal.segment_name(timeline, first, size), wal_job))
+                            % (base.id, pgwal.segment_name(timeline, first, size), wal_job))
     newest = max(candidates)
     stored_until = _horizon(segments, partials, newest)
     beyond = unknown_times = False
@@ -198,14 +198,14 @@ def plan_restore(storage, job, point_in_time=None, wal_job=None, restore_point=N
     last = max(last, min(needed_end, newest))
     if last < needed_end:
         raise NotFoundError("base backup %s needs WAL up to segment %s, and job %s holds WAL only up to %s"
-                            % (base["id"], pgwal.segment_name(timeline, needed_end, size), wal_job,
+                            % (base.id, pgwal.segment_name(timeline, needed_end, size), wal_job,
                                pgwal.segment_name(timeline, newest, size)))
     # Segments before the last must be complete; the last may be a partial copy.
     present = [segno for segno in segments if segno < last] + [last] if (last in segments or last in partials) else []
     gaps = pgwal.find_gaps(present, first, last)
     if gaps:
         raise IntegrityError("WAL needed to restore base backup %s to %s is missing from job %s: %s"
-                             % (base["id"], to_iso_precise(target) if target else LATEST, wal_job,
+                             % (base.id, to_iso_precise(target) if target else LATEST, wal_job,
                                 pgwal.describe_gaps(gaps, timeline, size)))
     wal = []
     for segno in range(first, last + 1):
@@ -229,7 +229,7 @@ def _provably_after(state, point, target):
     if parsed is None:
         return False
     for manifest in list(state.segments.values()) + [copies[0] for copies in state.partials.values()]:
-        wal = manifest.get("stats") or {}
+        wal = mf.Manifest.wrap(manifest).stats
         other = pgwal.parse_segment_name(str(wal.get("file") or ""))
         if (other is not None and other[0] == parsed[0] and other[1] < parsed[1] and wal.get("last_xact_time")
                 and parse_iso(wal["last_xact_time"]) > target):
@@ -250,7 +250,7 @@ def _locate_restore_point(bases, state, name, wal_job, target):
     """
     found, unknown = [], False
     for manifest in list(state.segments.values()) + [copies[0] for copies in state.partials.values()]:
-        wal = manifest.get("stats") or {}
+        wal = mf.Manifest.wrap(manifest).stats
         if "restore_points" not in wal:
             unknown = True
             continue
@@ -282,7 +282,7 @@ def _locate_restore_point(bases, state, name, wal_job, target):
     point = found[-1]
     lsn = pgwal.parse_lsn(point["lsn"])
     for base in bases:  # newest first
-        stats = base.get("stats") or {}
+        stats = base.stats
         if not stats.get("end_lsn") or int(stats.get("timeline") or 0) != point["timeline"]:
             continue
         start, end = pgwal.parse_lsn(stats["start_lsn"]), pgwal.parse_lsn(stats["end_lsn"])
@@ -292,7 +292,7 @@ def _locate_restore_point(bases, state, name, wal_job, target):
         if earlier:
             raise NotFoundError("restore point %r was created more than once (at LSN %s): recovery from base backup "
                                 "%s would stop at the first; use a unique name" % (
-                                    name, ", ".join(p["lsn"] for p in earlier + [point]), base["id"]))
+                                    name, ", ".join(p["lsn"] for p in earlier + [point]), base.id))
         return base, point
     raise NotFoundError("restore point %r (LSN %s, timeline %s) lies before the end of every base backup of the "
                         "job%s" % (name, point["lsn"], point["timeline"],
@@ -312,12 +312,12 @@ def _horizon(segments, partials, newest):
     transaction end is known to be stored.
     """
     if newest in partials and newest not in segments:
-        manifest = partials[newest]
-        stats = manifest.get("stats") or {}
+        manifest = mf.Manifest.wrap(partials[newest])
+        stats = manifest.stats
         if "reach_time" in stats:
             return stats["reach_time"] or stats.get("last_xact_time")
-        return stats.get("captured_at") or manifest["finished_at"]
-    return (segments[newest].get("stats") or {}).get("last_xact_time")
+        return stats.get("captured_at") or manifest.finished_at
+    return mf.Manifest.wrap(segments[newest]).stats.get("last_xact_time")
 
 
 def wal_reach(state, segment_size=pgwal.DEFAULT_SEGMENT_SIZE):
@@ -343,10 +343,11 @@ def wal_reach(state, segment_size=pgwal.DEFAULT_SEGMENT_SIZE):
 
 def base_completed_at(base):
     """When a base backup was complete: ``stats.completed_at``, else its manifest time + 1 s (whole seconds)."""
-    precise = (base.get("stats") or {}).get("completed_at")
+    base = mf.Manifest.wrap(base)
+    precise = base.stats.get("completed_at")
     if precise:
         return parse_iso(precise)
-    return parse_iso(base["finished_at"]) + datetime.timedelta(seconds=1)
+    return parse_iso(base.finished_at) + datetime.timedelta(seconds=1)
 
 
 def _last_needed(candidates, segments, partials, target):
@@ -359,8 +360,7 @@ def _last_needed(candidates, segments, partials, target):
     """
     unknown = False
     for segno in candidates:
-        manifest = segments.get(segno) or partials[segno]
-        stats = manifest.get("stats") or {}
+        stats = mf.Manifest.wrap(segments.get(segno) or partials[segno]).stats
         last_time = stats.get("last_xact_time")
         if last_time and parse_iso(last_time) > target:
             return segno
@@ -386,10 +386,12 @@ class Keys:
 
 
 def _payload(manifest, name=None):
-    for obj in manifest["objects"]:
-        if obj.get("payload") and (name is None or obj["payload"] == name):
+    """The entry of payload ``name`` (any payload when None) of ``manifest``."""
+    manifest = mf.Manifest.wrap(manifest)
+    for obj in manifest.objects:
+        if obj.payload and (name is None or obj.payload == name):
             return obj
-    raise IntegrityError("backup %s of job %s has no %s payload" % (manifest["id"], manifest["job"], name or "data"))
+    raise IntegrityError("backup %s of job %s has no %s payload" % (manifest.id, manifest.job, name or "data"))
 
 
 def stage_wal(keys, plan, wal_dir, log):
@@ -401,8 +403,8 @@ def stage_wal(keys, plan, wal_dir, log):
             total += write_verified_wal(keys, manifest, name, os.path.join(wal_dir, name))
         except IntegrityError as exc:
             raise IntegrityError("WAL %s%s (backup %s of job %s) failed verification: %s"
-                                 % (name, " (partial copy)" if kind == "partial" else "", manifest["id"],
-                                    manifest["job"], exc)) from None
+                                 % (name, " (partial copy)" if kind == "partial" else "", manifest.id,
+                                    manifest.job, exc)) from None
     log("verified and staged %d WAL files (%d bytes)" % (len(plan.wal), total))
     return total
 
@@ -411,7 +413,8 @@ def write_verified_wal(keys, manifest, name, path):
     """Stored WAL file ``name``, decrypted and decompressed into ``path`` while its stored size
     and SHA-256 are checked, then its plain size against the manifest; returns that size.
     Raises IntegrityError when anything disagrees (``path`` is then not to be used)."""
-    expected = (manifest.get("stats") or {}).get("plain_bytes")
+    manifest = mf.Manifest.wrap(manifest)
+    expected = manifest.stats.get("plain_bytes")
     stream = keys.open(manifest, _payload(manifest))
     try:
         with open(path, "wb") as out:
@@ -481,15 +484,15 @@ def unpack_base(keys, plan, data_dir, log):
                     _extract_checked(archive, data_dir)
         except (tarfile.TarError, OSError) as exc:
             stream.finish()  # a damaged object explains a damaged tar best
-            raise IntegrityError("base backup %s: its tarball does not unpack: %s" % (plan.base["id"], exc)) from None
+            raise IntegrityError("base backup %s: its tarball does not unpack: %s" % (plan.base.id, exc)) from None
         while stream.read(CHUNK):  # tar's trailing zero blocks
             pass
         stream.finish()
     except IntegrityError as exc:
-        raise IntegrityError("base backup %s failed verification: %s" % (plan.base["id"], exc)) from None
+        raise IntegrityError("base backup %s failed verification: %s" % (plan.base.id, exc)) from None
     finally:
         stream.close()
-    log("verified and unpacked base backup %s (%d bytes)" % (plan.base["id"], stream.plain_bytes))
+    log("verified and unpacked base backup %s (%d bytes)" % (plan.base.id, stream.plain_bytes))
     return stream.plain_bytes
 
 
@@ -719,7 +722,7 @@ def restore_point_in_time(storage, job, point_in_time=None, identity=None, passp
         pgdata = os.path.join(scratch, "data")
         report["wal_bytes"] = stage_wal(keys, plan, wal_dir, log)
         report["base_bytes"] = unpack_base(keys, plan, pgdata, log)
-        stats = plan.base.get("stats") or {}
+        stats = plan.base.stats
         server = PrivateServer(bin_dir, scratch, pgdata, wal_dir, account, plan.target_time, int(stats["timeline"]),
                                restore_point=restore_point)
         server.user = user
@@ -773,7 +776,7 @@ def _recover_after_a_missed_target(server, plan, report, timeout, log):
     if missed and plan.restore_point is not None:
         raise NotFoundError("recovery from base backup %s replayed the stored WAL without meeting restore "
                             "point %r: it was not created after that base backup (%s)"
-                            % (plan.base["id"], plan.restore_point, server.log_tail(3)))
+                            % (plan.base.id, plan.restore_point, server.log_tail(3)))
     if not missed:
         raise SourceError("the private PostgreSQL stopped during recovery: %s" % server.log_tail())
     if not plan.times_unknown:

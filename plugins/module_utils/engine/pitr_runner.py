@@ -94,8 +94,8 @@ def _window_start(storage, job, state):
     first = min(stored)  # segment names sort by timeline, then segment number
     oldest = None
     for base in Catalog(storage).scan(job, with_orphans=False):
-        stats = base.get("stats") or {}
-        if base.get("kind") != BASE_KIND or not stats.get("wal_start") or stats["wal_start"] < first:
+        stats = base.stats
+        if base.kind != BASE_KIND or not stats.get("wal_start") or stats["wal_start"] < first:
             continue
         done = pitr.base_completed_at(base)
         oldest = done if oldest is None else min(oldest, done)
@@ -194,7 +194,7 @@ class StreamStatus:
         state = streamer.state
         stored_at = streamer.result.get("last_stored_at")
         if stored_at is None and state is not None:
-            stored_at = max((m["finished_at"] for m in list(state.segments.values())
+            stored_at = max((m.finished_at for m in list(state.segments.values())
                              + [ms[0] for ms in state.partials.values() if ms]), default=None)
         if stored_at is not None:
             values["last_archived_at"] = parse_iso(stored_at)
@@ -351,9 +351,9 @@ def cmd_wal_fetch(config, args, log):
                 os.remove(temporary)
             raise
         os.replace(temporary, path)
-        log.info("fetched %s%s from backup %s" % (name, " (partial copy)" if manifest["stats"].get("type") == "partial"
-                                                  else "", manifest["id"]))
-        return 0, {"file": name, "stored": True, "backup_id": manifest["id"], "type": manifest["stats"].get("type")}
+        kind = manifest.stats.get("type")
+        log.info("fetched %s%s from backup %s" % (name, " (partial copy)" if kind == "partial" else "", manifest.id))
+        return 0, {"file": name, "stored": True, "backup_id": manifest.id, "type": kind}
     except (BackupError, OSError) as exc:
         log.error("wal-fetch %s failed: %s" % (name, exc))
         return EXIT_ABORT_RECOVERY, None

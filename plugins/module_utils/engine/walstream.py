@@ -26,6 +26,7 @@ import tempfile
 import time
 
 from .catalog import Catalog
+from .manifest import Manifest
 from .errors import BackupError, ConfigError, IntegrityError, SourceError
 from . import pgwal
 from . import procutil
@@ -43,9 +44,10 @@ class WalState:
         self.partials = {}   # name (without .partial) -> [manifests], newest first
         self.histories = {}  # name -> manifest
         for manifest in manifests:  # newest first (Catalog.scan)
-            wal = manifest.get("stats") or {}
+            manifest = Manifest.wrap(manifest)
+            wal = manifest.stats
             name = wal.get("file")
-            if manifest.get("kind") != WAL_KIND or not name:
+            if manifest.kind != WAL_KIND or not name:
                 continue
             if wal.get("type") == "segment":
                 self.segments.setdefault(name, manifest)
@@ -158,7 +160,7 @@ class WalStreamer:
         os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
         self.state = WalState.load(self.storage, self.wal_job)
         for manifest in list(self.state.segments.values())[:1]:
-            stored_system = (manifest.get("stats") or {}).get("system_identifier")
+            stored_system = manifest.stats.get("system_identifier")
             if stored_system and stored_system != self.facts["system_identifier"]:
                 raise ConfigError("WAL job %s holds WAL of database system %s, but %s is system %s: use another "
                                   "wal_job for this server" % (self.wal_job, stored_system, self.conn.endpoint(),
@@ -219,8 +221,8 @@ class WalStreamer:
                                                    "port": self.conn.port or 5432, "slot": self.slot})
         run = BackupRun(self.wal_job, source, self.storage, compression=self.compression, encryption=self.encryption)
         manifest = run.run()
-        self.result["bytes_stored"] += manifest["size_bytes"]
-        self.result["last_stored_at"] = manifest["finished_at"]
+        self.result["bytes_stored"] += manifest.size_bytes
+        self.result["last_stored_at"] = manifest.finished_at
         if self.progress is not None:
             self.progress()
         return manifest
@@ -378,7 +380,7 @@ class WalStreamer:
             try:
                 catalog.delete_backup(manifest)
             except BackupError as exc:  # a superseded copy left behind costs space, not correctness
-                self.log("could not delete superseded partial WAL copy %s: %s" % (manifest["id"], exc))
+                self.log("could not delete superseded partial WAL copy %s: %s" % (Manifest.wrap(manifest).id, exc))
 
     # -- running -------------------------------------------------------------------------
     def run(self, end_lsn=None, duration=None, stop=None, poll=0.5, on_tick=None):
