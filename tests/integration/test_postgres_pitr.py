@@ -502,6 +502,8 @@ def test_wal_without_commit_times_and_nothing_committed_after_the_target_recover
     assert _batches(pg, "enrol_quiet") == {1: 50, 2: 50}
     assert report["target_reached"] is False
     assert report["plan"]["no_commit_after_target"] is True and report["plan"]["wal_times_known"] is False
+    recovered_commit = pitr.parse_target(report["recovered_to"]["last_commit_time"])
+    assert last_commit - datetime.timedelta(seconds=1) < recovered_commit <= target, report["recovered_to"]
     assert any("recovering to its end" in message for message in messages), messages
 
     beyond = pitr.parse_target(plan.stored_until) + datetime.timedelta(seconds=30)

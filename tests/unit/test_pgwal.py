@@ -150,6 +150,20 @@ def test_wal_state_keeps_newest_partial_first():
     assert state.last_segment(16 * MIB) == (1, 4)
 
 
+def test_the_last_commit_a_recovery_stopped_short_logged_is_read_from_its_log():
+    # PostgreSQL logs it just before "recovery ended before configured recovery target was reached";
+    # the restart that follows may replay no commit at all (engine/pitr.py).
+    log = ("2026-12-06 15:18:28.750 UTC [4172] LOG:  redo done at 0/3002D58 system usage: CPU: user: 0.00 s\n"
+           "2026-12-06 15:18:28.750 UTC [4172] LOG:  last completed transaction was at log time "
+           "2026-12-06 15:18:06.226542+00\n"
+           "2026-12-06 15:18:28.751 UTC [4172] FATAL:  recovery ended before configured recovery target was reached\n")
+    found = pitr._LAST_COMMIT_RE.findall(log)  # pylint: disable=protected-access
+    assert found == ["2026-12-06 15:18:06.226542+00"]
+    assert pitr.pg_log_time(found[-1]) == parse_iso("2026-12-06T15:18:06.226542Z")
+    assert pitr.pg_log_time("2026-12-06 17:18:06+02") == parse_iso("2026-12-06T15:18:06Z")
+    assert pitr.pg_log_time("not a time") is None
+
+
 def test_parse_target():
     assert pitr.parse_target("latest") is None
     assert pitr.parse_target("2026-01-01T10:00:00+02:00") == parse_iso("2026-01-01T08:00:00Z")

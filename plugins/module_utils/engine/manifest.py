@@ -369,7 +369,7 @@ def object_entry(manifest, name):
 
 def payload_entry(manifest, payload_name):
     """The entry of the stored object holding the payload ``payload_name``, or None."""
-    for obj in manifest["objects"]:
+    for obj in manifest.get("objects") or ():
         if obj.get("payload") == payload_name:
             return obj
     return None

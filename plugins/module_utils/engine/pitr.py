@@ -60,6 +60,7 @@ LATEST = "latest"
 UNKNOWN = "unknown"
 _STOP_RE = re.compile(r"recovery stopping (before|after) commit of transaction (\d+), time ([0-9:. +-]+)")
 _NOT_REACHED = "recovery ended before configured recovery target was reached"
+_LAST_COMMIT_RE = re.compile(r"last completed transaction was at log time ([0-9:. +-]+)")
 
 
 class RestorePlan:
@@ -561,6 +562,7 @@ class PrivateServer:
         self.port = _free_port()
         self.proc = None
         self.user = None
+        self.logged_last_commit = None  # the last commit a recovery stopped short logged
 
     def argv(self, with_target=True):
         hba = os.path.join(self.scratch, "pg_hba.conf")
@@ -569,6 +571,8 @@ class PrivateServer:
             "hba_file": hba, "ident_file": os.path.join(self.scratch, "pg_ident.conf"),
             "archive_mode": "off", "hot_standby": "off", "ssl": "off", "primary_conninfo": "",
             "primary_slot_name": "", "logging_collector": "off", "log_destination": "stderr",
+            # The engine reads the log: its messages untranslated, its times in UTC.
+            "lc_messages": "C", "log_timezone": "UTC", "timezone": "UTC",
             "restore_command": 'cp "%s/%%f" "%%p"' % self.wal_dir,
             "recovery_target_timeline": str(self.timeline), "recovery_target_action": "promote",
             "shared_preload_libraries": "",
@@ -789,15 +793,32 @@ def _recover_after_a_missed_target(server, plan, report, timeout, log):
     plan.no_commit_after_target = True
     report["plan"] = plan.describe()
     report["target_reached"] = False
+    # The second start resumes from the last restartpoint and may replay no commit at all: keep
+    # the last one the first start logged (PostgreSQL logs it just before that FATAL).
+    logged = _LAST_COMMIT_RE.findall(server.log_text())
+    server.logged_last_commit = pg_log_time(logged[-1]) if logged else None
     server.start(with_target=False)
     if not server.wait_promoted(timeout):
         raise SourceError("the private PostgreSQL stopped during recovery: %s" % server.log_tail())
+
+
+def pg_log_time(text):
+    """A time as PostgreSQL writes it in its log (``2026-01-02 03:04:05.123456+00``) as a
+    datetime; None if unreadable."""
+    value = (text or "").strip().replace(" ", "T", 1)
+    if value[-3:-2] in ("+", "-") and value[-2:].isdigit():
+        value += ":00"
+    try:
+        return parse_iso(value)
+    except ValueError:
+        return None
 
 
 def _recovered_to(server):
     with server.connect() as conn:
         lsn, commit = conn.execute("SELECT pg_catalog.pg_last_wal_replay_lsn()::text, "
                                    "pg_catalog.pg_last_xact_replay_timestamp()").fetchone()
+    commit = commit or server.logged_last_commit
     result = {"lsn": lsn, "last_commit_time": to_iso_precise(commit) if commit else None,
               "stopped": None}
     match = None

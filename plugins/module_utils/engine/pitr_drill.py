@@ -115,17 +115,6 @@ class PrivateCheck:
                             "actual": dumped, "ok": dumped > 0}]}
 
 
-def _pg_time(text):
-    """PostgreSQL's log time (``2026-01-02 03:04:05.123456+00``) as a datetime; None if unreadable."""
-    value = (text or "").strip().replace(" ", "T", 1)
-    if value[-3:-2] in ("+", "-") and value[-2:].isdigit():
-        value += ":00"
-    try:
-        return parse_iso(value)
-    except ValueError:
-        return None
-
-
 def check_recovery(report, target):
     """The drill's checks of a restore report against its ``target`` time."""
     recovered = report.get("recovered_to") or {}
@@ -140,7 +129,7 @@ def check_recovery(report, target):
                    "actual": last, "ok": last is None or parse_iso(last) <= target})
     stopped = recovered.get("stopped")
     if stopped and report.get("target_reached"):
-        when = _pg_time(stopped.get("commit_time"))
+        when = pitr.pg_log_time(stopped.get("commit_time"))
         checks.append({"what": "first transaction not replayed ended after the target",
                        "expected": "after %s" % pitr.to_iso_precise(target),
                        "actual": "%s %s (xid %s)" % (stopped.get("where"), stopped.get("commit_time"), stopped.get("xid")),
