@@ -396,7 +396,7 @@ class FilesTarget(DirectoryDestination, Target):
                 if failed:
                     raise IntegrityError("restored tree of backup %s does not match it: %s" % (
                         final.id, "; ".join("%s: expected %s, got %s" % (c["what"], c["expected"], c["actual"])
-                                               for c in failed[:5])))
+                                            for c in failed[:5])))
                 self.destination.move_into_place(staging, inside, _root_finalizer(tree, root_entry))
             except BaseException:
                 force_rmtree(staging)
