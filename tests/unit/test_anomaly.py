@@ -137,6 +137,16 @@ def test_previous_successful_skips_failed_size_checks_and_matches_full_or_increm
     assert previous_successful(summaries, "f")["id"] == "d"
 
 
+def test_a_size_check_that_is_not_an_object_reads_as_no_check():
+    # manifest.json may hold any JSON there: the baseline search must not stop on it.
+    summaries = [
+        {"id": "a", "job": "f", "status": "complete", "finished_at": "2024-01-01T00:00:00Z", "size_bytes": 5},
+        {"id": "b", "job": "f", "status": "complete", "finished_at": "2024-01-02T00:00:00Z", "size_bytes": 7,
+         "size_check": "fail"},
+    ]
+    assert previous_successful(summaries, "f")["id"] == "b"
+
+
 class _Bytes(Source):
     """A source emitting ``options['size']`` incompressible bytes (optionally as an incremental)."""
 

@@ -88,3 +88,13 @@ def test_require_copy_keeps_what_the_copy_lacks_and_its_parents():
     bad = [dict(m, verification={"result": "failed", "verified_at": "2024-01-01T00:00:00Z"})
            if m["id"] == INC2["id"] else m for m in everything]
     assert INC2["id"] not in {e["id"] for e in prune.plan(bad, {"keep_last": 1}, now=now, copied=set())["keep"]}
+
+
+def test_wal_wanted_reads_odd_stats_as_a_file_worth_copying():
+    # Stats that are not an object (manifest.json may hold any JSON there) say nothing about
+    # the WAL file: it is copied rather than the copy stopping on it.
+    wal = dict(manifest("20240101T000500Z-eeeeee", 5), kind="postgres_wal", stats="segment")
+    assert offsite.wal_wanted(wal, [(1, 10)])
+    needed = dict(wal, stats={"type": "segment", "file": "000000010000000000000003"})
+    assert not offsite.wal_wanted(needed, [(1, 10)])
+    assert offsite.wal_wanted(dict(wal, stats={"type": "segment", "file": "000000010000000000000010"}), [(1, 10)])

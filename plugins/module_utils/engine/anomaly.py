@@ -26,7 +26,6 @@ from .timeutil import parse_iso
 OK = "ok"
 WARN = "warn"
 FAIL = "fail"
-_COMPLETE = "complete"
 
 
 def size_change_ratio(current_bytes, previous_bytes):
@@ -157,20 +156,21 @@ def previous_successful(summaries, job, before=None, incremental=None, exclude_i
     """
     limit = parse_iso(before) if before is not None else None
     best, best_time = None, None
-    for item in summaries:
-        if item.get("job") != job or item.get("status") != _COMPLETE or item.get("size_bytes") is None:
+    for item in map(Manifest.wrap, summaries):
+        # job and id read leniently: a summary without them is skipped, not an error.
+        if item.get("job") != job or not item.is_complete or item.size_bytes is None:
             continue
         if exclude_id is not None and item.get("id") == exclude_id:
             continue
-        if (item.get("size_check") or {}).get("level") == FAIL:
+        if item.size_check_level == FAIL:
             continue
-        if incremental is not None and bool(item.get("parent")) != bool(incremental):
+        if incremental is not None and bool(item.parent) != bool(incremental):
             continue
-        finished = parse_iso(item["finished_at"])
+        finished = parse_iso(item.finished_at)
         if limit is not None and finished >= limit:
             continue
         # Timestamps have whole seconds: ties go to the later start, then the larger id.
-        order = (finished, parse_iso(item.get("started_at") or item["finished_at"]), str(item.get("id")))
+        order = (finished, parse_iso(item.get("started_at") or item.finished_at), str(item.get("id")))
         if best_time is None or order > best_time:
             best, best_time = item, order
     return best
@@ -190,11 +190,11 @@ def check_new_backup(catalog, manifest, policy=None):
     manifest = Manifest.wrap(manifest)
     history = catalog.scan(manifest.job, with_orphans=False)
     previous = previous_successful(history, manifest.job, incremental=bool(manifest.parent), exclude_id=manifest.id)
-    verdict = evaluate_size(manifest.size_bytes, previous["size_bytes"] if previous else None, policy)
+    verdict = evaluate_size(manifest.size_bytes, previous.size_bytes if previous else None, policy)
     if previous is None:
         return verdict
     return SizeVerdict(verdict.level, verdict.ratio, verdict.current_bytes, verdict.previous_bytes,
-                       verdict.reason, previous_id=previous.get("id"))
+                       verdict.reason, previous_id=previous.id)
 
 
 def manifest_fields(verdict):

@@ -86,7 +86,7 @@ class Catalog:
             backups.extend(self._scan_job(job_name, dirs, with_orphans, job_name in indexed))
         # Parsed times, not strings: '...05Z' and '...05+00:00' are the same instant. Ids
         # break ties within one second (they sort in start order, see timeutil.new_backup_id).
-        backups.sort(key=lambda m: (parse_iso(m["started_at"]), m["id"]), reverse=True)
+        backups.sort(key=lambda m: (parse_iso(m.started_at), m.id), reverse=True)
         return backups
 
     def _cached_manifest(self, entry, manifest_info, where):
@@ -124,7 +124,7 @@ class Catalog:
                     continue
                 if manifest is None:
                     continue  # deleted between LIST and GET
-            if manifest.get("id") != backup_id or manifest.get("job") != job:
+            if manifest.id != backup_id or manifest.job != job:
                 self.junk.append({"key": key, "reason": "manifest id/job do not match its location"})
                 continue
             verification = entry.get("verification")
@@ -173,17 +173,17 @@ class Catalog:
         return report
 
     def jobs(self):
-        return sorted({m["job"] for m in self.scan(with_orphans=False)})
+        return sorted({m.job for m in self.scan(with_orphans=False)})
 
     def get(self, job, backup_id):
         for manifest in self.scan(job, with_orphans=False):
-            if manifest["id"] == backup_id:
+            if manifest.id == backup_id:
                 return manifest
         raise NotFoundError("job %s has no complete backup with id %s" % (job, backup_id))
 
     def latest(self, job, kind=None):
         for manifest in self.scan(job, with_orphans=False):
-            if kind is None or manifest["kind"] == kind:
+            if kind is None or manifest.kind == kind:
                 return manifest
         raise NotFoundError("job %s has no complete backup yet" % job)
 
@@ -191,7 +191,7 @@ class Catalog:
         """The newest complete backup that finished at or before ``moment``."""
         limit = parse_iso(moment)
         for manifest in self.scan(job, with_orphans=False):
-            if parse_iso(manifest["finished_at"]) <= limit:
+            if parse_iso(manifest.finished_at) <= limit:
                 return manifest
         raise NotFoundError("job %s has no complete backup at or before %s" % (job, moment))
 
@@ -209,17 +209,18 @@ class Catalog:
 
     def chain(self, manifest):
         """For an incremental backup: the full backup and every incremental up to it, oldest first."""
-        by_id = {m["id"]: m for m in self.scan(manifest["job"], with_orphans=False)}
+        manifest = mf.Manifest.wrap(manifest)
+        by_id = {m.id: m for m in self.scan(manifest.job, with_orphans=False)}
         chain = [manifest]
-        seen = {manifest["id"]}
-        while chain[0].get("parent"):
-            parent = by_id.get(chain[0]["parent"])
+        seen = {manifest.id}
+        while chain[0].parent:
+            parent = by_id.get(chain[0].parent)
             if parent is None:
                 raise IntegrityError("backup %s depends on %s, which is missing: the chain is broken"
-                                     % (chain[0]["id"], chain[0]["parent"]))
-            if parent["id"] in seen:
-                raise IntegrityError("backup chain of %s loops at %s" % (manifest["id"], parent["id"]))
-            seen.add(parent["id"])
+                                     % (chain[0].id, chain[0].parent))
+            if parent.id in seen:
+                raise IntegrityError("backup chain of %s loops at %s" % (manifest.id, parent.id))
+            seen.add(parent.id)
             chain.insert(0, parent)
         return chain
 

@@ -209,6 +209,11 @@ class Manifest(dict):
         return self.get("size_check")
 
     @property
+    def size_check_level(self):
+        """The recorded size check's level (``ok``, ``warn``, ``fail``), or None."""
+        return _dict_or_empty(self.get("size_check")).get("level")
+
+    @property
     def size_change_ratio(self):
         return self.get("size_change_ratio")
 

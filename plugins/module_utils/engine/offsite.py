@@ -68,8 +68,10 @@ _NO_COMPRESSION = {"algorithm": "none", "level": 0, "threads": 0}
 
 def source_objects(destination_manifest):
     """The source objects a destination manifest stands for: those recorded by a re-encrypting
-    copy (``copied_from.reencrypted.source_objects``), else its own (a byte-for-byte copy)."""
-    record = (destination_manifest.get("copied_from") or {}).get("reencrypted")
+    copy (``copied_from.reencrypted.source_objects``), else its own (a byte-for-byte copy).
+    Entries are returned as recorded: a malformed one must read as a different backup."""
+    destination_manifest = mf.Manifest.wrap(destination_manifest)
+    record = destination_manifest.copied_from.get("reencrypted")
     if isinstance(record, dict) and isinstance(record.get("source_objects"), list):
         return record["source_objects"]
     return destination_manifest["objects"]
@@ -83,8 +85,9 @@ def same_backup(source_manifest, destination_manifest):
             return sorted((obj["name"], obj["size"], obj["sha256"]) for obj in entries)
         except (KeyError, TypeError):
             return None  # a malformed record is not the same backup: copied again
-    return (source_manifest["id"] == destination_manifest["id"]
-            and source_manifest["job"] == destination_manifest["job"]
+    source_manifest, destination_manifest = mf.Manifest.wrap(source_manifest), mf.Manifest.wrap(destination_manifest)
+    return (source_manifest.id == destination_manifest.id
+            and source_manifest.job == destination_manifest.job
             and objects(source_manifest["objects"]) == objects(source_objects(destination_manifest)))
 
 
@@ -161,7 +164,7 @@ def reencrypted_manifest(source_manifest, objects, plaintext, recipients, source
     manifest = manifest.with_fields(
         objects=objects, size_bytes=sum(obj["size"] for obj in objects),
         encryption={"mode": "age", "recipients": list(recipients)},
-        copied_from=dict(manifest["copied_from"], reencrypted=reencrypted))
+        copied_from=dict(manifest.copied_from, reencrypted=reencrypted))
     return mf.validate(mf.build(**_build_args(manifest)))
 
 
@@ -180,23 +183,24 @@ def _build_args(manifest):
 def select_sources(backups, selector="all"):
     """The source manifests to copy, oldest first, for ``all``, ``latest`` or a backup id;
     for one backup its chain's parents come along (a restore at the destination needs them)."""
+    backups = [mf.Manifest.wrap(m) for m in backups]
     if selector in (None, "", "all"):
         chosen = list(backups)
     else:
         if selector == "latest":
             wanted = backups[:1]
         elif is_backup_id(selector):
-            wanted = [m for m in backups if m["id"] == selector]
+            wanted = [m for m in backups if m.id == selector]
         else:
             raise ConfigError("backup must be all, latest or a backup id, got %r" % (selector,))
         if not wanted:
             raise NotFoundError("the source has no complete backup %s" % (selector,))
-        by_id = {m["id"]: m for m in backups}
+        by_id = {m.id: m for m in backups}
         chosen, item = [], wanted[0]
         while item is not None and item not in chosen:
             chosen.append(item)
-            item = by_id.get(item.get("parent")) if item.get("parent") else None
-    return sorted(chosen, key=lambda m: (parse_iso(m["started_at"]), m["id"]))
+            item = by_id.get(item.parent) if item.parent else None
+    return sorted(chosen, key=lambda m: (parse_iso(m.started_at), m.id))
 
 
 def plan_backup(source_manifest, destination_manifest, stored_sizes):
@@ -208,13 +212,14 @@ def plan_backup(source_manifest, destination_manifest, stored_sizes):
         return COPY_ACTION, "missing at the destination"
     if not same_backup(source_manifest, destination_manifest):
         return REPAIR_ACTION, "the destination's manifest lists other objects"
-    for obj in destination_manifest["objects"]:
-        key = mf.object_key(source_manifest["job"], source_manifest["id"], obj["name"])
+    source_manifest = mf.Manifest.wrap(source_manifest)
+    for obj in mf.Manifest.wrap(destination_manifest).objects:
+        key = mf.object_key(source_manifest.job, source_manifest.id, obj.name)
         if key not in stored_sizes:
             return REPAIR_ACTION, "%s is missing at the destination" % key
-        if stored_sizes[key] != obj["size"]:
+        if stored_sizes[key] != obj.size:
             return REPAIR_ACTION, "%s is %d bytes at the destination, the manifest says %d" % (
-                key, stored_sizes[key], obj["size"])
+                key, stored_sizes[key], obj.size)
     return None, None
 
 
@@ -223,10 +228,11 @@ def copied_ids(destination, job, source_backups):
     same objects: what prune's ``require_copy`` rail may delete at the source. A destination
     that does not exist holds nothing."""
     try:
-        present = {m["id"]: m for m in Catalog(destination, repair_index=False).scan(job, with_orphans=False)}
+        present = {m.id: m for m in Catalog(destination, repair_index=False).scan(job, with_orphans=False)}
     except MissingLocationError:
         return set()
-    return {m["id"] for m in source_backups if m["id"] in present and same_backup(m, present[m["id"]])}
+    source_backups = [mf.Manifest.wrap(m) for m in source_backups]
+    return {m.id for m in source_backups if m.id in present and same_backup(m, present[m.id])}
 
 
 def copied_wal_ids(source, destination, job, manifests):
@@ -246,7 +252,8 @@ def wal_wanted(manifest, needs):
     """Whether a WAL file (a ``postgres_wal`` manifest) is worth copying when the base backups the
     destination holds need ``needs`` (``[(timeline, first segno)]``, see :func:`pgwal.wal_needed`):
     history files and anything unparsable always are."""
-    wal = manifest.get("stats") or {}
+    manifest = mf.Manifest.wrap(manifest)
+    wal = manifest.stats
     if manifest.get("kind") != WAL_KIND or wal.get("type") not in ("segment", "partial"):
         return True
     parsed = pgwal.parse_segment_name(str(wal.get("file") or ""), wal.get("segment_size") or pgwal.DEFAULT_SEGMENT_SIZE)
@@ -255,7 +262,7 @@ def wal_wanted(manifest, needs):
 
 def copy_lag_seconds(source_backups, present_ids, now):
     """Seconds since the oldest source backup the destination lacks finished (0 in sync)."""
-    missing = [parse_iso(m["finished_at"]) for m in source_backups if m["id"] not in present_ids]
+    missing = [parse_iso(m.finished_at) for m in map(mf.Manifest.wrap, source_backups) if m.id not in present_ids]
     if not missing:
         return 0.0
     return max(0.0, (now - min(missing)).total_seconds())
@@ -275,14 +282,15 @@ def _read_back(storage, key, obj):
 def stream_object(source, destination, key, obj):
     """Copy one stored object in CHUNK pieces; the source bytes must match ``obj`` (size, SHA-256)
     or nothing is published. Returns the number of bytes copied."""
+    obj = mf.StoredObject.wrap(obj)
     reader = source.open_reader(key)
     try:
         with destination.open_writer(key) as writer:
             sha256, size = pump(reader.read, writer.write)
-            if size != obj["size"]:
-                raise ObjectMismatchError(key, "size", obj["size"], size, note="at the source: not copied")
-            if sha256 != obj["sha256"]:
-                raise ObjectMismatchError(key, "sha256", obj["sha256"], sha256, note="at the source: not copied")
+            if size != obj.size:
+                raise ObjectMismatchError(key, "size", obj.size, size, note="at the source: not copied")
+            if sha256 != obj.sha256:
+                raise ObjectMismatchError(key, "sha256", obj.sha256, sha256, note="at the source: not copied")
             writer.commit()
     finally:
         reader.close()
@@ -371,14 +379,14 @@ class Copier:
             sizes = {info.key: info.size for info in self.destination.list("%s/" % self.job)}
         except MissingLocationError:
             return {}, {}
-        return {m["id"]: m for m in listed}, sizes
+        return {m.id: m for m in listed}, sizes
 
     def _stored_damage(self, destination_manifest):
         """Read back the destination's objects of a listed backup, judged by its manifest's
         entries (for a byte-for-byte copy the source's, as same_backup found): the first
         difference, or None."""
-        for obj in destination_manifest["objects"]:
-            problem = _read_back(self.destination, mf.object_key(self.job, destination_manifest["id"], obj["name"]), obj)
+        for obj in destination_manifest.objects:
+            problem = _read_back(self.destination, mf.object_key(self.job, destination_manifest.id, obj.name), obj)
             if problem:
                 return problem
         return None
@@ -387,19 +395,19 @@ class Copier:
         """Ids of ``chosen`` missing at the destination that its own policy would prune (for a WAL
         job: that no base backup at the destination needs), and partial WAL copies a file the
         destination already holds supersedes."""
-        missing = [m for m in chosen if m["id"] not in present]
+        missing = [m for m in chosen if m.id not in present]
         unwanted = self._superseded_at_destination(missing, present)
         if self.wal_needs is not None:
-            unwanted.update((m["id"], "no base backup at the destination needs it") for m in missing
-                            if m["id"] not in unwanted and not wal_wanted(m, self.wal_needs))
+            unwanted.update((m.id, "no base backup at the destination needs it") for m in missing
+                            if m.id not in unwanted and not wal_wanted(m, self.wal_needs))
             return unwanted
         if self.policy is None:
             return unwanted
-        missing = [mf.Manifest.wrap(m).with_fields(verification=None) for m in missing]
+        missing = [m.with_fields(verification=None) for m in missing]
         decided = retention_plan(list(present.values()) + missing, self.policy, min_keep=self.min_keep, now=now)
         kept = {entry["id"] for entry in decided["keep"]}
-        unwanted.update((m["id"], "the destination's retention policy would not keep it") for m in missing
-                        if m["id"] not in kept and m["id"] not in unwanted)
+        unwanted.update((m.id, "the destination's retention policy would not keep it") for m in missing
+                        if m.id not in kept and m.id not in unwanted)
         return unwanted
 
     @staticmethod
@@ -408,46 +416,47 @@ class Copier:
         already there count: a complete segment still to be copied could fail to arrive, and then
         its partial copy is what the destination has (it goes after the segment arrives, see
         :meth:`_drop_superseded`)."""
-        held = [m for m in present.values() if m.get("kind") == WAL_KIND]
+        held = [m for m in present.values() if m.kind == WAL_KIND]
         found = {}
         for manifest in missing:
-            if manifest.get("kind") != WAL_KIND or (manifest.get("stats") or {}).get("type") != "partial":
+            if manifest.kind != WAL_KIND or manifest.stats.get("type") != "partial":
                 continue
             for superseded, reason in pgwal.superseded_partials(held + [manifest]):
-                if superseded["id"] == manifest["id"]:
-                    found[manifest["id"]] = reason
+                if superseded.id == manifest.id:
+                    found[manifest.id] = reason
         return found
 
     def plan(self, selector="all", now=None):
         """What a copy would do: ``{source_backups, steps, in_sync, present, unwanted}`` (reads only)."""
         source_backups = self.source_catalog.scan(self.job, with_orphans=False)
-        if any(manifest.get("storage_format") == "restic" for manifest in source_backups):
+        if any(manifest.storage_format == "restic" for manifest in source_backups):
             raise ConfigError("job %s has backups in the restic format, which cannot be copied yet (the copy "
                               "would need the job's restic repository as well); nothing was copied" % self.job)
         chosen = select_sources(source_backups, selector)
         present, sizes = self._destination_state()
         unwanted = self._unwanted(chosen, present, now or utc_now())
-        chosen = [m for m in chosen if m["id"] not in unwanted]
+        chosen = [m for m in chosen if m.id not in unwanted]
         steps, in_sync = [], []
         for manifest in chosen:
-            action, reason = plan_backup(manifest, present.get(manifest["id"]), sizes)
+            action, reason = plan_backup(manifest, present.get(manifest.id), sizes)
             if action is None:
-                if self.recheck == "full" or present[manifest["id"]].verification_result == "failed":
-                    problem = self._stored_damage(present[manifest["id"]])
+                if self.recheck == "full" or present[manifest.id].verification_result == "failed":
+                    problem = self._stored_damage(present[manifest.id])
                     if problem:
                         action, reason = REPAIR_ACTION, problem
             if action is None:
-                in_sync.append(manifest["id"])
+                in_sync.append(manifest.id)
                 continue
-            steps.append({"id": manifest["id"], "action": action, "reason": reason,
-                          "parent": manifest.get("parent"), "objects": len(manifest["objects"]),
-                          "bytes": sum(obj["size"] for obj in manifest["objects"]),
-                          "finished_at": manifest["finished_at"], "_manifest": manifest})
+            objects = manifest.objects
+            steps.append({"id": manifest.id, "action": action, "reason": reason,
+                          "parent": manifest.parent, "objects": len(objects),
+                          "bytes": sum(obj.size for obj in objects),
+                          "finished_at": manifest.finished_at, "_manifest": manifest})
         other = []
         if self.reencrypt is not None:
             wanted = set(self.reencrypt["recipients"])
             other = [backup_id for backup_id in in_sync
-                     if set((present[backup_id].get("encryption") or {}).get("recipients") or []) != wanted]
+                     if set(present[backup_id].encryption.get("recipients") or []) != wanted]
         return {"source_backups": chosen, "steps": steps, "in_sync": in_sync, "other_recipients": other,
                 "present": set(present), "sizes": sizes, "unwanted": unwanted, "all_source": source_backups,
                 "present_manifests": present}
@@ -472,7 +481,7 @@ class Copier:
                 step["_key_error"] = exc
                 continue
             step["_identities"] = found
-            encryption = manifest.get("encryption") or {}
+            encryption = manifest.encryption
             recipients = (tuple(sorted(encryption.get("recipients") or [])), encryption.get("key_object"))
             if found is None or (recipients in tried and not encryption.get("key_object")):
                 continue
@@ -486,10 +495,10 @@ class Copier:
             tried.add(recipients)
 
     def _trial_decrypt(self, manifest, found):
-        for obj in manifest["objects"]:
-            if not obj.get("payload"):
+        for obj in manifest.objects:
+            if not obj.payload:
                 continue
-            key = mf.object_key(self.job, manifest["id"], obj["name"])
+            key = mf.object_key(self.job, manifest.id, obj.name)
             stream = PlaintextStream(self.source, key, obj, "none", found)
             try:
                 stream.read(CHUNK)
@@ -498,7 +507,7 @@ class Copier:
                 if problem:
                     raise IntegrityError("%s (at the source: not copied)" % problem) from None
                 raise KeyMismatchError("reencrypt: the given key does not decrypt %s (backup %s); nothing was "
-                                       "written at the destination" % (key, manifest["id"])) from None
+                                       "written at the destination" % (key, manifest.id)) from None
             finally:
                 stream.close()
             return
@@ -506,7 +515,7 @@ class Copier:
     # -- copying -------------------------------------------------------------------------
     def _copy_one(self, step, sizes, now):
         manifest = step["_manifest"]
-        job, backup_id = self.job, manifest["id"]
+        job, backup_id = self.job, manifest.id
         if step.get("_key_error") is not None:
             raise step["_key_error"]  # found before anything was written
         if step["action"] == REPAIR_ACTION:
@@ -518,12 +527,12 @@ class Copier:
             return self._reencrypt_one(step, now)
         copied = reused = 0
         names = set()
-        for obj in manifest["objects"]:
-            key = mf.object_key(job, backup_id, obj["name"])
-            names.add(obj["name"])
+        for obj in manifest.objects:
+            key = mf.object_key(job, backup_id, obj.name)
+            names.add(obj.name)
             # Left by an earlier, interrupted copy: kept when it reads back right.
-            if sizes.get(key) == obj["size"] and _read_back(self.destination, key, obj) is None:
-                reused += obj["size"]
+            if sizes.get(key) == obj.size and _read_back(self.destination, key, obj) is None:
+                reused += obj.size
                 continue
             copied += stream_object(self.source, self.destination, key, obj)
             problem = _read_back(self.destination, key, obj)
@@ -548,21 +557,21 @@ class Copier:
         """Every object decrypted and encrypted to the destination's recipients (age output
         differs on every run, so nothing a killed run stored can be matched and reused)."""
         manifest = step["_manifest"]
-        backup_id = manifest["id"]
-        encryption = manifest.get("encryption") or {}
-        algorithm = (manifest.get("compression") or {}).get("algorithm")
+        backup_id = manifest.id
+        encryption = manifest.encryption
+        algorithm = manifest.compression_algorithm
         if algorithm not in codecs.SUFFIX:
             raise IntegrityError("backup %s records unknown compression %r: not re-encrypted" % (backup_id, algorithm))
         objects, plaintext, copied = [], [], 0
-        for obj in manifest["objects"]:
-            source_key = mf.object_key(self.job, backup_id, obj["name"])
-            if not obj.get("payload"):
-                if obj["name"] == encryption.get("key_object"):
+        for obj in manifest.objects:
+            source_key = mf.object_key(self.job, backup_id, obj.name)
+            if not obj.payload:
+                if obj.name == encryption.get("key_object"):
                     continue  # the source's passphrase envelope: the copy is encrypted to recipients
                 copied += stream_object(self.source, self.destination, source_key, obj)
                 entry = dict(obj)
             else:
-                name = codecs.stored_name(obj["payload"], algorithm, "age")
+                name = codecs.stored_name(obj.payload, algorithm, "age")
                 stored, plain = reencrypt_object(self.source, self.destination, source_key,
                                                  mf.object_key(self.job, backup_id, name), obj,
                                                  step.get("_identities"), self.reencrypt["_recipients"])
@@ -642,11 +651,11 @@ class Copier:
         outcome["lag_seconds"] = copy_lag_seconds(plan["source_backups"], present, moment)
         outcome["changed"] = bool(steps) if check_mode else bool(outcome["copied"])
         outcome["ok"] = not outcome["failed"] and not outcome["skipped"]
-        if any(m.get("kind") == WAL_KIND for m in plan["all_source"]) or any(
-                m.get("kind") == WAL_KIND for m in plan["present_manifests"].values()):
+        if any(m.kind == WAL_KIND for m in plan["all_source"]) or any(
+                m.kind == WAL_KIND for m in plan["present_manifests"].values()):
             outcome["superseded"] = self._drop_superseded(plan, check_mode)
             outcome["changed"] = outcome["changed"] or bool(outcome["superseded"])
-        if self.wal_needs is None and any(m.get("kind") == BASE_KIND for m in plan["all_source"]):
+        if self.wal_needs is None and any(m.kind == BASE_KIND for m in plan["all_source"]):
             self._copy_wal(outcome, plan, present, selector, check_mode, moment)
         return outcome
 
@@ -668,11 +677,11 @@ class Copier:
                     self.destination_catalog.delete_backup(manifest)
                 except BackupError as exc:  # costs space, not correctness: the next run tries again
                     self.log("could not delete superseded partial WAL copy %s at the destination: %s"
-                             % (manifest["id"], exc))
+                             % (manifest.id, exc))
                     continue
             self.log("partial WAL copy %s %s at the destination: %s" % (
-                manifest["id"], "would be deleted" if check_mode else "deleted", reason))
-            gone.append(manifest["id"])
+                manifest.id, "would be deleted" if check_mode else "deleted", reason))
+            gone.append(manifest.id)
         return gone
 
     def _copy_wal(self, outcome, plan, present, selector, check_mode, now):
@@ -682,13 +691,13 @@ class Copier:
         destination after this run (check mode: after the planned copies) need."""
         arriving = set(present) | ({step["id"] for step in plan["steps"]} if check_mode else set())
         held = dict(plan["present_manifests"])
-        held.update((m["id"], m) for m in plan["source_backups"] if m["id"] in arriving)
+        held.update((m.id, m) for m in plan["source_backups"] if m.id in arriving)
         outcome["wal"] = []
         for wal_job in wal_job_names(self.job, plan["all_source"]):
             needs = None
             if self.policy is not None or selector not in (None, "", "all"):
                 needs = [start[:2] for start in (pgwal.base_wal_start(m) for m in held.values()
-                                                 if m.get("kind") == BASE_KIND and wal_job_of(self.job, m) == wal_job)
+                                                 if m.kind == BASE_KIND and wal_job_of(self.job, m) == wal_job)
                          if start is not None]
             copier = Copier(self.source, self.destination, wal_job, recheck=self.recheck, log=self.log,
                             reencrypt=self.reencrypt, wal_needs=needs)

@@ -230,7 +230,7 @@ def _provably_after(state, point, target):
     if parsed is None:
         return False
     for manifest in list(state.segments.values()) + [copies[0] for copies in state.partials.values()]:
-        wal = mf.Manifest.wrap(manifest).stats
+        wal = manifest.stats  # a WalState holds Manifests
         other = pgwal.parse_segment_name(str(wal.get("file") or ""))
         if (other is not None and other[0] == parsed[0] and other[1] < parsed[1] and wal.get("last_xact_time")
                 and parse_iso(wal["last_xact_time"]) > target):
@@ -251,7 +251,7 @@ def _locate_restore_point(bases, state, name, wal_job, target):
     """
     found, unknown = [], False
     for manifest in list(state.segments.values()) + [copies[0] for copies in state.partials.values()]:
-        wal = mf.Manifest.wrap(manifest).stats
+        wal = manifest.stats  # a WalState holds Manifests
         if "restore_points" not in wal:
             unknown = True
             continue

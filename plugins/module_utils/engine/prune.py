@@ -304,7 +304,7 @@ def _orphan_report(entry, action):
 
 def wal_job_names(job, manifests):
     """The WAL jobs the ``postgres_base`` backups among ``manifests`` name, sorted (empty without one)."""
-    return sorted(set(wal_job_of(job, m) for m in manifests if m.get("kind") == BASE_KIND))
+    return sorted(set(wal_job_of(job, m) for m in map(mf.Manifest.wrap, manifests) if m.kind == BASE_KIND))
 
 
 def plan_wal(storage, job, manifests, kept_ids, copied=None, wal_copied=None):
@@ -315,10 +315,10 @@ def plan_wal(storage, job, manifests, kept_ids, copied=None, wal_copied=None):
     plus ``_manifests`` (id -> manifest, for deletion). Nothing is pruned when no complete
     base backup stays, or under ``require_copy`` without ``wal_copied``.
     """
-    bases = [m for m in manifests if m.get("kind") == BASE_KIND]
+    bases = [m for m in map(mf.Manifest.wrap, manifests) if m.kind == BASE_KIND]
     if not bases:
         return None
-    kept = [m for m in bases if m["id"] in kept_ids and m.get("status") == mf.STATUS_COMPLETE]
+    kept = [m for m in bases if m.id in kept_ids and m.is_complete]
     plans = []
     for wal_job in wal_job_names(job, bases):
         needs, starts = [], []
@@ -338,26 +338,26 @@ def plan_wal(storage, job, manifests, kept_ids, copied=None, wal_copied=None):
         elif copied is not None and wal_copied is None:
             entry["reason"] = "require_copy: the offsite copy of the WAL job was not checked: all its WAL stays"
         for manifest in wal_manifests:
-            wal = manifest.get("stats") or {}
+            wal = manifest.stats
             parsed = pgwal.parse_segment_name(str(wal.get("file") or ""),
                                               wal.get("segment_size") or pgwal.DEFAULT_SEGMENT_SIZE)
-            goes = (entry["reason"] is None and manifest.get("kind") == WAL_KIND and parsed is not None
+            goes = (entry["reason"] is None and manifest.kind == WAL_KIND and parsed is not None
                     and wal.get("type") in ("segment", "partial") and not pgwal.wal_needed(needs, *parsed[:2])
-                    and (wal_copied is None or manifest["id"] in wal_copied))
+                    and (wal_copied is None or manifest.id in wal_copied))
             if not goes:
                 entry["kept"] += 1
                 continue
-            summary = {"id": manifest["id"], "file": wal["file"], "type": wal["type"],
-                       "finished_at": manifest.get("finished_at"), "size_bytes": manifest.get("size_bytes"),
+            summary = {"id": manifest.id, "file": wal["file"], "type": wal["type"],
+                       "finished_at": manifest.finished_at, "size_bytes": manifest.size_bytes,
                        "deleted": False}
             entry["prune"].append(summary)
-            entry["_manifests"][manifest["id"]] = manifest
+            entry["_manifests"][manifest.id] = manifest
         entry["prune"].sort(key=lambda e: (e["file"], e["id"]))  # names sort as (timeline, segment)
     return plans
 
 
 def _refuse_wal_job(job, manifests):
-    if any(m.get("kind") == WAL_KIND for m in manifests):
+    if any(m.kind == WAL_KIND for m in manifests):
         raise ConfigError(
             "job %s holds PostgreSQL WAL (kind %s): its files are not independent backups and a retention "
             "policy must not be applied to them. Prune the %s job they belong to (its name without -wal "
@@ -400,7 +400,7 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         for entry in wal_plans:
             if oldest_kept is not None and entry["keep_from"] and entry["reason"] is None:
                 oldest_kept["reasons"].append(pgwal.wal_keep_reason(entry["job"], entry["keep_from"][0]))
-    complete_ids = set(m["id"] for m in manifests)
+    complete_ids = set(m.id for m in manifests)
     orphans_remove, orphans_wait = find_orphans(storage, catalog, job, complete_ids, grace, now)
     result = {
         "job": job,
@@ -449,7 +449,7 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
             result["restic"] = resticstore.prune_repository(storage, job, restic_plan[0], restic_plan[1], True, log)
         return result
 
-    by_id = {m["id"]: m for m in manifests}
+    by_id = {m.id: m for m in manifests}
     for entry in result["prune"]:  # newest first: an incremental goes before its parent
         try:
             catalog.delete_backup(by_id[entry["id"]])
@@ -482,7 +482,7 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         # The manifests are gone first (a backup is never listed without its data); the
         # snapshots of the backups actually deleted are forgotten, then restic prunes.
         deleted = set(result["deleted"])
-        restic_plan[1]["forget"] = [snapshot for manifest in manifests if manifest["id"] in deleted
+        restic_plan[1]["forget"] = [snapshot for manifest in manifests if manifest.id in deleted
                                     and resticstore.is_restic(manifest)
                                     for snapshot in resticstore.manifest_snapshots(manifest)]
         try:

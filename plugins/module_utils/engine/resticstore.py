@@ -207,10 +207,11 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
     (except those of ``keep_ids``). Returns ``(repository, plan)``; ``plan`` is
     ``{"forget": [ids], "orphan_snapshots": [{id, backup_id, time}], "waiting": n}``."""
     repo = repository(storage, job)
-    complete = {manifest["id"] for manifest in manifests} | set(keep_ids)
+    manifests = [mf.Manifest.wrap(manifest) for manifest in manifests]
+    complete = {manifest.id for manifest in manifests} | set(keep_ids)
     forget = []
     for manifest in manifests:
-        if manifest["id"] in pruned_ids and is_restic(manifest):
+        if manifest.id in pruned_ids and is_restic(manifest):
             forget.extend(manifest_snapshots(manifest))
     try:
         snapshots = repo.snapshots({"job": job})

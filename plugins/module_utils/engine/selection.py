@@ -73,15 +73,16 @@ def reread_manifest(storage, manifest):
     size). A manifest never changes after it is published, so a difference means it was
     edited afterwards: the restore refuses instead of trusting either copy.
     """
-    key = mf.object_key(manifest["job"], manifest["id"], mf.MANIFEST_NAME)
+    manifest = mf.Manifest.wrap(manifest)
+    key = mf.object_key(manifest.job, manifest.id, mf.MANIFEST_NAME)
     try:
         fresh = mf.loads(storage.get_bytes(key), key)
     except NotFoundError:
         raise IntegrityError("%s disappeared while the restore was being prepared" % key) from None
-    if fresh != mf.Manifest.wrap(manifest).without("verification"):
+    if fresh != manifest.without("verification"):
         raise IntegrityError("%s differs from the copy indexed when the backup was published "
                              "(edited afterwards?)" % key)
-    return fresh.with_fields(verification=manifest.get("verification"))
+    return fresh.with_fields(verification=manifest.verification)
 
 
 def backup_chain(catalog, manifest):
@@ -92,11 +93,10 @@ def backup_chain(catalog, manifest):
     chain = catalog.chain(manifest) if manifest.parent else [manifest]
     chain = [reread_manifest(catalog.storage, item) for item in chain]
     for parent, child in zip(chain, chain[1:]):
-        if parent["job"] != child["job"] or parent["kind"] != child["kind"]:
+        if parent.job != child.job or parent.kind != child.kind:
             raise IntegrityError("backup %s (%s/%s) claims parent %s of %s/%s: foreign chain"
-                                 % (child["id"], child["job"], child["kind"], parent["id"],
-                                    parent["job"], parent["kind"]))
-        if parse_iso(parent["finished_at"]) > parse_iso(child["started_at"]):
+                                 % (child.id, child.job, child.kind, parent.id, parent.job, parent.kind))
+        if parse_iso(parent.finished_at) > parse_iso(child.started_at):
             raise IntegrityError("backup %s claims parent %s, which finished after it started"
-                                 % (child["id"], parent["id"]))
+                                 % (child.id, parent.id))
     return chain

@@ -175,9 +175,9 @@ class FilesSource(Source):
         if self.full_every == 0 and not self.max_chain_age:
             return "full_every=0 without max_chain_age: every backup is a full"
         if self.max_chain_age is not None:
-            age = (utc_now() - parse_iso(chain[0]["started_at"])).total_seconds()
+            age = (utc_now() - parse_iso(chain[0].started_at)).total_seconds()
             if age >= self.max_chain_age:
-                return "chain base %s is older than max_chain_age" % chain[0]["id"]
+                return "chain base %s is older than max_chain_age" % chain[0].id
         self.chain_length = len(chain) + 1
         return None
 
