@@ -148,6 +148,16 @@ class Target:
         ``manifest`` here and in the other methods: a Manifest, or a plain mapping with its fields
         that the method wraps (``Manifest.wrap``) before it reads them."""
 
+    def _backup_of_kind(self, manifest, payload_name):
+        """``manifest`` as a Manifest, after checking that it is a backup of this target's kind
+        holding ``payload_name`` (a preflight's first step: ConfigError otherwise)."""
+        manifest = Manifest.wrap(manifest)
+        if manifest.kind != self.kind:
+            raise ConfigError("%s target cannot restore a %s backup" % (self.kind, manifest.kind))
+        if manifest.payload_object(payload_name) is None:
+            raise ConfigError("backup %s has no %s payload" % (manifest.id, payload_name))
+        return manifest
+
     def one_pass_payloads(self, manifest, chain):
         """Payloads this target may read unverified: a set of ``(backup_id, payload_name)``, or None.
 

@@ -114,6 +114,13 @@ class PartSchedule:
                 % (key, self.max_parts, first if first == last else "%s growing to %s" % (first, last)))
 
 
+# S3's answers that the thing a request names does not exist (per request; 404 without a body).
+_NO_SUCH_KEY = ("NoSuchKey", "404", "NotFound")
+_NO_SUCH_UPLOAD = ("NoSuchUpload", "404", "NotFound")
+# What S3Storage._request returns when S3 answered one of the ``absent`` codes it was given.
+_ABSENT = object()
+
+
 def _error_code(exc):
     if isinstance(exc, ClientError):
         return exc.response.get("Error", {}).get("Code", "")
@@ -341,6 +348,19 @@ class S3Storage(Storage):
                                 % (doing, self.bucket, code))
         return StorageError("s3 error while %s: %s" % (doing, _describe_error(exc)))
 
+    def _request(self, doing, call, absent=(), **kwargs):
+        """``call(**kwargs)`` (one S3 request, or a function paging through several): its result,
+        ``_ABSENT`` when S3 answers with a code in ``absent`` (the caller says what missing
+        means), any other failure as the engine's error for ``doing``."""
+        try:
+            return call(**kwargs)
+        except ClientError as exc:
+            if _error_code(exc) in absent:
+                return _ABSENT
+            raise self.wrap_error(exc, doing) from None
+        except BotoCoreError as exc:
+            raise self.wrap_error(exc, doing) from None
+
     def ensure_ready(self):
         """Fail early (before any source is read) when the bucket is missing or unreachable."""
         try:
@@ -357,82 +377,53 @@ class S3Storage(Storage):
         return _MultipartWriter(self, key, self.part_size, self.max_in_flight)
 
     def open_reader(self, key):
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))
-        except ClientError as exc:
-            if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
-                raise NotFoundError("object %s not found in s3://%s" % (key, self.bucket)) from None
-            raise self.wrap_error(exc, "reading %s" % key) from None
-        except BotoCoreError as exc:
-            raise self.wrap_error(exc, "reading %s" % key) from None
+        response = self._request("reading %s" % key, self.client.get_object, _NO_SUCH_KEY,
+                                 Bucket=self.bucket, Key=self.full_key(key))
+        if response is _ABSENT:
+            raise NotFoundError("object %s not found in s3://%s" % (key, self.bucket))
         return _BodyReader(response["Body"], self, key)
 
+    def _listing_prefix(self, prefix):
+        return self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+
+    def _pages(self, operation, listed, **kwargs):
+        """Every entry under ``listed`` of every page of a paginated S3 listing (errors: the caller's)."""
+        paginator = self.client.get_paginator(operation)
+        return [item for page in paginator.paginate(Bucket=self.bucket, **kwargs) for item in page.get(listed, [])]
+
     def list(self, prefix=""):
-        found = []
-        full_prefix = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
-        try:
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
-                for item in page.get("Contents", []):
-                    found.append(ObjectInfo(self._relative(item["Key"]), item["Size"], item["LastModified"]))
-        except (BotoCoreError, ClientError) as exc:
-            raise self.wrap_error(exc, "listing %s" % (full_prefix or "the bucket")) from None
+        full_prefix = self._listing_prefix(prefix)
+        items = self._request("listing %s" % (full_prefix or "the bucket"), self._pages,
+                              operation="list_objects_v2", listed="Contents", Prefix=full_prefix)
+        found = [ObjectInfo(self._relative(item["Key"]), item["Size"], item["LastModified"]) for item in items]
         found.sort(key=lambda info: info.key)
         return found
 
     def list_incomplete_uploads(self, prefix=""):
         """Multipart uploads never completed (a killed run), as IncompleteUpload tuples."""
-        uploads = []
-        try:
-            paginator = self.client.get_paginator("list_multipart_uploads")
-            full_prefix = self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
-                for item in page.get("Uploads", []):
-                    uploads.append(IncompleteUpload(self._relative(item["Key"]), item["UploadId"], item["Initiated"]))
-        except (BotoCoreError, ClientError) as exc:
-            raise self.wrap_error(exc, "listing incomplete uploads") from None
-        return uploads
+        items = self._request("listing incomplete uploads", self._pages, operation="list_multipart_uploads",
+                              listed="Uploads", Prefix=self._listing_prefix(prefix))
+        return [IncompleteUpload(self._relative(item["Key"]), item["UploadId"], item["Initiated"]) for item in items]
 
     def incomplete_upload_size(self, key, upload_id):
         """``(parts, bytes)`` an unfinished upload holds on the server (one paginated ListParts),
         or None when it completed or was aborted since it was listed."""
-        parts = size = 0
-        try:
-            paginator = self.client.get_paginator("list_parts")
-            for page in paginator.paginate(Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id):
-                for part in page.get("Parts", []):
-                    parts += 1
-                    size += part.get("Size", 0)
-        except ClientError as exc:
-            if _error_code(exc) in ("NoSuchUpload", "404", "NotFound"):
-                return None
-            raise self.wrap_error(exc, "listing the parts of the upload of %s" % key) from None
-        except BotoCoreError as exc:
-            raise self.wrap_error(exc, "listing the parts of the upload of %s" % key) from None
-        return parts, size
+        parts = self._request("listing the parts of the upload of %s" % key, self._pages, _NO_SUCH_UPLOAD,
+                              operation="list_parts", listed="Parts", Key=self.full_key(key), UploadId=upload_id)
+        if parts is _ABSENT:
+            return None
+        return len(parts), sum(part.get("Size", 0) for part in parts)
 
     def abort_incomplete_upload(self, key, upload_id):
-        try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id)
-        except (BotoCoreError, ClientError) as exc:
-            raise self.wrap_error(exc, "aborting upload of %s" % key) from None
+        self._request("aborting upload of %s" % key, self.client.abort_multipart_upload,
+                      Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id)
 
     def delete(self, key):
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.full_key(key))
-        except (BotoCoreError, ClientError) as exc:
-            raise self.wrap_error(exc, "deleting %s" % key) from None
+        self._request("deleting %s" % key, self.client.delete_object, Bucket=self.bucket, Key=self.full_key(key))
 
     def exists(self, key):
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))
-            return True
-        except ClientError as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self.wrap_error(exc, "checking %s" % key) from None
-        except BotoCoreError as exc:
-            raise self.wrap_error(exc, "checking %s" % key) from None
+        return self._request("checking %s" % key, self.client.head_object, _NO_SUCH_KEY,
+                             Bucket=self.bucket, Key=self.full_key(key)) is not _ABSENT
 
     def describe(self):
         info = {"backend": "s3", "bucket": self.bucket, "prefix": self.prefix}

@@ -64,20 +64,13 @@ def sort_key(path):
     return tuple(os.fsencode(part) for part in path.split("/"))
 
 
+_TYPE_TESTS = ((stat.S_ISREG, TYPE_FILE), (stat.S_ISDIR, TYPE_DIR), (stat.S_ISLNK, TYPE_SYMLINK),
+               (stat.S_ISFIFO, TYPE_FIFO), (stat.S_ISCHR, TYPE_CHAR), (stat.S_ISBLK, TYPE_BLOCK))
+
+
 def file_type(mode):
-    if stat.S_ISREG(mode):
-        return TYPE_FILE
-    if stat.S_ISDIR(mode):
-        return TYPE_DIR
-    if stat.S_ISLNK(mode):
-        return TYPE_SYMLINK
-    if stat.S_ISFIFO(mode):
-        return TYPE_FIFO
-    if stat.S_ISCHR(mode):
-        return TYPE_CHAR
-    if stat.S_ISBLK(mode):
-        return TYPE_BLOCK
-    return None  # sockets and unknown kinds are not archived
+    """The archive's type letter for a ``st_mode``; None for sockets and unknown kinds (not archived)."""
+    return next((entry_type for is_type, entry_type in _TYPE_TESTS if is_type(mode)), None)
 
 
 def walk(root, exclude=(), one_file_system=False, skip=None):

@@ -95,6 +95,23 @@ def _remove(path):
         os.unlink(path)
 
 
+def _make_directory(path, replace):
+    """Make ``path`` a directory (mode 0700 until its attributes are applied). Something else
+    there (never followed) is replaced by one when ``replace``; else False is returned."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        os.mkdir(path, 0o700)
+        return True
+    if stat.S_ISDIR(info.st_mode):
+        return True
+    if not replace:
+        return False
+    os.unlink(path)
+    os.mkdir(path, 0o700)
+    return True
+
+
 def _prefixes(path):
     """``a``, ``a/b``, ``a/b/c`` for ``a/b/c`` (nothing for '')."""
     parts = path.split("/") if path else []
@@ -137,15 +154,9 @@ class _Tree:
         for current in _prefixes(parent):
             if current in self.known_dirs:
                 continue
-            full = os.path.join(self.root, current)
-            try:
-                info = os.lstat(full)
-            except FileNotFoundError:
-                os.mkdir(full, 0o700)
-            else:
-                if not stat.S_ISDIR(info.st_mode):
-                    raise IntegrityError("archive entry %r would be written through %r, which is not a directory"
-                                         % (rel, current))
+            if not _make_directory(os.path.join(self.root, current), replace=False):
+                raise IntegrityError("archive entry %r would be written through %r, which is not a directory"
+                                     % (rel, current))
             self.known_dirs.add(current)
 
     def forget(self):
@@ -168,14 +179,7 @@ class _Tree:
         self.ensure_parent(rel)
         full = os.path.join(self.root, rel)
         if member.isdir():
-            try:
-                info = os.lstat(full)
-            except FileNotFoundError:
-                os.mkdir(full, 0o700)
-            else:
-                if not stat.S_ISDIR(info.st_mode):
-                    os.unlink(full)
-                    os.mkdir(full, 0o700)
+            _make_directory(full, replace=True)
             self.known_dirs.add(rel)
             return
         if rel in self.known_dirs:

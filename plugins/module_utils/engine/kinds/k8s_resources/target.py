@@ -133,11 +133,7 @@ class K8sResourcesTarget(Target):
         require_kubernetes("k8s_resources restores")
         if yaml is None:
             raise ConfigError("k8s_resources restores need PyYAML")
-        manifest = Manifest.wrap(manifest)
-        if manifest.kind != self.kind:
-            raise ConfigError("k8s_resources target cannot restore a %s backup" % manifest.kind)
-        if manifest.payload_object(RESOURCES_PAYLOAD) is None:
-            raise ConfigError("backup %s has no %s payload" % (manifest.id, RESOURCES_PAYLOAD))
+        manifest = self._backup_of_kind(manifest, RESOURCES_PAYLOAD)
         self._selected(manifest.stats)
         self.conn.get("/version", doing="reach the API server")
 

@@ -258,11 +258,7 @@ class PostgresTarget(Target):
 
     def preflight(self, manifest):
         require_psycopg("PostgreSQL restores")
-        manifest = Manifest.wrap(manifest)
-        if manifest.kind != self.kind:
-            raise ConfigError("postgres target cannot restore a %s backup" % manifest.kind)
-        if manifest.payload_object(DUMP_PAYLOAD) is None:
-            raise ConfigError("backup %s has no %s payload" % (manifest.id, DUMP_PAYLOAD))
+        manifest = self._backup_of_kind(manifest, DUMP_PAYLOAD)
         restore_path = self.conn.tool("pg_restore")
         restore_major = procutil.tool_version(restore_path)[1][0]
         dumped_with = str(manifest.tool_versions.get("pg_dump") or "0")

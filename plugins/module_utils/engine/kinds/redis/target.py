@@ -185,11 +185,7 @@ class RedisTarget(Target):
 
     def preflight(self, manifest):
         require_redis("Redis restores")
-        manifest = Manifest.wrap(manifest)
-        if manifest.kind != self.kind:
-            raise ConfigError("redis target cannot restore a %s backup" % manifest.kind)
-        if manifest.payload_object(RDB_PAYLOAD) is None:
-            raise ConfigError("backup %s has no %s payload" % (manifest.id, RDB_PAYLOAD))
+        manifest = self._backup_of_kind(manifest, RDB_PAYLOAD)
         self._server_binary()
         if not self.scratch_only:
             client = self.conn.client()
