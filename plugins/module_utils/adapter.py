@@ -58,6 +58,9 @@ ENCRYPTION_OPTIONS = dict(
 
 ENCRYPTION_SPEC = dict(type="dict", options=ENCRYPTION_OPTIONS)
 
+# backup_copy's reencrypt: the destination's recipients and the source's key, given the same way.
+REENCRYPT_SPEC = dict(type="dict", options={name: spec for name, spec in ENCRYPTION_OPTIONS.items() if name != "enabled"})
+
 
 def drop_none(options):
     """Ansible fills unset sub-options with None; the engine wants them absent."""

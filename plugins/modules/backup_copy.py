@@ -38,15 +38,14 @@ description:
     M(biometrics.backup.backup_restore) and M(biometrics.backup.backup_prune) (with a policy of its own) work on it
     unchanged.
 extends_documentation_fragment:
+  - biometrics.backup.attributes
   - biometrics.backup.storage
   - biometrics.backup.copy_destination
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Lists the backups that would be copied or repaired; nothing is written.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Shows the backup ids at the destination before and after.
 options:
@@ -290,7 +289,7 @@ destination:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.biometrics.backup.plugins.module_utils.adapter import STORAGE_SPEC, engine_errors
+from ansible_collections.biometrics.backup.plugins.module_utils.adapter import REENCRYPT_SPEC, STORAGE_SPEC, engine_errors
 from ansible_collections.biometrics.backup.plugins.module_utils.backup_common import open_location, resolved, text_of
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import RETENTION, RETENTION_KEYS
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
@@ -306,14 +305,7 @@ def main():
             backup=dict(type="str", default="all"),
             recheck=dict(type="str", default="size", choices=list(RECHECKS)),
             destination_retention=dict(type="dict"),
-            reencrypt=dict(type="dict", options=dict(
-                recipients=dict(type="list", elements="str"),
-                recipients_file=dict(type="path"),
-                identity=dict(type="str", no_log=True),
-                identity_file=dict(type="path"),
-                passphrase=dict(type="str", no_log=True),
-                passphrase_file=dict(type="path"),
-            )),
+            reencrypt=REENCRYPT_SPEC,
             fail_on_error=dict(type="bool", default=True),
         ),
         supports_check_mode=True,

@@ -23,14 +23,13 @@ description:
   - A filesystem or NFS location whose O(storage.path) does not exist or is not a directory is an error,
     not an empty list (only M(biometrics.backup.backup_run) creates it); so is an S3 bucket that does not exist.
 extends_documentation_fragment:
+  - biometrics.backup.attributes
   - biometrics.backup.storage
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Read-only; runs the same in check mode.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 options:
   job:

@@ -42,16 +42,15 @@ description:
     C(restic prune) deletes the data no snapshot references. The result's C(restic) reports it; check mode lists
     the snapshots it would forget."
 extends_documentation_fragment:
+  - biometrics.backup.attributes
   - biometrics.backup.storage
   - biometrics.backup.retention_policy
   - biometrics.backup.copy_destination.require_copy
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Check mode is a complete preview - the same decisions, nothing deleted.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: The diff lists every backup and orphan before, and what remains after.
 options:

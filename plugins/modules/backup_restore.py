@@ -36,18 +36,17 @@ description:
     size and SHA-256 of its manifest (restic also checks every block it reads), so a damaged repository fails
     the task before the live data is touched. It needs O(storage.restic_password).
 extends_documentation_fragment:
+  - biometrics.backup.attributes
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: >-
       Chooses and fully verifies the backup, probes the target and asks it for its plan (the database it would
       create and the renames, the Redis databases it would flush and load, the files it would write, the API
       server's dry run of every object); writes nothing.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Shows the target and what the chosen backup would put there.
 options:

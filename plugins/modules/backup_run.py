@@ -28,15 +28,14 @@ description:
     C(redis), C(k8s_resources), C(config_git) and C(files) (whole trees, without C(incremental)) only;
     O(encryption) does not apply (restic encrypts).
 extends_documentation_fragment:
+  - biometrics.backup.attributes
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Probes the source, reports the plan; reads and writes no data.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Shows the job's number of backups before and after, and what the new backup holds.
 options:

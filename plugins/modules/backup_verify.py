@@ -30,15 +30,14 @@ description:
     names; all of it with O(test_restore=true) unless a share is configured). Each result then carries
     C(restic_check); errors found by it fail the verdict.
 extends_documentation_fragment:
+  - biometrics.backup.attributes
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details: Verifies the same way but records nothing.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details: Shows each verified backup's previous and new verification result.
 options:

@@ -156,7 +156,7 @@ def _module_options(name):
         fragment_module, dummy, section = fragment[len("biometrics.backup."):].partition(".")
         doc_class = importlib.import_module(
             "ansible_collections.biometrics.backup.plugins.doc_fragments.%s" % fragment_module).ModuleDocFragment
-        options.update(yaml.safe_load(getattr(doc_class, section.upper() or "DOCUMENTATION"))["options"])
+        options.update(yaml.safe_load(getattr(doc_class, section.upper() or "DOCUMENTATION")).get("options") or {})
     options.update(documentation["options"])
     return options
 
