@@ -3,6 +3,7 @@
 restore planner's choice of the last WAL segment: pure logic, no server."""
 
 import io
+import pathlib
 import tarfile
 
 import pytest
@@ -209,3 +210,36 @@ def test_base_wal_start_and_needed():
     assert not pgwal.wal_needed(needs, 1, 4)
     assert pgwal.wal_needed(needs, 1, 5) and pgwal.wal_needed(needs, 2, 1) and pgwal.wal_needed(needs, 3, 1)
     assert not pgwal.wal_needed([(2, 12)], 2, 11) and not pgwal.wal_needed([(2, 12)], 1, 40)
+
+
+def _streamer(tmp_path, bin_dir, logged):
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.postgres.connection import PgConnection
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.walstream import WalStreamer
+    return WalStreamer(PgConnection({"host": "db.invalid", "bin_dir": str(bin_dir)}, "source"), None, "db-wal",
+                       str(tmp_path / "spool"), log=logged.append)
+
+
+def test_a_stream_without_pg_waldump_says_once_that_it_stores_no_commit_times(tmp_path):
+    logged = []
+    streamer = _streamer(tmp_path, tmp_path, logged)
+    assert streamer._xact_times(str(tmp_path), "000000010000000000000001") is None
+    assert streamer._xact_times(str(tmp_path), "000000010000000000000002") is None
+    assert logged == ["WAL is stored without commit times: pg_waldump not found in %s" % tmp_path]
+
+
+def test_a_stream_whose_pg_waldump_cannot_read_the_wal_says_so_once(tmp_path):
+    # The real tool on a file that is not WAL of its version (as WAL of another major is not).
+    found = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/pg_waldump"))
+    if not found:
+        pytest.skip("no pg_waldump installed (make deps installs one)")
+    for name in ("000000010000000000000001", "000000010000000000000002"):
+        (tmp_path / name).write_bytes(b"\x17" * 8192)
+    logged = []
+    streamer = _streamer(tmp_path, found[-1].parent, logged)
+    # A partial copy may hold no whole record yet: not reported.
+    assert streamer._xact_times(str(tmp_path), "000000010000000000000001", complete=False) is None
+    assert logged == []
+    assert streamer._xact_times(str(tmp_path), "000000010000000000000001") is None
+    assert streamer._xact_times(str(tmp_path), "000000010000000000000002") is None
+    assert len(logged) == 1 and "segment 000000010000000000000001 is stored without commit times" in logged[0]
+    assert "own PostgreSQL major version" in logged[0]

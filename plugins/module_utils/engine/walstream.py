@@ -145,6 +145,7 @@ class WalStreamer:
         self._position_db = None
         self._position_problem = None
         self._waldump = None
+        self._waldump_failed = False  # logged once: a lasting condition, not news every segment
         self._last_segno = None  # (timeline, segno) of the newest complete segment stored
         self._read_at = None
 
@@ -227,15 +228,26 @@ class WalStreamer:
             self.progress()
         return manifest
 
-    def _xact_times(self, directory, name):
+    def _xact_times(self, directory, name, complete=True):
+        """``scan_wal`` of a spooled file, or None: the file is then stored without commit times,
+        which restores to a time handle (more slowly); the reason is logged once per stream. A
+        partial copy may hold no whole record yet, so only a complete segment pg_waldump cannot
+        read is reported."""
         if self._waldump is None:
             try:
                 self._waldump = self.conn.tool("pg_waldump")
-            except ConfigError:
+            except ConfigError as exc:
                 self._waldump = ""
+                self.log("WAL is stored without commit times: %s" % exc)
         if not self._waldump:
             return None
-        return scan_wal(self._waldump, directory, name)
+        scanned = scan_wal(self._waldump, directory, name)
+        if scanned is None and complete and not self._waldump_failed:
+            self._waldump_failed = True
+            self.log("WAL segment %s is stored without commit times: %s could not read it (a pg_waldump "
+                     "reads only WAL of its own PostgreSQL major version: give the server's bin_dir when "
+                     "they differ); later such segments are not reported again" % (name, self._waldump))
+        return scanned
 
     def _read(self, path):
         self._read_at = utc_now().isoformat().replace("+00:00", "Z")
@@ -314,7 +326,7 @@ class WalStreamer:
         with tempfile.TemporaryDirectory(prefix="walpart-") as scratch:
             with open(os.path.join(scratch, base), "wb") as copy:
                 copy.write(data)
-            times = self._xact_times(scratch, base)
+            times = self._xact_times(scratch, base, complete=False)
         # pg_receivewal fills a new segment file with zeros; records are 8-byte aligned.
         end = pgwal.segment_start_lsn(segno, size) + (len(data.rstrip(b"\0")) + 7) // 8 * 8
         if times is not None and times.get("end_lsn") is not None:
