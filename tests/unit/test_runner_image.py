@@ -93,7 +93,7 @@ def extracted_tools():
     """``{tool: package}`` the final stage takes out of a downloaded package (not installed)."""
     found = {}
     for instruction in final_stage():
-        for package, path in re.findall(r'apt-get download "([^"]+)".*?tar -x -C / "([^"]+)"', instruction):
+        for package, path in re.findall(r'apt-get download "([^"=]+)[="].*?tar -x -C / "([^"]+)"', instruction):
             found[path.rsplit("/", 1)[-1]] = package
     return found
 
@@ -201,6 +201,9 @@ def debian():
 
 def test_the_default_image_takes_pg_waldump_out_of_the_server_package_without_installing_it():
     assert extracted_tools() == EXTRACTED
+    # Taken from the server package of exactly the client's version (one build of one source).
+    pinned = "=$(dpkg-query -W -f='${Version}' \"postgresql-client-${PG_MAJOR}\")\""
+    assert any('apt-get download "postgresql-${PG_MAJOR}' + pinned in instruction for instruction in final_stage())
     # The tool check runs it (a library missing from the image fails the build), in every variant.
     checks = " ".join(final_stage())
     assert "pg_waldump --version" in checks
