@@ -295,8 +295,14 @@ def test_wal_stream_pod_base_backup_and_point_in_time_restore(
         drawn = parse_iso(result["target_time"])
         assert result.get("target_reached") is True or result["plan"]["no_commit_after_target"] is True, (
             drill.describe())
-        assert parse_iso(result["recovered_to"]["last_commit_time"]) <= drawn, drill.describe()
         margin = datetime.timedelta(seconds=0.5)  # a batch's commit is stamped just before its clock reading
+        last_commit = result["recovered_to"]["last_commit_time"]
+        if last_commit is None:
+            # No transaction ended in the replayed WAL: the drawn target lies before the first
+            # batch's commit, and the recovered database is the base backup's (taken before it).
+            assert drawn <= first_time + margin, drill.describe()
+        else:
+            assert parse_iso(last_commit) <= drawn, drill.describe()
         if all(abs(drawn - moment) > margin for moment in (first_time, second_time)):
             assert result["rows"] == 40 * len([moment for moment in (first_time, second_time) if moment < drawn]), (
                 drill.describe())
