@@ -92,6 +92,15 @@ def _age_keypair(directory):
     return identity_file, recipient, identity_file.read_text()
 
 
+def _hold_schedules(api, namespace):
+    """Suspend the CronJobs the roles made. The tests start every Job themselves (kubectl create job
+    --from=cronjob, which a suspended CronJob allows); a schedule firing while they run (the seed's
+    hourly Redis backup at minute 0) would add a backup their assertions do not expect."""
+    batch = kubernetes.client.BatchV1Api(api)
+    for cronjob in batch.list_namespaced_cron_job(namespace).items:
+        batch.patch_namespaced_cron_job(cronjob.metadata.name, namespace, {"spec": {"suspend": True}})
+
+
 def _restricted_namespace(core, prefix):
     client = kubernetes.client
     name = "%s-%s" % (prefix, uuid.uuid4().hex[:8])
@@ -171,6 +180,7 @@ def deployment(kube_cluster, kube_api, kube_node, runner_image, velero_server, n
         })
         run = run_site(values, tmp, env=kube_cluster.env)
         assert run.returncode == 0, run
+        _hold_schedules(kube_api, namespace)
         storage = {"backend": "s3", "bucket": s3.bucket, "prefix": prefix, "endpoint_url": s3.endpoint_url,
                    "region": s3.region, "access_key": s3.access_key, "secret_key": s3.secret_key}
         # Read from the host like any other job's: the restic password is one more storage option.
@@ -322,10 +332,11 @@ def test_retention_cronjob_prunes_in_a_pod(deployment, tmp_path):
 
 
 def test_the_schedule_itself_starts_the_job(deployment):
-    """The CronJob controller, not kubectl, creates the Job: the schedule set to every minute."""
+    """The CronJob controller, not kubectl, creates the Job: the schedule set to every minute (and
+    the CronJob, held by the fixture, resumed)."""
     batch = kubernetes.client.BatchV1Api(deployment.api)
-    batch.patch_namespaced_cron_job("redis-backup", deployment.namespace,
-                                    {"spec": {"schedule": "* * * * *", "startingDeadlineSeconds": 120}})
+    batch.patch_namespaced_cron_job("redis-backup", deployment.namespace, {"spec": {
+        "schedule": "* * * * *", "startingDeadlineSeconds": 120, "suspend": False}})
     try:
         def scheduled_job_completed():
             for job in batch.list_namespaced_job(deployment.namespace).items:
@@ -368,6 +379,7 @@ def pvc_deployment(kube_cluster, kube_api, kube_node, runner_image, node_servers
         })
         run = run_site(values, tmp_path, env=kube_cluster.env)
         assert run.returncode == 0, run
+        _hold_schedules(kube_api, namespace)
         wait_for(lambda: core.read_namespaced_persistent_volume_claim("backup-storage", namespace).status.phase
                  == "Bound", 120, what="the storage role's claim bound to the hostPath volume")
         yield Deployment(kubeconfig=kube_cluster.kubeconfig, api=kube_api, namespace=namespace,
