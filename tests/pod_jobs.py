@@ -181,6 +181,16 @@ def _events(core, namespace, names):
     return lines
 
 
+def hold_schedules(api, namespace):
+    """Suspend every CronJob in ``namespace``. Tests that start each Job themselves (run_cronjob_now:
+    kubectl create job --from=cronjob, which a suspended CronJob allows) call it after deploying, so
+    that a schedule firing while they run (the seed's hourly Redis backup at minute 0) cannot add a
+    backup their assertions do not expect."""
+    batch = _kubernetes().client.BatchV1Api(api)
+    for cronjob in batch.list_namespaced_cron_job(namespace).items:
+        batch.patch_namespaced_cron_job(cronjob.metadata.name, namespace, {"spec": {"suspend": True}})
+
+
 def run_cronjob_now(kubeconfig, api, namespace, cronjob, timeout=300, job_name=None):
     """``kubectl create job --from=cronjob/<cronjob>``, wait until it completes or fails.
 

@@ -20,7 +20,7 @@ import pytest
 from test_seed_pods import Deployment, _age_keypair, _delete_namespace, _restricted_namespace
 
 from integration.roles.playbook import run_site, seed_values
-from pod_jobs import create_seed_inputs
+from pod_jobs import create_seed_inputs, hold_schedules
 from servers import server_dir, start_redis, start_s3, start_with_port_retry, stop_s3
 
 kubernetes = pytest.importorskip("kubernetes")
@@ -86,6 +86,7 @@ def deployment(kube_cluster, kube_api, runner_image, copy_servers, tmp_path_fact
         })
         run = run_site(values, tmp, env=kube_cluster.env)
         assert run.returncode == 0, run
+        hold_schedules(kube_api, namespace)
         source = primary.storage_options(prefix=prefix)
         destination = offsite.storage_options(prefix=offsite_prefix)
         yield Deployment(kubeconfig=kube_cluster.kubeconfig, api=kube_api, core=core, namespace=namespace,

@@ -39,7 +39,7 @@ from integration.files_helpers import snapshot, write
 from integration.roles.playbook import run_site, seed_values
 from kube_fixtures import wait_for
 from modules_helpers import ansible_playbook
-from pod_jobs import create_seed_inputs, delete_persistent_volume, hostpath_claim, run_cronjob_now
+from pod_jobs import create_seed_inputs, delete_persistent_volume, hold_schedules, hostpath_claim, run_cronjob_now
 from servers import (server_dir, start_git_daemon, start_postgres, start_pushgateway, start_redis, start_s3,
                      start_with_port_retry, stop_s3)
 
@@ -90,15 +90,6 @@ def _age_keypair(directory):
     recipient = subprocess.run(["age-keygen", "-y", str(identity_file)], check=True, capture_output=True,
                                text=True).stdout.strip()
     return identity_file, recipient, identity_file.read_text()
-
-
-def _hold_schedules(api, namespace):
-    """Suspend the CronJobs the roles made. The tests start every Job themselves (kubectl create job
-    --from=cronjob, which a suspended CronJob allows); a schedule firing while they run (the seed's
-    hourly Redis backup at minute 0) would add a backup their assertions do not expect."""
-    batch = kubernetes.client.BatchV1Api(api)
-    for cronjob in batch.list_namespaced_cron_job(namespace).items:
-        batch.patch_namespaced_cron_job(cronjob.metadata.name, namespace, {"spec": {"suspend": True}})
 
 
 def _restricted_namespace(core, prefix):
@@ -180,7 +171,7 @@ def deployment(kube_cluster, kube_api, kube_node, runner_image, velero_server, n
         })
         run = run_site(values, tmp, env=kube_cluster.env)
         assert run.returncode == 0, run
-        _hold_schedules(kube_api, namespace)
+        hold_schedules(kube_api, namespace)
         storage = {"backend": "s3", "bucket": s3.bucket, "prefix": prefix, "endpoint_url": s3.endpoint_url,
                    "region": s3.region, "access_key": s3.access_key, "secret_key": s3.secret_key}
         # Read from the host like any other job's: the restic password is one more storage option.
@@ -379,7 +370,7 @@ def pvc_deployment(kube_cluster, kube_api, kube_node, runner_image, node_servers
         })
         run = run_site(values, tmp_path, env=kube_cluster.env)
         assert run.returncode == 0, run
-        _hold_schedules(kube_api, namespace)
+        hold_schedules(kube_api, namespace)
         wait_for(lambda: core.read_namespaced_persistent_volume_claim("backup-storage", namespace).status.phase
                  == "Bound", 120, what="the storage role's claim bound to the hostPath volume")
         yield Deployment(kubeconfig=kube_cluster.kubeconfig, api=kube_api, namespace=namespace,
