@@ -386,33 +386,38 @@ class S3Storage(Storage):
     def _listing_prefix(self, prefix):
         return self.full_key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
 
-    def _pages(self, operation, listed, **kwargs):
-        """Every entry under ``listed`` of every page of a paginated S3 listing (errors: the caller's)."""
+    def _pages(self, operation, listed, convert, **kwargs):
+        """``convert(entry)`` of every entry under ``listed`` of every page of a paginated S3 listing,
+        converted page by page so that a large listing is held once (errors: the caller's)."""
         paginator = self.client.get_paginator(operation)
-        return [item for page in paginator.paginate(Bucket=self.bucket, **kwargs) for item in page.get(listed, [])]
+        return [convert(item) for page in paginator.paginate(Bucket=self.bucket, **kwargs)
+                for item in page.get(listed, [])]
 
     def list(self, prefix=""):
         full_prefix = self._listing_prefix(prefix)
-        items = self._request("listing %s" % (full_prefix or "the bucket"), self._pages,
-                              operation="list_objects_v2", listed="Contents", Prefix=full_prefix)
-        found = [ObjectInfo(self._relative(item["Key"]), item["Size"], item["LastModified"]) for item in items]
+        found = self._request(
+            "listing %s" % (full_prefix or "the bucket"), self._pages, operation="list_objects_v2", listed="Contents",
+            convert=lambda item: ObjectInfo(self._relative(item["Key"]), item["Size"], item["LastModified"]),
+            Prefix=full_prefix)
         found.sort(key=lambda info: info.key)
         return found
 
     def list_incomplete_uploads(self, prefix=""):
         """Multipart uploads never completed (a killed run), as IncompleteUpload tuples."""
-        items = self._request("listing incomplete uploads", self._pages, operation="list_multipart_uploads",
-                              listed="Uploads", Prefix=self._listing_prefix(prefix))
-        return [IncompleteUpload(self._relative(item["Key"]), item["UploadId"], item["Initiated"]) for item in items]
+        return self._request(
+            "listing incomplete uploads", self._pages, operation="list_multipart_uploads", listed="Uploads",
+            convert=lambda item: IncompleteUpload(self._relative(item["Key"]), item["UploadId"], item["Initiated"]),
+            Prefix=self._listing_prefix(prefix))
 
     def incomplete_upload_size(self, key, upload_id):
         """``(parts, bytes)`` an unfinished upload holds on the server (one paginated ListParts),
         or None when it completed or was aborted since it was listed."""
-        parts = self._request("listing the parts of the upload of %s" % key, self._pages, _NO_SUCH_UPLOAD,
-                              operation="list_parts", listed="Parts", Key=self.full_key(key), UploadId=upload_id)
-        if parts is _ABSENT:
+        sizes = self._request("listing the parts of the upload of %s" % key, self._pages, _NO_SUCH_UPLOAD,
+                              operation="list_parts", listed="Parts", convert=lambda part: part.get("Size", 0),
+                              Key=self.full_key(key), UploadId=upload_id)
+        if sizes is _ABSENT:
             return None
-        return len(parts), sum(part.get("Size", 0) for part in parts)
+        return len(sizes), sum(sizes)
 
     def abort_incomplete_upload(self, key, upload_id):
         self._request("aborting upload of %s" % key, self.client.abort_multipart_upload,
