@@ -47,6 +47,7 @@ _VERSION_RE = re.compile(r"restic (\d+)\.(\d+)\.(\d+)")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TAG_VALUE_RE = re.compile(r"^[A-Za-z0-9_.:+@-]*$")
 _SNAPSHOT_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_LOCK_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 _SUBSET_RE = re.compile(r"^(?:\d+(?:\.\d+)?%|\d+/\d+|\d+[KMGT])$")
 _MAX_UNUSED_RE = re.compile(r"^(?:\d+(?:\.\d+)?%|\d+[KMGT]?|unlimited)$")
 _FILENAME_RE = re.compile(r"^[A-Za-z0-9_.+][A-Za-z0-9_.+/-]*$")
@@ -188,11 +189,18 @@ def _pid_alive(pid):
     return True
 
 
+def lock_age_seconds(lock, now=None):
+    """Seconds since restic last wrote ``lock`` (None when its time cannot be read)."""
+    moment = _parse_time(lock.get("time"))
+    if moment is None:
+        return None
+    return ((now or datetime.datetime.now(datetime.timezone.utc)) - moment).total_seconds()
+
+
 def lock_is_stale(lock, now=None, hostname=None):
     """restic 0.14's rule: older than 30 minutes, or taken on this host by a process that is gone."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    moment = _parse_time(lock.get("time"))
-    if moment is None or (now - moment).total_seconds() > STALE_LOCK_SECONDS:
+    age = lock_age_seconds(lock, now)
+    if age is None or age > STALE_LOCK_SECONDS:
         return True
     if lock.get("hostname") == (hostname or socket.gethostname()):
         pid = lock.get("pid")
@@ -298,10 +306,12 @@ class ResticRepository:
     picks a directory backup's parent snapshot by host and paths); ``cache_dir`` is restic's
     cache (default: restic's own, under ``$XDG_CACHE_HOME`` or ``~/.cache``; ``False`` for
     none); ``lock_wait`` is how many seconds a command waits for another job's live lock.
+    ``lock_holders`` (a ``podlocks.PodLockHolders``) proves a lock stale when the pod that holds
+    it has finished; ``notice`` receives one line per lock removed that way.
     """
 
     def __init__(self, storage_options, password, restic=None, compression="auto", host=DEFAULT_HOST,
-                 cache_dir=None, lock_wait=0, timeout=6 * 3600):
+                 cache_dir=None, lock_wait=0, timeout=6 * 3600, lock_holders=None, notice=None):
         if not isinstance(password, str) or not password:
             raise ConfigError("the restic repository password is empty: give it through a Secret, "
                               "a *_file or a *_env reference")
@@ -330,6 +340,9 @@ class ResticRepository:
         self._version = None
         self._config = None
         self._storage = None
+        self.lock_holders = lock_holders
+        self._holders_reported = False
+        self.notice = notice or (lambda line: None)
         # A runner killed while it streams into restic closes restic's stdin, which restic
         # takes for the end of the stream: it would commit a snapshot of the truncated bytes.
         # setpriv (util-linux, in every Debian image) execs restic with a parent-death signal.
@@ -748,7 +761,8 @@ class ResticRepository:
 
     def locks(self):
         """Every lock in the repository: ``id``, ``time``, ``exclusive``, ``hostname``, ``pid``,
-        ``stale`` (restic's rule, see :func:`lock_is_stale`)."""
+        ``stale`` (restic's rule, see :func:`lock_is_stale`, or a finished holder pod, then
+        ``holder_finished`` says why)."""
         ids = [line.strip() for line in self._run(["list", "locks", "--no-lock"], what="list locks",
                                                   retry_locked=False).splitlines() if line.strip()]
         result = []
@@ -763,16 +777,32 @@ class ResticRepository:
             entry = {"id": lock_id, "time": lock.get("time"), "exclusive": bool(lock.get("exclusive")),
                      "hostname": lock.get("hostname"), "pid": lock.get("pid")}
             entry["stale"] = lock_is_stale(entry)
+            if not entry["stale"] and self.lock_holders is not None:
+                entry["holder_finished"] = self.lock_holders.finished(entry, lock_age_seconds(entry))
+                entry["stale"] = entry["holder_finished"] is not None
+                if self.lock_holders.unusable_reason and not self._holders_reported:
+                    self._holders_reported = True
+                    self.notice("cannot ask the API server whether the pod holding a lock of restic repository %s "
+                                "has finished, so restic's 30-minute rule stands: %s"
+                                % (self.url, self.lock_holders.unusable_reason))
             result.append(entry)
         return result
 
     def unlock_stale(self):
-        """Remove the stale locks (``restic unlock``, which never removes a live one); returns the
-        ids removed."""
-        stale = [lock["id"] for lock in self.locks() if lock["stale"]]
+        """Remove the stale locks; returns the ids removed. restic's own ``restic unlock`` removes
+        those stale by its rule (it never removes a live one); a lock whose holder pod has finished
+        is live to restic for 30 minutes, so its file is deleted from ``locks/`` by name."""
+        locks = self.locks()
+        stale = [lock["id"] for lock in locks if lock["stale"]]
         if not stale:
             return []
-        self._run(["unlock"], what="unlock", retry_locked=False)
+        if any(lock["stale"] and not lock.get("holder_finished") for lock in locks):
+            self._run(["unlock"], what="unlock", retry_locked=False)
+        for lock in locks:
+            if lock.get("holder_finished") and _LOCK_ID_RE.match(lock["id"]):
+                self._location().delete("locks/" + lock["id"])
+                self.notice("removed the lock %s of PID %s on %s from restic repository %s: %s"
+                            % (lock["id"][:12], lock["pid"], lock["hostname"], self.url, lock["holder_finished"]))
         remaining = {lock["id"] for lock in self.locks()}
         return [lock_id for lock_id in stale if lock_id not in remaining]
 

@@ -18,6 +18,7 @@ import hashlib
 
 from . import manifest as mf
 from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError
+from .podlocks import PodLockHolders
 from .restic import FORMAT_NAME, REPOSITORY_DIR, ResticRepository, job_repository_options, manifest_snapshots
 from .storage.base import is_unfinished
 
@@ -27,6 +28,16 @@ RESTIC = FORMAT_NAME
 # a verification's restic check (exclusive in restic 0.14) or a prune must not make the next
 # scheduled backup fail at once; one that holds the lock longer is refused with its holder named.
 LOCK_WAIT = 600
+# Where a repository reports a lock it removed because its holder pod had finished: the runner
+# points it at its log (see set_notice); elsewhere the line is dropped.
+_NOTICE = [None]
+
+
+def set_notice(notice):
+    """Send the one-line reports of removed locks to ``notice`` (a callable, or None)."""
+    _NOTICE[0] = notice
+
+
 # Kinds whose payloads are streams the restic format can hold (one snapshot per payload). A
 # files backup streams its whole tree as the engine's pax tar every time: restic stores only
 # the chunks it has not seen, so the tar of an unchanged tree adds (almost) nothing, and the
@@ -74,7 +85,9 @@ def repository(storage, job):
                           "restic_password_file (restic_password_env in a runner job file) to read them" % job)
     cache = storage.__dict__.setdefault("_restic_repositories", {})
     if job not in cache:
-        cache[job] = ResticRepository(job_repository_options(options, job), password, lock_wait=LOCK_WAIT)
+        cache[job] = ResticRepository(job_repository_options(options, job), password, lock_wait=LOCK_WAIT,
+                                      lock_holders=PodLockHolders.in_cluster(),
+                                      notice=lambda line: _NOTICE[0] and _NOTICE[0](line))
     return cache[job]
 
 

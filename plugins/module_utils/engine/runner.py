@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 
-from . import operations
+from . import operations, resticstore
 from .config import read_text_file, resolve_secret_refs
 from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyError
 from .jobconfig import JobConfig, parse_text, secret_values
@@ -618,6 +618,7 @@ def main(argv=None):
     if args.files and args.command != "wal-fetch":
         parser.error("only wal-fetch takes positional arguments")
     log = Log(args.log_format or "text")
+    resticstore.set_notice(log.warning)  # a lock removed because its holder pod had finished
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     worst, results = EXIT_OK, []
     try:

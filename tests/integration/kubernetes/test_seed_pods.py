@@ -16,7 +16,9 @@ On the session cluster's node (``kube_node``) with the runner image built from t
 * each CronJob runs as ``kubectl create job --from=cronjob/<name>`` does, and the pod must
   complete; the backup it took is then listed by ``biometrics.backup.backup_info`` and
   verified by ``biometrics.backup.backup_verify`` from the host;
-* the drills restore in pods and push their metrics, the retention CronJob prunes in a pod,
+* the drills restore in pods and push their metrics; a backup pod killed while it holds its
+  restic lock does not hold up the next drill (the lock's pod is found Failed through the API);
+  the retention CronJob prunes in a pod,
   and the schedule itself starts a Job (the CronJob controller, not kubectl);
 * a second deployment keeps its backups on a PVC (``storage.backend: pvc``) backed by a
   hostPath PersistentVolume, read back from the host.
@@ -38,8 +40,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from integration.files_helpers import snapshot, write
 from integration.roles.playbook import run_site, seed_values
 from kube_fixtures import wait_for
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import restic
 from modules_helpers import ansible_playbook
-from pod_jobs import create_seed_inputs, delete_persistent_volume, hold_schedules, hostpath_claim, run_cronjob_now
+from pod_jobs import (create_seed_inputs, delete_persistent_volume, hold_schedules, hostpath_claim, kubectl_binary,
+                      run_cronjob_now)
 from servers import (server_dir, start_git_daemon, start_postgres, start_pushgateway, start_redis, start_s3,
                      start_with_port_retry, stop_s3)
 
@@ -303,6 +307,53 @@ def test_drill_restores_in_a_pod_and_pushes_its_metrics(deployment, drill):
                     sample.labels.get("job") in (drilled, drill):
                 found.append(sample.value)
     assert found and max(found) >= started - 5, (drill, found)
+
+
+def _start_job_without_retries(deployment, cronjob, name):
+    """The CronJob's Job as `kubectl create job --from` makes it, with no retry pod after a failure."""
+    batch = kubernetes.client.BatchV1Api(deployment.api)
+    template = batch.read_namespaced_cron_job(cronjob, deployment.namespace).spec.job_template
+    spec = deployment.api.sanitize_for_serialization(template.spec)
+    spec["backoffLimit"] = 0
+    batch.create_namespaced_job(deployment.namespace, {
+        "metadata": {"name": name, "labels": template.metadata.labels}, "spec": spec})
+
+
+def test_the_lock_of_a_killed_backup_pod_does_not_hold_up_the_drill(deployment):
+    """A backup pod killed while restic holds its lock (its pg_dump waits for a table lock, as on a
+    busy database) leaves that lock: another host's, fresh, so live to restic for 30 minutes. The
+    drill's restic check (an exclusive lock) asks the API server, finds the pod Failed, removes that
+    one lock and restores, instead of waiting 10 minutes and being refused."""
+    core = kubernetes.client.CoreV1Api(deployment.api)
+    storage = deployment.storage_of["postgres-backup"]
+    repo = restic.ResticRepository(restic.job_repository_options(storage, "postgres-backup"),
+                                   storage["restic_password"], cache_dir=False)
+    job = "postgres-backup-killed-%s" % uuid.uuid4().hex[:5]
+    with deployment.postgres.connect(deployment.database.name, autocommit=False) as blocker:
+        blocker.execute("LOCK TABLE templates IN ACCESS EXCLUSIVE MODE")
+        _start_job_without_retries(deployment, "postgres-backup", job)
+
+        def held_lock():
+            pods = core.list_namespaced_pod(deployment.namespace, label_selector="job-name=" + job).items
+            names = {pod.metadata.name for pod in pods}
+            return next((lock for lock in repo.locks() if lock["hostname"] in names), None)
+
+        lock = wait_for(held_lock, JOB_TIMEOUT, interval=1, what="the backup pod's restic lock")
+        pod = lock["hostname"]
+        subprocess.run([kubectl_binary(), "--kubeconfig", str(deployment.kubeconfig), "-n", deployment.namespace,
+                        "exec", pod, "-c", "runner", "--", "python3", "-c", "import os; os.kill(-1, 9)"],
+                       capture_output=True, timeout=60, check=False)
+        wait_for(lambda: core.read_namespaced_pod(pod, deployment.namespace).status.phase == "Failed", 120,
+                 what="the killed pod to be Failed")
+        blocker.rollback()
+    left = [item for item in repo.locks() if item["id"] == lock["id"]]
+    assert left and not left[0]["stale"], left  # restic alone would keep it for 30 minutes
+
+    run = deployment.run("postgres-backup-drill")
+    assert run.result and run.result["ok"], run.describe()
+    assert "removed the lock %s" % lock["id"][:12] in run.log and "%s has finished (Failed)" % pod in run.log, \
+        run.log[-3000:]
+    assert lock["id"] not in [item["id"] for item in repo.locks()]
 
 
 def test_retention_cronjob_prunes_in_a_pod(deployment, tmp_path):

@@ -456,6 +456,39 @@ def test_a_job_in_the_restic_format_reads_its_repository_password_from_the_secre
     assert "recipients_file" in _job_file(hardened, "postgres-backup")["encryption"]
 
 
+RESTIC_LOCK_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+                     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]}]
+
+
+def test_the_pods_that_open_a_restic_repository_may_ask_whether_a_locks_pod_has_finished(hardened):
+    """The restic-format Redis job, its drill and the retention job that prunes it get a Role to read
+    pods and Jobs of their namespace, and their token (engine/podlocks.py); the archive jobs neither."""
+    for job in ("redis-backup", "redis-backup-drill", "retention-prune"):
+        assert hardened[("Role", "biometrics", job + "-restic-locks")]["rules"] == RESTIC_LOCK_RULES, job
+        binding = hardened[("RoleBinding", "biometrics", job + "-restic-locks")]
+        assert binding["roleRef"]["name"] == job + "-restic-locks"
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": job, "namespace": "biometrics"}]
+        assert _pod(hardened, job)["automountServiceAccountToken"] is True, job
+    for job in ("postgres-backup", "postgres-backup-drill", "incremental-backup", "config-backup"):
+        assert ("Role", "biometrics", job + "-restic-locks") not in hardened, job
+        assert _pod(hardened, job)["automountServiceAccountToken"] is False, job
+
+
+def test_lock_check_false_leaves_restic_jobs_without_api_access(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    overrides = dict(HARDENED)
+    overrides["storage.restic"] = {"passwordSecret": "restic-pw", "lockCheck": False}
+    values = seed_values(**overrides)
+    run = run_site(values, tmp_path, {"render_dir": str(out)})
+    assert run.returncode == 0, run
+    manifests = load_rendered(out)
+    assert not [key for key in manifests if key[2].endswith("-restic-locks")]
+    for job in ("redis-backup", "redis-backup-drill", "retention-prune"):
+        assert _pod(manifests, job)["automountServiceAccountToken"] is False, job
+        assert _mounted_secret_items(_pod(manifests, job))["restic-pw"] == ["password"], job  # still a restic reader
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"backup.recoveryTest.jobs": {"incremental-backup": {"dataSize": "10Gi", "scratchSize": "5Gi"}}},
      "recovery drill of incremental-backup: scratch_size 5Gi is smaller than the 13056Mi a files drill of 10Gi"),
