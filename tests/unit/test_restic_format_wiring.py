@@ -50,9 +50,13 @@ def test_format_and_password_options(tmp_path, monkeypatch):
 def test_kinds_the_format_does_not_hold_are_refused():
     for kind in resticstore.STREAM_KINDS:
         resticstore.check_kind(kind, "job")
-    for kind in ("directory_sync", "velero", "postgres_base", "postgres_wal"):
-        with pytest.raises(ConfigError, match="kind %s cannot be stored in the restic format" % kind):
+    reasons = {"directory_sync": "stores only its sync record", "velero": "Velero keeps the data in its own storage",
+               "postgres_base": "plans its restore from archive-format base backups",
+               "postgres_wal": "a restic start per segment"}
+    for kind, reason in reasons.items():
+        with pytest.raises(ConfigError, match="kind %s cannot be stored in the restic format" % kind) as refused:
             resticstore.check_kind(kind, "job")
+        assert reason in str(refused.value), refused.value
     # files: whole trees only (restic keeps what changed; a chain would need its parents' tars)
     resticstore.check_kind("files", "job", {"path": "/data", "incremental": False})
     with pytest.raises(ConfigError, match="source.incremental cannot be used with storage.format restic"):

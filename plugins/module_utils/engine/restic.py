@@ -16,7 +16,8 @@ Locks: restic 0.14 has no ``--retry-lock``. A command refused because of a lock 
 *stale* locks removed (``restic unlock``, which removes only locks restic itself considers
 stale: older than 30 minutes, or taken on this host by a process that is gone) and is retried
 until ``lock_wait`` seconds have passed; a live lock then raises :class:`RepositoryLockedError`
-naming who holds it.
+naming who holds it. In a job's pod the runner also asks the API server whether the pod named in
+a lock has finished (``podlocks.py``); such a lock is stale too, and its file is deleted by id.
 
 Standard library only (no Ansible imports).
 """
@@ -778,12 +779,12 @@ class ResticRepository:
                      "hostname": lock.get("hostname"), "pid": lock.get("pid")}
             entry["stale"] = lock_is_stale(entry)
             if not entry["stale"] and self.lock_holders is not None:
-                entry["holder_finished"] = self.lock_holders.finished(entry, lock_age_seconds(entry))
+                entry["holder_finished"] = self.lock_holders.finished(entry)
                 entry["stale"] = entry["holder_finished"] is not None
                 if self.lock_holders.unusable_reason and not self._holders_reported:
                     self._holders_reported = True
                     self.notice("cannot ask the API server whether the pod holding a lock of restic repository %s "
-                                "has finished, so restic's 30-minute rule stands: %s"
+                                "has finished, so restic's 30-minute rule stands (asked no more in this run): %s"
                                 % (self.url, self.lock_holders.unusable_reason))
             result.append(entry)
         return result

@@ -18,7 +18,6 @@ import hashlib
 
 from . import manifest as mf
 from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError
-from .podlocks import PodLockHolders
 from .restic import FORMAT_NAME, REPOSITORY_DIR, ResticRepository, job_repository_options, manifest_snapshots
 from .storage.base import is_unfinished
 
@@ -28,14 +27,16 @@ RESTIC = FORMAT_NAME
 # a verification's restic check (exclusive in restic 0.14) or a prune must not make the next
 # scheduled backup fail at once; one that holds the lock longer is refused with its holder named.
 LOCK_WAIT = 600
-# Where a repository reports a lock it removed because its holder pod had finished: the runner
-# points it at its log (see set_notice); elsewhere the line is dropped.
-_NOTICE = [None]
+# Set by the runner only (set_lock_check): who is asked whether the pod holding a lock has
+# finished (podlocks.PodLockHolders, None outside a pod) and where a lock removed that way is
+# reported (its log). A module never asks: run in some other pod (an AWX execution environment),
+# its namespace is not the backup jobs'.
+_LOCK_CHECK = {"holders": None, "notice": None}
 
 
-def set_notice(notice):
-    """Send the one-line reports of removed locks to ``notice`` (a callable, or None)."""
-    _NOTICE[0] = notice
+def set_lock_check(holders, notice):
+    """Let this process's repositories ask ``holders`` about lock holders, reporting to ``notice``."""
+    _LOCK_CHECK.update(holders=holders, notice=notice)
 
 
 # Kinds whose payloads are streams the restic format can hold (one snapshot per payload). A
@@ -59,12 +60,26 @@ def is_restic(manifest):
     return mf.Manifest.wrap(manifest).storage_format == RESTIC
 
 
+# Why the other kinds stay archives: said in the refusal, so that nobody waits for them.
+_NOT_RESTIC = {
+    "directory_sync": "a directory sync stores only its sync record (the mirror is the destination directory "
+                      "itself), so there is nothing to deduplicate",
+    "velero": "a Velero job stores only the Backup object it submitted (Velero keeps the data in its own "
+              "storage), so there is nothing to deduplicate",
+    "postgres_wal": "PostgreSQL fetches WAL one segment at a time during a recovery, and every segment is new "
+                    "data: a restic start per segment would slow recovery and deduplicate nothing",
+    "postgres_base": "point-in-time recovery plans its restore from archive-format base backups and WAL (not "
+                     "built for the restic format)",
+}
+
+
 def check_kind(kind, job, source_options=None):
     """ConfigError unless backups of ``kind`` with ``source_options`` can be stored in the restic format."""
     if kind not in STREAM_KINDS:
-        raise ConfigError("job %s: kind %s cannot be stored in the restic format (storage.format: restic); "
+        why = _NOT_RESTIC.get(kind)
+        raise ConfigError("job %s: kind %s cannot be stored in the restic format (storage.format: restic)%s; "
                           "the restic format holds the kinds %s: keep this job in the archive format"
-                          % (job, kind, ", ".join(STREAM_KINDS)))
+                          % (job, kind, ": " + why if why else "", ", ".join(STREAM_KINDS)))
     if kind == "files" and (source_options or {}).get("incremental") is True:
         # A chain would need its parents' tars to restore; the repository already keeps only
         # what changed, so every restic files backup is whole and restores on its own.
@@ -86,8 +101,7 @@ def repository(storage, job):
     cache = storage.__dict__.setdefault("_restic_repositories", {})
     if job not in cache:
         cache[job] = ResticRepository(job_repository_options(options, job), password, lock_wait=LOCK_WAIT,
-                                      lock_holders=PodLockHolders.in_cluster(),
-                                      notice=lambda line: _NOTICE[0] and _NOTICE[0](line))
+                                      lock_holders=_LOCK_CHECK["holders"], notice=_LOCK_CHECK["notice"])
     return cache[job]
 
 

@@ -42,6 +42,7 @@ from .config import read_text_file, resolve_secret_refs
 from .errors import BackupError, ConfigError, IntegrityError, MissingDependencyError
 from .jobconfig import JobConfig, parse_text, secret_values
 from .pipeline import Progress
+from .podlocks import PodLockHolders
 from .operations import where
 from .keys import KeyMismatchError
 from .storage import location
@@ -618,7 +619,8 @@ def main(argv=None):
     if args.files and args.command != "wal-fetch":
         parser.error("only wal-fetch takes positional arguments")
     log = Log(args.log_format or "text")
-    resticstore.set_notice(log.warning)  # a lock removed because its holder pod had finished
+    # In a job's pod (token mounted): a restic lock whose pod has finished is removed at once.
+    resticstore.set_lock_check(PodLockHolders.in_cluster(), log.warning)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     worst, results = EXIT_OK, []
     try:

@@ -292,10 +292,10 @@ def test_retention_of_jobs_deployed_by_another_play(kube_cluster, kube_api, make
     # The file the job reads its password from is where the retention pod finds it.
     assert config["storage"]["restic_password_file"] == "/etc/biometrics-backup/secrets/backup-restic-password/password"
     assert "--config" in cronjob.spec.job_template.spec.template.spec.containers[0].args
-    # The pods that open the restic repository may read pods and Jobs (a lock's holder), nothing more.
+    # The pods that open the restic repository may read a pod (a lock's holder), nothing more.
     for account in ("retention-prune", "postgres-backup"):
         assert _can_i(kube_cluster, namespace, account, "get", "pods", namespace), account
-        assert _can_i(kube_cluster, namespace, account, "get", "jobs.batch", namespace), account
+        assert not _can_i(kube_cluster, namespace, account, "get", "jobs.batch", namespace), account
         assert not _can_i(kube_cluster, namespace, account, "list", "pods", namespace), account
         assert not _can_i(kube_cluster, namespace, account, "delete", "pods", namespace), account
     assert cronjob.spec.job_template.spec.template.spec.automount_service_account_token is True

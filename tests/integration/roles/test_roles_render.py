@@ -456,13 +456,12 @@ def test_a_job_in_the_restic_format_reads_its_repository_password_from_the_secre
     assert "recipients_file" in _job_file(hardened, "postgres-backup")["encryption"]
 
 
-RESTIC_LOCK_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
-                     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]}]
+RESTIC_LOCK_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
 
 
 def test_the_pods_that_open_a_restic_repository_may_ask_whether_a_locks_pod_has_finished(hardened):
     """The restic-format Redis job, its drill and the retention job that prunes it get a Role to read
-    pods and Jobs of their namespace, and their token (engine/podlocks.py); the archive jobs neither."""
+    the pods of their namespace, and their token (engine/podlocks.py); the archive jobs neither."""
     for job in ("redis-backup", "redis-backup-drill", "retention-prune"):
         assert hardened[("Role", "biometrics", job + "-restic-locks")]["rules"] == RESTIC_LOCK_RULES, job
         binding = hardened[("RoleBinding", "biometrics", job + "-restic-locks")]
