@@ -22,6 +22,7 @@ def test_in_cluster_needs_the_service_host_and_a_mounted_token(tmp_path):
     holders = podlocks.PodLockHolders.in_cluster(directory, env)
     assert holders.namespace == "backups" and holders.server == "https://10.96.0.1:443"
     assert holders.timeout == podlocks.TIMEOUT
+    assert holders._token == "tok-123" and holders._token_file == directory + "/token"
     assert podlocks.PodLockHolders.in_cluster(directory, {}) is None  # not in a pod
     ipv6 = podlocks.PodLockHolders.in_cluster(directory, {"KUBERNETES_SERVICE_HOST": "fd00::1"})
     assert ipv6.server == "https://[fd00::1]:443"
@@ -62,3 +63,13 @@ def test_hostnames_that_are_no_pod_names_are_not_asked_about():
     for hostname in ("me", "Laptop", "a_b", "", None, "x" * 254):
         assert holders.finished({"hostname": hostname}) is None
     assert holders.unusable_reason is None  # none of them needed a request
+
+
+def test_the_token_is_read_again_before_each_question(tmp_path):
+    """The kubelet rotates a projected service account token in place."""
+    directory = _service_account(tmp_path, ca=False)
+    holders = podlocks.PodLockHolders.in_cluster(directory, {"KUBERNETES_SERVICE_HOST": "192.0.2.1"})
+    holders.timeout = 0.5
+    (tmp_path / "token").write_text("tok-rotated\n")
+    assert holders.finished({"hostname": "pg-backup-1-abcde"}) is None  # TEST-NET: no answer
+    assert holders._token == "tok-rotated" and holders.unusable_reason

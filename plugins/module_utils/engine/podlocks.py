@@ -48,12 +48,13 @@ class _Unanswered(Exception):
 class PodLockHolders:
     """Answers "has the pod that holds this lock finished?" from the API server at ``server``."""
 
-    def __init__(self, namespace, server, token, ca_file=None, own_hostname=None, timeout=TIMEOUT):
+    def __init__(self, namespace, server, token, ca_file=None, own_hostname=None, timeout=TIMEOUT, token_file=None):
         self.namespace = namespace
         self.server = server.rstrip("/")
         self.own_hostname = own_hostname or socket.gethostname()
         self.timeout = timeout
         self._token = token
+        self._token_file = token_file
         self._context = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
         self.unusable_reason = None
 
@@ -75,10 +76,18 @@ class PodLockHolders:
             return None
         ca_file = os.path.join(directory, "ca.crt")
         server = "https://%s:%s" % ("[%s]" % host if ":" in host else host, port)
-        return cls(namespace, server, token, ca_file if os.path.exists(ca_file) else None)
+        # The kubelet rotates the projected token in place: read again at every question.
+        return cls(namespace, server, token, ca_file if os.path.exists(ca_file) else None,
+                   token_file=os.path.join(directory, "token"))
 
     def _get(self, path):
         """The decoded object at ``path``, None when it does not exist; _Unanswered otherwise."""
+        if self._token_file:
+            try:
+                with open(self._token_file, encoding="utf-8") as handle:
+                    self._token = handle.read().strip() or self._token
+            except OSError:
+                pass  # keep the token read before
         where = urllib.parse.urlsplit(self.server)
         connection = http.client.HTTPSConnection(where.hostname, where.port or 443, timeout=self.timeout,
                                                  context=self._context)

@@ -190,18 +190,11 @@ def _pid_alive(pid):
     return True
 
 
-def lock_age_seconds(lock, now=None):
-    """Seconds since restic last wrote ``lock`` (None when its time cannot be read)."""
-    moment = _parse_time(lock.get("time"))
-    if moment is None:
-        return None
-    return ((now or datetime.datetime.now(datetime.timezone.utc)) - moment).total_seconds()
-
-
 def lock_is_stale(lock, now=None, hostname=None):
     """restic 0.14's rule: older than 30 minutes, or taken on this host by a process that is gone."""
-    age = lock_age_seconds(lock, now)
-    if age is None or age > STALE_LOCK_SECONDS:
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    moment = _parse_time(lock.get("time"))
+    if moment is None or (now - moment).total_seconds() > STALE_LOCK_SECONDS:
         return True
     if lock.get("hostname") == (hostname or socket.gethostname()):
         pid = lock.get("pid")
