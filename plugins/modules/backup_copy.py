@@ -34,6 +34,14 @@ description:
     be restored to a point in time and O(biometrics.backup.backup_prune#module:require_copy) can prune copied WAL.
     Every WAL file is copied when O(backup=all) and there is no O(destination_retention); otherwise only the WAL
     the base backups held at the destination need (from the oldest one's C(wal_start) on). See RV(wal)."
+  - "Backups in the restic format are copied by C(restic copy) into the job's own repository at the destination
+    (C(<prefix>/_restic/<job>)), created on the first copy with the source's chunker parameters. It opens with
+    O(destination.restic_password) (or O(destination.restic_password_file)), else with the source's password.
+    restic writes it through a server on 127.0.0.1 that stores through this module's own connection to
+    O(destination), so both locations keep their own S3 credentials. Each copy's payloads are read back from
+    the destination and checked against the manifest before the manifest is published; O(reencrypt) is refused
+    for these backups. A copy whose data is damaged at the destination is reported as failed and stays listed
+    (restic copy does not store again data the destination's index lists)."
   - The destination is an ordinary location - M(biometrics.backup.backup_info), M(biometrics.backup.backup_verify),
     M(biometrics.backup.backup_restore) and M(biometrics.backup.backup_prune) (with a policy of its own) work on it
     unchanged.

@@ -1,6 +1,7 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Kill campaign of the restic format (issue 16): the runner killed with SIGKILL at random points
-of restic-format backups and prunes, 20 times (``BIOMETRICS_RESTIC_KILLS=<n>`` for more).
+of restic-format backups and prunes, 20 times (``BIOMETRICS_RESTIC_KILLS=<n>`` for more), and of
+their offsite copies (``runner copy``, half as many times, at least 6; see the last test).
 
 The CronJob's command (``python -m ...engine.runner backup|prune --config job.yaml``) runs a Redis
 job stored in the restic format on a filesystem location, and its whole process group (the
@@ -124,7 +125,12 @@ class Campaign:
         self.config = tmp_path / "job.json"
         self.config.write_text(json.dumps({
             "job": JOB, "kind": "redis", "source": {"host": redis_server.host, "port": redis_server.port},
-            "storage": self.options, "retention": {"keep_last": 2, "orphan_grace": "0"}}))
+            "storage": self.options, "retention": {"keep_last": 2, "orphan_grace": "0"},
+            # runner copy: into the job's repository there, opened with the job's password
+            "copy": {"destination": {"backend": "filesystem", "path": str(tmp_path / "offsite")}}}))
+        self.offsite = {"backend": "filesystem", "path": str(tmp_path / "offsite"),
+                        "restic_password_file": str(password_file)}
+        self.offsite_repository = tmp_path / "offsite" / "_restic" / JOB
         self.source = {"host": redis_server.host, "port": redis_server.port}
         self.durations = {}
         self.landed = []
@@ -190,8 +196,8 @@ class Campaign:
         _reap_group(proc.pid)
         return proc.returncode == -signal.SIGKILL
 
-    def restic(self, *args):
-        return subprocess.run(["restic", "-r", "local:%s" % self.repository, "--no-cache"] + list(args),
+    def restic(self, *args, repository=None):
+        return subprocess.run(["restic", "-r", "local:%s" % (repository or self.repository), "--no-cache"] + list(args),
                               capture_output=True, text=True, check=False,
                               env=dict(os.environ, RESTIC_PASSWORD=self.password), timeout=600)
 
@@ -279,6 +285,67 @@ def test_sigkill_during_restic_backups_and_prunes(tmp_path, redis_server):
         full = campaign.restic("check", "--read-data")
         assert full.returncode == 0, campaign.where(full.stdout[-2000:] + full.stderr[-2000:])
         assert all(resticstore.is_restic(manifest) for manifest in operations.inventory(campaign.storage(), JOB)["backups"])
+    finally:
+        campaign.log.close()
+        client.flushdb()
+        client.close()
+
+
+@pytest.mark.usefixtures("child_subreaper")
+def test_sigkill_during_restic_copies(tmp_path, redis_server):
+    """runner copy of the restic format killed at random points (half of the kills in restic's
+    part), a new backup to copy before each: the destination's repository stays consistent, only
+    complete copies are listed there and each verifies, and the next uninterrupted copy completes
+    what the killed one began; at the end no lock is left and every pack reads back."""
+    client = redis_server.client(DB)
+    client.flushdb()
+    for index in range(KEYS):
+        client.set("template:%03d" % index, os.urandom(VALUE_BYTES))
+    campaign = Campaign(tmp_path, redis_server, _seed())
+    kills = max(KILLS // 2, 6)
+    try:
+        campaign.run("backup")
+        campaign.run("copy")   # creates the destination's repository
+        campaign.backup_in_process()
+        campaign.measure("copy")   # the steady state: one new backup to copy
+        hits = 0
+        for dummy in range(kills):
+            client.set("template:%03d" % campaign.random.randrange(KEYS), os.urandom(VALUE_BYTES))
+            campaign.backup_in_process()
+            source = campaign.listed()
+            snapshots_before = len(os.listdir(campaign.offsite_repository / "snapshots"))
+            hits += campaign.kill("copy")
+            destination = open_storage(campaign.offsite)
+            if (campaign.offsite_repository / "config").exists():
+                proc = campaign.restic("--no-lock", "check", repository=campaign.offsite_repository)
+                assert proc.returncode == 0, campaign.where("restic check at the destination after a killed copy: %s%s"
+                                                            % (proc.stdout[-2000:], proc.stderr[-2000:]))
+            listing = operations.inventory(destination, JOB)
+            assert listing["junk"] == [], campaign.where(listing["junk"])
+            copied = [manifest["id"] for manifest in listing["backups"]]
+            assert set(copied) <= set(source), campaign.where((copied, source))
+            if copied:
+                verified = operations.verify(destination, JOB, backup="all")
+                assert [r["result"] for r in verified["results"]] == ["ok"] * len(copied), campaign.where(verified)
+            snapshots = len(os.listdir(campaign.offsite_repository / "snapshots"))
+            campaign.landed.append("copy: " + ("finished" if len(copied) == len(source) else
+                                               "snapshot copied, manifest not published" if snapshots > snapshots_before
+                                               else "before the snapshot"))
+            # the next copy completes what the killed one began
+            campaign.run("copy")
+            assert [m["id"] for m in operations.inventory(destination, JOB)["backups"]] == source, campaign.where(source)
+        print("\nrestic copy kills (seed %d): %d of %d hit a running process; durations %s; landed %s" % (
+            campaign.seed, hits, kills, campaign.durations["copy"],
+            {where: campaign.landed.count(where) for where in sorted(set(campaign.landed))}))
+        assert hits >= kills // 2, campaign.where("most copies ended before their kill: the delays are wrong")
+
+        campaign.run("copy")
+        destination = open_storage(campaign.offsite)
+        assert [m["id"] for m in operations.inventory(destination, JOB)["backups"]] == campaign.listed()
+        locks = campaign.restic("--no-lock", "list", "locks", repository=campaign.offsite_repository)
+        assert locks.returncode == 0 and locks.stdout.strip() == "", campaign.where(locks.stdout + locks.stderr)
+        full = campaign.restic("check", "--read-data", repository=campaign.offsite_repository)
+        assert full.returncode == 0, campaign.where(full.stdout[-2000:] + full.stderr[-2000:])
     finally:
         campaign.log.close()
         client.flushdb()

@@ -5,7 +5,6 @@ manifest of several streams names every snapshot (the rest: tests/integration/te
 import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import catalog as cat
-from ansible_collections.biometrics.backup.plugins.module_utils.engine import operations
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import restic as rs
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.config import redact
@@ -74,7 +73,11 @@ PG_SOURCE = {"host": "db", "database": "biometrics"}
     ({"kind": "files", "source": {"path": "/data", "incremental": "yes"}},
      "source.incremental cannot be used with storage.format restic"),
     ({"encryption": {"recipients_file": "/keys/recipients"}}, "restic encrypts with the repository password"),
-    ({"copy": {"destination": {"backend": "filesystem", "path": "/copy"}}}, "cannot have an offsite copy yet"),
+    ({"copy": {"destination": {"backend": "filesystem", "path": "/copy"},
+               "reencrypt": {"recipients": ["age1etc26wlxxt4j036z56xzvhtp4l3jkfn6xmfmz98l7f2h8yygsexq8n5cfe"], "identity_file": "/keys/identity"}}},
+     "copy.reencrypt cannot apply to backups in the restic format"),
+    ({"copy": {"destination": {"backend": "s3", "bucket": "b", "server_side_encryption": "AES256"}}},
+     "copy.destination of a job with backups in the restic format: storage.server_side_encryption is not supported"),
 ])
 def test_a_job_file_the_restic_format_cannot_run_is_refused_with_the_file(extra, message):
     """The roles check each rendered job file (checked_job_file) with this validation: what the
@@ -82,8 +85,24 @@ def test_a_job_file_the_restic_format_cannot_run_is_refused_with_the_file(extra,
     job_file = dict({"job": "pg", "kind": "postgres", "source": PG_SOURCE, "storage": RESTIC_STORAGE}, **extra)
     with pytest.raises(ConfigError, match=message):
         JobConfig.from_mapping(job_file)
-    # the same file in the archive format (copy and recipients allowed; files is a kind of its own)
-    JobConfig.from_mapping(dict(job_file, storage=dict(RESTIC_STORAGE, format="archive")))
+    # the same file in the archive format, with no restic backups left (the copy's re-encryption,
+    # recipients allowed; files is a kind of its own)
+    archive = {key: value for key, value in RESTIC_STORAGE.items() if not key.startswith("restic_password")}
+    JobConfig.from_mapping(dict(job_file, storage=dict(archive, format="archive")))
+
+
+def test_a_job_moved_back_to_archives_keeps_the_copy_rules_of_its_restic_backups():
+    """Review finding: a job moved back to archives whose storage still names the password (restic
+    backups left, job_restic_history) deployed with copy.reencrypt, and every copy run then failed."""
+    recipient = "age1etc26wlxxt4j036z56xzvhtp4l3jkfn6xmfmz98l7f2h8yygsexq8n5cfe"
+    job_file = {"job": "pg", "kind": "postgres", "source": PG_SOURCE, "storage": dict(RESTIC_STORAGE, format="archive"),
+                "encryption": {"recipients": [recipient]},
+                "copy": {"destination": {"backend": "filesystem", "path": "/copy"},
+                         "reencrypt": {"recipients": [recipient], "identity_file": "/keys/identity"}}}
+    with pytest.raises(ConfigError, match="copy.reencrypt cannot apply to backups in the restic format"):
+        JobConfig.from_mapping(job_file)
+    del job_file["copy"]["reencrypt"]
+    JobConfig.from_mapping(job_file)
 
 
 def test_a_restic_job_file_may_carry_the_identity_for_its_archive_history():
@@ -108,16 +127,6 @@ def test_the_manifest_of_several_streams():
     with pytest.raises(IntegrityError):
         rs.manifest_snapshots(manifest)
     assert rs.manifest_snapshots({"objects": []}) == []
-
-
-def test_copies_of_restic_format_jobs_are_refused(tmp_path):
-    archive = open_storage({"backend": "filesystem", "path": str(tmp_path / "a")})
-    restic = open_storage({"backend": "filesystem", "path": str(tmp_path / "r"), "format": "restic",
-                           "restic_password": "pw"})
-    for source, destination in ((restic, archive), (archive, restic)):
-        with pytest.raises(ConfigError, match="restic format cannot be copied yet"):
-            operations.copy(source, destination, "pg")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("value", ["50", "x", "%", "1/", "-5%", ""])

@@ -50,6 +50,7 @@ import re
 from . import codecs
 from . import kinds
 from . import resticstore
+from .restic import repository_location
 from .anomaly import SizePolicy
 from .config import SECRET_FIELDS, read_text_file, resolve_secret_refs
 from .errors import ConfigError
@@ -68,6 +69,7 @@ TOP_LEVEL = ("job", "kind", "source", "storage", "compression", "encryption", "r
              "description")
 LOG_FORMATS = ("text", "json")
 _URL_RE = re.compile(r"^https?://[^\s/]+")
+_RESTIC_PASSWORD_KEYS = ("restic_password", "restic_password_file", "restic_password_env")
 
 ENCRYPTION = Schema("encryption", {
     "enabled": Field("bool", "false stores backups unencrypted (default: encrypted when keys are given)"),
@@ -344,18 +346,28 @@ class JobConfig:
 
     def _check_storage_format(self):
         """What BackupRun and the copy would refuse of a restic-format job, refused with the job file
-        (the roles' deploy-time check runs this, not a backup)."""
-        if resticstore.storage_format_of(self.storage) != resticstore.RESTIC:
+        (the roles' deploy-time check runs this, not a backup). The copy rules hold for a job
+        moved back to archives too while its storage names the password (restic backups left)."""
+        restic_format = resticstore.storage_format_of(self.storage) == resticstore.RESTIC
+        if restic_format or any(self.storage.get(key) for key in _RESTIC_PASSWORD_KEYS):
+            if self.copy.get("reencrypt"):
+                raise ConfigError("%s: copy.reencrypt cannot apply to backups in the restic format (this job's "
+                                  "storage names a restic password): their copies are encrypted by the "
+                                  "destination's restic repository (copy.destination.restic_password, else the "
+                                  "job's); remove reencrypt" % self.where)
+            if self.copy.get("destination"):
+                try:
+                    repository_location(self.copy["destination"])  # a backend restic reads the copies from
+                except ConfigError as exc:
+                    raise ConfigError("%s: copy.destination of a job with backups in the restic format: %s"
+                                      % (self.where, exc)) from None
+        if not restic_format:
             return
         resticstore.check_kind(self.kind, self.job, self.source)
         if self.encrypted:
             raise ConfigError("%s: storage.format restic encrypts with the repository password: remove the "
                               "encryption recipients (encryption.enabled: false), or keep the job in the archive "
                               "format" % self.where)
-        if self.copy:
-            raise ConfigError("%s: a job in the restic format cannot have an offsite copy yet (the copy would need "
-                              "its restic repository as well): remove the copy section, or keep the job in the "
-                              "archive format" % self.where)
 
     @staticmethod
     def _check_reencrypt(options):
@@ -418,11 +430,23 @@ class JobConfig:
     def storage_options(self):
         return location.storage_options(self.storage)
 
+    def copy_destination(self):
+        """The ``copy.destination`` storage option as given (references unread), with the job's
+        restic password reference when it names none of its own: the copies of restic backups
+        open with the job's password unless the destination has its own
+        (resticstore.share_password does the same for the modules). None without a copy section."""
+        destination = self.copy.get("destination")
+        if not destination:
+            return None
+        if any(key in destination for key in _RESTIC_PASSWORD_KEYS):
+            return dict(destination)
+        return dict(destination, **{key: value for key, value in self.storage.items() if key in _RESTIC_PASSWORD_KEYS})
+
     def copy_destination_options(self):
         """The copy destination's storage options, secrets read (None without a copy section)."""
         if not self.copy.get("destination"):
             return None
-        return location.storage_options(self.copy["destination"])
+        return location.storage_options(self.copy_destination())
 
     def copy_reencrypt(self):
         """copy.reencrypt normalised (offsite.reencrypt_settings), its key read; None without it."""

@@ -47,13 +47,16 @@ import hashlib
 from . import codecs
 from . import manifest as mf
 from . import pgwal
+from . import resticstore
 from .backup import ENGINE_VERSION
 from .catalog import Catalog
 from .config import read_text_file
-from .errors import BackupError, ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError
+from .errors import (BackupError, ConfigError, DecryptionError, IntegrityError, NotFoundError, ObjectMismatchError,
+                     StorageError)
 from .pipeline import CHUNK, PlaintextStream, check_object, store_stream
 from .procutil import pump
 from .pgwal import wal_job_of
+from .restic import manifest_snapshots
 from .prune import BASE_KIND, WAL_KIND, plan as retention_plan, wal_job_names
 from .keys import KeyMismatchError, identities as restore_identities
 from .storage.base import MissingLocationError, is_unfinished
@@ -68,12 +71,14 @@ _NO_COMPRESSION = {"algorithm": "none", "level": 0, "threads": 0}
 
 def source_objects(destination_manifest):
     """The source objects a destination manifest stands for: those recorded by a re-encrypting
-    copy (``copied_from.reencrypted.source_objects``), else its own (a byte-for-byte copy).
+    copy (``copied_from.reencrypted.source_objects``) or by the copy of a restic-format backup
+    (``copied_from.restic.source_objects``), else its own (a byte-for-byte copy).
     Entries are returned as recorded: a malformed one must read as a different backup."""
     destination_manifest = mf.Manifest.wrap(destination_manifest)
-    record = destination_manifest.copied_from.get("reencrypted")
-    if isinstance(record, dict) and isinstance(record.get("source_objects"), list):
-        return record["source_objects"]
+    for section in ("reencrypted", "restic"):
+        record = destination_manifest.copied_from.get(section)
+        if isinstance(record, dict) and isinstance(record.get("source_objects"), list):
+            return record["source_objects"]
     return destination_manifest["objects"]
 
 
@@ -165,6 +170,35 @@ def reencrypted_manifest(source_manifest, objects, plaintext, recipients, source
         objects=objects, size_bytes=sum(obj["size"] for obj in objects),
         encryption={"mode": "age", "recipients": list(recipients)},
         copied_from=dict(manifest.copied_from, reencrypted=reencrypted))
+    return mf.validate(mf.build(**_build_args(manifest)))
+
+
+def restic_copied_manifest(source_manifest, snapshots, repository, source_description, copied_at):
+    """The manifest of a restic-format backup copied into the destination's repository:
+    ``snapshots`` maps the source's snapshot ids to the copies' (restic copy gives each copy an
+    id of its own), ``repository`` is the destination repository's config. Payload sizes and
+    SHA-256 stay (the same bytes are stored); a directory payload's entry, which holds its
+    snapshot id, takes the copy's. ``copied_from.restic`` records the source's repository and
+    objects (how later copies and require_copy know the backup is there)."""
+    source_manifest = mf.Manifest.wrap(source_manifest)
+    manifest = copied_manifest(source_manifest, source_description, copied_at)
+    objects = []
+    for obj in source_manifest.objects:
+        entry = dict(obj)
+        if obj.restic_snapshot:
+            entry["restic_snapshot"] = snapshots[obj.restic_snapshot]
+            if obj.payload == "directory" and obj.sha256 == obj.restic_snapshot:
+                entry["sha256"] = snapshots[obj.restic_snapshot]
+        objects.append(entry)
+    section = dict(source_manifest.restic)
+    section["snapshot_id"] = snapshots[section["snapshot_id"]]
+    if isinstance(section.get("snapshots"), list):
+        section["snapshots"] = [snapshots[snap] for snap in section["snapshots"]]
+    section.update(repository_id=repository.get("id"), repository_version=repository.get("version"))
+    record = {"source_repository_id": source_manifest.restic.get("repository_id"),
+              "source_objects": [dict(obj) for obj in source_manifest.objects]}
+    manifest = manifest.with_fields(objects=objects, restic=section,
+                                    copied_from=dict(manifest.copied_from, restic=record))
     return mf.validate(mf.build(**_build_args(manifest)))
 
 
@@ -363,6 +397,7 @@ class Copier:
         self.reencrypt = reencrypt_settings(reencrypt)
         self.source = source
         self.destination = destination
+        resticstore.share_password(source, destination)
         self.recheck = recheck
         self.policy = policy  # the destination's retention (a retention.Policy or its mapping), or None
         self.min_keep = min_keep
@@ -370,6 +405,7 @@ class Copier:
         self.log = log or (lambda message: None)
         self.source_catalog = Catalog(source, repair_index=False)
         self.destination_catalog = Catalog(destination)
+        self._restic_copies = ({}, {}, {})  # (copied, failed, destination config) of this run
 
     # -- looking -------------------------------------------------------------------------
     def _destination_state(self):
@@ -381,10 +417,32 @@ class Copier:
             return {}, {}
         return {m.id: m for m in listed}, sizes
 
+    def _plan_restic(self, source_manifest, destination_manifest):
+        """plan_backup for a restic-format backup: its payloads are snapshots in the job's
+        repository at the destination, which must hold every one its manifest names."""
+        if destination_manifest is None:
+            return COPY_ACTION, "missing at the destination"
+        if not same_backup(source_manifest, destination_manifest):
+            return REPAIR_ACTION, "the destination's manifest lists other objects"
+        try:
+            repository = resticstore.repository(self.destination, self.job)
+            for snapshot in manifest_snapshots(destination_manifest):
+                if not repository.has_snapshot(snapshot):
+                    return REPAIR_ACTION, "restic snapshot %s is missing at the destination" % snapshot[:12]
+        except IntegrityError as exc:
+            return REPAIR_ACTION, str(exc)
+        return None, None
+
     def _stored_damage(self, destination_manifest):
         """Read back the destination's objects of a listed backup, judged by its manifest's
         entries (for a byte-for-byte copy the source's, as same_backup found): the first
         difference, or None."""
+        if resticstore.is_restic(destination_manifest):
+            try:
+                resticstore.verify_objects(self.destination, destination_manifest)
+            except (IntegrityError, NotFoundError) as exc:
+                return str(exc)
+            return None
         for obj in destination_manifest.objects:
             problem = _read_back(self.destination, mf.object_key(self.job, destination_manifest.id, obj.name), obj)
             if problem:
@@ -429,19 +487,31 @@ class Copier:
     def plan(self, selector="all", now=None):
         """What a copy would do: ``{source_backups, steps, in_sync, present, unwanted}`` (reads only)."""
         source_backups = self.source_catalog.scan(self.job, with_orphans=False)
-        if any(manifest.storage_format == "restic" for manifest in source_backups):
-            raise ConfigError("job %s has backups in the restic format, which cannot be copied yet (the copy "
-                              "would need the job's restic repository as well); nothing was copied" % self.job)
+        if self.reencrypt is not None and any(resticstore.is_restic(m) for m in source_backups):
+            raise ConfigError("job %s has backups in the restic format, which copy.reencrypt cannot apply to: their "
+                              "copies are encrypted by the destination repository (its restic_password); "
+                              "remove reencrypt; nothing was copied" % self.job)
         chosen = select_sources(source_backups, selector)
         present, sizes = self._destination_state()
         unwanted = self._unwanted(chosen, present, now or utc_now())
         chosen = [m for m in chosen if m.id not in unwanted]
-        steps, in_sync = [], []
+        steps, in_sync, damaged = [], [], []
         for manifest in chosen:
-            action, reason = plan_backup(manifest, present.get(manifest.id), sizes)
+            if resticstore.is_restic(manifest):
+                action, reason = self._plan_restic(manifest, present.get(manifest.id))
+            else:
+                action, reason = plan_backup(manifest, present.get(manifest.id), sizes)
             if action is None:
                 if self.recheck == "full" or present[manifest.id].verification_result == "failed":
                     problem = self._stored_damage(present[manifest.id])
+                    if problem and resticstore.is_restic(manifest):
+                        # restic copy would skip the snapshot and never store again blobs its
+                        # index lists: a repair would only unlist the copy. Reported, kept.
+                        damaged.append({"id": manifest.id, "action": REPAIR_ACTION, "error": (
+                            "the copy at the destination is damaged (%s); restic copy cannot store again data the "
+                            "destination repository's index lists: repair that repository (restic check, restic "
+                            "rebuild-index) or remove the job's repository there to copy everything again" % problem)})
+                        continue
                     if problem:
                         action, reason = REPAIR_ACTION, problem
             if action is None:
@@ -457,7 +527,7 @@ class Copier:
             wanted = set(self.reencrypt["recipients"])
             other = [backup_id for backup_id in in_sync
                      if set(present[backup_id].encryption.get("recipients") or []) != wanted]
-        return {"source_backups": chosen, "steps": steps, "in_sync": in_sync, "other_recipients": other,
+        return {"source_backups": chosen, "steps": steps, "in_sync": in_sync, "damaged": damaged, "other_recipients": other,
                 "present": set(present), "sizes": sizes, "unwanted": unwanted, "all_source": source_backups,
                 "present_manifests": present}
 
@@ -525,6 +595,8 @@ class Copier:
             self.destination.delete(mf.object_key(job, backup_id, mf.VERIFICATION_NAME))
         if self.reencrypt is not None:
             return self._reencrypt_one(step, now)
+        if resticstore.is_restic(manifest):
+            return self._publish_restic(step, now)
         copied = reused = 0
         names = set()
         for obj in manifest.objects:
@@ -541,6 +613,38 @@ class Copier:
         self._remove_strays(backup_id, names)
         self.destination_catalog.publish(copied_manifest(manifest, self.source.describe(), now))
         return copied, reused
+
+    def _copy_restic(self, steps):
+        """The restic snapshots of the restic-format backups among ``steps``, copied before any
+        manifest is published (see :meth:`_publish_restic`)."""
+        manifests = [step["_manifest"] for step in steps if resticstore.is_restic(step["_manifest"])]
+        if not manifests:
+            return
+        try:
+            self._restic_copies = resticstore.copy_snapshots(self.source, self.destination, self.job, manifests)
+        except (StorageError, IntegrityError, NotFoundError) as exc:
+            # The destination repository could not be opened or created: every restic backup of
+            # this run fails with that; the archive-format ones are still copied.
+            self.log("restic-format backups not copied: %s" % exc)
+            self._restic_copies = ({}, {m.id: exc for m in manifests}, {})
+
+    def _publish_restic(self, step, now):
+        """A restic-format backup whose snapshots :meth:`_copy_restic` copied: every payload read
+        back from the destination's repository and checked against the manifest, then the
+        manifest (the copies' snapshot ids) published. Returns ``(bytes stored, 0)``."""
+        manifest = step["_manifest"]
+        copied, failed, repository = self._restic_copies
+        if manifest.id in failed:
+            error = failed[manifest.id]
+            if isinstance(error, (IntegrityError, NotFoundError)):
+                raise error
+            raise _StepFailed(str(error))
+        snapshots, size = copied[manifest.id]
+        copy = restic_copied_manifest(manifest, snapshots, repository, self.source.describe(), now)
+        resticstore.verify_objects(self.destination, copy)
+        self._remove_strays(manifest.id, set())
+        self.destination_catalog.publish(copy)
+        return size, 0
 
     def _listed_at_source(self, backup_id):
         prefix = "%s/%s/" % (self.job, backup_id)
@@ -596,7 +700,7 @@ class Copier:
         outcome = {"job": self.job, "source": self.source.describe(),
                    "destination": self.destination.describe(), "check_mode": bool(check_mode),
                    "in_sync": plan["in_sync"], "planned": [_public(step) for step in steps],
-                   "copied": [], "failed": [], "skipped": [], "vanished": [], "superseded": [], "bytes_copied": 0,
+                   "copied": [], "failed": list(plan["damaged"]), "skipped": [], "vanished": [], "superseded": [], "bytes_copied": 0,
                    "bytes_reused": 0, "not_wanted": sorted(plan["unwanted"]),
                    "reencrypt": ({"recipients": self.reencrypt["recipients"]} if self.reencrypt is not None
                                  else None),
@@ -611,6 +715,7 @@ class Copier:
             present -= {step["id"] for step in steps}
         else:
             self.destination.ensure_ready()
+            self._copy_restic(steps)
             # Parents already at the destination: in sync, or no longer at the source at all.
             done = set(plan["present"]) - {step["id"] for step in steps}
             for step in steps:
@@ -623,7 +728,7 @@ class Copier:
                     continue
                 try:
                     copied, reused = self._copy_one(step, plan["sizes"], now or utc_now())
-                except IntegrityError as exc:
+                except (IntegrityError, _StepFailed) as exc:
                     present.discard(step["id"])
                     outcome["failed"].append(dict(_public(step), error=str(exc)))
                     self.log("backup %s not copied: %s" % (step["id"], exc))
@@ -713,6 +818,11 @@ class Copier:
                 wal_job, len(entry["planned"] if check_mode else entry["copied"]),
                 "to copy" if check_mode else "copied", entry["in_sync"], entry["not_wanted"],
                 len(entry["failed"]), len(entry["skipped"])))
+
+
+class _StepFailed(Exception):
+    """One backup's copy failed for a reason that is neither damage nor absence (a live lock, an
+    unreachable destination during restic copy): reported with the backup, the run goes on."""
 
 
 def _public(step):

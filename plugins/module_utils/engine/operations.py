@@ -178,10 +178,8 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
 def copy(source, destination, job, backup="all", recheck="size", check_mode=False, log=None, policy=None,
          min_keep=1, reencrypt=None):
     """Copy ``job``'s backups (and a PITR job's WAL) from ``source`` to ``destination``, each
-    verified there, manifest last (engine/offsite.py)."""
+    verified there, manifest last (engine/offsite.py); restic-format backups with ``restic copy``
+    into the destination's own repository of the job."""
     from .offsite import copy_backups
-    if resticstore.RESTIC in (resticstore.storage_format(source), resticstore.storage_format(destination)):
-        raise ConfigError("job %s: backups in the restic format cannot be copied yet (the copy would need the "
-                          "job's restic repository as well); nothing was copied" % job)
     return copy_backups(source, destination, job, backup=backup, recheck=recheck, check_mode=check_mode,
                         log=log, policy=policy, min_keep=min_keep, reencrypt=reencrypt)

@@ -42,7 +42,8 @@ from .pgwal import wal_job_of
 from .catalog import Catalog
 from .errors import ConfigError, IntegrityError, StorageError
 from .retention import Backup, Duration, Policy, RetentionError, apply_policy
-from .storage.base import is_unfinished
+from .restic import REPOSITORY_DIR
+from .storage.base import MissingLocationError, is_unfinished
 from .timeutil import parse_iso, to_iso, utc_now
 
 DEFAULT_ORPHAN_GRACE = "24h"
@@ -277,12 +278,25 @@ def find_orphans(storage, catalog, job, complete_ids, grace, now):
         entry["objects"].append(info.key)
         entry["bytes"] += info.size
         touch(entry, info.modified)
+    # The same in the job's restic repository, where an offsite copy writes through the engine's
+    # storage (engine/restichttp.py): only the engine's unfinished objects, never restic's files.
+    repository = "%s/%s/" % (REPOSITORY_DIR, job)
+    try:
+        in_repository = [info for info in storage.list(repository) if is_unfinished(info.key)]
+    except MissingLocationError:
+        in_repository = []
+    for info in in_repository:
+        entry = group(info.key)
+        entry["objects"].append(info.key)
+        entry["bytes"] += info.size
+        touch(entry, info.modified)
     # S3: multipart uploads never completed. An upload in progress also marks its backup
     # directory as active, so a slow upload keeps its directory's first objects alive.
-    for key, upload_id, initiated in storage.list_incomplete_uploads("%s/" % job):
+    for key, upload_id, initiated in (storage.list_incomplete_uploads("%s/" % job)
+                                      + storage.list_incomplete_uploads(repository)):
         directory = _backup_dir_of(key)
         backup_id = directory.split("/")[1] if directory else None
-        if backup_id in complete_ids:
+        if backup_id in complete_ids or key.startswith(repository):
             entry = group("%s (upload %s)" % (key, upload_id[:12]))
         else:
             entry = group(directory or key)

@@ -55,7 +55,8 @@ _FILENAME_RE = re.compile(r"^[A-Za-z0-9_.+][A-Za-z0-9_.+/-]*$")
 # Inherited variables that would change which repository, password or settings restic uses.
 _DROP_ENV = ("RESTIC_REPOSITORY", "RESTIC_REPOSITORY_FILE", "RESTIC_PASSWORD", "RESTIC_PASSWORD_FILE",
              "RESTIC_PASSWORD_COMMAND", "RESTIC_KEY_HINT", "RESTIC_COMPRESSION", "RESTIC_PACK_SIZE",
-             "RESTIC_CACHE_DIR")
+             "RESTIC_CACHE_DIR", "RESTIC_FROM_REPOSITORY", "RESTIC_FROM_REPOSITORY_FILE", "RESTIC_FROM_PASSWORD",
+             "RESTIC_FROM_PASSWORD_FILE", "RESTIC_FROM_PASSWORD_COMMAND", "RESTIC_FROM_KEY_HINT")
 
 _LOCKED = "repository is already locked"
 _WRONG_PASSWORD = "wrong password or no key found"
@@ -305,7 +306,7 @@ class ResticRepository:
     """
 
     def __init__(self, storage_options, password, restic=None, compression="auto", host=DEFAULT_HOST,
-                 cache_dir=None, lock_wait=0, timeout=6 * 3600, lock_holders=None, notice=None):
+                 cache_dir=None, lock_wait=0, timeout=6 * 3600, lock_holders=None, notice=None, served_at=None):
         if not isinstance(password, str) or not password:
             raise ConfigError("the restic repository password is empty: give it through a Secret, "
                               "a *_file or a *_env reference")
@@ -315,15 +316,25 @@ class ResticRepository:
             raise ConfigError("lock_wait must be a number of seconds >= 0, got %r" % (lock_wait,))
         self.options = dict(storage_options)
         self.url, extended, flags, self._credentials = repository_location(self.options)
+        self._served = None
+        if served_at is not None:
+            # The repository at ``storage_options``, reached through a restichttp.RepositoryServer
+            # (``served_at``: the server). Its URL holds the server's credentials, so it goes to
+            # restic in RESTIC_REPOSITORY, and restic needs no credentials of the location.
+            self._served = served_at
+            self.url = "%s (through %s)" % (self.url, served_at.describe())
+            extended, flags, self._credentials = [], [], {}
         self._password = password
         self._secrets = tuple(s for s in (password, self._credentials.get("AWS_SECRET_ACCESS_KEY"),
-                                          self._credentials.get("AWS_SESSION_TOKEN")) if s)
+                                          self._credentials.get("AWS_SESSION_TOKEN"),
+                                          served_at.secret if served_at is not None else None) if s)
+        self._extended, self._flags = extended, flags
         self.compression = compression
         self.host = host
         self.lock_wait = lock_wait
         self.timeout = timeout
         self.binary = restic if restic and os.path.isabs(restic) else find_tool(restic or "restic")
-        self._global = ["--repo", self.url, "--compression", compression]
+        self._global = ([] if served_at is not None else ["--repo", self.url]) + ["--compression", compression]
         for option in extended:
             self._global += ["--option", option]
         self._global += flags
@@ -334,6 +345,7 @@ class ResticRepository:
         self._version = None
         self._config = None
         self._storage = None
+        self._copy_source_env = {}
         self.lock_holders = lock_holders
         self._holders_reported = False
         self.notice = notice or (lambda line: None)
@@ -352,6 +364,9 @@ class ResticRepository:
         extra = {"RESTIC_PASSWORD": self._password, "RESTIC_PROGRESS_FPS": "0.2"}
         if self._credentials:
             extra.update(self._credentials)
+        if self._served is not None:
+            extra["RESTIC_REPOSITORY"] = self._served.url
+        extra.update(self._copy_source_env)
         return tool_env(extra, drop=_DROP_ENV)
 
     def _argv(self, args, tied=False):
@@ -855,7 +870,95 @@ class ResticRepository:
             self._storage = build_storage(self.options)
         return self._storage
 
+    # -- copies -------------------------------------------------------------------------------
+
+    def copy_from(self, source, snapshot_ids):
+        """``restic copy`` of ``snapshot_ids`` (full ids) from the repository ``source`` into this
+        one, which is created with the source's chunker parameters when it does not exist (so
+        that what both store chunks alike). restic skips a snapshot copied before; see
+        :meth:`origins` for the ids the copies have here.
+
+        This repository is normally one a RepositoryServer serves (``served_at``): restic then
+        takes only the source's S3 credentials from its environment. A copy refused because of
+        a lock removes the stale locks of both repositories and is retried until ``lock_wait``
+        has passed; then RepositoryLockedError names both."""
+        for snapshot in snapshot_ids:
+            if not isinstance(snapshot, str) or not _LOCK_ID_RE.match(snapshot):
+                raise ConfigError("restic copy needs full snapshot ids, got %r" % (snapshot,))
+        self.version()
+        # pylint: disable=protected-access
+        source_args = ["--from-repo", source.url] + source._flags
+        for option in source._extended:
+            source_args += ["--option", option]
+        self._copy_source_env = dict(source._credentials, RESTIC_FROM_PASSWORD=source._password)
+        secrets_before = self._secrets
+        self._secrets = self._secrets + source._secrets
+        # pylint: enable=protected-access
+        try:
+            try:
+                self.config()
+            except NotFoundError:
+                done = self._run_once(["init", "--repository-version", str(REPOSITORY_VERSION),
+                                       "--copy-chunker-params"] + source_args)
+                try:
+                    self.config()  # created now, or by another copy meanwhile: it must open with our password
+                except NotFoundError:
+                    raise self._failure("init", done, StorageError) from None
+            if snapshot_ids:
+                self._copy_waiting_out_locks(source, ["copy"] + source_args + list(snapshot_ids))
+        finally:
+            self._copy_source_env = {}
+            self._secrets = secrets_before
+
+    def _copy_waiting_out_locks(self, source, args):
+        """_run for ``restic copy``, which locks both repositories: a refusal because of a lock
+        frees the stale locks of both before it waits."""
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            done = self._run_once(args)
+            if done.returncode == 0:
+                return
+            error = self._failure("copy", done, StorageError)
+            if not isinstance(error, RepositoryLockedError):
+                raise error
+            freed = False
+            for repository in (source, self):
+                try:
+                    freed = bool(repository.unlock_stale()) or freed
+                except StorageError:
+                    pass  # the lock listing failed this time: the lock stays, and so does the wait
+            if freed:
+                continue
+            if time.monotonic() >= deadline:
+                raise RepositoryLockedError(
+                    "restic copy from %s to %s was refused for %d seconds: one of the repositories is locked by "
+                    "another process and the lock is live (not stale): %s"
+                    % (source.url, self.url, self.lock_wait, scrub(done.stderr_text or "", self._secrets)))
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+    def origins(self):
+        """``{original snapshot id: snapshot id here}`` of the snapshots ``restic copy`` made here.
+        restic records in each copy the id of the first snapshot of its line (a copy of a copy
+        names the snapshot the first copy was made from), as :meth:`lineage` does for a source.
+        Where several copies name one original (two copies that raced), the first by id stands."""
+        found = {}
+        for snap in sorted(self._snapshots_json(["--no-lock"]), key=lambda item: str(item.get("id"))):
+            if isinstance(snap.get("original"), str) and isinstance(snap.get("id"), str):
+                found.setdefault(snap["original"], snap["id"])
+        return found
+
+    def lineage(self):
+        """``{snapshot id: the original it stands for}`` of every snapshot here: its ``original``
+        when it is a copy, else itself (the key restic copy records and matches by)."""
+        return {snap["id"]: snap.get("original") or snap["id"] for snap in self._snapshots_json(["--no-lock"])
+                if isinstance(snap.get("id"), str)}
+
     # -- size ---------------------------------------------------------------------------------
+
+    def snapshot_arrivals(self):
+        """``{snapshot id: when its file was stored}`` (the storage's modification times), read
+        without a restic start."""
+        return {info.key.rsplit("/", 1)[-1]: info.modified for info in self._location().list("snapshots/")}
 
     def stored_bytes(self):
         """Bytes the repository occupies in storage (every object under its location)."""

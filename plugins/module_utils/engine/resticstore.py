@@ -17,7 +17,7 @@ Standard library only (no Ansible imports).
 import hashlib
 
 from . import manifest as mf
-from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError
+from .errors import ConfigError, IntegrityError, NotFoundError, ObjectMismatchError, StorageError
 from .restic import FORMAT_NAME, REPOSITORY_DIR, ResticRepository, job_repository_options, manifest_snapshots
 from .storage.base import is_unfinished
 
@@ -231,7 +231,7 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
     """What a prune of ``job`` removes from its restic repository: the snapshots of the pruned
     backups, and snapshots tagged with a backup id that has no manifest (a runner killed between
     snapshot and manifest) once the newest snapshot of that backup is older than ``grace``
-    (except those of ``keep_ids``). Returns ``(repository, plan)``; ``plan`` is
+    (except those of ``keep_ids``; a copy made by restic copy counts from when it was stored). Returns ``(repository, plan)``; ``plan`` is
     ``{"forget": [ids], "orphan_snapshots": [{id, backup_id, time}], "waiting": n}``."""
     repo = repository(storage, job)
     manifests = [mf.Manifest.wrap(manifest) for manifest in manifests]
@@ -256,14 +256,28 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
         if not backup_id or backup_id in complete or snap["id"] in forget:
             continue
         candidates.setdefault(backup_id, []).append(snap)
+    arrivals = {}
+    if any(snap.get("original") for snaps in candidates.values() for snap in snaps):
+        # A copy (restic copy, the offsite copy) keeps its source's time; it may have arrived a
+        # moment ago for a copy run about to publish its manifest, so it ages from its arrival.
+        try:
+            arrivals = repo.snapshot_arrivals()
+        except (StorageError, ConfigError):
+            pass  # unknown arrival: the copies wait
     orphans, waiting = [], 0
     for backup_id, snaps in sorted(candidates.items()):
-        moments = [_snapshot_time(snap) for snap in snaps]
+        moments = [_snapshot_time(snap) if not snap.get("original")
+                   else _later(_snapshot_time(snap), arrivals.get(snap["id"])) for snap in snaps]
         if any(moment is None for moment in moments) or now - max(moments) < grace:
             waiting += len(snaps)
             continue
         orphans.extend({"id": snap["id"], "backup_id": backup_id, "time": snap.get("time")} for snap in snaps)
     return repo, {"forget": sorted(set(forget)), "orphan_snapshots": orphans, "waiting": waiting}
+
+
+def _later(first, second):
+    """The later of two moments; None when either is unknown."""
+    return None if first is None or second is None else max(first, second)
 
 
 def _snapshot_time(snap):
@@ -309,3 +323,80 @@ def prune_repository(storage, job, repo, plan, dry_run, log):
     report["prune_pending"] = False
     log("restic prune of %s done" % repo.describe())
     return report
+
+
+def share_password(source, destination):
+    """A copy destination opened without a restic password takes the source's: the job's copies
+    then open with the job's password unless the destination names its own."""
+    options = destination.location_options
+    given = (source.location_options or {}).get("restic_password")
+    if options is not None and given and not options.get("restic_password"):
+        destination.location_options = dict(options, restic_password=given)
+
+
+def copy_snapshots(source, destination, job, manifests):
+    """Copy the restic snapshots of ``manifests`` (restic-format backups of ``job``) from the
+    job's repository at ``source`` into its repository at ``destination`` (two Storage objects,
+    each with its own credentials and repository password), one ``restic copy`` per backup.
+
+    restic writes the destination through a RepositoryServer on loopback, which stores through
+    the destination's Storage (restic 0.14 would take both locations' S3 credentials from one
+    environment). Returns ``(copied, failed, config)``: ``copied`` maps each backup id copied
+    whole to ``(snapshot ids source -> destination, bytes stored)``, ``failed`` each other backup
+    id to its error, ``config`` the destination repository's config (``id``, ``version``).
+    A live lock stops the run (every backup not yet copied fails with it) rather than waiting
+    ``lock_wait`` once per backup. Nothing of the engine's catalog is written here: the caller
+    publishes the manifests."""
+    from .restichttp import RepositoryServer  # pylint: disable=import-outside-toplevel
+    from .restic import RepositoryLockedError  # pylint: disable=import-outside-toplevel
+    source_repo = repository(source, job)
+    destination_repo_options = job_repository_options(destination.location_options or {}, job)
+    password = (destination.location_options or {}).get("restic_password")
+    if not password:
+        raise ConfigError("job %s has backups in the restic format: give the copy destination a "
+                          "restic_password (or restic_password_file / restic_password_env), or the job's "
+                          "storage one, for the destination's repository" % job)
+    copied, failed = {}, {}
+    lineage = source_repo.lineage()
+    destination.ensure_ready()
+    with RepositoryServer(destination, "%s/%s" % (REPOSITORY_DIR, job)) as server:
+        target = ResticRepository(destination_repo_options, password, lock_wait=LOCK_WAIT,
+                                  lock_holders=_LOCK_CHECK["holders"], notice=_LOCK_CHECK["notice"],
+                                  served_at=server)
+        target.copy_from(source_repo, [])  # creates the destination repository when missing
+        config = target.config()
+        locked = None
+        for manifest in map(mf.Manifest.wrap, manifests):
+            if locked is not None:
+                failed[manifest.id] = locked
+                continue
+            before, errors_before = server.bytes_received, len(server.errors)
+            try:
+                snapshots = manifest_snapshots(manifest)
+                gone = [snap for snap in snapshots if snap not in lineage or not source_repo.has_snapshot(snap)]
+                if gone:
+                    raise NotFoundError("restic snapshot %s of backup %s is no longer in %s"
+                                        % (gone[0][:12], manifest.id, source_repo.url))
+                target.copy_from(source_repo, snapshots)
+            except RepositoryLockedError as exc:
+                failed[manifest.id] = locked = exc
+                continue
+            except (NotFoundError, IntegrityError) as exc:
+                failed[manifest.id] = exc
+                continue
+            except StorageError as exc:
+                problems = "; ".join(server.errors[errors_before:][-3:])
+                failed[manifest.id] = StorageError("%s%s" % (exc, "; at the destination: " + problems if problems else ""))
+                continue
+            copied[manifest.id] = [snapshots, server.bytes_received - before]
+        origins = target.origins() if copied else {}
+    for backup_id in list(copied):
+        snapshots, size = copied[backup_id]
+        missing = [snap for snap in snapshots if lineage[snap] not in origins]
+        if missing:
+            del copied[backup_id]
+            failed[backup_id] = IntegrityError("restic copy left no copy of snapshot %s at %s"
+                                               % (missing[0][:12], target.url))
+        else:
+            copied[backup_id] = ({snap: origins[lineage[snap]] for snap in snapshots}, size)
+    return copied, failed, config

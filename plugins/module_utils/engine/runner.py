@@ -186,7 +186,7 @@ def _prepare(config, command, log, from_copy=False):
         # which is what a disaster leaves.
         if not config.copy.get("destination"):
             raise ConfigError("%s: --from-copy needs the 'copy' section's destination" % config.where)
-        config.storage = config.copy["destination"]
+        config.storage = config.copy_destination()
     prepared = config.prepare(command)
     log.add_secrets(secret_values(config.storage_options()))
     if command == "backup":
