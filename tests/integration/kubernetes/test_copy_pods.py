@@ -11,7 +11,11 @@ then lists and verifies what the pods copied with ``backup_info`` / ``backup_ver
 the destination storage.
 
 The seed's other jobs are left out of the values: their pods run in test_seed_pods.py, and
-the copy CronJob is the same for every kind (roles/job/templates/copy.yml.j2).
+the copy CronJob is the same for every kind (roles/job/templates/copy.yml.j2). The module runs
+twice: with the Redis job in the archive format, and in the restic format (issue 16), where the
+copy pod runs restic copy into the offsite S3 with restic holding the primary's credentials only
+(the offsite site's go to the engine's loopback repository server), so the copy proves that two
+sites with credentials of their own work.
 """
 
 import uuid
@@ -49,16 +53,19 @@ def copy_servers(kube_node):
                     stop_s3(server)
 
 
-@pytest.fixture(scope="module")
-def deployment(kube_cluster, kube_api, runner_image, copy_servers, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("copy-pods")
+@pytest.fixture(scope="module", params=["archive", "restic"])
+def deployment(request, kube_cluster, kube_api, runner_image, copy_servers, tmp_path_factory):
+    storage_format = request.param
+    tmp = tmp_path_factory.mktemp("copy-pods-" + storage_format)
     core = kubernetes.client.CoreV1Api(kube_api)
     redis, primary, offsite = copy_servers["redis"], copy_servers["primary"], copy_servers["offsite"]
     assert (primary.access_key, primary.secret_key) != (offsite.access_key, offsite.secret_key)
     namespace = _restricted_namespace(core, "copypods")
     try:
         identity_file, recipient, identity_text = _age_keypair(tmp)
-        create_seed_inputs(kube_api, namespace, recipient, identity_text, primary.access_key, primary.secret_key, {})
+        restic_password = "restic-" + uuid.uuid4().hex if storage_format == "restic" else None
+        create_seed_inputs(kube_api, namespace, recipient, identity_text, primary.access_key, primary.secret_key, {},
+                           restic_password=restic_password)
         core.create_namespaced_secret(namespace, kubernetes.client.V1Secret(
             metadata=kubernetes.client.V1ObjectMeta(name="offsite-s3"),
             string_data={"access_key": offsite.access_key, "secret_key": offsite.secret_key}))
@@ -74,6 +81,7 @@ def deployment(kube_cluster, kube_api, runner_image, copy_servers, tmp_path_fact
             "backup.schedule.postgres": None, "backup.schedule.files": None, "backup.schedule.config": None,
             "backup.resources": {"enabled": False}, "backup.recoveryTest": {"enabled": False},
             "backup.monitoring": {"enabled": False},
+            "backup.redis.storageFormat": storage_format,
             "backup.offsite": {
                 "schedule": "30 4 * * *", "pruneSchedule": "0 6 * * *",
                 "storage": {"backend": "s3", "s3": {"bucket": offsite.bucket, "endpoint": offsite.endpoint_url,
@@ -89,11 +97,13 @@ def deployment(kube_cluster, kube_api, runner_image, copy_servers, tmp_path_fact
         hold_schedules(kube_api, namespace)
         source = primary.storage_options(prefix=prefix)
         destination = offsite.storage_options(prefix=offsite_prefix)
+        if restic_password:   # read from the host like any storage: the password is one more option
+            source, destination = (dict(options, restic_password=restic_password) for options in (source, destination))
         yield Deployment(kubeconfig=kube_cluster.kubeconfig, api=kube_api, core=core, namespace=namespace,
                          identity_file=identity_file, source=source, destination=destination, image=runner_image,
                          secrets=(primary.access_key, primary.secret_key, offsite.access_key, offsite.secret_key,
-                                  identity_text.strip().splitlines()[-1]),
-                         results={})
+                                  identity_text.strip().splitlines()[-1]) + ((restic_password,) if restic_password else ()),
+                         storage_format=storage_format, results={})
     finally:
         _delete_namespace(core, namespace)
 
@@ -120,6 +130,8 @@ def test_the_values_deploy_the_copy_and_the_destination_prune_with_the_offsite_c
         # The offsite credentials as files; never the age identity (the bytes are copied as they are).
         assert {("offsite-s3", "access_key"), ("offsite-s3", "secret_key")} <= secrets[name], secrets[name]
         assert not [key for secret, key in secrets[name] if key == "identity"], secrets[name]
+        # restic format: the repository password too (both repositories open with the job's)
+        assert (("backup-restic-password", "password") in secrets[name]) is (deployment.storage_format == "restic")
     assert not [secret for secret, _key in secrets[JOB] if secret == "offsite-s3"]
     args = cronjobs[JOB + "-copy-prune"].spec.job_template.spec.template.spec.containers[0].args
     assert args == ["prune", "--destination", "--config", "/etc/biometrics-backup/config/job.yaml"]
@@ -144,6 +156,10 @@ def test_backups_taken_in_pods_are_copied_verified_and_pruned_at_the_destination
         "job": JOB, "backup": "latest", "storage": deployment.destination,
         "encryption": {"identity_file": str(deployment.identity_file)}}}])["verify"]["results"]
     assert [(item["id"], item["result"]) for item in verified] == [(second, "ok")]
+    if deployment.storage_format == "restic":
+        # the copy is a repository of its own at the offsite site, read by restic there
+        assert verified[0]["restic_check"]["ok"] is True, verified
+        assert copied["destination"]["bucket"] == deployment.destination["bucket"]
 
     # The destination keeps the newest only (retention.last: 1); the primary keeps both.
     pruned = deployment.run(JOB + "-copy-prune").result

@@ -459,6 +459,32 @@ def test_a_job_in_the_restic_format_reads_its_repository_password_from_the_secre
 RESTIC_LOCK_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
 
 
+def test_the_offsite_copy_of_a_restic_format_job_reads_its_repository(tmp_path):
+    """A restic-format job gets the section-wide offsite copy (restic copy into the destination's own
+    repository of the job): the copy's pod and the destination's prune mount the repository password
+    and may ask whether a lock's pod has finished, like every pod that opens a repository."""
+    offsite = {"schedule": "30 4 * * *", "credentialsSecret": "offsite-s3", "retention": {"monthly": 12},
+               "storage": {"backend": "s3", "s3": {"bucket": "offsite", "endpoint": "https://s3.site-b.example"}}}
+    values = seed_values(**{"backup.redis.storageFormat": "restic", "storage.restic": {"passwordSecret": "restic-pw"},
+                            "backup.offsite": offsite})
+    run = run_site(values, tmp_path, {"render_dir": str(tmp_path)})
+    assert run.returncode == 0, run
+    manifests = load_rendered(tmp_path)
+    password_file = "/etc/biometrics-backup/secrets/restic-pw/password"
+    job_file = _job_file(manifests, "redis-backup")
+    assert job_file["storage"]["restic_password_file"] == password_file
+    assert job_file["copy"]["destination"]["bucket"] == "offsite"
+    JobConfig(job_file)   # the job file check accepts a copy of a restic-format job
+    for job in ("redis-backup-copy", "redis-backup-copy-prune", "redis-backup-drill-offsite"):
+        assert _secret_files(_pod(manifests, job))[password_file] == ("restic-pw", "password"), job
+        assert manifests[("Role", "biometrics", job + "-restic-locks")]["rules"] == RESTIC_LOCK_RULES, job
+    # the monthly drill from the copy reads the copy's repository with the job's password
+    drill = JobConfig(_job_file(manifests, "redis-backup-drill-offsite"))
+    assert drill.storage["format"] == "restic"
+    assert drill.copy_destination()["restic_password_file"] == password_file
+    assert drill.copy_destination()["bucket"] == "offsite"
+
+
 def test_the_pods_that_open_a_restic_repository_may_ask_whether_a_locks_pod_has_finished(hardened):
     """The restic-format Redis job, its drill and the retention job that prunes it get a Role to read
     the pods of their namespace, and their token (engine/podlocks.py); the archive jobs neither."""
