@@ -484,6 +484,27 @@ def test_the_offsite_copy_of_a_restic_format_job_reads_its_repository(tmp_path):
     assert drill.copy_destination()["restic_password_file"] == password_file
     assert drill.copy_destination()["bucket"] == "offsite"
 
+    # backup.offsite.resticPasswordSecret: the copies open with a password of their own, which the
+    # copy, the destination's prune and the drill from the copy mount; the backup job does not
+    own = tmp_path / "own-password"
+    own.mkdir()
+    values["backup"]["offsite"]["resticPasswordSecret"] = "offsite-restic"
+    run = run_site(values, own, {"render_dir": str(own)})
+    assert run.returncode == 0, run
+    manifests = load_rendered(own)
+    offsite_file = "/etc/biometrics-backup/secrets/offsite-restic/password"
+    assert _job_file(manifests, "redis-backup")["copy"]["destination"]["restic_password_file"] == offsite_file
+    for job in ("redis-backup-copy", "redis-backup-copy-prune", "redis-backup-drill-offsite"):
+        assert _secret_files(_pod(manifests, job))[offsite_file] == ("offsite-restic", "password"), job
+    assert offsite_file not in _secret_files(_pod(manifests, "redis-backup"))
+    drill = JobConfig(_job_file(manifests, "redis-backup-drill-offsite"))
+    assert drill.copy_destination()["restic_password_file"] == offsite_file
+    values["backup"]["offsite"]["resticPasswordSecret"] = "Not A Name"
+    bad = tmp_path / "bad-name"
+    bad.mkdir()
+    refused = run_site(values, bad, {"render_dir": str(bad)})
+    assert refused.returncode != 0 and "backup.offsite.resticPasswordSecret must name the Secret" in refused.output, refused
+
 
 def test_the_pods_that_open_a_restic_repository_may_ask_whether_a_locks_pod_has_finished(hardened):
     """The restic-format Redis job, its drill and the retention job that prunes it get a Role to read
