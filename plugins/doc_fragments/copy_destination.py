@@ -109,7 +109,8 @@ options:
       restic_password:
         description:
           - Password of the restic repositories (O(destination.format=restic)); hidden from output and never
-            written to a manifest. A new repository is created with it on the first backup.
+            written to a manifest. A new repository is created with it on the first backup (or the first offsite copy
+            of restic-format backups into this location, which otherwise takes the source's password).
         type: str
       restic_password_file:
         description: File holding the restic repository password (for example a mounted Secret).
@@ -220,7 +221,8 @@ options:
       restic_password:
         description:
           - Password of the restic repositories (O(require_copy.format=restic)); hidden from output and never
-            written to a manifest. A new repository is created with it on the first backup.
+            written to a manifest. A new repository is created with it on the first backup (or the first offsite copy
+            of restic-format backups into this location, which otherwise takes the source's password).
         type: str
       restic_password_file:
         description: File holding the restic repository password (for example a mounted Secret).

@@ -836,6 +836,10 @@ def test_restic_backups_are_copied_into_the_destinations_own_repository(tmp_path
     assert {entry["id"] for entry in rechecked["failed"]} == {first["id"], second["id"]}
     assert all("the copy at the destination is damaged" in entry["error"] for entry in rechecked["failed"])
     assert [m["id"] for m in operations.inventory(destination, COPY_JOB)["backups"]] == [second["id"], first["id"]]
+    # recorded there as a failed verification: no copy for require_copy, not verified for prune
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.offsite import copied_ids
+    assert copied_ids(destination, COPY_JOB, operations.inventory(source, COPY_JOB)["backups"]) == set()
+    assert rechecked["lag_seconds"] > 0
 
 
 def test_a_copied_snapshot_without_its_manifest_ages_from_its_arrival(tmp_path):

@@ -306,8 +306,14 @@ def test_sigkill_during_restic_copies(tmp_path, redis_server):
     try:
         campaign.run("backup")
         campaign.run("copy")   # creates the destination's repository
-        campaign.backup_in_process()
-        campaign.measure("copy")   # the steady state: one new backup to copy
+        # The steady state, one new backup to copy, measured twice (the faster one counts, so
+        # that the kills land inside the run on a busy machine too).
+        measured = []
+        for dummy in range(2):
+            campaign.backup_in_process()
+            measured.append(campaign.run("copy"))
+        campaign.durations["copy"] = (min(item[0] for item in measured),
+                                      min([item[1] for item in measured if item[1] is not None] or [0.0]))
         hits = 0
         for dummy in range(kills):
             client.set("template:%03d" % campaign.random.randrange(KEYS), os.urandom(VALUE_BYTES))

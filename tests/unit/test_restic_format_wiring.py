@@ -2,6 +2,9 @@
 the storage option's format and password are checked and masked, kinds are refused, and the
 manifest of several streams names every snapshot (the rest: tests/integration/test_restic_format.py)."""
 
+import os
+import time
+
 import pytest
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import catalog as cat
@@ -142,3 +145,23 @@ def test_the_read_data_subsets_restic_accepts(tmp_path, value):
     options = storage_options({"backend": "filesystem", "path": str(tmp_path), "format": "restic",
                                "restic_password": "pw", "restic_read_data_subset": value})
     assert options["restic_read_data_subset"] == value
+
+
+def test_keys_of_an_init_killed_before_its_config_are_dropped_once_old(tmp_path):
+    """A copy killed between restic init's key and config left a key no config belongs to: dropped
+    before the next init once older than ABANDONED_KEY_SECONDS; a young one (an init running now)
+    and the keys of a repository with a config stay."""
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path)})
+    keys = tmp_path / "_restic" / "job" / "keys"
+    keys.mkdir(parents=True)
+    old, young = keys / ("a" * 64), keys / ("b" * 64)
+    old.write_bytes(b"old")
+    young.write_bytes(b"young")
+    moment = time.time() - resticstore.ABANDONED_KEY_SECONDS - 60
+    os.utime(old, (moment, moment))
+    resticstore._drop_abandoned_keys(storage, "_restic/job/")  # pylint: disable=protected-access
+    assert not old.exists() and young.exists()
+    (tmp_path / "_restic" / "job" / "config").write_bytes(b"config")
+    os.utime(young, (moment, moment))
+    resticstore._drop_abandoned_keys(storage, "_restic/job/")  # pylint: disable=protected-access
+    assert young.exists()

@@ -71,7 +71,24 @@ def test_the_repository_server_checks_credentials_and_object_names(tmp_path):
                                ("restic:" + server.secret).encode()).decode()})
         assert connection.getresponse().status == 200
         assert (tmp_path / "_restic" / "job" / "snapshots" / chunked_name).read_bytes() == chunked
+        # a body without Content-Length (nor chunked) is refused
+        assert _request(server, "POST", "/locks/" + name, headers={"Transfer-Encoding": "identity"})[0] in (400, 411)
         assert server.errors == []
+
+
+def test_the_key_of_an_init_that_lost_the_race_for_the_config_is_removed(tmp_path):
+    """Two first copies at once: the second's init stored a key, then found the config taken (403).
+    Its key wraps a master key no config belongs to; restic could try it first and fail."""
+    storage = open_storage({"backend": "filesystem", "path": str(tmp_path)})
+    storage.put_bytes("_restic/job/config", b"the first copy's config")
+    key = os.urandom(300)
+    key_name = hashlib.sha256(key).hexdigest()
+    with RepositoryServer(storage, "_restic/job") as server:
+        assert _request(server, "POST", "/keys/" + key_name, key)[0] == 200
+        assert (tmp_path / "_restic" / "job" / "keys" / key_name).exists()
+        assert _request(server, "POST", "/config", b"the second copy's config")[0] == 403
+    assert not (tmp_path / "_restic" / "job" / "keys" / key_name).exists()
+    assert (tmp_path / "_restic" / "job" / "config").read_bytes() == b"the first copy's config"
 
 
 def _head_length(server, path):

@@ -266,7 +266,9 @@ def copied_ids(destination, job, source_backups):
     except MissingLocationError:
         return set()
     source_backups = [mf.Manifest.wrap(m) for m in source_backups]
-    return {m.id for m in source_backups if m.id in present and same_backup(m, present[m.id])}
+    # A copy whose verification there failed is no copy (a damaged restic copy stays listed).
+    return {m.id for m in source_backups if m.id in present and same_backup(m, present[m.id])
+            and present[m.id].verification_result != "failed"}
 
 
 def copied_wal_ids(source, destination, job, manifests):
@@ -442,6 +444,9 @@ class Copier:
                 resticstore.verify_objects(self.destination, destination_manifest)
             except (IntegrityError, NotFoundError) as exc:
                 return str(exc)
+            except (ConfigError, StorageError) as exc:
+                # Cannot read it back now (a live lock, the site unreachable): not damage.
+                self.log("backup %s at the destination not read back this time: %s" % (destination_manifest.id, exc))
             return None
         for obj in destination_manifest.objects:
             problem = _read_back(self.destination, mf.object_key(self.job, destination_manifest.id, obj.name), obj)
@@ -507,7 +512,7 @@ class Copier:
                     if problem and resticstore.is_restic(manifest):
                         # restic copy would skip the snapshot and never store again blobs its
                         # index lists: a repair would only unlist the copy. Reported, kept.
-                        damaged.append({"id": manifest.id, "action": REPAIR_ACTION, "error": (
+                        damaged.append({"id": manifest.id, "action": "damaged", "reason": problem, "error": (
                             "the copy at the destination is damaged (%s); restic copy cannot store again data the "
                             "destination repository's index lists: repair that repository (restic check, restic "
                             "rebuild-index) or remove the job's repository there to copy everything again" % problem)})
@@ -614,6 +619,20 @@ class Copier:
         self.destination_catalog.publish(copied_manifest(manifest, self.source.describe(), now))
         return copied, reused
 
+    def _record_damage(self, plan):
+        """A damaged restic copy's verdict, recorded at the destination: it then counts as no copy
+        for require_copy and as unverified for the destination's prune, as a failed verification
+        there would."""
+        # local: verify pulls in the restore engine
+        from .verify import record_of  # pylint: disable=import-outside-toplevel
+        for entry in plan["damaged"]:
+            record = record_of({"result": "failed", "verified_at": to_iso(utc_now()),
+                                "error": "offsite copy recheck: %s" % entry["reason"]})
+            try:
+                self.destination_catalog.record_verification(plan["present_manifests"][entry["id"]], record)
+            except BackupError as exc:
+                self.log("could not record the damage of %s at the destination: %s" % (entry["id"], exc))
+
     def _copy_restic(self, steps):
         """The restic snapshots of the restic-format backups among ``steps``, copied before any
         manifest is published (see :meth:`_publish_restic`)."""
@@ -622,9 +641,10 @@ class Copier:
             return
         try:
             self._restic_copies = resticstore.copy_snapshots(self.source, self.destination, self.job, manifests)
-        except (StorageError, IntegrityError, NotFoundError) as exc:
-            # The destination repository could not be opened or created: every restic backup of
-            # this run fails with that; the archive-format ones are still copied.
+        except (ConfigError, StorageError, IntegrityError, NotFoundError) as exc:
+            # The destination repository could not be opened or created (a wrong password, no
+            # restic, an unreachable site): every restic backup of this run fails with that;
+            # the archive-format ones are still copied.
             self.log("restic-format backups not copied: %s" % exc)
             self._restic_copies = ({}, {m.id: exc for m in manifests}, {})
 
@@ -641,8 +661,13 @@ class Copier:
             raise _StepFailed(str(error))
         snapshots, size = copied[manifest.id]
         copy = restic_copied_manifest(manifest, snapshots, repository, self.source.describe(), now)
-        resticstore.verify_objects(self.destination, copy)
-        self._remove_strays(manifest.id, set())
+        self._remove_strays(manifest.id, set())  # a stray object would fail the read-back
+        try:
+            resticstore.verify_objects(self.destination, copy)
+        except (ConfigError, StorageError) as exc:
+            # Not damage: the read-back could not run now (a live lock of the destination's
+            # prune or drill, the site unreachable); the next run reads it back again.
+            raise _StepFailed("read back from the destination: %s" % exc) from None
         self.destination_catalog.publish(copy)
         return size, 0
 
@@ -708,9 +733,12 @@ class Copier:
         if plan["other_recipients"]:
             self.log("%d backups at the destination are encrypted to other recipients than reencrypt names; "
                      "they are kept as they are" % len(plan["other_recipients"]))
-        present = set(plan["present"])
+        # A damaged copy is listed but is no copy: it counts as missing for the lag.
+        present = set(plan["present"]) - {entry["id"] for entry in plan["damaged"]}
         if self.reencrypt is not None and steps:
             self._check_keys(steps)  # reads only: a wrong key stops the run before any write
+        if not check_mode:
+            self._record_damage(plan)
         if check_mode or not steps:
             present -= {step["id"] for step in steps}
         else:

@@ -76,6 +76,7 @@ class RepositoryServer:
         self.secret = secrets.token_hex(16)
         self.bytes_received = 0
         self.errors = []
+        self.keys_stored = []   # keys/ objects this server stored (see the config refusal)
         self._lock = threading.Lock()
         self._server = None
         self._thread = None
@@ -117,8 +118,10 @@ class RepositoryServer:
 
     def size_of(self, key, kind):
         """The stored size of ``key``; NotFoundError when it is not there."""
-        if kind == "config":
-            return len(self.storage.get_bytes(key))  # one small object: a listing would walk the repository
+        if kind != "data":
+            # Small objects (config, keys, locks, snapshots, index): read, where a listing would
+            # walk their whole directory (filesystem) or cost a request more (S3).
+            return len(self.storage.get_bytes(key))
         for info in self.storage.list(key):
             if info.key == key:
                 return info.size
@@ -213,6 +216,10 @@ def _handler_for(server):
                 body = json.dumps(server.listing(key)).encode()
                 self._answer(200, body, content_type=_V2)
                 return
+            if kind != "data" and not self.headers.get("Range"):
+                body = server.storage.get_bytes(key)   # small: one read, no size lookup
+                self._answer(200, body)
+                return
             size = server.size_of(key, kind)
             start, end = 0, size
             status = 200
@@ -254,10 +261,15 @@ def _handler_for(server):
         def _body(self):
             """The request body in pieces (Content-Length or chunked transfer encoding)."""
             if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
-                yield from self._exactly(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Content-Length") is None:
+                    raise RequestError(411, "a body needs Content-Length or chunked transfer encoding")
+                yield from self._exactly(int(self.headers["Content-Length"]))
                 return
             while True:
-                size = int(self.rfile.readline(1024).split(b";", 1)[0].strip() or b"0", 16)
+                line = self.rfile.readline(1024)
+                if not line:
+                    raise RequestError(400, "request body cut short")
+                size = int(line.split(b";", 1)[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
@@ -277,8 +289,9 @@ def _handler_for(server):
         def _post(self):
             if self.path.split("?", 1)[0].strip("/") == "" and "create=true" in self.path:
                 server.storage.ensure_ready()
-                for piece in self._body():
-                    del piece
+                if self.headers.get("Content-Length") is not None or self.headers.get("Transfer-Encoding"):
+                    for piece in self._body():
+                        del piece   # nothing restic sends here matters
                 self._answer(200)
                 return
             key, kind, name = object_key(server.prefix, self.path)
@@ -287,7 +300,10 @@ def _handler_for(server):
             if kind == "config" and server.storage.exists(key):
                 # Two first copies at once: both found no config, the second must not replace
                 # the first's (its restic init fails; ResticRepository.copy_from then opens the
-                # repository the first one made).
+                # repository the first one made). The key its init stored wraps a master key no
+                # config belongs to; left there, restic could try it first and fail: removed.
+                for stored in server.keys_stored:
+                    server.storage.delete(stored)
                 raise RequestError(403, "the repository already has a config")
             digest = hashlib.sha256()
             size = 0
@@ -300,6 +316,8 @@ def _handler_for(server):
                     # restic names every object but config by the SHA-256 of its bytes.
                     raise RequestError(400, "%s/%s: the body's SHA-256 is %s" % (kind, name, digest.hexdigest()))
                 writer.commit()
+            if kind == "keys":
+                server.keys_stored.append(key)
             if kind != "locks":
                 server.received(size)
             self._answer(200)

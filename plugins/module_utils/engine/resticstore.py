@@ -14,6 +14,7 @@ options the Storage was built from (``storage.location.build_storage`` keeps the
 Standard library only (no Ansible imports).
 """
 
+import datetime
 import hashlib
 
 from . import manifest as mf
@@ -334,6 +335,22 @@ def share_password(source, destination):
         destination.location_options = dict(options, restic_password=given)
 
 
+ABANDONED_KEY_SECONDS = 600
+
+
+def _drop_abandoned_keys(storage, repository):
+    """Keys of a repository whose init never wrote its config (a copy killed between the two):
+    each wraps a master key no config belongs to, and restic, which stops at the first key the
+    password opens, could pick one and fail. Only keys older than ABANDONED_KEY_SECONDS go: a
+    younger one may belong to an init that is running now."""
+    if storage.exists(repository + "config"):
+        return
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for info in storage.list(repository + "keys/"):
+        if info.modified is not None and (now - info.modified).total_seconds() > ABANDONED_KEY_SECONDS:
+            storage.delete(info.key)
+
+
 def copy_snapshots(source, destination, job, manifests):
     """Copy the restic snapshots of ``manifests`` (restic-format backups of ``job``) from the
     job's repository at ``source`` into its repository at ``destination`` (two Storage objects,
@@ -359,6 +376,7 @@ def copy_snapshots(source, destination, job, manifests):
     copied, failed = {}, {}
     lineage = source_repo.lineage()
     destination.ensure_ready()
+    _drop_abandoned_keys(destination, "%s/%s/" % (REPOSITORY_DIR, job))
     with RepositoryServer(destination, "%s/%s" % (REPOSITORY_DIR, job)) as server:
         target = ResticRepository(destination_repo_options, password, lock_wait=LOCK_WAIT,
                                   lock_holders=_LOCK_CHECK["holders"], notice=_LOCK_CHECK["notice"],

@@ -497,6 +497,9 @@ def test_the_offsite_copy_of_a_restic_format_job_reads_its_repository(tmp_path):
     for job in ("redis-backup-copy", "redis-backup-copy-prune", "redis-backup-drill-offsite"):
         assert _secret_files(_pod(manifests, job))[offsite_file] == ("offsite-restic", "password"), job
     assert offsite_file not in _secret_files(_pod(manifests, "redis-backup"))
+    # an archive-format job's copy never reads a restic repository: no such file, no mount
+    assert "restic_password_file" not in _job_file(manifests, "postgres-backup")["copy"]["destination"]
+    assert offsite_file not in _secret_files(_pod(manifests, "postgres-backup-copy"))
     drill = JobConfig(_job_file(manifests, "redis-backup-drill-offsite"))
     assert drill.copy_destination()["restic_password_file"] == offsite_file
     values["backup"]["offsite"]["resticPasswordSecret"] = "Not A Name"
