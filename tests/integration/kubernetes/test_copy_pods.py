@@ -66,6 +66,11 @@ def deployment(request, kube_cluster, kube_api, runner_image, copy_servers, tmp_
         restic_password = "restic-" + uuid.uuid4().hex if storage_format == "restic" else None
         create_seed_inputs(kube_api, namespace, recipient, identity_text, primary.access_key, primary.secret_key, {},
                            restic_password=restic_password)
+        # restic: the copies get a password of their own (backup.offsite.resticPasswordSecret)
+        offsite_password = "offsite-restic-" + uuid.uuid4().hex if restic_password else None
+        if offsite_password:
+            core.create_namespaced_secret(namespace, kubernetes.client.V1Secret(
+                metadata=kubernetes.client.V1ObjectMeta(name="offsite-restic"), string_data={"password": offsite_password}))
         core.create_namespaced_secret(namespace, kubernetes.client.V1Secret(
             metadata=kubernetes.client.V1ObjectMeta(name="offsite-s3"),
             string_data={"access_key": offsite.access_key, "secret_key": offsite.secret_key}))
@@ -90,6 +95,7 @@ def deployment(request, kube_cluster, kube_api, runner_image, copy_servers, tmp_
                 # The destination keeps the newest backup only; the primary keeps the seed's 30 days.
                 "retention": {"last": 1},
                 "requireCopy": True,
+                **({"resticPasswordSecret": "offsite-restic"} if offsite_password else {}),
             },
         })
         run = run_site(values, tmp, env=kube_cluster.env)
@@ -98,11 +104,13 @@ def deployment(request, kube_cluster, kube_api, runner_image, copy_servers, tmp_
         source = primary.storage_options(prefix=prefix)
         destination = offsite.storage_options(prefix=offsite_prefix)
         if restic_password:   # read from the host like any storage: the password is one more option
-            source, destination = (dict(options, restic_password=restic_password) for options in (source, destination))
+            source = dict(source, restic_password=restic_password)
+            destination = dict(destination, restic_password=offsite_password)
         yield Deployment(kubeconfig=kube_cluster.kubeconfig, api=kube_api, core=core, namespace=namespace,
                          identity_file=identity_file, source=source, destination=destination, image=runner_image,
                          secrets=(primary.access_key, primary.secret_key, offsite.access_key, offsite.secret_key,
-                                  identity_text.strip().splitlines()[-1]) + ((restic_password,) if restic_password else ()),
+                                  identity_text.strip().splitlines()[-1])
+                         + ((restic_password, offsite_password) if restic_password else ()),
                          storage_format=storage_format, results={})
     finally:
         _delete_namespace(core, namespace)
@@ -130,8 +138,11 @@ def test_the_values_deploy_the_copy_and_the_destination_prune_with_the_offsite_c
         # The offsite credentials as files; never the age identity (the bytes are copied as they are).
         assert {("offsite-s3", "access_key"), ("offsite-s3", "secret_key")} <= secrets[name], secrets[name]
         assert not [key for secret, key in secrets[name] if key == "identity"], secrets[name]
-        # restic format: the repository password too (both repositories open with the job's)
-        assert (("backup-restic-password", "password") in secrets[name]) is (deployment.storage_format == "restic")
+        # restic format: the job's repository password, and the copies' own
+        restic = deployment.storage_format == "restic"
+        assert (("backup-restic-password", "password") in secrets[name]) is restic, secrets[name]
+        assert (("offsite-restic", "password") in secrets[name]) is restic, secrets[name]
+    assert not [secret for secret, _key in secrets[JOB] if secret == "offsite-restic"]
     assert not [secret for secret, _key in secrets[JOB] if secret == "offsite-s3"]
     args = cronjobs[JOB + "-copy-prune"].spec.job_template.spec.template.spec.containers[0].args
     assert args == ["prune", "--destination", "--config", "/etc/biometrics-backup/config/job.yaml"]
@@ -157,7 +168,8 @@ def test_backups_taken_in_pods_are_copied_verified_and_pruned_at_the_destination
         "encryption": {"identity_file": str(deployment.identity_file)}}}])["verify"]["results"]
     assert [(item["id"], item["result"]) for item in verified] == [(second, "ok")]
     if deployment.storage_format == "restic":
-        # the copy is a repository of its own at the offsite site, read by restic there
+        # the copy is a repository of its own at the offsite site, opened with its own password
+        # (deployment.destination carries it) and read by restic there
         assert verified[0]["restic_check"]["ok"] is True, verified
         assert copied["destination"]["bucket"] == deployment.destination["bucket"]
 
