@@ -346,6 +346,7 @@ class ResticRepository:
         self._config = None
         self._storage = None
         self._copy_source_env = {}
+        self._lock_peers = ()   # the other repository a running restic copy locks (see copy_from)
         self.lock_holders = lock_holders
         self._holders_reported = False
         self.notice = notice or (lambda line: None)
@@ -386,8 +387,9 @@ class ResticRepository:
             return StorageError("cannot open the restic repository at %s: %s" % (self.url, text))
         if _LOCKED in text:
             return RepositoryLockedError(
-                "restic repository %s is locked by another process and the lock is live (not stale), "
-                "so it was not removed; %s refused: %s" % (self.url, what, text))
+                "restic repository %s%s is locked by another process and the lock is live (not stale), "
+                "so it was not removed; %s refused: %s"
+                % (self.url, "".join(" (or %s)" % peer.url for peer in self._lock_peers), what, text))
         if done.returncode is not None and done.returncode < 0:
             status = "was killed by signal %d" % -done.returncode
         else:
@@ -424,11 +426,14 @@ class ResticRepository:
         """After a refusal because of a lock: remove the stale locks and retry at once if one went,
         else wait a little; False once ``deadline`` has passed. Tried at every retry, not once: the
         lock of a job killed a moment ago is live until its process is reaped, stale after."""
-        try:
-            if self.unlock_stale():
-                return True
-        except StorageError:
-            pass  # the lock listing failed this time: the lock stays, and so does the wait
+        freed = False
+        for repository in (self,) + self._lock_peers:   # restic copy locks its source as well
+            try:
+                freed = bool(repository.unlock_stale()) or freed
+            except StorageError:
+                pass  # the lock listing failed this time: the lock stays, and so does the wait
+        if freed:
+            return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
@@ -880,8 +885,8 @@ class ResticRepository:
 
         This repository is normally one a RepositoryServer serves (``served_at``): restic then
         takes only the source's S3 credentials from its environment. A copy refused because of
-        a lock removes the stale locks of both repositories and is retried until ``lock_wait``
-        has passed; then RepositoryLockedError names both."""
+        a lock removes the stale locks of both repositories (``_lock_peers``) and is retried
+        until ``lock_wait`` has passed; then RepositoryLockedError names both."""
         for snapshot in snapshot_ids:
             if not isinstance(snapshot, str) or not _LOCK_ID_RE.match(snapshot):
                 raise ConfigError("restic copy needs full snapshot ids, got %r" % (snapshot,))
@@ -891,6 +896,7 @@ class ResticRepository:
         for option in source._extended:
             source_args += ["--option", option]
         self._copy_source_env = dict(source._credentials, RESTIC_FROM_PASSWORD=source._password)
+        self._lock_peers = (source,)
         secrets_before = self._secrets
         self._secrets = self._secrets + source._secrets
         # pylint: enable=protected-access
@@ -905,36 +911,11 @@ class ResticRepository:
                 except NotFoundError:
                     raise self._failure("init", done, StorageError) from None
             if snapshot_ids:
-                self._copy_waiting_out_locks(source, ["copy"] + source_args + list(snapshot_ids))
+                self._run(["copy"] + source_args + list(snapshot_ids), what="copy")
         finally:
             self._copy_source_env = {}
+            self._lock_peers = ()
             self._secrets = secrets_before
-
-    def _copy_waiting_out_locks(self, source, args):
-        """_run for ``restic copy``, which locks both repositories: a refusal because of a lock
-        frees the stale locks of both before it waits."""
-        deadline = time.monotonic() + self.lock_wait
-        while True:
-            done = self._run_once(args)
-            if done.returncode == 0:
-                return
-            error = self._failure("copy", done, StorageError)
-            if not isinstance(error, RepositoryLockedError):
-                raise error
-            freed = False
-            for repository in (source, self):
-                try:
-                    freed = bool(repository.unlock_stale()) or freed
-                except StorageError:
-                    pass  # the lock listing failed this time: the lock stays, and so does the wait
-            if freed:
-                continue
-            if time.monotonic() >= deadline:
-                raise RepositoryLockedError(
-                    "restic copy from %s to %s was refused for %d seconds: one of the repositories is locked by "
-                    "another process and the lock is live (not stale): %s"
-                    % (source.url, self.url, self.lock_wait, scrub(done.stderr_text or "", self._secrets)))
-            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
     def origins(self):
         """``{original snapshot id: snapshot id here}`` of the snapshots ``restic copy`` made here.
