@@ -69,7 +69,6 @@ TOP_LEVEL = ("job", "kind", "source", "storage", "compression", "encryption", "r
              "description")
 LOG_FORMATS = ("text", "json")
 _URL_RE = re.compile(r"^https?://[^\s/]+")
-_RESTIC_PASSWORD_KEYS = ("restic_password", "restic_password_file", "restic_password_env")
 
 ENCRYPTION = Schema("encryption", {
     "enabled": Field("bool", "false stores backups unencrypted (default: encrypted when keys are given)"),
@@ -349,7 +348,7 @@ class JobConfig:
         (the roles' deploy-time check runs this, not a backup). The copy rules hold for a job
         moved back to archives too while its storage names the password (restic backups left)."""
         restic_format = resticstore.storage_format_of(self.storage) == resticstore.RESTIC
-        if restic_format or any(self.storage.get(key) for key in _RESTIC_PASSWORD_KEYS):
+        if restic_format or any(self.storage.get(key) for key in location.RESTIC_PASSWORD_KEYS):
             if self.copy.get("reencrypt"):
                 raise ConfigError("%s: copy.reencrypt cannot apply to backups in the restic format (this job's "
                                   "storage names a restic password): their copies are encrypted by the "
@@ -438,9 +437,9 @@ class JobConfig:
         destination = self.copy.get("destination")
         if not destination:
             return None
-        if any(key in destination for key in _RESTIC_PASSWORD_KEYS):
+        if any(key in destination for key in location.RESTIC_PASSWORD_KEYS):
             return dict(destination)
-        return dict(destination, **{key: value for key, value in self.storage.items() if key in _RESTIC_PASSWORD_KEYS})
+        return dict(destination, **{key: value for key, value in self.storage.items() if key in location.RESTIC_PASSWORD_KEYS})
 
     def copy_destination_options(self):
         """The copy destination's storage options, secrets read (None without a copy section)."""

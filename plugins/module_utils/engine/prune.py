@@ -269,23 +269,19 @@ def find_orphans(storage, catalog, job, complete_ids, grace, now):
         entry["objects"].append(info.key)
         entry["bytes"] += info.size
         touch(entry, info.modified)
-    # Leftovers of interrupted writes next to complete backups or the catalog index.
+    # Leftovers of interrupted writes next to complete backups or the catalog index, and in the
+    # job's restic repository, where an offsite copy writes through the engine's storage
+    # (engine/restichttp.py): only the engine's unfinished objects, never restic's files.
     listed = set(key for entry in groups.values() for key in entry["objects"])
-    for info in storage.list("%s/" % job):
+    repository = "%s/%s/" % (REPOSITORY_DIR, job)
+    written = storage.list("%s/" % job)
+    try:
+        written += storage.list(repository)
+    except MissingLocationError:
+        pass
+    for info in written:
         if not is_unfinished(info.key) or info.key in listed:
             continue
-        entry = group(info.key)
-        entry["objects"].append(info.key)
-        entry["bytes"] += info.size
-        touch(entry, info.modified)
-    # The same in the job's restic repository, where an offsite copy writes through the engine's
-    # storage (engine/restichttp.py): only the engine's unfinished objects, never restic's files.
-    repository = "%s/%s/" % (REPOSITORY_DIR, job)
-    try:
-        in_repository = [info for info in storage.list(repository) if is_unfinished(info.key)]
-    except MissingLocationError:
-        in_repository = []
-    for info in in_repository:
         entry = group(info.key)
         entry["objects"].append(info.key)
         entry["bytes"] += info.size

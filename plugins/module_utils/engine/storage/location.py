@@ -47,12 +47,15 @@ SCHEMA = Schema("storage", {
 })
 
 
+RESTIC_PASSWORD_KEYS = ("restic_password", "restic_password_file", "restic_password_env")
+
+
 def check_storage(options, where="storage"):
     """``options`` validated field by field, and complete for their backend; no secret is read."""
     options = SCHEMA.validate(options, where)
     backend = options.get("backend", "filesystem")
     if options.get("format") == "restic" and not any(
-            options.get(key) for key in ("restic_password", "restic_password_file", "restic_password_env")):
+            options.get(key) for key in RESTIC_PASSWORD_KEYS):
         raise ConfigError("%s.format restic needs the repository password: give %s.restic_password or "
                           "restic_password_file (restic_password_env in a runner job file)" % (where, where))
     if options.get("restic_read_data_subset") is not None:
