@@ -40,6 +40,10 @@ SANITY_ARGS ?=
 # A test path in PYTEST_ARGS (tests/...) replaces the stage's default directory:
 # `make integration PYTEST_ARGS=tests/integration/test_servers.py` runs only that file.
 pytest_paths = $(if $(filter tests/%,$(PYTEST_ARGS)),,$(1))
+# Integration tests spend much of their time waiting on servers, pods and subprocesses: two
+# pytest-xdist workers; the tests of the one session cluster share a worker (tests/conftest.py).
+# INTEGRATION_WORKERS=0 runs them in this process, one after the other.
+INTEGRATION_WORKERS ?= 2
 
 export PATH := $(VENV_BIN):$(PATH)
 export ANSIBLE_COLLECTIONS_PATH = $(COLLECTIONS_DIR):$(BUNDLE_SITE_PACKAGES)
@@ -144,7 +148,7 @@ unit: venv collections ## pytest tests/unit
 	python -m pytest $(call pytest_paths,tests/unit) $(PYTEST_ARGS)
 
 integration: venv collections ## pytest tests/integration (real servers started by the fixtures)
-	python -m pytest $(call pytest_paths,tests/integration) --durations=20 $(PYTEST_ARGS)
+	python -m pytest $(call pytest_paths,tests/integration) -n $(INTEGRATION_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 ##@ run
 .PHONY: demo bench cluster-up cluster-down

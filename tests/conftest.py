@@ -86,6 +86,47 @@ def pytest_report_header(config):
         ", ".join(pytest_plugins) or "none")
 
 
+# A machine has one session cluster (build/pytest-cluster with its one kubelet) and one
+# runner-image build cache. Under pytest-xdist (`make integration` runs two workers) the test
+# files that use them form one unit of work, run by one worker in collection order; every
+# other test file is a unit of its own, so module fixtures are built once.
+CLUSTER_TEST_FILES = (
+    "tests/integration/kubernetes/",
+    "tests/integration/roles/test_postgres_wal_role.py",
+    "tests/integration/roles/test_roles_cluster.py",
+    "tests/integration/roles/test_roles_preconditions.py",
+    "tests/integration/test_monitoring_role.py",
+    "tests/integration/test_runner_image.py",
+)
+CLUSTER_UNIT = "session-cluster"
+
+
+def work_unit(nodeid):
+    """The xdist unit of work of a test: CLUSTER_UNIT, else the test's file."""
+    path = nodeid.split("::", 1)[0]
+    return CLUSTER_UNIT if path.startswith(CLUSTER_TEST_FILES) else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling  # pylint: disable=import-outside-toplevel
+
+    class ClusterAwareScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return work_unit(nodeid)
+
+    return ClusterAwareScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    strays = sorted({item.nodeid.split("::", 1)[0] for item in items
+                     if "kube_cluster" in item.fixturenames and work_unit(item.nodeid) != CLUSTER_UNIT})
+    if strays:
+        # Two workers would each start (and stop) the one cluster under the other's tests.
+        raise pytest.UsageError("these files use the session cluster and are missing from "
+                                "CLUSTER_TEST_FILES in tests/conftest.py: " + ", ".join(strays))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
