@@ -111,7 +111,7 @@ def _batches(server, database):
         return dict(conn.execute("SELECT batch, count(*) FROM enrolments GROUP BY batch ORDER BY batch").fetchall())
 
 
-def test_point_in_time_restore_between_batches(pg, tmp_path, scratch):
+def test_point_in_time_restore_between_batches(pg, tmp_path, scratch, monkeypatch):
     """Stream, base backup, batches around a segment switch and a stream restart; restore between them."""
     key = x25519.Identity.generate()
     encryption = {"recipients": [str(key.to_public())]}
@@ -161,6 +161,22 @@ def test_point_in_time_restore_between_batches(pg, tmp_path, scratch):
                                         database=DB, bin_dir=pg.bin_dir, scratch_dir=scratch)
     assert _batches(pg, "enrol_all") == {0: 50, 1: 50, 2: 50, 3: 50, 4: 50}
     assert report["plan"]["wal_partial"] is True
+    # Under a deep scratch directory (a volume's path) <scratch>/pitr-XXXXXXXX/sock/.s.PGSQL.<port>
+    # is longer than a unix socket address holds: the private server listens in a short
+    # directory of its own under the temp directory, removed with it.
+    deep = os.path.join(scratch, "d" * (100 - len(scratch) - 1))
+    os.mkdir(deep, 0o711)
+    private_tmp = tempfile.mkdtemp(prefix="bb-pitr-tmp-")  # like /tmp, the server's account can reach it
+    os.chmod(private_tmp, 0o711)
+    monkeypatch.setattr(tempfile, "tempdir", private_tmp)
+    report = pitr.restore_point_in_time(storage, JOB, marks[1].isoformat(), identity=str(key),
+                                        target=_target(pg, "enrol_deep"), database=DB, bin_dir=pg.bin_dir,
+                                        scratch_dir=deep)
+    assert _batches(pg, "enrol_deep") == {0: 50, 1: 50} and report["target_reached"] is True
+    assert os.listdir(deep) == [] and os.listdir(private_tmp) == []
+    os.rmdir(deep)
+    os.rmdir(private_tmp)
+    monkeypatch.undo()
     # A full-cluster restore leaves the recovered (promoted, stopped) data directory at a path.
     data_dir = os.path.join(scratch, "recovered")
     report = pitr.restore_point_in_time(storage, JOB, marks[2].isoformat(), identity=str(key), data_dir=data_dir,

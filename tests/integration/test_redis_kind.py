@@ -12,6 +12,7 @@ value, TTL kept.
 import json
 import os
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -360,7 +361,7 @@ def test_encrypted_s3_backup_scratch_verify_and_stock_recovery(redis_clean, s3_s
 
     result = vf.verify(storage, JOB, backup=manifest["id"], identity=str(identity), test_restore=True,
                        target_class=RedisTarget, scratch_options={"temp_dir": str(tmp_path)})
-    assert result["ok"] is True, result
+    assert result["ok"] is True, result["results"]
     assert {"what": "keys db2 in backup", "expected": 120, "actual": 120, "ok": True} in result["results"][0]["checks"]
     assert os.listdir(tmp_path) == []  # the temporary server's directory is gone
 
@@ -379,3 +380,36 @@ def test_encrypted_s3_backup_scratch_verify_and_stock_recovery(redis_clean, s3_s
     subprocess.run("set -o pipefail; age -d -i %s %s | zstd -d > %s" % (key_file, encrypted, rdb_dir / "dump.rdb"),
                    shell=True, check=True, executable="/bin/bash")
     assert _stock_rdb_keys(str(rdb_dir)) == {"db1": 309, "db2": 120}
+
+
+def _deep_dir(base, length):
+    """A new directory under ``base`` whose path is ``length`` bytes long."""
+    path = os.path.join(str(base), "d" * max(1, length - len(str(base)) - 1))
+    os.makedirs(path)
+    return path
+
+
+def test_scratch_verify_under_a_long_temp_dir_listens_elsewhere_and_leaves_nothing(
+        redis_clean, storage, tmp_path, monkeypatch):
+    # A scratch directory on a volume easily makes <temp_dir>/bb-redis-restore-XXXXXXXX/redis.sock
+    # longer than a unix socket address holds (107 bytes): redis-server then exits before it
+    # reads the backup, which once became a failed verdict recorded against a good backup.
+    populate(redis_clean)
+    manifest = backup(storage, source_options(redis_clean))
+    private_tmp = tmp_path / "t"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))  # where the socket goes instead
+    temp_dir = _deep_dir(tmp_path, 100)
+    result = vf.verify(storage, JOB, backup=manifest["id"], test_restore=True, target_class=RedisTarget,
+                       scratch_options={"temp_dir": temp_dir})
+    assert result["ok"] is True, result["results"]
+    assert os.listdir(temp_dir) == [] and os.listdir(private_tmp) == []
+
+    # No short directory at all: an error before any server starts, and no verdict recorded.
+    monkeypatch.setattr(tempfile, "tempdir", _deep_dir(tmp_path / "long-tmp", 100))
+    second = backup(storage, source_options(redis_clean))
+    with pytest.raises(ConfigError, match="set TMPDIR to a shorter directory"):
+        vf.verify(storage, JOB, backup=second["id"], test_restore=True, target_class=RedisTarget,
+                  scratch_options={"temp_dir": temp_dir})
+    assert Catalog(storage).get(JOB, second["id"]).get("verification") is None
+    assert os.listdir(temp_dir) == []

@@ -558,6 +558,7 @@ class PrivateServer:
         self.target_time = target_time
         self.timeline = timeline
         self.socket_dir = os.path.join(scratch, "sock")
+        self._temporary_socket_dir = False  # see prepare()
         self.log_path = os.path.join(scratch, "postgres.log")
         self.port = _free_port()
         self.proc = None
@@ -588,7 +589,12 @@ class PrivateServer:
         return argv
 
     def prepare(self):
+        # A scratch directory on a volume can make the socket's path too long to listen on.
+        self.socket_dir, self._temporary_socket_dir = procutil.socket_directory(
+            os.path.join(self.scratch, "sock"), ".s.PGSQL.%d" % self.port)
         os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
+        if self.account is not None and self._temporary_socket_dir:
+            _chown_tree(self.socket_dir, self.account)
         with open(os.path.join(self.scratch, "pg_hba.conf"), "w", encoding="utf-8") as hba:
             hba.write("local all all trust\n")
         open(os.path.join(self.scratch, "pg_ident.conf"), "w", encoding="utf-8").close()
@@ -646,14 +652,18 @@ class PrivateServer:
                           % (timeout, self.log_tail()))
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(2)  # SIGINT: fast shutdown, a clean checkpoint
         try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(2)  # SIGINT: fast shutdown, a clean checkpoint
+                try:
+                    self.proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            if self._temporary_socket_dir:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
+                self._temporary_socket_dir = False
 
 
 class _DumpStream:

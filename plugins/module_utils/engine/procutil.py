@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 
 from .errors import ConfigError, SourceError
@@ -255,6 +256,27 @@ def run_tool(argv, env=None, what=None, secrets=(), error_class=SourceError, tim
                            if line.strip())
         raise error_class(_describe_failure(what, done.returncode, stderr, secrets))
     return done.stdout.decode("utf-8", "replace")
+
+
+# sockaddr_un.sun_path on Linux holds 108 bytes, the path's terminating NUL included.
+UNIX_SOCKET_PATH_MAX = 107
+
+
+def socket_directory(preferred, socket_name):
+    """Where a server this process starts may listen on the unix socket ``socket_name``:
+    ``(directory, temporary)``. ``preferred`` when the socket's path fits a socket address;
+    otherwise a new private directory under the system temp directory, which the caller
+    removes when the server is gone (``temporary`` true). A scratch directory on a volume
+    easily makes the path too long, and the server then fails before it reads anything."""
+    if len(os.fsencode(os.path.join(preferred, socket_name))) <= UNIX_SOCKET_PATH_MAX:
+        return preferred, False
+    directory = tempfile.mkdtemp(prefix="bb-sock-")
+    if len(os.fsencode(os.path.join(directory, socket_name))) > UNIX_SOCKET_PATH_MAX:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise ConfigError("the unix socket %s fits neither under %s nor under %s (a socket path holds at most "
+                          "%d bytes): set TMPDIR to a shorter directory"
+                          % (socket_name, preferred, tempfile.gettempdir(), UNIX_SOCKET_PATH_MAX))
+    return directory, True
 
 
 def tool_version(path):

@@ -73,7 +73,8 @@ class TempRedisServer:
     def __init__(self, binary, directory, databases=16, load_timeout=600.0):
         self.binary = binary
         self.dir = directory
-        self.socket = os.path.join(directory, "redis.sock")
+        self.socket = None
+        self._socket_dir = None  # a directory of its own when the socket's path under ``directory`` is too long
         self.log_path = os.path.join(directory, "redis.log")
         self.databases = databases
         self.load_timeout = load_timeout
@@ -81,6 +82,16 @@ class TempRedisServer:
 
     def start(self):
         require_redis("Redis restores")
+        socket_dir, temporary = procutil.socket_directory(self.dir, "redis.sock")
+        self._socket_dir = socket_dir if temporary else None
+        self.socket = os.path.join(socket_dir, "redis.sock")
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self):
         argv = [self.binary, "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700",
                 "--dir", self.dir, "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no",
                 "--databases", str(self.databases), "--daemonize", "no", "--logfile", self.log_path,
@@ -113,29 +124,40 @@ class TempRedisServer:
 
     def _load_failure(self):
         tail = self._tail()
+        if "Server initialized" not in (self._log_text() or ""):
+            # It stopped before it opened the backup (a socket it could not create, no memory):
+            # nothing is known about the backup, so this is no verdict on it.
+            return SourceError("the temporary redis-server did not start: %s" % tail)
         if "RDB format version" in tail or "Can't handle RDB" in tail:
             return ConfigError("the temporary redis-server (%s) cannot read this RDB: it was written by a newer "
                                "Redis; set redis_server to a matching redis-server binary (%s)" % (self.binary, tail))
         return IntegrityError("the temporary redis-server could not load the backup's RDB: %s" % tail)
 
-    def _tail(self, lines=8):
+    def _log_text(self):
         try:
             with open(self.log_path, "r", encoding="utf-8", errors="replace") as handle:
-                text = handle.read()[-8000:]
+                return handle.read()
         except OSError:
+            return None
+
+    def _tail(self, lines=8):
+        text = self._log_text()
+        if text is None:
             return "no log"
-        wanted = [line.split(" * ", 1)[-1].split(" # ", 1)[-1] for line in text.splitlines() if line.strip()]
+        wanted = [line.split(" * ", 1)[-1].split(" # ", 1)[-1] for line in text[-8000:].splitlines() if line.strip()]
         return "; ".join(wanted[-lines:])
 
     def client(self, db=0):
         return redis.Redis(unix_socket_path=self.socket, db=db, socket_timeout=300)
 
     def stop(self):
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
 
 class RedisTarget(Target):
