@@ -118,13 +118,23 @@ def pytest_xdist_make_scheduler(config, log):
     return ClusterAwareScheduling(config, log)
 
 
+OUTSIDE_CLUSTER_UNIT = pytest.StashKey[bool]()
+
+
 def pytest_collection_modifyitems(config, items):
-    strays = sorted({item.nodeid.split("::", 1)[0] for item in items
-                     if "kube_cluster" in item.fixturenames and work_unit(item.nodeid) != CLUSTER_UNIT})
-    if strays:
-        # Two workers would each start (and stop) the one cluster under the other's tests.
-        raise pytest.UsageError("these files use the session cluster and are missing from "
-                                "CLUSTER_TEST_FILES in tests/conftest.py: " + ", ".join(strays))
+    for item in items:
+        if "kube_cluster" in item.fixturenames and work_unit(item.nodeid) != CLUSTER_UNIT:
+            item.stash[OUTSIDE_CLUSTER_UNIT] = True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # A failure of the test rather than of the collection: under xdist a collection error on
+    # a worker only shows as "no active workers", without this message.
+    if item.stash.get(OUTSIDE_CLUSTER_UNIT, False):
+        pytest.fail("%s uses the session cluster, but its file is missing from CLUSTER_TEST_FILES in "
+                    "tests/conftest.py: another xdist worker could start and stop the same cluster under it"
+                    % item.nodeid, pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

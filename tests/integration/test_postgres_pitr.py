@@ -174,6 +174,15 @@ def test_point_in_time_restore_between_batches(pg, tmp_path, scratch, monkeypatc
                                         scratch_dir=deep)
     assert _batches(pg, "enrol_deep") == {0: 50, 1: 50} and report["target_reached"] is True
     assert os.listdir(deep) == [] and os.listdir(private_tmp) == []
+    # A temp directory the server's account cannot enter: refused by name, nothing created.
+    os.chmod(private_tmp, 0o700)
+    with pytest.raises(ConfigError, match="temp directory .* cannot enter .*set TMPDIR"):
+        pitr.restore_point_in_time(storage, JOB, marks[1].isoformat(), identity=str(key),
+                                   target=_target(pg, "enrol_unreachable"), database=DB, bin_dir=pg.bin_dir,
+                                   scratch_dir=deep)
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'enrol_unreachable'").fetchone()[0] == 0
+    assert os.listdir(deep) == [] and os.listdir(private_tmp) == []
     os.rmdir(deep)
     os.rmdir(private_tmp)
     monkeypatch.undo()

@@ -11,6 +11,8 @@ value, TTL kept.
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -28,7 +30,8 @@ from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors im
     ConfigError, IntegrityError, SourceError)
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis.source import RedisSource
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage
-from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis.target import RedisTarget
+from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.redis.target import (
+    RedisTarget, TempRedisServer)
 
 JOB = "redis-test"
 USER = "bb_backup"
@@ -413,3 +416,41 @@ def test_scratch_verify_under_a_long_temp_dir_listens_elsewhere_and_leaves_nothi
                   scratch_options={"temp_dir": temp_dir})
     assert Catalog(storage).get(JOB, second["id"]).get("verification") is None
     assert os.listdir(temp_dir) == []
+
+
+def test_a_scratch_server_killed_while_loading_is_an_error_not_a_verdict(redis_clean, tmp_path):
+    # The kernel's OOM killer ends a scratch redis-server that loads an RDB too big for the pod:
+    # the RDB had passed its SHA-256 check, so that is the machine failing, not the backup.
+    admin = redis_clean.client(9)
+    value = b"v" * 100
+    for start in range(0, 600000, 20000):
+        with admin.pipeline(transaction=False) as pipe:
+            for number in range(start, start + 20000):
+                pipe.set("k%d" % number, value)
+            pipe.execute()
+    admin.save()
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    shutil.copyfile(os.path.join(redis_clean.dir, "dump.rdb"), workdir / "dump.rdb")
+    server = TempRedisServer(shutil.which("redis-server"), str(workdir))
+    killed = []
+
+    def kill_once_loading():
+        log = workdir / "redis.log"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if server.proc is not None and log.exists() and "Server initialized" in log.read_text(errors="replace"):
+                os.kill(server.proc.pid, signal.SIGKILL)
+                killed.append(True)
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=kill_once_loading)
+    watcher.start()
+    try:
+        with pytest.raises(SourceError, match=r"stopped while loading the backup \(signal 9\)"):
+            server.start()
+    finally:
+        watcher.join()
+        server.stop()
+    assert killed == [True]

@@ -518,7 +518,7 @@ def _account(run_as):
         raise ConfigError("PostgreSQL does not run as root and there is no postgres account: give run_as") from None
 
 
-def _check_reachable(path, account):
+def _check_reachable(path, account, what="scratch directory", advice="choose a scratch_dir it can reach"):
     """ConfigError unless ``account`` may traverse every directory above ``path``."""
     path = os.path.abspath(path)
     parent = path
@@ -531,8 +531,8 @@ def _check_reachable(path, account):
         else:
             allowed = info.st_mode & 0o001
         if not allowed:
-            raise ConfigError("scratch directory %s: the account %s that runs the private PostgreSQL cannot enter %s; "
-                              "choose a scratch_dir it can reach" % (path, account.pw_name, parent))
+            raise ConfigError("%s %s: the account %s that runs the private PostgreSQL cannot enter %s; %s"
+                              % (what, path, account.pw_name, parent, advice))
         if parent == os.path.dirname(parent):
             return
         parent = os.path.dirname(parent)
@@ -594,6 +594,9 @@ class PrivateServer:
             os.path.join(self.scratch, "sock"), ".s.PGSQL.%d" % self.port)
         os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
         if self.account is not None and self._temporary_socket_dir:
+            # The new directory itself becomes the account's below; the ones above it must let it in.
+            _check_reachable(os.path.dirname(self.socket_dir), self.account, "temp directory",
+                             "set TMPDIR to a directory it can reach, or choose a shorter scratch_dir")
             _chown_tree(self.socket_dir, self.account)
         with open(os.path.join(self.scratch, "pg_hba.conf"), "w", encoding="utf-8") as hba:
             hba.write("local all all trust\n")

@@ -124,10 +124,18 @@ class TempRedisServer:
 
     def _load_failure(self):
         tail = self._tail()
-        if "Server initialized" not in (self._log_text() or ""):
-            # It stopped before it opened the backup (a socket it could not create, no memory):
-            # nothing is known about the backup, so this is no verdict on it.
+        log = self._log_text() or ""
+        if "Server initialized" not in log:
+            # It stopped before it opened the backup (a socket it could not create, a bad
+            # option): nothing is known about the backup, so this is no verdict on it.
             return SourceError("the temporary redis-server did not start: %s" % tail)
+        if self.proc.returncode < 0 or "Out Of Memory" in log:
+            # Killed (the OOM killer) or out of memory while loading: the RDB had passed its
+            # SHA-256 check, and the machine, not the backup, is what failed.
+            return SourceError("the temporary redis-server stopped while loading the backup (%s): give it more "
+                               "memory (the pod's memory limit) and verify again; %s"
+                               % ("signal %d" % -self.proc.returncode if self.proc.returncode < 0 else "out of memory",
+                                  tail))
         if "RDB format version" in tail or "Can't handle RDB" in tail:
             return ConfigError("the temporary redis-server (%s) cannot read this RDB: it was written by a newer "
                                "Redis; set redis_server to a matching redis-server binary (%s)" % (self.binary, tail))
