@@ -578,7 +578,10 @@ class TableProgress:
     failure's message keeps its errors and their context. No total: the manifest counts
     partitioned parents too, which have no data of their own (the bytes give the percentage)."""
 
-    _DATA = re.compile(r'^pg_restore: processing data for table "(.+)"$')
+    # Searched, not anchored: with --jobs the workers share one stderr and pg_restore writes its
+    # "pg_restore: " prefix and the message separately, so two workers' lines can interleave
+    # ("pg_restore: pg_restore: processing data for table ..." then a line without a prefix).
+    _DATA = re.compile(r'processing data for table "[^"]+"')
     _CHATTER = re.compile(r"^pg_restore: (?:processing |creating |connecting |executing |launching |finished |"
                           r"entering |setting |dropping |implied |disabling |enabling |skipping |"
                           r"restoring |warning: errors ignored)")
@@ -588,8 +591,9 @@ class TableProgress:
         self.loaded = 0
 
     def __call__(self, line):
-        if self._DATA.match(line):
-            self.loaded += 1
+        tables = len(self._DATA.findall(line))
+        if tables:
+            self.loaded += tables
             self._context.note_progress("tables", self.loaded)
             return True
         return bool(self._CHATTER.match(line))
