@@ -380,3 +380,52 @@ def test_a_job_moved_back_from_restic_keeps_reading_its_restic_backups(kube_clus
     assert fresh.returncode == 0, fresh
     plain = yaml.safe_load(core.read_namespaced_config_map("postgres-backup-config", never["namespace"]).data["job.yaml"])
     assert "restic_password_file" not in plain["storage"]
+
+
+def test_what_a_job_in_the_values_stops_rendering_is_removed(kube_cluster, kube_api, make_kube_namespace, tmp_path):
+    """A job that stays in the values but no longer renders an object loses it on the next deploy:
+    its restic lock Role and RoleBinding once lockCheck is off, its egress NetworkPolicy once the
+    policy is off. Before, the Role kept granting what the job no longer needed."""
+    namespace = make_kube_namespace("roles-leftovers")
+    values = seed_values(namespace=namespace, redis=None, data=None, **{"backup.git": None, "backup.pvc": None,
+                                                                        "storage.backend": "pvc"})
+    values["backup"]["schedule"] = {"postgres": values["backup"]["schedule"]["postgres"]}
+    values["backup"]["encryption"]["enabled"] = False
+    values["backup"]["resources"] = {"enabled": False}
+    values["backup"]["postgres"] = {"storageFormat": "restic"}
+    values["backup"]["networkPolicy"] = {"enabled": True}
+    secrets = {"storage_restic_password": "restic-" + uuid.uuid4().hex}
+    core = kubernetes.client.CoreV1Api(kube_api)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
+    networking = kubernetes.client.NetworkingV1Api(kube_api)
+
+    def names():
+        return {
+            "Role": {r.metadata.name for r in rbac.list_namespaced_role(namespace).items},
+            "RoleBinding": {b.metadata.name for b in rbac.list_namespaced_role_binding(namespace).items},
+            "NetworkPolicy": {p.metadata.name for p in networking.list_namespaced_network_policy(namespace).items},
+            "ServiceAccount": {s.metadata.name for s in core.list_namespaced_service_account(namespace).items},
+            "ConfigMap": {c.metadata.name for c in core.list_namespaced_config_map(namespace).items},
+        }
+
+    first = run_site(values, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert first.returncode == 0, first
+    before = names()
+    for job in ("postgres-backup", "postgres-backup-drill", "retention-prune"):
+        assert job + "-restic-locks" in before["Role"] and job + "-restic-locks" in before["RoleBinding"], before
+        assert job + "-egress" in before["NetworkPolicy"], before
+
+    values["storage"]["restic"] = {"lockCheck": False}
+    values["backup"]["networkPolicy"] = {"enabled": False}
+    second = run_site(values, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert second.returncode == 0, second
+    after = names()
+    assert not {name for name in after["Role"] | after["RoleBinding"] if name.endswith("-restic-locks")}, after
+    assert after["NetworkPolicy"] == set(), after
+    # The jobs themselves stay, with their ServiceAccounts and job files.
+    assert set(_cronjobs(kube_api, namespace)) == {"postgres-backup", "postgres-backup-drill", "retention-prune"}
+    assert after["ServiceAccount"] == before["ServiceAccount"] and after["ConfigMap"] == before["ConfigMap"], after
+    assert {"postgres-backup", "postgres-backup-drill", "retention-prune"} <= after["ServiceAccount"]
+    assert {"postgres-backup-config", "postgres-backup-drill-config"} <= after["ConfigMap"]
+    again = run_site(values, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert again.returncode == 0 and again.changed == 0, again
