@@ -103,7 +103,6 @@ def test_least_privilege_rbac(deployed, kube_cluster):
 def test_job_pods_are_admitted_under_pod_security_restricted(deployed, kube_cluster, kube_api):
     """Pods built from every CronJob's template pass the namespace's 'restricted' admission."""
     namespace = deployed["namespace"]
-    core = kubernetes.client.CoreV1Api(kube_api)
     api = kubernetes.client.ApiClient()
     for name, cronjob in _cronjobs(kube_api, namespace).items():
         template = cronjob.spec.job_template.spec.template
@@ -332,18 +331,24 @@ def test_retention_of_jobs_deployed_by_another_play(kube_cluster, kube_api, make
     assert _cronjobs(kube_api, namespace)["retention-prune"].metadata.resource_version == before
 
 
-def test_a_job_moved_back_from_restic_keeps_reading_its_restic_backups(kube_cluster, kube_api,
-                                                                       make_kube_namespace, tmp_path):
-    """A job moved from the restic format back to archives still has restic backups: its job file
-    keeps the repository password (and its pod and the retention pod mount it), so that prune,
-    verify and restore read them; before, the retention job failed on them every night."""
-    namespace = make_kube_namespace("roles-move-back")
+def _restic_postgres_values(namespace):
+    """The seed's values cut down to its PostgreSQL job (with its drill and retention), in the restic format."""
     values = seed_values(namespace=namespace, redis=None, data=None, **{"backup.git": None, "backup.pvc": None,
                                                                         "storage.backend": "pvc"})
     values["backup"]["schedule"] = {"postgres": values["backup"]["schedule"]["postgres"]}
     values["backup"]["encryption"]["enabled"] = False
     values["backup"]["resources"] = {"enabled": False}
     values["backup"]["postgres"] = {"storageFormat": "restic"}
+    return values
+
+
+def test_a_job_moved_back_from_restic_keeps_reading_its_restic_backups(kube_cluster, kube_api,
+                                                                       make_kube_namespace, tmp_path):
+    """A job moved from the restic format back to archives still has restic backups: its job file
+    keeps the repository password (and its pod and the retention pod mount it), so that prune,
+    verify and restore read them; before, the retention job failed on them every night."""
+    namespace = make_kube_namespace("roles-move-back")
+    values = _restic_postgres_values(namespace)
     secrets = {"storage_restic_password": "restic-" + uuid.uuid4().hex}
     core = kubernetes.client.CoreV1Api(kube_api)
 
@@ -387,12 +392,7 @@ def test_what_a_job_in_the_values_stops_rendering_is_removed(kube_cluster, kube_
     its restic lock Role and RoleBinding once lockCheck is off, its egress NetworkPolicy once the
     policy is off. Before, the Role kept granting what the job no longer needed."""
     namespace = make_kube_namespace("roles-leftovers")
-    values = seed_values(namespace=namespace, redis=None, data=None, **{"backup.git": None, "backup.pvc": None,
-                                                                        "storage.backend": "pvc"})
-    values["backup"]["schedule"] = {"postgres": values["backup"]["schedule"]["postgres"]}
-    values["backup"]["encryption"]["enabled"] = False
-    values["backup"]["resources"] = {"enabled": False}
-    values["backup"]["postgres"] = {"storageFormat": "restic"}
+    values = _restic_postgres_values(namespace)
     values["backup"]["networkPolicy"] = {"enabled": True}
     secrets = {"storage_restic_password": "restic-" + uuid.uuid4().hex}
     core = kubernetes.client.CoreV1Api(kube_api)
