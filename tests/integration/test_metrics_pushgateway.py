@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ci_env import require_or_skip
-from server_fixtures import ServerProcess, ServerStartError, _http_status, free_port
+from server_fixtures import ServerProcess, ServerStartError, _http_status, free_port, start_with_port_retry
 
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import metrics, pitr
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.errors import ConfigError
@@ -135,9 +136,11 @@ def test_an_unreachable_gateway_raises_without_leaking_the_password(monkeypatch)
     monkeypatch.setenv(metrics.ENV_PASSWORD, "s3cr3t-pa55")
     m = BackupMetrics("pg", "postgres", "db1")
     m.record_backup_result(True, 1)
-    url = "http://127.0.0.1:%d" % free_port()      # nothing listens there
-    with pytest.raises(MetricsError) as err:
-        m.push(url, timeout=5)
+    with socket.socket() as held:   # bound and never listening: refused, and no other test can take it
+        held.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d" % held.getsockname()[1]
+        with pytest.raises(MetricsError) as err:
+            m.push(url, timeout=5)
     assert url in str(err.value) and "s3cr3t-pa55" not in str(err.value)
     with pytest.raises(ConfigError):
         m.push("http://pusher:s3cr3t-pa55@127.0.0.1:1")
@@ -167,17 +170,26 @@ def prometheus(pushgateway_server, alert_rules):
                                 "static_configs": [{"targets": ["%s:%d" % (pushgateway_server.host,
                                                                            pushgateway_server.port)]}]}],
         }, handle)
-    port = free_port()
-    process = ServerProcess("prometheus", [
-        "prometheus", "--config.file=%s" % config, "--storage.tsdb.path=%s" % os.path.join(base, "data"),
-        "--web.listen-address=127.0.0.1:%d" % port, "--log.level=warn"],
-        os.path.join(base, "prometheus.log"), cwd=base)
-    url = "http://127.0.0.1:%d" % port
+
+    def start():
+        # The free port may be taken by the other xdist worker before Prometheus binds it.
+        port = free_port()
+        started = ServerProcess("prometheus", [
+            "prometheus", "--config.file=%s" % config, "--storage.tsdb.path=%s" % os.path.join(base, "data"),
+            "--web.listen-address=127.0.0.1:%d" % port, "--log.level=warn"],
+            os.path.join(base, "prometheus.log"), cwd=base)
+        address = "http://127.0.0.1:%d" % port
+        try:
+            started.start()
+            started.wait_ready(lambda: _http_status(address + "/-/ready") == 200)
+        except ServerStartError:
+            started.stop()
+            raise
+        return started, address
+
     try:
-        process.start()
-        process.wait_ready(lambda: _http_status(url + "/-/ready") == 200)
+        process, url = start_with_port_retry(start)
     except ServerStartError as exc:
-        process.stop()
         shutil.rmtree(base, ignore_errors=True)
         require_or_skip("prometheus could not start: %s" % exc)
     try:
