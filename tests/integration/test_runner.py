@@ -253,15 +253,15 @@ def test_postgres_job_backup_and_drill_into_a_scratch_database(
 def test_unreachable_source_fails_with_one_clear_line_and_a_failure_metric(tmp_path, pushgateway_server):
     job = "runner-down-%s" % uuid.uuid4().hex[:6]
     import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = write_job(tmp_path / "job.yaml", {
-        "job": job, "kind": "postgres",
-        "source": {"host": "127.0.0.1", "port": port, "user": "nobody", "database": "app", "connect_timeout": 3},
-        "storage": {"backend": "filesystem", "path": str(tmp_path / "store")},
-        "metrics": {"pushgateway_url": pushgateway_server.url, "instance": "x"}})
-    result = run("backup", config)
+    with socket.socket() as held:   # bound and never listening for the whole run: refused
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        config = write_job(tmp_path / "job.yaml", {
+            "job": job, "kind": "postgres",
+            "source": {"host": "127.0.0.1", "port": port, "user": "nobody", "database": "app", "connect_timeout": 3},
+            "storage": {"backend": "filesystem", "path": str(tmp_path / "store")},
+            "metrics": {"pushgateway_url": pushgateway_server.url, "instance": "x"}})
+        result = run("backup", config)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "backup of job %s failed" % job in errors[0] and str(port) in errors[0]
