@@ -240,21 +240,28 @@ def test_copy_killed_at_random_points_never_lists_what_does_not_verify(tmp_path,
     backends = ["s3", "filesystem"]
     config, offsite = job_file("kill-%s" % uuid.uuid4().hex[:6], backends[0])
     verified_ok = set()
+    runs_here = 0
     for kill in range(KILLS):
         # Half over the whole run, half over the copy proper (after the "copying" line).
         during = kill % 2 == 1
         delay = rng.uniform(0, copy_window if during else window)
+        began = time.monotonic()
         process = start(config)
-        if during:
-            if copying(process):
-                time.sleep(delay)
-        else:
+        waited = not during or copying(process)  # False: it ended before copying anything
+        if waited:
+            copy_began = time.monotonic()
             try:
                 process.wait(timeout=delay)
             except subprocess.TimeoutExpired:
                 pass
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+        elif waited and runs_here == 0 and process.returncode == 0:
+            # A copy from scratch that beat its kill: the windows measured at the start were
+            # too long for this machine now (the load of other tests changes), so use this run.
+            ended = time.monotonic()
+            window = ended - began
+            copy_window = ended - copy_began if during else min(copy_window, window)
         process.wait()
         process.stderr.close()
         try:
@@ -270,8 +277,11 @@ def test_copy_killed_at_random_points_never_lists_what_does_not_verify(tmp_path,
             assert outcome["ok"], "%s: %s listed but does not verify: %s" % (where, backup_id, outcome["results"])
             verified_ok.add(backup_id)
         landed["all listed" if listed == ids else "some listed" if listed else "nothing listed"] += 1
-        if listed == ids:
-            # Done: start over at a fresh place (the other backend), so kills keep landing mid-copy.
+        runs_here += 1
+        if listed == ids or runs_here >= 2:
+            # Start over at a fresh place (the other backend), so kills keep landing mid-copy: a
+            # run resuming a killed copy has less to do than the window its delay is drawn from.
+            runs_here = 0
             backends.reverse()
             config, offsite = job_file("kill-%s" % uuid.uuid4().hex[:6], backends[0])
             verified_ok = set()
@@ -444,6 +454,7 @@ def test_reencrypting_copy_killed_at_random_points(tmp_path, keys, s3_server):
     shutil.rmtree(target)
     kills = max(10, KILLS // 2)
     landed = {"killed": 0, "finished": 0, "partly listed": 0}
+    runs_here = 0
     for kill in range(kills):
         delay = rng.uniform(0, window)
         process = subprocess.Popen([sys.executable, "-m", RUNNER, "copy", "--config", str(config)],
@@ -466,8 +477,12 @@ def test_reencrypting_copy_killed_at_random_points(tmp_path, keys, s3_server):
         for backup_id in listed:
             outcome = verify(offsite, job, backup=backup_id, identity=str(team), record=False)
             assert outcome["ok"], "%s: %s listed but does not verify: %s" % (where, backup_id, outcome["results"])
-        if listed == ids:
-            shutil.rmtree(target)  # start over, so that kills keep landing mid-copy
+        runs_here += 1
+        if listed == ids or runs_here >= 2:
+            # Start over, so that kills keep landing mid-copy: a run resuming a killed copy has
+            # less to do than the measured window.
+            shutil.rmtree(target, ignore_errors=True)
+            runs_here = 0
     last = run("copy", config, env=env)
     assert last.returncode == 0, "seed %d: %s" % (seed, last.stderr)
     assert sorted(m["id"] for m in Catalog(offsite).scan(job)) == ids
