@@ -170,9 +170,9 @@ def test_no_secret_in_ansible_output(kube_cluster, make_kube_namespace, tmp_path
     assert base64.b64decode(stored("backup-restic-password", "password")).decode() == restic_password
 
 
-def _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state):
+def _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state, **job_vars):
     """storage + postgres in a play of their own (no umbrella role): the job applies or removes itself."""
-    playbook = tmp_path / ("standalone-%s.yml" % state)
+    playbook = tmp_path / ("standalone-%s-%d.yml" % (state, len(list(tmp_path.glob("standalone-*")))))
     playbook.write_text(yaml.safe_dump([{
         "name": "A kind role without the umbrella role",
         "hosts": "localhost", "connection": "local", "gather_facts": False,
@@ -180,26 +180,86 @@ def _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state):
             {"name": "Storage", "ansible.builtin.include_role": {"name": "biometrics.backup.storage"},
              "vars": {"storage_namespace": namespace, "storage_encryption_enabled": False}},
             {"name": "PostgreSQL job", "ansible.builtin.include_role": {"name": "biometrics.backup.postgres"},
-             "vars": {"job_namespace": namespace, "postgres_state": state}},
+             "vars": dict(job_vars, job_namespace=namespace, postgres_state=state)},
         ]}]))
     process = subprocess.run(["ansible-playbook", str(playbook)], capture_output=True, text=True,
                              env=dict(kube_cluster.env, ANSIBLE_NOCOLOR="1"), timeout=600, check=False)
     return PlaybookRun(process)
 
 
+def _network_policies(kube_api, namespace):
+    networking = kubernetes.client.NetworkingV1Api(kube_api)
+    return {p.metadata.name for p in networking.list_namespaced_network_policy(namespace).items}
+
+
 def test_a_kind_role_on_its_own_applies_and_removes_its_job(kube_cluster, kube_api, make_kube_namespace, tmp_path):
     namespace = make_kube_namespace("roles-alone")
-    created = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present")
+    egress = {"job_egress_policy": True, "job_egress_allow": [{"cidr": "10.0.0.0/8", "ports": [5432]}]}
+    created = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present", **egress)
     assert created.returncode == 0 and created.changed > 0, created
     assert "postgres-backup" in _cronjobs(kube_api, namespace)
     core = kubernetes.client.CoreV1Api(kube_api)
     assert "postgres-backup-config" in {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}
+    assert _network_policies(kube_api, namespace) == {"postgres-backup-egress"}
 
+    # The policy turned off: the job stays, its policy goes.
+    plain = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present")
+    assert plain.returncode == 0, plain
+    assert "postgres-backup" in _cronjobs(kube_api, namespace)
+    assert _network_policies(kube_api, namespace) == set()
+    again = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present", **egress)
+    assert again.returncode == 0 and _network_policies(kube_api, namespace) == {"postgres-backup-egress"}, again
+
+    # Removed while the play no longer asks for the policy: the policy recorded on the CronJob goes too.
     removed = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "absent")
     assert removed.returncode == 0 and removed.changed > 0, removed
     assert "postgres-backup" not in _cronjobs(kube_api, namespace)
     assert "postgres-backup-config" not in {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}
     assert "postgres-backup" not in {s.metadata.name for s in core.list_namespaced_service_account(namespace).items}
+    assert _network_policies(kube_api, namespace) == set()
+
+
+def test_objects_a_job_no_longer_renders_are_removed(kube_cluster, kube_api, make_kube_namespace, tmp_path):
+    """The egress policy and the lock check turned off: a job that stays keeps neither its
+    NetworkPolicy nor its <job>-restic-locks Role and RoleBinding (before, both stayed until the job
+    was removed, the policy still restricting the pods). Check mode only announces it."""
+    namespace = make_kube_namespace("roles-left-behind")
+    values = _restic_postgres_values(namespace)
+    values["backup"]["networkPolicy"] = {"enabled": True, "egress": [{"cidr": "10.0.0.0/8", "ports": [5432]}]}
+    secrets = {"storage_restic_password": "restic-" + uuid.uuid4().hex}
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
+    core = kubernetes.client.CoreV1Api(kube_api)
+
+    def roles():
+        return {r.metadata.name for r in rbac.list_namespaced_role(namespace).items}, \
+            {b.metadata.name for b in rbac.list_namespaced_role_binding(namespace).items}
+
+    first = run_site(values, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert first.returncode == 0, first
+    jobs = set(_cronjobs(kube_api, namespace))
+    assert {"postgres-backup", "postgres-backup-drill", "retention-prune"} <= jobs
+    assert _network_policies(kube_api, namespace) == {job + "-egress" for job in jobs}
+    locks = {"postgres-backup-restic-locks", "postgres-backup-drill-restic-locks", "retention-prune-restic-locks"}
+    assert roles() == (locks, locks)
+
+    plain = copy.deepcopy(values)
+    plain["backup"]["networkPolicy"] = {"enabled": False}
+    plain["storage"].setdefault("restic", {})["lockCheck"] = False
+    preview = run_site(plain, tmp_path, env=kube_cluster.env, extra_vars=secrets, args=("--check",))
+    assert preview.returncode == 0, preview
+    assert "postgres-backup: NetworkPolicy/postgres-backup-egress" in preview.output, preview
+    assert _network_policies(kube_api, namespace) == {job + "-egress" for job in jobs}
+    assert roles() == (locks, locks)
+
+    second = run_site(plain, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert second.returncode == 0, second
+    assert set(_cronjobs(kube_api, namespace)) == jobs
+    assert _network_policies(kube_api, namespace) == set()
+    assert roles() == (set(), set())
+    assert jobs <= {a.metadata.name for a in core.list_namespaced_service_account(namespace).items}
+    # Nothing left to remove the next time.
+    again = run_site(plain, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert again.returncode == 0 and again.changed == 0, again
 
 
 def test_hardened_manifests_pass_the_api_servers_dry_run(kube_cluster, make_kube_namespace, tmp_path):

@@ -1,9 +1,12 @@
 """Render-only mode of the roles: the seed's values become valid, restricted, secret-free manifests."""
 
+import json
+
 import pytest
 import yaml
 from kubernetes_validate import validate as validate_manifest
 
+from ansible_collections.biometrics.backup.plugins.filter.objects_left_behind import objects_left_behind
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import kinds
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.jobconfig import JobConfig
 
@@ -70,6 +73,45 @@ def test_stale_job_removal_covers_every_kind_a_job_renders(rendered, hardened, p
                       if "backup.biometrics.io/job" in manifest["metadata"].get("labels", {})}
     assert rendered_kinds == removed
     assert {entry["kind"] for entry in table if entry.get("rbac")} == {"Role", "RoleBinding"}
+
+
+def _recorded_objects(cronjob):
+    return {tuple(entry) for entry in json.loads(cronjob["metadata"]["annotations"]["backup.biometrics.io/objects"])}
+
+
+def assert_cronjobs_record_their_objects(manifests, velero_namespace="velero"):
+    """Each CronJob's annotation lists exactly the objects rendered with it, and the filter
+    accepts every entry the template writes (its table and the template agree)."""
+    cronjobs = {name: doc for (kind, _, name), doc in manifests.items() if kind == "CronJob"}
+    for name, cronjob in cronjobs.items():
+        companions = {(doc["apiVersion"], kind, namespace, doc["metadata"]["name"])
+                      for (kind, namespace, _), doc in manifests.items()
+                      if kind not in ("CronJob", "Deployment")
+                      and doc["metadata"].get("labels", {}).get("backup.biometrics.io/job") == name}
+        assert _recorded_objects(cronjob) == companions, name
+        assert len(objects_left_behind([cronjob], [cronjob], [velero_namespace])) == len(companions), name
+
+
+def test_each_cronjob_records_the_objects_rendered_with_it(rendered, hardened, pitr):
+    # What a later deploy removes once the job stops rendering one of them (objects_left_behind).
+    for manifests in (rendered["manifests"], hardened, pitr):
+        assert_cronjobs_record_their_objects(manifests)
+
+
+def test_turning_the_egress_policy_and_lock_check_off_leaves_their_objects_to_remove(hardened, tmp_path):
+    plain = dict(HARDENED, **{"backup.networkPolicy": {"enabled": False},
+                              "storage.restic": {"passwordSecret": "restic-pw", "lockCheck": False}})
+    run = run_site(seed_values(**plain), tmp_path, {"render_dir": str(tmp_path)})
+    assert run.returncode == 0, run
+    now = load_rendered(tmp_path)
+    before = [doc for (kind, _, _), doc in hardened.items() if kind == "CronJob"]
+    left = {(entry["kind"], entry["name"]) for entry in objects_left_behind(before, list(now.values()))}
+    policies = {("NetworkPolicy", name + "-egress") for (kind, _, name) in hardened if kind == "CronJob"}
+    locks = {(kind, name) for (kind, _, name) in hardened if name.endswith("-restic-locks")}
+    assert locks and {kind for kind, _ in locks} == {"Role", "RoleBinding"}
+    assert left == policies | locks
+    # Rendered again as before: nothing to remove.
+    assert objects_left_behind(before, list(hardened.values())) == []
 
 
 def test_every_manifest_validates_against_the_kubernetes_schema(rendered):
@@ -475,6 +517,7 @@ def test_the_offsite_copy_of_a_restic_format_job_reads_its_repository(tmp_path):
     assert job_file["storage"]["restic_password_file"] == password_file
     assert job_file["copy"]["destination"]["bucket"] == "offsite"
     JobConfig(job_file)   # the job file check accepts a copy of a restic-format job
+    assert_cronjobs_record_their_objects(manifests)   # the copy's and the destination prune's CronJobs too
     for job in ("redis-backup-copy", "redis-backup-copy-prune", "redis-backup-drill-offsite"):
         assert _secret_files(_pod(manifests, job))[password_file] == ("restic-pw", "password"), job
         assert manifests[("Role", "biometrics", job + "-restic-locks")]["rules"] == RESTIC_LOCK_RULES, job
@@ -502,6 +545,13 @@ def test_the_offsite_copy_of_a_restic_format_job_reads_its_repository(tmp_path):
     assert offsite_file not in _secret_files(_pod(manifests, "postgres-backup-copy"))
     drill = JobConfig(_job_file(manifests, "redis-backup-drill-offsite"))
     assert drill.copy_destination()["restic_password_file"] == offsite_file
+    # The drill from the copy opens the copy only: the primary repository's password is not mounted
+    # (its job file names the copy's password for the primary location, which --from-copy never opens).
+    # (The age identity stays: archive backups from before the job moved to restic need it.)
+    assert set(_secret_files(_pod(manifests, "redis-backup-drill-offsite"))) == {
+        offsite_file, "/etc/biometrics-backup/secrets/offsite-s3/access_key",
+        "/etc/biometrics-backup/secrets/offsite-s3/secret_key", "/etc/biometrics-backup/identity/identity"}
+    assert drill.storage["restic_password_file"] == offsite_file
     values["backup"]["offsite"]["resticPasswordSecret"] = "Not A Name"
     bad = tmp_path / "bad-name"
     bad.mkdir()

@@ -1,0 +1,167 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to biometrics.backup
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+name: objects_left_behind
+author: biometrics.backup contributors (@biometrics)
+version_added: "0.1.0"
+short_description: The objects of a backup job that its new rendering no longer has
+description:
+  - Every CronJob the roles render records, in its annotation C(backup.biometrics.io/objects), the
+    objects rendered with it (ServiceAccount, Roles, RoleBindings, ConfigMap, egress NetworkPolicy).
+  - Given the CronJobs as they were before this run applied anything, and the manifests this run
+    applies (or removes), returns the recorded objects of each of those CronJobs that the run does
+    not render again, for example the C(<job>-egress) NetworkPolicy once the egress policy is turned
+    off, or the C(<job>-restic-locks) Role and RoleBinding once the lock check is.
+  - CronJobs this run does not render are left alone (removing whole jobs is another task's choice).
+  - An entry is only returned when it names an object the job role itself renders for that job (the
+    kind and the name derived from the job's name), so an edited annotation cannot point the
+    deploying identity at anything else.
+positional: _input, manifests, rbac_namespaces
+options:
+  _input:
+    description: The CronJobs as read before the apply (the C(resources) of M(kubernetes.core.k8s_info)).
+    type: list
+    elements: dict
+    required: true
+  manifests:
+    description: What this run applies or removes, as mappings or as YAML text holding one or more documents.
+    type: list
+    elements: raw
+    required: true
+  rbac_namespaces:
+    description:
+      - Other namespaces in which a job's own Role and RoleBinding (named like the job) may be removed,
+        such as Velero's. Every other entry must be in the CronJob's namespace.
+    type: list
+    elements: str
+    default: []
+"""
+
+EXAMPLES = r"""
+- name: Read the CronJobs before applying
+  kubernetes.core.k8s_info:
+    api_version: batch/v1
+    kind: CronJob
+    namespace: backup
+    label_selectors:
+      - app.kubernetes.io/managed-by=biometrics.backup
+  register: previous
+
+- name: Remove what the jobs applied since no longer render
+  kubernetes.core.k8s:
+    state: absent
+    api_version: "{{ item.api_version }}"
+    kind: "{{ item.kind }}"
+    namespace: "{{ item.namespace }}"
+    name: "{{ item.name }}"
+  loop: "{{ previous.resources | biometrics.backup.objects_left_behind(applied_manifests, ['velero']) }}"
+"""
+
+RETURN = r"""
+_value:
+  description:
+    - One mapping per object to remove, in the order recorded, with the object's C(api_version), C(kind),
+      C(namespace) and C(name), and C(job), the CronJob that recorded it.
+  type: list
+  elements: dict
+  sample:
+    - {api_version: networking.k8s.io/v1, kind: NetworkPolicy, namespace: backup, name: db-backup-egress, job: db-backup}
+"""
+
+import json
+
+from ansible.errors import AnsibleFilterError
+from ansible.module_utils.six import string_types
+
+import yaml  # a dependency of ansible-core itself
+
+ANNOTATION = "backup.biometrics.io/objects"
+
+# What the job role renders beside a job's CronJob (resources.yml.j2): kind -> (apiVersion, the
+# name suffixes it uses). The job's own Role/RoleBinding (rbac_rules) may live in another namespace
+# (Velero's); the other objects are always in the CronJob's.
+_COMPANIONS = {
+    "ServiceAccount": ("v1", ("",)),
+    "ConfigMap": ("v1", ("-config",)),
+    "Role": ("rbac.authorization.k8s.io/v1", ("", "-restic-locks")),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", ("", "-restic-locks")),
+    "NetworkPolicy": ("networking.k8s.io/v1", ("-egress",)),
+}
+
+
+def _key(api_version, kind, namespace, name):
+    return (api_version, kind, namespace, name)
+
+
+def _documents(manifests):
+    for manifest in manifests:
+        if isinstance(manifest, dict):
+            yield manifest
+        elif isinstance(manifest, string_types):
+            for document in yaml.safe_load_all(manifest):
+                if isinstance(document, dict):
+                    yield document
+        elif manifest is not None:
+            raise AnsibleFilterError("objects_left_behind: a manifest must be a mapping or YAML text, got %s"
+                                     % type(manifest).__name__)
+
+
+def _recorded(cronjob, rbac_namespaces):
+    """The entries of a CronJob's annotation that name one of its own companions, as keys."""
+    metadata = cronjob.get("metadata") or {}
+    job, namespace = metadata.get("name"), metadata.get("namespace")
+    text = (metadata.get("annotations") or {}).get(ANNOTATION)
+    if not text or not job:
+        return []
+    try:
+        entries = json.loads(text)
+    except ValueError:
+        return []  # not ours to interpret: nothing is removed on its say-so
+    keys = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not (isinstance(entry, list) and len(entry) == 4 and all(isinstance(part, string_types) for part in entry)):
+            continue
+        api_version, kind, where, name = entry
+        expected = _COMPANIONS.get(kind)
+        if expected is None or api_version != expected[0] or name not in [job + suffix for suffix in expected[1]]:
+            continue
+        if where != namespace and not (kind in ("Role", "RoleBinding") and name == job and where in rbac_namespaces):
+            continue
+        keys.append(_key(api_version, kind, where, name))
+    return keys
+
+
+def objects_left_behind(previous, manifests, rbac_namespaces=()):
+    if not isinstance(previous, list) or not isinstance(manifests, list):
+        raise AnsibleFilterError("objects_left_behind expects two lists (the CronJobs read before, the manifests now)")
+    if isinstance(rbac_namespaces, string_types) or not all(isinstance(ns, string_types) for ns in rbac_namespaces):
+        raise AnsibleFilterError("objects_left_behind: rbac_namespaces must be a list of namespace names")
+    rendered = set()
+    rendered_jobs = set()
+    for document in _documents(manifests):
+        metadata = document.get("metadata") or {}
+        rendered.add(_key(document.get("apiVersion"), document.get("kind"), metadata.get("namespace"), metadata.get("name")))
+        if document.get("kind") == "CronJob":
+            rendered_jobs.add((metadata.get("namespace"), metadata.get("name")))
+    left = []
+    for cronjob in previous:
+        metadata = (cronjob.get("metadata") if isinstance(cronjob, dict) else None) or {}
+        if (metadata.get("namespace"), metadata.get("name")) not in rendered_jobs:
+            continue
+        for key in _recorded(cronjob, rbac_namespaces):
+            if key not in rendered:
+                left.append({"api_version": key[0], "kind": key[1], "namespace": key[2], "name": key[3],
+                             "job": metadata["name"]})
+    return left
+
+
+class FilterModule(object):
+    def filters(self):
+        return {"objects_left_behind": objects_left_behind}

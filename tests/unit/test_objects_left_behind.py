@@ -1,0 +1,97 @@
+"""The objects_left_behind filter: what a job's CronJob recorded and its new rendering lacks."""
+
+import json
+
+import pytest
+import yaml
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.biometrics.backup.plugins.filter.objects_left_behind import (
+    ANNOTATION, FilterModule, objects_left_behind)
+
+RBAC = "rbac.authorization.k8s.io/v1"
+
+
+def _cronjob(name, namespace="backup", recorded=None, annotation=None):
+    metadata = {"name": name, "namespace": namespace}
+    if recorded is not None:
+        annotation = json.dumps(recorded)
+    if annotation is not None:
+        metadata["annotations"] = {ANNOTATION: annotation}
+    return {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": metadata}
+
+
+def _object(api_version, kind, name, namespace="backup"):
+    return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": namespace}}
+
+
+FULL = [["v1", "ServiceAccount", "backup", "db"],
+        [RBAC, "Role", "backup", "db-restic-locks"], [RBAC, "RoleBinding", "backup", "db-restic-locks"],
+        ["v1", "ConfigMap", "backup", "db-config"],
+        ["networking.k8s.io/v1", "NetworkPolicy", "backup", "db-egress"]]
+
+
+def _names(left):
+    return [(entry["kind"], entry["namespace"], entry["name"]) for entry in left]
+
+
+def test_objects_no_longer_rendered_are_returned_in_recorded_order():
+    now = [_cronjob("db"), _object("v1", "ServiceAccount", "db"), _object("v1", "ConfigMap", "db-config")]
+    left = objects_left_behind([_cronjob("db", recorded=FULL)], now)
+    assert _names(left) == [("Role", "backup", "db-restic-locks"), ("RoleBinding", "backup", "db-restic-locks"),
+                            ("NetworkPolicy", "backup", "db-egress")]
+    assert left[0] == {"api_version": RBAC, "kind": "Role", "namespace": "backup", "name": "db-restic-locks", "job": "db"}
+
+
+def test_everything_rendered_again_leaves_nothing_and_yaml_text_counts_like_mappings():
+    rendered = [_cronjob("db")] + [_object(api, kind, name, ns) for api, kind, ns, name in FULL]
+    text = "\n---\n".join(yaml.safe_dump(document) for document in rendered)
+    assert objects_left_behind([_cronjob("db", recorded=FULL)], rendered) == []
+    assert objects_left_behind([_cronjob("db", recorded=FULL)], [text, None]) == []
+    assert _names(objects_left_behind([_cronjob("db", recorded=FULL)], [yaml.safe_dump(_cronjob("db"))]))[-1] == (
+        "NetworkPolicy", "backup", "db-egress")
+
+
+def test_cronjobs_this_run_does_not_render_are_left_alone():
+    # Another play's job, or one removed from the values (the umbrella role's own task removes those).
+    assert objects_left_behind([_cronjob("other", recorded=FULL)], [_cronjob("db")]) == []
+    # Same name in another namespace is another job.
+    assert objects_left_behind([_cronjob("db", namespace="elsewhere", recorded=FULL)], [_cronjob("db")]) == []
+
+
+@pytest.mark.parametrize("entry", [
+    ["v1", "Secret", "backup", "db-config"],                      # a kind the role never renders
+    ["v1", "ConfigMap", "backup", "app-settings"],                # a name not derived from the job
+    ["v1", "ConfigMap", "kube-system", "db-config"],              # another namespace
+    [RBAC, "Role", "kube-system", "db-restic-locks"],             # only the job's own Role may live elsewhere
+    [RBAC, "Role", "kube-system", "db"],                          # and only in the namespaces given
+    [RBAC, "RoleBinding", "kube-system", "db"],
+    ["apps/v1", "ServiceAccount", "backup", "db"],                # wrong apiVersion for the kind
+    ["v1", "ServiceAccount", "backup"],                           # malformed
+    "v1/ServiceAccount/backup/db",
+])
+def test_an_edited_annotation_cannot_name_anything_else(entry):
+    assert objects_left_behind([_cronjob("db", recorded=[entry])], [_cronjob("db")], ["velero"]) == []
+
+
+def test_the_jobs_own_role_in_veleros_namespace_is_recorded_there():
+    recorded = [[RBAC, "Role", "velero", "pvc-backup"], [RBAC, "RoleBinding", "velero", "pvc-backup"]]
+    left = objects_left_behind([_cronjob("pvc-backup", recorded=recorded)], [_cronjob("pvc-backup")], ["velero"])
+    assert _names(left) == [("Role", "velero", "pvc-backup"), ("RoleBinding", "velero", "pvc-backup")]
+    assert objects_left_behind([_cronjob("pvc-backup", recorded=recorded)], [_cronjob("pvc-backup")]) == []
+
+
+@pytest.mark.parametrize("annotation", ["not json", "{\"a\": 1}", "null", ""])
+def test_an_unreadable_or_missing_annotation_removes_nothing(annotation):
+    assert objects_left_behind([_cronjob("db", annotation=annotation)], [_cronjob("db")]) == []
+    assert objects_left_behind([_cronjob("db")], [_cronjob("db")]) == []
+
+
+def test_wrong_input_is_a_filter_error():
+    with pytest.raises(AnsibleFilterError, match="two lists"):
+        objects_left_behind({"metadata": {}}, [])
+    with pytest.raises(AnsibleFilterError, match="mapping or YAML text"):
+        objects_left_behind([], [42])
+    with pytest.raises(AnsibleFilterError, match="rbac_namespaces"):
+        objects_left_behind([], [], "velero")
+    assert FilterModule().filters()["objects_left_behind"] is objects_left_behind
