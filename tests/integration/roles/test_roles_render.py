@@ -82,10 +82,10 @@ def _recorded_objects(cronjob):
 def assert_cronjobs_record_their_objects(manifests, velero_namespace="velero"):
     """Each CronJob's annotation lists exactly the objects rendered with it, and the filter
     accepts every entry the template writes (its table and the template agree)."""
-    cronjobs = {name: doc for (kind, _, name), doc in manifests.items() if kind == "CronJob"}
+    cronjobs = {key[2]: doc for key, doc in manifests.items() if key[0] == "CronJob"}
     for name, cronjob in cronjobs.items():
         companions = {(doc["apiVersion"], kind, namespace, doc["metadata"]["name"])
-                      for (kind, namespace, _), doc in manifests.items()
+                      for (kind, namespace, dummy), doc in manifests.items()
                       if kind not in ("CronJob", "Deployment")
                       and doc["metadata"].get("labels", {}).get("backup.biometrics.io/job") == name}
         assert _recorded_objects(cronjob) == companions, name
@@ -99,16 +99,17 @@ def test_each_cronjob_records_the_objects_rendered_with_it(rendered, hardened, p
 
 
 def test_turning_the_egress_policy_and_lock_check_off_leaves_their_objects_to_remove(hardened, tmp_path):
-    plain = dict(HARDENED, **{"backup.networkPolicy": {"enabled": False},
-                              "storage.restic": {"passwordSecret": "restic-pw", "lockCheck": False}})
+    plain = dict(HARDENED)
+    plain.update({"backup.networkPolicy": {"enabled": False},
+                  "storage.restic": {"passwordSecret": "restic-pw", "lockCheck": False}})
     run = run_site(seed_values(**plain), tmp_path, {"render_dir": str(tmp_path)})
     assert run.returncode == 0, run
     now = load_rendered(tmp_path)
-    before = [doc for (kind, _, _), doc in hardened.items() if kind == "CronJob"]
+    before = [doc for key, doc in hardened.items() if key[0] == "CronJob"]
     left = {(entry["kind"], entry["name"]) for entry in objects_left_behind(before, list(now.values()))}
-    policies = {("NetworkPolicy", name + "-egress") for (kind, _, name) in hardened if kind == "CronJob"}
-    locks = {(kind, name) for (kind, _, name) in hardened if name.endswith("-restic-locks")}
-    assert locks and {kind for kind, _ in locks} == {"Role", "RoleBinding"}
+    policies = {("NetworkPolicy", key[2] + "-egress") for key in hardened if key[0] == "CronJob"}
+    locks = {(key[0], key[2]) for key in hardened if key[2].endswith("-restic-locks")}
+    assert locks and {kind for kind, dummy in locks} == {"Role", "RoleBinding"}
     assert left == policies | locks
     # Rendered again as before: nothing to remove.
     assert objects_left_behind(before, list(hardened.values())) == []
