@@ -217,7 +217,10 @@ restic:
     - The restic format - what was done to the job's restic repository after the manifests went.
     - C(forgotten) (check mode - C(would_forget)) lists the snapshot ids forgotten, those of the pruned backups
       and C(orphan_snapshots) (snapshots of a backup that never got a manifest, older than O(orphan_grace));
-      C(orphan_snapshots_waiting) counts younger ones; C(pruned) says whether C(restic prune) ran.
+      C(duplicate_snapshots) lists snapshots of a kept backup that its manifest does not name (two copy runs
+      racing into one destination both copied it), older than O(orphan_grace), forgotten only while every snapshot
+      the manifest names is there; C(orphan_snapshots_waiting) counts younger ones of both;
+      C(pruned) says whether C(restic prune) ran.
   returned: when the job has restic-format backups or O(storage.format=restic)
   type: dict
   sample:
@@ -225,6 +228,7 @@ restic:
     forgotten: ["6050f1a11be0bd0af166c2ab0056e301e708a32670dec5c57e01cf8b4fe2f32f"]
     would_forget: []
     orphan_snapshots: []
+    duplicate_snapshots: []
     orphan_snapshots_waiting: 0
     pruned: true
 """

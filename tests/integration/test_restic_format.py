@@ -600,6 +600,56 @@ def test_orphan_snapshots_wait_for_the_grace_of_their_newest_snapshot(tmp_path):
     assert plan["waiting"] == len(in_progress)
 
 
+def test_duplicate_snapshots_of_a_kept_backup_are_forgotten_after_the_grace(tmp_path, redis_db):
+    """Two copy runs racing into one destination both copy a backup's snapshots; the manifest
+    published last names one set and the other was never forgotten. Prune now forgets snapshots
+    tagged with a kept backup's id that its manifest does not name, after orphan_grace, only while
+    every named snapshot is there, and not one a manifest published since names."""
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import manifest as mf
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine.timeutil import utc_now
+    storage = open_storage(fs_storage(tmp_path, password()))
+    made = backup(storage, "cache", "redis", redis_source(redis_db))
+    [named] = made["restic"]["snapshots"]
+    repo = _repository(storage, "cache")
+
+    def duplicate(age, backup_id=made["id"]):
+        moment = (utc_now() - age).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        return repo.backup_stream(io.BytesIO(b"the same payload, copied twice"), "dump.rdb",
+                                  {"job": "cache", "kind": "redis", "backup_id": backup_id, "payload": "dump.rdb"},
+                                  time_=moment)["snapshot_id"]
+
+    old, young = duplicate(datetime.timedelta(days=3)), duplicate(datetime.timedelta(minutes=5))
+    preview = operations.prune(storage, "cache", {"keep_last": 1}, orphan_grace="1h", dry_run=True)
+    assert [entry["id"] for entry in preview["restic"]["duplicate_snapshots"]] == [old]
+    assert preview["restic"]["would_forget"] == [old] and preview["restic"]["orphan_snapshots_waiting"] == 1
+    assert preview["changed"] is True and set(_snapshots(storage, "cache")) == {named, old, young}
+    pruned = operations.prune(storage, "cache", {"keep_last": 1}, orphan_grace="1h")
+    assert pruned["restic"]["forgotten"] == [old] and pruned["restic"]["pruned"] is True
+    assert set(_snapshots(storage, "cache")) == {named, young}
+    [result] = operations.verify(storage, "cache")["results"]
+    assert result["result"] == "ok", result["error"]
+
+    # A manifest published since the plan names the duplicate: it stays (and the one named before
+    # is left for the next prune, now a duplicate itself).
+    dummy, plan = resticstore.plan_repository_prune(storage, "cache", [made], set(), datetime.timedelta(0), utc_now())
+    assert [entry["id"] for entry in plan["duplicate_snapshots"]] == [young]
+    key = mf.object_key("cache", made["id"], mf.MANIFEST_NAME)
+    republished = json.loads(storage.get_bytes(key))
+    republished["objects"][0]["restic_snapshot"] = republished["restic"]["snapshot_id"] = young
+    republished["restic"]["snapshots"] = [young]
+    storage.put_bytes(key, json.dumps(republished).encode())
+    report = resticstore.prune_repository(storage, "cache", repo, plan, False, lambda line: None)
+    assert report["duplicate_snapshots"] == [] and young in _snapshots(storage, "cache")
+    storage.put_bytes(key, json.dumps(made).encode())
+
+    # The named snapshot gone (a damaged backup): no snapshot of it is forgotten as a duplicate,
+    # it may be the only readable copy left.
+    repo.forget([named])
+    dummy, plan = resticstore.plan_repository_prune(storage, "cache", [made], set(), datetime.timedelta(0), utc_now())
+    assert plan["duplicate_snapshots"] == [] and plan["orphan_snapshots"] == []
+
+
 def test_an_unfinished_repository_prune_is_reported_and_finished_by_the_next(tmp_path, redis_db, monkeypatch):
     from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore
     from ansible_collections.biometrics.backup.plugins.module_utils.engine.prune import PartialPruneError

@@ -448,7 +448,8 @@ def prune(storage, job, policy, min_keep=1, max_delete=None, force=False, orphan
         junk_ids = {item["key"].split("/")[1] for item in catalog.junk if item["key"].count("/") >= 2}
         restic_plan = resticstore.plan_repository_prune(
             storage, job, manifests, {entry["id"] for entry in result["prune"]}, grace, now, junk_ids)
-        result["changed"] = result["changed"] or bool(restic_plan[1]["orphan_snapshots"])
+        result["changed"] = result["changed"] or bool(restic_plan[1]["orphan_snapshots"]
+                                                      or restic_plan[1]["duplicate_snapshots"])
     if max_delete is not None and len(result["prune"]) > max_delete and not force:
         raise PruneRefusedError(
             "job %s: the policy would delete %d backups, more than max_delete=%d; nothing was "

@@ -232,15 +232,24 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
     """What a prune of ``job`` removes from its restic repository: the snapshots of the pruned
     backups, and snapshots tagged with a backup id that has no manifest (a runner killed between
     snapshot and manifest) once the newest snapshot of that backup is older than ``grace``
-    (except those of ``keep_ids``; a copy made by restic copy counts from when it was stored). Returns ``(repository, plan)``; ``plan`` is
-    ``{"forget": [ids], "orphan_snapshots": [{id, backup_id, time}], "waiting": n}``."""
+    (except those of ``keep_ids``; a copy made by restic copy counts from when it was stored).
+
+    Also the duplicates of a kept backup: snapshots tagged with its id that its manifest does not
+    name, once older than ``grace``, and only while every snapshot the manifest names is there.
+    Two copy runs racing into one destination both copy a backup's snapshots (each restic copy
+    sees none there yet); the manifest published last names one set, the other set is never read.
+    Returns ``(repository, plan)``; ``plan`` is ``{"forget": [ids], "orphan_snapshots": [{id,
+    backup_id, time}], "duplicate_snapshots": [{id, backup_id, time}], "waiting": n}``."""
     repo = repository(storage, job)
     manifests = [mf.Manifest.wrap(manifest) for manifest in manifests]
     complete = {manifest.id for manifest in manifests} | set(keep_ids)
     forget = []
+    named = {}
     for manifest in manifests:
         if manifest.id in pruned_ids and is_restic(manifest):
             forget.extend(manifest_snapshots(manifest))
+        elif is_restic(manifest) and manifest.id not in keep_ids:
+            named[manifest.id] = set(manifest_snapshots(manifest))
     try:
         snapshots = repo.snapshots({"job": job})
     except NotFoundError:
@@ -251,29 +260,54 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
     # A backup's snapshots are judged together, by the newest of them: a postgres backup writes
     # its globals snapshot long before its dump's, and only then its manifest. A snapshot whose
     # time cannot be read waits (it is never taken for old).
-    candidates = {}
+    present = {snap["id"] for snap in snapshots}
+    candidates, duplicates = {}, {}
     for snap in snapshots:
         backup_id = snap["tag_map"].get("backup_id")
-        if not backup_id or backup_id in complete or snap["id"] in forget:
+        if not backup_id or snap["id"] in forget:
+            continue
+        if backup_id in named:
+            # Only while the named snapshots are all there: forgetting a duplicate must never
+            # take the last readable copy of a backup.
+            if named[backup_id] and snap["id"] not in named[backup_id] and named[backup_id] <= present:
+                duplicates.setdefault(backup_id, []).append(snap)
+            continue
+        if backup_id in complete:
             continue
         candidates.setdefault(backup_id, []).append(snap)
     arrivals = {}
-    if any(snap.get("original") for snaps in candidates.values() for snap in snaps):
+    if any(snap.get("original") for group in (candidates, duplicates) for snaps in group.values() for snap in snaps):
         # A copy (restic copy, the offsite copy) keeps its source's time; it may have arrived a
         # moment ago for a copy run about to publish its manifest, so it ages from its arrival.
         try:
             arrivals = repo.snapshot_arrivals()
         except (StorageError, ConfigError):
             pass  # unknown arrival: the copies wait
-    orphans, waiting = [], 0
-    for backup_id, snaps in sorted(candidates.items()):
+    # A backup's orphans age together, by the newest of them; duplicates one by one, each is whole.
+    groups = [("orphan_snapshots", backup_id, snaps) for backup_id, snaps in sorted(candidates.items())]
+    groups += [("duplicate_snapshots", backup_id, [snap])
+               for backup_id, snaps in sorted(duplicates.items()) for snap in snaps]
+    aged = {"orphan_snapshots": [], "duplicate_snapshots": []}
+    waiting = 0
+    for kind, backup_id, snaps in groups:
         moments = [_snapshot_time(snap) if not snap.get("original")
                    else _later(_snapshot_time(snap), arrivals.get(snap["id"])) for snap in snaps]
         if any(moment is None for moment in moments) or now - max(moments) < grace:
             waiting += len(snaps)
             continue
-        orphans.extend({"id": snap["id"], "backup_id": backup_id, "time": snap.get("time")} for snap in snaps)
-    return repo, {"forget": sorted(set(forget)), "orphan_snapshots": orphans, "waiting": waiting}
+        aged[kind].extend({"id": snap["id"], "backup_id": backup_id, "time": snap.get("time")} for snap in snaps)
+    return repo, dict(aged, forget=sorted(set(forget)), waiting=waiting)
+
+
+def _still_unnamed(storage, job, entry):
+    """Whether the duplicate ``entry`` is still one now: its backup's manifest is there and names
+    other snapshots, not this one (a copy run may have published a manifest naming it since)."""
+    key = mf.object_key(job, entry["backup_id"], mf.MANIFEST_NAME)
+    try:
+        manifest = mf.loads(storage.get_bytes(key), key)
+        return entry["id"] not in manifest_snapshots(manifest)
+    except (NotFoundError, IntegrityError):
+        return False   # gone or unreadable: leave its snapshots to the orphan rule or to a person
 
 
 def _later(first, second):
@@ -302,13 +336,15 @@ def prune_repository(storage, job, repo, plan, dry_run, log):
     without a manifest are looked at once more just before ``forget``: a backup that published
     its manifest since the plan keeps them."""
     pending = storage.exists(prune_pending_key(job))
-    orphans = plan["orphan_snapshots"]
+    orphans, duplicates = plan["orphan_snapshots"], plan.get("duplicate_snapshots", [])
     if not dry_run:
         orphans = [entry for entry in orphans
                    if not storage.exists(mf.object_key(job, entry["backup_id"], mf.MANIFEST_NAME))]
-    ids = plan["forget"] + [entry["id"] for entry in orphans]
+        duplicates = [entry for entry in duplicates if _still_unnamed(storage, job, entry)]
+    ids = plan["forget"] + [entry["id"] for entry in orphans + duplicates]
     report = {"repository": repo.describe(), "forgotten": [] if dry_run else ids,
               "would_forget": ids if dry_run else [], "orphan_snapshots": orphans,
+              "duplicate_snapshots": duplicates,
               "orphan_snapshots_waiting": plan["waiting"], "pruned": False,
               "prune_pending": pending}
     if dry_run or not (ids or pending):
@@ -316,8 +352,8 @@ def prune_repository(storage, job, repo, plan, dry_run, log):
     storage.put_bytes(prune_pending_key(job), b"restic forget ran; restic prune is owed\n")
     if ids:
         repo.forget(ids)
-        log("forgot %d restic snapshots (%d of pruned backups, %d without a manifest)"
-            % (len(ids), len(plan["forget"]), len(orphans)))
+        log("forgot %d restic snapshots (%d of pruned backups, %d without a manifest, %d duplicates no manifest names)"
+            % (len(ids), len(plan["forget"]), len(orphans), len(duplicates)))
     report["prune_output"] = repo.prune()[-5:]
     storage.delete(prune_pending_key(job))
     report["pruned"] = True
