@@ -219,7 +219,8 @@ restic:
       and C(orphan_snapshots) (snapshots of a backup that never got a manifest, older than O(orphan_grace));
       C(duplicate_snapshots) lists snapshots of a kept backup that its manifest does not name (two copy runs
       racing into one destination both copied it), older than O(orphan_grace), forgotten only while every snapshot
-      the manifest names is there; C(orphan_snapshots_waiting) counts younger ones of both;
+      the manifest names is there; C(orphan_snapshots_waiting) counts the younger ones of both (and those whose time
+      or arrival cannot be read);
       C(pruned) says whether C(restic prune) ran.
   returned: when the job has restic-format backups or O(storage.format=restic)
   type: dict

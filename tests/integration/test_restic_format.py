@@ -892,6 +892,69 @@ def test_restic_backups_are_copied_into_the_destinations_own_repository(tmp_path
     assert rechecked["lag_seconds"] > 0
 
 
+def test_racing_copy_runs_keep_one_manifest_and_prune_forgets_the_other_copies(tmp_path, redis_db, monkeypatch):
+    """Two copy runs racing into one destination both copy a backup (each restic copy finds no copy
+    there yet). The run that publishes second keeps the first run's manifest instead of replacing
+    it under its readers, and the destination's prune forgets the snapshots no manifest names."""
+    from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore
+    source = open_storage(fs_storage(tmp_path / "src", password()))
+    destination_root = tmp_path / "dst"
+    destination = open_storage({"backend": "filesystem", "path": str(destination_root), "format": "restic",
+                                "restic_password": "dst-" + uuid.uuid4().hex})
+    made = backup(source, COPY_JOB, "redis", redis_source(redis_db))
+    assert operations.copy(source, destination, COPY_JOB)["ok"]
+    key = destination_root / COPY_JOB / made["id"] / "manifest.json"
+    first = json.loads(key.read_text())["restic"]["snapshot_id"]
+    # The race, replayed: the first run's snapshot out of the second run's sight while it copies.
+    snapshots_dir = destination_root / "_restic" / COPY_JOB / "snapshots"
+    hidden = tmp_path / "hidden-snapshot"
+    os.rename(snapshots_dir / first, hidden)
+    verify_objects = resticstore.verify_objects
+    published_meanwhile = {}
+
+    def first_run_publishes_meanwhile(storage, manifest, *args, **kwargs):
+        # Just before the second run publishes, the first run's manifest is (again) there.
+        result = verify_objects(storage, manifest, *args, **kwargs)
+        theirs = dict(json.loads(json.dumps(manifest)), copied_at="2000-01-01T00:00:00Z")
+        theirs["restic"] = dict(theirs["restic"], snapshot_id=first, snapshots=[first])
+        theirs["objects"] = [dict(theirs["objects"][0], restic_snapshot=first)]
+        os.rename(hidden, snapshots_dir / first)
+        storage.put_bytes("%s/%s/manifest.json" % (COPY_JOB, made["id"]), json.dumps(theirs).encode())
+        published_meanwhile["manifest"] = theirs
+        return result
+
+    monkeypatch.setattr(resticstore, "verify_objects", first_run_publishes_meanwhile)
+    lines = []
+    second = operations.copy(source, destination, COPY_JOB, log=lines.append)
+    monkeypatch.setattr(resticstore, "verify_objects", verify_objects)
+    assert second["ok"], second
+    assert json.loads(key.read_text()) == published_meanwhile["manifest"]   # not replaced
+    assert any("another copy run published it" in line for line in lines), lines
+    duplicates = set(_snapshots(destination, COPY_JOB)) - {first}
+    assert len(duplicates) == 1   # the second run's copy, which no manifest names
+
+    preview = operations.prune(destination, COPY_JOB, {"keep_last": 1}, orphan_grace="0", dry_run=True)
+    assert {entry["id"] for entry in preview["restic"]["duplicate_snapshots"]} == duplicates
+    pruned = operations.prune(destination, COPY_JOB, {"keep_last": 1}, orphan_grace="0")
+    assert set(pruned["restic"]["forgotten"]) == duplicates
+    assert _snapshots(destination, COPY_JOB) == [first]
+    [result] = operations.verify(destination, COPY_JOB)["results"]
+    assert result["result"] == "ok", result["error"]
+
+
+def test_a_kept_backup_naming_a_malformed_snapshot_id_does_not_stop_the_prune(tmp_path, redis_db):
+    storage = open_storage(fs_storage(tmp_path, password()))
+    odd = backup(storage, "cache", "redis", redis_source(redis_db))
+    made = backup(storage, "cache", "redis", redis_source(redis_db))
+    key = tmp_path / "store" / "cache" / odd["id"] / "manifest.json"
+    broken = json.loads(key.read_text())
+    broken["restic"]["snapshot_id"] = "not-a-snapshot-id"
+    key.write_text(json.dumps(broken))
+    pruned = operations.prune(storage, "cache", {"keep_last": 2}, orphan_grace="0")
+    assert pruned["deleted"] == [] and pruned["restic"]["duplicate_snapshots"] == []
+    assert set(_snapshots(storage, "cache")) == set(odd["restic"]["snapshots"]) | set(made["restic"]["snapshots"])
+
+
 def test_a_copied_snapshot_without_its_manifest_ages_from_its_arrival(tmp_path):
     """Review finding: restic copy keeps the source snapshot's time, so a prune at the destination
     took a snapshot copied a moment ago (its manifest about to be published) for an old orphan."""

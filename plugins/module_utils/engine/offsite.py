@@ -668,6 +668,13 @@ class Copier:
             # Not damage: the read-back could not run now (a live lock of the destination's
             # prune or drill, the site unreachable); the next run reads it back again.
             raise _StepFailed("read back from the destination: %s" % exc) from None
+        if self.destination.exists(mf.object_key(self.job, manifest.id, mf.MANIFEST_NAME)):
+            # Another copy run published this backup meanwhile (two runs racing, each restic copy
+            # finding no copy there yet): its manifest stays, readers may hold it already; this
+            # run's snapshots are duplicates that the destination's prune forgets.
+            self.log("backup %s: another copy run published it at the destination meanwhile; its manifest stays"
+                     % manifest.id)
+            return size, 0
         self.destination_catalog.publish(copy)
         return size, 0
 

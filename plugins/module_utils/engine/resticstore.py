@@ -248,8 +248,8 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
     for manifest in manifests:
         if manifest.id in pruned_ids and is_restic(manifest):
             forget.extend(manifest_snapshots(manifest))
-        elif is_restic(manifest) and manifest.id not in keep_ids:
-            named[manifest.id] = set(manifest_snapshots(manifest))
+        elif is_restic(manifest) and manifest.id not in keep_ids and manifest.verification_result != "failed":
+            named[manifest.id] = _named_snapshots(manifest)
     try:
         snapshots = repo.snapshots({"job": job})
     except NotFoundError:
@@ -268,7 +268,7 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
             continue
         if backup_id in named:
             # Only while the named snapshots are all there: forgetting a duplicate must never
-            # take the last readable copy of a backup.
+            # take the last readable copy of a backup. (None: a manifest naming malformed ids.)
             if named[backup_id] and snap["id"] not in named[backup_id] and named[backup_id] <= present:
                 duplicates.setdefault(backup_id, []).append(snap)
             continue
@@ -296,18 +296,33 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
             waiting += len(snaps)
             continue
         aged[kind].extend({"id": snap["id"], "backup_id": backup_id, "time": snap.get("time")} for snap in snaps)
-    return repo, dict(aged, forget=sorted(set(forget)), waiting=waiting)
+    return repo, dict(aged, forget=sorted(set(forget)), waiting=waiting, present=sorted(present))
 
 
-def _still_unnamed(storage, job, entry):
-    """Whether the duplicate ``entry`` is still one now: its backup's manifest is there and names
-    other snapshots, not this one (a copy run may have published a manifest naming it since)."""
+def _named_snapshots(manifest):
+    """Every snapshot id a kept restic manifest names (``restic.snapshots`` too), or None when
+    it names a malformed one: that backup's snapshots are then left alone, not the prune stopped."""
+    try:
+        found = set(manifest_snapshots(manifest))
+    except IntegrityError:
+        return None
+    section = manifest.get("restic")
+    listed = section.get("snapshots") if isinstance(section, dict) else None
+    if isinstance(listed, list):
+        found.update(snap for snap in listed if isinstance(snap, str))
+    return found
+
+
+def _still_a_duplicate(storage, job, entry, present):
+    """Whether the duplicate ``entry`` is still one now, by the manifest as stored (a copy run may
+    have published one since the plan, or the plan read a stale index entry): the manifest is
+    there, does not name this snapshot, and every snapshot it names was in the repository."""
     key = mf.object_key(job, entry["backup_id"], mf.MANIFEST_NAME)
     try:
-        manifest = mf.loads(storage.get_bytes(key), key)
-        return entry["id"] not in manifest_snapshots(manifest)
+        named = _named_snapshots(mf.loads(storage.get_bytes(key), key))
     except (NotFoundError, IntegrityError):
         return False   # gone or unreadable: leave its snapshots to the orphan rule or to a person
+    return bool(named) and entry["id"] not in named and named <= present
 
 
 def _later(first, second):
@@ -340,7 +355,8 @@ def prune_repository(storage, job, repo, plan, dry_run, log):
     if not dry_run:
         orphans = [entry for entry in orphans
                    if not storage.exists(mf.object_key(job, entry["backup_id"], mf.MANIFEST_NAME))]
-        duplicates = [entry for entry in duplicates if _still_unnamed(storage, job, entry)]
+        present = set(plan.get("present", ()))
+        duplicates = [entry for entry in duplicates if _still_a_duplicate(storage, job, entry, present)]
     ids = plan["forget"] + [entry["id"] for entry in orphans + duplicates]
     report = {"repository": repo.describe(), "forgotten": [] if dry_run else ids,
               "would_forget": ids if dry_run else [], "orphan_snapshots": orphans,
@@ -352,7 +368,7 @@ def prune_repository(storage, job, repo, plan, dry_run, log):
     storage.put_bytes(prune_pending_key(job), b"restic forget ran; restic prune is owed\n")
     if ids:
         repo.forget(ids)
-        log("forgot %d restic snapshots (%d of pruned backups, %d without a manifest, %d duplicates no manifest names)"
+        log("forgot %d restic snapshots (%d of pruned backups, %d without a manifest, %d duplicates of kept backups)"
             % (len(ids), len(plan["forget"]), len(orphans), len(duplicates)))
     report["prune_output"] = repo.prune()[-5:]
     storage.delete(prune_pending_key(job))
