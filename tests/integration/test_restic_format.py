@@ -905,10 +905,12 @@ def test_racing_copy_runs_keep_one_manifest_and_prune_forgets_the_other_copies(t
     assert operations.copy(source, destination, COPY_JOB)["ok"]
     key = destination_root / COPY_JOB / made["id"] / "manifest.json"
     first = json.loads(key.read_text())["restic"]["snapshot_id"]
-    # The race, replayed: the first run's snapshot out of the second run's sight while it copies.
+    # The race, replayed: the first run's snapshot and manifest out of the second run's sight
+    # while it plans and copies (both runs see the backup missing there).
     snapshots_dir = destination_root / "_restic" / COPY_JOB / "snapshots"
     hidden = tmp_path / "hidden-snapshot"
     os.rename(snapshots_dir / first, hidden)
+    key.unlink()
     verify_objects = resticstore.verify_objects
     published_meanwhile = {}
 
@@ -927,7 +929,7 @@ def test_racing_copy_runs_keep_one_manifest_and_prune_forgets_the_other_copies(t
     lines = []
     second = operations.copy(source, destination, COPY_JOB, log=lines.append)
     monkeypatch.setattr(resticstore, "verify_objects", verify_objects)
-    assert second["ok"], second
+    assert second["ok"] and [entry["action"] for entry in second["copied"]] == ["copy"], second
     assert json.loads(key.read_text()) == published_meanwhile["manifest"]   # not replaced
     assert any("another copy run published it" in line for line in lines), lines
     duplicates = set(_snapshots(destination, COPY_JOB)) - {first}
@@ -938,6 +940,16 @@ def test_racing_copy_runs_keep_one_manifest_and_prune_forgets_the_other_copies(t
     pruned = operations.prune(destination, COPY_JOB, {"keep_last": 1}, orphan_grace="0")
     assert set(pruned["restic"]["forgotten"]) == duplicates
     assert _snapshots(destination, COPY_JOB) == [first]
+    [result] = operations.verify(destination, COPY_JOB)["results"]
+    assert result["result"] == "ok", result["error"]
+
+    # A manifest there that does not read (junk) is no copy another run made: it is replaced.
+    key.write_text("{not json")
+    lines = []
+    replaced = operations.copy(source, destination, COPY_JOB, log=lines.append)
+    assert replaced["ok"] and [entry["id"] for entry in replaced["copied"]] == [made["id"]], replaced
+    assert not any("another copy run published it" in line for line in lines), lines
+    assert json.loads(key.read_text())["restic"]["snapshot_id"] == first
     [result] = operations.verify(destination, COPY_JOB)["results"]
     assert result["result"] == "ok", result["error"]
 

@@ -668,7 +668,7 @@ class Copier:
             # Not damage: the read-back could not run now (a live lock of the destination's
             # prune or drill, the site unreachable); the next run reads it back again.
             raise _StepFailed("read back from the destination: %s" % exc) from None
-        if self.destination.exists(mf.object_key(self.job, manifest.id, mf.MANIFEST_NAME)):
+        if self._published_meanwhile(manifest):
             # Another copy run published this backup meanwhile (two runs racing, each restic copy
             # finding no copy there yet): its manifest stays, readers may hold it already; this
             # run's snapshots are duplicates that the destination's prune forgets.
@@ -677,6 +677,19 @@ class Copier:
             return size, 0
         self.destination_catalog.publish(copy)
         return size, 0
+
+    def _published_meanwhile(self, manifest):
+        """Whether the destination holds, now, a complete copy of ``manifest`` that another run
+        published: a manifest that reads, is this backup's, and whose snapshots are all there. A
+        junk or incomplete one is replaced, as before."""
+        key = mf.object_key(self.job, manifest.id, mf.MANIFEST_NAME)
+        try:
+            theirs = mf.loads(self.destination.get_bytes(key), key)
+        except (NotFoundError, IntegrityError):
+            return False
+        if theirs.get("job") != self.job or theirs.get("id") != manifest.id:
+            return False
+        return self._plan_restic(manifest, theirs) == (None, None)
 
     def _listed_at_source(self, backup_id):
         prefix = "%s/%s/" % (self.job, backup_id)

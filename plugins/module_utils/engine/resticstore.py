@@ -239,7 +239,8 @@ def plan_repository_prune(storage, job, manifests, pruned_ids, grace, now, keep_
     Two copy runs racing into one destination both copy a backup's snapshots (each restic copy
     sees none there yet); the manifest published last names one set, the other set is never read.
     Returns ``(repository, plan)``; ``plan`` is ``{"forget": [ids], "orphan_snapshots": [{id,
-    backup_id, time}], "duplicate_snapshots": [{id, backup_id, time}], "waiting": n}``."""
+    backup_id, time}], "duplicate_snapshots": [{id, backup_id, time}], "waiting": n, "present":
+    [every snapshot id listed]}`` (``present`` for the re-check before ``forget``)."""
     repo = repository(storage, job)
     manifests = [mf.Manifest.wrap(manifest) for manifest in manifests]
     complete = {manifest.id for manifest in manifests} | set(keep_ids)
