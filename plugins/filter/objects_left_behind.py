@@ -96,10 +96,6 @@ _COMPANIONS = {
 }
 
 
-def _key(api_version, kind, namespace, name):
-    return (api_version, kind, namespace, name)
-
-
 def _documents(manifests):
     for manifest in manifests:
         if isinstance(manifest, dict):
@@ -134,7 +130,7 @@ def _recorded(cronjob, rbac_namespaces):
             continue
         if where != namespace and not (kind in ("Role", "RoleBinding") and name == job and where in rbac_namespaces):
             continue
-        keys.append(_key(api_version, kind, where, name))
+        keys.append((api_version, kind, where, name))
     return keys
 
 
@@ -147,7 +143,7 @@ def objects_left_behind(previous, manifests, rbac_namespaces=()):
     rendered_jobs = set()
     for document in _documents(manifests):
         metadata = document.get("metadata") or {}
-        rendered.add(_key(document.get("apiVersion"), document.get("kind"), metadata.get("namespace"), metadata.get("name")))
+        rendered.add((document.get("apiVersion"), document.get("kind"), metadata.get("namespace"), metadata.get("name")))
         if document.get("kind") == "CronJob":
             rendered_jobs.add((metadata.get("namespace"), metadata.get("name")))
     left = []
