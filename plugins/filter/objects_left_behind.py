@@ -14,11 +14,15 @@ version_added: "0.1.0"
 short_description: The objects of a backup job that its new rendering no longer has
 description:
   - Every CronJob the roles render records, in its annotation C(backup.biometrics.io/objects), the
-    objects rendered with it (ServiceAccount, Roles, RoleBindings, ConfigMap, egress NetworkPolicy).
+    objects rendered with it (ServiceAccount, Roles, RoleBindings, ConfigMap, egress NetworkPolicy) and,
+    for a job with an offsite copy, the copy's CronJobs C(<job>-copy) and C(<job>-copy-prune).
   - Given the CronJobs as they were before this run applied anything, and the manifests this run
     applies (or removes), returns the recorded objects of each of those CronJobs that the run does
     not render again, for example the C(<job>-egress) NetworkPolicy once the egress policy is turned
-    off, or the C(<job>-restic-locks) Role and RoleBinding once the lock check is.
+    off, the C(<job>-restic-locks) Role and RoleBinding once the lock check is, or the copy's CronJobs
+    once the copy (or its C(retention)) is.
+  - A recorded CronJob returned this way brings the objects it recorded itself (its ServiceAccount,
+    egress policy, lock Role), listed before it, so that the record outlives the deletions it names.
   - CronJobs this run does not render are left alone (removing whole jobs is another task's choice).
   - An entry is only returned when it names an object the job role itself renders for that job (the
     kind and the name derived from the job's name), so an edited annotation cannot point the
@@ -93,6 +97,8 @@ _COMPANIONS = {
     "Role": ("rbac.authorization.k8s.io/v1", ("", "-restic-locks")),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", ("", "-restic-locks")),
     "NetworkPolicy": ("networking.k8s.io/v1", ("-egress",)),
+    # The offsite copy's CronJobs (copy.yml.j2), each with companions of its own.
+    "CronJob": ("batch/v1", ("-copy", "-copy-prune")),
 }
 
 
@@ -146,15 +152,27 @@ def objects_left_behind(previous, manifests, rbac_namespaces=()):
         rendered.add((document.get("apiVersion"), document.get("kind"), metadata.get("namespace"), metadata.get("name")))
         if document.get("kind") == "CronJob":
             rendered_jobs.add((metadata.get("namespace"), metadata.get("name")))
-    left = []
+    previous_jobs = {}
     for cronjob in previous:
         metadata = (cronjob.get("metadata") if isinstance(cronjob, dict) else None) or {}
-        if (metadata.get("namespace"), metadata.get("name")) not in rendered_jobs:
-            continue
+        if metadata.get("name"):
+            previous_jobs.setdefault((metadata.get("namespace"), metadata["name"]), cronjob)
+    left, seen = [], set()
+
+    def leave(cronjob):
+        job = cronjob["metadata"]["name"]
         for key in _recorded(cronjob, rbac_namespaces):
-            if key not in rendered:
-                left.append({"api_version": key[0], "kind": key[1], "namespace": key[2], "name": key[3],
-                             "job": metadata["name"]})
+            if key in rendered or key in seen:
+                continue
+            seen.add(key)
+            recorded_job = previous_jobs.get((key[2], key[3])) if key[1] == "CronJob" else None
+            if recorded_job is not None:
+                leave(recorded_job)  # its own objects first: a run stopped between keeps the record
+            left.append({"api_version": key[0], "kind": key[1], "namespace": key[2], "name": key[3], "job": job})
+
+    for where_name, cronjob in previous_jobs.items():
+        if where_name in rendered_jobs:
+            leave(cronjob)
     return left
 
 

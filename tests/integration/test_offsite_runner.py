@@ -343,6 +343,23 @@ def test_require_copy_and_retention_of_its_own_at_the_destination(tmp_path, keys
     assert not outcome["changed"] and outcome["not_wanted"] == [ids[0]] and outcome["lag_seconds"] == 0
     assert [m["id"] for m in Catalog(offsite).scan(job)] == [ids[2]]
 
+    # What the pod of <job>-copy-prune has: the destination's credentials only. Neither the
+    # primary storage's (no SRC_S3_* here) nor copy.reencrypt's key is read.
+    alone = tmp_path / "destination-only.yaml"
+    alone.write_text(yaml.safe_dump(dict(base, copy={
+        "destination": destination, "retention": {"keep_last": 1},
+        "reencrypt": {"recipients_file": keys["recipients_file"], "identity_file": str(tmp_path / "not-mounted")}})))
+    (tree / "late.txt").write_text("late\n")
+    newest = run("backup", config, env=env)
+    assert newest.returncode == 0, newest.stderr
+    assert run("copy", config, env=env).returncode == 0
+    assert sorted(m["id"] for m in Catalog(offsite).scan(job)) == sorted([ids[2], json.loads(newest.stdout)["backup_id"]])
+    destination_only = run("prune", alone, "--destination")
+    assert destination_only.returncode == 0, destination_only.stderr
+    assert json.loads(destination_only.stdout)["deleted"] == [ids[2]]
+    assert [m["id"] for m in Catalog(offsite).scan(job)] == [json.loads(newest.stdout)["backup_id"]]
+    assert offsite_s3.secret_key not in destination_only.stderr + destination_only.stdout
+
     missing = tmp_path / "no-copy.yaml"
     missing.write_text(yaml.safe_dump(dict(base, retention={"keep_last": 1, "require_copy": True})))
     refused = run("prune", missing, env=env)

@@ -95,3 +95,51 @@ def test_wrong_input_is_a_filter_error():
     with pytest.raises(AnsibleFilterError, match="rbac_namespaces"):
         objects_left_behind([], [], "velero")
     assert FilterModule().filters()["objects_left_behind"] is objects_left_behind
+
+
+COPY = [["v1", "ServiceAccount", "backup", "db-copy"],
+        ["networking.k8s.io/v1", "NetworkPolicy", "backup", "db-copy-egress"]]
+PRUNE = [["v1", "ServiceAccount", "backup", "db-copy-prune"],
+         [RBAC, "Role", "backup", "db-copy-prune-restic-locks"], [RBAC, "RoleBinding", "backup", "db-copy-prune-restic-locks"]]
+WITH_COPY = FULL + [["batch/v1", "CronJob", "backup", "db-copy"], ["batch/v1", "CronJob", "backup", "db-copy-prune"]]
+
+
+def test_a_copy_turned_off_takes_its_cronjobs_and_their_objects_each_before_its_cronjob():
+    previous = [_cronjob("db", recorded=WITH_COPY), _cronjob("db-copy", recorded=COPY),
+                _cronjob("db-copy-prune", recorded=PRUNE)]
+    now = [_cronjob("db")] + [_object(api, kind, name, ns) for api, kind, ns, name in FULL]
+    left = objects_left_behind(previous, now)
+    assert _names(left) == [
+        ("ServiceAccount", "backup", "db-copy"), ("NetworkPolicy", "backup", "db-copy-egress"),
+        ("CronJob", "backup", "db-copy"),
+        ("ServiceAccount", "backup", "db-copy-prune"), ("Role", "backup", "db-copy-prune-restic-locks"),
+        ("RoleBinding", "backup", "db-copy-prune-restic-locks"), ("CronJob", "backup", "db-copy-prune")]
+    assert [entry["job"] for entry in left] == ["db-copy", "db-copy", "db", "db-copy-prune", "db-copy-prune",
+                                                "db-copy-prune", "db"]
+    # Only the destination's prune turned off (copy.retention removed): the copy stays whole.
+    copy_now = now + [_cronjob("db-copy")] + [_object(api, kind, name, ns) for api, kind, ns, name in COPY]
+    assert _names(objects_left_behind(previous, copy_now))[-1] == ("CronJob", "backup", "db-copy-prune")
+    assert ("CronJob", "backup", "db-copy") not in _names(objects_left_behind(previous, copy_now))
+    # A copy CronJob already gone (removed by hand) is still named once; nothing else is guessed.
+    assert _names(objects_left_behind(previous[:1], now)) == [
+        ("CronJob", "backup", "db-copy"), ("CronJob", "backup", "db-copy-prune")]
+
+
+@pytest.mark.parametrize("entry", [
+    ["batch/v1", "CronJob", "backup", "db-nightly"],      # a CronJob not derived as the job's copy
+    ["batch/v1", "CronJob", "backup", "other-copy"],
+    ["batch/v1beta1", "CronJob", "backup", "db-copy"],
+    ["batch/v1", "CronJob", "elsewhere", "db-copy"],
+])
+def test_only_the_jobs_own_copy_cronjobs_may_be_recorded(entry):
+    assert objects_left_behind([_cronjob("db", recorded=[entry])], [_cronjob("db")], ["elsewhere"]) == []
+
+
+def test_a_loop_of_records_ends():
+    # db-copy recording db-copy-copy recording ... can only name longer names; a cycle is impossible,
+    # but a CronJob recorded twice is still left once.
+    previous = [_cronjob("db", recorded=[["batch/v1", "CronJob", "backup", "db-copy"]] * 2),
+                _cronjob("db-copy", recorded=[["batch/v1", "CronJob", "backup", "db-copy-copy"]]),
+                _cronjob("db-copy-copy", recorded=[])]
+    assert _names(objects_left_behind(previous, [_cronjob("db")])) == [
+        ("CronJob", "backup", "db-copy-copy"), ("CronJob", "backup", "db-copy")]

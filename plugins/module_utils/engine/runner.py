@@ -226,7 +226,7 @@ def cmd_backup(config, args, log):
             return EXIT_OK, {"changed": False, "check_mode": True, "plan": plan}
         log.info("starting %s backup to %s" % (config.kind, where(storage.describe())))
         manifest = run.run()
-    except BaseException as exc:
+    except BaseException:
         metrics.record("record_backup_result", False, utc_now())
         if config.schedule:
             metrics.record("record_schedule", cron_expression=config.schedule)
@@ -486,8 +486,11 @@ def _prune_destination(config, args, log):
     """``prune --destination``: copy.retention applied at copy.destination, with the same rails."""
     if config.copy_policy is None or not config.copy.get("destination"):
         raise ConfigError("%s: prune --destination needs copy.destination and copy.retention" % config.where)
-    _prepare(config, "copy", log)  # secrets of both locations read and masked
-    destination = location.build_storage(config.copy_destination_options())
+    # The destination alone: the pod of <job>-copy-prune mounts its credentials and not the primary
+    # storage's, nor copy.reencrypt's key (a prune decrypts nothing).
+    destination_options = config.copy_destination_options()
+    log.add_secrets(secret_values(destination_options))
+    destination = location.build_storage(destination_options)
     options = config.prune_options("copy.retention")
     result = operations.prune(destination, config.job, config.copy_policy, min_keep=options.get("min_keep", 1),
                               max_delete=options.get("max_delete"), force=bool(args.force or options.get("force")),

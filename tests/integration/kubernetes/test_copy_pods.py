@@ -138,10 +138,15 @@ def test_the_values_deploy_the_copy_and_the_destination_prune_with_the_offsite_c
         # The offsite credentials as files; never the age identity (the bytes are copied as they are).
         assert {("offsite-s3", "access_key"), ("offsite-s3", "secret_key")} <= secrets[name], secrets[name]
         assert not [key for secret, key in secrets[name] if key == "identity"], secrets[name]
-        # restic format: the job's repository password, and the copies' own
+        # restic format: the copies' own repository password
         restic = deployment.storage_format == "restic"
-        assert (("backup-restic-password", "password") in secrets[name]) is restic, secrets[name]
         assert (("offsite-restic", "password") in secrets[name]) is restic, secrets[name]
+    # The copy reads the primary storage too (its credentials, the job's restic password); the
+    # destination's prune opens the destination alone, and its pod runs without them below.
+    assert ("backup-s3-credentials", "secret_key") in secrets[JOB + "-copy"]
+    assert (("backup-restic-password", "password") in secrets[JOB + "-copy"]) is restic
+    assert not [item for item in secrets[JOB + "-copy-prune"]
+                if item[0] in ("backup-s3-credentials", "backup-restic-password", "backup-encryption-key")]
     assert not [secret for secret, _key in secrets[JOB] if secret == "offsite-restic"]
     assert not [secret for secret, _key in secrets[JOB] if secret == "offsite-s3"]
     args = cronjobs[JOB + "-copy-prune"].spec.job_template.spec.template.spec.containers[0].args

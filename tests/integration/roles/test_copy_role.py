@@ -245,8 +245,16 @@ def test_copy_retention_renders_the_destination_prune_cronjob(rendered, required
     assert pod["serviceAccountName"] == "redis-backup-copy-prune"
     assert pod["containers"][0]["args"] == ["prune", "--destination", "--config",
                                             "/etc/biometrics-backup/config/job.yaml"]
-    assert pod["volumes"] == copy_pod["volumes"]
-    assert pod["containers"][0]["volumeMounts"] == copy_pod["containers"][0]["volumeMounts"]
+    # The copy's mounts less the primary storage's: the prune opens the destination alone.
+    primary = ("backup-s3-credentials", "backup-encryption-key")
+    assert {("backup-s3-credentials", "access_key"), ("backup-encryption-key", "recipients")} <= _secret_items(copy_pod)
+    assert _secret_items(pod) == {item for item in _secret_items(copy_pod) if item[0] not in primary}
+    assert {("offsite-s3", "access_key"), ("offsite-s3", "secret_key")} <= _secret_items(pod)
+    primary_volumes = {volume["name"] for volume in copy_pod["volumes"]
+                       if volume.get("secret", {}).get("secretName") in primary}
+    assert [mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]] == [
+        mount["mountPath"] for mount in copy_pod["containers"][0]["volumeMounts"] if mount["name"] not in primary_volumes]
+    assert not [item for item in pod["containers"][0]["env"] if "valueFrom" in item]
     assert pod["securityContext"] == copy_pod["securityContext"]
     assert pod["containers"][0]["securityContext"] == copy_pod["containers"][0]["securityContext"]
     assert pod["automountServiceAccountToken"] is False

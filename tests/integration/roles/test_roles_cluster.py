@@ -210,6 +210,25 @@ def test_a_kind_role_on_its_own_applies_and_removes_its_job(kube_cluster, kube_a
     again = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present", **egress)
     assert again.returncode == 0 and _network_policies(kube_api, namespace) == {"postgres-backup-egress"}, again
 
+    # An offsite copy with retention: two CronJobs more, each with its ServiceAccount and policy.
+    copies = {"postgres-backup-copy", "postgres-backup-copy-prune"}
+    copied = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present", job_copy=S3_COPY, **egress)
+    assert copied.returncode == 0, copied
+    assert set(_cronjobs(kube_api, namespace)) == {"postgres-backup"} | copies
+    assert _network_policies(kube_api, namespace) == {job + "-egress" for job in {"postgres-backup"} | copies}
+    # Its retention dropped, then the copy itself: what the copy no longer needs goes, each time
+    # with the objects rendered with that CronJob (nothing of the copy kept running by itself).
+    unpruned = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present",
+                                         job_copy={k: v for k, v in S3_COPY.items() if k != "retention"}, **egress)
+    assert unpruned.returncode == 0, unpruned
+    assert set(_cronjobs(kube_api, namespace)) == {"postgres-backup", "postgres-backup-copy"}
+    assert "postgres-backup-copy-prune" not in {a.metadata.name for a in core.list_namespaced_service_account(namespace).items}
+    uncopied = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present", **egress)
+    assert uncopied.returncode == 0, uncopied
+    assert set(_cronjobs(kube_api, namespace)) == {"postgres-backup"}
+    assert _network_policies(kube_api, namespace) == {"postgres-backup-egress"}
+    assert not copies & {a.metadata.name for a in core.list_namespaced_service_account(namespace).items}
+
     # Removed while the play no longer asks for the policy: the policy recorded on the CronJob goes too.
     removed = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "absent")
     assert removed.returncode == 0 and removed.changed > 0, removed

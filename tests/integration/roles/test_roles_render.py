@@ -88,6 +88,10 @@ def assert_cronjobs_record_their_objects(manifests, velero_namespace="velero"):
                       for (kind, namespace, dummy), doc in manifests.items()
                       if kind not in ("CronJob", "Deployment")
                       and doc["metadata"].get("labels", {}).get("backup.biometrics.io/job") == name}
+        # ... and the job's offsite copy CronJobs, which carry their own job label
+        companions |= {("batch/v1", "CronJob", cronjob["metadata"]["namespace"], copy_name)
+                       for copy_name in (name + "-copy", name + "-copy-prune") if copy_name in cronjobs
+                       and cronjobs[copy_name]["metadata"]["labels"]["app.kubernetes.io/component"] == "copy"}
         assert _recorded_objects(cronjob) == companions, name
         assert len(objects_left_behind([cronjob], [cronjob], [velero_namespace])) == len(companions), name
 
@@ -553,6 +557,13 @@ def test_the_offsite_copy_of_a_restic_format_job_reads_its_repository(tmp_path):
         offsite_file, "/etc/biometrics-backup/secrets/offsite-s3/access_key",
         "/etc/biometrics-backup/secrets/offsite-s3/secret_key", "/etc/biometrics-backup/identity/identity"}
     assert drill.storage["restic_password_file"] == offsite_file
+    # The destination's prune opens the copies alone: the destination's credentials and the copies'
+    # password, none of the primary storage's Secrets, and still the lock check.
+    assert set(_secret_files(_pod(manifests, "redis-backup-copy-prune"))) == {
+        offsite_file, "/etc/biometrics-backup/secrets/offsite-s3/access_key",
+        "/etc/biometrics-backup/secrets/offsite-s3/secret_key"}
+    assert password_file in _secret_files(_pod(manifests, "redis-backup-copy"))
+    assert manifests[("Role", "biometrics", "redis-backup-copy-prune-restic-locks")]["rules"] == RESTIC_LOCK_RULES
     values["backup"]["offsite"]["resticPasswordSecret"] = "Not A Name"
     bad = tmp_path / "bad-name"
     bad.mkdir()
