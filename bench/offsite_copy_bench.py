@@ -11,10 +11,26 @@ unencrypted so the objects are exactly that size) at the first, then times, in o
   engine copy_backups(A, B) again                    in sync: nothing copied
 
 and prints the ratio engine / aws. ``aws`` is awscli from PyPI (``--aws PATH``, default the
-one on PATH); without it only the engine is timed. Numbers are printed, never judged.
+one on PATH); without it only the engine is timed.
+
+With ``--format restic`` the backups are restic-format snapshots (the job's repository at the
+first instance) and the stock anchor is restic's own copy between two repositories of that
+instance (restic 0.14 takes one set of S3 credentials for both, so that is the only place
+where it can copy):
+
+  restic init --from-repo A --copy-chunker-params; restic copy --from-repo A   (same instance)
+  restic check --read-data                        of that copy: the stock verified copy
+  engine copy_backups(A, A')                      same instance: restic copy through the
+                                                  engine's loopback repository server, every
+                                                  payload read back and hashed there
+  engine copy_backups(A, B)                       the offsite case, other credentials
+  engine copy_backups(A, B) again                 in sync: nothing copied
+
+Numbers are printed, never judged.
 
   python bench/offsite_copy_bench.py                 # 1 GiB in 4 backups
   python bench/offsite_copy_bench.py --size-mb 256 --aws /tmp/awscli/bin/aws
+  python bench/offsite_copy_bench.py --format restic
 """
 
 import argparse
@@ -24,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -71,16 +88,79 @@ def aws_copy(aws, source, destination, keys):
     return time.monotonic() - started
 
 
+def restic_copy(server, password, source_prefix, destination_prefix):
+    """restic's own copy of every snapshot between two repositories of ``server``, init included,
+    and then ``restic check --read-data`` of the copy: ``(copy seconds, check seconds)``."""
+    def url(prefix):
+        return "s3:%s/%s/%s" % (server.endpoint_url, server.bucket, prefix)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
+               AWS_DEFAULT_REGION=server.region, RESTIC_PASSWORD=password, RESTIC_FROM_PASSWORD=password,
+               RESTIC_CACHE_DIR=tempfile.mkdtemp(prefix="restic-cache-"))
+    source = ["--from-repo", url(source_prefix)]
+    started = time.monotonic()
+    subprocess.run(["restic", "-q", "-r", url(destination_prefix), "init", "--repository-version", "2",
+                    "--copy-chunker-params"] + source, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["restic", "-q", "-r", url(destination_prefix), "copy"] + source, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    copied = time.monotonic()
+    subprocess.run(["restic", "-q", "-r", url(destination_prefix), "check", "--read-data"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    checked = time.monotonic()
+    shutil.rmtree(env["RESTIC_CACHE_DIR"], ignore_errors=True)
+    return copied - started, checked - copied
+
+
+def timed_copy(source, destination, expected):
+    started = time.monotonic()
+    outcome = offsite.copy_backups(source, destination, JOB)
+    seconds = time.monotonic() - started
+    if not outcome["ok"] or len(outcome["copied"]) != expected:
+        raise SystemExit("the engine's copy did not complete: %s" % outcome)
+    return seconds
+
+
+def restic_main(args, base, first, second):
+    password = uuid.uuid4().hex
+
+    def restic_storage(server, prefix):
+        return open_storage(dict(server.storage_options(prefix=prefix), format="restic", restic_password=password))
+
+    source = restic_storage(first, "src")
+    manifests = make_backups(source, os.path.join(base, "data"), args.backups, args.size_mb)
+    total = sum(m["size_bytes"] for m in manifests)
+    print("source: %d restic-format backups, %.1f MiB" % (len(manifests), total / MIB), flush=True)
+    stock, check = restic_copy(first, password, "src/_restic/%s" % JOB, "stock")
+    print("restic init --copy-chunker-params + restic copy (same instance): %.1f s, %.1f MiB/s"
+          % (stock, total / MIB / stock), flush=True)
+    print("  + restic check --read-data of the copy: %.1f s (%.1f s in all)" % (check, stock + check), flush=True)
+    same = timed_copy(source, restic_storage(first, "engine"), len(manifests))
+    print("engine copy (same instance, loopback repository server, read back): %.1f s, %.1f MiB/s, "
+          "%.2f x restic copy, %.2f x restic copy + check"
+          % (same, total / MIB / same, same / stock, same / (stock + check)), flush=True)
+    offsite_storage = restic_storage(second, "engine")
+    other = timed_copy(source, offsite_storage, len(manifests))
+    print("engine copy (other instance, other credentials): %.1f s, %.1f MiB/s, %.2f x restic copy, "
+          "%.2f x restic copy + check" % (other, total / MIB / other, other / stock, other / (stock + check)),
+          flush=True)
+    started = time.monotonic()
+    again = offsite.copy_backups(source, offsite_storage, JOB)
+    print("engine copy in sync: %.2f s, changed=%s" % (time.monotonic() - started, again["changed"]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--backups", type=int, default=4)
+    parser.add_argument("--format", choices=("archive", "restic"), default="archive")
     parser.add_argument("--aws", default=shutil.which("aws"), help="awscli's aws (default: the one on PATH)")
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="offsite-bench-")
     first = second = None
     try:
         first, second = servers.start_s3(base), servers.start_s3(base)
+        if args.format == "restic":
+            restic_main(args, base, first, second)
+            return
         source = open_storage(first.storage_options(prefix="src"))
         manifests = make_backups(source, os.path.join(base, "data"), args.backups, args.size_mb)
         total = sum(m["size_bytes"] for m in manifests)
@@ -94,11 +174,7 @@ def main():
         else:
             print("aws not found (pip install awscli, or --aws PATH): engine only", flush=True)
         destination = open_storage(second.storage_options(prefix="engine"))
-        started = time.monotonic()
-        outcome = offsite.copy_backups(source, destination, JOB)
-        seconds = time.monotonic() - started
-        if not outcome["ok"] or len(outcome["copied"]) != len(manifests):
-            raise SystemExit("the engine's copy did not complete: %s" % outcome)
+        seconds = timed_copy(source, destination, len(manifests))
         print("engine copy (stream, hash, read back, manifest last): %.1f s, %.1f MiB/s%s" % (
             seconds, total / MIB / seconds, ", %.2f x aws" % (seconds / aws_seconds) if aws_seconds else ""))
         started = time.monotonic()

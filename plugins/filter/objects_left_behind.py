@@ -21,8 +21,10 @@ description:
     not render again, for example the C(<job>-egress) NetworkPolicy once the egress policy is turned
     off, the C(<job>-restic-locks) Role and RoleBinding once the lock check is, or the copy's CronJobs
     once the copy (or its C(retention)) is.
-  - A recorded CronJob returned this way brings the objects it recorded itself (its ServiceAccount,
-    egress policy, lock Role), listed before it, so that the record outlives the deletions it names.
+  - A recorded CronJob is returned only when it exists and is that job's offsite copy (component label
+    C(copy), the job's own ConfigMap mounted), and brings the objects it recorded itself (its
+    ServiceAccount, egress policy, lock Role), listed before it, so that the record outlives the
+    deletions it names. A job of its own that happens to be named C(<job>-copy) is never returned.
   - CronJobs this run does not render are left alone (removing whole jobs is another task's choice).
   - An entry is only returned when it names an object the job role itself renders for that job (the
     kind and the name derived from the job's name), so an edited annotation cannot point the
@@ -140,6 +142,22 @@ def _recorded(cronjob, rbac_namespaces):
     return keys
 
 
+def _copy_of(cronjob, job):
+    """Whether ``cronjob`` (as read, or None) is an offsite copy CronJob of ``job``: the copy's
+    component label and the job's own file mounted (copy.yml.j2). A job of its own named
+    ``<job>-copy`` is neither, and is never removed on the strength of another job's record."""
+    metadata = (cronjob or {}).get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") != "biometrics.backup" or labels.get("app.kubernetes.io/component") != "copy":
+        return False
+    try:
+        volumes = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"] or []
+    except (KeyError, TypeError):
+        return False
+    return any(isinstance(volume, dict) and (volume.get("configMap") or {}).get("name") == job + "-config"
+               for volume in volumes)
+
+
 def objects_left_behind(previous, manifests, rbac_namespaces=()):
     if not isinstance(previous, list) or not isinstance(manifests, list):
         raise AnsibleFilterError("objects_left_behind expects two lists (the CronJobs read before, the manifests now)")
@@ -164,10 +182,13 @@ def objects_left_behind(previous, manifests, rbac_namespaces=()):
         for key in _recorded(cronjob, rbac_namespaces):
             if key in rendered or key in seen:
                 continue
+            if key[1] == "CronJob":
+                copy = previous_jobs.get((key[2], key[3]))
+                if not _copy_of(copy, job):
+                    continue  # gone already, or a job of its own that happens to carry that name
+                seen.add(key)
+                leave(copy)  # its own objects first: a run stopped between keeps the record
             seen.add(key)
-            recorded_job = previous_jobs.get((key[2], key[3])) if key[1] == "CronJob" else None
-            if recorded_job is not None:
-                leave(recorded_job)  # its own objects first: a run stopped between keeps the record
             left.append({"api_version": key[0], "kind": key[1], "namespace": key[2], "name": key[3], "job": job})
 
     for where_name, cronjob in previous_jobs.items():

@@ -104,9 +104,19 @@ PRUNE = [["v1", "ServiceAccount", "backup", "db-copy-prune"],
 WITH_COPY = FULL + [["batch/v1", "CronJob", "backup", "db-copy"], ["batch/v1", "CronJob", "backup", "db-copy-prune"]]
 
 
+def _copy_cronjob(name, of, recorded, component="copy", namespace="backup"):
+    """A CronJob as copy.yml.j2 renders it: the copy's component, the copied job's file mounted."""
+    cronjob = _cronjob(name, namespace=namespace, recorded=recorded)
+    cronjob["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "biometrics.backup",
+                                     "app.kubernetes.io/component": component}
+    cronjob["spec"] = {"jobTemplate": {"spec": {"template": {"spec": {"volumes": [
+        {"name": "scratch", "emptyDir": {}}, {"name": "job-config", "configMap": {"name": of + "-config"}}]}}}}}
+    return cronjob
+
+
 def test_a_copy_turned_off_takes_its_cronjobs_and_their_objects_each_before_its_cronjob():
-    previous = [_cronjob("db", recorded=WITH_COPY), _cronjob("db-copy", recorded=COPY),
-                _cronjob("db-copy-prune", recorded=PRUNE)]
+    previous = [_cronjob("db", recorded=WITH_COPY), _copy_cronjob("db-copy", "db", COPY),
+                _copy_cronjob("db-copy-prune", "db", PRUNE)]
     now = [_cronjob("db")] + [_object(api, kind, name, ns) for api, kind, ns, name in FULL]
     left = objects_left_behind(previous, now)
     assert _names(left) == [
@@ -120,9 +130,20 @@ def test_a_copy_turned_off_takes_its_cronjobs_and_their_objects_each_before_its_
     copy_now = now + [_cronjob("db-copy")] + [_object(api, kind, name, ns) for api, kind, ns, name in COPY]
     assert _names(objects_left_behind(previous, copy_now))[-1] == ("CronJob", "backup", "db-copy-prune")
     assert ("CronJob", "backup", "db-copy") not in _names(objects_left_behind(previous, copy_now))
-    # A copy CronJob already gone (removed by hand) is still named once; nothing else is guessed.
-    assert _names(objects_left_behind(previous[:1], now)) == [
-        ("CronJob", "backup", "db-copy"), ("CronJob", "backup", "db-copy-prune")]
+    # A copy CronJob already gone (removed by hand): nothing to delete, nothing named.
+    assert objects_left_behind(previous[:1], now) == []
+
+
+@pytest.mark.parametrize("impostor", [
+    _copy_cronjob("db-copy", "db", COPY, component="postgres"),    # a job of its own named db-copy
+    _copy_cronjob("db-copy", "other", COPY),                       # another job's copy (its file)
+    _cronjob("db-copy", recorded=COPY),                            # no labels, no pod
+    dict(_copy_cronjob("db-copy", "db", COPY), spec={"jobTemplate": None}),
+])
+def test_a_recorded_cronjob_that_is_not_the_jobs_copy_is_left_alone(impostor):
+    previous = [_cronjob("db", recorded=WITH_COPY), impostor]
+    left = objects_left_behind(previous, [_cronjob("db")] + [_object(api, kind, name, ns) for api, kind, ns, name in FULL])
+    assert left == []
 
 
 @pytest.mark.parametrize("entry", [
@@ -132,14 +153,13 @@ def test_a_copy_turned_off_takes_its_cronjobs_and_their_objects_each_before_its_
     ["batch/v1", "CronJob", "elsewhere", "db-copy"],
 ])
 def test_only_the_jobs_own_copy_cronjobs_may_be_recorded(entry):
-    assert objects_left_behind([_cronjob("db", recorded=[entry])], [_cronjob("db")], ["elsewhere"]) == []
+    previous = [_cronjob("db", recorded=[entry]), _copy_cronjob(entry[3], "db", [], namespace=entry[2])]
+    assert objects_left_behind(previous, [_cronjob("db")], ["elsewhere"]) == []
 
 
-def test_a_loop_of_records_ends():
-    # db-copy recording db-copy-copy recording ... can only name longer names; a cycle is impossible,
-    # but a CronJob recorded twice is still left once.
+def test_a_cronjob_recorded_twice_is_left_once():
     previous = [_cronjob("db", recorded=[["batch/v1", "CronJob", "backup", "db-copy"]] * 2),
-                _cronjob("db-copy", recorded=[["batch/v1", "CronJob", "backup", "db-copy-copy"]]),
-                _cronjob("db-copy-copy", recorded=[])]
+                _copy_cronjob("db-copy", "db", [["batch/v1", "CronJob", "backup", "db-copy-copy"]]),
+                _copy_cronjob("db-copy-copy", "db-copy", [])]
     assert _names(objects_left_behind(previous, [_cronjob("db")])) == [
         ("CronJob", "backup", "db-copy-copy"), ("CronJob", "backup", "db-copy")]
