@@ -25,6 +25,12 @@ where it can copy):
                                                   payload read back and hashed there
   engine copy_backups(A, B)                       the offsite case, other credentials
   engine copy_backups(A, B) again                 in sync: nothing copied
+  one more backup, then restic copy (A to its copy) and the engine's copy (A to B) again:
+                                                  the daily case, one new backup into copies
+                                                  that hold the others
+
+The engine's copies also print their two phases: restic copy through the server, and the
+read-back of every payload (restic dump, hashed against the manifest).
 
 Numbers are printed, never judged.
 
@@ -39,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import contextlib
 import time
 import uuid
 
@@ -48,6 +55,7 @@ sys.path.insert(0, os.path.join(ROOT, "build", "collections"))
 
 import servers  # noqa: E402  pylint: disable=wrong-import-position
 from ansible_collections.biometrics.backup.plugins.module_utils.engine import offsite  # noqa: E402  pylint: disable=wrong-import-position
+from ansible_collections.biometrics.backup.plugins.module_utils.engine import resticstore  # noqa: E402  pylint: disable=wrong-import-position
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.backup import BackupRun  # noqa: E402  pylint: disable=wrong-import-position
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.kinds.files.source import FilesSource  # noqa: E402  pylint: disable=wrong-import-position
 from ansible_collections.biometrics.backup.plugins.module_utils.engine.storage.location import open_storage  # noqa: E402  pylint: disable=wrong-import-position
@@ -88,34 +96,62 @@ def aws_copy(aws, source, destination, keys):
     return time.monotonic() - started
 
 
-def restic_copy(server, password, source_prefix, destination_prefix):
-    """restic's own copy of every snapshot between two repositories of ``server``, init included,
-    and then ``restic check --read-data`` of the copy: ``(copy seconds, check seconds)``."""
+def restic_copy(server, password, source_prefix, destination_prefix, init=True, check=True):
+    """restic's own copy of every snapshot between two repositories of ``server`` (init first
+    unless ``init`` is false), then ``restic check --read-data`` of the copy unless ``check`` is
+    false: ``(copy seconds, check seconds)``. restic's default cache, as the engine's restic."""
+    def restic(*args):
+        # The options the engine gives restic for an S3 endpoint (engine/restic.py).
+        options = ["-o", "s3.bucket-lookup=path", "-o", "s3.region=%s" % server.region]
+        subprocess.run(["restic", "-q", "-r", url(destination_prefix)] + options + list(args), env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+
     def url(prefix):
         return "s3:%s/%s/%s" % (server.endpoint_url, server.bucket, prefix)
     env = dict(os.environ, AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key,
-               AWS_DEFAULT_REGION=server.region, RESTIC_PASSWORD=password, RESTIC_FROM_PASSWORD=password,
-               RESTIC_CACHE_DIR=tempfile.mkdtemp(prefix="restic-cache-"))
+               AWS_DEFAULT_REGION=server.region, RESTIC_PASSWORD=password, RESTIC_FROM_PASSWORD=password)
     source = ["--from-repo", url(source_prefix)]
     started = time.monotonic()
-    subprocess.run(["restic", "-q", "-r", url(destination_prefix), "init", "--repository-version", "2",
-                    "--copy-chunker-params"] + source, env=env, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["restic", "-q", "-r", url(destination_prefix), "copy"] + source, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    if init:
+        restic("init", "--repository-version", "2", "--copy-chunker-params", *source)
+    restic("copy", *source)
     copied = time.monotonic()
-    subprocess.run(["restic", "-q", "-r", url(destination_prefix), "check", "--read-data"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    checked = time.monotonic()
-    shutil.rmtree(env["RESTIC_CACHE_DIR"], ignore_errors=True)
-    return copied - started, checked - copied
+    if check:
+        restic("check", "--read-data")
+    return copied - started, time.monotonic() - copied
+
+
+@contextlib.contextmanager
+def phases():
+    """Seconds spent in the engine's two phases of a restic copy, summed over the call: the
+    snapshots' restic copy, and the read-back of the payloads."""
+    spent = {"copy": 0.0, "read back": 0.0}
+    originals = {"copy": resticstore.copy_snapshots, "read back": resticstore.verify_objects}
+
+    def timed(name):
+        def call(*args, **kwargs):
+            started = time.monotonic()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                spent[name] += time.monotonic() - started
+        return call
+    resticstore.copy_snapshots, resticstore.verify_objects = timed("copy"), timed("read back")
+    try:
+        yield spent
+    finally:
+        resticstore.copy_snapshots, resticstore.verify_objects = originals["copy"], originals["read back"]
 
 
 def timed_copy(source, destination, expected):
-    started = time.monotonic()
-    outcome = offsite.copy_backups(source, destination, JOB)
-    seconds = time.monotonic() - started
+    with phases() as spent:
+        started = time.monotonic()
+        outcome = offsite.copy_backups(source, destination, JOB)
+        seconds = time.monotonic() - started
     if not outcome["ok"] or len(outcome["copied"]) != expected:
         raise SystemExit("the engine's copy did not complete: %s" % outcome)
+    if spent["copy"]:
+        print("  (phases: restic copy %.1f s, read-back %.1f s)" % (spent["copy"], spent["read back"]), flush=True)
     return seconds
 
 
@@ -144,7 +180,16 @@ def restic_main(args, base, first, second):
           flush=True)
     started = time.monotonic()
     again = offsite.copy_backups(source, offsite_storage, JOB)
+    if not again["ok"] or again["copied"]:
+        raise SystemExit("the copy in sync copied or failed: %s" % again)
     print("engine copy in sync: %.2f s, changed=%s" % (time.monotonic() - started, again["changed"]))
+
+    # The daily case: one new backup, copied into repositories that hold the others.
+    newest = make_backups(source, os.path.join(base, "daily"), 1, max(args.size_mb // args.backups, 1))[0]
+    stock, dummy = restic_copy(first, password, "src/_restic/%s" % JOB, "stock", init=False, check=False)
+    print("one more backup (%.1f MiB): restic copy %.1f s" % (newest["size_bytes"] / MIB, stock), flush=True)
+    daily = timed_copy(source, offsite_storage, 1)
+    print("engine copy (other instance): %.1f s, %.2f x restic copy" % (daily, daily / stock), flush=True)
 
 
 def main():

@@ -21,11 +21,13 @@ description:
     not render again, for example the C(<job>-egress) NetworkPolicy once the egress policy is turned
     off, the C(<job>-restic-locks) Role and RoleBinding once the lock check is, or the copy's CronJobs
     once the copy (or its C(retention)) is.
-  - A recorded CronJob is returned only when it exists and is that job's offsite copy (component label
-    C(copy), the job's own ConfigMap mounted), and brings the objects it recorded itself (its
-    ServiceAccount, egress policy, lock Role), listed before it, so that the record outlives the
-    deletions it names. A job of its own that happens to be named C(<job>-copy) is never returned.
-  - CronJobs this run does not render are left alone (removing whole jobs is another task's choice).
+  - A recorded CronJob is returned only when it exists and looks like that job's offsite copy (managed
+    by the collection, component label C(copy), the job's own ConfigMap mounted), and brings the objects
+    it recorded itself (its ServiceAccount, egress policy, lock Role), listed before it, so that the
+    record outlives the deletions it names. A job of its own that happens to be named C(<job>-copy) is
+    not returned.
+  - Other CronJobs this run does not render (another play's jobs, jobs removed from the values) are left
+    alone: removing whole jobs is another task's choice.
   - An entry is only returned when it names an object the job role itself renders for that job (the
     kind and the name derived from the job's name), so an edited annotation cannot point the
     deploying identity at anything else.

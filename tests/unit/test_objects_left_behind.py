@@ -138,6 +138,8 @@ def test_a_copy_turned_off_takes_its_cronjobs_and_their_objects_each_before_its_
     _copy_cronjob("db-copy", "db", COPY, component="postgres"),    # a job of its own named db-copy
     _copy_cronjob("db-copy", "other", COPY),                       # another job's copy (its file)
     _cronjob("db-copy", recorded=COPY),                            # no labels, no pod
+    dict(_copy_cronjob("db-copy", "db", COPY), metadata={           # not managed by the collection
+        "name": "db-copy", "namespace": "backup", "labels": {"app.kubernetes.io/component": "copy"}}),
     dict(_copy_cronjob("db-copy", "db", COPY), spec={"jobTemplate": None}),
 ])
 def test_a_recorded_cronjob_that_is_not_the_jobs_copy_is_left_alone(impostor):
