@@ -27,7 +27,7 @@ description:
     record outlives the deletions it names. A job of its own that happens to be named C(<job>-copy) is
     not returned.
   - Other CronJobs this run does not render (another play's jobs, jobs removed from the values) are left
-    alone: removing whole jobs is another task's choice.
+    alone; removing whole jobs is another task's choice.
   - An entry is only returned when it names an object the job role itself renders for that job (the
     kind and the name derived from the job's name), so an edited annotation cannot point the
     deploying identity at anything else.
