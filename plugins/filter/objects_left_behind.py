@@ -184,13 +184,12 @@ def objects_left_behind(previous, manifests, rbac_namespaces=()):
         for key in _recorded(cronjob, rbac_namespaces):
             if key in rendered or key in seen:
                 continue
-            if key[1] == "CronJob":
-                copy = previous_jobs.get((key[2], key[3]))
-                if not _copy_of(copy, job):
-                    continue  # gone already, or a job of its own that happens to carry that name
-                seen.add(key)
-                leave(copy)  # its own objects first: a run stopped between keeps the record
+            copy = previous_jobs.get((key[2], key[3])) if key[1] == "CronJob" else None
+            if key[1] == "CronJob" and not _copy_of(copy, job):
+                continue  # gone already, or a job of its own that happens to carry that name
             seen.add(key)
+            if copy is not None:
+                leave(copy)  # its own objects first: a run stopped between keeps the record
             left.append({"api_version": key[0], "kind": key[1], "namespace": key[2], "name": key[3], "job": job})
 
     for where_name, cronjob in previous_jobs.items():
