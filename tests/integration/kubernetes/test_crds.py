@@ -105,3 +105,14 @@ def test_velero_backup_valid_and_invalid(kube_api, kube_namespace):
     assert refused.value.status == 422
     assert objects.get_namespaced_custom_object(*VELERO, kube_namespace, "backups", "nightly")["status"] == {
         "phase": "Completed"}
+
+    # Velero 1.17 and later queue a new Backup before starting it.
+    _create(kube_api, kube_namespace, VELERO, "backups", dict(backup, metadata={"name": "queued"}))
+    for phase in ("Queued", "ReadyToStart"):
+        patched = objects.patch_namespaced_custom_object(*VELERO, kube_namespace, "backups", "queued",
+                                                         {"status": {"phase": phase, "queuePosition": 2}})
+        assert patched["status"] == {"phase": phase, "queuePosition": 2}
+    with pytest.raises(ApiException) as refused:
+        objects.patch_namespaced_custom_object(*VELERO, kube_namespace, "backups", "queued",
+                                               {"status": {"queuePosition": "second"}})
+    assert refused.value.status == 422 and "queuePosition" in refused.value.body

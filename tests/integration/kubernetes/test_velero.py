@@ -196,6 +196,17 @@ def test_a_backup_that_never_finishes_times_out(kube_cluster, kube_api, velero_n
     assert Catalog(storage).scan(JOB) == []
 
 
+def test_a_backup_left_in_veleros_queue_times_out_with_the_reason(kube_cluster, kube_api, velero_namespace, storage):
+    script = [(0.1, {"phase": "Queued", "queuePosition": 3})]
+    source = VeleroSource(options(kube_cluster, velero_namespace, timeout=2))
+    with pytest.raises(SourceError) as failure:
+        run_with_server(kube_api, velero_namespace, script, source, storage)
+    message = str(failure.value)
+    assert "still Queued after 2s; it was left for Velero to finish (queue position 3)" in message, message
+    assert "--concurrent-backups" in message and "restarting the Velero server" in message, message
+    assert Catalog(storage).scan(JOB) == []
+
+
 def test_bad_options_and_missing_places_are_named(kube_cluster, storage):
     with pytest.raises(ConfigError, match="include_namespaces"):
         VeleroSource({"kubeconfig": kube_cluster.kubeconfig})

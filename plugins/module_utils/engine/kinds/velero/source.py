@@ -68,6 +68,15 @@ def backup_name(prefix, moment):
     return "%s-%s" % (cleaned, moment.strftime("%Y%m%d%H%M%S"))
 
 
+def _queued_hint(backup):
+    """Why a Backup can sit in Velero's queue, for a run that gave up waiting on it."""
+    position = (backup.get("status") or {}).get("queuePosition")
+    return (" (queue position %s). Velero starts a queued backup only while fewer than --concurrent-backups "
+            "(default 1) run and no earlier unfinished backup covers one of its namespaces: `velero backup get` "
+            "shows what is ahead of it; when nothing is, restarting the Velero server lets the queue move"
+            % (position if isinstance(position, int) else "unknown"))
+
+
 class VeleroSource(Source):
     kind = "velero"
     SCHEMA = SCHEMA
@@ -163,8 +172,9 @@ class VeleroSource(Source):
                                   "still empty): is Velero running and watching namespace %s?"
                                   % (self.velero_namespace, name, self.pickup_timeout, self.velero_namespace))
             if waited >= self.timeout:
-                raise SourceError("velero: backup %s/%s still %s after %ds; it was left for Velero to finish"
-                                  % (self.velero_namespace, name, phase or "without a phase", self.timeout))
+                raise SourceError("velero: backup %s/%s still %s after %ds; it was left for Velero to finish%s"
+                                  % (self.velero_namespace, name, phase or "without a phase", self.timeout,
+                                     _queued_hint(current) if phase == "Queued" else ""))
             self.sleep(min(self.poll_interval, max(0.05, self.timeout - waited)))
             current = self._read(name)
 
