@@ -106,7 +106,7 @@ def test_velero_backup_valid_and_invalid(kube_api, kube_namespace):
     assert objects.get_namespaced_custom_object(*VELERO, kube_namespace, "backups", "nightly")["status"] == {
         "phase": "Completed"}
 
-    # Velero 1.17 and later queue a new Backup before starting it.
+    # Velero 1.18 queues a new Backup before starting it.
     _create(kube_api, kube_namespace, VELERO, "backups", dict(backup, metadata={"name": "queued"}))
     for phase in ("Queued", "ReadyToStart"):
         patched = objects.patch_namespaced_custom_object(*VELERO, kube_namespace, "backups", "queued",

@@ -203,7 +203,7 @@ def test_a_backup_left_in_veleros_queue_times_out_with_the_reason(kube_cluster, 
         run_with_server(kube_api, velero_namespace, script, source, storage)
     message = str(failure.value)
     assert "still Queued after 2s; it was left for Velero to finish (queue position 3)" in message, message
-    assert "--concurrent-backups" in message and "restarting the Velero server" in message, message
+    assert "--concurrent-backups" in message and "restarting the Velero server clears it" in message, message
     assert Catalog(storage).scan(JOB) == []
 
 

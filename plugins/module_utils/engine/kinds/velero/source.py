@@ -72,8 +72,10 @@ def _queued_hint(backup):
     """Why a Backup can sit in Velero's queue, for a run that gave up waiting on it."""
     position = (backup.get("status") or {}).get("queuePosition")
     return (" (queue position %s). Velero starts a queued backup only while fewer than --concurrent-backups "
-            "(default 1) run and no earlier unfinished backup covers one of its namespaces: `velero backup get` "
-            "shows what is ahead of it; when nothing is, restarting the Velero server lets the queue move"
+            "(default 1) backups are ReadyToStart or InProgress, and none of them nor an earlier Queued one covers "
+            "one of its namespaces (see `velero backup get`). When no such backup exists, Velero's in-memory count "
+            "is stuck (velero-io/velero#10519, up to 1.18.3): restarting the Velero server clears it, and fails "
+            "any backup InProgress at that moment"
             % (position if isinstance(position, int) else "unknown"))
 
 
