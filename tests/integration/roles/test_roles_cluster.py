@@ -421,6 +421,49 @@ def _restic_postgres_values(namespace):
     return values
 
 
+def test_a_copy_turned_off_goes_with_what_it_recorded_announced_once_in_check_mode(
+        kube_cluster, kube_api, make_kube_namespace, tmp_path):
+    """backup.offsite dropped from the values: the copy's CronJobs go with the objects they
+    recorded. Check mode announces each once (before, the removal of jobs no longer in the
+    values announced the copy's objects a second time)."""
+    namespace = make_kube_namespace("roles-copy-off")
+    values = _restic_postgres_values(namespace)
+    values["backup"]["offsite"] = {
+        "schedule": "30 4 * * *", "credentialsSecret": "offsite-s3", "retention": {"monthly": 12, "minKeep": 2},
+        "storage": {"backend": "s3", "s3": {"bucket": "biometrics-offsite", "endpoint": "https://s3.site-b.example",
+                                            "region": "eu-north-1", "prefix": "biometrics/"}}}
+    secrets = {"storage_restic_password": "restic-" + uuid.uuid4().hex}
+    copies = {"postgres-backup-copy", "postgres-backup-copy-prune"}
+    core = kubernetes.client.CoreV1Api(kube_api)
+
+    def labelled_copies():
+        selector = "backup.biometrics.io/job in (%s)" % ",".join(sorted(copies))
+        return (set(_cronjobs(kube_api, namespace)) & copies,
+                {a.metadata.name for a in core.list_namespaced_service_account(namespace, label_selector=selector).items})
+
+    first = run_site(values, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert first.returncode == 0, first
+    assert labelled_copies() == (copies, copies)
+
+    without = copy.deepcopy(values)
+    del without["backup"]["offsite"]
+    preview = run_site(without, tmp_path, env=kube_cluster.env, extra_vars=secrets, args=("--check",))
+    assert preview.returncode == 0, preview
+    announced = [line for line in preview.output.splitlines() if line.startswith("changed:") and "-copy" in line]
+    for name in copies:
+        assert sum("(item=postgres-backup: CronJob/%s)" % name in line for line in announced) == 1, announced
+        # The label of the task that removes jobs no longer in the values: "<job> <Kind>".
+        assert not [line for line in announced if "(item=%s " % name in line], announced
+    assert labelled_copies() == (copies, copies)
+
+    second = run_site(without, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert second.returncode == 0, second
+    assert labelled_copies() == (set(), set())
+    assert "postgres-backup" in _cronjobs(kube_api, namespace)
+    again = run_site(without, tmp_path, env=kube_cluster.env, extra_vars=secrets)
+    assert again.returncode == 0 and again.changed == 0, again
+
+
 def test_a_job_moved_back_from_restic_keeps_reading_its_restic_backups(kube_cluster, kube_api,
                                                                        make_kube_namespace, tmp_path):
     """A job moved from the restic format back to archives still has restic backups: its job file
