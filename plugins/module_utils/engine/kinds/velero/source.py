@@ -73,9 +73,10 @@ def _queued_hint(backup):
     position = (backup.get("status") or {}).get("queuePosition")
     return (" (queue position %s). Velero starts a queued backup only while fewer than --concurrent-backups "
             "(default 1) backups are ReadyToStart or InProgress, and none of them nor an earlier Queued one covers "
-            "one of its namespaces (see `velero backup get`). When no such backup exists, Velero's in-memory count "
-            "is stuck (velero-io/velero#10519, up to 1.18.3): restarting the Velero server clears it, and fails "
-            "any backup InProgress at that moment"
+            "one of its namespaces (see `velero backup get`). When no backup is ReadyToStart or InProgress and the "
+            "queue has not moved for more than a minute, Velero's in-memory count is stuck (velero-io/velero#10519, "
+            "up to 1.18.3): restarting the Velero server clears it, and fails any backup or restore InProgress at "
+            "that moment"
             % (position if isinstance(position, int) else "unknown"))
 
 
