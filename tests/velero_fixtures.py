@@ -135,7 +135,7 @@ class CrdInstaller:
 class VeleroServer:
     """A running ``velero server``: its namespace, bucket, location and how to reach them."""
 
-    def __init__(self, kube_api, s3, namespace, bucket, work_dir, process, binary):
+    def __init__(self, kube_api, s3, namespace, bucket, work_dir, process, binary, metrics_url):
         import kubernetes  # pylint: disable=import-outside-toplevel
         self.objects = kubernetes.client.CustomObjectsApi(kube_api)
         self.s3 = s3
@@ -145,7 +145,7 @@ class VeleroServer:
         self.process = process
         self.binary = binary
         self.startup_seconds = 0.0
-        self.metrics_url = None
+        self.metrics_url = metrics_url
 
     @property
     def log_path(self):
@@ -254,9 +254,9 @@ def velero_server(kube_cluster, kube_api, s3_server):
              "--profiler-address", "%s:%d" % (LOOPBACK, profiler_port),
              "--log-level", "info"],
             os.path.join(work_dir, "velero.log"), env=env, cwd=work_dir)
-        server = VeleroServer(kube_api, s3_server, namespace, bucket, work_dir, process, velero)
+        server = VeleroServer(kube_api, s3_server, namespace, bucket, work_dir, process, velero,
+                              "http://%s:%d/metrics" % (LOOPBACK, metrics_port))
         server.location("default", bucket, default=True)
-        server.metrics_url = "http://%s:%d/metrics" % (LOOPBACK, metrics_port)
         try:
             process.start()
         except ServerStartError as exc:
