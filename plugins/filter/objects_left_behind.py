@@ -31,18 +31,14 @@ description:
   - An entry is only returned when it names an object the job role itself renders for that job (the
     kind and the name derived from the job's name), so an edited annotation cannot point the
     deploying identity at anything else.
-positional: _input, manifests, rbac_namespaces
+  - The job's own Role and RoleBinding recorded in a namespace neither the CronJob's nor in
+    C(rbac_namespaces) (Velero's namespace before the values moved it) are returned only when read
+    (C(rbac_elsewhere), the objects C(biometrics.backup.rbac_recorded_elsewhere) names) and made by
+    the collection for that job (its labels, and the job's ServiceAccount as the binding's only subject).
+positional: _input, manifests, rbac_namespaces, rbac_elsewhere
+extends_documentation_fragment:
+  - biometrics.backup.recorded_objects
 options:
-  _input:
-    description: The CronJobs as read before the apply (the C(resources) of M(kubernetes.core.k8s_info)).
-    type: list
-    elements: dict
-    required: true
-  manifests:
-    description: What this run applies or removes, as mappings or as YAML text holding one or more documents.
-    type: list
-    elements: raw
-    required: true
   rbac_namespaces:
     description:
       - Other namespaces in which a job's own Role and RoleBinding (named like the job) may be removed,
@@ -50,6 +46,13 @@ options:
     type: list
     elements: str
     default: []
+  rbac_elsewhere:
+    description:
+      - The Roles and RoleBindings read in other namespaces, as objects or as the registered results of
+        M(kubernetes.core.k8s_info) run over what C(biometrics.backup.rbac_recorded_elsewhere) returns.
+      - Without it, what a job recorded outside its namespace and C(rbac_namespaces) is never returned.
+    type: list
+    elements: dict
 """
 
 EXAMPLES = r"""
@@ -62,6 +65,8 @@ EXAMPLES = r"""
       - app.kubernetes.io/managed-by=biometrics.backup
   register: previous
 
+# elsewhere: the jobs' RBAC recorded outside these namespaces, read as in the example of the
+# biometrics.backup.rbac_recorded_elsewhere filter (leave it out to keep what lives there).
 - name: Remove what the jobs applied since no longer render
   kubernetes.core.k8s:
     state: absent
@@ -69,7 +74,7 @@ EXAMPLES = r"""
     kind: "{{ item.kind }}"
     namespace: "{{ item.namespace }}"
     name: "{{ item.name }}"
-  loop: "{{ previous.resources | biometrics.backup.objects_left_behind(applied_manifests, ['velero']) }}"
+  loop: "{{ previous.resources | biometrics.backup.objects_left_behind(applied_manifests, ['velero'], elsewhere.results) }}"
 """
 
 RETURN = r"""
@@ -119,10 +124,11 @@ def _documents(manifests):
                                      % type(manifest).__name__)
 
 
-def _recorded(cronjob, rbac_namespaces):
-    """The entries of a CronJob's annotation that name one of its own companions, as keys."""
+def _companions(cronjob):
+    """The entries of a CronJob's annotation that name one of its own companions (kind, and name
+    derived from the job's), as keys, wherever they are recorded."""
     metadata = cronjob.get("metadata") or {}
-    job, namespace = metadata.get("name"), metadata.get("namespace")
+    job = metadata.get("name")
     text = (metadata.get("annotations") or {}).get(ANNOTATION)
     if not text or not job:
         return []
@@ -138,10 +144,41 @@ def _recorded(cronjob, rbac_namespaces):
         expected = _COMPANIONS.get(kind)
         if expected is None or api_version != expected[0] or name not in [job + suffix for suffix in expected[1]]:
             continue
-        if where != namespace and not (kind in ("Role", "RoleBinding") and name == job and where in rbac_namespaces):
-            continue
         keys.append((api_version, kind, where, name))
     return keys
+
+
+def _elsewhere(key, cronjob, rbac_namespaces):
+    """Whether ``key`` is the job's own Role or RoleBinding recorded outside the CronJob's namespace
+    and the namespaces given: for example in Velero's namespace as it was before the values moved it."""
+    metadata = cronjob["metadata"]
+    return (key[1] in ("Role", "RoleBinding") and key[3] == metadata["name"]
+            and key[2] != metadata.get("namespace") and key[2] not in rbac_namespaces)
+
+
+def _binds_only(binding, job, namespace):
+    """Whether a RoleBinding (as read) grants the job's Role to the job's ServiceAccount and nobody else."""
+    subjects = binding.get("subjects") or []
+    return ((binding.get("roleRef") or {}).get("kind") == "Role" and (binding.get("roleRef") or {}).get("name") == job
+            and len(subjects) > 0
+            and all(isinstance(s, dict) and s.get("kind") == "ServiceAccount" and s.get("name") == job
+                    and s.get("namespace") == namespace for s in subjects))
+
+
+def _made_for(key, cronjob, found_elsewhere):
+    """Whether the object ``key`` names, as read (``found_elsewhere``), is the one the job role made
+    for this CronJob's job: the collection's labels for that job and, for the binding (or the Role's
+    binding, when one of that name exists there), the job's own ServiceAccount as its only subject.
+    A job of the same name in another namespace sharing that Role keeps it."""
+    job, namespace = cronjob["metadata"]["name"], cronjob["metadata"].get("namespace")
+    found = found_elsewhere.get((key[1], key[2], key[3]))
+    if found is None:
+        return False  # gone already, or not read: nothing is removed unseen
+    labels = (found.get("metadata") or {}).get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") != "biometrics.backup" or labels.get("backup.biometrics.io/job") != job:
+        return False
+    binding = found if key[1] == "RoleBinding" else found_elsewhere.get(("RoleBinding", key[2], key[3]))
+    return binding is None or _binds_only(binding, job, namespace)
 
 
 def _copy_of(cronjob, job):
@@ -160,11 +197,14 @@ def _copy_of(cronjob, job):
                for volume in volumes)
 
 
-def objects_left_behind(previous, manifests, rbac_namespaces=()):
+def _left(previous, manifests, rbac_namespaces, found_elsewhere, unread, name):
+    """What the CronJobs in ``previous`` that ``manifests`` render again recorded and no longer
+    render, as ``objects_left_behind`` returns it. The job's own RBAC recorded outside
+    ``rbac_namespaces`` and not yet read (not in ``found_elsewhere``) goes to ``unread`` instead."""
     if not isinstance(previous, list) or not isinstance(manifests, list):
-        raise AnsibleFilterError("objects_left_behind expects two lists (the CronJobs read before, the manifests now)")
+        raise AnsibleFilterError("%s expects two lists (the CronJobs read before, the manifests now)" % name)
     if isinstance(rbac_namespaces, string_types) or not all(isinstance(ns, string_types) for ns in rbac_namespaces):
-        raise AnsibleFilterError("objects_left_behind: rbac_namespaces must be a list of namespace names")
+        raise AnsibleFilterError("%s: rbac_namespaces must be a list of namespace names" % name)
     rendered = set()
     rendered_jobs = set()
     for document in _documents(manifests):
@@ -181,9 +221,18 @@ def objects_left_behind(previous, manifests, rbac_namespaces=()):
 
     def leave(cronjob):
         job = cronjob["metadata"]["name"]
-        for key in _recorded(cronjob, rbac_namespaces):
+        for key in _companions(cronjob):
             if key in rendered or key in seen:
                 continue
+            if _elsewhere(key, cronjob, rbac_namespaces):
+                if (key[1], key[2], key[3]) not in found_elsewhere:
+                    unread.append({"api_version": key[0], "kind": key[1], "namespace": key[2], "name": key[3], "job": job})
+                    continue
+                if not _made_for(key, cronjob, found_elsewhere):
+                    continue
+            elif key[2] != cronjob["metadata"].get("namespace") and not (
+                    key[1] in ("Role", "RoleBinding") and key[3] == job):
+                continue  # only the job's own RBAC may live in another namespace
             copy = previous_jobs.get((key[2], key[3])) if key[1] == "CronJob" else None
             if key[1] == "CronJob" and not _copy_of(copy, job):
                 continue  # gone already, or a job of its own that happens to carry that name
@@ -196,6 +245,32 @@ def objects_left_behind(previous, manifests, rbac_namespaces=()):
         if where_name in rendered_jobs:
             leave(cronjob)
     return left
+
+
+def _found_index(rbac_elsewhere):
+    """The Roles and RoleBindings read elsewhere (the objects, or M(kubernetes.core.k8s_info) results
+    holding them) by (kind, namespace, name)."""
+    if not isinstance(rbac_elsewhere, list):
+        raise AnsibleFilterError("objects_left_behind: rbac_elsewhere must be a list of the objects read")
+    index = {}
+    for item in rbac_elsewhere:
+        objects = item.get("resources", []) if isinstance(item, dict) and "metadata" not in item else [item]
+        for found in objects if isinstance(objects, list) else []:
+            metadata = (found.get("metadata") if isinstance(found, dict) else None) or {}
+            if found.get("kind") in ("Role", "RoleBinding") and metadata.get("name"):
+                index[(found["kind"], metadata.get("namespace"), metadata["name"])] = found
+    return index
+
+
+def objects_left_behind(previous, manifests, rbac_namespaces=(), rbac_elsewhere=None):
+    found = _found_index(rbac_elsewhere) if rbac_elsewhere is not None else {}
+    return _left(previous, manifests, rbac_namespaces, found, [], "objects_left_behind")
+
+
+def rbac_recorded_elsewhere(previous, manifests, rbac_namespaces=()):
+    unread = []
+    _left(previous, manifests, rbac_namespaces, {}, unread, "rbac_recorded_elsewhere")
+    return unread
 
 
 class FilterModule(object):

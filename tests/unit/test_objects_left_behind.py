@@ -7,7 +7,9 @@ import yaml
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.biometrics.backup.plugins.filter.objects_left_behind import (
-    ANNOTATION, FilterModule, objects_left_behind)
+    ANNOTATION, FilterModule, objects_left_behind, rbac_recorded_elsewhere)
+from ansible_collections.biometrics.backup.plugins.filter.rbac_recorded_elsewhere import (
+    FilterModule as RbacFilterModule)
 
 RBAC = "rbac.authorization.k8s.io/v1"
 
@@ -165,3 +167,74 @@ def test_a_cronjob_recorded_twice_is_left_once():
                 _copy_cronjob("db-copy-copy", "db-copy", [])]
     assert _names(objects_left_behind(previous, [_cronjob("db")])) == [
         ("CronJob", "backup", "db-copy-copy"), ("CronJob", "backup", "db-copy")]
+
+
+# The Velero job's Role and RoleBinding once the values move Velero's namespace from "velero-old".
+MOVED = [[RBAC, "Role", "velero-old", "pvc-backup"], [RBAC, "RoleBinding", "velero-old", "pvc-backup"]]
+LABELS = {"app.kubernetes.io/managed-by": "biometrics.backup", "backup.biometrics.io/job": "pvc-backup"}
+
+
+def _read(kind, name="pvc-backup", namespace="velero-old", labels=None, subjects=None):
+    """A Role or RoleBinding as the API returns it, by default as the job role makes it for pvc-backup."""
+    found = {"apiVersion": RBAC, "kind": kind,
+             "metadata": {"name": name, "namespace": namespace, "labels": LABELS if labels is None else labels}}
+    if kind == "RoleBinding":
+        found["roleRef"] = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+        found["subjects"] = [{"kind": "ServiceAccount", "name": "pvc-backup", "namespace": "backup"}] \
+            if subjects is None else subjects
+    return found
+
+
+def test_rbac_in_a_namespace_no_longer_named_is_read_first():
+    previous = [_cronjob("pvc-backup", recorded=MOVED + [["v1", "ServiceAccount", "backup", "pvc-backup"]])]
+    now = [_cronjob("pvc-backup"), _object("v1", "ServiceAccount", "pvc-backup")]
+    assert _names(rbac_recorded_elsewhere(previous, now, ["velero"])) == [
+        ("Role", "velero-old", "pvc-backup"), ("RoleBinding", "velero-old", "pvc-backup")]
+    # Not read, not removed; still in the namespaces given, nothing to read.
+    assert objects_left_behind(previous, now, ["velero"]) == []
+    assert rbac_recorded_elsewhere(previous, now, ["velero-old"]) == []
+    # Only the job's own RBAC is ever read: the lock Role never lives elsewhere.
+    assert rbac_recorded_elsewhere([_cronjob("pvc-backup", recorded=[[RBAC, "Role", "x", "pvc-backup-restic-locks"]])],
+                                   now, ["velero"]) == []
+
+
+def test_rbac_elsewhere_made_for_the_job_is_removed_as_read_or_from_k8s_info_results():
+    previous = [_cronjob("pvc-backup", recorded=MOVED)]
+    now = [_cronjob("pvc-backup")]
+    read = [_read("Role"), _read("RoleBinding")]
+    expected = [("Role", "velero-old", "pvc-backup"), ("RoleBinding", "velero-old", "pvc-backup")]
+    assert _names(objects_left_behind(previous, now, ["velero"], read)) == expected
+    results = [{"changed": False, "resources": [found], "item": {}} for found in read]
+    assert _names(objects_left_behind(previous, now, ["velero"], results)) == expected
+    # Gone already (k8s_info found nothing): nothing to remove.
+    assert objects_left_behind(previous, now, ["velero"], [{"resources": []}, {"resources": []}]) == []
+
+
+@pytest.mark.parametrize("read, left", [
+    # Not the collection's, or another job's: kept.
+    ([_read("Role", labels={}), _read("RoleBinding", labels={})], []),
+    ([_read("Role", labels=dict(LABELS, **{"backup.biometrics.io/job": "other"})), _read("RoleBinding")],
+     [("RoleBinding", "velero-old", "pvc-backup")]),
+    # A binding that also grants someone else (a job of that name in another namespace): both kept.
+    ([_read("Role"), _read("RoleBinding", subjects=[
+        {"kind": "ServiceAccount", "name": "pvc-backup", "namespace": "backup"},
+        {"kind": "ServiceAccount", "name": "pvc-backup", "namespace": "backup-two"}])], []),
+    ([_read("Role"), _read("RoleBinding", subjects=[
+        {"kind": "ServiceAccount", "name": "pvc-backup", "namespace": "backup-two"}])], []),
+    ([_read("Role"), _read("RoleBinding", subjects=[])], []),
+    # Only the Role is left: labels decide.
+    ([_read("Role")], [("Role", "velero-old", "pvc-backup")]),
+    # An object read elsewhere than recorded proves nothing.
+    ([_read("Role", namespace="velero-other"), _read("RoleBinding", namespace="velero-other")], []),
+])
+def test_rbac_elsewhere_not_made_for_the_job_is_kept(read, left):
+    assert _names(objects_left_behind([_cronjob("pvc-backup", recorded=MOVED)], [_cronjob("pvc-backup")],
+                                      ["velero"], read)) == left
+
+
+def test_rbac_elsewhere_must_be_a_list():
+    with pytest.raises(AnsibleFilterError, match="rbac_elsewhere"):
+        objects_left_behind([], [], ["velero"], {"resources": []})
+    with pytest.raises(AnsibleFilterError, match="rbac_recorded_elsewhere: rbac_namespaces"):
+        rbac_recorded_elsewhere([], [], "velero")
+    assert RbacFilterModule().filters()["rbac_recorded_elsewhere"] is rbac_recorded_elsewhere

@@ -39,7 +39,8 @@ def deployed(kube_cluster, kube_api, tmp_path_factory):
     values = _values(namespace)
     first = run_site(values, tmp_path, env=kube_cluster.env)
     assert first.returncode == 0, first
-    yield {"namespace": namespace, "values": values, "first": first, "env": kube_cluster.env, "tmp": tmp_path}
+    yield {"namespace": namespace, "values": values, "first": first, "env": kube_cluster.env, "tmp": tmp_path,
+           "kube_cluster": kube_cluster}
     core.delete_namespace(namespace + "-velero")
     core.delete_namespace(namespace)
 
@@ -135,6 +136,48 @@ def test_a_job_removed_from_the_values_is_removed_with_its_rbac(deployed, kube_a
     assert "k8s-resources-backup" not in {r.metadata.name for r in rbac.list_namespaced_role(namespace).items}
 
 
+def test_the_velero_jobs_rbac_follows_velero_to_its_new_namespace(deployed, kube_api):
+    """veleroNamespace moved: the Velero job's Role and RoleBinding in the old namespace go (they
+    kept granting its ServiceAccount Backups there); check mode only announces them."""
+    namespace, old = deployed["namespace"], deployed["namespace"] + "-velero"
+    values = copy.deepcopy(deployed["values"])
+    del values["redis"]  # as the test before left it: nothing else to converge
+    del values["backup"]["schedule"]["redis"]
+    values["backup"]["resources"] = {"enabled": False}
+    values["backup"]["pvc"]["veleroNamespace"] = new = namespace + "-velero-moved"
+    core = kubernetes.client.CoreV1Api(kube_api)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
+    core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=new)))
+    # Another RoleBinding in the old namespace, granting the job's Role to somebody else: not the job's.
+    rbac.create_namespaced_role_binding(old, kubernetes.client.V1RoleBinding(
+        metadata=kubernetes.client.V1ObjectMeta(name="someone-else", labels={
+            "app.kubernetes.io/managed-by": "biometrics.backup", "backup.biometrics.io/job": "biometrics-data-backup"}),
+        role_ref=kubernetes.client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="biometrics-data-backup"),
+        subjects=[kubernetes.client.RbacV1Subject(kind="ServiceAccount", name="default", namespace=namespace)]))
+
+    def rbac_in(where):
+        return ({r.metadata.name for r in rbac.list_namespaced_role(where).items},
+                {b.metadata.name for b in rbac.list_namespaced_role_binding(where).items})
+
+    try:
+        assert rbac_in(old) == ({"biometrics-data-backup"}, {"biometrics-data-backup", "someone-else"})
+        preview = run_site(values, deployed["tmp"], env=deployed["env"], args=("--check",))
+        assert preview.returncode == 0, preview
+        for kind in ("Role", "RoleBinding"):  # the removal, not the read (whose label names the namespace)
+            assert "changed: [localhost] => (item=biometrics-data-backup: %s/biometrics-data-backup)" % kind \
+                in preview.output, preview
+        assert rbac_in(old) == ({"biometrics-data-backup"}, {"biometrics-data-backup", "someone-else"})
+
+        moved = run_site(values, deployed["tmp"], env=deployed["env"])
+        assert moved.returncode == 0, moved
+        assert rbac_in(old) == (set(), {"someone-else"})
+        assert rbac_in(new) == ({"biometrics-data-backup"}, {"biometrics-data-backup"})
+        assert _can_i(deployed["kube_cluster"], namespace, "biometrics-data-backup", "create", "backups.velero.io", new)
+        assert not _can_i(deployed["kube_cluster"], namespace, "biometrics-data-backup", "create", "backups.velero.io", old)
+    finally:
+        core.delete_namespace(new)
+
+
 def test_no_secret_in_ansible_output(kube_cluster, make_kube_namespace, tmp_path):
     namespace = make_kube_namespace("roles-s3")
     # Storage and one job are enough to see what Ansible prints about the credentials.
@@ -170,8 +213,9 @@ def test_no_secret_in_ansible_output(kube_cluster, make_kube_namespace, tmp_path
     assert base64.b64decode(stored("backup-restic-password", "password")).decode() == restic_password
 
 
-def _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state, **job_vars):
-    """storage + postgres in a play of their own (no umbrella role): the job applies or removes itself."""
+def _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state, kind="postgres", **job_vars):
+    """storage + a kind role (postgres unless told) in a play of their own (no umbrella role): the job
+    applies or removes itself."""
     playbook = tmp_path / ("standalone-%s-%d.yml" % (state, len(list(tmp_path.glob("standalone-*")))))
     playbook.write_text(yaml.safe_dump([{
         "name": "A kind role without the umbrella role",
@@ -179,8 +223,8 @@ def _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state, **job_va
         "tasks": [
             {"name": "Storage", "ansible.builtin.include_role": {"name": "biometrics.backup.storage"},
              "vars": {"storage_namespace": namespace, "storage_encryption_enabled": False}},
-            {"name": "PostgreSQL job", "ansible.builtin.include_role": {"name": "biometrics.backup.postgres"},
-             "vars": dict(job_vars, job_namespace=namespace, postgres_state=state)},
+            {"name": "The job", "ansible.builtin.include_role": {"name": "biometrics.backup." + kind},
+             "vars": dict(job_vars, job_namespace=namespace, **{kind + "_state": state})},
         ]}]))
     process = subprocess.run(["ansible-playbook", str(playbook)], capture_output=True, text=True,
                              env=dict(kube_cluster.env, ANSIBLE_NOCOLOR="1"), timeout=600, check=False)
@@ -236,6 +280,28 @@ def test_a_kind_role_on_its_own_applies_and_removes_its_job(kube_cluster, kube_a
     assert "postgres-backup-config" not in {c.metadata.name for c in core.list_namespaced_config_map(namespace).items}
     assert "postgres-backup" not in {s.metadata.name for s in core.list_namespaced_service_account(namespace).items}
     assert _network_policies(kube_api, namespace) == set()
+
+
+def test_the_volumes_role_on_its_own_moves_its_rbac_with_veleros_namespace(
+        kube_cluster, kube_api, make_kube_namespace, tmp_path):
+    namespace = make_kube_namespace("roles-moved")
+    first, second = make_kube_namespace("velero-a"), make_kube_namespace("velero-b")
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
+
+    def rbac_in(where):
+        return ({r.metadata.name for r in rbac.list_namespaced_role(where).items},
+                {b.metadata.name for b in rbac.list_namespaced_role_binding(where).items})
+
+    for velero in (first, second):
+        run = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present", kind="volumes",
+                                        volumes_velero_namespace=velero)
+        assert run.returncode == 0, run
+        assert rbac_in(velero) == ({"pvc-backup"}, {"pvc-backup"})
+    assert rbac_in(first) == (set(), set())
+    removed = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "absent", kind="volumes",
+                                        volumes_velero_namespace=second)
+    assert removed.returncode == 0, removed
+    assert rbac_in(second) == (set(), set()) and "pvc-backup" not in _cronjobs(kube_api, namespace)
 
 
 def test_objects_a_job_no_longer_renders_are_removed(kube_cluster, kube_api, make_kube_namespace, tmp_path):
