@@ -158,27 +158,31 @@ def _elsewhere(key, cronjob, rbac_namespaces):
 
 def _binds_only(binding, job, namespace):
     """Whether a RoleBinding (as read) grants the job's Role to the job's ServiceAccount and nobody else."""
-    subjects = binding.get("subjects") or []
-    return ((binding.get("roleRef") or {}).get("kind") == "Role" and (binding.get("roleRef") or {}).get("name") == job
-            and len(subjects) > 0
+    role, subjects = binding.get("roleRef"), binding.get("subjects")
+    return (isinstance(role, dict) and role.get("kind") == "Role" and role.get("name") == job
+            and isinstance(subjects, list) and len(subjects) > 0
             and all(isinstance(s, dict) and s.get("kind") == "ServiceAccount" and s.get("name") == job
                     and s.get("namespace") == namespace for s in subjects))
 
 
-def _made_for(key, cronjob, found_elsewhere):
-    """Whether the object ``key`` names, as read (``found_elsewhere``), is the one the job role made
-    for this CronJob's job: the collection's labels for that job and, for the binding (or the Role's
-    binding, when one of that name exists there), the job's own ServiceAccount as its only subject.
-    A job of the same name in another namespace sharing that Role keeps it."""
+def _made_for(key, cronjob, elsewhere):
+    """Whether the object ``key`` names, as read (``elsewhere``), is the one the job role made for
+    this CronJob's job: the collection's labels for that job, and the job's own ServiceAccount as the
+    only subject of the binding of that name. A Role goes only with its binding so shown, or once
+    that binding was read and found gone: a Role whose binding grants somebody else (a job of the
+    same name in another namespace), or whose binding was not read, is kept."""
     job, namespace = cronjob["metadata"]["name"], cronjob["metadata"].get("namespace")
-    found = found_elsewhere.get((key[1], key[2], key[3]))
+    found = elsewhere.objects.get((key[1], key[2], key[3]))
     if found is None:
         return False  # gone already, or not read: nothing is removed unseen
     labels = (found.get("metadata") or {}).get("labels") or {}
     if labels.get("app.kubernetes.io/managed-by") != "biometrics.backup" or labels.get("backup.biometrics.io/job") != job:
         return False
-    binding = found if key[1] == "RoleBinding" else found_elsewhere.get(("RoleBinding", key[2], key[3]))
-    return binding is None or _binds_only(binding, job, namespace)
+    binding_key = ("RoleBinding", key[2], key[3])
+    binding = elsewhere.objects.get(binding_key)
+    if binding is not None:
+        return _binds_only(binding, job, namespace)
+    return key[1] == "Role" and binding_key in elsewhere.read
 
 
 def _copy_of(cronjob, job):
@@ -197,10 +201,10 @@ def _copy_of(cronjob, job):
                for volume in volumes)
 
 
-def _left(previous, manifests, rbac_namespaces, found_elsewhere, unread, name):
+def _left(previous, manifests, rbac_namespaces, elsewhere, unread, name):
     """What the CronJobs in ``previous`` that ``manifests`` render again recorded and no longer
     render, as ``objects_left_behind`` returns it. The job's own RBAC recorded outside
-    ``rbac_namespaces`` and not yet read (not in ``found_elsewhere``) goes to ``unread`` instead."""
+    ``rbac_namespaces`` and not yet read (``elsewhere``, a _ReadElsewhere) goes to ``unread`` instead."""
     if not isinstance(previous, list) or not isinstance(manifests, list):
         raise AnsibleFilterError("%s expects two lists (the CronJobs read before, the manifests now)" % name)
     if isinstance(rbac_namespaces, string_types) or not all(isinstance(ns, string_types) for ns in rbac_namespaces):
@@ -225,10 +229,14 @@ def _left(previous, manifests, rbac_namespaces, found_elsewhere, unread, name):
             if key in rendered or key in seen:
                 continue
             if _elsewhere(key, cronjob, rbac_namespaces):
-                if (key[1], key[2], key[3]) not in found_elsewhere:
-                    unread.append({"api_version": key[0], "kind": key[1], "namespace": key[2], "name": key[3], "job": job})
+                if (key[1], key[2], key[3]) not in elsewhere.read:
+                    # A Role is read with the binding of its name, recorded or not (_made_for).
+                    for kind in (key[1], "RoleBinding"):
+                        wanted = {"api_version": key[0], "kind": kind, "namespace": key[2], "name": key[3], "job": job}
+                        if wanted not in unread:
+                            unread.append(wanted)
                     continue
-                if not _made_for(key, cronjob, found_elsewhere):
+                if not _made_for(key, cronjob, elsewhere):
                     continue
             elif key[2] != cronjob["metadata"].get("namespace") and not (
                     key[1] in ("Role", "RoleBinding") and key[3] == job):
@@ -247,29 +255,50 @@ def _left(previous, manifests, rbac_namespaces, found_elsewhere, unread, name):
     return left
 
 
-def _found_index(rbac_elsewhere):
-    """The Roles and RoleBindings read elsewhere (the objects, or M(kubernetes.core.k8s_info) results
-    holding them) by (kind, namespace, name)."""
-    if not isinstance(rbac_elsewhere, list):
-        raise AnsibleFilterError("objects_left_behind: rbac_elsewhere must be a list of the objects read")
-    index = {}
-    for item in rbac_elsewhere:
-        objects = item.get("resources", []) if isinstance(item, dict) and "metadata" not in item else [item]
-        for found in objects if isinstance(objects, list) else []:
-            metadata = (found.get("metadata") if isinstance(found, dict) else None) or {}
-            if found.get("kind") in ("Role", "RoleBinding") and metadata.get("name"):
-                index[(found["kind"], metadata.get("namespace"), metadata["name"])] = found
-    return index
+class _ReadElsewhere(object):
+    """The Roles and RoleBindings read outside the CronJobs' namespaces: ``objects`` by (kind,
+    namespace, name), and ``read``, the keys known either way (found, or looked up and absent)."""
+
+    def __init__(self, rbac_elsewhere=None):
+        self.objects, self.read = {}, set()
+        if rbac_elsewhere is None:
+            return
+        if not isinstance(rbac_elsewhere, list):
+            raise AnsibleFilterError("objects_left_behind: rbac_elsewhere must be a list of the objects read")
+        for item in rbac_elsewhere:
+            if not isinstance(item, dict):
+                continue
+            if "metadata" in item:
+                self._found(item)
+                continue
+            # A k8s_info result of a loop: what it looked up (its loop item) is known only when it
+            # answered (a list of resources, maybe empty); a failed read (403) proves nothing.
+            resources = item.get("resources")
+            if not isinstance(resources, list):
+                continue
+            asked = item.get(item.get("ansible_loop_var") or "item")
+            if isinstance(asked, dict) and all(isinstance(asked.get(part), string_types) for part in ("kind", "namespace", "name")):
+                self.read.add((asked["kind"], asked["namespace"], asked["name"]))
+            for found in resources:
+                self._found(found)
+
+    def _found(self, found):
+        if not isinstance(found, dict) or not isinstance(found.get("metadata"), dict):
+            return
+        metadata = found["metadata"]
+        if found.get("kind") in ("Role", "RoleBinding") and metadata.get("name"):
+            key = (found["kind"], metadata.get("namespace"), metadata["name"])
+            self.objects[key] = found
+            self.read.add(key)
 
 
 def objects_left_behind(previous, manifests, rbac_namespaces=(), rbac_elsewhere=None):
-    found = _found_index(rbac_elsewhere) if rbac_elsewhere is not None else {}
-    return _left(previous, manifests, rbac_namespaces, found, [], "objects_left_behind")
+    return _left(previous, manifests, rbac_namespaces, _ReadElsewhere(rbac_elsewhere), [], "objects_left_behind")
 
 
 def rbac_recorded_elsewhere(previous, manifests, rbac_namespaces=()):
     unread = []
-    _left(previous, manifests, rbac_namespaces, {}, unread, "rbac_recorded_elsewhere")
+    _left(previous, manifests, rbac_namespaces, _ReadElsewhere(), unread, "rbac_recorded_elsewhere")
     return unread
 
 

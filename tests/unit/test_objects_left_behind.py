@@ -222,8 +222,12 @@ def test_rbac_elsewhere_made_for_the_job_is_removed_as_read_or_from_k8s_info_res
     ([_read("Role"), _read("RoleBinding", subjects=[
         {"kind": "ServiceAccount", "name": "pvc-backup", "namespace": "backup-two"}])], []),
     ([_read("Role"), _read("RoleBinding", subjects=[])], []),
-    # Only the Role is left: labels decide.
-    ([_read("Role")], [("Role", "velero-old", "pvc-backup")]),
+    # Only the Role was read: its binding may grant somebody else.
+    ([_read("Role")], []),
+    # A binding of another Role, or with a subject that is no ServiceAccount mapping.
+    ([_read("Role"), dict(_read("RoleBinding"), roleRef={"kind": "Role", "name": "velero-server"})], []),
+    ([_read("Role"), _read("RoleBinding", subjects=["pvc-backup"])], []),
+    ([_read("Role"), dict(_read("RoleBinding"), roleRef="pvc-backup")], []),
     # An object read elsewhere than recorded proves nothing.
     ([_read("Role", namespace="velero-other"), _read("RoleBinding", namespace="velero-other")], []),
 ])
@@ -238,3 +242,38 @@ def test_rbac_elsewhere_must_be_a_list():
     with pytest.raises(AnsibleFilterError, match="rbac_recorded_elsewhere: rbac_namespaces"):
         rbac_recorded_elsewhere([], [], "velero")
     assert RbacFilterModule().filters()["rbac_recorded_elsewhere"] is rbac_recorded_elsewhere
+
+
+def _result(kind, resources, name="pvc-backup", namespace="velero-old", **extra):
+    """One item of a registered k8s_info loop over what rbac_recorded_elsewhere returned."""
+    result = {"changed": False, "ansible_loop_var": "elsewhere",
+              "elsewhere": {"api_version": RBAC, "kind": kind, "namespace": namespace, "name": name, "job": "pvc-backup"}}
+    if resources is not None:
+        result["resources"] = resources
+    result.update(extra)
+    return result
+
+
+def test_a_recorded_role_is_read_with_its_binding_and_goes_once_that_is_known_gone():
+    previous = [_cronjob("pvc-backup", recorded=MOVED[:1])]  # the Role alone recorded
+    now = [_cronjob("pvc-backup")]
+    assert _names(rbac_recorded_elsewhere(previous, now, ["velero"])) == [
+        ("Role", "velero-old", "pvc-backup"), ("RoleBinding", "velero-old", "pvc-backup")]
+    # Read, and no binding of that name there: the Role grants nothing, it goes.
+    gone = [_result("Role", [_read("Role")]), _result("RoleBinding", [])]
+    assert _names(objects_left_behind(previous, now, ["velero"], gone)) == [("Role", "velero-old", "pvc-backup")]
+    # Another namespace's job of that name binds it there: kept.
+    shared = [_result("Role", [_read("Role")]), _result("RoleBinding", [_read("RoleBinding", subjects=[
+        {"kind": "ServiceAccount", "name": "pvc-backup", "namespace": "team-b"}])])]
+    assert objects_left_behind(previous, now, ["velero"], shared) == []
+
+
+@pytest.mark.parametrize("binding", [
+    _result("RoleBinding", None, failed=True, msg="Forbidden"),    # not read (403 tolerated): nothing proven
+    _result("RoleBinding", None, skipped=True),
+    {"resources": []},                                             # no loop item: what was asked is unknown
+    "junk", None, {"resources": [None, "x", {"kind": "RoleBinding", "metadata": "x"}]},
+])
+def test_a_binding_not_read_keeps_the_role(binding):
+    previous = [_cronjob("pvc-backup", recorded=MOVED)]
+    assert objects_left_behind(previous, [_cronjob("pvc-backup")], ["velero"], [_result("Role", [_read("Role")]), binding]) == []

@@ -141,36 +141,30 @@ def test_the_velero_jobs_rbac_follows_velero_to_its_new_namespace(deployed, kube
     kept granting its ServiceAccount Backups there); check mode only announces them."""
     namespace, old = deployed["namespace"], deployed["namespace"] + "-velero"
     values = copy.deepcopy(deployed["values"])
-    del values["redis"]  # as the test before left it: nothing else to converge
+    del values["redis"]  # as the test before leaves it (when it ran): the move is then all there is to do
     del values["backup"]["schedule"]["redis"]
     values["backup"]["resources"] = {"enabled": False}
     values["backup"]["pvc"]["veleroNamespace"] = new = namespace + "-velero-moved"
     core = kubernetes.client.CoreV1Api(kube_api)
     rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
     core.create_namespace(kubernetes.client.V1Namespace(metadata=kubernetes.client.V1ObjectMeta(name=new)))
-    # Another RoleBinding in the old namespace, granting the job's Role to somebody else: not the job's.
-    rbac.create_namespaced_role_binding(old, kubernetes.client.V1RoleBinding(
-        metadata=kubernetes.client.V1ObjectMeta(name="someone-else", labels={
-            "app.kubernetes.io/managed-by": "biometrics.backup", "backup.biometrics.io/job": "biometrics-data-backup"}),
-        role_ref=kubernetes.client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="biometrics-data-backup"),
-        subjects=[kubernetes.client.RbacV1Subject(kind="ServiceAccount", name="default", namespace=namespace)]))
 
     def rbac_in(where):
         return ({r.metadata.name for r in rbac.list_namespaced_role(where).items},
                 {b.metadata.name for b in rbac.list_namespaced_role_binding(where).items})
 
     try:
-        assert rbac_in(old) == ({"biometrics-data-backup"}, {"biometrics-data-backup", "someone-else"})
+        assert rbac_in(old) == ({"biometrics-data-backup"}, {"biometrics-data-backup"})
         preview = run_site(values, deployed["tmp"], env=deployed["env"], args=("--check",))
         assert preview.returncode == 0, preview
         for kind in ("Role", "RoleBinding"):  # the removal, not the read (whose label names the namespace)
             assert "changed: [localhost] => (item=biometrics-data-backup: %s/biometrics-data-backup)" % kind \
                 in preview.output, preview
-        assert rbac_in(old) == ({"biometrics-data-backup"}, {"biometrics-data-backup", "someone-else"})
+        assert rbac_in(old) == ({"biometrics-data-backup"}, {"biometrics-data-backup"})
 
         moved = run_site(values, deployed["tmp"], env=deployed["env"])
         assert moved.returncode == 0, moved
-        assert rbac_in(old) == (set(), {"someone-else"})
+        assert rbac_in(old) == (set(), set())
         assert rbac_in(new) == ({"biometrics-data-backup"}, {"biometrics-data-backup"})
         assert _can_i(deployed["kube_cluster"], namespace, "biometrics-data-backup", "create", "backups.velero.io", new)
         assert not _can_i(deployed["kube_cluster"], namespace, "biometrics-data-backup", "create", "backups.velero.io", old)
@@ -284,24 +278,37 @@ def test_a_kind_role_on_its_own_applies_and_removes_its_job(kube_cluster, kube_a
 
 def test_the_volumes_role_on_its_own_moves_its_rbac_with_veleros_namespace(
         kube_cluster, kube_api, make_kube_namespace, tmp_path):
+    """The job role on its own follows volumes_velero_namespace too, and keeps an old binding that
+    also grants somebody else, with its Role: no longer the job's alone, not the job's to delete."""
     namespace = make_kube_namespace("roles-moved")
     first, second = make_kube_namespace("velero-a"), make_kube_namespace("velero-b")
     rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
+    job = "pvc-backup"
 
     def rbac_in(where):
         return ({r.metadata.name for r in rbac.list_namespaced_role(where).items},
                 {b.metadata.name for b in rbac.list_namespaced_role_binding(where).items})
 
-    for velero in (first, second):
-        run = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "present", kind="volumes",
-                                        volumes_velero_namespace=velero)
-        assert run.returncode == 0, run
-        assert rbac_in(velero) == ({"pvc-backup"}, {"pvc-backup"})
-    assert rbac_in(first) == (set(), set())
-    removed = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, "absent", kind="volumes",
-                                        volumes_velero_namespace=second)
-    assert removed.returncode == 0, removed
-    assert rbac_in(second) == (set(), set()) and "pvc-backup" not in _cronjobs(kube_api, namespace)
+    def run(state, velero):
+        result = _run_kind_role_on_its_own(kube_cluster, tmp_path, namespace, state, kind="volumes",
+                                           volumes_velero_namespace=velero)
+        assert result.returncode == 0, result
+        return result
+
+    def subjects(*namespaces):
+        return [{"kind": "ServiceAccount", "name": job, "namespace": where} for where in namespaces]
+
+    for velero in (first, second, first):
+        run("present", velero)
+        assert rbac_in(velero) == ({job}, {job})
+    assert rbac_in(second) == (set(), set())
+    # Somebody else bound too (a job of that name in another namespace): the move keeps both.
+    rbac.patch_namespaced_role_binding(job, first, {"subjects": subjects(namespace, "team-b")})
+    run("present", second)
+    assert rbac_in(second) == ({job}, {job})
+    assert rbac_in(first) == ({job}, {job})
+    run("absent", second)
+    assert rbac_in(second) == (set(), set()) and job not in _cronjobs(kube_api, namespace)
 
 
 def test_objects_a_job_no_longer_renders_are_removed(kube_cluster, kube_api, make_kube_namespace, tmp_path):
