@@ -31,10 +31,12 @@ description:
   - An entry is only returned when it names an object the job role itself renders for that job (the
     kind and the name derived from the job's name), so an edited annotation cannot point the
     deploying identity at anything else.
-  - The job's own Role and RoleBinding recorded in a namespace neither the CronJob's nor in
+  - The job's own Role and RoleBinding recorded in a namespace that is neither the CronJob's nor in
     C(rbac_namespaces) (Velero's namespace before the values moved it) are returned only when read
     (C(rbac_elsewhere), the objects C(biometrics.backup.rbac_recorded_elsewhere) names) and made by
-    the collection for that job (its labels, and the job's ServiceAccount as the binding's only subject).
+    the collection for that job alone (its labels; the binding of the job's name granting the job's Role
+    to the job's ServiceAccount only; a Role goes with such a binding, or once that binding was read and
+    found gone).
 positional: _input, manifests, rbac_namespaces, rbac_elsewhere
 extends_documentation_fragment:
   - biometrics.backup.recorded_objects
@@ -274,8 +276,8 @@ class _ReadElsewhere(object):
             # A k8s_info result of a loop: what it looked up (its loop item) is known only when it
             # answered (a list of resources, maybe empty); a failed read (403) proves nothing.
             resources = item.get("resources")
-            if not isinstance(resources, list):
-                continue
+            if not isinstance(resources, list) or item.get("api_found") is False:
+                continue  # refused (no resources), or an API the server lacks: nothing proven
             asked = item.get(item.get("ansible_loop_var") or "item")
             if isinstance(asked, dict) and all(isinstance(asked.get(part), string_types) for part in ("kind", "namespace", "name")):
                 self.read.add((asked["kind"], asked["namespace"], asked["name"]))

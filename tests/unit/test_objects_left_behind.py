@@ -269,7 +269,9 @@ def test_a_recorded_role_is_read_with_its_binding_and_goes_once_that_is_known_go
 
 
 @pytest.mark.parametrize("binding", [
-    _result("RoleBinding", None, failed=True, msg="Forbidden"),    # not read (403 tolerated): nothing proven
+    # Refused (403) under failed_when: false, as the registered item then looks: nothing proven.
+    _result("RoleBinding", None, failed=False, failed_when_result=False, msg="Failed to retrieve requested object: Forbidden"),
+    _result("RoleBinding", [], api_found=False),                 # an API the server lacks answers nothing
     _result("RoleBinding", None, skipped=True),
     {"resources": []},                                             # no loop item: what was asked is unknown
     "junk", None, {"resources": [None, "x", {"kind": "RoleBinding", "metadata": "x"}]},
@@ -277,3 +279,16 @@ def test_a_recorded_role_is_read_with_its_binding_and_goes_once_that_is_known_go
 def test_a_binding_not_read_keeps_the_role(binding):
     previous = [_cronjob("pvc-backup", recorded=MOVED)]
     assert objects_left_behind(previous, [_cronjob("pvc-backup")], ["velero"], [_result("Role", [_read("Role")]), binding]) == []
+
+
+def test_a_refused_role_leaves_its_binding_to_its_own_test_and_an_unlabelled_binding_stays():
+    previous = [_cronjob("pvc-backup", recorded=MOVED)]
+    now = [_cronjob("pvc-backup")]
+    refused = _result("Role", None, failed=False, msg="Forbidden")
+    # The Role could not be read: kept; its binding, the job's alone, goes (the access goes with it).
+    assert _names(objects_left_behind(previous, now, ["velero"], [refused, _result("RoleBinding", [_read("RoleBinding")])])) == [
+        ("RoleBinding", "velero-old", "pvc-backup")]
+    # A binding without the collection's labels that binds only the job: it stays, the Role (ours) goes.
+    unlabelled = _result("RoleBinding", [_read("RoleBinding", labels={})])
+    assert _names(objects_left_behind(previous, now, ["velero"], [_result("Role", [_read("Role")]), unlabelled])) == [
+        ("Role", "velero-old", "pvc-backup")]

@@ -304,9 +304,13 @@ def test_the_volumes_role_on_its_own_moves_its_rbac_with_veleros_namespace(
     assert rbac_in(second) == (set(), set())
     # Somebody else bound too (a job of that name in another namespace): the move keeps both.
     rbac.patch_namespaced_role_binding(job, first, {"subjects": subjects(namespace, "team-b")})
-    run("present", second)
+    kept = run("present", second)
     assert rbac_in(second) == ({job}, {job})
     assert rbac_in(first) == ({job}, {job})
+    for kind in ("Role", "RoleBinding"):  # and says so, once: the record no longer names them
+        assert "Kept: %s/%s in namespace %s" % (kind, job, first) in kept.output, kept
+    again = run("present", second)
+    assert "Kept:" not in again.output and again.changed == 0, again
     run("absent", second)
     assert rbac_in(second) == (set(), set()) and job not in _cronjobs(kube_api, namespace)
 
