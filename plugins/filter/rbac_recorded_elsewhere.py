@@ -20,9 +20,10 @@ description:
   - Given the same inputs as C(biometrics.backup.objects_left_behind), returns those recorded
     outside the CronJob's namespace and C(rbac_namespaces) and not rendered again, for the CronJobs
     this run applies. For a Role it also lists the RoleBinding of the same name, recorded or not, since
-    whether that binding grants anybody else decides whether the Role may go. They are to be read (M(kubernetes.core.k8s_info)) and the results passed to
+    whether that binding grants anybody else decides whether the Role may go.
+  - They are to be read (M(kubernetes.core.k8s_info)) and the results passed to
     C(biometrics.backup.objects_left_behind) as C(rbac_elsewhere), which returns only those that the
-    collection made for that job.
+    collection made for that job alone.
 positional: _input, manifests, rbac_namespaces
 extends_documentation_fragment:
   - biometrics.backup.recorded_objects
