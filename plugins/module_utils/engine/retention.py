@@ -328,6 +328,19 @@ def _period_heads(rule, local, semantics):
             yield index
 
 
+def _within(ordered, cutoff):
+    """Indexes of the backups newer than ``cutoff`` (every one when it is None), newest first."""
+    for index, backup in enumerate(ordered):
+        if cutoff is not None and backup.timestamp <= cutoff:
+            return  # newest first: everything after is older still
+        yield index
+
+
+def _counted_rules(policy):
+    """(rule, count) of the count rules the policy uses, in the tools' order (last ... yearly)."""
+    return [(rule, policy.counts[rule]) for rule in COUNT_RULES if policy.counts[rule] != 0]
+
+
 def _borg(ordered, local, policy, within_reference):
     reasons = {}
     within = policy.keep_within
@@ -338,16 +351,10 @@ def _borg(ordered, local, policy, within_reference):
         except OverflowError:
             cutoff = None  # longer than the calendar: everything is within
         label = ["within " + within.text]
-        for index, backup in enumerate(ordered):
-            if cutoff is None or backup.timestamp > cutoff:
-                reasons[index] = label
-            else:
-                break  # newest first: everything after is older still
+        for index in _within(ordered, cutoff):
+            reasons[index] = label
     last_index = len(ordered) - 1
-    for rule in COUNT_RULES:
-        wanted = policy.counts[rule]
-        if wanted == 0:
-            continue
+    for rule, wanted in _counted_rules(policy):
         kept = 0
         for index in _period_heads(rule, local, "borg"):
             if index in reasons:
@@ -370,17 +377,11 @@ def _restic(ordered, local, policy, now, within_reference):
     if within is not None:
         cutoff = _restic_within_cutoff(ordered, policy, within, now, within_reference)
         label = "within " + within.text
-        for index, backup in enumerate(ordered):
-            if cutoff is None or backup.timestamp > cutoff:
-                reasons[index] = [label]
-            else:
-                break
+        for index in _within(ordered, cutoff):
+            reasons[index] = [label]
     # Every rule with a count left keeps the newest backup of each of its periods, whatever
     # the other rules did; reasons come out in restic's order (within, last ... yearly).
-    for rule in COUNT_RULES:
-        wanted = policy.counts[rule]
-        if wanted == 0:
-            continue
+    for rule, wanted in _counted_rules(policy):
         kept = 0
         for index in _period_heads(rule, local, "restic"):
             kept += 1

@@ -24,33 +24,29 @@ import tempfile
 
 from ...errors import ConfigError, IntegrityError
 from ...manifest import Manifest
-from ...schema import Field, Schema
+from ...schema import Field
 from . import source as src
 from ..files import archive as fmt
-from ..contract import Target
-from ..files.target import DESTINATION_FIELDS, DirectoryDestination, force_rmtree
+from ..files.target import DirectoryTarget, destination_schema, force_rmtree
 
 CHUNK = 1 << 20
 
 
-class ConfigGitTarget(DirectoryDestination, Target):
+class ConfigGitTarget(DirectoryTarget):
     """Options: ``path`` (destination directory), ``commit`` (default: the backup's commit),
     ``subdir`` (default: the backed-up subdir; ``/`` = whole repository), ``clone`` (a git
     clone instead of plain files), ``overwrite`` (replace a non-empty destination)."""
 
     kind = "config_git"
-    plans_in_check_mode = True
-    SCHEMA = Schema("target", dict(
-        DESTINATION_FIELDS,
+    SCHEMA = destination_schema(
         commit=Field("str", "commit to check out (default: the backup's commit)", nonempty=True),
         subdir=Field("str", "part of the repository (default: the backed-up subdir; / for all)", nonempty=True),
         clone=Field("bool", "restore a git clone instead of plain files (default false)"),
-    ))
+    )
 
     def __init__(self, options):
         super().__init__(options)
         options = self.options
-        self._stage_destination(options)
         self.commit = options.get("commit")
         if self.commit is not None and (not isinstance(self.commit, str) or not self.commit.strip()
                                         or self.commit.startswith("-")):

@@ -19,12 +19,11 @@ import tempfile
 
 from ...errors import ConfigError, IntegrityError
 from ...manifest import Manifest
-from ...schema import Field, Schema
+from ...schema import Field
 from ...procutil import find_tool, run_tool, tool_env
 from ..files import archive as fmt
 from .source import parse_stats
-from ..contract import Target
-from ..files.target import DESTINATION_FIELDS, DirectoryDestination, force_rmtree
+from ..files.target import DirectoryTarget, destination_schema, force_rmtree
 
 
 def mirror_counts(root):
@@ -40,24 +39,21 @@ def mirror_counts(root):
     return files, size
 
 
-class DirectorySyncTarget(DirectoryDestination, Target):
+class DirectorySyncTarget(DirectoryTarget):
     """Options: ``path`` (destination directory), ``mirror`` (default: the record's
     ``stats.destination``), ``overwrite``, ``require_record_match`` (default true: refuse when
     the mirror no longer matches the sync record), ``rsync`` (binary)."""
 
     kind = "directory_sync"
-    plans_in_check_mode = True
-    SCHEMA = Schema("target", dict(
-        DESTINATION_FIELDS,
+    SCHEMA = destination_schema(
         mirror=Field("path", "the mirror to restore from (default: the record's destination)", absolute=True),
         require_record_match=Field("bool", "refuse when the mirror no longer matches the sync record (default true)"),
         rsync=Field("path", "rsync binary (default: PATH)"),
-    ))
+    )
 
     def __init__(self, options):
         super().__init__(options)
         options = self.options
-        self._stage_destination(options)
         self.mirror = options.get("mirror")
         self.require_record_match = options.get("require_record_match", True)
         self.rsync = options.get("rsync") or "rsync"

@@ -230,20 +230,26 @@ class _Tree:
         os.utime(full, ns=(entry["mtime"], entry["mtime"]), follow_symlinks=False)
 
 
-# The options of every target that restores into a directory (files, config_git, directory_sync).
-DESTINATION_FIELDS = {
-    "path": Field("path", "destination directory", absolute=True),
-    "overwrite": Field("bool", "replace a non-empty destination (default false)"),
-}
+def destination_schema(**fields):
+    """The ``target`` schema of a kind that restores into a directory: ``path`` and
+    ``overwrite``, then the kind's own ``fields``."""
+    return Schema("target", dict(
+        path=Field("path", "destination directory", absolute=True),
+        overwrite=Field("bool", "replace a non-empty destination (default false)"),
+        **fields))
 
 
-class DirectoryDestination:
-    """Mixin of the targets that restore into a directory: their ``path`` and ``overwrite``
-    options (:data:`DESTINATION_FIELDS`) as a :class:`StagedDestination`."""
+class DirectoryTarget(Target):
+    """A target that restores into a directory (files, config_git, directory_sync): its
+    ``path`` and ``overwrite`` options (:func:`destination_schema`) as a
+    :class:`StagedDestination`. Its plan is computed in check mode too."""
 
-    def _stage_destination(self, options):
-        self.overwrite = options.get("overwrite", False)
-        self.destination = StagedDestination(options.get("path"), self.overwrite, "target.path")
+    plans_in_check_mode = True
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.overwrite = self.options.get("overwrite", False)
+        self.destination = StagedDestination(self.options.get("path"), self.overwrite, "target.path")
         self.path = self.destination.path
 
 
@@ -330,25 +336,22 @@ class StagedDestination:
             os.rename(staging, self.path)  # replaces an empty directory, or creates the destination
 
 
-class FilesTarget(DirectoryDestination, Target):
+class FilesTarget(DirectoryTarget):
     """Options: ``path`` (absolute destination directory), ``subpath`` (restore only this
     part of the tree, kept at its relative location), ``overwrite`` (replace a non-empty
     destination), ``ownership`` (``auto``: restore owners when running as root; ``true``;
     ``false``), ``tmpdir`` (where the index is spooled)."""
 
     kind = "files"
-    plans_in_check_mode = True
-    SCHEMA = Schema("target", dict(
-        DESTINATION_FIELDS,
+    SCHEMA = destination_schema(
         subpath=Field("str", "restore only this part of the tree, kept at its relative location", nonempty=True),
         ownership=Field("any", "restore owners: auto (when running as root; default), or a boolean"),
         tmpdir=Field("path", "where the index is spooled (default: system temp)"),
-    ))
+    )
 
     def __init__(self, options):
         super().__init__(options)
         options = self.options
-        self._stage_destination(options)
         self.subpath = normalize_subpath(options.get("subpath"))
         ownership = options.get("ownership", "auto")
         if ownership == "auto":
