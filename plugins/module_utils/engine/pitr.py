@@ -40,6 +40,8 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 from . import pgwal
 from .backup import recorded_compression
@@ -545,21 +547,23 @@ def _chown_tree(path, account):
             os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
 
 
+@dataclass
 class PrivateServer:
     """A postgres on a recovered data directory, reachable only through a socket in ``scratch``."""
 
-    def __init__(self, bin_dir, scratch, data_dir, wal_dir, account, target_time, timeline, restore_point=None):
-        self.bin_dir = bin_dir
-        self.restore_point = restore_point
-        self.scratch = scratch
-        self.data_dir = data_dir
-        self.wal_dir = wal_dir
-        self.account = account
-        self.target_time = target_time
-        self.timeline = timeline
-        self.socket_dir = os.path.join(scratch, "sock")
+    bin_dir: str
+    scratch: str
+    data_dir: str
+    wal_dir: str
+    account: object
+    target_time: object
+    timeline: int
+    restore_point: Optional[str] = None
+
+    def __post_init__(self):
+        self.socket_dir = os.path.join(self.scratch, "sock")
         self._temporary_socket_dir = False  # see prepare()
-        self.log_path = os.path.join(scratch, "postgres.log")
+        self.log_path = os.path.join(self.scratch, "postgres.log")
         self.port = _free_port()
         self.proc = None
         self.user = None

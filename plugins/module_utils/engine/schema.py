@@ -15,6 +15,8 @@ Booleans accept exactly what Ansible's ``boolean()`` accepts (``yes``/``no``, ``
 import math
 import os
 import re
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 from .errors import ConfigError
 
@@ -89,34 +91,37 @@ def _text(value, name):
     raise ConfigError("%s must be a string, got %s" % (name, _shown(value)))
 
 
+@dataclass(frozen=True)
 class Field:
     """One option: its type and constraints.
 
-    ``field_type`` is one of ``bool``, ``int``, ``number``, ``str``, ``path``, ``enum``, ``list``
+    ``type`` is one of ``bool``, ``int``, ``number``, ``str``, ``path``, ``enum``, ``list``
     (of strings; one string is a list of one, or is cut at ``split``: "," or " " for any
     whitespace), ``dict`` or
     ``any`` (checked by the code that uses it). ``secret`` fields may also be given as
     ``<name>_file`` (a path) or ``<name>_env`` (an environment variable name).
     """
 
-    TYPES = ("bool", "int", "number", "str", "path", "enum", "list", "dict", "any")
+    TYPES: ClassVar[tuple] = ("bool", "int", "number", "str", "path", "enum", "list", "dict", "any")
 
-    def __init__(self, field_type, description, choices=None, minimum=None, maximum=None, secret=False,
-                 absolute=False, split=None, nonempty=False, exclusive_minimum=None):
-        if field_type not in self.TYPES:
-            raise ValueError("unknown field type %r" % field_type)
-        if (field_type == "enum") != (choices is not None):
+    type: str
+    description: str
+    choices: Optional[tuple] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    secret: bool = False
+    absolute: bool = False
+    split: Optional[str] = None
+    nonempty: bool = False
+    exclusive_minimum: Optional[float] = None
+
+    def __post_init__(self):
+        if self.type not in self.TYPES:
+            raise ValueError("unknown field type %r" % self.type)
+        if (self.type == "enum") != (self.choices is not None):
             raise ValueError("choices go with type enum, and only with it")
-        self.type = field_type
-        self.description = description
-        self.choices = tuple(choices) if choices is not None else None
-        self.minimum = minimum
-        self.maximum = maximum
-        self.exclusive_minimum = exclusive_minimum
-        self.secret = secret
-        self.absolute = absolute
-        self.split = split
-        self.nonempty = nonempty
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(self.choices))
 
     def parse(self, value, name):
         """``value`` converted to this field's type; ConfigError naming ``name`` otherwise."""

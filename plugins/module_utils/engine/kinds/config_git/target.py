@@ -17,7 +17,6 @@ the destination changes only in ``move_into_place`` after the checks, and any ex
 removes the staging and work directories.
 """
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -172,15 +171,6 @@ class ConfigGitTarget(DirectoryTarget):
                            "expected": [stats.get("files"), stats.get("bytes")],
                            "actual": [files, size], "ok": [files, size] == [stats.get("files"), stats.get("bytes")]})
         return checks
-
-    @classmethod
-    @contextlib.contextmanager
-    def scratch(cls, manifest, options):
-        base = tempfile.mkdtemp(prefix="config-git-scratch-")
-        try:
-            yield cls(dict(options or {}, path=os.path.join(base, "restore"), overwrite=False))
-        finally:
-            force_rmtree(base)
 
 
 def _count(root):

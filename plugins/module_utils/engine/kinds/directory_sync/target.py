@@ -13,9 +13,7 @@ the data comes from the mirror, and the record's only payload, ``sync.log``, is 
 in full before the restore like every object; declaring nothing saves nothing.
 """
 
-import contextlib
 import os
-import tempfile
 
 from ...errors import ConfigError, IntegrityError
 from ...manifest import Manifest
@@ -124,13 +122,3 @@ class DirectorySyncTarget(DirectoryTarget):
             raise
         return {"changed": True, "destination": self.path, "mirror": mirror, "files": files, "bytes": size,
                 "record_matches": record_matches, "checks": checks}
-
-    @classmethod
-    @contextlib.contextmanager
-    def scratch(cls, manifest, options):
-        """A throwaway destination for test restores; removed afterwards."""
-        base = tempfile.mkdtemp(prefix="directory-sync-scratch-")
-        try:
-            yield cls(dict(options or {}, path=os.path.join(base, "restore"), overwrite=False))
-        finally:
-            force_rmtree(base)

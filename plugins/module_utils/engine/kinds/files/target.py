@@ -252,6 +252,22 @@ class DirectoryTarget(Target):
         self.destination = StagedDestination(self.options.get("path"), self.overwrite, "target.path")
         self.path = self.destination.path
 
+    @classmethod
+    @contextlib.contextmanager
+    def scratch(cls, manifest, options):
+        """A throwaway destination for test restores; removed afterwards."""
+        options = dict(options or {})
+        base = tempfile.mkdtemp(prefix="%s-scratch-" % cls.kind.replace("_", "-"), dir=cls._scratch_parent(options))
+        try:
+            yield cls(dict(options, path=os.path.join(base, "restore"), overwrite=False))
+        finally:
+            force_rmtree(base)
+
+    @classmethod
+    def _scratch_parent(cls, options):
+        """Where the scratch directory is made (None: the system's temporary directory)."""
+        return None
+
 
 class StagedDestination:
     """A restore destination that is only touched once the restored data is verified.
@@ -572,14 +588,8 @@ class FilesTarget(DirectoryTarget):
         return entry
 
     @classmethod
-    @contextlib.contextmanager
-    def scratch(cls, manifest, options):
-        """A throwaway destination for test restores; removed afterwards."""
-        base = tempfile.mkdtemp(prefix="files-scratch-", dir=(options or {}).get("tmpdir"))
-        try:
-            yield cls(dict(options or {}, path=os.path.join(base, "restore"), overwrite=False))
-        finally:
-            force_rmtree(base)
+    def _scratch_parent(cls, options):
+        return options.get("tmpdir")
 
 
 class _Problems:
