@@ -8,19 +8,6 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 
-# keep_hourly ... keep_yearly differ only in their period, so their docs are written once.
-_CALENDAR_RULES = (("hourly", "hours"), ("daily", "days"), ("weekly", "ISO weeks"), ("monthly", "months"),
-                   ("yearly", "years"))
-
-
-def _calendar_rule_options():
-    return "".join(
-        "  keep_%s:\n"
-        "    description: Keep the newest backup of each of the last N %s that have backups. C(-1) for unlimited.\n"
-        "    type: int\n"
-        "    default: 0\n" % rule for rule in _CALENDAR_RULES)
-
-
 class ModuleDocFragment:
     """The retention policy's options (engine/retention.py ``Policy``), shared by the
     ``retention`` lookup, which decides, and ``backup_prune``, which applies the decision."""
@@ -34,7 +21,27 @@ options:
         C(--keep-secondly)).
     type: int
     default: 0
-""" + _calendar_rule_options() + r"""  keep_within:
+  keep_hourly:
+    description: Keep the newest backup of each of the last N hours that have backups. C(-1) for unlimited.
+    type: int
+    default: 0
+  keep_daily:
+    description: Keep the newest backup of each of the last N days that have backups. C(-1) for unlimited.
+    type: int
+    default: 0
+  keep_weekly:
+    description: Keep the newest backup of each of the last N ISO weeks that have backups. C(-1) for unlimited.
+    type: int
+    default: 0
+  keep_monthly:
+    description: Keep the newest backup of each of the last N months that have backups. C(-1) for unlimited.
+    type: int
+    default: 0
+  keep_yearly:
+    description: Keep the newest backup of each of the last N years that have backups. C(-1) for unlimited.
+    type: int
+    default: 0
+  keep_within:
     description:
       - Keep every backup taken within this duration before the newest (successful) backup, for example C(36h),
         C(7d), C(2w), C(6m), C(1y) or C(1y6m).
