@@ -1,7 +1,6 @@
 # Copyright: contributors to biometrics.backup
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The copy destination's option documentation is the storage option's, field for field (the fragment
-derives it from the storage fragment; these tests hold it to that)."""
+"""The copy destination's option documentation is the storage option's, field for field."""
 
 import yaml
 
