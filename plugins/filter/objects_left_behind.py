@@ -304,6 +304,41 @@ def rbac_recorded_elsewhere(previous, manifests, rbac_namespaces=()):
     return unread
 
 
+def rbac_kept_elsewhere(reads, left_behind):
+    """What a run keeps of the Roles and RoleBindings it read outside the jobs' namespaces, each
+    with the line that tells the user why: the API refused the read, or what was read is not
+    among ``left_behind`` (not shown to be the job's alone)."""
+    if not isinstance(reads, list) or not isinstance(left_behind, list):
+        raise AnsibleFilterError("rbac_kept_elsewhere: its input (the registered k8s_info results) and "
+                                 "left_behind (what objects_left_behind returned) must be lists")
+    going = set((left.get("kind"), left.get("namespace"), left.get("name")) for left in left_behind if isinstance(left, dict))
+    kept = []
+    for result in reads:
+        if not isinstance(result, dict) or result.get("skipped"):
+            continue
+        asked = result.get(result.get("ansible_loop_var") or "item")
+        asked = asked if isinstance(asked, dict) else {}
+        resources = result.get("resources")
+        if not isinstance(resources, list):
+            where = (asked.get("kind"), asked.get("name"), asked.get("namespace"))
+            kept.append(dict(kind=where[0], name=where[1], namespace=where[2], job=asked.get("job"),
+                             message="Not read, so kept: %s/%s in namespace %s, recorded by %s: %s"
+                             % (where + (asked.get("job"), result.get("msg") or "no answer"))))
+            continue
+        for found in resources:
+            metadata = found.get("metadata") if isinstance(found, dict) else None
+            if not isinstance(metadata, dict) or not metadata.get("name"):
+                continue
+            where = (found.get("kind"), metadata["name"], metadata.get("namespace"))
+            if (where[0], where[2], where[1]) in going:
+                continue
+            kept.append(dict(kind=where[0], name=where[1], namespace=where[2], job=asked.get("job"),
+                             message="Kept: %s/%s in namespace %s is not shown to be the job's alone (labels, "
+                             "roleRef or subjects); the job no longer names that namespace, so delete it by hand "
+                             "once nobody needs it" % where))
+    return kept
+
+
 class FilterModule(object):
     def filters(self):
         return {"objects_left_behind": objects_left_behind}

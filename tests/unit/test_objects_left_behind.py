@@ -7,7 +7,9 @@ import yaml
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.biometrics.backup.plugins.filter.objects_left_behind import (
-    ANNOTATION, FilterModule, objects_left_behind, rbac_recorded_elsewhere)
+    ANNOTATION, FilterModule, objects_left_behind, rbac_kept_elsewhere, rbac_recorded_elsewhere)
+from ansible_collections.biometrics.backup.plugins.filter.rbac_kept_elsewhere import (
+    FilterModule as KeptFilterModule)
 from ansible_collections.biometrics.backup.plugins.filter.rbac_recorded_elsewhere import (
     FilterModule as RbacFilterModule)
 
@@ -292,3 +294,47 @@ def test_a_refused_role_leaves_its_binding_to_its_own_test_and_an_unlabelled_bin
     unlabelled = _result("RoleBinding", [_read("RoleBinding", labels={})])
     assert _names(objects_left_behind(previous, now, ["velero"], [_result("Role", [_read("Role")]), unlabelled])) == [
         ("Role", "velero-old", "pvc-backup")]
+
+
+def _kept(reads, left_behind):
+    return [(entry["kind"], entry["namespace"], entry["name"], entry["message"]) for entry in rbac_kept_elsewhere(reads, left_behind)]
+
+
+def test_what_is_kept_elsewhere_is_named_with_its_reason():
+    previous = [_cronjob("pvc-backup", recorded=MOVED)]
+    now = [_cronjob("pvc-backup")]
+    shared = [_result("Role", [_read("Role")]), _result("RoleBinding", [_read("RoleBinding", subjects=[
+        {"kind": "ServiceAccount", "name": "pvc-backup", "namespace": "team-b"}])])]
+    left = objects_left_behind(previous, now, ["velero"], shared)
+    assert left == []
+    kept = _kept(shared, left)
+    assert [entry[:3] for entry in kept] == [("Role", "velero-old", "pvc-backup"), ("RoleBinding", "velero-old", "pvc-backup")]
+    assert kept[0][3].startswith("Kept: Role/pvc-backup in namespace velero-old is not shown to be the job's alone")
+    assert rbac_kept_elsewhere(shared, left)[0]["job"] == "pvc-backup"
+    # The job's alone: both go, nothing is reported.
+    own = [_result("Role", [_read("Role")]), _result("RoleBinding", [_read("RoleBinding")])]
+    assert rbac_kept_elsewhere(own, objects_left_behind(previous, now, ["velero"], own)) == []
+
+
+def test_a_refused_read_is_reported_with_the_apis_message_and_a_skipped_one_is_not():
+    previous = [_cronjob("pvc-backup", recorded=MOVED)]
+    now = [_cronjob("pvc-backup")]
+    reads = [_result("Role", None, failed=False, msg="Failed to retrieve requested object: Forbidden"),
+             _result("RoleBinding", [_read("RoleBinding")]), _result("Role", None, skipped=True), "junk",
+             _result("RoleBinding", [None, {"kind": "RoleBinding", "metadata": {}}])]
+    left = objects_left_behind(previous, now, ["velero"], reads)
+    assert _names(left) == [("RoleBinding", "velero-old", "pvc-backup")]
+    assert _kept(reads, left) == [(
+        "Role", "velero-old", "pvc-backup",
+        "Not read, so kept: Role/pvc-backup in namespace velero-old, recorded by pvc-backup: "
+        "Failed to retrieve requested object: Forbidden")]
+    no_answer = [_result("Role", None)]
+    assert _kept(no_answer, [])[0][3].endswith("recorded by pvc-backup: no answer")
+
+
+def test_rbac_kept_elsewhere_wants_lists():
+    with pytest.raises(AnsibleFilterError, match="rbac_kept_elsewhere: its input"):
+        rbac_kept_elsewhere({"results": []}, [])
+    with pytest.raises(AnsibleFilterError, match="left_behind"):
+        rbac_kept_elsewhere([], None)
+    assert KeptFilterModule().filters()["rbac_kept_elsewhere"] is rbac_kept_elsewhere
