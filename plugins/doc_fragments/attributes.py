@@ -19,3 +19,13 @@ attributes:
   diff_mode:
     description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
 """
+
+    # Every module of the collection is in the action group "backup" (meta/runtime.yml).
+    ACTION_GROUP = r"""
+attributes:
+  action_group:
+    description: Use C(group/biometrics.backup.backup) in C(module_defaults) to set defaults for this module.
+    support: full
+    membership:
+      - biometrics.backup.backup
+"""

@@ -47,6 +47,7 @@ description:
     unchanged.
 extends_documentation_fragment:
   - biometrics.backup.attributes
+  - biometrics.backup.attributes.action_group
   - biometrics.backup.storage
   - biometrics.backup.copy_destination
 attributes:

@@ -24,6 +24,7 @@ description:
     not an empty list (only M(biometrics.backup.backup_run) creates it); so is an S3 bucket that does not exist.
 extends_documentation_fragment:
   - biometrics.backup.attributes
+  - biometrics.backup.attributes.action_group
   - biometrics.backup.storage
 attributes:
   check_mode:

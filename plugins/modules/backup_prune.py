@@ -43,6 +43,7 @@ description:
     the snapshots it would forget."
 extends_documentation_fragment:
   - biometrics.backup.attributes
+  - biometrics.backup.attributes.action_group
   - biometrics.backup.storage
   - biometrics.backup.retention_policy
   - biometrics.backup.copy_destination.require_copy

@@ -37,6 +37,7 @@ description:
     the task before the live data is touched. It needs O(storage.restic_password).
 extends_documentation_fragment:
   - biometrics.backup.attributes
+  - biometrics.backup.attributes.action_group
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption
 attributes:

@@ -29,6 +29,7 @@ description:
     O(encryption) does not apply (restic encrypts).
 extends_documentation_fragment:
   - biometrics.backup.attributes
+  - biometrics.backup.attributes.action_group
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption
 attributes:

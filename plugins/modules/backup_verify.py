@@ -31,6 +31,7 @@ description:
     C(restic_check); errors found by it fail the verdict.
 extends_documentation_fragment:
   - biometrics.backup.attributes
+  - biometrics.backup.attributes.action_group
   - biometrics.backup.storage
   - biometrics.backup.storage.encryption
 attributes:

@@ -105,3 +105,31 @@ def test_missing_survey_answers_fail_with_guidance(inventory):
     proc, tasks = playbook(inventory, os.path.join(REPO, "playbooks", "backup.yml"), {"job": "unknown-job"})
     assert proc.returncode != 0
     assert "uploads" in tasks["Check the inventory and the survey answers"]["msg"]
+
+
+def test_module_defaults_of_the_action_group_give_every_module_its_storage(inventory):
+    """group/biometrics.backup.backup in module_defaults: the location is written once for a play."""
+    play = inventory["dir"] / "grouped.yml"
+    play.write_text(yaml.safe_dump([{
+        "name": "Back up, list, verify and restore with the location set once",
+        "hosts": "localhost", "gather_facts": False,
+        "module_defaults": {"group/biometrics.backup.backup": {"storage": "{{ backup_storage }}"}},
+        "tasks": [
+            {"name": "Back up", "biometrics.backup.backup_run": {
+                "job": "grouped", "kind": "files", "source": {"path": str(inventory["data"])},
+                "encryption": "{{ backup_encryption }}"}, "register": "taken"},
+            {"name": "List", "biometrics.backup.backup_info": {"job": "grouped"}},
+            {"name": "Verify", "biometrics.backup.backup_verify": {
+                "job": "grouped", "encryption": "{{ backup_encryption }}"}},
+            {"name": "Restore", "biometrics.backup.backup_restore": {
+                "job": "grouped", "encryption": "{{ backup_encryption }}",
+                "target": {"path": str(inventory["dir"] / "grouped-target")}}},
+        ]}]))
+    proc, tasks = playbook(inventory, str(play), {})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    backup_id = tasks["Back up"]["backup_id"]
+    assert [entry["id"] for entry in tasks["List"]["backups"]] == [backup_id]
+    assert (inventory["dir"] / "store" / "grouped" / backup_id / "manifest.json").is_file()
+    assert tasks["Verify"]["summary"]["verified"] == 1
+    assert tasks["Restore"]["backup_id"] == backup_id
+    assert tree_state(inventory["dir"] / "grouped-target") == tree_state(inventory["data"])

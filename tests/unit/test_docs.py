@@ -180,9 +180,16 @@ def test_every_plugin_renders_with_ansible_doc(plugin_type, name):
         examples = yaml.safe_load(entry["examples"])
         uses = [task[name] for task in examples if name in task]
         assert uses, "%s: no example uses the module" % name
+        assert doc["attributes"]["action_group"]["membership"] == ["%s.backup" % FQCN], name
         for args in uses:
             assert set(args) <= options | aliases, "%s: an example uses undocumented options %s" % (
                 name, set(args) - options - aliases)
+
+
+def test_the_action_group_holds_every_module_and_nothing_else():
+    groups = yaml.safe_load((REPO_ROOT / "meta" / "runtime.yml").read_text())["action_groups"]
+    modules = sorted(path.stem for path in (REPO_ROOT / "plugins" / "modules").glob("*.py") if not path.name.startswith("_"))
+    assert modules and groups == {"backup": modules}
 
 
 ROLES = sorted(path.parent.parent.name for path in (REPO_ROOT / "roles").glob("*/meta/argument_specs.yml"))
