@@ -319,7 +319,8 @@ def rbac_kept_elsewhere(reads, left_behind):
         asked = result.get(result.get("ansible_loop_var") or "item")
         asked = asked if isinstance(asked, dict) else {}
         resources = result.get("resources")
-        if not isinstance(resources, list):
+        if not isinstance(resources, list) or result.get("api_found") is False:
+            # Refused (403), or an API the server does not serve: nothing proven, so kept.
             where = (asked.get("kind"), asked.get("name"), asked.get("namespace"))
             kept.append(dict(kind=where[0], name=where[1], namespace=where[2], job=asked.get("job"),
                              message="Not read, so kept: %s/%s in namespace %s, recorded by %s: %s"

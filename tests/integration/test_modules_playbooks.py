@@ -119,16 +119,21 @@ def test_module_defaults_of_the_action_group_give_every_module_its_storage(inven
                 "job": "grouped", "kind": "files", "source": {"path": str(inventory["data"])},
                 "encryption": "{{ backup_encryption }}"}, "register": "taken"},
             {"name": "List", "biometrics.backup.backup_info": {"job": "grouped"}},
+            # A task's own storage replaces the default as a whole: another, empty location.
+            {"name": "List another location", "biometrics.backup.backup_info": {
+                "job": "grouped", "storage": {"backend": "filesystem", "path": str(inventory["dir"] / "other")}}},
             {"name": "Verify", "biometrics.backup.backup_verify": {
                 "job": "grouped", "encryption": "{{ backup_encryption }}"}},
             {"name": "Restore", "biometrics.backup.backup_restore": {
                 "job": "grouped", "encryption": "{{ backup_encryption }}",
                 "target": {"path": str(inventory["dir"] / "grouped-target")}}},
         ]}]))
+    (inventory["dir"] / "other").mkdir()
     proc, tasks = playbook(inventory, str(play), {})
     assert proc.returncode == 0, proc.stdout[-3000:]
     backup_id = tasks["Back up"]["backup_id"]
     assert [entry["id"] for entry in tasks["List"]["backups"]] == [backup_id]
+    assert tasks["List another location"]["backups"] == []
     assert (inventory["dir"] / "store" / "grouped" / backup_id / "manifest.json").is_file()
     assert tasks["Verify"]["summary"]["verified"] == 1
     assert tasks["Restore"]["backup_id"] == backup_id

@@ -309,7 +309,9 @@ def test_what_is_kept_elsewhere_is_named_with_its_reason():
     assert left == []
     kept = _kept(shared, left)
     assert [entry[:3] for entry in kept] == [("Role", "velero-old", "pvc-backup"), ("RoleBinding", "velero-old", "pvc-backup")]
-    assert kept[0][3].startswith("Kept: Role/pvc-backup in namespace velero-old is not shown to be the job's alone")
+    assert kept[0][3] == (
+        "Kept: Role/pvc-backup in namespace velero-old is not shown to be the job's alone (labels, roleRef or "
+        "subjects); the job no longer names that namespace, so delete it by hand once nobody needs it")
     assert rbac_kept_elsewhere(shared, left)[0]["job"] == "pvc-backup"
     # The job's alone: both go, nothing is reported.
     own = [_result("Role", [_read("Role")]), _result("RoleBinding", [_read("RoleBinding")])]
@@ -328,6 +330,11 @@ def test_a_refused_read_is_reported_with_the_apis_message_and_a_skipped_one_is_n
         "Role", "velero-old", "pvc-backup",
         "Not read, so kept: Role/pvc-backup in namespace velero-old, recorded by pvc-backup: "
         "Failed to retrieve requested object: Forbidden")]
+    unserved = [_result("RoleBinding", [], api_found=False, msg="Failed to find API for resource")]
+    assert _kept(unserved, []) == [(
+        "RoleBinding", "velero-old", "pvc-backup",
+        "Not read, so kept: RoleBinding/pvc-backup in namespace velero-old, recorded by pvc-backup: "
+        "Failed to find API for resource")]
     no_answer = [_result("Role", None)]
     assert _kept(no_answer, [])[0][3].endswith("recorded by pvc-backup: no answer")
 
