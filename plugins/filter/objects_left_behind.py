@@ -321,22 +321,22 @@ def rbac_kept_elsewhere(reads, left_behind):
         resources = result.get("resources")
         if not isinstance(resources, list) or result.get("api_found") is False:
             # Refused (403), or an API the server does not serve: nothing proven, so kept.
-            where = (asked.get("kind"), asked.get("name"), asked.get("namespace"))
-            kept.append(dict(kind=where[0], name=where[1], namespace=where[2], job=asked.get("job"),
+            kind, name, namespace = asked.get("kind"), asked.get("name"), asked.get("namespace")
+            kept.append(dict(kind=kind, name=name, namespace=namespace, job=asked.get("job"),
                              message="Not read, so kept: %s/%s in namespace %s, recorded by %s: %s"
-                             % (where + (asked.get("job"), result.get("msg") or "no answer"))))
+                             % (kind, name, namespace, asked.get("job"), result.get("msg") or "no answer")))
             continue
         for found in resources:
             metadata = found.get("metadata") if isinstance(found, dict) else None
             if not isinstance(metadata, dict) or not metadata.get("name"):
                 continue
-            where = (found.get("kind"), metadata["name"], metadata.get("namespace"))
-            if (where[0], where[2], where[1]) in going:
+            kind, name, namespace = found.get("kind"), metadata["name"], metadata.get("namespace")
+            if (kind, namespace, name) in going:
                 continue
-            kept.append(dict(kind=where[0], name=where[1], namespace=where[2], job=asked.get("job"),
+            kept.append(dict(kind=kind, name=name, namespace=namespace, job=asked.get("job"),
                              message="Kept: %s/%s in namespace %s is not shown to be the job's alone (labels, "
                              "roleRef or subjects); the job no longer names that namespace, so delete it by hand "
-                             "once nobody needs it" % where))
+                             "once nobody needs it" % (kind, name, namespace)))
     return kept
 
 
