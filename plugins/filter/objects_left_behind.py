@@ -257,6 +257,18 @@ def _left(previous, manifests, rbac_namespaces, elsewhere, unread, name):
     return left
 
 
+def _answered(result):
+    """Whether a k8s_info loop result is an answer (a list of resources, maybe empty); a refused
+    read (403) or an API the server does not serve proves nothing."""
+    return isinstance(result.get("resources"), list) and result.get("api_found") is not False
+
+
+def _asked(result):
+    """What a k8s_info loop result looked up: its loop item (a mapping, else empty)."""
+    asked = result.get(result.get("ansible_loop_var") or "item")
+    return asked if isinstance(asked, dict) else {}
+
+
 class _ReadElsewhere(object):
     """The Roles and RoleBindings read outside the CronJobs' namespaces: ``objects`` by (kind,
     namespace, name), and ``read``, the keys known either way (found, or looked up and absent)."""
@@ -275,13 +287,12 @@ class _ReadElsewhere(object):
                 continue
             # A k8s_info result of a loop: what it looked up (its loop item) is known only when it
             # answered (a list of resources, maybe empty); a failed read (403) proves nothing.
-            resources = item.get("resources")
-            if not isinstance(resources, list) or item.get("api_found") is False:
+            if not _answered(item):
                 continue  # refused (no resources), or an API the server lacks: nothing proven
-            asked = item.get(item.get("ansible_loop_var") or "item")
-            if isinstance(asked, dict) and all(isinstance(asked.get(part), string_types) for part in ("kind", "namespace", "name")):
+            asked = _asked(item)
+            if all(isinstance(asked.get(part), string_types) for part in ("kind", "namespace", "name")):
                 self.read.add((asked["kind"], asked["namespace"], asked["name"]))
-            for found in resources:
+            for found in item["resources"]:
                 self._found(found)
 
     def _found(self, found):
@@ -316,17 +327,14 @@ def rbac_kept_elsewhere(reads, left_behind):
     for result in reads:
         if not isinstance(result, dict) or result.get("skipped"):
             continue
-        asked = result.get(result.get("ansible_loop_var") or "item")
-        asked = asked if isinstance(asked, dict) else {}
-        resources = result.get("resources")
-        if not isinstance(resources, list) or result.get("api_found") is False:
-            # Refused (403), or an API the server does not serve: nothing proven, so kept.
+        asked = _asked(result)
+        if not _answered(result):
             kind, name, namespace = asked.get("kind"), asked.get("name"), asked.get("namespace")
             kept.append(dict(kind=kind, name=name, namespace=namespace, job=asked.get("job"),
                              message="Not read, so kept: %s/%s in namespace %s, recorded by %s: %s"
                              % (kind, name, namespace, asked.get("job"), result.get("msg") or "no answer")))
             continue
-        for found in resources:
+        for found in result["resources"]:
             metadata = found.get("metadata") if isinstance(found, dict) else None
             if not isinstance(metadata, dict) or not metadata.get("name"):
                 continue
